@@ -1,0 +1,81 @@
+"""Tiny, deterministic models and tokenizers for tests, demos and benchmarks (built in code)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from .presets import TINY_TEACHER
+
+
+def tiny_llama_config(vocab_size: int, **shape):
+    """A LlamaConfig of the tiny teacher shape (hidden 128, 4 layers) with overrides."""
+    from transformers import LlamaConfig
+
+    kw = dict(TINY_TEACHER, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+              attn_implementation="eager")
+    kw.update(shape)
+    return LlamaConfig(**kw)
+
+
+def tiny_llama(vocab_size: int = 1000, seed: int = 0, **shape):
+    """A random LlamaForCausalLM, identical for the same seed and shape."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_llama_config(vocab_size, **shape)
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlamaForCausalLM(cfg)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return model.eval()
+
+
+def tiny_family_model(family: str, vocab_size: int = 1000, seed: int = 0):
+    """Tiny random models of other families: llama, bloom, opt, t5."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if family == "llama":
+        return tiny_llama(vocab_size, seed)
+    if family == "bloom":
+        return tf.BloomForCausalLM(tf.BloomConfig(vocab_size=vocab_size, hidden_size=64, n_layer=2, n_head=4))
+    if family == "opt":
+        return tf.OPTForCausalLM(tf.OPTConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              ffn_dim=128, max_position_embeddings=512, word_embed_proj_dim=64))
+    if family == "t5":
+        return tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                                         num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    raise ValueError(f"unknown family {family!r}")
+
+
+def demo_tokenizer_dir(out_dir: str | Path, data_dir: Optional[str | Path] = None) -> Path:
+    """An HF tokenizer dir built from the demo corpus's English base SentencePiece model."""
+    from . import demo_data
+    from .tokenizers import save_sp_tokenizer
+
+    out = Path(out_dir)
+    data = Path(data_dir) if data_dir else out.parent / "demo_data"
+    sp = data / "tokenizers" / "base_en.model"
+    if not sp.is_file():
+        demo_data.write(data)
+    return save_sp_tokenizer(sp, out)
+
+
+def save_tiny_model(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0, **shape) -> Path:
+    """Save a tiny random Llama with the tokenizer's vocab size, as a standard HF dir."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model = tiny_llama(len(tok), seed, **shape)
+    out = Path(out_dir)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    tm = Path(tokenizer_dir) / "tokenizer.model"
+    if tm.is_file():
+        import shutil
+
+        shutil.copyfile(tm, out / "tokenizer.model")
+    return out
