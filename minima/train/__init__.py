@@ -1,0 +1,57 @@
+"""The DeepSpeed training engine shared by adapt, distill and sft.
+
+A stage supplies a :class:`Recipe` (importable as ``"module:Class"``); the engine owns launching,
+the loop, loss normalisation, checkpoints/resume, metrics and export. A stage's ``run`` is::
+
+    def run(cfg, force=False):
+        return run_stage(cfg, inputs, body=lambda r: run_training(cfg, "minima.adapt:AdaptRecipe", r),
+                         force=force, resumable=True)
+
+Contract (see ``recipe.py``), with these additions to the agreed API:
+
+- ``Recipe.count_tokens(batch)``: the label tokens of a micro-batch, counted *before* the forward
+  (default: ``labels[:, 1:] != -100``). The engine needs the whole optimizer step's token count up
+  front to divide each micro-batch's ``loss_sum`` by it (exact under gradient accumulation and across
+  ranks); it checks that ``LossOut.num_tokens`` agrees. A recipe whose loss counts other tokens
+  overrides both together.
+- ``Recipe.build_callbacks(ctx)`` returns the callbacks (objects with ``on_eval(step, model, ctx)``,
+  optionally returning a dict of metrics to log); ``run_training(..., callbacks=["mod:factory"])``
+  adds more: each ``factory(cfg)`` is called inside every rank.
+- ``Recipe.num_train_examples()`` sizes epochs when ``max_steps = -1`` (default: the records manifest).
+- ``Recipe.export`` runs on rank 0 only, with ZeRO-3 parameters gathered.
+- ``TrainContext.is_rank0``.
+
+In-process mode: ``launch.launcher == "local"``, ``nproc_per_node == nnodes == 1`` and the env var
+``MINIMA_INPROCESS=1`` runs the worker in the calling process (tests use it to save the subprocess
+start-up cost).
+"""
+from __future__ import annotations
+
+from .recipe import IGNORE_INDEX, LossOut, Recipe, TrainContext, causal_lm_loss_sum, shifted_label_count
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LossOut",
+    "Recipe",
+    "TrainContext",
+    "causal_lm_loss_sum",
+    "shifted_label_count",
+    "run_training",
+]
+
+
+def run_training(cfg, recipe: str, run, callbacks: list[str] | None = None) -> dict:
+    """Train ``recipe`` with ``cfg`` into ``run.work_dir`` and export the HF model there.
+
+    Args:
+        cfg: the stage config (a TrainConfig subclass).
+        recipe: ``"module:Class"`` of the Recipe subclass (imported inside each rank).
+        run: the StageRun from ``run_stage`` (work_dir = ``<out_dir>.partial``, kept for resume).
+        callbacks: optional ``"module:factory"`` strings; ``factory(cfg)`` returns an ``on_eval`` object.
+
+    Returns:
+        Metrics for the manifest (final/best dev loss, steps, tokens, tokens/s, ...).
+    """
+    from .launch import launch_training
+
+    return launch_training(cfg, recipe, run, callbacks=callbacks or [])

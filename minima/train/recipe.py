@@ -1,0 +1,171 @@
+"""The Recipe API: what a training stage (adapt, distill, sft) supplies to the shared engine.
+
+A stage writes one small Recipe subclass; the engine owns launching, the loop, loss normalisation,
+checkpoints/resume, metrics and export. Everything here runs inside each rank (worker process).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainContext:
+    """Built by the engine inside each rank and handed to every recipe hook."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    dtype: torch.dtype
+    work_dir: Path  # the stage's <out_dir>.partial; checkpoints live in work_dir/checkpoints
+    out_dir: Path  # where the final artifact will be published (read-only for recipes)
+    seed: int
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class LossOut:
+    """One micro-batch's loss as SUMS; the engine divides by the step's total label tokens."""
+
+    loss_sum: torch.Tensor  # sum of per-token losses in this micro-batch (not a mean)
+    num_tokens: int | torch.Tensor  # tokens that carry a label in this micro-batch
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # extra sums, logged / num_tokens
+
+
+def shifted_label_count(labels: torch.Tensor) -> int:
+    """Label-carrying positions of a causal LM batch (position t predicts labels[t + 1])."""
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross entropy over labels != -100, and the number of such tokens."""
+    shift_logits = logits[..., :-1, :].contiguous().float()
+    shift_labels = labels[..., 1:].contiguous()
+    loss_sum = torch.nn.functional.cross_entropy(
+        shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss_sum, int((shift_labels != IGNORE_INDEX).sum())
+
+
+class Recipe:
+    """Base recipe: causal-LM training of ``cfg.model`` on ``cfg.records`` (format=lm or chat).
+
+    Subclasses override what differs (distill: a teacher and a KD loss; sft: chat records, LoRA).
+    Hooks are called on every rank unless stated otherwise.
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.tokenizer = None
+        self.pad_id = 0
+
+    # ------------------------------------------------------------------ setup and model
+    def setup(self, ctx: TrainContext) -> None:
+        """Load what the recipe needs besides the model (tokenizer, teacher ...). Default: the tokenizer."""
+        src = self.tokenizer_source()
+        if src is not None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(src))
+            pad = self.tokenizer.pad_token_id
+            self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+
+    def tokenizer_source(self) -> Optional[Path]:
+        """Directory holding the tokenizer to export: the records' tokenizer/ copy, else the model dir."""
+        recs = getattr(self.cfg, "records", None)
+        if recs and (Path(recs) / "tokenizer").is_dir():
+            return Path(recs) / "tokenizer"
+        model = getattr(self.cfg, "model", None)
+        if model and any((Path(model) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            return Path(model)
+        return None
+
+    def build_model(self, ctx: TrainContext) -> torch.nn.Module:
+        """The trainable HF model (before deepspeed.initialize), loaded in fp32 (DeepSpeed casts)."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(self.cfg.model), torch_dtype=torch.float32)
+        if getattr(self.cfg, "activation_checkpointing", False):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        return model
+
+    def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ data
+    def build_datasets(self, ctx: TrainContext):
+        """(train, dev) iterable datasets sharded by ctx.rank/world_size, with state_dict()/load_state_dict()."""
+        from minima.records import RecordDataset
+
+        recs = self.cfg.records
+        train = RecordDataset(recs, split="train", rank=ctx.rank, world_size=ctx.world_size, seed=ctx.seed)
+        dev = None
+        if (Path(recs) / "dev").is_dir() and any((Path(recs) / "dev").glob("*.tfrecord")):
+            dev = RecordDataset(recs, split="dev", rank=ctx.rank, world_size=ctx.world_size, seed=ctx.seed)
+        return train, dev
+
+    def num_train_examples(self) -> Optional[int]:
+        """Train records in all shards (used to size epochs when max_steps = -1); None if unknown."""
+        recs = getattr(self.cfg, "records", None)
+        if not recs or not (Path(recs) / "manifest.json").is_file():
+            return None
+        m = json.loads((Path(recs) / "manifest.json").read_text()).get("metrics", {})
+        for key in ("num_train_records", "train_records"):
+            if isinstance(m.get(key), int):
+                return m[key]
+        n = m.get("num_records")
+        if isinstance(n, dict):
+            return n.get("train")
+        return n if isinstance(n, int) else None
+
+    def collate(self, batch: list[dict]) -> dict:
+        from minima.records import collate
+
+        return collate(batch, self.pad_id)
+
+    def count_tokens(self, batch: dict) -> int:
+        """Label tokens of a micro-batch, counted BEFORE the forward so the step's normaliser is known.
+
+        Must equal the ``num_tokens`` that ``compute_loss`` returns for the same batch (the engine
+        checks); override both together.
+        """
+        return shifted_label_count(batch["labels"])
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, batch: dict, ctx: TrainContext, train: bool) -> LossOut:
+        """Default: causal LM cross entropy summed over labels != -100."""
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+        loss_sum, n = causal_lm_loss_sum(out.logits, batch["labels"])
+        return LossOut(loss_sum=loss_sum, num_tokens=n)
+
+    # ------------------------------------------------------------------ hooks
+    def build_callbacks(self, ctx: TrainContext) -> list[Any]:
+        """Objects with ``on_eval(step, model, ctx) -> dict | None`` run after each dev evaluation."""
+        return []
+
+    def export(self, model, out_dir: Path, ctx: TrainContext) -> None:
+        """Write the final HF dir (rank 0 only; ZeRO-3 params are already gathered).
+
+        Default: safetensors shards + config + generation_config + the tokenizer.
+        """
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out_dir), safe_serialization=True, max_shard_size="2GB")
+        src = self.tokenizer_source()
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(out_dir))
+        if src is not None and (src / "tokenizer.model").is_file() and not (out_dir / "tokenizer.model").is_file():
+            import shutil
+
+            shutil.copyfile(src / "tokenizer.model", out_dir / "tokenizer.model")
