@@ -27,8 +27,8 @@ STAGE_RUNNERS = {
 }
 # extra command -> ("module:function", help); function(argv: list[str]) -> int
 COMMANDS = {
-    "run": ("minima.pipeline_cli:run_main", "run the Prefect pipeline flow (vocab -> ... -> evaluate)"),
-    "demo": ("minima.pipeline_cli:demo_main", "run the whole pipeline on the tiny preset with built-in data"),
+    "run": ("flows.cli:run_main", "run the Prefect pipeline flow (vocab -> ... -> evaluate)"),
+    "demo": ("flows.cli:demo_main", "run the whole pipeline on the tiny preset with built-in data"),
     "plan": ("minima.plan:main", "memory/time sizing of a stage before any GPU time"),
     "chat": ("minima.chat:main", "interactive terminal chat with a model dir"),
     "serve": ("minima.serve:main", "OpenAI-compatible HTTP server for a model dir"),
