@@ -1,0 +1,29 @@
+"""Records: tokenize text/chat sources once into TFRecord shards, and stream them back for training.
+
+- ``minima records`` (:func:`minima.records.build.run`) builds an artifact:
+  ``train/part-NNNNN.tfrecord`` (+ ``.index``), ``dev/...``, a ``tokenizer/`` copy, and a manifest
+  with per-source counts, token totals, drops/skips and bytes per token.
+- :class:`RecordDataset` + :func:`collate` read it for the training engine: sharded by rank and
+  DataLoader worker, seeded shuffle buffer per epoch, exact resume via ``state_dict()``.
+
+Reader usage::
+
+    ds = RecordDataset(records_dir, "train", rank=rank, world_size=world, seed=seed, loop=True)
+    loader = ds.loader(batch_size=4, num_workers=2)     # or DataLoader(ds, 4, collate_fn=collate)
+    for batch in loader: ...                            # input_ids, labels (-100 = no loss), attention_mask
+    ckpt["data"] = ds.state_dict(); ...; ds.load_state_dict(ckpt["data"])
+"""
+from __future__ import annotations
+
+from .reader import IGNORE_INDEX, RecordDataset, RecordLoader, collate, read_records_manifest
+
+__all__ = ["IGNORE_INDEX", "RecordDataset", "RecordLoader", "collate", "read_records_manifest", "build_records", "run"]
+
+
+def __getattr__(name: str):
+    # The builder pulls in transformers; keep `from minima.records import RecordDataset` light.
+    if name in ("build_records", "run"):
+        from . import build
+
+        return getattr(build, name)
+    raise AttributeError(name)
