@@ -13,20 +13,22 @@ Extension point -- adding a format::
         '''One line saying what the format looks like.'''
 
         def header(self, system):                 # segments before the first user turn
-            return [Seg(BOS)] + ([Seg(system), Seg(EOS)] if system else [])
+            return [Seg(BOS)] + ([Seg(system, content=True), Seg(EOS)] if system else [])
 
         def exchange(self, user, assistant):      # one user turn + its reply
-            return [Seg("Q: "), Seg(user), Seg(" A:"), Seg(assistant, train=True), Seg(EOS, train=True)]
+            return [Seg("Q:"), Seg(user, content=True), Seg("A:"),
+                    Seg(assistant, train=True, content=True), Seg(EOS, train=True)]
 
         def generation_prefix(self, user):        # a final user turn awaiting the reply
-            return [Seg("Q: "), Seg(user), Seg(" A:")]
+            return [Seg("Q:"), Seg(user, content=True), Seg("A:")]
 
 A format only says which pieces of text and which special tokens follow each other and which of
 them are trained (``Seg.train``); the base class tokenizes each text piece on its own (no special
 tokens added), resolves ``BOS``/``EOS`` to the tokenizer's ids, and builds the mask. Encoding the
-pieces separately is what makes the mask exact: no token straddles a prompt/reply boundary. Formats
-that need other special tokens put their literal text (e.g. ``"<|im_start|>"``) in a ``Seg``; the
-tokenizer must know it as an added token. Formats are classes so that subclasses can override
+pieces separately is what makes the mask exact: no token straddles a prompt/reply boundary. Message
+text is marked ``content=True``: special-token strings inside it (a user typing ``</s>``) stay plain
+text. Markup pieces are not, so formats that need other special tokens put their literal text (e.g.
+``"<|im_start|>"``) in a ``Seg``; the tokenizer must know it as an added token. Formats are classes so that subclasses can override
 ``encode_exchanges`` wholesale (e.g. to render a Jinja chat template and find the reply spans).
 
 Source shapes understood by :func:`normalise_conversation`:
@@ -61,10 +63,12 @@ class Seg:
     Args:
         piece: literal text (tokenized on its own) or ``BOS`` / ``EOS``.
         train: whether these tokens carry a loss (mask = 1).
+        content: message text: special-token strings in it are tokenized as plain text.
     """
 
     piece: Union[str, Special]
     train: bool = False
+    content: bool = False
 
 
 _REGISTRY: dict[str, type["ChatFormat"]] = {}
@@ -151,7 +155,7 @@ class ChatFormat:
             ids: list[int] = []
             mask: list[int] = []
             for seg in group:
-                piece = self._tokenize(tokenizer, seg.piece)
+                piece = self._tokenize(tokenizer, seg.piece, seg.content)
                 ids += piece
                 mask += [int(seg.train)] * len(piece)
             out.append((ids, mask))
@@ -185,12 +189,12 @@ class ChatFormat:
         return "".join(text)
 
     @staticmethod
-    def _tokenize(tokenizer: Any, piece: Union[str, Special]) -> list[int]:
+    def _tokenize(tokenizer: Any, piece: Union[str, Special], content: bool = False) -> list[int]:
         if isinstance(piece, Special):
             return [special_id(tokenizer, piece)]
         if not piece:
             return []
-        return list(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        return list(tokenizer(piece, add_special_tokens=False, split_special_tokens=content)["input_ids"])
 
 
 @register("minichat")
@@ -205,14 +209,14 @@ class MiniChatFormat(ChatFormat):
     assistant_tag = "[|Assistant|]"
 
     def header(self, system: str) -> list[Seg]:
-        return [Seg(BOS)] + ([Seg(system), Seg(EOS)] if system else [])
+        return [Seg(BOS)] + ([Seg(system, content=True), Seg(EOS)] if system else [])
 
     def exchange(self, user: str, assistant: str) -> list[Seg]:
-        return [Seg(self.user_tag), Seg(user), Seg(EOS), Seg(self.assistant_tag),
-                Seg(assistant, train=True), Seg(EOS, train=True)]
+        return [Seg(self.user_tag), Seg(user, content=True), Seg(EOS), Seg(self.assistant_tag),
+                Seg(assistant, train=True, content=True), Seg(EOS, train=True)]
 
     def generation_prefix(self, user: str) -> list[Seg]:
-        return [Seg(self.user_tag), Seg(user), Seg(EOS), Seg(self.assistant_tag)]
+        return [Seg(self.user_tag), Seg(user, content=True), Seg(EOS), Seg(self.assistant_tag)]
 
 
 # ------------------------------------------------------------------------- conversation shapes
