@@ -17,6 +17,7 @@ from minima.config import PipelineConfig, build
 from minima.errors import ConfigError
 from minima.pipeline import STEPS, default_out_dirs, select_steps
 from minima.presets import get_preset
+from tasks._common import artifact_current
 from tasks.adapt import adapt_task
 from tasks.distill import distill_task
 from tasks.evaluate import evaluate_task
@@ -78,7 +79,8 @@ def pipeline(
             else:
                 raise ConfigError(f"{step.key} needs the {need} artifact at {outs[need]}, which is missing or incomplete",
                                   fix=f"run the pipeline without --only-stage, or --from-stage {need}")
-        t = TASKS[step.key].with_options(refresh_cache=step.key in forced)
+        refresh = step.key in forced or not artifact_current(cfg, step.key, outs)
+        t = TASKS[step.key].with_options(refresh_cache=refresh)
         futures[step.key] = t.submit(payload, step.key, upstream, step.key in forced)
     results = {k: f.result() for k, f in futures.items()}
     states = {k: f.state.name for k, f in futures.items()}

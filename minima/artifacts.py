@@ -10,6 +10,8 @@ stage whose out_dir already holds a complete artifact with the same key is skipp
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import glob
 import hashlib
 import json
@@ -28,6 +30,19 @@ from .errors import ArtifactError
 MANIFEST = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
 _SMALL_FILE = 64 << 20  # files below this are hashed by content, larger ones by stat
+# Inside a pipeline run a step's previous artifact is replaced when its inputs or config changed;
+# a lone CLI run refuses that without --force (it might be somebody else's artifact).
+_REPLACE_STALE = contextvars.ContextVar("minima_replace_stale", default=False)
+
+
+@contextlib.contextmanager
+def replacing_stale():
+    """Let run_stage replace an out_dir that holds an older artifact of the same stage."""
+    token = _REPLACE_STALE.set(True)
+    try:
+        yield
+    finally:
+        _REPLACE_STALE.reset(token)
 
 
 def canonical_json(obj: Any) -> str:
@@ -180,7 +195,8 @@ def run_stage(
         old = read_manifest(out_dir)
         if old.get("cache_key") == key and not force:
             return Artifact(out_dir, old, skipped=True)
-        if not force:
+        same_stage = old.get("stage") == cfg.stage
+        if not force and not (same_stage and _REPLACE_STALE.get()):
             raise ArtifactError(
                 f"{out_dir} already holds a different {old.get('stage')} artifact "
                 f"(cache key {old.get('cache_key', '?')[:12]} != {key[:12]})",

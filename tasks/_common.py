@@ -1,11 +1,12 @@
 """The one shape every stage task has: build the step config, call minima, return the artifact.
 
 Caching works on two levels that agree with each other:
-- Prefect: the cache key is the step's config hash plus the upstream artifacts' cache keys, and is
-  offered only while the step's artifact on disk is complete and was built from that config; the
+- Prefect: the cache key is the step's config hash plus the upstream artifacts' cache keys; the
   result (a small dict) is persisted, so a rerun of the flow returns it without running the task.
+  The flow refreshes the cache of a step whose artifact on disk is missing or was built from another
+  config (see ``artifact_current``), so a cached result never points at a deleted or stale dir.
 - minima: the stage itself skips when its manifest's cache key matches (a CLI rerun, or a Prefect
-  cache miss after the result store was wiped).
+  cache miss after the result store was wiped), and inside the flow replaces a stale artifact.
 Retries happen only for transient failures; a MinimaError (bad config, bad input) never retries.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Optional
 from prefect import task
 from prefect.context import TaskRunContext
 
-from minima.artifacts import Artifact, config_hash, is_complete, read_manifest, sha256_text, canonical_json
+from minima.artifacts import Artifact, canonical_json, config_hash, is_complete, read_manifest, replacing_stale, sha256_text
 from minima.cli import STAGE_RUNNERS
 from minima.config import PipelineConfig
 from minima.errors import MinimaError
@@ -30,21 +31,31 @@ def _upstream_paths(upstream: dict[str, Any]) -> dict[str, str]:
 
 
 def step_cache_key(context: Optional[TaskRunContext], params: dict[str, Any]) -> Optional[str]:
-    """Cache key for a step, or None (no caching) when its artifact is missing or stale."""
+    """Cache key of a step: its config hash plus its upstream artifacts' cache keys."""
     try:
         pipeline = PipelineConfig.model_validate(params["pipeline"])
-        ups = _upstream_paths(params.get("upstream") or {})
-        cfg = step_config(pipeline, params["key"], ups)
-    except Exception:  # invalid config: let the task run and raise its clear error
+        upstream = params.get("upstream") or {}
+        cfg = step_config(pipeline, params["key"], _upstream_paths(upstream))
+    except Exception:  # invalid config: no caching; the task runs and raises its clear error
         return None
+    up_keys = {}
+    for k, v in upstream.items():
+        if isinstance(v, dict) and v.get("cache_key"):
+            up_keys[k] = v["cache_key"]
+        else:
+            p = _upstream_paths({k: v})[k]
+            up_keys[k] = read_manifest(p)["cache_key"] if is_complete(p) else None
+    return f"minima-{params['key']}-" + sha256_text(canonical_json({"out": str(cfg.resolved_out_dir()), "config": config_hash(cfg), "up": up_keys}))
+
+
+def artifact_current(pipeline: PipelineConfig, key: str, upstream_paths: dict[str, str]) -> bool:
+    """True when the step's artifact on disk is complete and was built from this config."""
+    try:
+        cfg = step_config(pipeline, key, upstream_paths)
+    except Exception:
+        return False
     out = cfg.resolved_out_dir()
-    if not is_complete(out):
-        return None
-    manifest = read_manifest(out)
-    if manifest.get("config_hash") != config_hash(cfg):
-        return None
-    up_keys = {k: read_manifest(p)["cache_key"] if is_complete(p) else None for k, p in ups.items()}
-    return f"minima-{params['key']}-" + sha256_text(canonical_json({"config": config_hash(cfg), "up": up_keys, "artifact": manifest["cache_key"]}))
+    return is_complete(out) and read_manifest(out).get("config_hash") == config_hash(cfg)
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -58,7 +69,8 @@ def run_step(pipeline: dict, key: str, upstream: dict[str, Any], force: bool = F
     """Run one pipeline step in this process (the training stages launch their own subprocesses)."""
     cfg = step_config(PipelineConfig.model_validate(pipeline), key, _upstream_paths(upstream))
     module, fn = STAGE_RUNNERS[STEP[key].stage].split(":")
-    artifact: Artifact = getattr(importlib.import_module(module), fn)(cfg, force=force)
+    with replacing_stale():
+        artifact: Artifact = getattr(importlib.import_module(module), fn)(cfg, force=force)
     return {
         "key": key,
         "stage": STEP[key].stage,

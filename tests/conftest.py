@@ -17,7 +17,13 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MINIMA_NO_PROGRESS", "1")
 
+import logging  # noqa: E402
+
 import pytest  # noqa: E402
+
+# Prefect's ephemeral server logs its shutdown at interpreter exit, after pytest closed the captured
+# streams; don't print a 'Logging error' traceback for that.
+logging.raiseExceptions = False
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MINIMA_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -55,3 +61,16 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     from minima.testing import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny", tiny_tokenizer_dir, seed=0)
+
+
+@pytest.fixture(scope="session")
+def prefect_ready():
+    """Start Prefect's ephemeral server once per session (the first flow run costs 6-11 s)."""
+    from prefect import flow
+
+    @flow(name="minima-warmup")
+    def _warm() -> int:
+        return 1
+
+    assert _warm() == 1
+    return True

@@ -1,0 +1,93 @@
+"""The pipeline flow's caching and rerun rules, on fake stages that build in milliseconds.
+
+The real stages are exercised end to end in test_pipeline_e2e.py; here every rule of the DAG is
+checked cheaply: cache hits, --from-stage, a changed field, a failing stage, --only-stage.
+"""
+import pytest
+
+from minima import cli
+from minima.artifacts import run_stage
+from minima.pipeline import STEPS, downstream, select_steps
+
+CALLS: list[str] = []
+FAIL: set[str] = set()
+INPUT_FIELDS = ("tokenizer", "model", "records", "teacher", "student")
+
+
+def _fake_runner(stage):
+    def run(cfg, force=False):
+        inputs = {f: getattr(cfg, f) for f in INPUT_FIELDS if getattr(cfg, f, None)}
+        inputs.update({f"models.{k}": v for k, v in (getattr(cfg, "models", None) or {}).items()})
+
+        def body(r):
+            CALLS.append(cfg.resolved_out_dir().name)
+            if cfg.resolved_out_dir().name in FAIL:
+                raise RuntimeError(f"injected failure in {stage}")
+            (r.work_dir / "weights.txt").write_text(f"{stage} seed={cfg.seed}")
+            return {"loss": 1.0}
+        return run_stage(cfg, inputs, body, force=force)
+    return run
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    for stage in cli.STAGE_RUNNERS:
+        monkeypatch.setitem(cli.STAGE_RUNNERS, stage, f"{__name__}:FAKE_{stage}")
+    CALLS.clear()
+    FAIL.clear()
+    yield
+
+
+for _stage in cli.STAGE_RUNNERS:
+    globals()[f"FAKE_{_stage}"] = _fake_runner(_stage)
+
+
+def _run(tmp_path, **kw):
+    from flows.pipeline import pipeline
+
+    overrides = kw.pop("overrides", [])
+    return pipeline(config={"run_dir": str(tmp_path / "run")}, overrides=overrides, **kw)
+
+
+def test_select_steps():
+    assert downstream("distill") == ["distill", "sft", "evaluate"]
+    assert downstream("records_chat") == ["records_chat", "sft", "evaluate"]
+    run, forced = select_steps(from_stage="distill")
+    assert forced == {"distill", "sft", "evaluate"} and len(run) == len(STEPS)
+    assert select_steps(only_stage="records") == ({"records_lm", "records_chat"},) * 2
+
+
+def test_cache_from_stage_changed_field_and_failure(tmp_path, fake_stages, prefect_ready):
+    r1 = _run(tmp_path)
+    assert sorted(CALLS) == sorted(s.out_name for s in STEPS)  # every stage built once
+    assert all(r["state"] == "Completed" for r in r1.values())
+
+    CALLS.clear()
+    r2 = _run(tmp_path)
+    assert CALLS == [] and all(r["state"] == "Cached" for r in r2.values())  # a full cache hit
+
+    CALLS.clear()
+    _run(tmp_path, from_stage="distill")
+    assert CALLS == ["05_distill", "06_sft", "07_evaluate"]
+
+    CALLS.clear()
+    _run(tmp_path, overrides=["distill.loss.temperature=2"])
+    assert CALLS == ["05_distill", "06_sft", "07_evaluate"]  # only distill and what follows
+
+    # a failure in sft leaves every earlier artifact intact; the rerun resumes at sft
+    CALLS.clear()
+    FAIL.add("06_sft")
+    with pytest.raises(RuntimeError, match="injected failure in sft"):
+        _run(tmp_path, overrides=["distill.loss.temperature=2", "sft.lr=1e-5"])
+    assert CALLS == ["06_sft"]
+    assert (tmp_path / "run/05_distill/manifest.json").is_file()
+    assert (tmp_path / "run/06_sft/weights.txt").read_text() == "sft seed=0"  # previous sft artifact kept
+    FAIL.clear()
+    CALLS.clear()
+    _run(tmp_path, overrides=["distill.loss.temperature=2", "sft.lr=1e-5"])
+    assert CALLS == ["06_sft", "07_evaluate"]
+
+    CALLS.clear()
+    _run(tmp_path, overrides=["distill.loss.temperature=2", "sft.lr=1e-5"], only_stage="prune", force=True)
+    assert CALLS == ["04_prune"]
+    assert (tmp_path / "run/report.md").is_file()
