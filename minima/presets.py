@@ -50,6 +50,19 @@ def tiny() -> PipelineConfig:
     return cfg
 
 
+def micro() -> PipelineConfig:
+    """The tiny preset cut to a few steps per stage: the end-to-end test and a smoke run (~2-3 min)."""
+    cfg = tiny()
+    cfg.run_dir = "runs/micro"
+    short = dict(max_steps=12, eval_steps=6, save_steps=6, micro_batch_size=4)
+    cfg.adapt = _with(cfg.adapt, **short)
+    cfg.prune = _with(cfg.prune, num_samples=16, batch_size=8)
+    cfg.distill = _with(cfg.distill, **short)
+    cfg.sft = _with(cfg.sft, **dict(short, epochs=1, patience=0))
+    cfg.evaluate = _with(cfg.evaluate, limit=20)
+    return cfg
+
+
 def minima_3b() -> PipelineConfig:
     """MiniMA: adapt LLaMA-2-7B, prune to 24/24/3072/8192, distil with 0.5 CE + 0.5 soft CE."""
     cfg = PipelineConfig(run_dir="runs/minima-3b")
@@ -62,7 +75,8 @@ def minima_3b() -> PipelineConfig:
     cfg.adapt = _with(cfg.adapt, **dict(big, lr=3e-5, gradient_accumulation_steps=8))
     cfg.prune = _with(cfg.prune, **dict(
         num_layers=24, num_heads=24, num_key_value_heads=24, hidden_size=3072, intermediate_size=8192,
-        keep_layers=list(range(4, 28)), importance="gradient", num_samples=1024, max_length=4096, batch_size=1, dtype="bf16"))
+        keep_layers=list(range(4, 28)), importance="gradient", num_samples=1024, max_length=4096, batch_size=1, dtype="bf16",
+        vocab_size=49216))  # dry run without a teacher dir: MiniMA's adapted vocab (32000 + CJK, padded) -> 3.02B
     cfg.distill = _with(cfg.distill, **dict(big, lr=3e-4, gradient_accumulation_steps=8, loss={"alpha": 0.5, "kd": "soft_ce", "temperature": 1.0}))
     cfg.sft = minichat_3b().sft
     cfg.evaluate = _with(cfg.evaluate, **dict(tasks=["mmlu", "ceval", "cmmlu", "gsm8k"], shots=5, batch_size=32))
@@ -83,6 +97,7 @@ def minichat_3b() -> PipelineConfig:
 
 PRESETS: dict[str, Callable[[], PipelineConfig]] = {
     "tiny": tiny,
+    "micro": micro,
     "minima-3b": minima_3b,
     "minichat-3b": minichat_3b,
 }
