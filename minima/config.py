@@ -84,6 +84,15 @@ class Source(Closed):
         None, gt=0, description="Ratio-mixing weight (instead of size): share of the mixed documents."
     )
     text_key: Optional[str] = Field(None, description="Override of the stage's text_key for this source.")
+    shape: Literal["auto", "minichat", "sharegpt", "alpaca", "messages"] = Field(
+        "auto", description="format=chat: the records' conversation shape (auto = detect per record)."
+    )
+
+    @model_validator(mode="after")
+    def _size_or_weight(self):
+        if self.weight is not None and self.size != "all":
+            raise ValueError(f"source {self.name!r}: give size={self.size!r} or weight={self.weight}, not both")
+        return self
 
     @field_validator("size")
     @classmethod
@@ -124,6 +133,12 @@ class RecordsConfig(StageConfig):
     lowercase: bool = Field(False, description="Lowercase text before tokenizing (MiniMA --do_lower_case).")
     on_error: Literal["raise", "skip"] = Field("raise", description="Malformed input: stop (raise) or count and skip.")
     add_bos: bool = Field(True, description="lm: prepend BOS to each document.")
+    txt_document: Literal["line", "file"] = Field("line", description=".txt inputs: one document per line, or one per file.")
+    overflow: Literal["truncate", "drop"] = Field(
+        "truncate", description="chat: a conversation over max_length keeps its leading whole exchanges (truncate) or is dropped."
+    )
+    shuffle: bool = Field(True, description="Shuffle documents (seeded) after mixing so records mix sources; false keeps input order.")
+    chunk_size: int = nohash(256, "Documents per tokenizer batch sent to a worker (output does not depend on it).", ge=1)
 
 
 # --------------------------------------------------------------------------------------- train
