@@ -16,7 +16,7 @@ def run_main(argv: list[str]) -> int:
     p.add_argument("--only-stage", help="rerun just this stage on the existing upstream artifacts")
     p.add_argument("--force", action="store_true", help="rerun every stage")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. distill.loss.temperature=2")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     from .pipeline import pipeline
 
     results = pipeline(config=a.config, preset=a.preset, overrides=a.overrides, from_stage=a.from_stage,
@@ -60,7 +60,7 @@ def demo_main(argv: list[str]) -> int:
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--force", action="store_true", help="rebuild every stage")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     root = Path(a.run_dir)
     t0 = time.time()
     print(f"[demo] preparing built-in data and a tiny base model under {root}", flush=True)

@@ -83,14 +83,14 @@ def _cmd_config(argv: list[str]) -> int:
 
         close = difflib.get_close_matches(stage, STAGES, n=1)
         raise MinimaError(f"unknown stage '{stage}'", fix=f"did you mean '{close[0]}'?" if close else f"stages: {', '.join(STAGES)}")
-    args = _stage_parser(f"minima config {stage}", stage, with_force=False).parse_args(argv[1:])
+    args = _stage_parser(f"minima config {stage}", stage, with_force=False).parse_intermixed_args(argv[1:])
     cfg = stage_config(stage, args.preset, args.config, args.overrides)
     sys.stdout.write(to_yaml(cfg))
     return 0
 
 
 def _cmd_stage(stage: str, argv: list[str]) -> int:
-    args = _stage_parser(f"minima {stage}", stage).parse_args(argv)
+    args = _stage_parser(f"minima {stage}", stage).parse_intermixed_args(argv)
     cfg = stage_config(stage, args.preset, args.config, args.overrides)
     artifact = _resolve(STAGE_RUNNERS[stage])(cfg, force=args.force)
     state = "cached, skipped" if artifact.skipped else "done"
