@@ -20,6 +20,12 @@ Contract (see ``recipe.py``), with these additions to the agreed API:
 - ``Recipe.num_train_examples()`` sizes epochs when ``max_steps = -1`` (default: the records manifest).
 - ``Recipe.export`` runs on rank 0 only, with ZeRO-3 parameters gathered.
 - ``TrainContext.is_rank0``.
+- ``train_stage(cfg, inputs, recipe, force=, callbacks=, validate=)`` (in ``launch.py``): the whole
+  ``run`` of a training stage. Node 0 calls ``run_stage`` as above; on other nodes of a multi-node job
+  (and non-zero ranks under an external torchrun) it only runs the ranks, so nothing races on the
+  artifact. Prefer it to calling ``run_stage`` directly.
+- ``minima.train.synthetic``: ``SyntheticConfig``/``SyntheticRecipe`` (generated, learnable token
+  sequences) for engine tests and benchmarks.
 
 In-process mode: ``launch.launcher == "local"``, ``nproc_per_node == nnodes == 1`` and the env var
 ``MINIMA_INPROCESS=1`` runs the worker in the calling process (tests use it to save the subprocess
@@ -37,7 +43,15 @@ __all__ = [
     "causal_lm_loss_sum",
     "shifted_label_count",
     "run_training",
+    "train_stage",
 ]
+
+
+def train_stage(cfg, inputs, recipe: str, *, force: bool = False, callbacks=(), validate=None):
+    """A training stage's ``run`` (see ``launch.train_stage``)."""
+    from .launch import train_stage as _train_stage
+
+    return _train_stage(cfg, inputs, recipe, force=force, callbacks=list(callbacks), validate=validate)
 
 
 def run_training(cfg, recipe: str, run, callbacks: list[str] | None = None) -> dict:

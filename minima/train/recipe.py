@@ -94,7 +94,7 @@ class Recipe:
         """The trainable HF model (before deepspeed.initialize), loaded in fp32 (DeepSpeed casts)."""
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(self.cfg.model), torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(self.cfg.model), dtype=torch.float32)
         if getattr(self.cfg, "activation_checkpointing", False):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -162,6 +162,9 @@ class Recipe:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out_dir), safe_serialization=True, max_shard_size="2GB")
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and not (out_dir / "generation_config.json").is_file():
+            gen.save_pretrained(str(out_dir))
         src = self.tokenizer_source()
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(out_dir))

@@ -1,0 +1,162 @@
+"""Checkpoints: DeepSpeed state + per-rank RNG/data state, complete only when the marker exists.
+
+Layout: ``<work_dir>/checkpoints/step_00000120/`` holds DeepSpeed's model/optimizer/scheduler files,
+one ``minima_rank00000.pt`` per rank (RNG states, reader state_dict, loop counters), and
+``COMPLETE`` (JSON), written by rank 0 after every rank has finished writing. Resume picks the
+newest directory with the marker; a directory without it is an interrupted save and is ignored.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..errors import TrainingError
+
+MARKER = "COMPLETE"
+PREFIX = "step_"
+
+
+def tag_of(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint dirs, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MARKER).is_file()]
+    return sorted(dirs, key=step_of)
+
+
+def latest_complete(root: Path) -> Optional[Path]:
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def read_marker(ckpt: Path) -> dict:
+    return json.loads((Path(ckpt) / MARKER).read_text())
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(_tuplify(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    """Saves and restores checkpoints under ``root`` for one rank.
+
+    Args:
+        root: ``<work_dir>/checkpoints``.
+        rank, world_size: this process.
+        keep_last: complete checkpoints kept (the best one, when set, is kept in addition).
+        barrier: a callable that synchronises all ranks.
+    """
+
+    def __init__(self, root: Path, rank: int, world_size: int, keep_last: int, barrier):
+        self.root = Path(root)
+        self.rank, self.world = rank, world_size
+        self.keep_last = keep_last
+        self.barrier = barrier
+        self.protected: set[int] = set()  # steps never pruned (the best checkpoint)
+
+    def rank_file(self, ckpt: Path, rank: Optional[int] = None) -> Path:
+        return Path(ckpt) / f"minima_rank{self.rank if rank is None else rank:05d}.pt"
+
+    def save(self, engine, step: int, rank_state: dict, meta: dict) -> Path:
+        """Collective: every rank calls it. Returns the checkpoint dir."""
+        path = self.root / tag_of(step)
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # an interrupted save of the same step, or an older attempt's
+                shutil.rmtree(path)
+        self.barrier()
+        engine.save_checkpoint(str(self.root), tag=path.name, client_state={"minima_step": step}, save_latest=False)
+        torch.save(rank_state, self.rank_file(path))
+        self.barrier()  # every rank's files are on disk before the marker says so
+        if self.rank == 0:
+            _fsync_write(path / MARKER, json.dumps({"step": step, "world_size": self.world, **meta}, default=str))
+            self.prune()
+        self.barrier()
+        return path
+
+    def prune(self) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints (plus protected ones); drop partial older dirs."""
+        done = complete_checkpoints(self.root)
+        keep = {step_of(p) for p in done[-self.keep_last:]} | self.protected
+        newest = step_of(done[-1]) if done else -1
+        for p in self.root.iterdir():
+            if not (p.is_dir() and p.name.startswith(PREFIX)):
+                continue
+            s = step_of(p)
+            complete = (p / MARKER).is_file()
+            if (complete and s not in keep) or (not complete and s < newest):
+                # Remove the marker first so a crash mid-delete never leaves a "complete" half.
+                (p / MARKER).unlink(missing_ok=True)
+                shutil.rmtree(p, ignore_errors=True)
+
+    def load(self, engine, ckpt: Path, module_only: bool = False) -> dict:
+        """Restore engine state from ``ckpt``; returns this rank's saved state (RNG, data, counters)."""
+        marker = read_marker(ckpt)
+        if marker.get("world_size") != self.world and not module_only:
+            raise TrainingError(
+                f"checkpoint {ckpt} was written by {marker.get('world_size')} ranks, this run has {self.world}",
+                fix="resume with the same nproc_per_node x nnodes, or pass --force to start over",
+            )
+        load_path, _ = engine.load_checkpoint(
+            str(self.root), tag=Path(ckpt).name, load_optimizer_states=not module_only,
+            load_lr_scheduler_states=not module_only, load_module_only=module_only,
+        )
+        if load_path is None:
+            raise TrainingError(f"DeepSpeed could not load checkpoint {ckpt}", fix="delete it; resume falls back to the previous one")
+        if module_only:
+            return {}
+        return torch.load(self.rank_file(ckpt), map_location="cpu", weights_only=True)
+
+
+def rank_state(step: int, data_state: Any, counters: dict) -> dict:
+    return {"step": step, "data": data_state, "rng": rng_state(), "counters": counters}

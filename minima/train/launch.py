@@ -1,0 +1,252 @@
+"""Start training: torchrun (or the deepspeed launcher) as a subprocess, or in-process for tests.
+
+Where the topology comes from, first match wins:
+
+1. torchrun env (``TORCHELASTIC_RUN_ID`` or RANK/WORLD_SIZE/LOCAL_RANK set): the user already
+   launched one process per rank (``torchrun -m minima.cli adapt ...``); each runs its rank here.
+2. Slurm env (``SLURM_JOB_ID`` + ``SLURM_NNODES``): nnodes, node_rank and master_addr come from the
+   allocation; run one ``minima <stage>`` per node (``srun --ntasks-per-node=1``).
+3. The stage config's ``launch`` block.
+
+Node 0 owns the artifact (``run_stage``); other nodes only run their ranks into the same directory
+(a shared file system, as DeepSpeed's checkpoints need anyway).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+from ..errors import ConfigError, MinimaError, TrainingError
+from ..logs import get_logger
+
+log = get_logger("minima.train")
+
+
+@dataclass
+class Plan:
+    """Resolved topology of this invocation."""
+
+    launcher: str  # torchrun | deepspeed | inprocess | external
+    nproc_per_node: int
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # config | slurm | torchrun
+
+    @property
+    def is_leader(self) -> bool:
+        if self.launcher == "external":
+            return int(os.environ.get("RANK", "0")) == 0
+        return self.node_rank == 0
+
+
+def _slurm_master(env: Mapping[str, str]) -> str:
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+    if shutil.which("scontrol") and nodelist:
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.split()[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    # "node[03-05,07]" -> "node03"; "a,b" -> "a"
+    first = nodelist.split(",")[0]
+    if "[" in first:
+        prefix, rest = first.split("[", 1)
+        return prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+    return first or "127.0.0.1"
+
+
+def in_torchrun(env: Mapping[str, str] = os.environ) -> bool:
+    return "TORCHELASTIC_RUN_ID" in env or all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
+
+
+def plan_launch(cfg, env: Mapping[str, str] = os.environ) -> Plan:
+    """Where this invocation's ranks come from (see the module docstring)."""
+    lc = cfg.launch
+    if in_torchrun(env):
+        world = int(env.get("WORLD_SIZE", "1"))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+        return Plan("external", local_world, max(1, world // max(local_world, 1)), int(env.get("GROUP_RANK", "0")),
+                    env.get("MASTER_ADDR", lc.master_addr), int(env.get("MASTER_PORT", lc.master_port)), "torchrun")
+    if lc.launcher in ("local", "slurm") and "SLURM_JOB_ID" in env and "SLURM_NNODES" in env:
+        nproc = int(env.get("SLURM_GPUS_ON_NODE") or (lc.gpus_per_node if lc.launcher == "slurm" else lc.nproc_per_node))
+        return Plan("torchrun", nproc, int(env["SLURM_NNODES"]), int(env.get("SLURM_NODEID", "0")), _slurm_master(env),
+                    lc.master_port, "slurm")
+    if lc.launcher == "slurm":
+        raise ConfigError(
+            "launch.launcher=slurm needs a Slurm allocation (no SLURM_JOB_ID in the environment)",
+            where="launch.launcher",
+            fix="submit with sbatch and run `srun --ntasks-per-node=1 minima <stage> ...` inside the job (see scripts/)",
+        )
+    if lc.launcher == "ssh":
+        if not lc.hostfile or not Path(lc.hostfile).is_file():
+            raise ConfigError(f"launch.launcher=ssh needs a DeepSpeed hostfile (got {lc.hostfile!r})", where="launch.hostfile",
+                              fix="write 'host slots=N' lines to a file and set launch.hostfile")
+        return Plan("deepspeed", lc.nproc_per_node, lc.nnodes, 0, lc.master_addr, lc.master_port, "config")
+    inproc = os.environ.get("MINIMA_INPROCESS") == "1" and lc.nproc_per_node == 1 and lc.nnodes == 1
+    return Plan("inprocess" if inproc else "torchrun", lc.nproc_per_node, lc.nnodes, lc.node_rank, lc.master_addr,
+                lc.master_port, "config")
+
+
+def build_command(plan: Plan, spec_path: Path, hostfile: Optional[str] = None) -> list[str]:
+    """The exact command that starts this node's ranks."""
+    if plan.launcher == "deepspeed":
+        return ["deepspeed", "--hostfile", str(hostfile), "--num_nodes", str(plan.nnodes), "--num_gpus", str(plan.nproc_per_node),
+                "--master_addr", plan.master_addr, "--master_port", str(plan.master_port),
+                "--module", "minima.train.worker", str(spec_path)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(plan.nproc_per_node),
+            "--nnodes", str(plan.nnodes), "--node_rank", str(plan.node_rank), "--master_addr", plan.master_addr,
+            "--master_port", str(plan.master_port), "-m", "minima.train.worker", str(spec_path)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_spec(cfg, recipe: str, work_dir: Path, out_dir: Path, callbacks: list[str]) -> dict:
+    cls = type(cfg)
+    return {"config_class": f"{cls.__module__}:{cls.__qualname__}", "config": cfg.model_dump(mode="json"),
+            "recipe": recipe, "work_dir": str(work_dir), "out_dir": str(out_dir), "callbacks": list(callbacks)}
+
+
+def _child_env() -> dict:
+    import torch
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    # The package may be run from a source checkout that is not installed.
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _raise_rank_error(work_dir: Path, rc: int) -> None:
+    from .. import errors as E
+    from .worker import ERRORS
+
+    files = sorted((work_dir / ERRORS).glob("rank*.json")) if (work_dir / ERRORS).is_dir() else []
+    if files:
+        info = json.loads(files[0].read_text())
+        cls = getattr(E, info.get("class", ""), None)
+        cls = cls if isinstance(cls, type) and issubclass(cls, MinimaError) else TrainingError
+        where = info.get("where")
+        raise cls(info["what"], where=f"rank {info['rank']}" + (f", {where}" if where else ""), fix=info.get("fix"))
+    raise TrainingError(f"training exited with code {rc}", fix="read the traceback above; a rerun resumes from the last complete checkpoint")
+
+
+def _run_inprocess(spec: dict) -> dict:
+    """One rank in this process (tests): a world of one, the process group kept for later runs."""
+    import torch.distributed as dist
+
+    from .worker import run_spec
+
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    import torch
+
+    threads = torch.get_num_threads()  # the worker may change it (MINIMA_NUM_THREADS)
+    try:
+        return run_spec(spec)
+    finally:
+        torch.set_num_threads(threads)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_node(cfg, recipe: str, work_dir: Path, out_dir: Path, callbacks: list[str], plan: Optional[Plan] = None,
+             spec_path: Optional[Path] = None) -> Optional[dict]:
+    """Start this node's ranks and wait. Returns the metrics on the node hosting rank 0, else None."""
+    from .worker import ERRORS, RESULT, run_spec
+
+    plan = plan or plan_launch(cfg)
+    spec = make_spec(cfg, recipe, work_dir, out_dir, callbacks)
+    if plan.launcher == "inprocess":
+        return _run_inprocess(spec)
+    if plan.launcher == "external":
+        return run_spec(spec) if plan.is_leader else (run_spec(spec) and None)
+    if plan.is_leader:
+        shutil.rmtree(work_dir / ERRORS, ignore_errors=True)
+        (work_dir / RESULT).unlink(missing_ok=True)
+    if spec_path is None:
+        # Other nodes keep their spec outside the work dir, which node 0 may still be resetting.
+        spec_path = work_dir / "launch_spec.json" if plan.is_leader else Path(tempfile.mkdtemp(prefix="minima-spec-")) / "spec.json"
+    spec_path.parent.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(json.dumps(spec, indent=2))
+    cmd = build_command(plan, spec_path, cfg.launch.hostfile)
+    env = _child_env()
+    prefix = "DS_ACCELERATOR=cpu " if env.get("DS_ACCELERATOR") == "cpu" else ""
+    log.info(f"launch ({plan.source}, node {plan.node_rank}/{plan.nnodes}): {prefix}{shlex.join(cmd)}")
+    print(f"launch: {prefix}{shlex.join(cmd)}", flush=True)
+    store = None
+    if plan.nnodes > 1 and plan.launcher == "torchrun":
+        from .guard import node_join
+
+        store = node_join(plan.master_addr, plan.master_port, plan.nnodes, plan.node_rank, plan.nproc_per_node,
+                          cfg.launch.init_timeout_s)
+    try:
+        rc = subprocess.call(cmd, env=env)
+    finally:
+        del store
+    if rc != 0:
+        _raise_rank_error(work_dir, rc)
+    if plan.is_leader:
+        res = work_dir / RESULT
+        if not res.is_file():
+            raise TrainingError("training finished without writing its result", where=str(res), fix="read the log above")
+        return json.loads(res.read_text())
+    return None
+
+
+def launch_training(cfg, recipe: str, run, callbacks: list[str] = ()) -> dict:
+    """The body of a training stage on node 0: run every rank, return the metrics for the manifest."""
+    result = run_node(cfg, recipe, Path(run.work_dir), Path(run.out_dir), list(callbacks))
+    return result or {}
+
+
+def train_stage(cfg, inputs: Mapping[str, Optional[str]], recipe: str, *, force: bool = False,
+                callbacks: list[str] = (), validate=None):
+    """A training stage's ``run``: node 0 publishes the artifact; other nodes/ranks only train.
+
+    Args:
+        cfg: the stage config. inputs: name -> path (cache key). recipe: ``"module:Class"``.
+        force: rebuild even if a matching artifact exists.
+        callbacks: ``"module:factory"`` strings (see ``run_training``).
+        validate: optional no-argument callable run on node 0 before anything is created or launched.
+    """
+    from ..artifacts import Artifact, cache_key, hash_input, is_complete, read_manifest, run_stage
+
+    plan = plan_launch(cfg)
+    out_dir = cfg.resolved_out_dir()
+    key = cache_key(cfg, {k: hash_input(v) for k, v in inputs.items()})
+    cached = is_complete(out_dir) and read_manifest(out_dir).get("cache_key") == key and not force
+    if plan.is_leader:
+        # Validate before run_stage creates anything, so bad input leaves no directory behind.
+        if validate is not None and not cached:
+            validate()
+        return run_stage(cfg, inputs, lambda run: launch_training(cfg, recipe, run, callbacks), force=force, resumable=True)
+    if cached:
+        return Artifact(out_dir, read_manifest(out_dir), skipped=True)
+    work = out_dir.with_name(out_dir.name + ".partial")
+    run_node(cfg, recipe, work, out_dir, list(callbacks), plan=plan)
+    manifest = read_manifest(out_dir) if is_complete(out_dir) else {"stage": cfg.stage, "cache_key": key, "metrics": {}}
+    return Artifact(out_dir, manifest)

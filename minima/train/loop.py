@@ -1,0 +1,354 @@
+"""The training loop shared by every training stage (runs inside each rank).
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches on every rank. The step's
+micro-batches are drawn first so the engine knows the step's total label-token count T (summed over
+micro-batches and ranks); each micro-batch then back-propagates ``loss_sum * world_size / T``.
+DeepSpeed averages gradients over ranks (the ``world_size`` factor undoes that) and is told not to
+divide by the accumulation steps, so the gradient is exactly d(sum of token losses / T) — the same
+as one big batch, however it is split (MiniMA's scripts scaled by the accumulation twice).
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..errors import ConfigError, TrainingError
+from ..logs import get_logger
+from . import checkpoint as ck
+from .ds_config import precision_of, resolve_ds_config, save_resolved, zero_stage
+from .metrics import MetricsLogger, device_peak_flops, flops_per_token, non_embedding_params, plot_loss_curve
+from .recipe import Recipe, TrainContext
+
+log = get_logger("minima.train")
+
+
+@dataclass
+class LoopState:
+    """Counters saved in every checkpoint."""
+
+    step: int = 0
+    tokens: int = 0  # label tokens trained on, all ranks
+    best_loss: float = math.inf
+    best_step: int = -1
+    bad_evals: int = 0
+    stopped_early: bool = False
+
+
+class DataStream:
+    """Examples from an iterable dataset, restarting it (next epoch) when it runs out.
+
+    Its state is (epoch, dataset.state_dict()) taken between steps, so a resumed run draws exactly
+    the examples an uninterrupted one would have drawn next.
+    """
+
+    def __init__(self, dataset):
+        self.ds = dataset
+        self.epoch = 0
+        self._it = None
+
+    def next(self) -> dict:
+        if self._it is None:
+            self._it = iter(self.ds)
+        try:
+            return next(self._it)
+        except StopIteration:
+            pass
+        self.epoch += 1
+        if hasattr(self.ds, "set_epoch"):
+            self.ds.set_epoch(self.epoch)
+        self._it = iter(self.ds)
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise TrainingError("the train split of this rank is empty", fix="use fewer ranks or more records") from None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "dataset": self.ds.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        if hasattr(self.ds, "set_epoch"):
+            self.ds.set_epoch(self.epoch)
+        self.ds.load_state_dict(state["dataset"])
+        self._it = None
+
+
+# ------------------------------------------------------------------------------ helpers
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _batch_hash(batches: list[dict]) -> str:
+    h = hashlib.sha1()
+    for b in batches:
+        h.update(b["input_ids"].cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def _as_float(x) -> Optional[float]:
+    if x is None:
+        return None
+    return float(x.item() if isinstance(x, torch.Tensor) else x)
+
+
+def total_steps_for(cfg, recipe: Recipe, world_size: int) -> int:
+    """Optimizer steps of the run: ``max_steps``, or ``epochs`` over the train records."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    if cfg.max_steps != -1:
+        raise ConfigError(f"max_steps={cfg.max_steps} must be > 0, or -1 for epochs", where="max_steps")
+    n = recipe.num_train_examples()
+    if not n:
+        raise ConfigError("max_steps=-1 needs the number of train records, which the records manifest does not give",
+                          where="max_steps", fix="set max_steps")
+    per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size
+    return max(1, math.ceil(cfg.epochs * n / per_step))
+
+
+# ------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate(engine, recipe: Recipe, dev_batches: list[dict], ctx: TrainContext) -> dict:
+    """Token-weighted dev loss and perplexity over every rank's dev shard."""
+    engine.eval()
+    # ZeRO-3 forwards are collective: every rank runs as many as the rank with the most batches,
+    # padding with a batch whose labels are all masked (it adds nothing to the sums).
+    n = _all_reduce(torch.tensor([len(dev_batches)], device=ctx.device), op=_max_op())[0].item()
+    sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    for i in range(int(n)):
+        if i < len(dev_batches):
+            batch = dev_batches[i]
+        else:
+            batch = dict(dev_batches[0]) if dev_batches else {"input_ids": torch.zeros(1, 8, dtype=torch.long),
+                                                                "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+            batch["labels"] = torch.full_like(batch["input_ids"], -100)
+        out = recipe.compute_loss(engine, to_device(batch, ctx.device), ctx, train=False)
+        sums[0] += out.loss_sum.detach().double()
+        sums[1] += float(out.num_tokens)
+    _all_reduce(sums)
+    engine.train()
+    loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+    return {"dev_loss": loss, "dev_ppl": math.exp(min(loss, 50.0)) if math.isfinite(loss) else float("nan"),
+            "dev_tokens": int(sums[1].item())}
+
+
+def _max_op():
+    import torch.distributed as dist
+
+    return dist.ReduceOp.MAX
+
+
+def _dev_batches(recipe: Recipe, dev_ds, mbs: int) -> list[dict]:
+    if dev_ds is None:
+        return []
+    out, cur = [], []
+    for ex in dev_ds:
+        cur.append(ex)
+        if len(cur) == mbs:
+            out.append(recipe.collate(cur))
+            cur = []
+    if cur:
+        out.append(recipe.collate(cur))
+    return out
+
+
+# ------------------------------------------------------------------------------ export
+def export_model(engine, recipe: Recipe, out_dir: Path, ctx: TrainContext, stage: int) -> None:
+    """Rank 0 writes the HF dir; under ZeRO-3 the parameters are gathered first (a collective)."""
+    module = engine.module
+    if stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            if ctx.rank == 0:
+                recipe.export(module, out_dir, ctx)
+    elif ctx.rank == 0:
+        recipe.export(module, out_dir, ctx)
+    _barrier()
+
+
+# ------------------------------------------------------------------------------ the loop
+def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), heartbeat=None) -> dict:
+    """Train, checkpoint, evaluate and export. Returns the run's metrics (same on every rank)."""
+    import deepspeed
+
+    torch.manual_seed(cfg.seed + ctx.rank)
+    recipe.setup(ctx)
+    model = recipe.build_model(ctx)
+    params = recipe.trainable_parameters(model)
+    if not params:
+        raise ConfigError("the recipe left no trainable parameters", fix="check the recipe's trainable_parameters / freezing options")
+    train_ds, dev_ds = recipe.build_datasets(ctx)
+    if cfg.patience and dev_ds is None:
+        raise ConfigError(f"patience={cfg.patience} needs a dev split, and the records have none",
+                          where="patience", fix="build records with dev_fraction > 0, or set patience=0")
+
+    total = total_steps_for(cfg, recipe, ctx.world_size)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    ds_cfg = resolve_ds_config(cfg, world_size=ctx.world_size, total_steps=total, on_gpu=ctx.device.type == "cuda", hidden_size=hidden)
+    if ctx.rank == 0:
+        save_resolved(ds_cfg, ctx.work_dir / "ds_config.resolved.json")
+    ctx.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision_of(ds_cfg)]
+    stage = zero_stage(ds_cfg)
+
+    fpt_params = non_embedding_params(model)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)
+    engine.train()
+    if engine.lr_scheduler is not None and getattr(engine.lr_scheduler, "last_batch_iteration", 0) == -1:
+        # DeepSpeed's warmup schedulers start at iteration -1 (lr 0) and then 0 (lr 0 again); one
+        # step here makes step 1 use iteration 0, as HF schedules do. A resume overwrites it.
+        engine.lr_scheduler.step()
+
+    mbs, gas, world = cfg.micro_batch_size, cfg.gradient_accumulation_steps, ctx.world_size
+    stream = DataStream(train_ds)
+    ckpt = ck.Checkpointer(ctx.work_dir / "checkpoints", ctx.rank, world, cfg.keep_last, _barrier)
+    state = LoopState()
+    latest = ck.latest_complete(ckpt.root)
+    if latest is not None:
+        saved = ckpt.load(engine, latest)
+        state = LoopState(**saved["counters"])
+        stream.load_state_dict(saved["data"])
+        ck.set_rng_state(saved["rng"])
+        if state.best_step >= 0:
+            ckpt.protected.add(state.best_step)
+        log.info(f"resumed from {latest} (step {state.step}/{total})")
+
+    seq_len = 0
+    metrics = MetricsLogger(ctx.work_dir, ctx.rank == 0, total, resume_step=state.step, world_size=world,
+                            peak_flops=device_peak_flops() if ctx.device.type == "cuda" else None, log_steps=cfg.log_steps)
+    dev_batches: Optional[list[dict]] = None
+    checked_counts = False
+    last_eval: dict = {}
+    t_train = time.time()
+    steps_this_run, tokens_this_run = 0, 0
+
+    def save(meta: dict) -> Path:
+        return ckpt.save(engine, state.step, ck.rank_state(state.step, stream.state_dict(), asdict(state)), meta)
+
+    while state.step < total and not state.stopped_early:
+        t0 = time.time()
+        micro = [recipe.collate([stream.next() for _ in range(mbs)]) for _ in range(gas)]
+        counts = [int(recipe.count_tokens(b)) for b in micro]
+        local_compute_tokens = sum(int(b["input_ids"].numel()) for b in micro)
+        if not seq_len:
+            seq_len = int(micro[0]["input_ids"].shape[-1])
+            metrics.fpt = flops_per_token(engine.module.config, fpt_params, seq_len) if hasattr(engine.module, "config") else 0.0
+        head = _all_reduce(torch.tensor([sum(counts), local_compute_tokens], dtype=torch.float64, device=ctx.device))
+        step_tokens, compute_tokens = int(head[0].item()), int(head[1].item())
+        denom = max(step_tokens, 1)
+        sums: Optional[torch.Tensor] = None
+        names: list[str] = []
+        lr = engine.get_lr()[0]
+        for i, batch in enumerate(micro):
+            out = recipe.compute_loss(engine, to_device(batch, ctx.device), ctx, train=True)
+            if not checked_counts and int(out.num_tokens) != counts[i]:
+                raise TrainingError(
+                    f"compute_loss counted {int(out.num_tokens)} label tokens but count_tokens said {counts[i]}",
+                    where=type(recipe).__name__, fix="override Recipe.count_tokens to count the tokens your loss sums over",
+                )
+            if sums is None:
+                names = sorted(out.metrics)
+                sums = torch.zeros(1 + len(names), dtype=torch.float64, device=ctx.device)
+            engine.backward(out.loss_sum * (world / denom), scale_wrt_gas=False)
+            sums[0] += out.loss_sum.detach().double()
+            for j, k in enumerate(names):
+                sums[1 + j] += out.metrics[k].detach().double()
+            if i < gas - 1:
+                engine.step()  # a no-op inside the accumulation window
+        checked_counts = True
+        _all_reduce(sums)
+        loss = (sums[0] / denom).item()
+        if not math.isfinite(loss):
+            last = ck.latest_complete(ckpt.root)
+            raise TrainingError(
+                f"loss is {loss} at step {state.step + 1}/{total}",
+                fix=f"last good checkpoint: {last or 'none yet'}; lower lr (now {cfg.lr:g}) or check this step's data; "
+                "a rerun resumes from that checkpoint",
+            )
+        engine.step()
+        state.step += 1
+        state.tokens += step_tokens
+        steps_this_run += 1
+        tokens_this_run += compute_tokens
+        if heartbeat is not None:
+            heartbeat.beat(state.step)
+        extra = {k: (sums[1 + j] / denom).item() for j, k in enumerate(names)}
+        grad_norm = _as_float(engine.get_global_grad_norm())
+        hash_ = _batch_hash(micro) if ctx.rank == 0 else None
+        metrics.train_step(state.step, loss, lr, grad_norm, compute_tokens, time.time() - t0, extra, hash_)
+
+        final = state.step == total
+        did_save = False
+        if dev_ds is not None and ((cfg.eval_steps and state.step % cfg.eval_steps == 0) or final):
+            if dev_batches is None:
+                dev_batches = _dev_batches(recipe, dev_ds, mbs)
+            last_eval = evaluate(engine, recipe, dev_batches, ctx)
+            for cb in callbacks:
+                got = cb.on_eval(state.step, engine.module, ctx)
+                if isinstance(got, dict):
+                    last_eval.update(got)
+            metrics.eval_step(state.step, last_eval)
+            if last_eval["dev_loss"] < state.best_loss:
+                state.best_loss, state.best_step, state.bad_evals = last_eval["dev_loss"], state.step, 0
+                if cfg.patience:
+                    ckpt.protected = {state.step}
+                    save({"dev_loss": last_eval["dev_loss"], "best": True})
+                    did_save = True
+            else:
+                state.bad_evals += 1
+                if cfg.patience and state.bad_evals >= cfg.patience:
+                    state.stopped_early = True
+                    log.info(f"early stop at step {state.step}: no dev improvement in {cfg.patience} evaluations "
+                             f"(best {state.best_loss:.4g} at step {state.best_step})")
+        if not did_save and ((cfg.save_steps and state.step % cfg.save_steps == 0) or final or state.stopped_early):
+            save({"dev_loss": last_eval.get("dev_loss")})
+
+    wall = time.time() - t_train
+    if cfg.patience and state.best_step >= 0 and state.best_step != state.step:
+        log.info(f"exporting the best checkpoint (step {state.best_step}, dev loss {state.best_loss:.4g})")
+        ckpt.load(engine, ckpt.root / ck.tag_of(state.best_step), module_only=True)
+    export_model(engine, recipe, ctx.work_dir, ctx, stage)
+    metrics.close()
+    if ctx.rank == 0:
+        plot_loss_curve(metrics.path, metrics.png)
+
+    result = {
+        "steps": state.step,
+        "total_steps": total,
+        "train_tokens": state.tokens,
+        "stopped_early": state.stopped_early,
+        "zero_stage": stage,
+        "precision": precision_of(ds_cfg),
+        "world_size": world,
+        "global_batch": mbs * gas * world,
+    }
+    if steps_this_run:
+        result["tokens_per_s"] = round(tokens_this_run / wall, 2)
+    if last_eval:
+        result.update({k: v for k, v in last_eval.items() if isinstance(v, (int, float))})
+    if state.best_step >= 0:
+        result.update(best_dev_loss=state.best_loss, best_step=state.best_step)
+    del engine, model
+    gc.collect()
+    return result

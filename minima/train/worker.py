@@ -1,0 +1,142 @@
+"""The per-rank entry point: ``python -m minima.train.worker SPEC.json`` (started by torchrun).
+
+The spec (written by ``launch.py``) names the config class and its values, the recipe, the work and
+output dirs and the callbacks. A MinimaError in any rank is written to ``<work_dir>/errors/`` so the
+launcher can re-raise it with its message and fix; rank 0 writes the result to ``train_result.json``.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+RESULT = "train_result.json"
+ERRORS = "errors"
+
+
+def import_obj(target: str):
+    module, _, name = target.partition(":")
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _quiet_deepspeed() -> None:
+    import logging
+
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(os.environ.get("MINIMA_DS_LOG_LEVEL", "WARNING"))
+    except Exception:
+        pass
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+
+
+def init_distributed(timeout_s: int) -> None:
+    """Join the process group (gloo on CPU, nccl on GPU) with the hang-guard timeout."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
+
+
+def run_spec(spec: dict) -> dict:
+    """Run one rank of the training described by ``spec``; returns the metrics."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if os.environ.get("MINIMA_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["MINIMA_NUM_THREADS"]))
+    _quiet_deepspeed()
+    from ..errors import MinimaError, TrainingError
+    from . import guard, loop
+    from .recipe import TrainContext
+
+    cfg = import_obj(spec["config_class"]).model_validate(spec["config"])
+    work_dir, out_dir = Path(spec["work_dir"]), Path(spec["out_dir"])
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        init_distributed(cfg.launch.init_timeout_s)
+        _quiet_deepspeed()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        else:
+            device = torch.device("cpu")
+        ctx = TrainContext(rank=rank, world_size=world, local_rank=local_rank, device=device, dtype=torch.float32,
+                           work_dir=work_dir, out_dir=out_dir, seed=cfg.seed)
+        recipe = import_obj(spec["recipe"])(cfg)
+        callbacks = [import_obj(c)(cfg) for c in spec.get("callbacks", [])]
+        callbacks = list(recipe.build_callbacks(ctx)) + callbacks
+        beat = guard.Heartbeat(rank, world)
+        try:
+            result = loop.train(cfg, recipe, ctx, callbacks, heartbeat=beat)
+        except Exception as e:
+            if world > 1 and not isinstance(e, MinimaError) and guard.is_timeout(e):
+                who = beat.laggards() or "the other ranks did not answer"
+                raise TrainingError(
+                    f"a collective timed out after {cfg.launch.init_timeout_s}s on rank {rank}: {who}",
+                    fix="look at that rank's log for its error; raise launch.init_timeout_s if it was only slow",
+                ) from e
+            raise
+    except MinimaError as e:
+        _write_error(work_dir, rank, e)
+        raise
+    if rank == 0:
+        (work_dir / RESULT).write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def _write_error(work_dir: Path, rank: int, e) -> None:
+    try:
+        d = work_dir / ERRORS
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"rank{rank:05d}.json").write_text(json.dumps(
+            {"class": type(e).__name__, "what": e.what, "where": e.where, "fix": e.fix, "rank": rank}))
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1:
+        print("usage: python -m minima.train.worker SPEC.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    from ..errors import MinimaError
+
+    try:
+        run_spec(spec)
+    except MinimaError as e:
+        print(f"error [rank {os.environ.get('RANK', '0')}]: {e}", file=sys.stderr)
+        return 3
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The training engine: exact loss under accumulation, NaN abort, early stopping, ZeRO-2/3, callbacks.
+
+Runs are in-process (MINIMA_INPROCESS=1) on a tiny Llama (hidden 64, 2 layers) with the
+synthetic recipe; the subprocess paths (torchrun, 2 processes, 2 nodes) are in test_train_launch.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from minima.artifacts import StageRun
+from minima.errors import ConfigError, InputError, TrainingError
+from minima.train import LossOut, run_training
+from minima.train.metrics import read_metrics
+from minima.train.synthetic import SyntheticConfig, SyntheticDataset, SyntheticRecipe, pad_collate
+
+SYN = "minima.train.synthetic:SyntheticRecipe"
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from minima.testing import tiny_llama
+
+    d = tmp_path_factory.mktemp("engine") / "model"
+    tiny_llama(128, seed=0, **SHAPE).save_pretrained(str(d))
+    return d
+
+
+def base_cfg(model_dir: Path, out: Path, **kw) -> SyntheticConfig:
+    args = dict(model=str(model_dir), out_dir=str(out), precision="fp32", zero_stage=2, micro_batch_size=8,
+                gradient_accumulation_steps=1, max_steps=6, lr=3e-3, warmup_proportion=0.0, seq_len=32, num_examples=256)
+    args.update(kw)
+    return SyntheticConfig(**args)
+
+
+def train_inprocess(cfg, recipe: str = SYN, callbacks=()) -> tuple[dict, Path]:
+    """run_training in this process; returns (metrics, work_dir)."""
+    out = Path(cfg.out_dir)
+    work = out.with_name(out.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    env = {"MINIMA_INPROCESS": "1", "MINIMA_NUM_THREADS": "1"}  # 1 thread: far faster on a shared 2-core box
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        res = run_training(cfg, recipe, StageRun(work_dir=work, out_dir=out, config=cfg), callbacks=list(callbacks))
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    return res, work
+
+
+def weights(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def run_mb8(model_dir, tmp_path_factory):
+    """One micro-batch of 8 per step (the reference for accumulation, ZeRO-3 and 2-process runs)."""
+    out = tmp_path_factory.mktemp("mb8") / "out"
+    cfg = base_cfg(model_dir, out)
+    res, work = train_inprocess(cfg)
+    return cfg, res, work
+
+
+def reference_step1(model_dir: Path, cfg: SyntheticConfig) -> tuple[float, float]:
+    """Step 1 by hand with plain HF: token-weighted mean CE over the first 8 examples, its grad norm."""
+    from transformers import AutoModelForCausalLM
+
+    from minima.train import causal_lm_loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    ds = SyntheticDataset(cfg.num_examples, cfg.seq_len, 128, cfg.seed, 0, 1, True)
+    it = iter(ds)
+    batch = pad_collate([next(it) for _ in range(8)])
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    loss_sum, n = causal_lm_loss_sum(out.logits, batch["labels"])
+    loss = loss_sum / n
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)).item()
+    return loss.item(), norm
+
+
+def test_gradient_accumulation_is_exact(run_mb8, model_dir, tmp_path):
+    """8 x 1 == 2 x 4: same step-1 loss and gradient norm as a hand computation, same final weights."""
+    cfg8, res8, work8 = run_mb8
+    cfg2 = base_cfg(model_dir, tmp_path / "out", micro_batch_size=2, gradient_accumulation_steps=4)
+    res2, work2 = train_inprocess(cfg2)
+    ref_loss, ref_norm = reference_step1(model_dir, cfg8)
+    m8 = [r for r in read_metrics(work8 / "metrics.jsonl") if r["split"] == "train"]
+    m2 = [r for r in read_metrics(work2 / "metrics.jsonl") if r["split"] == "train"]
+    # Variable lengths + masked prefixes: a per-micro-batch mean, or scaling by the accumulation twice,
+    # would both move these numbers far beyond the tolerance.
+    for m in (m8[0], m2[0]):
+        assert m["loss"] == pytest.approx(ref_loss, rel=1e-5)
+        assert m["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
+    assert [r["batch_hash"] for r in m8] != [] and len(m8) == len(m2) == 6
+    for a, b in zip(m8, m2):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    # fp32 sums in a different order: not bitwise, but far below the size of one update.
+    assert max_diff(weights(work8), weights(work2)) < 1e-4
+    assert res8["train_tokens"] == res2["train_tokens"]
+
+
+def test_export_loads_and_metrics_written(run_mb8):
+    from transformers import AutoModelForCausalLM
+
+    cfg, res, work = run_mb8
+    model = AutoModelForCausalLM.from_pretrained(str(work))
+    assert model.config.hidden_size == 64
+    assert (work / "generation_config.json").is_file()
+    assert (work / "loss_curve.png").stat().st_size > 1000
+    assert any((work / "tensorboard").iterdir())
+    ds = json.loads((work / "ds_config.resolved.json").read_text())
+    assert ds["train_batch_size"] == 8 and ds["zero_optimization"]["stage"] == 2
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["bf16"]["enabled"] is False
+    train = [r for r in read_metrics(work / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 7))
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert res["steps"] == 6 and res["zero_stage"] == 2
+    # keep_last=2 with a checkpoint only at the end: exactly one complete checkpoint
+    ckpts = sorted(p.name for p in (work / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000006"]
+
+
+def test_zero3_matches_zero2(run_mb8, model_dir, tmp_path):
+    """ZeRO-3 partitions parameters but computes the same updates; its export loads and matches."""
+    from transformers import AutoModelForCausalLM
+
+    _, _, work2 = run_mb8
+    cfg3 = base_cfg(model_dir, tmp_path / "out", zero_stage=3)
+    res3, work3 = train_inprocess(cfg3)
+    assert res3["zero_stage"] == 3
+    AutoModelForCausalLM.from_pretrained(str(work3))
+    assert max_diff(weights(work2), weights(work3)) < 1e-4
+
+
+class NanRecipe(SyntheticRecipe):
+    """Returns a NaN loss from the 4th micro-batch on."""
+
+    calls = 0
+
+    def compute_loss(self, model, batch, ctx, train):
+        out = super().compute_loss(model, batch, ctx, train)
+        if train:
+            NanRecipe.calls += 1
+            if NanRecipe.calls >= 4:
+                out = LossOut(out.loss_sum * float("nan"), out.num_tokens)
+        return out
+
+
+def test_nan_loss_aborts_naming_step_and_checkpoint(model_dir, tmp_path):
+    NanRecipe.calls = 0
+    cfg = base_cfg(model_dir, tmp_path / "out", save_steps=2, max_steps=8)
+    with pytest.raises(TrainingError) as e:
+        train_inprocess(cfg, recipe=f"{__name__}:NanRecipe")
+    msg = str(e.value)
+    assert "at step 4/8" in msg and "step_00000002" in msg
+
+
+class ScriptedDevRecipe(SyntheticRecipe):
+    """Dev losses follow a script per evaluation, to drive early stopping deterministically."""
+
+    script = [3.0, 2.0, 2.5, 2.6, 2.7]
+    evals = 0
+    _last = None
+
+    def compute_loss(self, model, batch, ctx, train):
+        out = super().compute_loss(model, batch, ctx, train)
+        if train:
+            ScriptedDevRecipe._last = None
+            return out
+        if ScriptedDevRecipe._last is None:
+            ScriptedDevRecipe._last = ScriptedDevRecipe.evals
+            ScriptedDevRecipe.evals += 1
+        value = self.script[ScriptedDevRecipe._last]
+        return LossOut(torch.tensor(value * out.num_tokens), out.num_tokens)
+
+
+class RecordingCallback:
+    steps: list[int] = []
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def on_eval(self, step, model, ctx):
+        RecordingCallback.steps.append(step)
+        assert isinstance(model, torch.nn.Module)
+        return {"cb_metric": float(step)}
+
+
+def test_early_stopping_exports_best_and_runs_callbacks(model_dir, tmp_path):
+    """patience=2: evals at steps 2,4,6,8 score 3.0, 2.0, 2.5, 2.6 -> stop at 8, export step 4's weights."""
+    ScriptedDevRecipe.evals, ScriptedDevRecipe._last = 0, None
+    RecordingCallback.steps = []
+    cfg = base_cfg(model_dir, tmp_path / "out", max_steps=20, eval_steps=2, patience=2, dev_examples=16, keep_last=1)
+    res, work = train_inprocess(cfg, recipe=f"{__name__}:ScriptedDevRecipe", callbacks=[f"{__name__}:RecordingCallback"])
+    assert res["stopped_early"] and res["steps"] == 8
+    assert res["best_step"] == 4 and res["best_dev_loss"] == pytest.approx(2.0)
+    assert RecordingCallback.steps == [2, 4, 6, 8]
+    dev = [r for r in read_metrics(work / "metrics.jsonl") if r["split"] == "dev"]
+    assert [r["cb_metric"] for r in dev] == [2.0, 4.0, 6.0, 8.0]
+    assert dev[1]["dev_ppl"] == pytest.approx(math.exp(2.0))
+    # The best checkpoint survives keep_last=1, and the export holds its weights, not step 8's.
+    best = work / "checkpoints" / "step_00000004"
+    assert (best / "COMPLETE").is_file()
+    state = torch.load(best / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    exported = weights(work)
+    assert max(float((exported[k] - state[k]).abs().max()) for k in exported) == 0.0
+    last = torch.load(work / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt", map_location="cpu",
+                      weights_only=False)["module"]
+    assert max(float((exported[k] - last[k]).abs().max()) for k in exported) > 0
+
+
+def test_ds_config_default_file_matches_builtin():
+    from minima.train.ds_config import DEFAULT_DS_CONFIG
+
+    root = Path(__file__).resolve().parents[1]
+    assert json.loads((root / "ds_config.json").read_text()) == DEFAULT_DS_CONFIG
+
+
+def test_ds_config_resolution_and_errors(tmp_path, model_dir):
+    from minima.train.ds_config import resolve_ds_config
+
+    cfg = base_cfg(model_dir, tmp_path / "o", micro_batch_size=4, gradient_accumulation_steps=8, lr=3e-5,
+                   warmup_proportion=0.01, min_lr_ratio=0.1, grad_clip=1.0, zero_stage=None)
+    cfg = cfg.model_copy(update={"precision": "bf16"})
+    ds = resolve_ds_config(cfg, world_size=32, total_steps=1000, on_gpu=True, hidden_size=4096)
+    assert ds["train_batch_size"] == 4 * 8 * 32 and ds["gradient_accumulation_steps"] == 8
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.95] and ds["optimizer"]["params"]["weight_decay"] == 0.1
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 10 and ds["scheduler"]["params"]["cos_min_ratio"] == 0.1
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["reduce_bucket_size"] == 4096 ** 2
+    # bf16 is the default precision; on CPU it becomes fp32 unless asked for
+    cpu = SyntheticConfig(model=str(model_dir), out_dir=str(tmp_path / "o"))
+    assert resolve_ds_config(cpu, world_size=1, total_steps=10, on_gpu=False)["bf16"]["enabled"] is False
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "zero_optimization": {"stage": 2,}\n}')
+    with pytest.raises(ConfigError, match=r"bad.json:2"):
+        resolve_ds_config(base_cfg(model_dir, tmp_path / "o", ds_config=str(bad)), world_size=1, total_steps=10, on_gpu=False)
+    with pytest.raises(InputError, match="not found"):
+        resolve_ds_config(base_cfg(model_dir, tmp_path / "o", ds_config=str(tmp_path / "nope.json")), world_size=1, total_steps=10, on_gpu=False)
+    extra = tmp_path / "extra.json"
+    extra.write_text('{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "foo": {"bar": "auto"}}')
+    with pytest.raises(ConfigError, match="foo.bar"):
+        resolve_ds_config(base_cfg(model_dir, tmp_path / "o", ds_config=str(extra)), world_size=1, total_steps=10, on_gpu=False)
