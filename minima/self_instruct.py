@@ -452,11 +452,12 @@ def run_self_instruct(cfg: SelfInstructConfig, generate: Optional[Generate] = No
     acc_log, rej_log = Journal(paths["accepted"]), Journal(paths["rejected"])
     sent = 0
     t0 = time.time()
+    error: Optional[BaseException] = None
     try:
         with ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="self-instruct") as pool:
             inflight: dict[Future, str] = {}
             while len(accepted) < cfg.num_instructions_to_generate:
-                while len(inflight) < cfg.concurrency and sent < budget:
+                while error is None and len(inflight) < cfg.concurrency and sent < budget:
                     lang = langs[sent % len(langs)]
                     n_machine = min(cfg.num_machine_instructions, len(machine[lang]), k)
                     examples = rng.sample(machine[lang], n_machine) + rng.sample(by_lang[lang], min(k - n_machine, len(by_lang[lang])))
@@ -469,7 +470,11 @@ def run_self_instruct(cfg: SelfInstructConfig, generate: Optional[Generate] = No
                 done, _ = wait(inflight, return_when=FIRST_COMPLETED)
                 for fut in done:
                     lang = inflight.pop(fut)
-                    reply = fut.result()  # an ApiError after all retries ends the run; the journal keeps the rest
+                    try:
+                        reply = fut.result()
+                    except BaseException as e:  # noqa: BLE001 - after all retries: finish what is in flight, then raise
+                        error = error or e
+                        continue
                     stats["requests"] += 1
                     tasks = parse_tasks(reply.text, truncated=reply.finish_reason == "length", first_number=k + 1)
                     stats["parsed"] += len(tasks)
@@ -496,6 +501,8 @@ def run_self_instruct(cfg: SelfInstructConfig, generate: Optional[Generate] = No
     finally:
         acc_log.close()
         rej_log.close()
+    if error is not None:
+        raise error
     final = accepted[: cfg.num_instructions_to_generate]
     write_json_atomic(out, [{"instruction": t["instruction"], "input": t["input"], "output": t["output"]} for t in final])
     complete = len(final) >= cfg.num_instructions_to_generate
