@@ -67,8 +67,32 @@ class VocabConfig(StageConfig):
     )
     sample_texts: list[str] = Field(
         default_factory=list,
-        description="Text files for the tokens-per-character report (default: built-in samples).",
+        description="UTF-8 text files, one sample per line, for the tokens-per-character report and the "
+        "AutoTokenizer == SentencePiece self-check; a line is Chinese when CJK is >= 30% of its non-space "
+        "characters, English when it has no CJK (mixed lines are only self-checked). Default: built-in samples.",
     )
+    zero_scores: bool = Field(
+        False,
+        description="chinese-llama: give every added piece the literal score 0 (Chinese-LLaMA's tokenizer.model, "
+        "bit for bit). SentencePiece breaks equal-score ties by position, which no tokenizer.json can express, "
+        "so AutoTokenizer then differs from SentencePiece on many Chinese texts (reported, not raised). "
+        "Default: distinct scores from 0 down towards the base's highest score, in the extra model's order: "
+        "still above every base merge, and AutoTokenizer matches SentencePiece exactly.",
+    )
+
+    @field_validator("sample_texts", mode="before")
+    @classmethod
+    def _sample_texts(cls, v):
+        # CLI overrides of list[str] fields arrive as raw text: accept "[a, b]" and "a,b"
+        if isinstance(v, str):
+            import yaml
+
+            try:
+                parsed = yaml.safe_load(v)
+            except yaml.YAMLError:
+                parsed = None
+            return parsed if isinstance(parsed, list) else [s.strip() for s in v.split(",") if s.strip()]
+        return v
 
 
 # ------------------------------------------------------------------------------------- records
@@ -143,11 +167,15 @@ class RecordsConfig(StageConfig):
 
 # --------------------------------------------------------------------------------------- train
 class LossConfig(Closed):
-    """Distillation loss: alpha * CE + (1 - alpha) * KD."""
+    """Distillation loss per token: alpha * CE(hard labels) + (1 - alpha) * T^2 * KD(teacher_T, student_T)."""
 
-    alpha: float = Field(0.0, ge=0, le=1, description="Weight of the hard-label cross entropy.")
-    kd: Literal["forward_kl", "reverse_kl", "jsd", "soft_ce"] = Field("forward_kl", description="KD term.")
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature; the KD term is scaled by T^2.")
+    alpha: float = Field(0.0, ge=0, le=1, description="Weight of the hard-label cross entropy (MiniMA: 0.5).")
+    kd: Literal["forward_kl", "reverse_kl", "jsd", "soft_ce"] = Field(
+        "forward_kl", description="KD term: forward_kl KL(teacher||student) (Minitron), reverse_kl, jsd, "
+        "or soft_ce -sum p_teacher log p_student (MiniMA; forward KL + teacher entropy, same gradient).")
+    temperature: float = Field(
+        1.0, gt=0, description="Softmax temperature of both teacher and student in the KD term; the term is "
+        "multiplied by T^2 so its gradient scale does not shrink like 1/T^2 (Hinton et al.). The CE term uses T=1.")
 
 
 class LoraConfig(Closed):
@@ -231,22 +259,63 @@ class DistillConfig(TrainConfig):
     teacher_zero3: bool = Field(False, description="Shard the teacher with ZeRO-3 inference (else replicated).")
     vocab_chunk: int = Field(0, ge=0, description="Compute the KD loss over vocab chunks of this size (0 = whole vocab).")
     cache_logits: bool = Field(False, description="Run the teacher once, store sparse targets, train from the cache.")
-    cache_top_k: int = Field(64, ge=1, description="Cached targets: top-k logits plus the rest's mass.")
-    cache_mode: Literal["top_k", "sampled"] = Field("top_k", description="top_k (biased, see docs) or sampled tokens with importance weights.")
+    cache_top_k: int = Field(64, ge=1, description="Cached targets per position: top_k: the teacher's k largest logits "
+                             "plus the rest's mass; sampled: the number of draws.")
+    cache_mode: Literal["top_k", "sampled"] = Field("top_k", description="top_k (a (k+1)-bucket KD: exact at k = vocab, "
+                                                    "a lower bound below it, see minima/kd.py) or sampled tokens with "
+                                                    "importance weights (unbiased; forward_kl and soft_ce only).")
+    cache_proposal_power: float = Field(1.0, gt=0, le=1, description="sampled: draw from p^beta (renormalised); "
+                                        "beta < 1 covers more of the tail, importance weights keep it unbiased.")
+    cache_dtype: Literal["fp16", "fp32"] = Field("fp16", description="Storage dtype of cached logits / weights "
+                                                 "(top-k logits are stored relative to the top-1, so fp16 stays precise).")
+    cache_dir: Optional[str] = nohash(None, "Logit cache artifact (from `minima distill-cache`). Default: "
+                                      "<run_dir>/05_distill_cache, built first when cache_logits is set.")
+    cache_device: str = nohash("auto", "distill-cache: cuda, cpu or auto.")
+
+
+class DistillCacheConfig(StageConfig):
+    """The logit cache: the teacher run once over the records, sparse targets stored per position.
+
+    Built by ``minima distill-cache`` (or ``minima distill cache_logits=true``) from the distill config;
+    only the fields that change the cache's bytes are here, so the cache is reused across distill runs.
+    """
+
+    stage: ClassVar[str] = "distill-cache"
+    teacher: Optional[str] = Field(None, description="Teacher HF directory.")
+    records: Optional[str] = Field(None, description="Records artifact directory (train/ and dev/ splits).")
+    mode: Literal["top_k", "sampled"] = Field("top_k", description="Target kind (see DistillConfig.cache_mode).")
+    top_k: int = Field(64, ge=1, description="k logits (top_k) or draws (sampled) per position.")
+    temperature: float = Field(1.0, gt=0, description="Temperature the rest mass / samples are computed at.")
+    proposal_power: float = Field(1.0, gt=0, le=1, description="sampled: proposal p^beta.")
+    dtype: Literal["fp16", "fp32"] = Field("fp16", description="Storage dtype of logits / weights.")
+    batch_size: int = nohash(8, "Records per teacher forward.", ge=1)
+    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Teacher precision on GPU (CPU runs fp32).")
+    device: str = nohash("auto", "cuda, cpu or auto.")
+
+    def resolved_out_dir(self) -> Path:
+        if self.out_dir:
+            return Path(self.out_dir)
+        return Path(self.run_dir) / f"{STAGE_NUMBER['distill']:02d}_distill_cache"
 
 
 class SftConfig(TrainConfig):
     """Chat instruction tuning."""
 
     stage: ClassVar[str] = "sft"
-    train_files: list[str] = Field(default_factory=list, description="Raw chat/instruction files (built through the records stage) instead of records.")
+    train_files: list[str] = Field(
+        default_factory=list,
+        description="Raw chat/instruction files or globs (MiniChat, ShareGPT, Alpaca, messages or mc JSON/JSONL), "
+        "built through the records stage into <out_dir>.records, instead of records.")
+    dev_fraction: float = Field(0.05, ge=0, lt=1, description="train_files: fraction of conversations held out as the dev split.")
     format: str = Field("minichat", description="Chat format from the registry: minichat, alpaca, instruction, mc, llama2-chat, chatml.")
-    loss_on: Literal["assistant", "all", "last-turn"] = Field("assistant", description="Which tokens carry labels.")
+    loss_on: Literal["assistant", "all", "last-turn"] = Field(
+        "assistant", description="Which tokens carry labels: assistant replies + their end token (MiniChat), "
+        "all tokens (instruction modelling, seed 003's --use_lm_loss), or the last reply only.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA options.")
-    neftune_alpha: float = Field(0.0, ge=0, description="NEFTune noise alpha (0 = off); training only.")
-    packing: bool = Field(False, description="Pack several conversations per sequence (no cross-attention).")
-    strategy: Literal["deepspeed", "fsdp"] = Field("deepspeed", description="Distributed strategy.")
-    max_length: int = Field(2048, ge=8, description="Max tokens per conversation.")
+    neftune_alpha: float = Field(0.0, ge=0, description="NEFTune noise alpha (0 = off; the paper uses 5); training only.")
+    packing: bool = Field(False, description="Pack several conversations per sequence (per-document positions, no cross-attention).")
+    strategy: Literal["deepspeed", "fsdp"] = Field("deepspeed", description="deepspeed: the shared engine (ZeRO); fsdp: torch FSDP2 (seeds 000/002).")
+    max_length: int = Field(2048, ge=8, description="Max tokens per conversation (train_files builds) and per packed sequence.")
 
 
 # -------------------------------------------------------------------------------------- prune
@@ -268,8 +337,14 @@ class PruneConfig(StageConfig):
     keep_layers: Optional[list[int]] = Field(None, description="Explicit layer indices to keep (MiniMA: 4..27).")
     layer_importance: Literal["block-influence", "drop_last"] = Field("block-influence", description="How layers are chosen when keep_layers is not given.")
     dry_run: bool = nohash(False, "Print the target shape and parameter count without loading weights.")
-    dtype: Literal["bf16", "fp16", "fp32"] = Field("fp32", description="Teacher dtype for calibration.")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("fp32", description="Teacher dtype for calibration; the pruned model is saved in it.")
     device: str = nohash("auto", "cuda, cpu or auto.")
+    rescale_norms: bool = Field(
+        False, description="Scale RMSNorm weights by sqrt(D/D') and rms_norm_eps by D/D' so that hidden-channel "
+        "pruning equals the teacher with those channels zeroed (default off, as in Minitron).")
+    vocab_size: Optional[int] = nohash(
+        None, "dry_run without a teacher dir: the teacher's vocab size (e.g. MiniMA's adapted 49216); default "
+        "LLaMA-2's 32000. Ignored when teacher is given (its config.json wins).", ge=1)
 
     @model_validator(mode="after")
     def _shape(self):
@@ -290,11 +365,21 @@ class PruneConfig(StageConfig):
 
 # ----------------------------------------------------------------------------------- evaluate
 class TaskSpec(Closed):
-    """Per-task overrides."""
+    """Per-task overrides (``tasks.<name>.<field>=...``)."""
 
-    path: Optional[str] = Field(None, description="Folder or file for this task (overrides data_dir).")
-    shots: Optional[int] = Field(None, ge=0, description="Few-shot count for this task.")
-    limit: Optional[int] = Field(None, ge=1, description="Items per task/subject.")
+    path: Optional[str] = Field(None, description="Folder, file or glob for this task (overrides data_dir/<task>).")
+    shots: Optional[int] = Field(None, ge=0, description="Few-shot count for this task (default: the evaluate shots, else the task's standard count).")
+    limit: Optional[int] = Field(None, ge=1, description="Items per task (per subject for mmlu/ceval/cmmlu).")
+    subjects: Optional[list[str]] = Field(None, description="mmlu/ceval/cmmlu/bbh: evaluate only these subjects.")
+    split: Optional[str] = Field(None, description="Split to evaluate (default: test if present with labels, else val).")
+    format: Optional[str] = Field(None, description="Force the file format when detection is ambiguous (e.g. llmfoundry, original, hf).")
+    mode: Optional[Literal["loglikelihood", "letter"]] = Field(
+        None, description="Multiple choice scoring: loglikelihood of each choice (lm-eval) or next-token A/B/C/D logits (hendrycks 'Answer: X').")
+    max_length: Optional[int] = Field(None, ge=2, description="perplexity: window in tokens (default: the model's context length).")
+    stride: Optional[int] = Field(None, ge=1, description="perplexity: tokens the window advances (default: max_length // 2).")
+    num_samples: Optional[int] = Field(None, ge=1, description="humaneval: completions per problem (1 = greedy pass@1).")
+    temperature: Optional[float] = Field(None, ge=0, description="humaneval: sampling temperature when num_samples > 1 (default 0.8).")
+    timeout_s: Optional[float] = Field(None, gt=0, description="humaneval: seconds per program (default 10).")
 
 
 class EvaluateConfig(StageConfig):
@@ -302,19 +387,29 @@ class EvaluateConfig(StageConfig):
 
     stage: ClassVar[str] = "evaluate"
     model: Optional[str] = Field(None, description="HF model directory.")
-    models: dict[str, str] = Field(default_factory=dict, description="Several named models to evaluate and compare (pipeline use).")
+    models: dict[str, str] = Field(default_factory=dict, description="Several named models (name -> dir) evaluated in one artifact and compared side by side.")
     tasks: Union[list[str], dict[str, TaskSpec]] = Field(
-        default_factory=lambda: ["mmlu", "arc_easy", "hellaswag", "winogrande"], description="Task names, or name -> overrides."
+        default_factory=lambda: ["mmlu", "arc_easy", "hellaswag", "winogrande"],
+        description="Task names, or name -> overrides. Tasks: mmlu ceval cmmlu arc_easy arc_challenge hellaswag winogrande "
+        "gsm8k bbh drop humaneval perplexity demo_mc.",
     )
-    shots: int = Field(0, ge=0, description="Default few-shot count.")
+    shots: Optional[int] = Field(None, ge=0, description="Few-shot count for every task (default: each task's standard count, e.g. mmlu 5, gsm8k 8).")
     limit: Optional[int] = Field(None, ge=1, description="Items per task (per subject for mmlu/ceval/cmmlu).")
-    batch_size: int = nohash(16, "Requests per forward pass.", ge=1)
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
-    device: str = nohash("auto", "cuda, cpu or auto.")
-    data_dir: Optional[str] = Field(None, description="Benchmark data root (default ../shared/data/eval when present).")
+    batch_size: int = nohash(16, "Contexts per forward pass (each with all its choices).", ge=1)
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on GPU (fp16 where bf16 is unsupported), fp32 on CPU.")
+    device: str = nohash("auto", "cuda, cuda:N, cpu or auto.")
+    data_dir: Optional[str] = Field(None, description="Benchmark data root, one folder per task (default ../shared/data/eval when present).")
+    mode: Literal["loglikelihood", "letter"] = Field("loglikelihood", description="Default multiple choice scoring for mmlu/ceval/cmmlu (see TaskSpec.mode).")
     chat_template: bool = Field(False, description="Wrap prompts in the model's chat template.")
     max_new_tokens: int = Field(256, ge=1, description="Generation tasks: token limit.")
+    fewshot_seed: int = Field(1234, description="Seed of the few-shot sampler for tasks that draw shots at random (lm-eval's default).")
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint (off by default).")
+
+    @model_validator(mode="after")
+    def _one_model(self):
+        if self.model and self.models:
+            raise ValueError("set either model or models, not both")
+        return self
 
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
