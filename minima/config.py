@@ -491,6 +491,8 @@ def _wants_str(annotation) -> bool:
 
     if annotation in (str, Path):
         return True
+    if typing.get_origin(annotation) in (list, tuple, dict, set):  # list[str] etc. are YAML lists
+        return False
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     return bool(args) and all(a in (str, Path) for a in args)
 

@@ -17,6 +17,13 @@ def test_override_coercion_by_field_type():
     assert cfg.model == "007"  # a str field keeps the raw text, no YAML int coercion
 
 
+def test_list_of_str_fields_parse_as_lists():
+    from minima.config import SftConfig
+
+    cfg = build(SftConfig, overrides=["lora.target_modules=[q_proj, v_proj]", "train_files=[a.json]"])
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.train_files == ["a.json"]
+
+
 def test_nested_dotted_overrides_and_lists():
     cfg = build(RecordsConfig, overrides=["inputs=[{name: a, path: 'x/*.txt', size: 10%}, {name: b, path: y.jsonl, size: 1000}]"])
     assert [s.name for s in cfg.inputs] == ["a", "b"]
