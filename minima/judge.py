@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, Literal, Optional
 
 from pydantic import Field, field_validator
 
-from .api_client import Client, Reply
+from .api_client import Client
 from .config import Closed, build
 from .errors import ConfigError, DataError, InputError
 from .logs import get_logger
@@ -665,7 +665,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(__doc__.strip().split("\n\n")[0])
         for name, f in ChatEvalConfig.model_fields.items():
             default = f.default_factory() if f.default_factory else f.default
-            print(f"  {name:<20}{f.description} (default: {'required' if default is ... else default})")
+            print(f"  {name:<20}{f.description} ({'required' if f.is_required() else f'default: {default}'})")
         return 0
     file = None
     if "--config" in argv:

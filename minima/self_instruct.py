@@ -529,7 +529,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(__doc__.strip().split("\n\n")[0])
         for name, f in SelfInstructConfig.model_fields.items():
             default = f.default_factory() if f.default_factory else f.default
-            print(f"  {name:<30}{f.description} (default: {default})")
+            print(f"  {name:<30}{f.description} ({'required' if f.is_required() else f'default: {default}'})")
         return 0
     file = None
     if "--config" in argv:

@@ -177,6 +177,12 @@ def test_filters_reject_planted_near_duplicates_and_blacklisted_tasks(tmp_path, 
     assert [t["instruction"] for t in out] == ["List four countries in South America and their capitals.",
                                                "Summarize the following paragraph in one sentence.", "请用一句话解释什么是光合作用。"]
     assert set(out[0]) == {"instruction", "input", "output"}
+    # The records stage (format=chat) reads the file as it is.
+    from minima.records.inputs import SourceReader
+
+    docs = list(SourceReader("chat").read(tmp_path / "si.json"))
+    assert [{k: m[k] for k in ("role", "content")} for m in docs[1].payload] == [{"role": "user", "content": out[1]["instruction"] + "\n" + out[1]["input"]},
+                               {"role": "assistant", "content": out[1]["output"]}]
     rejected = [json.loads(line) for line in (tmp_path / "si.rejected.jsonl").read_text().splitlines()]
     reasons = {r["instruction"]: r["reason"] for r in rejected}
     assert reasons["Write a short poem about the sea at night."] == "similar"  # planted near-duplicate of a seed

@@ -220,3 +220,26 @@ def test_cli_without_model_is_a_clear_error(capsys):
 
     assert main(["serve", "port=9"]) == 2
     assert "model=DIR" in capsys.readouterr().err
+
+
+def test_model_without_chat_template_falls_back_to_the_minichat_format(model_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from minima.formats import get_format
+    from minima.serve import Engine
+
+    plain = tmp_path / "plain"
+    shutil.copytree(model_dir, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((plain / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert not AutoTokenizer.from_pretrained(str(plain)).chat_template
+    engine = Engine(plain)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    assert engine.chat_ids(msgs) == get_format("minichat").encode(engine.tok, msgs, add_generation_prompt=True)[0]
+    with pytest.raises(ValueError):
+        engine.chat_ids([{"role": "assistant", "content": "I speak first"}])
+    assert isinstance(engine.chat(msgs, max_tokens=3), str)
