@@ -669,7 +669,10 @@ class Launched:
     """A ``minima serve`` subprocess; ``base_url`` ends in ``/v1``. Use as a context manager."""
 
     def __init__(self, proc: subprocess.Popen, base_url: str, log_path: Path):
+        import atexit
+
         self.proc, self.base_url, self.log_path = proc, base_url, log_path
+        atexit.register(self.close)  # no orphaned server when the caller dies of an exception
 
     def close(self) -> None:
         if self.proc.poll() is None:
