@@ -117,6 +117,25 @@ def special_id(tokenizer: Any, special: Special) -> int:
     return int(tid)
 
 
+def tokenize_texts(tokenizer: Any, texts: list[str], split_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of each text, no special tokens added; the same ids as ``tokenizer(texts,
+    add_special_tokens=False, split_special_tokens=...)``.
+
+    A fast (Rust-backed) tokenizer is called directly without offsets: building the ids is then
+    about twice as fast as going through ``tokenizer(batch)``.
+    """
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        backend.encode_special_tokens = split_special_tokens
+        try:
+            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        finally:
+            backend.encode_special_tokens = False
+    return list(tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"])
+
+
 class ChatFormat:
     """Base class: a conversation as segments, tokenized piece by piece with an exact loss mask."""
 
@@ -163,6 +182,47 @@ class ChatFormat:
             out.append((ids, mask))
         return out
 
+    def encode_batch(self, tokenizer: Any, conversations: list[list[Message]]) -> list[list[tuple[list[int], list[int]]]]:
+        """:meth:`encode_exchanges` of many conversations, with one tokenizer call for all their
+        text pieces (what records uses; a subclass overriding encode_exchanges is called per
+        conversation instead)."""
+        if type(self).encode_exchanges is not ChatFormat.encode_exchanges:
+            return [self.encode_exchanges(tokenizer, msgs) for msgs in conversations]
+        all_groups = [self.segments(msgs) for msgs in conversations]
+        pieces: dict[tuple[str, bool], int] = {}
+        for groups in all_groups:
+            for group in groups:
+                for seg in group:
+                    if not isinstance(seg.piece, Special) and seg.piece:
+                        pieces.setdefault((seg.piece, seg.content), len(pieces))
+        keys = list(pieces)
+        ids_of: list[list[int]] = [[] for _ in keys]
+        for flag in (False, True):
+            idx = [i for i, (_, c) in enumerate(keys) if c == flag]
+            for i, ids in zip(idx, tokenize_texts(tokenizer, [keys[i][0] for i in idx], split_special_tokens=flag)):
+                ids_of[i] = ids
+        specials: dict[str, int] = {}
+        out = []
+        for groups in all_groups:
+            conv = []
+            for group in groups:
+                ids: list[int] = []
+                mask: list[int] = []
+                for seg in group:
+                    if isinstance(seg.piece, Special):
+                        if seg.piece not in specials:
+                            specials[seg.piece] = special_id(tokenizer, seg.piece)
+                        piece = [specials[seg.piece]]
+                    elif seg.piece:
+                        piece = ids_of[pieces[(seg.piece, seg.content)]]
+                    else:
+                        piece = []
+                    ids += piece
+                    mask += [int(seg.train)] * len(piece)
+                conv.append((ids, mask))
+            out.append(conv)
+        return out
+
     def encode(self, tokenizer: Any, messages: list[Message], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
         """Token ids and loss mask (1 on assistant tokens and their end-of-turn token)."""
         ids: list[int] = []
@@ -196,7 +256,7 @@ class ChatFormat:
             return [special_id(tokenizer, piece)]
         if not piece:
             return []
-        return list(tokenizer(piece, add_special_tokens=False, split_special_tokens=content)["input_ids"])
+        return tokenize_texts(tokenizer, [piece], split_special_tokens=content)[0]
 
 
 @register("minichat")

@@ -157,3 +157,25 @@ def test_registry_extension_point(tok):
     assert get_format("test-qa").render(CONV[1:3]) == "<s>Q: What is the capital of France? A: The capital of France is Paris.</s>"
     with pytest.raises(ValueError, match="already registered"):
         register("test-qa")(type("Other", (ChatFormat,), {}))
+
+
+def test_fast_batch_tokenization_equals_the_tokenizer_call(tok):
+    from minima.formats import tokenize_texts
+
+    texts = ["Hello world.", "  two  spaces ", "法国的首都是巴黎。", "a </s> b <s>", "", "line\nbreak"]
+    for split in (True, False):
+        assert tokenize_texts(tok, texts, split) == tok(texts, add_special_tokens=False, split_special_tokens=split)["input_ids"]
+    convs = [CONV, CONV[1:3], [{"role": "user", "content": "x </s>"}, {"role": "assistant", "content": ""}]]
+    fmt = get_format("minichat")
+    assert fmt.encode_batch(tok, convs) == [fmt.encode_exchanges(tok, c) for c in convs]
+    # Reference without the fast path: every piece through tokenizer(...) itself.
+    ref = []
+    for group in fmt.segments(CONV):
+        ids = []
+        for seg in group:
+            if seg.piece is BOS or seg.piece is EOS:
+                ids.append(tok.bos_token_id if seg.piece is BOS else tok.eos_token_id)
+            elif seg.piece:
+                ids += tok(seg.piece, add_special_tokens=False, split_special_tokens=seg.content)["input_ids"]
+        ref.append(ids)
+    assert [g[0] for g in fmt.encode_exchanges(tok, CONV)] == ref

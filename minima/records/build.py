@@ -20,6 +20,7 @@ skipped.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -155,66 +156,103 @@ def read_sources(cfg: RecordsConfig, sources: list[Source], skipped: Optional[li
 
 
 # --------------------------------------------------------------------------------- tokenizing
+# Worker state: the tokenizer and settings, and (with fork) the documents themselves, inherited
+# from the parent so that tasks are just (split, start, end) and no text is pickled.
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_dir: str, fmt: str, chat_format: str, lowercase: bool, max_length: int, overflow: str) -> None:
+def _setup_worker(tok: Any, cfg_fields: dict, payloads: Optional[dict]) -> None:
     from ..formats import get_format
 
-    _WORKER.update(tok=load_tokenizer(tokenizer_dir), fmt=fmt, lowercase=lowercase, max_length=max_length,
-                   overflow=overflow, chat=get_format(chat_format) if fmt == "chat" else None)
+    _WORKER.clear()
+    _WORKER.update(cfg_fields, tok=tok, payloads=payloads,
+                   chat=get_format(cfg_fields["chat_format"]) if cfg_fields["fmt"] == "chat" else None)
 
 
-def _tokenize_chunk(payloads: list) -> Any:
-    """lm: (flat int32 ids, per-doc lengths); chat: [(ids, mask, status), ...]."""
+def _init_spawned_worker(tokenizer_dir: str, cfg_fields: dict) -> None:
+    _setup_worker(load_tokenizer(tokenizer_dir), cfg_fields, None)
+
+
+def _tokenize_task(task: tuple) -> tuple:
+    """Tokenize documents ``start:end`` of a split (or the payloads sent along, without fork).
+
+    Returns flat arrays, cheap to send back: lm ``(ids int32, lengths)``; chat ``(ids int32,
+    mask int8, lengths, status)`` with status OK / TRUNCATED / DROPPED per conversation.
+    """
+    from ..formats import tokenize_texts
+
+    split, start, end, sent = task
     w = _WORKER
+    payloads = sent if sent is not None else w["payloads"][split][start:end]
     tok = w["tok"]
     if w["fmt"] == "lm":
         texts = [t.lower() for t in payloads] if w["lowercase"] else payloads
         # split_special_tokens: a literal "</s>" in a document is text, not a separator.
-        ids = tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum()))
+        ids = tokenize_texts(tok, texts, split_special_tokens=True)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
         return flat, lengths
-    out = []
-    for msgs in payloads:
-        if w["lowercase"]:
-            msgs = [{"role": m["role"], "content": m["content"].lower()} for m in msgs]
-        groups = w["chat"].encode_exchanges(tok, msgs)
+    if w["lowercase"]:
+        payloads = [[{"role": m["role"], "content": m["content"].lower()} for m in msgs] for msgs in payloads]
+    ids_out: list[int] = []
+    mask_out: list[int] = []
+    lengths, status = [], []
+    for groups in w["chat"].encode_batch(tok, payloads):
         ids: list[int] = []
         mask: list[int] = []
-        status = OK
-        for gi, (gids, gmask) in enumerate(groups):
+        st = OK
+        for gi, (gids, gmask) in enumerate(groups):  # group 0 is the header, then one per exchange
             if len(ids) + len(gids) > w["max_length"]:
-                status = DROPPED if (gi <= 1 or w["overflow"] == "drop") else TRUNCATED
+                st = DROPPED if (gi <= 1 or w["overflow"] == "drop") else TRUNCATED
                 break
             ids += gids
             mask += gmask
-        if status == DROPPED:
+        if st == DROPPED:
             ids, mask = [], []
-        out.append((np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.int8), status))
-    return out
+        ids_out += ids
+        mask_out += mask
+        lengths.append(len(ids))
+        status.append(st)
+    return (np.asarray(ids_out, dtype=np.int32), np.asarray(mask_out, dtype=np.int8),
+            np.asarray(lengths, dtype=np.int64), np.asarray(status, dtype=np.int8))
 
 
-def _chunks(payloads: list, size: int) -> Iterator[list]:
-    for i in range(0, len(payloads), size):
-        yield payloads[i : i + size]
+class Tokenizing:
+    """Ordered tokenization of each split's documents, in this process or a process pool.
 
+    Chunks are tokenized independently and consumed in submission order, so the result does not
+    depend on the number of workers.
+    """
 
-def tokenize_ordered(cfg: RecordsConfig, payloads: list, desc: str) -> Iterator[Any]:
-    """Tokenize ``payloads`` in ordered chunks, in this process (1 worker) or a process pool."""
-    args = (str(cfg.tokenizer), cfg.format, cfg.chat_format, cfg.lowercase, cfg.max_length, cfg.overflow)
-    chunks = _chunks(payloads, cfg.chunk_size)
-    total = -(-len(payloads) // cfg.chunk_size)
-    if cfg.num_workers <= 1:
-        _init_worker(*args)
-        yield from progress(map(_tokenize_chunk, chunks), desc, total=total, unit="chunk")
-        return
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(cfg.num_workers, initializer=_init_worker, initargs=args) as pool:
-        # imap returns results in submission order, whatever worker finishes first.
-        yield from progress(pool.imap(_tokenize_chunk, chunks, chunksize=1), desc, total=total, unit="chunk")
+    def __init__(self, cfg: RecordsConfig, tok: Any, payloads: dict[str, list]):
+        self.cfg = cfg
+        self.payloads = payloads
+        fields = dict(fmt=cfg.format, chat_format=cfg.chat_format, lowercase=cfg.lowercase,
+                      max_length=cfg.max_length, overflow=cfg.overflow)
+        self.pool = None
+        self.fork = "fork" in mp.get_all_start_methods()
+        if cfg.num_workers <= 1 or self.fork:
+            _setup_worker(tok, fields, payloads)
+        if cfg.num_workers > 1:
+            if self.fork:  # children inherit _WORKER, tokenizer and documents included
+                self.pool = mp.get_context("fork").Pool(cfg.num_workers)
+            else:
+                self.pool = mp.get_context("spawn").Pool(cfg.num_workers, initializer=_init_spawned_worker,
+                                                         initargs=(str(cfg.tokenizer), fields))
+
+    def run(self, split: str) -> Iterator[tuple]:
+        n, size = len(self.payloads[split]), self.cfg.chunk_size
+        tasks = ((split, i, min(i + size, n), None if self.fork else self.payloads[split][i : i + size])
+                 for i in range(0, n, size))
+        results = self.pool.imap(_tokenize_task, tasks, chunksize=1) if self.pool else map(_tokenize_task, tasks)
+        yield from progress(results, f"tokenize {split}", total=-(-n // size), unit="chunk")
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+        _WORKER.clear()
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -275,52 +313,49 @@ class SplitStats:
     dropped: int = 0
 
 
-def write_split(cfg: RecordsConfig, name: str, docs: list[tuple[int, Doc]], out_dir: Path, ids: dict,
+def write_split(cfg: RecordsConfig, name: str, docs: list[tuple[int, Doc]], out_dir: Path, ids: dict, tokenizing: Tokenizing,
                 src_tokens: np.ndarray, src_dropped: np.ndarray, src_truncated: np.ndarray) -> SplitStats:
     """Tokenize and write one split's documents (``(source index, doc)`` in output order)."""
     stats = SplitStats(docs=len(docs))
     writer = ShardWriter(out_dir / name, cfg.shard_size)
-    payloads = [d.payload for _, d in docs]
     src = np.array([s for s, _ in docs], dtype=np.int64)
     pos = 0
     with writer:
         if cfg.format == "lm":
             packer = Packer(writer, cfg.max_length, ids["bos_id"] if cfg.add_bos else None, ids["eos_id"], ids["pad_id"])
-            for flat, lengths in tokenize_ordered(cfg, payloads, f"tokenize {name}"):
+            for flat, lengths in tokenizing.run(name):
                 sizes = packer.add(flat, lengths)
                 np.add.at(src_tokens, src[pos : pos + len(lengths)], sizes)
                 pos += len(lengths)
             packer.finish()
             stats.tokens, stats.padding = packer.tokens, packer.padding
         else:
-            for results in tokenize_ordered(cfg, payloads, f"tokenize {name}"):
-                for rid, rmask, status in results:
+            for flat, mask, lengths, status in tokenizing.run(name):
+                offsets = np.concatenate([[0], np.cumsum(lengths)])
+                for k in range(len(lengths)):
                     s = src[pos]
                     pos += 1
-                    if status == DROPPED:
+                    if status[k] == DROPPED:
                         stats.dropped += 1
                         src_dropped[s] += 1
                         continue
-                    if status == TRUNCATED:
+                    if status[k] == TRUNCATED:
                         stats.truncated += 1
                         src_truncated[s] += 1
-                    writer.write({"indices": rid.astype(np.int64), "mask": rmask.astype(np.int64)})
-                    stats.tokens += len(rid)
-                    src_tokens[s] += len(rid)
+                    a, b = offsets[k], offsets[k + 1]
+                    writer.write({"indices": flat[a:b], "mask": mask[a:b]})
+                    stats.tokens += int(b - a)
+                    src_tokens[s] += int(b - a)
     stats.records, stats.bytes, stats.shards = writer.num_records, writer.num_bytes, len(writer.files)
     return stats
 
 
-def copy_tokenizer(src: Path, dst: Path, expected_len: int) -> None:
+def copy_tokenizer(src: Path, dst: Path) -> None:
     """Copy the tokenizer files (not model weights) so later stages can check vocab agreement."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.iterdir()):
         if f.is_file() and (f.name in TOKENIZER_FILES or f.suffix == ".model"):
             shutil.copyfile(f, dst / f.name)
-    tok = load_tokenizer(dst)
-    if len(tok) != expected_len:  # pragma: no cover - only for exotic tokenizer layouts
-        shutil.rmtree(dst)
-        load_tokenizer(src).save_pretrained(str(dst))
 
 
 # -------------------------------------------------------------------------------------- build
@@ -362,9 +397,14 @@ def build_records(cfg: RecordsConfig, out_dir: str | os.PathLike) -> dict:
     src_dropped = np.zeros(len(read), dtype=np.int64)
     src_truncated = np.zeros(len(read), dtype=np.int64)
     t_tok = time.time()
-    stats = {name: write_split(cfg, name, docs, out, ids, src_tokens, src_dropped, src_truncated) for name, docs in splits.items()}
+    tokenizing = Tokenizing(cfg, tok, {name: [d.payload for _, d in docs] for name, docs in splits.items()})
+    try:
+        stats = {name: write_split(cfg, name, docs, out, ids, tokenizing, src_tokens, src_dropped, src_truncated)
+                 for name, docs in splits.items()}
+    finally:
+        tokenizing.close()
     tokenize_s = time.time() - t_tok
-    copy_tokenizer(Path(cfg.tokenizer), out / "tokenizer", len(tok))
+    copy_tokenizer(Path(cfg.tokenizer), out / "tokenizer")
     if skipped is not None:
         with open(out / "skipped.jsonl", "w", encoding="utf-8") as f:
             for row in skipped:
