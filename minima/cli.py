@@ -33,6 +33,7 @@ COMMANDS = {
     "chat": ("minima.chat:main", "interactive terminal chat with a model dir"),
     "serve": ("minima.serve:main", "OpenAI-compatible HTTP server for a model dir"),
     "self-instruct": ("minima.self_instruct:main", "bootstrap instruction data from an OpenAI-compatible endpoint"),
+    "chat-eval": ("minima.judge:main", "LLM-judged chat benchmarks (MT-Bench, BELLE, Z-Bench, Vicuna, AlpacaEval)"),
     "distill-cache": ("minima.distill:cache_main", "run the teacher once and cache sparse logits"),
     "demo-data": ("minima.demo_data:main", "write the built-in bilingual demo corpus and tokenizers"),
 }
@@ -90,6 +91,8 @@ def _cmd_config(argv: list[str]) -> int:
 
 
 def _cmd_stage(stage: str, argv: list[str]) -> int:
+    if stage == "evaluate" and argv[:1] == ["compare"]:  # `minima evaluate compare A B`
+        return int(_resolve("minima.evaluate:compare_main")(argv[1:]) or 0)
     args = _stage_parser(f"minima {stage}", stage).parse_intermixed_args(argv)
     cfg = stage_config(stage, args.preset, args.config, args.overrides)
     artifact = _resolve(STAGE_RUNNERS[stage])(cfg, force=args.force)
