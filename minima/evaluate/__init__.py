@@ -1,0 +1,19 @@
+"""Stage evaluate: benchmarks with lm-eval's numbers, computed faster, from local files.
+
+- ``run(cfg, force=False)``: the stage (``minima evaluate model=DIR tasks=[mmlu,gsm8k] ...``) writing
+  ``results.json``, ``samples.jsonl`` and ``report.md``.
+- ``compare_main(argv)``: ``minima evaluate compare A B``.
+- ``evaluate_model(model, tokenizer, tasks, ...)``: in-process scores, no files (pipeline, notebooks).
+- ``EvalCallback(tasks, shots, every_n_steps)``: ``on_eval(step, model, ctx)`` during training.
+
+Tasks: mmlu ceval cmmlu arc_easy arc_challenge hellaswag winogrande demo_mc (multiple choice),
+gsm8k bbh drop humaneval (generation), perplexity (rolling windows over text files).
+"""
+from __future__ import annotations
+
+from .core import evaluate_model
+from .report import compare, compare_main
+from .stage import EvalCallback, callback_factory, load_model, run
+from .tasks import TASKS
+
+__all__ = ["run", "compare", "compare_main", "evaluate_model", "EvalCallback", "callback_factory", "load_model", "TASKS"]

@@ -1,0 +1,387 @@
+"""The scoring engine: loglikelihoods, next-token letter logits, greedy generation and rolling perplexity.
+
+Requests are tokenized exactly as lm-eval's HFLM does (trailing context spaces move to the
+continuation, the pair is encoded whole and split at the context's length, contexts are truncated
+from the left to ``max_length + 1`` tokens), so the same tokens are scored. What differs is how:
+
+- requests are grouped by context; each context runs **once** (left-padded batches with explicit
+  position ids) and its KV cache is copied to all of its continuations, which then run as one batch;
+- logits are computed only where they are needed (``logits_to_keep``), and log-softmax in fp32;
+- groups are sorted by length and batched; with several processes (torchrun) each rank takes every
+  ``world_size``-th group and the results are gathered.
+
+Models whose forward takes no KV cache fall back to lm-eval's one-sequence-per-request scheme.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+from ..errors import DataError, InputError
+
+TOKENIZER_INFINITY = 1000000000000000019884624838656
+DEFAULT_MAX_LENGTH = 2048
+
+
+def resolve_max_length(config, tokenizer) -> int:
+    """Context length: config n_positions / max_position_embeddings / n_ctx, else the tokenizer's, else 2048."""
+    cfg = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        v = getattr(cfg, attr, None)
+        if v is not None:
+            return int(v)
+    m = getattr(tokenizer, "model_max_length", None)
+    if m is not None and m != TOKENIZER_INFINITY and m < 10**9:
+        return int(m)
+    return DEFAULT_MAX_LENGTH
+
+
+def dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _chunks(seq: Sequence, n: int) -> Iterable[Sequence]:
+    for i in range(0, len(seq), n):
+        yield seq[i: i + n]
+
+
+class LM:
+    """A Hugging Face causal LM and its tokenizer, scored the lm-eval way, faster.
+
+    Args:
+        model: a ``*ForCausalLM`` (eval mode is set; gradients are never taken).
+        tokenizer: its tokenizer.
+        batch_size: contexts per forward pass (each with all its continuations).
+        max_length: context window; default from the model config like lm-eval.
+        distributed: split requests across ``torch.distributed`` ranks and gather the results.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: Optional[int] = None, distributed: bool = False):
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.batch_size = max(1, int(batch_size))
+        self.device = next(model.parameters()).device
+        self.max_length = int(max_length or resolve_max_length(model.config, tokenizer))
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.prefix_token_id = bos if bos is not None else eos
+        self._prefix_str = tokenizer.decode(self.prefix_token_id) if self.prefix_token_id is not None else None
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+        params = inspect.signature(model.forward).parameters
+        self.cache_ok = "past_key_values" in params and not getattr(model.config, "is_encoder_decoder", False)
+        self.keep_ok = "logits_to_keep" in params
+        self.rank, self.world = dist_info() if distributed else (0, 1)
+        self.forward_calls = 0
+
+    # ------------------------------------------------------------------ tokenization (lm-eval's rules)
+    def tok_encode(self, text: str, add_special_tokens: Optional[bool] = None) -> list[int]:
+        kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        if add_special_tokens is None and self._prefix_str and text.startswith(self._prefix_str):
+            kw["add_special_tokens"] = False  # the text already starts with BOS
+        return self.tok.encode(text, **kw)
+
+    def encode_pair(self, context: str, continuation: str, cache: Optional[dict] = None) -> tuple[list[int], list[int]]:
+        if context == "":
+            return [self.prefix_token_id], self.tok_encode(continuation, add_special_tokens=False)
+        n = len(context) - len(context.rstrip())
+        if n:
+            continuation, context = context[-n:] + continuation, context[:-n]
+        whole = self.tok_encode(context + continuation)
+        if cache is not None:
+            ctx = cache.get(context)
+            if ctx is None:
+                ctx = cache[context] = self.tok_encode(context)
+        else:
+            ctx = self.tok_encode(context)
+        return ctx, whole[len(ctx):]
+
+    # ------------------------------------------------------------------ distributed helpers
+    def _mine(self, n: int) -> list[int]:
+        return list(range(self.rank, n, self.world))
+
+    def _gather(self, local: dict) -> dict:
+        if self.world == 1:
+            return local
+        parts: list = [None] * self.world
+        torch.distributed.all_gather_object(parts, local)
+        out: dict = {}
+        for p in parts:
+            out.update(p)
+        return out
+
+    # ------------------------------------------------------------------ model calls
+    def _forward(self, **kw):
+        self.forward_calls += 1
+        return self.model(**kw)
+
+    @staticmethod
+    def _left_pad(seqs: list[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        n = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if s:
+                ids[i, n - len(s):] = torch.tensor(s, dtype=torch.long)
+                mask[i, n - len(s):] = 1
+        return ids.to(device), mask.to(device)
+
+    # ------------------------------------------------------------------ loglikelihood
+    def loglikelihood(self, requests: Sequence[tuple[str, str]], progress: Optional[Callable[[int], None]] = None
+                      ) -> list[tuple[float, bool]]:
+        """``(sum log p(continuation | context), continuation is the greedy decode)`` per request."""
+        cache: dict = {}
+        groups: dict[tuple, list[tuple[tuple, int]]] = {}
+        L = self.max_length
+        for i, (ctx, cont) in enumerate(requests):
+            c, k = self.encode_pair(ctx, cont, cache)
+            if not k:
+                raise DataError(f"continuation {cont!r} encodes to no tokens", where=f"request {i}",
+                                fix="check the choices of this item (an empty choice cannot be scored)")
+            if len(k) > L:
+                raise DataError(f"continuation of {len(k)} tokens exceeds the model's max length {L}", where=f"request {i}")
+            if len(c) + len(k) > L + 1:  # lm-eval: keep the last L+1 tokens, i.e. truncate the context from the left
+                c = (c + k)[-(L + 1):][: -len(k)]
+            groups.setdefault(tuple(c), []).append((tuple(k), i))
+        keys = self._order(groups)
+        mine = [keys[j] for j in self._mine(len(keys))]
+        out: dict[int, tuple[float, bool]] = {}
+        with torch.inference_mode():
+            for batch in _chunks(mine, self.batch_size):
+                scorer = self._score_cached if self.cache_ok else self._score_plain
+                for idx, res in scorer([(c, groups[c]) for c in batch]):
+                    out[idx] = res
+                if progress:
+                    progress(sum(len(groups[c]) for c in batch))
+        out = self._gather(out)
+        return [out[i] for i in range(len(requests))]
+
+    PREFIX_KEY = 48  # contexts whose first tokens agree are batched together (few-shot prompts share them)
+    MIN_SHARED = 16  # a shared prefix shorter than this is not worth a separate forward
+
+    def _order(self, groups: dict) -> list[tuple]:
+        """Longest first; contexts that share their first tokens (the few-shot prefix) kept together."""
+        def size(c):
+            return len(c) + max(len(k) for k, _ in groups[c])
+
+        buckets: dict[tuple, list[tuple]] = {}
+        for c in groups:
+            buckets.setdefault(c[: self.PREFIX_KEY], []).append(c)
+        shared = [sorted(b, key=lambda c: (-size(c), c)) for b in buckets.values() if len(b) > 1]
+        single = sorted((b[0] for b in buckets.values() if len(b) == 1), key=lambda c: (-size(c), c))
+        shared.sort(key=lambda b: (-size(b[0]), b[0]))
+        return [c for b in shared for c in b] + single
+
+    def _run_contexts(self, ctxs: list[list[int]]):
+        """Forward the contexts (left-padded) and return (last-position logits, cache, attention mask).
+
+        When all contexts start with the same tokens, that prefix runs once and its cache is copied
+        to every row; the rest of each context follows it after left padding (masked) with explicit
+        positions, so every row still ends in the last column.
+        """
+        kw = {"logits_to_keep": 1} if self.keep_ok else {}
+        p = 0
+        if len(ctxs) > 1:
+            shortest = min(len(c) for c in ctxs) - 1  # leave each row one token to produce its logits
+            first = ctxs[0]
+            while p < shortest and all(c[p] == first[p] for c in ctxs):
+                p += 1
+        if p < self.MIN_SHARED:
+            ids, mask = self._left_pad(ctxs, self.pad_id, self.device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
+            return out.logits[:, -1, :], out.past_key_values, mask
+        pre = torch.tensor([ctxs[0][:p]], dtype=torch.long, device=self.device)
+        cache = self._forward(input_ids=pre, use_cache=True, **kw).past_key_values
+        cache.batch_select_indices(torch.zeros(len(ctxs), dtype=torch.long, device=self.device))
+        ids, rmask = self._left_pad([c[p:] for c in ctxs], self.pad_id, self.device)
+        mask = torch.cat([torch.ones((len(ctxs), p), dtype=torch.long, device=self.device), rmask], dim=1)
+        pos = p + (rmask.cumsum(-1) - 1).clamp(min=0)
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                            use_cache=True, **kw)
+        return out.logits[:, -1, :], out.past_key_values, mask
+
+    def _score_cached(self, batch: list[tuple[tuple, list[tuple[tuple, int]]]]):
+        """Run each context once, then all continuations of the batch on copies of its KV cache."""
+        ctxs = [list(c) for c, _ in batch]
+        last, cache, mask = self._run_contexts(ctxs)
+        first = torch.log_softmax(last.float(), dim=-1)
+        rows = []  # (group index, continuation, request index)
+        for g, (_, conts) in enumerate(batch):
+            rows += [(g, k, i) for k, i in conts]
+        results = {}
+        long_rows = [r for r in rows if len(r[1]) > 1]
+        rest: dict[int, tuple[float, bool]] = {}
+        if long_rows:
+            rest = self._continue(cache, mask, [len(c) for c in ctxs], long_rows)
+        for g, k, i in rows:
+            lp0 = first[g, k[0]].item()
+            greedy0 = int(first[g].argmax()) == k[0]
+            lp, greedy = rest.get(i, (0.0, True))
+            results[i] = (lp0 + lp, bool(greedy0 and greedy))
+        return results.items()
+
+    def _continue(self, cache, ctx_mask, ctx_lens, rows) -> dict[int, tuple[float, bool]]:
+        """Score continuation tokens 2.. of each row after its context's cached keys/values."""
+        index = torch.tensor([g for g, _, _ in rows], device=self.device)
+        cache.batch_select_indices(index)  # copies each context's cache once per continuation
+        n = max(len(k) - 1 for _, k, _ in rows)
+        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
+        cmask = torch.zeros((len(rows), n), dtype=torch.long)
+        for r, (_, k, _) in enumerate(rows):
+            ids[r, : len(k) - 1] = torch.tensor(k[:-1])
+            cmask[r, : len(k) - 1] = 1
+        ids, cmask = ids.to(self.device), cmask.to(self.device)
+        mask = torch.cat([ctx_mask[index], cmask], dim=1)
+        start = torch.tensor([ctx_lens[g] for g, _, _ in rows], device=self.device)
+        pos = start[:, None] + torch.arange(n, device=self.device)[None, :]
+        logits = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                               use_cache=True).logits
+        lps = torch.log_softmax(logits.float(), dim=-1)
+        res = {}
+        for r, (_, k, i) in enumerate(rows):
+            tgt = torch.tensor(k[1:], device=self.device)
+            lp = lps[r, : len(k) - 1]
+            res[i] = (float(lp.gather(1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
+        return res
+
+    def _score_plain(self, batch):
+        """lm-eval's scheme: one right-padded sequence per request, for models without a KV cache API."""
+        rows = [(c, k, i) for c, conts in batch for k, i in conts]
+        results = {}
+        for part in _chunks(rows, self.batch_size):
+            seqs = [list(c + k)[:-1] for c, k, _ in part]
+            n = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
+            for r, s in enumerate(seqs):
+                ids[r, : len(s)] = torch.tensor(s)
+            logits = self._forward(input_ids=ids.to(self.device)).logits
+            for r, (c, k, i) in enumerate(part):
+                lp = torch.log_softmax(logits[r, len(c) - 1: len(c) - 1 + len(k)].float(), dim=-1)
+                tgt = torch.tensor(k, device=self.device)
+                results[i] = (float(lp.gather(1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
+        return results.items()
+
+    # ------------------------------------------------------------------ "Answer: X" letter mode
+    def next_token_logprobs(self, contexts: Sequence[str], token_ids: Sequence[int]) -> list[list[float]]:
+        """Log-probabilities of ``token_ids`` as the next token after each context (hendrycks MMLU mode)."""
+        L = self.max_length
+        enc = [self.tok_encode(c)[-L:] for c in contexts]
+        order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
+        mine = [order[j] for j in self._mine(len(order))]
+        tid = torch.tensor(list(token_ids), device=self.device)
+        out = {}
+        with torch.inference_mode():
+            for part in _chunks(mine, self.batch_size):
+                ids, mask = self._left_pad([enc[i] for i in part], self.pad_id, self.device)
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                kw = {"logits_to_keep": 1} if self.keep_ok else {}
+                logits = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kw).logits
+                lp = torch.log_softmax(logits[:, -1, :].float(), dim=-1)[:, tid]
+                for r, i in enumerate(part):
+                    out[i] = lp[r].tolist()
+        out = self._gather(out)
+        return [out[i] for i in range(len(contexts))]
+
+    # ------------------------------------------------------------------ generation
+    def generate_until(self, contexts: Sequence[str], until: Sequence[str], max_new_tokens: int = 256,
+                       do_sample: bool = False, temperature: float = 1.0, num_samples: int = 1, seed: int = 0,
+                       progress: Optional[Callable[[int], None]] = None) -> list[list[str]]:
+        """Continuations of each context, cut before the first stop string (``num_samples`` per context)."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        keep = max(1, self.max_length - max_new_tokens)  # lm-eval: leave room for the generation
+        enc = [self.tok_encode(c)[-keep:] for c in contexts]
+        order = sorted(range(len(enc)), key=lambda i: (-len(enc[i]), i))
+        mine = [order[j] for j in self._mine(len(order))]
+        tok = self.tok
+        stops = [s for s in until if s]
+
+        class _Stop(StoppingCriteria):
+            def __init__(self, start: int, rows: int):
+                self.start, self.done = start, torch.zeros(rows, dtype=torch.bool)
+
+            def __call__(self, input_ids, scores, **kw):
+                for r in range(input_ids.shape[0]):
+                    if not self.done[r]:
+                        text = tok.decode(input_ids[r, self.start:], skip_special_tokens=True)
+                        self.done[r] = any(s in text for s in stops)
+                return self.done.clone().to(input_ids.device)
+
+        out: dict[int, list[str]] = {}
+        if do_sample:
+            torch.manual_seed(seed)
+        with torch.inference_mode():
+            for part in _chunks(mine, self.batch_size):
+                ids, mask = self._left_pad([enc[i] for i in part], self.pad_id, self.device)
+                crit = _Stop(ids.shape[1], len(part) * num_samples)
+                kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if do_sample else dict(do_sample=False)
+                gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                          num_return_sequences=num_samples, stopping_criteria=StoppingCriteriaList([crit]),
+                                          pad_token_id=self.pad_id, **kw)
+                self.forward_calls += 1
+                for r, i in enumerate(part):
+                    texts = []
+                    for s in range(num_samples):
+                        text = tok.decode(gen[r * num_samples + s, ids.shape[1]:], skip_special_tokens=True)
+                        for stop in stops:
+                            if stop in text:
+                                text = text.split(stop)[0]
+                        texts.append(text)
+                    out[i] = texts
+                if progress:
+                    progress(len(part))
+        out = self._gather(out)
+        return [out[i] for i in range(len(contexts))]
+
+    # ------------------------------------------------------------------ perplexity
+    def rolling_nll(self, tokens: Sequence[int], window: Optional[int] = None, stride: Optional[int] = None
+                    ) -> tuple[float, int]:
+        """Summed negative log-likelihood and token count of ``tokens[1:]`` with a sliding window.
+
+        Each window of ``window`` tokens scores only the tokens the previous window did not (the Hugging
+        Face perplexity recipe); ``stride`` is how far it advances, so every scored token sees at least
+        ``window - stride`` tokens of context. The stride is capped at ``window - 1`` so that the first
+        token of a window is context, never an unconditioned prediction.
+        """
+        window = min(int(window or self.max_length), self.max_length)
+        if window < 2:
+            raise InputError(f"perplexity window {window} is too small", fix="use max_length >= 2")
+        stride = int(stride or max(1, window // 2))
+        if stride > window:
+            raise InputError(f"stride {stride} is larger than the window {window}", fix="use stride <= max_length")
+        stride = min(stride, window - 1)
+        n = len(tokens)
+        spans = []  # (begin, end, first scored position)
+        prev_end, begin = 0, 0
+        while True:
+            end = min(begin + window, n)
+            spans.append((begin, end, max(prev_end, begin + 1)))
+            prev_end = end
+            if end >= n:
+                break
+            begin += stride
+        mine = [spans[j] for j in self._mine(len(spans))]
+        t = torch.tensor(list(tokens), dtype=torch.long)
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for part in _chunks(mine, self.batch_size):
+                w = max(e - b for b, e, _ in part)
+                ids = torch.full((len(part), w), self.pad_id, dtype=torch.long)
+                for r, (b, e, _) in enumerate(part):
+                    ids[r, : e - b] = t[b:e]
+                logits = self._forward(input_ids=ids.to(self.device)).logits
+                lps = torch.log_softmax(logits.float(), dim=-1)
+                for r, (b, e, s) in enumerate(part):
+                    tgt = t[s:e].to(self.device)
+                    lp = lps[r, s - b - 1: e - b - 1].gather(1, tgt[:, None])
+                    total -= float(lp.sum())
+                    count += e - s
+        if self.world > 1:
+            parts: list = [None] * self.world
+            torch.distributed.all_gather_object(parts, (total, count))
+            total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        return total, count

@@ -1,0 +1,268 @@
+"""The evaluate stage (``minima evaluate``) and the training-time callback.
+
+``run(cfg)`` loads each model of ``cfg.model`` / ``cfg.models``, evaluates the tasks with
+:func:`evaluate_model`, and publishes an artifact with ``results.json`` (per task, subject and
+category, with stderr), ``samples.jsonl`` (one line per item and model) and ``report.md``.
+Under ``torchrun`` with several processes the requests are split across ranks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from ..artifacts import Artifact, StageRun, cache_key, hash_input, is_complete, read_manifest, run_stage
+from ..config import EvaluateConfig
+from ..errors import ConfigError, InputError
+from ..logs import get_logger
+from .core import default_data_dir, evaluate_model, task_names
+from .report import _jsonable, render_report
+from .tasks import TASKS, get_task, task_root
+
+log = get_logger("minima.evaluate")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
+
+
+def model_dirs(cfg: EvaluateConfig) -> dict[str, str]:
+    if cfg.models:
+        return dict(cfg.models)
+    if cfg.model:
+        return {Path(cfg.model).name or "model": cfg.model}
+    raise ConfigError("no model to evaluate", where="EvaluateConfig.model", fix="set model=DIR (or models.NAME=DIR)")
+
+
+def validate_inputs(cfg: EvaluateConfig) -> tuple[dict[str, str], Optional[Path]]:
+    """Check model dirs, tokenizers, task names and data paths before loading anything."""
+    models = model_dirs(cfg)
+    for name, d in models.items():
+        p = Path(d)
+        if not (p / "config.json").is_file():
+            raise InputError(f"model '{name}': {p} is not a Hugging Face model dir (no config.json)",
+                             where=f"models.{name}" if cfg.models else "model", fix="point it at a saved model directory")
+        if not any((p / f).is_file() for f in TOKENIZER_FILES):
+            raise InputError(f"model '{name}': {p} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])} missing)",
+                             where=str(p), fix="save the tokenizer into the model dir: AutoTokenizer.from_pretrained(src).save_pretrained(dir)")
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+    if cfg.data_dir and not data_dir.is_dir():
+        raise InputError(f"data_dir {data_dir} does not exist", where="data_dir", fix="point it at a folder with one subfolder per benchmark")
+    names = task_names(cfg.tasks)
+    if not names:
+        raise ConfigError("no tasks", where="EvaluateConfig.tasks", fix=f"e.g. tasks=[mmlu,arc_easy] (known: {', '.join(TASKS)})")
+    for n in names:
+        t = get_task(n)
+        spec = cfg.tasks[n] if isinstance(cfg.tasks, dict) else None
+        if t.kind != "ppl":
+            task_root(t, data_dir, spec.path if spec else None)
+    return models, data_dir
+
+
+def task_inputs(cfg: EvaluateConfig, models: dict[str, str], data_dir: Optional[Path]) -> dict[str, Optional[str]]:
+    inputs: dict[str, Optional[str]] = {f"model:{n}": d for n, d in models.items()}
+    for n in task_names(cfg.tasks):
+        t = get_task(n)
+        spec = cfg.tasks[n] if isinstance(cfg.tasks, dict) else None
+        if spec and spec.path:
+            inputs[f"task:{n}"] = spec.path
+        elif t.kind != "ppl":
+            inputs[f"task:{n}"] = str(task_root(t, data_dir, None))
+    return inputs
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            return f"cuda:{local}"
+        return "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+
+
+def load_model(path: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
+    """An HF causal LM and its tokenizer, on ``device`` in ``dtype``; checks that the vocabularies agree."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load the tokenizer of {path}: {e}", where=path,
+                         fix="save the tokenizer into the model dir (tokenizer.json or tokenizer.model + tokenizer_config.json)") from None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > rows:
+        raise InputError(f"tokenizer has {len(tok)} tokens but the model's embedding has {rows} rows", where=path,
+                         fix="resize the model's embeddings to the tokenizer (the vocab stage does this)")
+    return model.to(dev).eval(), tok
+
+
+def _init_distributed() -> tuple[int, int]:
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _evaluate_all(cfg: EvaluateConfig, models: dict[str, str], data_dir: Optional[Path], distributed: bool):
+    results: dict[str, Any] = {"models": {}, "meta": {}}
+    samples: list[dict] = []
+    t0 = time.time()
+    for name, path in models.items():
+        log.info(f"evaluating {name} ({path})")
+        model, tok = load_model(path, cfg.dtype, cfg.device, cfg.trust_remote_code)
+        s: list[dict] = []
+        tasks = evaluate_model(model, tok, cfg.tasks, data_dir=data_dir, shots=cfg.shots, limit=cfg.limit,
+                               batch_size=cfg.batch_size, mode=cfg.mode, chat_template=cfg.chat_template,
+                               max_new_tokens=cfg.max_new_tokens, fewshot_seed=cfg.fewshot_seed, seed=cfg.seed,
+                               distributed=distributed, samples=s)
+        samples += [{"model": name, **x} for x in s]
+        results["models"][name] = {"path": str(path), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                                   "tasks": tasks}
+        del model
+    results["meta"] = {"data_dir": str(data_dir) if data_dir else None, "shots": cfg.shots, "limit": cfg.limit,
+                       "chat_template": cfg.chat_template, "seconds": round(time.time() - t0, 2),
+                       "created": time.strftime("%Y-%m-%d %H:%M")}
+    return results, samples
+
+
+def _write_outputs(work: Path, results: dict, samples: list[dict]) -> dict:
+    results = _jsonable(results)
+    (work / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    with open(work / "samples.jsonl", "w", encoding="utf-8") as f:
+        for s in samples:
+            f.write(json.dumps(_jsonable(s), ensure_ascii=False) + "\n")
+    (work / "report.md").write_text(render_report(results))
+    metrics: dict[str, Any] = {}
+    for name, m in results["models"].items():
+        for task, r in m["tasks"].items():
+            for k, v in r.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_stderr"):
+                    metrics[f"{name}/{task}/{k}"] = v
+    metrics["seconds"] = results["meta"]["seconds"]
+    return metrics
+
+
+def run(cfg: EvaluateConfig, force: bool = False) -> Artifact:
+    """Evaluate ``cfg.model`` (or every model of ``cfg.models``) and publish the artifact."""
+    models, data_dir = validate_inputs(cfg)
+    inputs = task_inputs(cfg, models, data_dir)
+    rank, world = _init_distributed()
+    if world == 1:
+        def body(run: StageRun):
+            results, samples = _evaluate_all(cfg, models, data_dir, distributed=False)
+            return _write_outputs(run.work_dir, results, samples)
+
+        return run_stage(cfg, inputs, body, force=force)
+
+    # Several ranks: all of them score their share; rank 0 alone writes the artifact.
+    import torch
+
+    out_dir = cfg.resolved_out_dir()
+    flag = [None]
+    if rank == 0:
+        key = cache_key(cfg, {k: hash_input(v) for k, v in inputs.items()})
+        flag[0] = bool(is_complete(out_dir) and read_manifest(out_dir).get("cache_key") == key and not force)
+    torch.distributed.broadcast_object_list(flag, src=0)
+    if flag[0]:
+        return Artifact(out_dir, read_manifest(out_dir), skipped=True)
+    results, samples = _evaluate_all(cfg, models, data_dir, distributed=True)
+    art = None
+    if rank == 0:
+        art = run_stage(cfg, inputs, lambda run: _write_outputs(run.work_dir, results, samples), force=True)
+    torch.distributed.barrier()
+    return art or Artifact.load(out_dir)
+
+
+# ------------------------------------------------------------------------------ training callback
+class EvalCallback:
+    """Evaluate a task subset every ``every_n_steps`` during training and log the scores.
+
+    The training engine calls ``on_eval(step, model, ctx)`` after each dev evaluation; ``ctx`` is the
+    engine's TrainContext (with ``.tokenizer`` and optionally ``.tb_writer``) or a tokenizer. Scores are
+    written to TensorBoard (``ctx.tb_writer``, else a writer on ``log_dir``) on rank 0 and returned as
+    ``{"eval/<task>/<metric>": value}`` (``{}`` on steps that are skipped).
+
+    Every rank must call ``on_eval`` (ZeRO-3 forwards are collective); each runs all requests.
+
+    Args:
+        tasks: task names or ``{name: spec}`` as in :func:`evaluate_model` (seed 001's ``evaluation_datasets``).
+        shots: few-shot count (seed 001's ``evaluation_shots``); None = each task's default.
+        every_n_steps: run on steps divisible by this (0 = on every call).
+        limit: items per task, to keep it quick.
+    """
+
+    def __init__(self, tasks, shots: Optional[int] = None, every_n_steps: int = 0, data_dir: Optional[str] = None,
+                 limit: Optional[int] = 100, batch_size: int = 8, log_dir: Optional[str] = None, prefix: str = "eval"):
+        self.tasks, self.shots, self.every, self.data_dir = tasks, shots, int(every_n_steps), data_dir
+        self.limit, self.batch_size, self.log_dir, self.prefix = limit, batch_size, log_dir, prefix
+        self._writer = None
+        self.history: list[tuple[int, dict]] = []
+
+    def on_eval(self, step: int, model, ctx=None) -> dict:
+        if self.every and step % self.every:
+            return {}
+        tok = ctx if hasattr(ctx, "encode") else getattr(ctx, "tokenizer", None)
+        if tok is None:
+            raise InputError("EvalCallback needs a tokenizer", fix="pass the tokenizer (or a context with .tokenizer) as ctx")
+        net = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
+        was_training = net.training
+        try:
+            res = evaluate_model(net, tok, self.tasks, data_dir=self.data_dir, shots=self.shots, limit=self.limit,
+                                 batch_size=self.batch_size)
+        finally:
+            if was_training:
+                net.train()
+        flat = {f"{self.prefix}/{t}/{k}": v for t, r in res.items() for k, v in r.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_stderr")}
+        self.history.append((step, flat))
+        if int(os.environ.get("RANK", "0")) == 0:
+            writer = getattr(ctx, "tb_writer", None) or self._tb()
+            if writer is not None:
+                for k, v in flat.items():
+                    writer.add_scalar(k, v, step)
+                writer.flush()
+            log.info(f"step {step} | " + " | ".join(f"{k.split('/', 1)[1]} {v:.4g}" for k, v in flat.items()))
+        return flat
+
+    def _tb(self):
+        if self._writer is None and self.log_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(self.log_dir)
+        return self._writer
+
+
+def callback_factory(cfg) -> Optional[EvalCallback]:
+    """``"minima.evaluate:callback_factory"`` for ``run_training(callbacks=[...])``.
+
+    Reads ``MINIMA_EVAL_TASKS`` (comma-separated), ``MINIMA_EVAL_SHOTS``, ``MINIMA_EVAL_EVERY`` and
+    ``MINIMA_EVAL_LIMIT`` from the environment (the train configs have no eval fields); returns an
+    EvalCallback logging to ``<work_dir>/tensorboard`` when tasks are set.
+    """
+    tasks = [t for t in os.environ.get("MINIMA_EVAL_TASKS", "").split(",") if t]
+    if not tasks:
+        return None
+    shots = os.environ.get("MINIMA_EVAL_SHOTS")
+    return EvalCallback(tasks, shots=int(shots) if shots else None, every_n_steps=int(os.environ.get("MINIMA_EVAL_EVERY", "0")),
+                        limit=int(os.environ.get("MINIMA_EVAL_LIMIT", "100")), data_dir=os.environ.get("MINIMA_EVAL_DATA_DIR"))
