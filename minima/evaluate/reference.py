@@ -169,7 +169,7 @@ def run_lmeval(model, tokenizer, task_dir: str | Path, tasks: list[str], shots: 
         runs.setdefault((shots.get(t, 0), lim), []).append(t)
     for (n, lim), group in runs.items():
         res = lm_eval.simple_evaluate(model=lm, tasks=group, num_fewshot=n, limit=lim, task_manager=tm,
-                                      log_samples=True, bootstrap_iters=0, verbosity="ERROR")
+                                      log_samples=True, bootstrap_iters=100, verbosity="ERROR")  # mean: closed-form stderr
         for t in group:
             items = []
             for s in sorted(res["samples"][t], key=lambda x: x["doc_id"]):
