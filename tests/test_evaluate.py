@@ -481,3 +481,33 @@ def test_eval_callback_logs_scores_every_n_steps(tmp_path, model, tok, demo_data
     ref = evaluate_model(model, tok, tasks, shots=0, limit=6)
     assert out == {"eval/demo_mc/acc": ref["demo_mc"]["acc"], "eval/demo_mc/acc_norm": ref["demo_mc"]["acc_norm"]}
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+@pytest.mark.slow
+def test_torchrun_splits_requests_and_matches_one_process(tmp_path, tiny_model_dir, demo_data_dir):
+    """Two ranks (gloo on CPU) each score half of the requests; the artifact equals a one-process run."""
+    import subprocess
+
+    from minima.config import EvaluateConfig
+    from minima.evaluate import run
+
+    tasks = ["tasks.demo_mc.path=" + str(demo_data_dir / "eval/demo_mc"), "tasks.demo_mc.limit=20",
+             "tasks.perplexity.path=" + str(demo_data_dir / "text"), "tasks.perplexity.limit=10",
+             "tasks.perplexity.max_length=64"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MINIMA_NO_PROGRESS="1", MASTER_ADDR="127.0.0.1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+                          "-m", "minima.cli", "evaluate", f"model={tiny_model_dir}", "batch_size=4",
+                          f"out_dir={tmp_path / 'two'}", *tasks], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[rank 0]" in out.stderr  # the stage really ran as two ranks
+    one = run(EvaluateConfig.model_validate({"model": str(tiny_model_dir), "batch_size": 4, "out_dir": str(tmp_path / "one"),
+                                             "tasks": {"demo_mc": {"path": str(demo_data_dir / "eval/demo_mc"), "limit": 20},
+                                                       "perplexity": {"path": str(demo_data_dir / "text"), "limit": 10, "max_length": 64}}}))
+    r1 = json.loads((one.path / "results.json").read_text())["models"]["tiny"]["tasks"]
+    r2 = json.loads((tmp_path / "two" / "results.json").read_text())["models"]["tiny"]["tasks"]
+    assert (r1["demo_mc"]["acc"], r1["demo_mc"]["acc_norm"]) == (r2["demo_mc"]["acc"], r2["demo_mc"]["acc_norm"])
+    assert r2["perplexity"]["info"]["tokens"] == r1["perplexity"]["info"]["tokens"]
+    assert r2["perplexity"]["token_perplexity"] == pytest.approx(r1["perplexity"]["token_perplexity"], rel=1e-5)
+    s1 = [json.loads(x) for x in (one.path / "samples.jsonl").read_text().splitlines() if '"demo_mc"' in x]
+    s2 = [json.loads(x) for x in (tmp_path / "two" / "samples.jsonl").read_text().splitlines() if '"demo_mc"' in x]
+    assert [s["pred"] for s in s1] == [s["pred"] for s in s2]

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from ..artifacts import Artifact, StageRun, cache_key, hash_input, is_complete, read_manifest, run_stage
 from ..config import EvaluateConfig
-from ..errors import ConfigError, InputError
+from ..errors import ArtifactError, ConfigError, InputError
 from ..logs import get_logger
 from .core import default_data_dir, evaluate_model, task_names
 from .report import _jsonable, render_report
@@ -179,17 +179,25 @@ def run(cfg: EvaluateConfig, force: bool = False) -> Artifact:
     import torch
 
     out_dir = cfg.resolved_out_dir()
-    flag = [None]
+    state = [None]  # rank 0 decides (skip / run / an error) before any collective work
     if rank == 0:
         key = cache_key(cfg, {k: hash_input(v) for k, v in inputs.items()})
-        flag[0] = bool(is_complete(out_dir) and read_manifest(out_dir).get("cache_key") == key and not force)
-    torch.distributed.broadcast_object_list(flag, src=0)
-    if flag[0]:
+        if is_complete(out_dir):
+            same = read_manifest(out_dir).get("cache_key") == key
+            state[0] = "skip" if same and not force else ("run" if force else f"{out_dir} already holds a different artifact")
+        elif out_dir.exists() and any(out_dir.iterdir()) and not force:
+            state[0] = f"{out_dir} exists, is not empty and is not a minima artifact"
+        else:
+            state[0] = "run"
+    torch.distributed.broadcast_object_list(state, src=0)
+    if state[0] == "skip":
         return Artifact(out_dir, read_manifest(out_dir), skipped=True)
+    if state[0] != "run":
+        raise ArtifactError(state[0], fix="pass --force to replace it, or choose another out_dir")
     results, samples = _evaluate_all(cfg, models, data_dir, distributed=True)
     art = None
     if rank == 0:
-        art = run_stage(cfg, inputs, lambda run: _write_outputs(run.work_dir, results, samples), force=True)
+        art = run_stage(cfg, inputs, lambda run: _write_outputs(run.work_dir, results, samples), force=force)
     torch.distributed.barrier()
     return art or Artifact.load(out_dir)
 
