@@ -6,7 +6,8 @@ Where the topology comes from, first match wins:
    launched one process per rank (``torchrun -m minima.cli adapt ...``); each runs its rank here.
 2. Slurm env (``SLURM_JOB_ID`` + ``SLURM_NNODES``): nnodes, node_rank and master_addr come from the
    allocation; run one ``minima <stage>`` per node (``srun --ntasks-per-node=1``).
-3. The stage config's ``launch`` block.
+3. The stage config's ``launch`` block (``launcher=slurm`` outside an allocation renders and submits an
+   sbatch script through :mod:`minima.slurm`; ``ssh`` uses the deepspeed launcher and a hostfile).
 
 Node 0 owns the artifact (``run_stage``); other nodes only run their ranks into the same directory
 (a shared file system, as DeepSpeed's checkpoints need anyway).
@@ -35,7 +36,7 @@ log = get_logger("minima.train")
 class Plan:
     """Resolved topology of this invocation."""
 
-    launcher: str  # torchrun | deepspeed | inprocess | external
+    launcher: str  # torchrun | deepspeed | sbatch | inprocess | external
     nproc_per_node: int
     nnodes: int
     node_rank: int
@@ -84,11 +85,8 @@ def plan_launch(cfg, env: Mapping[str, str] = os.environ) -> Plan:
         return Plan("torchrun", nproc, int(env["SLURM_NNODES"]), int(env.get("SLURM_NODEID", "0")), _slurm_master(env),
                     lc.master_port, "slurm")
     if lc.launcher == "slurm":
-        raise ConfigError(
-            "launch.launcher=slurm needs a Slurm allocation (no SLURM_JOB_ID in the environment)",
-            where="launch.launcher",
-            fix="submit with sbatch and run `srun --ntasks-per-node=1 minima <stage> ...` inside the job (see scripts/)",
-        )
+        # Outside an allocation: render an sbatch script and submit it (minima.slurm).
+        return Plan("sbatch", lc.gpus_per_node, lc.nnodes, 0, lc.master_addr, lc.master_port, "config")
     if lc.launcher == "ssh":
         if not lc.hostfile or not Path(lc.hostfile).is_file():
             raise ConfigError(f"launch.launcher=ssh needs a DeepSpeed hostfile (got {lc.hostfile!r})", where="launch.hostfile",
@@ -105,9 +103,12 @@ def build_command(plan: Plan, spec_path: Path, hostfile: Optional[str] = None) -
         return ["deepspeed", "--hostfile", str(hostfile), "--num_nodes", str(plan.nnodes), "--num_gpus", str(plan.nproc_per_node),
                 "--master_addr", plan.master_addr, "--master_port", str(plan.master_port),
                 "--module", "minima.train.worker", str(spec_path)]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(plan.nproc_per_node),
-            "--nnodes", str(plan.nnodes), "--node_rank", str(plan.node_rank), "--master_addr", plan.master_addr,
-            "--master_port", str(plan.master_port), "-m", "minima.train.worker", str(spec_path)]
+    head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(plan.nproc_per_node)]
+    if plan.nnodes == 1 and plan.source == "config":
+        # One node: --standalone picks a free local port, so concurrent jobs on a machine never clash.
+        return head + ["--standalone", "-m", "minima.train.worker", str(spec_path)]
+    return head + ["--nnodes", str(plan.nnodes), "--node_rank", str(plan.node_rank), "--master_addr", plan.master_addr,
+                   "--master_port", str(plan.master_port), "-m", "minima.train.worker", str(spec_path)]
 
 
 def _free_port() -> int:
@@ -134,7 +135,7 @@ def _child_env() -> dict:
     return env
 
 
-def _raise_rank_error(work_dir: Path, rc: int) -> None:
+def _raise_rank_error(work_dir: Path, rc: int, missing_ok: bool = False) -> None:
     from .. import errors as E
     from .worker import ERRORS
 
@@ -145,6 +146,8 @@ def _raise_rank_error(work_dir: Path, rc: int) -> None:
         cls = cls if isinstance(cls, type) and issubclass(cls, MinimaError) else TrainingError
         where = info.get("where")
         raise cls(info["what"], where=f"rank {info['rank']}" + (f", {where}" if where else ""), fix=info.get("fix"))
+    if missing_ok:
+        return
     raise TrainingError(f"training exited with code {rc}", fix="read the traceback above; a rerun resumes from the last complete checkpoint")
 
 
@@ -204,7 +207,20 @@ def run_node(cfg, recipe: str, work_dir: Path, out_dir: Path, callbacks: list[st
         store = node_join(plan.master_addr, plan.master_port, plan.nnodes, plan.node_rank, plan.nproc_per_node,
                           cfg.launch.init_timeout_s)
     try:
-        rc = subprocess.call(cmd, env=env)
+        if plan.launcher == "sbatch":
+            from ..slurm import run_slurm
+
+            try:
+                run_slurm(cfg.stage, ["-m", "minima.train.worker", str(spec_path)], cfg.launch, work_dir,
+                          env={k: env[k] for k in ("DS_ACCELERATOR", "PYTHONPATH") if k in env})
+                rc = 0
+            except TrainingError:
+                _raise_rank_error(work_dir, 1, missing_ok=True)
+                raise
+        else:
+            from .worker import die_with_parent
+
+            rc = subprocess.call(cmd, env=env, preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
     finally:
         del store
     if rc != 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -240,6 +241,7 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     dev_batches: Optional[list[dict]] = None
     checked_counts = False
     last_eval: dict = {}
+    step_delay = float(os.environ.get("MINIMA_STEP_DELAY_S", "0") or 0)
     t_train = time.time()
     steps_this_run, tokens_this_run = 0, 0
 
@@ -297,6 +299,8 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
         grad_norm = _as_float(engine.get_global_grad_norm())
         hash_ = _batch_hash(micro) if ctx.rank == 0 else None
         metrics.train_step(state.step, loss, lr, grad_norm, compute_tokens, time.time() - t0, extra, hash_)
+        if step_delay:
+            time.sleep(step_delay)  # tests: widen the window for killing a run mid-way
 
         final = state.step == total
         did_save = False

@@ -109,10 +109,14 @@ class Recipe:
         from minima.records import RecordDataset
 
         recs = self.cfg.records
-        train = RecordDataset(recs, split="train", rank=ctx.rank, world_size=ctx.world_size, seed=ctx.seed)
+        # loop=True: the reader's own (epoch, offset) state crosses epoch ends exactly.
+        train = RecordDataset(recs, split="train", rank=ctx.rank, world_size=ctx.world_size, seed=ctx.seed, loop=True)
+        self.pad_id = train.pad_id
         dev = None
         if (Path(recs) / "dev").is_dir() and any((Path(recs) / "dev").glob("*.tfrecord")):
-            dev = RecordDataset(recs, split="dev", rank=ctx.rank, world_size=ctx.world_size, seed=ctx.seed)
+            dev = RecordDataset(recs, split="dev", rank=ctx.rank, world_size=ctx.world_size, seed=ctx.seed, shuffle_buffer=0)
+            if dev.num_records == 0:
+                dev = None
         return train, dev
 
     def num_train_examples(self) -> Optional[int]:

@@ -111,8 +111,30 @@ def _write_error(work_dir: Path, rank: int, e) -> None:
         pass
 
 
+def die_with_parent() -> None:
+    """Linux: get SIGKILL when the launching process dies.
+
+    torchrun starts workers in their own session, so killing the launcher (OOM killer, a cancelled
+    job, SIGKILL) would otherwise leave them training on, racing a rerun in the same directory.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        parent = os.getppid()
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    die_with_parent()
     if len(argv) != 1:
         print("usage: python -m minima.train.worker SPEC.json", file=sys.stderr)
         return 2
