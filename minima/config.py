@@ -162,7 +162,7 @@ class RecordsConfig(StageConfig):
         "truncate", description="chat: a conversation over max_length keeps its leading whole exchanges (truncate) or is dropped."
     )
     shuffle: bool = Field(True, description="Shuffle documents (seeded) after mixing so records mix sources; false keeps input order.")
-    chunk_size: int = nohash(256, "Documents per tokenizer batch sent to a worker (output does not depend on it).", ge=1)
+    chunk_size: int = nohash(1024, "Documents per tokenizer batch sent to a worker (output does not depend on it).", ge=1)
 
 
 # --------------------------------------------------------------------------------------- train
