@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a quarter of the text, one repeat, no RESULTS.md")
     args = ap.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
-    batch = 256
+    batch = 1024
     with tempfile.TemporaryDirectory(prefix="minima-bench-records-") as tmp:
         tmp = Path(tmp)
         files, tok_dir, what = corpus(tmp, args.quick)

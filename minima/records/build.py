@@ -20,6 +20,7 @@ skipped.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import multiprocessing as mp
@@ -235,7 +236,13 @@ class Tokenizing:
             _setup_worker(tok, fields, payloads)
         if cfg.num_workers > 1:
             if self.fork:  # children inherit _WORKER, tokenizer and documents included
-                self.pool = mp.get_context("fork").Pool(cfg.num_workers)
+                # Move every existing object out of the collector's reach: a child's gc pass would
+                # otherwise touch (and copy-on-write) the parent's whole heap.
+                gc.freeze()
+                try:
+                    self.pool = mp.get_context("fork").Pool(cfg.num_workers)
+                finally:
+                    gc.unfreeze()
             else:
                 self.pool = mp.get_context("spawn").Pool(cfg.num_workers, initializer=_init_spawned_worker,
                                                          initargs=(str(cfg.tokenizer), fields))

@@ -170,13 +170,15 @@ def read_index(tfrecord_path: str) -> np.ndarray:
         text = read_text(ipath)
         if not text.strip():
             return np.zeros((0, 2), dtype=np.int64)
+        lines = text.count("\n") + (not text.endswith("\n"))
         try:
-            arr = np.array([line.split() for line in text.splitlines() if line.strip()], dtype=np.int64)
+            arr = np.array(text.split(), dtype=np.int64)
         except ValueError:
-            raise DataError("malformed index file", where=ipath, fix="delete it (it is rebuilt by scanning) or rebuild with --force") from None
-        if arr.ndim != 2 or arr.shape[1] != 2:
-            raise DataError("index lines must be '<offset> <size>'", where=ipath, fix="rebuild the records with --force")
-        return arr
+            arr = np.zeros(1, dtype=np.int64)  # odd length: reported below
+        if arr.size != 2 * lines:
+            raise DataError("index lines must be '<offset> <size>'", where=ipath,
+                            fix="delete it (the reader then scans the .tfrecord) or rebuild the records with --force")
+        return arr.reshape(-1, 2)
     rows = []
     with open_read(tfrecord_path) as f:
         offset = 0
