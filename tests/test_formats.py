@@ -152,11 +152,16 @@ def test_registry_extension_point(tok):
         def generation_prefix(self, user):
             return [Seg("Q:"), Seg(user, content=True), Seg("A:")]
 
-    ids, mask = get_format("test-qa").encode(tok, CONV[1:3])
-    assert tok.decode(mask_runs(ids, mask)[0][:-1]) == CONV[2]["content"]
-    assert get_format("test-qa").render(CONV[1:3]) == "<s>Q: What is the capital of France? A: The capital of France is Paris.</s>"
-    with pytest.raises(ValueError, match="already registered"):
-        register("test-qa")(type("Other", (ChatFormat,), {}))
+    try:
+        ids, mask = get_format("test-qa").encode(tok, CONV[1:3])
+        assert tok.decode(mask_runs(ids, mask)[0][:-1]) == CONV[2]["content"]
+        assert get_format("test-qa").render(CONV[1:3]) == "<s>Q: What is the capital of France? A: The capital of France is Paris.</s>"
+        with pytest.raises(ValueError, match="already registered"):
+            register("test-qa")(type("Other", (ChatFormat,), {}))
+    finally:
+        from minima import formats
+
+        formats._REGISTRY.pop("test-qa", None)  # keep the registry as other tests expect it
 
 
 def test_fast_batch_tokenization_equals_the_tokenizer_call(tok):
@@ -179,3 +184,16 @@ def test_fast_batch_tokenization_equals_the_tokenizer_call(tok):
                 ids += tok(seg.piece, add_special_tokens=False, split_special_tokens=seg.content)["input_ids"]
         ref.append(ids)
     assert [g[0] for g in fmt.encode_exchanges(tok, CONV)] == ref
+
+
+@pytest.mark.parametrize("name", sorted(available_formats()))
+def test_every_registered_format_batches_like_single_encoding(tok, demo_data_dir, name):
+    """records tokenizes chat in batches (encode_batch); sft and chat encode one at a time."""
+    convs = [normalise_conversation(c) for c in json.loads((demo_data_dir / "chat" / "demo_chat.json").read_text())[:40]]
+    fmt = get_format(name)
+    batched = fmt.encode_batch(tok, convs)
+    assert batched == [fmt.encode_exchanges(tok, c) for c in convs]
+    for msgs, groups in zip(convs, batched):
+        ids = [i for g in groups for i in g[0]]
+        mask = [m for g in groups for m in g[1]]
+        assert len(mask_runs(ids, mask)) == sum(m["role"] == "assistant" for m in msgs)

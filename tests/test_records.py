@@ -352,6 +352,15 @@ def test_clear_errors_for_empty_input_unknown_key_and_no_eos(tmp_path, tok_dir):
     _no_partial(tmp_path)
 
 
+def test_a_records_artifact_serves_as_tokenizer_dir(tmp_path, tok_dir, tok):
+    """The tokenizer/ copy inside an artifact is found when the artifact dir itself is given."""
+    (tmp_path / "a.txt").write_text("one two\nthree\n")
+    first = build(tmp_path, "first", tokenizer=str(tok_dir), inputs=str(tmp_path / "a.txt"))
+    second = build(tmp_path, "second", tokenizer=str(first.path), inputs=str(tmp_path / "a.txt"))
+    assert (second.path / "train" / "part-00000.tfrecord").read_bytes() == (first.path / "train" / "part-00000.tfrecord").read_bytes()
+    assert second.metrics["vocab_size"] == len(tok)
+
+
 def test_cli_builds_records(tmp_path, tok_dir, capsys):
     from minima.cli import main
 

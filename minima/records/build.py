@@ -63,11 +63,18 @@ def sources_of(cfg: RecordsConfig) -> list[Source]:
     return list(cfg.inputs)
 
 
+def tokenizer_dir(path: str | os.PathLike) -> Path:
+    """``path``, or the ``tokenizer/`` dir inside it when ``path`` is an artifact holding one there."""
+    p = Path(path)
+    has_files = any((p / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    return p / "tokenizer" if not has_files and (p / "tokenizer").is_dir() else p
+
+
 def load_tokenizer(path: str | os.PathLike):
     """An HF tokenizer from a dir, with a clear error when it is missing or unloadable."""
     from transformers import AutoTokenizer
 
-    p = Path(path)
+    p = tokenizer_dir(path)
     if not p.is_dir():
         raise InputError(f"tokenizer directory not found: {p}", fix="point tokenizer at an HF tokenizer dir (e.g. the vocab stage output)")
     try:
@@ -411,7 +418,7 @@ def build_records(cfg: RecordsConfig, out_dir: str | os.PathLike) -> dict:
     finally:
         tokenizing.close()
     tokenize_s = time.time() - t_tok
-    copy_tokenizer(Path(cfg.tokenizer), out / "tokenizer")
+    copy_tokenizer(tokenizer_dir(cfg.tokenizer), out / "tokenizer")
     if skipped is not None:
         with open(out / "skipped.jsonl", "w", encoding="utf-8") as f:
             for row in skipped:
