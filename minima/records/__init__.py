@@ -12,6 +12,14 @@ Reader usage::
     loader = ds.loader(batch_size=4, num_workers=2)     # or DataLoader(ds, 4, collate_fn=collate)
     for batch in loader: ...                            # input_ids, labels (-100 = no loss), attention_mask
     ckpt["data"] = ds.state_dict(); ...; ds.load_state_dict(ckpt["data"])
+
+Remote file systems: ``records_dir`` may be ``gs://``, ``s3://`` or ``hdfs://`` when tensorflow (and
+tensorflow-io for s3/hdfs) is importable; files are then read through ``tf.io.gfile``. TensorFlow
+pins numpy/protobuf ranges of its own, so install the ``tfio`` extra in a separate environment
+(``python -m venv .venv-tfio && .venv-tfio/bin/pip install -e '.[tfio]'``) and run the training
+job from it; the default environment never imports tensorflow. Builds write locally (the artifact
+is published by an atomic rename); copy the finished dir to the bucket afterwards. The records are
+standard TFRecords: ``tf.data.TFRecordDataset`` reads them (``indices``/``mask`` int64 features).
 """
 from __future__ import annotations
 
