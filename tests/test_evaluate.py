@@ -511,3 +511,24 @@ def test_torchrun_splits_requests_and_matches_one_process(tmp_path, tiny_model_d
     s1 = [json.loads(x) for x in (one.path / "samples.jsonl").read_text().splitlines() if '"demo_mc"' in x]
     s2 = [json.loads(x) for x in (tmp_path / "two" / "samples.jsonl").read_text().splitlines() if '"demo_mc"' in x]
     assert [s["pred"] for s in s1] == [s["pred"] for s in s2]
+
+
+def test_chat_template_wraps_prompts(model, tok, demo_data_dir, monkeypatch):
+    """chat_template=true: one user turn with the generation prompt, continuations without the leading space."""
+    import copy
+
+    from minima.evaluate import evaluate_model
+    from minima.evaluate.lm import LM
+
+    tasks = {"demo_mc": {"path": str(demo_data_dir / "eval/demo_mc"), "limit": 2, "shots": 1}}
+    with pytest.raises(InputError, match="no chat template"):
+        evaluate_model(model, tok, tasks, chat_template=True)
+    chat_tok = copy.deepcopy(tok)
+    chat_tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}<|assistant|>"
+    seen = []
+    real = LM.loglikelihood
+    monkeypatch.setattr(LM, "loglikelihood", lambda self, reqs, progress=None: seen.extend(reqs) or real(self, reqs))
+    evaluate_model(model, chat_tok, tasks, chat_template=True)
+    ctx, cont = seen[0]
+    assert ctx.startswith("<|user|>Question: ") and ctx.endswith("\nAnswer:<|end|><|assistant|>") and ctx.count("Question:") == 2
+    assert not cont.startswith(" ")

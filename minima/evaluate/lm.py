@@ -76,6 +76,24 @@ class LM:
         self.keep_ok = "logits_to_keep" in params
         self.rank, self.world = dist_info() if distributed else (0, 1)
         self.forward_calls = 0
+        self.split_head = self.cache_ok and self._probe_split_head()
+
+    def _probe_split_head(self) -> bool:
+        """Whether ``lm_head(base_model(x))`` is the model's logits (no soft-capping or scaling after the head).
+
+        If so, continuations apply the head only at their real (unpadded) positions.
+        """
+        try:
+            base, head = self.model.base_model, self.model.get_output_embeddings()
+            if base is self.model or head is None:
+                return False
+            ids = torch.tensor([[self.prefix_token_id or 0, 1, 2]], device=self.device)
+            with torch.inference_mode():
+                full = self.model(input_ids=ids).logits.float()
+                split = head(base(input_ids=ids).last_hidden_state).float()
+            return split.shape == full.shape and bool(torch.allclose(split, full, atol=1e-4, rtol=1e-4))
+        except Exception:  # any model this probe does not fit keeps the full forward
+            return False
 
     # ------------------------------------------------------------------ tokenization (lm-eval's rules)
     def tok_encode(self, text: str, add_special_tokens: Optional[bool] = None) -> list[int]:
@@ -217,9 +235,10 @@ class LM:
         rest: dict[int, tuple[float, bool]] = {}
         if long_rows:
             rest = self._continue(cache, mask, [len(c) for c in ctxs], long_rows)
-        for g, k, i in rows:
-            lp0 = first[g, k[0]].item()
-            greedy0 = int(first[g].argmax()) == k[0]
+        best = first.argmax(-1).tolist()
+        lp_first = first[torch.tensor([g for g, _, _ in rows]), torch.tensor([k[0] for _, k, _ in rows])].tolist()
+        for (g, k, i), lp0 in zip(rows, lp_first):
+            greedy0 = best[g] == k[0]
             lp, greedy = rest.get(i, (0.0, True))
             results[i] = (lp0 + lp, bool(greedy0 and greedy))
         return results.items()
@@ -238,14 +257,24 @@ class LM:
         mask = torch.cat([ctx_mask[index], cmask], dim=1)
         start = torch.tensor([ctx_lens[g] for g, _, _ in rows], device=self.device)
         pos = start[:, None] + torch.arange(n, device=self.device)[None, :]
-        logits = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                               use_cache=True).logits
-        lps = torch.log_softmax(logits.float(), dim=-1)
-        res = {}
-        for r, (_, k, i) in enumerate(rows):
-            tgt = torch.tensor(k[1:], device=self.device)
-            lp = lps[r, : len(k) - 1]
-            res[i] = (float(lp.gather(1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
+        kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        valid = cmask.bool()
+        if self.split_head:  # the vocab projection only where a continuation token is predicted
+            self.forward_calls += 1
+            hidden = self.model.base_model(**kw).last_hidden_state[valid]
+            logits = self.model.get_output_embeddings()(hidden)
+        else:
+            logits = self._forward(**kw).logits[valid]
+        logits = logits.float()  # [tokens, vocab], rows in order
+        tgt = torch.tensor([t for _, k, _ in rows for t in k[1:]], device=self.device)
+        # log p(t) = logit_t - logsumexp(logits): no [tokens, vocab] log-softmax tensor is written
+        tok_lp = (logits.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)).tolist()
+        hit = (logits.argmax(-1) == tgt).tolist()
+        res, at = {}, 0
+        for _, k, i in rows:
+            m = len(k) - 1
+            res[i] = (math.fsum(tok_lp[at: at + m]), all(hit[at: at + m]))
+            at += m
         return res
 
     def _score_plain(self, batch):

@@ -405,7 +405,7 @@ class GSM8K(Task):
     sampler = "first_n"
     folders = ("gsm8k", "grade_school_math")
     formats = {"jsonl": 'JSONL {"question", "answer": "... #### N"} (openai/grade-school-math, HF openai/gsm8k)'}
-    stop = ["Question:", "</s>", "<|im_end|>", "\n\n"]
+    stop = ["Question:", "</s>", "<|im_end|>"]  # lm-eval's gsm8k.yaml
 
     def detect(self, path, row):
         if isinstance(row, dict) and _need(row, ("question", "answer")) and "####" in str(row["answer"]):
@@ -434,7 +434,7 @@ class BBH(Task):
     has_subjects = True
     folders = ("bbh", "BIG-Bench-Hard")
     formats = {"bbh": 'JSON {"examples": [{"input", "target"}]} or JSONL {"input", "target"} (suzgun/BIG-Bench-Hard, HF lukaemon/bbh)'}
-    stop = ["</s>", "\n\nQ:", "<|im_end|>"]
+    stop = ["</s>", "Q", "\n\n"]  # lm-eval's bbh few-shot config
 
     def detect(self, path, row):
         if isinstance(row, dict) and _need(row, ("input", "target")):
