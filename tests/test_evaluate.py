@@ -464,7 +464,7 @@ def test_category_averages(tmp_path, model, tok):
     assert m["categories"]["other"]["acc"] == s["virology"]["acc"]
 
 
-def test_eval_callback_logs_scores_every_n_steps(tmp_path, model, tok, demo_data_dir):
+def test_eval_callback_logs_scores_every_n_steps(tmp_path, model, tok, demo_data_dir, tiny_tokenizer_dir):
     from minima.evaluate import EvalCallback, evaluate_model
 
     tasks = {"demo_mc": {"path": str(demo_data_dir / "eval/demo_mc")}}
@@ -481,6 +481,21 @@ def test_eval_callback_logs_scores_every_n_steps(tmp_path, model, tok, demo_data
     ref = evaluate_model(model, tok, tasks, shots=0, limit=6)
     assert out == {"eval/demo_mc/acc": ref["demo_mc"]["acc"], "eval/demo_mc/acc_norm": ref["demo_mc"]["acc_norm"]}
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+    # as the engine calls it: the TrainContext has no tokenizer; the factory loads the starting model's
+    from types import SimpleNamespace
+
+    from minima.evaluate import callback_factory
+
+    os.environ.update(MINIMA_EVAL_TASKS="demo_mc", MINIMA_EVAL_SHOTS="0", MINIMA_EVAL_LIMIT="6",
+                      MINIMA_EVAL_DATA_DIR=str(demo_data_dir / "eval"))
+    try:
+        cb2 = callback_factory(SimpleNamespace(model=str(tiny_tokenizer_dir)))
+    finally:
+        for k in ("MINIMA_EVAL_TASKS", "MINIMA_EVAL_SHOTS", "MINIMA_EVAL_LIMIT", "MINIMA_EVAL_DATA_DIR"):
+            os.environ.pop(k)
+    assert cb2.on_eval(3, model, SimpleNamespace(rank=0)) == out
+    assert callback_factory(SimpleNamespace(model=None)).on_eval(3, model, None) == {}  # no tasks set: a no-op
 
 
 @pytest.mark.slow

@@ -204,12 +204,13 @@ def run(cfg: EvaluateConfig, force: bool = False) -> Artifact:
 
 # ------------------------------------------------------------------------------ training callback
 class EvalCallback:
-    """Evaluate a task subset every ``every_n_steps`` during training and log the scores.
+    """Evaluate a task subset every ``every_n_steps`` during training and return the scores.
 
-    The training engine calls ``on_eval(step, model, ctx)`` after each dev evaluation; ``ctx`` is the
-    engine's TrainContext (with ``.tokenizer`` and optionally ``.tb_writer``) or a tokenizer. Scores are
-    written to TensorBoard (``ctx.tb_writer``, else a writer on ``log_dir``) on rank 0 and returned as
-    ``{"eval/<task>/<metric>": value}`` (``{}`` on steps that are skipped).
+    The training engine calls ``on_eval(step, model, ctx)`` after each dev evaluation (``model`` may be a
+    DeepSpeed engine; ``ctx`` the engine's TrainContext) and logs the returned
+    ``{"eval/<task>/<metric>": value}`` with its dev metrics (JSONL + TensorBoard). Steps that are not
+    multiples of ``every_n_steps`` return ``{}``. With ``log_dir`` (or a ``ctx.tb_writer``) the scores are
+    also written to TensorBoard here, on rank 0.
 
     Every rank must call ``on_eval`` (ZeRO-3 forwards are collective); each runs all requests.
 
@@ -217,22 +218,33 @@ class EvalCallback:
         tasks: task names or ``{name: spec}`` as in :func:`evaluate_model` (seed 001's ``evaluation_datasets``).
         shots: few-shot count (seed 001's ``evaluation_shots``); None = each task's default.
         every_n_steps: run on steps divisible by this (0 = on every call).
+        tokenizer: the model's tokenizer, or a directory to load it from (default: ``ctx.tokenizer``, or
+            ``ctx`` itself when it is a tokenizer).
         limit: items per task, to keep it quick.
     """
 
-    def __init__(self, tasks, shots: Optional[int] = None, every_n_steps: int = 0, data_dir: Optional[str] = None,
-                 limit: Optional[int] = 100, batch_size: int = 8, log_dir: Optional[str] = None, prefix: str = "eval"):
+    def __init__(self, tasks, shots: Optional[int] = None, every_n_steps: int = 0, tokenizer=None,
+                 data_dir: Optional[str] = None, limit: Optional[int] = 100, batch_size: int = 8,
+                 log_dir: Optional[str] = None, prefix: str = "eval"):
         self.tasks, self.shots, self.every, self.data_dir = tasks, shots, int(every_n_steps), data_dir
-        self.limit, self.batch_size, self.log_dir, self.prefix = limit, batch_size, log_dir, prefix
+        self.tokenizer, self.limit, self.batch_size, self.log_dir, self.prefix = tokenizer, limit, batch_size, log_dir, prefix
         self._writer = None
         self.history: list[tuple[int, dict]] = []
 
-    def on_eval(self, step: int, model, ctx=None) -> dict:
-        if self.every and step % self.every:
-            return {}
-        tok = ctx if hasattr(ctx, "encode") else getattr(ctx, "tokenizer", None)
+    def _tok(self, ctx):
+        if isinstance(self.tokenizer, (str, Path)):
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer))
+        tok = self.tokenizer or (ctx if hasattr(ctx, "encode") else getattr(ctx, "tokenizer", None))
         if tok is None:
-            raise InputError("EvalCallback needs a tokenizer", fix="pass the tokenizer (or a context with .tokenizer) as ctx")
+            raise InputError("EvalCallback has no tokenizer", fix="pass tokenizer=... (an object or a model dir)")
+        return tok
+
+    def on_eval(self, step: int, model, ctx=None) -> dict:
+        if not self.tasks or (self.every and step % self.every):
+            return {}
+        tok = self._tok(ctx)
         net = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
         was_training = net.training
         try:
@@ -244,7 +256,7 @@ class EvalCallback:
         flat = {f"{self.prefix}/{t}/{k}": v for t, r in res.items() for k, v in r.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_stderr")}
         self.history.append((step, flat))
-        if int(os.environ.get("RANK", "0")) == 0:
+        if getattr(ctx, "rank", int(os.environ.get("RANK", "0"))) == 0:
             writer = getattr(ctx, "tb_writer", None) or self._tb()
             if writer is not None:
                 for k, v in flat.items():
@@ -261,16 +273,16 @@ class EvalCallback:
         return self._writer
 
 
-def callback_factory(cfg) -> Optional[EvalCallback]:
+def callback_factory(cfg) -> EvalCallback:
     """``"minima.evaluate:callback_factory"`` for ``run_training(callbacks=[...])``.
 
-    Reads ``MINIMA_EVAL_TASKS`` (comma-separated), ``MINIMA_EVAL_SHOTS``, ``MINIMA_EVAL_EVERY`` and
-    ``MINIMA_EVAL_LIMIT`` from the environment (the train configs have no eval fields); returns an
-    EvalCallback logging to ``<work_dir>/tensorboard`` when tasks are set.
+    The train configs have no eval fields, so the subset comes from the environment:
+    ``MINIMA_EVAL_TASKS`` (comma-separated; unset = the callback does nothing), ``MINIMA_EVAL_SHOTS``,
+    ``MINIMA_EVAL_EVERY`` (steps), ``MINIMA_EVAL_LIMIT`` (items per task, default 100) and
+    ``MINIMA_EVAL_DATA_DIR``. The tokenizer is the starting model's (``cfg.model`` or ``cfg.student``).
     """
     tasks = [t for t in os.environ.get("MINIMA_EVAL_TASKS", "").split(",") if t]
-    if not tasks:
-        return None
     shots = os.environ.get("MINIMA_EVAL_SHOTS")
     return EvalCallback(tasks, shots=int(shots) if shots else None, every_n_steps=int(os.environ.get("MINIMA_EVAL_EVERY", "0")),
+                        tokenizer=getattr(cfg, "model", None) or getattr(cfg, "student", None),
                         limit=int(os.environ.get("MINIMA_EVAL_LIMIT", "100")), data_dir=os.environ.get("MINIMA_EVAL_DATA_DIR"))

@@ -528,7 +528,7 @@ class Perplexity(Task):
 
     name = "perplexity"
     kind = "ppl"
-    folders = ("perplexity", "text")
+    folders = ("perplexity",)
     formats = {"text": "plain text files (.txt), or JSONL/JSON rows with a 'text' field"}
 
 
