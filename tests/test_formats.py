@@ -197,3 +197,12 @@ def test_every_registered_format_batches_like_single_encoding(tok, demo_data_dir
         ids = [i for g in groups for i in g[0]]
         mask = [m for g in groups for m in g[1]]
         assert len(mask_runs(ids, mask)) == sum(m["role"] == "assistant" for m in msgs)
+
+
+def test_records_source_shape_choices_follow_the_registry():
+    import typing
+
+    from minima.config import Source
+    from minima.formats import SHAPES
+
+    assert set(typing.get_args(Source.model_fields["shape"].annotation)) == {"auto", *SHAPES}
