@@ -205,7 +205,7 @@ class LaunchConfig(Closed):
     master_port: int = nohash(29500, "Rendezvous port.")
     hostfile: Optional[str] = nohash(None, "ssh launcher: DeepSpeed hostfile.")
     gpus_per_node: int = nohash(8, "slurm: GPUs per node.")
-    init_timeout_s: int = nohash(300, "Hang guard: seconds to wait for all ranks / a collective.")
+    init_timeout_s: int = nohash(300, "Hang guard: seconds to wait for all nodes to check in (on master_port + 1) and for any collective; the error names the missing node/rank.")
 
     @model_validator(mode="after")
     def _ranks(self):

@@ -124,13 +124,14 @@ def test_acceptance_outputs(reference):
     assert (reference / "manifest.json").stat().st_mtime_ns == mtime  # skipped, not retrained
 
 
-def test_train_only_new_embeddings(inputs):
+@pytest.mark.parametrize("zero", [2, 3])
+def test_train_only_new_embeddings(inputs, zero):
     """Only rows >= new_token_start of embed_tokens/lm_head change; everything else is bit-identical."""
     from minima.adapt import run
 
     d, model, rec = inputs
     start = 900
-    cfg = AdaptConfig(model=str(model), records=str(rec), out_dir=str(d / "newemb"), precision="fp32", zero_stage=2,
+    cfg = AdaptConfig(model=str(model), records=str(rec), out_dir=str(d / f"newemb{zero}"), precision="fp32", zero_stage=zero,
                       micro_batch_size=4, max_steps=3, lr=1e-2, train_only_new_embeddings=True, new_token_start=start)
     old = {k: os.environ.get(k) for k in ONE_THREAD}
     os.environ.update(ONE_THREAD)

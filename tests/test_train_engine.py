@@ -231,6 +231,18 @@ def test_early_stopping_exports_best_and_runs_callbacks(model_dir, tmp_path):
     assert max(float((exported[k] - last[k]).abs().max()) for k in exported) > 0
 
 
+def test_early_stopping_best_export_under_zero3(model_dir, tmp_path):
+    """ZeRO-3 keeps the weights in optimizer partitions: reloading the best checkpoint must still export step 4."""
+    exports = []
+    for zero in (2, 3):
+        ScriptedDevRecipe.evals, ScriptedDevRecipe._last = 0, None
+        cfg = base_cfg(model_dir, tmp_path / f"z{zero}", zero_stage=zero, max_steps=20, eval_steps=2, patience=2, dev_examples=16)
+        res, work = train_inprocess(cfg, recipe=f"{__name__}:ScriptedDevRecipe")
+        assert res["best_step"] == 4 and res["steps"] == 8
+        exports.append(weights(work))
+    assert max_diff(*exports) < 1e-4
+
+
 def test_ds_config_default_file_matches_builtin():
     from minima.train.ds_config import DEFAULT_DS_CONFIG
 

@@ -183,13 +183,13 @@ def run_node(cfg, recipe: str, work_dir: Path, out_dir: Path, callbacks: list[st
 
     plan = plan or plan_launch(cfg)
     spec = make_spec(cfg, recipe, work_dir, out_dir, callbacks)
+    if plan.is_leader:  # leftovers of a failed attempt must not be mistaken for this one's
+        shutil.rmtree(work_dir / ERRORS, ignore_errors=True)
+        (work_dir / RESULT).unlink(missing_ok=True)
     if plan.launcher == "inprocess":
         return _run_inprocess(spec)
     if plan.launcher == "external":
         return run_spec(spec) if plan.is_leader else (run_spec(spec) and None)
-    if plan.is_leader:
-        shutil.rmtree(work_dir / ERRORS, ignore_errors=True)
-        (work_dir / RESULT).unlink(missing_ok=True)
     if spec_path is None:
         # Other nodes keep their spec outside the work dir, which node 0 may still be resetting.
         spec_path = work_dir / "launch_spec.json" if plan.is_leader else Path(tempfile.mkdtemp(prefix="minima-spec-")) / "spec.json"

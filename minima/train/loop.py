@@ -195,6 +195,9 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     import deepspeed
 
     torch.manual_seed(cfg.seed + ctx.rank)
+    # The precision is known before the recipe loads anything (a teacher loads in ctx.dtype).
+    probe = resolve_ds_config(cfg, world_size=ctx.world_size, total_steps=1, on_gpu=ctx.device.type == "cuda")
+    ctx.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision_of(probe)]
     recipe.setup(ctx)
     model = recipe.build_model(ctx)
     params = recipe.trainable_parameters(model)
@@ -210,7 +213,6 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     ds_cfg = resolve_ds_config(cfg, world_size=ctx.world_size, total_steps=total, on_gpu=ctx.device.type == "cuda", hidden_size=hidden)
     if ctx.rank == 0:
         save_resolved(ds_cfg, ctx.work_dir / "ds_config.resolved.json")
-    ctx.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision_of(ds_cfg)]
     stage = zero_stage(ds_cfg)
 
     fpt_params = non_embedding_params(model)
@@ -226,11 +228,13 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     ckpt = ck.Checkpointer(ctx.work_dir / "checkpoints", ctx.rank, world, cfg.keep_last, _barrier)
     state = LoopState()
     latest = ck.latest_complete(ckpt.root)
+    resumed_eval: dict = {}
     if latest is not None:
         saved = ckpt.load(engine, latest)
         state = LoopState(**saved["counters"])
         stream.load_state_dict(saved["data"])
         ck.set_rng_state(saved["rng"])
+        resumed_eval = dict(saved.get("last_eval") or {})
         if state.best_step >= 0:
             ckpt.protected.add(state.best_step)
         log.info(f"resumed from {latest} (step {state.step}/{total})")
@@ -240,13 +244,15 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
                             peak_flops=device_peak_flops() if ctx.device.type == "cuda" else None, log_steps=cfg.log_steps)
     dev_batches: Optional[list[dict]] = None
     checked_counts = False
-    last_eval: dict = {}
+    last_eval: dict = resumed_eval
     step_delay = float(os.environ.get("MINIMA_STEP_DELAY_S", "0") or 0)
     t_train = time.time()
     steps_this_run, tokens_this_run = 0, 0
 
     def save(meta: dict) -> Path:
-        return ckpt.save(engine, state.step, ck.rank_state(state.step, stream.state_dict(), asdict(state)), meta)
+        rs = ck.rank_state(state.step, stream.state_dict(), asdict(state))
+        rs["last_eval"] = dict(last_eval)  # so a run resumed at the very end still reports its dev metrics
+        return ckpt.save(engine, state.step, rs, meta)
 
     while state.step < total and not state.stopped_early:
         t0 = time.time()
@@ -331,7 +337,8 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     wall = time.time() - t_train
     if cfg.patience and state.best_step >= 0 and state.best_step != state.step:
         log.info(f"exporting the best checkpoint (step {state.best_step}, dev loss {state.best_loss:.4g})")
-        ckpt.load(engine, ckpt.root / ck.tag_of(state.best_step), module_only=True)
+        # A full load (not module-only): under ZeRO-3 the weights live in the optimizer's partitions.
+        ckpt.load(engine, ckpt.root / ck.tag_of(state.best_step))
     export_model(engine, recipe, ctx.work_dir, ctx, stage)
     metrics.close()
     if ctx.rank == 0:
