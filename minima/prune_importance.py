@@ -178,8 +178,11 @@ def _gradient_hooks(model, hooks: _Hooks, per_seq: dict) -> None:
     L, H, K, D, I, hd = _shape(model)
 
     def on_grad(x: torch.Tensor, key, view=None):
+        xd = x.detach()  # the closure must not hold x itself: x -> its hook -> x is a cycle that keeps
+        # every batch's activations alive until the cyclic GC happens to run
+
         def hook(grad):
-            prod = (grad.float() * x.detach().float())
+            prod = grad.float() * xd.float()
             if view is not None:
                 prod = prod.view(*prod.shape[:-1], *view).sum(-1)
             g = prod.sum(1)  # [B, units]: per sequence

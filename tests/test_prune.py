@@ -279,6 +279,24 @@ def test_gradient_importance_matches_finite_differences(calib):
     torch.testing.assert_close(imp.heads[layer], (fd / fd.norm()).float(), rtol=2e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["activation", "gradient"])
+def test_calibration_keeps_no_activation_alive(teacher, calib, method):
+    """Streaming: once a batch is done, none of its activations survive (even with the cyclic GC off)."""
+    import gc
+    import weakref
+
+    refs = []
+    h = teacher.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda mod, a: refs.append(weakref.ref(a[0])))
+    gc.disable()
+    try:
+        calibrate(teacher, calib, method)
+        alive = sum(r() is not None for r in refs)
+    finally:
+        gc.enable()
+        h.remove()
+    assert len(refs) == len(calib) and alive == 0
+
+
 def test_magnitude_importance_is_the_weight_norm(teacher):
     imp = calibrate(teacher, None, "magnitude", block_influence=False)
     m = teacher.model.layers[2].mlp
