@@ -455,6 +455,9 @@ def plot_importance(report: PruneReport, path: str | Path) -> Path:
     ax.scatter(range(len(h)), h[order].tolist(), s=2, c=[kept_c if k else pruned_c for k in keep[order].tolist()])
     ax.set_title(f"hidden channels, sorted ({len(plan.hidden)}/{len(h)} kept)")
     ax.set_xlabel("rank")
+    if L <= 40:
+        for ax in (axes[0][0], axes[0][1], axes[1][0]):
+            ax.set_xticks(range(L))
     fig.suptitle(f"prune: {report.teacher_shape.describe()} -> {report.target_shape.describe()}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
