@@ -276,3 +276,24 @@ def test_ds_config_resolution_and_errors(tmp_path, model_dir):
     extra.write_text('{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "foo": {"bar": "auto"}}')
     with pytest.raises(ConfigError, match="foo.bar"):
         resolve_ds_config(base_cfg(model_dir, tmp_path / "o", ds_config=str(extra)), world_size=1, total_steps=10, on_gpu=False)
+
+
+def test_mfu_and_step_line(tmp_path, caplog):
+    """MFU = (6N + 12*L*d*T) * tokens/s / (peak * devices), with the peak table's numbers."""
+    import logging
+    from types import SimpleNamespace
+
+    from minima.train.metrics import MetricsLogger, device_peak_flops, flops_per_token
+
+    assert device_peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and device_peak_flops("NVIDIA H200") == 989e12
+    assert device_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and device_peak_flops("Tesla T4") is None
+    fpt = flops_per_token(SimpleNamespace(num_hidden_layers=32, hidden_size=4096), 6.5e9, 4096)
+    assert fpt == 6 * 6.5e9 + 12 * 32 * 4096 * 4096
+    m = MetricsLogger(tmp_path, True, total_steps=10, flops_per_token=fpt, peak_flops=989e12, world_size=8)
+    with caplog.at_level(logging.INFO, logger="minima"):
+        rec = m.train_step(1, 2.5, 3e-4, 0.75, tokens=8 * 4096 * 4, step_time=2.0)
+    m.close()
+    assert rec["mfu"] == pytest.approx(fpt * (8 * 4096 * 4 / 2.0) / (989e12 * 8), rel=1e-3)
+    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 1/10")][0]
+    assert "gnorm 0.75" in line and "mfu " in line and "eta " in line and "tok/s 66k" in line
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["grad_norm"] == 0.75

@@ -27,6 +27,14 @@ Contract (see ``recipe.py``), with these additions to the agreed API:
 - ``minima.train.synthetic``: ``SyntheticConfig``/``SyntheticRecipe`` (generated, learnable token
   sequences) for engine tests and benchmarks.
 
+Layout of a run (``<out_dir>.partial`` while training, ``out_dir`` once published): the HF model
+files at the top, ``checkpoints/step_NNNNNNNN/`` (DeepSpeed state + per-rank RNG/reader state +
+``COMPLETE`` marker, newest ``keep_last`` kept, plus the best one with ``patience``),
+``metrics.jsonl``, ``tensorboard/``, ``loss_curve.png``, ``ds_config.resolved.json``.
+
+Environment knobs: ``MINIMA_NUM_THREADS`` (torch threads per rank), ``MINIMA_DS_LOG_LEVEL``
+(DeepSpeed's logger, default WARNING), ``MINIMA_STEP_DELAY_S`` (tests: sleep after each step).
+
 In-process mode: ``launch.launcher == "local"``, ``nproc_per_node == nnodes == 1`` and the env var
 ``MINIMA_INPROCESS=1`` runs the worker in the calling process (tests use it to save the subprocess
 start-up cost).

@@ -119,6 +119,8 @@ class MetricsLogger:
             elapsed = time.time() - self.t_start
             eta = elapsed / done * (self.total - step) if done > 0 else None
             ex = {k: v for k, v in (extra or {}).items() if isinstance(v, float)}
+            if grad_norm is not None:
+                ex["gnorm"] = grad_norm
             log.info(step_line(step, self.total, loss, lr, tok_s, mfu, eta, **ex))
         return rec
 
