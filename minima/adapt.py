@@ -174,5 +174,7 @@ def _check_tokenizers_agree(model: Path, records: Path) -> None:
 
 def run(cfg: AdaptConfig, force: bool = False) -> Artifact:
     """Continued pretraining; returns the published (or cached) artifact."""
+    from .evaluate.stage import training_callbacks
+
     inputs = {"model": cfg.model, "records": cfg.records, "ds_config": cfg.ds_config if Path(cfg.ds_config).is_file() else None}
-    return train_stage(cfg, inputs, RECIPE, force=force, validate=lambda: validate_inputs(cfg))
+    return train_stage(cfg, inputs, RECIPE, force=force, callbacks=training_callbacks(cfg), validate=lambda: validate_inputs(cfg))

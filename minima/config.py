@@ -238,7 +238,21 @@ class TrainConfig(StageConfig):
     keep_last: int = nohash(2, "Checkpoints kept.", ge=1)
     patience: int = Field(0, ge=0, description="Stop after N evaluations without dev-loss improvement (0 = off); the best checkpoint is exported.")
     log_steps: int = nohash(1, "Step line every N steps.", ge=1)
+    eval_tasks: list[str] = Field(
+        default_factory=list, json_schema_extra={"hash": False},
+        description="Benchmark tasks (minima evaluate names, e.g. [mmlu, ceval]; seed 001's evaluation_datasets) scored at "
+        "every dev evaluation (eval_steps and the last step) and logged to metrics.jsonl/TensorBoard as "
+        "eval/<task>/<metric>. Empty = off. Chat (judged) tasks are not allowed here.")
+    eval_shots: Optional[int] = nohash(None, "Few-shot count of eval_tasks (seed 001's evaluation_shots); None = each task's standard count.", ge=0)
+    eval_limit: Optional[int] = nohash(100, "eval_tasks: items per task (per subject for mmlu/ceval/cmmlu), to keep training evals quick; None = all.", ge=1)
+    eval_data_dir: Optional[str] = nohash(None, "eval_tasks: benchmark data root, one folder per task (default ../shared/data/eval when present).")
     launch: LaunchConfig = Field(default_factory=LaunchConfig, description="Launcher settings.")
+
+    @field_validator("eval_tasks", mode="before")
+    @classmethod
+    def _eval_tasks(cls, v):
+        # `eval_tasks=mmlu,ceval` on the command line arrives as one string
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
 
 
 class AdaptConfig(TrainConfig):
@@ -391,7 +405,8 @@ class EvaluateConfig(StageConfig):
     tasks: Union[list[str], dict[str, TaskSpec]] = Field(
         default_factory=lambda: ["mmlu", "arc_easy", "hellaswag", "winogrande"],
         description="Task names, or name -> overrides. Tasks: mmlu ceval cmmlu arc_easy arc_challenge hellaswag winogrande "
-        "gsm8k bbh drop humaneval perplexity demo_mc.",
+        "gsm8k bbh drop humaneval perplexity demo_mc; LLM-judged chat tasks (need judge_model): mt_bench belle_eval zbench "
+        "vicuna_bench alpaca_eval.",
     )
     shots: Optional[int] = Field(None, ge=0, description="Few-shot count for every task (default: each task's standard count, e.g. mmlu 5, gsm8k 8).")
     limit: Optional[int] = Field(None, ge=1, description="Items per task (per subject for mmlu/ceval/cmmlu).")
@@ -404,6 +419,23 @@ class EvaluateConfig(StageConfig):
     max_new_tokens: int = Field(256, ge=1, description="Generation tasks: token limit.")
     fewshot_seed: int = Field(1234, description="Seed of the few-shot sampler for tasks that draw shots at random (lm-eval's default).")
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint (off by default).")
+    # LLM-judged chat tasks (mt_bench belle_eval zbench vicuna_bench alpaca_eval; see minima.judge)
+    judge_base_url: Optional[str] = nohash(None, "Chat tasks: the judge's OpenAI-compatible endpoint, e.g. http://127.0.0.1:8001/v1 "
+                                           "(default: env OPENAI_BASE_URL). Not hashed: judge_model names the judge, so a rerun "
+                                           "against another address resumes.")
+    judge_model: Optional[str] = Field(None, description="Chat tasks: the judge model id at the endpoint (e.g. gpt-4).")
+    judge_api_key_env: str = nohash("OPENAI_API_KEY", "Chat tasks: name of the env var holding the judge endpoint's key "
+                                    "(the key itself is never stored in a config).")
+    judge_max_tokens: int = Field(1024, ge=16, description="Chat tasks: judge reply token limit.")
+    judge_concurrency: int = nohash(4, "Chat tasks: judge requests in flight at once.", ge=1)
+    chat_mode: Literal["single", "pairwise"] = Field(
+        "single", description="Chat tasks: single = each answer graded 1-10 (with the set's reference answer where it has one); "
+        "pairwise = compared with baseline_answers in both orders, reported as a win rate.")
+    baseline_answers: Optional[str] = Field(
+        None, description="chat_mode=pairwise: the baseline's answers, a FastChat answer JSONL, or a folder with <task>.jsonl "
+        "per chat task (alpaca_eval files carry their own baseline outputs).")
+    chat_max_new_tokens: int = Field(1024, ge=1, description="Chat tasks: the evaluated model's reply token limit per turn.")
+    chat_temperature: float = Field(0.7, ge=0, le=2, description="Chat tasks: sampling temperature of the model's replies (0 = greedy; sampled with seed).")
 
     @model_validator(mode="after")
     def _one_model(self):

@@ -510,7 +510,9 @@ def run(cfg: DistillConfig, force: bool = False) -> Artifact:
     inputs = {"student": cfg.student, "records": cfg.records,
               "teacher": cfg.teacher if needs_teacher_online(cfg) else None,
               "cache": cfg.cache_dir if cfg.cache_logits and cfg.loss.alpha < 1.0 else None}
-    return train_stage(cfg, inputs, RECIPE, force=force, validate=lambda: validate_inputs(cfg))
+    from .evaluate.stage import training_callbacks  # eval_tasks: benchmark scores at each dev evaluation
+
+    return train_stage(cfg, inputs, RECIPE, force=force, callbacks=training_callbacks(cfg), validate=lambda: validate_inputs(cfg))
 
 
 def cache_main(argv: list[str]) -> int:

@@ -292,19 +292,31 @@ SAMPLE_CONVERSATION = [
 ]
 
 
-def check_template(fmt, tok, out_dir: Path) -> None:
-    """The saved chat template must give the training ids; a mismatch is an export error."""
+def check_template(fmt, tok, out_dir: Optional[Path] = None) -> None:
+    """The chat template (as saved in ``out_dir``, else built for ``tok``) must give the training ids.
+
+    Run before training (a tokenizer the template cannot follow fails in seconds, not after the
+    run) and again on the exported tokenizer.
+    """
+    import copy
+
     from transformers import AutoTokenizer
 
-    saved = AutoTokenizer.from_pretrained(str(out_dir))
+    if out_dir is not None:
+        saved = AutoTokenizer.from_pretrained(str(out_dir))
+    else:
+        saved = copy.deepcopy(tok)
+        saved.chat_template = chat_template(fmt, tok)
     want, _ = fmt.encode(tok, SAMPLE_CONVERSATION)
     got = list(saved.apply_chat_template(SAMPLE_CONVERSATION, tokenize=True)["input_ids"])
     if got != want:
+        first = next(i for i, (a, b) in enumerate(zip(got + [-1], want + [-2])) if a != b)
         raise TrainingError(
-            f"the exported chat template of format {fmt.name!r} does not reproduce the training ids "
-            f"(first difference at token {next(i for i, (a, b) in enumerate(zip(got + [-1], want + [-2])) if a != b)})",
-            where=str(out_dir / "tokenizer_config.json"),
-            fix="this tokenizer's spacing around special tokens is not handled; report it with the tokenizer",
+            f"the chat template of format {fmt.name!r} does not reproduce the training ids for this tokenizer "
+            f"(first difference at token {first})",
+            where=str(out_dir / "tokenizer_config.json") if out_dir is not None else getattr(tok, "name_or_path", None),
+            fix="this tokenizer's spacing around special tokens is not handled by minima.formats.spacing; "
+            "report it with the tokenizer",
         )
 
 
@@ -431,23 +443,48 @@ def build_records(cfg: SftConfig, force: bool = False) -> Path:
 
 
 # ----------------------------------------------------------------------------------- run
+def _wait_for_records(path: Path, timeout_s: int) -> None:
+    """Non-leader nodes: node 0 builds train_files into records; wait until they are complete."""
+    from .artifacts import is_complete
+
+    t0 = time.time()
+    while not is_complete(path):
+        if time.time() - t0 > timeout_s:
+            raise TrainingError(f"records {path} were not built by node 0 within {timeout_s}s",
+                                fix="build them first (minima records format=chat ...) and pass records=DIR")
+        time.sleep(5)
+
+
 def run(cfg: SftConfig, force: bool = False) -> Artifact:
     """Train and publish the sft artifact (skipped when the cache key matches)."""
+    from .train.launch import plan_launch, train_stage
+
     validate(cfg)
+    plan = plan_launch(cfg)
+    if cfg.strategy == "fsdp" and plan.launcher == "external":
+        raise ConfigError("strategy=fsdp starts its own torchrun; do not launch `minima sft` under torchrun",
+                          where="sft.strategy", fix="run `minima sft strategy=fsdp launch.nproc_per_node=N` directly")
     records = cfg.records
     cfg_run = cfg
     if cfg.train_files:
-        records = str(build_records(cfg, force=force))
+        out = cfg.resolved_out_dir()
+        if plan.is_leader:
+            records = str(build_records(cfg, force=force))
+        else:
+            records = str(out.with_name(out.name + ".records"))
+            _wait_for_records(Path(records), cfg.launch.init_timeout_s)
         cfg_run = cfg.model_copy(update={"records": records, "train_files": []})
     fmt = get_format(cfg.format)
-    _vocab_check(cfg_run, Path(records) / "tokenizer" if (Path(records) / "tokenizer").is_dir() else Path(cfg.model),
-                 tuple(getattr(fmt, "added_tokens", ())))
+    tok_dir = Path(records) / "tokenizer" if (Path(records) / "tokenizer").is_dir() else Path(cfg.model)
+    _vocab_check(cfg_run, tok_dir, tuple(getattr(fmt, "added_tokens", ())))
+    check_template(fmt, _load_tokenizer(tok_dir))
     inputs = {"model": cfg.model, "records": records}
+    from .evaluate.stage import training_callbacks  # eval_tasks: benchmark scores at each dev evaluation
+
+    callbacks = training_callbacks(cfg_run)
     if cfg.strategy == "fsdp":
         return run_stage(cfg_run, inputs, body=lambda r: run_fsdp(cfg_run, r), force=force, resumable=False)
-    from .train.launch import train_stage
-
-    return train_stage(cfg_run, inputs, RECIPE, force=force)
+    return train_stage(cfg_run, inputs, RECIPE, force=force, callbacks=callbacks)
 
 
 # ----------------------------------------------------------------------------------- FSDP

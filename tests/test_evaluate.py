@@ -487,15 +487,12 @@ def test_eval_callback_logs_scores_every_n_steps(tmp_path, model, tok, demo_data
 
     from minima.evaluate import callback_factory
 
-    os.environ.update(MINIMA_EVAL_TASKS="demo_mc", MINIMA_EVAL_SHOTS="0", MINIMA_EVAL_LIMIT="6",
-                      MINIMA_EVAL_DATA_DIR=str(demo_data_dir / "eval"))
-    try:
-        cb2 = callback_factory(SimpleNamespace(model=str(tiny_tokenizer_dir)))
-    finally:
-        for k in ("MINIMA_EVAL_TASKS", "MINIMA_EVAL_SHOTS", "MINIMA_EVAL_LIMIT", "MINIMA_EVAL_DATA_DIR"):
-            os.environ.pop(k)
+    from minima.config import AdaptConfig
+
+    cb2 = callback_factory(AdaptConfig(model=str(tiny_tokenizer_dir), eval_tasks=["demo_mc"], eval_shots=0, eval_limit=6,
+                                       eval_data_dir=str(demo_data_dir / "eval")))
     assert cb2.on_eval(3, model, SimpleNamespace(rank=0)) == out
-    assert callback_factory(SimpleNamespace(model=None)).on_eval(3, model, None) == {}  # no tasks set: a no-op
+    assert callback_factory(AdaptConfig()).on_eval(3, model, None) == {}  # no eval_tasks: a no-op
 
 
 @pytest.mark.slow

@@ -4,16 +4,19 @@
   ``results.json``, ``samples.jsonl`` and ``report.md``.
 - ``compare_main(argv)``: ``minima evaluate compare A B``.
 - ``evaluate_model(model, tokenizer, tasks, ...)``: in-process scores, no files (pipeline, notebooks).
-- ``EvalCallback(tasks, shots, every_n_steps)``: ``on_eval(step, model, ctx)`` during training.
+- ``EvalCallback(tasks, shots, every_n_steps)``: ``on_eval(step, model, ctx)`` during training;
+  ``training_callbacks(cfg)`` turns a train config's ``eval_tasks`` into ``train_stage(callbacks=...)``.
 
 Tasks: mmlu ceval cmmlu arc_easy arc_challenge hellaswag winogrande demo_mc (multiple choice),
-gsm8k bbh drop humaneval (generation), perplexity (rolling windows over text files).
+gsm8k bbh drop humaneval (generation), perplexity (rolling windows over text files); mt_bench belle_eval
+zbench vicuna_bench alpaca_eval (LLM-judged chat, stage only; see ``chat.py``).
 """
 from __future__ import annotations
 
 from .core import evaluate_model
 from .report import compare, compare_main
-from .stage import EvalCallback, callback_factory, load_model, run
+from .stage import EvalCallback, callback_factory, load_model, run, training_callbacks
 from .tasks import TASKS
 
-__all__ = ["run", "compare", "compare_main", "evaluate_model", "EvalCallback", "callback_factory", "load_model", "TASKS"]
+__all__ = ["run", "compare", "compare_main", "evaluate_model", "EvalCallback", "callback_factory", "training_callbacks", "load_model",
+           "TASKS"]

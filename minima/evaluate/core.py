@@ -99,6 +99,10 @@ def evaluate_model(
     Returns:
         ``{task: {"acc": .., "acc_stderr": .., ..., "info": {...}, "subjects": {...}, "categories": {...}}}``.
     """
+    for name in task_names(tasks):
+        if get_task(name).kind == "chat":
+            raise InputError(f"{name} is an LLM-judged chat task: it needs a judge endpoint and runs in the evaluate stage only",
+                             fix=f"run `minima evaluate model=DIR tasks=[{name}] judge_model=NAME ...`, or drop it here")
     lm = LM(model, tokenizer, batch_size=batch_size, distributed=distributed, max_length=max_length)
     data_root = Path(data_dir) if data_dir else default_data_dir()
     ctx = _Ctx(lm, tokenizer, chat_template, max_new_tokens, fewshot_seed, seed)

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from ..errors import InputError
 
-PERCENT = ("acc", "acc_norm", "exact_match", "exact_match_strict", "exact_match_flexible", "em", "f1", "pass@")
+PERCENT = ("acc", "acc_norm", "exact_match", "exact_match_strict", "exact_match_flexible", "em", "f1", "pass@", "win_rate")
 CATEGORY_TASKS = {"mmlu": "MMLU categories (mean over questions)", "ceval": "C-Eval categories (mean of subjects)",
                   "cmmlu": "CMMLU categories (mean of subjects)"}
 
@@ -25,12 +25,16 @@ def fmt(metric: str, value: Optional[float], err: Optional[float] = None) -> str
         if err is not None and not (isinstance(err, float) and math.isnan(err)):
             s += f" ± {100 * err:.2f}"
         return s
+    if err is not None and not (isinstance(err, float) and math.isnan(err)):  # e.g. a chat task's mean grade
+        return f"{value:.4g} ± {err:.2g}"
     return f"{value:.4g}"
 
 
 def task_metrics(res: dict) -> list[str]:
-    """The headline metrics of a task result (numbers that are not stderrs)."""
-    return [k for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_stderr")]
+    """The headline metrics of a task result (numbers that are not stderrs; a chat task's score even when None)."""
+    chat = res.get("info", {}).get("kind") == "chat"
+    return [k for k, v in res.items() if (isinstance(v, (int, float)) and not isinstance(v, bool) or (chat and v is None))
+            and not k.endswith("_stderr")]
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -79,6 +83,7 @@ def render_report(results: dict) -> str:
                 row.append(fmt("acc", d.get("acc"), d.get("acc_stderr")))
             rows.append(row)
         out.append(_table(["category", "subjects", *names], rows))
+    out += _chat_sections(models, names, all_tasks)
     for t in ("mmlu", "ceval", "cmmlu", "bbh"):
         subs = list(dict.fromkeys(s for n in names for s in models[n]["tasks"].get(t, {}).get("subjects", {})))
         if not subs:
@@ -90,6 +95,38 @@ def render_report(results: dict) -> str:
                 "", "</details>"]
     del first
     return "\n".join(out) + "\n"
+
+
+def _chat_sections(models: dict, names: list[str], all_tasks: list[str]) -> list[str]:
+    """Per-category tables of the LLM-judged chat tasks (mean grade or win rate, unparseable counts)."""
+    out: list[str] = []
+    for t in all_tasks:
+        ref = next((models[n]["tasks"][t] for n in names if t in models[n]["tasks"]), {})
+        info = ref.get("info", {})
+        if info.get("kind") != "chat":
+            continue
+        single = "score" in ref
+        how = ("mean grade 1-10 per judgment; unparseable judgments left out" if single else
+               "win rate against the baseline, each pair judged in both orders; ties and order-dependent verdicts count "
+               "half, unparseable pairs left out")
+        out += ["", f"## {t}: judged by `{info.get('judge')}` ({how})", "",
+                f"Answers and judgments: `{info.get('dir')}/`."]
+        cats = list(dict.fromkeys(c for n in names for c in models[n]["tasks"].get(t, {}).get("per_category", {})))
+        rows = []
+        for c in [c for c in cats if c != "all"] + (["all"] if "all" in cats else []):
+            row = [f"**{c}**" if c == "all" else c]
+            for n in names:
+                e = models[n]["tasks"].get(t, {}).get("per_category", {}).get(c)
+                if e is None:
+                    row.append("–")
+                    continue
+                value = e.get("mean") if single else e.get("win_rate")
+                bad = e.get("unparseable") if single else e.get("error")
+                row.append(f"{fmt('score' if single else 'win_rate', value)} (n {e.get('judged') if single else e.get('pairs')}, "
+                           f"unparseable {bad})")
+            rows.append(row)
+        out += ["", _table(["category", *names], rows)]
+    return out
 
 
 def load_results(path: str | Path) -> dict:

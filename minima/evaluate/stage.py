@@ -4,6 +4,11 @@
 :func:`evaluate_model`, and publishes an artifact with ``results.json`` (per task, subject and
 category, with stderr), ``samples.jsonl`` (one line per item and model) and ``report.md``.
 Under ``torchrun`` with several processes the requests are split across ranks.
+
+LLM-judged chat tasks (``mt_bench``, ``belle_eval``, ``zbench``, ``vicuna_bench``, ``alpaca_eval``) run
+after the benchmarks through :mod:`minima.evaluate.chat`: answers and judgments go to
+``chat/<task>/`` in the artifact, the score or win rate into results.json and report.md. With chat
+tasks the stage is resumable: ``<out_dir>.partial`` and its JSONL survive a failed attempt.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from ..artifacts import Artifact, StageRun, cache_key, hash_input, is_complete, 
 from ..config import EvaluateConfig
 from ..errors import ArtifactError, ConfigError, InputError
 from ..logs import get_logger
+from .chat import chat_names, run_chat_tasks, validate_chat
 from .core import default_data_dir, evaluate_model, task_names
 from .report import _jsonable, render_report
 from .tasks import TASKS, get_task, task_root
@@ -54,20 +60,26 @@ def validate_inputs(cfg: EvaluateConfig) -> tuple[dict[str, str], Optional[Path]
     for n in names:
         t = get_task(n)
         spec = cfg.tasks[n] if isinstance(cfg.tasks, dict) else None
-        if t.kind != "ppl":
+        if t.kind not in ("ppl", "chat"):
             task_root(t, data_dir, spec.path if spec else None)
+    validate_chat(cfg, data_dir)
     return models, data_dir
 
 
 def task_inputs(cfg: EvaluateConfig, models: dict[str, str], data_dir: Optional[Path]) -> dict[str, Optional[str]]:
     inputs: dict[str, Optional[str]] = {f"model:{n}": d for n, d in models.items()}
+    chat_files = validate_chat(cfg, data_dir)
     for n in task_names(cfg.tasks):
         t = get_task(n)
         spec = cfg.tasks[n] if isinstance(cfg.tasks, dict) else None
-        if spec and spec.path:
+        if n in chat_files:
+            inputs[f"task:{n}"] = str(chat_files[n])
+        elif spec and spec.path:
             inputs[f"task:{n}"] = spec.path
         elif t.kind != "ppl":
             inputs[f"task:{n}"] = str(task_root(t, data_dir, None))
+    if chat_files and cfg.chat_mode == "pairwise":
+        inputs["baseline_answers"] = cfg.baseline_answers
     return inputs
 
 
@@ -124,15 +136,27 @@ def _init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def _benchmark_tasks(cfg: EvaluateConfig):
+    """``cfg.tasks`` without the chat tasks (same shape: a list or a name -> spec dict)."""
+    chat = set(chat_names(cfg.tasks))
+    if isinstance(cfg.tasks, dict):
+        return {k: v for k, v in cfg.tasks.items() if k not in chat}
+    return [t for t in cfg.tasks if t not in chat]
+
+
 def _evaluate_all(cfg: EvaluateConfig, models: dict[str, str], data_dir: Optional[Path], distributed: bool):
     results: dict[str, Any] = {"models": {}, "meta": {}}
     samples: list[dict] = []
     t0 = time.time()
+    bench = _benchmark_tasks(cfg)
     for name, path in models.items():
+        if not bench:  # only chat tasks: run_chat_tasks loads the model to answer them
+            results["models"][name] = {"path": str(path), "tasks": {}}
+            continue
         log.info(f"evaluating {name} ({path})")
         model, tok = load_model(path, cfg.dtype, cfg.device, cfg.trust_remote_code)
         s: list[dict] = []
-        tasks = evaluate_model(model, tok, cfg.tasks, data_dir=data_dir, shots=cfg.shots, limit=cfg.limit,
+        tasks = evaluate_model(model, tok, bench, data_dir=data_dir, shots=cfg.shots, limit=cfg.limit,
                                batch_size=cfg.batch_size, mode=cfg.mode, chat_template=cfg.chat_template,
                                max_new_tokens=cfg.max_new_tokens, fewshot_seed=cfg.fewshot_seed, seed=cfg.seed,
                                distributed=distributed, samples=s)
@@ -168,12 +192,23 @@ def run(cfg: EvaluateConfig, force: bool = False) -> Artifact:
     models, data_dir = validate_inputs(cfg)
     inputs = task_inputs(cfg, models, data_dir)
     rank, world = _init_distributed()
+    chat_files = validate_chat(cfg, data_dir)
     if world == 1:
         def body(run: StageRun):
             results, samples = _evaluate_all(cfg, models, data_dir, distributed=False)
+            if chat_files:
+                t0 = time.time()
+                for name, tasks in run_chat_tasks(cfg, models, chat_files, run.work_dir).items():
+                    results["models"][name]["tasks"].update(tasks)
+                results["meta"].update(judge=cfg.judge_model, chat_mode=cfg.chat_mode,
+                                       seconds=round(results["meta"]["seconds"] + time.time() - t0, 2))
             return _write_outputs(run.work_dir, results, samples)
 
-        return run_stage(cfg, inputs, body, force=force)
+        # A judge run is slow: keep <out_dir>.partial (the answers/judgments JSONL) for the next attempt.
+        return run_stage(cfg, inputs, body, force=force, resumable=bool(chat_files))
+    if chat_files:
+        raise ConfigError(f"chat tasks ({', '.join(chat_files)}) are judged in one process, not under torchrun",
+                          where="tasks", fix="run them in a separate `minima evaluate` without torchrun")
 
     # Several ranks: all of them score their share; rank 0 alone writes the artifact.
     import torch
@@ -273,16 +308,56 @@ class EvalCallback:
         return self._writer
 
 
-def callback_factory(cfg) -> EvalCallback:
-    """``"minima.evaluate:callback_factory"`` for ``run_training(callbacks=[...])``.
+CALLBACK = "minima.evaluate:callback_factory"
 
-    The train configs have no eval fields, so the subset comes from the environment:
-    ``MINIMA_EVAL_TASKS`` (comma-separated; unset = the callback does nothing), ``MINIMA_EVAL_SHOTS``,
-    ``MINIMA_EVAL_EVERY`` (steps), ``MINIMA_EVAL_LIMIT`` (items per task, default 100) and
-    ``MINIMA_EVAL_DATA_DIR``. The tokenizer is the starting model's (``cfg.model`` or ``cfg.student``).
+
+def _eval_tokenizer(cfg) -> Optional[str]:
+    """The tokenizer the training data was built with (records/tokenizer), else the starting model's dir."""
+    records = getattr(cfg, "records", None)
+    if records and (Path(records) / "tokenizer").is_dir():
+        return str(Path(records) / "tokenizer")
+    return getattr(cfg, "model", None) or getattr(cfg, "student", None)
+
+
+def callback_factory(cfg) -> EvalCallback:
+    """``"minima.evaluate:callback_factory"`` for ``run_training(callbacks=[...])``, configured by the train config.
+
+    ``cfg.eval_tasks`` (empty: the callback does nothing), ``cfg.eval_shots``, ``cfg.eval_limit`` and
+    ``cfg.eval_data_dir`` (see TrainConfig). The engine calls it at every dev evaluation (``eval_steps``
+    and the last step), so it scores on every call.
     """
-    tasks = [t for t in os.environ.get("MINIMA_EVAL_TASKS", "").split(",") if t]
-    shots = os.environ.get("MINIMA_EVAL_SHOTS")
-    return EvalCallback(tasks, shots=int(shots) if shots else None, every_n_steps=int(os.environ.get("MINIMA_EVAL_EVERY", "0")),
-                        tokenizer=getattr(cfg, "model", None) or getattr(cfg, "student", None),
-                        limit=int(os.environ.get("MINIMA_EVAL_LIMIT", "100")), data_dir=os.environ.get("MINIMA_EVAL_DATA_DIR"))
+    return EvalCallback(list(getattr(cfg, "eval_tasks", None) or []), shots=getattr(cfg, "eval_shots", None), every_n_steps=0,
+                        tokenizer=_eval_tokenizer(cfg), limit=getattr(cfg, "eval_limit", None),
+                        data_dir=getattr(cfg, "eval_data_dir", None))
+
+
+def training_callbacks(cfg) -> list[str]:
+    """The callbacks a training stage passes to ``train_stage``: ``[CALLBACK]`` when ``cfg.eval_tasks`` is set.
+
+    Checks the tasks before anything launches: known names, no chat (judged) tasks, data found, and a
+    dev split in the records (the engine evaluates, and so calls the callback, only when there is one).
+    """
+    tasks = list(getattr(cfg, "eval_tasks", None) or [])
+    if not tasks:
+        return []
+    if getattr(cfg, "strategy", "deepspeed") == "fsdp":
+        raise ConfigError("eval_tasks run inside the DeepSpeed engine, and strategy=fsdp has no callbacks", where="eval_tasks",
+                          fix="use strategy=deepspeed, or evaluate the exported model afterwards with `minima evaluate`")
+    data_dir = Path(cfg.eval_data_dir) if getattr(cfg, "eval_data_dir", None) else default_data_dir()
+    if getattr(cfg, "eval_data_dir", None) and not data_dir.is_dir():
+        raise InputError(f"eval_data_dir {data_dir} does not exist", where="eval_data_dir",
+                         fix="point it at a folder with one subfolder per benchmark")
+    for name in tasks:
+        t = get_task(name)
+        if t.kind == "chat":
+            raise ConfigError(f"eval_tasks: {name} is an LLM-judged chat task and cannot run during training", where="eval_tasks",
+                              fix=f"evaluate it after training: minima evaluate model=OUT tasks=[{name}] judge_model=...")
+        if t.kind != "ppl":
+            task_root(t, data_dir, None)
+    records = getattr(cfg, "records", None)
+    if records and Path(records).is_dir() and not any((Path(records) / "dev").glob("part-*.tfrecord")):
+        raise ConfigError(f"eval_tasks run at each dev evaluation, and the records at {records} have no dev split",
+                          where="eval_tasks", fix="build the records with dev_fraction > 0, or clear eval_tasks")
+    if _eval_tokenizer(cfg) is None:
+        raise ConfigError("eval_tasks need a tokenizer and the config names no model", where="model")
+    return [CALLBACK]

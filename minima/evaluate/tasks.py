@@ -532,9 +532,34 @@ class Perplexity(Task):
     formats = {"text": "plain text files (.txt), or JSONL/JSON rows with a 'text' field"}
 
 
+class ChatTask(Task):
+    """An LLM-judged chat benchmark (run by the evaluate stage through :mod:`minima.judge`, not by ``evaluate_model``).
+
+    ``question_format`` is the judge's question format; ``folders`` are looked up under data_dir and
+    ``shared_files`` (relative to data_dir's parent, ../shared/data) are the fallback question files.
+    """
+
+    kind = "chat"
+
+    def __init__(self, name: str, question_format: str, folders: tuple[str, ...], files: tuple[str, ...] = (),
+                 shared_files: tuple[str, ...] = ()):
+        self.name, self.question_format, self.folders = name, question_format, folders
+        self.files, self.shared_files = files, shared_files
+        self.formats = {question_format: f"see minima.judge ({question_format} question set)"}
+
+
+CHAT_TASKS: dict[str, ChatTask] = {t.name: t for t in (
+    ChatTask("mt_bench", "mt_bench", ("mt_bench", "mt-bench"), files=("question.jsonl",)),
+    ChatTask("belle_eval", "belle", ("belle_eval", "belle"), files=("eval_set.json", "belle_eval_set.jsonl"),
+             shared_files=("instruction/belle_eval_set.jsonl",)),
+    ChatTask("zbench", "zbench", ("zbench", "z-bench", "Z-Bench")),
+    ChatTask("vicuna_bench", "vicuna", ("vicuna_bench", "vicuna-bench", "vicuna"), files=("question.jsonl",)),
+    ChatTask("alpaca_eval", "alpaca_eval", ("alpaca_eval",), files=("alpaca_eval.json",)),
+)}
+
 TASKS: dict[str, Task] = {t.name: t for t in (
     MMLU(), CEval(), CMMLU(), ARC("arc_easy"), ARC("arc_challenge"), HellaSwag(), Winogrande(), DemoMC(),
-    GSM8K(), BBH(), DROP(), HumanEval(), Perplexity(),
+    GSM8K(), BBH(), DROP(), HumanEval(), Perplexity(), *CHAT_TASKS.values(),
 )}
 
 
