@@ -370,3 +370,25 @@ def test_cli_builds_records(tmp_path, tok_dir, capsys):
     assert rc == 0 and (out / "manifest.json").is_file() and (out / "train" / "part-00000.index").is_file()
     assert main(["records", f"inputs={tmp_path / 'a.txt'}", f"tokenizer={tmp_path}", f"out_dir={out}"]) == 2
     assert "hint:" in capsys.readouterr().err
+
+
+def test_concurrent_builds_in_threads_do_not_share_settings(tmp_path, demo_data_dir, tiny_tokenizer_dir):
+    """The pipeline builds lm and chat records at the same time in one process: each build must keep
+    its own format settings (a module-global worker state once mixed them up)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from minima.config import RecordsConfig
+    from minima.records.build import run
+
+    def build(fmt, path, name):
+        cfg = RecordsConfig(inputs=str(path), tokenizer=str(tiny_tokenizer_dir), format=fmt, max_length=64,
+                            out_dir=str(tmp_path / name), dev_fraction=0.1, chunk_size=16)
+        return run(cfg)
+
+    for _ in range(2):
+        with ThreadPoolExecutor(2) as ex:
+            lm = ex.submit(build, "lm", demo_data_dir / "text/pretrain_en.txt", "lm")
+            chat = ex.submit(build, "chat", demo_data_dir / "chat/demo_chat.json", "chat")
+            a, b = lm.result(), chat.result()
+        assert a.manifest["metrics"]["format"] == "lm" and b.manifest["metrics"]["format"] == "chat"
+        assert a.manifest["metrics"]["num_records"]["train"] > 0 and b.manifest["metrics"]["num_records"]["train"] > 0

@@ -26,6 +26,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,22 +167,30 @@ def read_sources(cfg: RecordsConfig, sources: list[Source], skipped: Optional[li
 # --------------------------------------------------------------------------------- tokenizing
 # Worker state: the tokenizer and settings, and (with fork) the documents themselves, inherited
 # from the parent so that tasks are just (split, start, end) and no text is pickled.
+# A pool worker's state. Only pool children read it: the parent keeps its own state per build, so two
+# builds running in threads of one process (the pipeline builds lm and chat records concurrently)
+# never see each other's settings. _FORK_LOCK makes "set, then fork" atomic across those threads.
 _WORKER: dict[str, Any] = {}
+_FORK_LOCK = threading.Lock()
+
+
+def _make_worker(tok: Any, cfg_fields: dict, payloads: Optional[dict]) -> dict:
+    from ..formats import get_format
+
+    return dict(cfg_fields, tok=tok, payloads=payloads,
+                chat=get_format(cfg_fields["chat_format"]) if cfg_fields["fmt"] == "chat" else None)
 
 
 def _setup_worker(tok: Any, cfg_fields: dict, payloads: Optional[dict]) -> None:
-    from ..formats import get_format
-
     _WORKER.clear()
-    _WORKER.update(cfg_fields, tok=tok, payloads=payloads,
-                   chat=get_format(cfg_fields["chat_format"]) if cfg_fields["fmt"] == "chat" else None)
+    _WORKER.update(_make_worker(tok, cfg_fields, payloads))
 
 
 def _init_spawned_worker(tokenizer_dir: str, cfg_fields: dict) -> None:
     _setup_worker(load_tokenizer(tokenizer_dir), cfg_fields, None)
 
 
-def _tokenize_task(task: tuple) -> tuple:
+def _tokenize_task(task: tuple, w: Optional[dict] = None) -> tuple:
     """Tokenize documents ``start:end`` of a split (or the payloads sent along, without fork).
 
     Returns flat arrays, cheap to send back: lm ``(ids int32, lengths)``; chat ``(ids int32,
@@ -190,7 +199,7 @@ def _tokenize_task(task: tuple) -> tuple:
     from ..formats import tokenize_texts
 
     split, start, end, sent = task
-    w = _WORKER
+    w = _WORKER if w is None else w
     payloads = sent if sent is not None else w["payloads"][split][start:end]
     tok = w["tok"]
     if w["fmt"] == "lm":
@@ -239,17 +248,19 @@ class Tokenizing:
                       max_length=cfg.max_length, overflow=cfg.overflow)
         self.pool = None
         self.fork = "fork" in mp.get_all_start_methods()
-        if cfg.num_workers <= 1 or self.fork:
-            _setup_worker(tok, fields, payloads)
+        self.local = _make_worker(tok, fields, payloads) if cfg.num_workers <= 1 else None
         if cfg.num_workers > 1:
             if self.fork:  # children inherit _WORKER, tokenizer and documents included
-                # Move every existing object out of the collector's reach: a child's gc pass would
-                # otherwise touch (and copy-on-write) the parent's whole heap.
-                gc.freeze()
-                try:
-                    self.pool = mp.get_context("fork").Pool(cfg.num_workers)
-                finally:
-                    gc.unfreeze()
+                with _FORK_LOCK:
+                    _setup_worker(tok, fields, payloads)
+                    # Move every existing object out of the collector's reach: a child's gc pass would
+                    # otherwise touch (and copy-on-write) the parent's whole heap.
+                    gc.freeze()
+                    try:
+                        self.pool = mp.get_context("fork").Pool(cfg.num_workers)
+                    finally:
+                        gc.unfreeze()
+                        _WORKER.clear()
             else:
                 self.pool = mp.get_context("spawn").Pool(cfg.num_workers, initializer=_init_spawned_worker,
                                                          initargs=(str(cfg.tokenizer), fields))
@@ -258,7 +269,10 @@ class Tokenizing:
         n, size = len(self.payloads[split]), self.cfg.chunk_size
         tasks = ((split, i, min(i + size, n), None if self.fork else self.payloads[split][i : i + size])
                  for i in range(0, n, size))
-        results = self.pool.imap(_tokenize_task, tasks, chunksize=1) if self.pool else map(_tokenize_task, tasks)
+        if self.pool:
+            results = self.pool.imap(_tokenize_task, tasks, chunksize=1)
+        else:
+            results = (_tokenize_task(t, self.local) for t in tasks)
         yield from progress(results, f"tokenize {split}", total=-(-n // size), unit="chunk")
 
     def close(self) -> None:
@@ -266,7 +280,6 @@ class Tokenizing:
             self.pool.terminate()
             self.pool.join()
             self.pool = None
-        _WORKER.clear()
 
 
 # ------------------------------------------------------------------------------------ writing
