@@ -9,6 +9,16 @@ from minima.errors import ConfigError
 from minima.lora import apply_lora, check_qlora, export_lora, load_adapter, module_names
 from minima.testing import tiny_family_model, tiny_llama
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # One thread: on a shared 2-core machine a second thread makes tiny models ~10x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 
 

@@ -3,12 +3,23 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from minima.config import LoraConfig
 from minima.lora import apply_lora
 from minima.neftune import attach_neftune, detach_neftune
 from minima.testing import tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # One thread: on a shared 2-core machine a second thread makes tiny models ~10x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
              attention_dropout=0.0)
