@@ -17,7 +17,8 @@ from typing import Any, Optional
 from prefect import task
 from prefect.context import TaskRunContext
 
-from minima.artifacts import Artifact, canonical_json, config_hash, is_complete, read_manifest, replacing_stale, sha256_text
+from minima.artifacts import (Artifact, atomic_write_text, canonical_json, config_hash, is_complete, read_manifest,
+                              replacing_stale, sha256_text)
 from minima.cli import STAGE_RUNNERS
 from minima.config import PipelineConfig
 from minima.errors import MinimaError
@@ -48,14 +49,18 @@ def step_cache_key(context: Optional[TaskRunContext], params: dict[str, Any]) ->
     return f"minima-{params['key']}-" + sha256_text(canonical_json({"out": str(cfg.resolved_out_dir()), "config": config_hash(cfg), "up": up_keys}))
 
 
+REQUEST_FILE = ".pipeline_request"  # the hash of the step config the pipeline asked for (stages may resolve it further)
+
+
 def artifact_current(pipeline: PipelineConfig, key: str, upstream_paths: dict[str, str]) -> bool:
-    """True when the step's artifact on disk is complete and was built from this config."""
+    """True when the step's artifact on disk is complete and was built for this step config."""
     try:
         cfg = step_config(pipeline, key, upstream_paths)
     except Exception:
         return False
     out = cfg.resolved_out_dir()
-    return is_complete(out) and read_manifest(out).get("config_hash") == config_hash(cfg)
+    req = out / REQUEST_FILE
+    return is_complete(out) and req.is_file() and req.read_text() == config_hash(cfg)
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -71,6 +76,8 @@ def run_step(pipeline: dict, key: str, upstream: dict[str, Any], force: bool = F
     module, fn = STAGE_RUNNERS[STEP[key].stage].split(":")
     with replacing_stale():
         artifact: Artifact = getattr(importlib.import_module(module), fn)(cfg, force=force)
+    # A stage may resolve its config further (distill fills model=student), so remember what was asked.
+    atomic_write_text(artifact.path / REQUEST_FILE, config_hash(cfg))
     return {
         "key": key,
         "stage": STEP[key].stage,
