@@ -10,9 +10,12 @@ shapes), so planning a 7B costs nothing. Per GPU, for the resolved stage config:
 - FLOPs per token (6N + 12 L d T, plus the teacher's forward for distill) and the time at an MFU;
 - record-shard and checkpoint sizes.
 
-Byte counts (per parameter) follow DeepSpeed's mixed-precision ZeRO: bf16/fp16 training keeps 2-byte
-weights and gradients plus a 12-byte fp32 master + Adam m + v; fp32 training keeps 4 + 4 + 8, and
-DeepSpeed's ZeRO optimizer also keeps a flat fp32 partition of the weights (+4).
+Memory is what the engine allocates, term by term (see the memory section below): DeepSpeed's ZeRO
+buffers (weights, fp32 master partition + Adam m, v, ZeRO-3's gradient partition, reduce buckets,
+gathered ZeRO-3 parameters), the tensors autograd saves per Llama layer (checked byte for byte
+against a real HF layer in tests), the loss's logit temporaries, the optimizer step's temporaries,
+and the process runtime. The peak is the resident part plus the larger of the forward/backward and
+optimizer-step phases; benchmarks/plan.py checks it against measured peaks of real CPU runs.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ class PlanOptions:
     corpus_tokens: Optional[float] = None  # records: tokens on disk
     bytes_per_token: float = 2.6  # records: measured on LLaMA ids (varint int64 in tf.Example)
     memory_gib: Optional[float] = None  # override the device's memory
+    seq: Optional[int] = None  # sequence length (default: the records' max_length, sft's max_length, else the model's)
 
 
 # ------------------------------------------------------------------------------------ shapes
@@ -105,50 +109,174 @@ def lora_trainable(config, lora) -> int:
 
 
 # ------------------------------------------------------------------------------------ memory
-def model_state_bytes(n_params: int, n_trainable: int, precision: str, zero: int, world: int) -> dict[str, float]:
-    """Per-GPU weights / gradients / optimizer bytes under ZeRO stage ``zero``."""
-    w_b = 4 if precision == "fp32" else 2
-    g_b = w_b
-    o_b = 12  # fp32 master (or, in fp32, ZeRO's flat fp32 partition) + Adam m + v
-    weights = n_params * w_b
-    grads = n_trainable * g_b
-    optim = n_trainable * o_b
-    if zero >= 1:
-        optim /= world
-    if zero >= 2:
-        grads /= world
+# What the engine allocates, per rank, checked against measured peaks of tiny CPU runs of adapt,
+# distill and sft (benchmarks/plan.py; ZeRO-2/3, checkpointing on/off, LoRA). Every term below says
+# where it comes from. The peak of a training step is
+#
+#     resident (model states, frozen/teacher weights, runtime)
+#       + max(forward/backward: activations + loss temporaries [+ ZeRO-3 gathered parameters],
+#             optimizer step: gradient copies + Adam temporaries)
+#
+# because activations are freed by the end of the backward, before the optimizer step allocates.
+MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's stage3_max_live_parameters / stage3_max_reuse_distance defaults
+# Memory a training process holds besides tensors. CPU: library code pages first touched by training,
+# DeepSpeed's shared-memory comm buffers, the heap of per-parameter bookkeeping; measured by
+# benchmarks/plan.py as the peak of a tiny model's run (where every tensor term is < 1 MiB).
+# GPU: the CUDA context with cuBLAS and NCCL workspaces, typically 0.5-1.5 GiB (not measured here).
+RUNTIME_BYTES = {"cpu": 76 * 2**20, "gpu": 1.0 * GiB}
+
+
+def compute_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def model_state_bytes(n_params: int, n_trainable: int, precision: str, zero: int, world: int,
+                      accumulation: int = 1) -> dict[str, float]:
+    """Resident per-rank bytes of DeepSpeed's model states under ZeRO stage ``zero``.
+
+    - weights: the compute-dtype copy (e = 4 fp32, 2 bf16/fp16 bytes per parameter), partitioned
+      (1/world) only by ZeRO-3. Under ZeRO-1/2 DeepSpeed moves the trainable weights into one flat
+      buffer (the loaded tensors are freed, so there is one copy).
+    - optimizer: 12 bytes per trainable parameter: the fp32 master partition (kept even in fp32
+      training: ZeRO clones a flat fp32 partition of the weights) + Adam m + v, 1/world from ZeRO-1.
+    - gradients: ZeRO-3 allocates a flat gradient partition (e per trainable / world) at start.
+      ZeRO-0/1/2 gradients exist only from the backward to the optimizer step, so they count in the
+      step phase (``step_transient_bytes``); with gradient accumulation they live across micro-batches
+      and are resident (full under ZeRO-0/1, 1/world under ZeRO-2).
+    """
+    e = compute_bytes(precision)
+    weights = n_params * e / (world if zero >= 3 else 1)
+    # ZeRO-0 in fp32 steps torch's AdamW on the weights themselves: no master copy (not measured)
+    optim = n_trainable * (8 if zero == 0 and e == 4 else 12) / (world if zero >= 1 else 1)
     if zero >= 3:
-        weights /= world
+        grads = n_trainable * e / world
+    elif accumulation > 1:
+        grads = n_trainable * e / (world if zero == 2 else 1)
+    else:
+        grads = 0.0
     return {"weights": weights, "gradients": grads, "optimizer": optim}
 
 
-def activation_bytes(config, micro_batch: int, seq: int, precision: str, checkpointing: bool, flash: bool = True) -> float:
-    """Activations kept for backward in one micro-batch of a Llama-style decoder.
+def step_transient_bytes(n_trainable: int, precision: str, zero: int, world: int, cpu: bool, accumulation: int = 1) -> float:
+    """Peak extra bytes of the optimizer step (activations are gone by then).
 
-    Per layer (b x s tokens, hidden h, ffn f, q/kv widths): norm in/out (2h), q, k, v (h + 2kv),
-    rotated q, k (h + kv), attention output (h), o_proj in (h), post-norm in/out (2h), gate, up,
-    act(gate), act*up (4f) in the compute dtype, plus the attention matrix (heads x s x s, x2 for the
-    softmax and its input) with eager attention. With checkpointing only each layer's input is kept,
-    plus one layer recomputed at a time. The logits (b x s x V) are counted in fp32 twice (the upcast
-    for the loss and its gradient).
+    DeepSpeed flattens the gradient partition into an fp32 copy for the optimizer (4 bytes), and
+    torch's AdamW computes ``sqrt(v) / c`` into fp32 temporaries: two at once in its single-tensor CPU
+    path, one in the foreach path used on GPUs (4 or 8 bytes). Under ZeRO-0/1/2 the gradient
+    partition (e bytes) exists here too unless it is resident (accumulation > 1) and is freed once
+    copied, before Adam runs: 4 + max(e, Adam). ZeRO-3's gradient buffer is resident: 4 + Adam.
+    Measured on CPU in fp32: 12 bytes per trainable parameter per rank for both ZeRO-2 and ZeRO-3.
     """
-    b_ = 4 if precision == "fp32" else 2
-    h = config.hidden_size
-    f = config.intermediate_size
+    e = compute_bytes(precision)
+    shard = world if zero >= 1 else 1
+    fp32_copy, adam = n_trainable * 4 / shard, n_trainable * (8 if cpu else 4) / shard
+    if zero >= 3 or accumulation > 1:
+        return fp32_copy + adam
+    return fp32_copy + max(n_trainable * e / (world if zero == 2 else 1), adam)
+
+
+def attn_implementation(config) -> str:
+    """The attention kernel the engine's model will use: the config's choice, else sdpa (HF's default)."""
+    impl = getattr(config, "_attn_implementation", None) or getattr(config, "attn_implementation", None)
+    return impl if impl in ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention") else "sdpa"
+
+
+LORA_INPUTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def layer_activation_bytes(config, tokens: int, precision: str, *, attn: str = "sdpa", micro_batch: int = 1,
+                           lora=None, cpu: bool = False) -> float:
+    """Bytes one HF LlamaDecoderLayer saves for its backward (checked tensor by tensor in tests).
+
+    Per token, e = compute bytes, h hidden, kv = KV heads x head dim, f ffn:
+    - each RMSNorm (two per layer) saves its input upcast to fp32 (4h) and 1/rms (4); with trainable
+      weights also the normalised x (e h, for the norm weight's gradient) and its output (e h, the
+      Linear inputs);
+    - sdpa/flash attention saves the rotated q, k and v and its output (e (2h + 2 kv)), whose
+      transpose is already contiguous (the o_proj input shares it), plus a logsumexp per head and
+      position; eager saves q and k, v repeated to all heads (3 e h), the fp32 softmax (4 b H s^2,
+      and its compute-dtype copy below fp32) and the o_proj input (e h);
+    - the MLP saves gate, up and act(gate) (3 e f) and act*up (e f, the down_proj input).
+
+    LoRA (peft) leaves the base Linears frozen, so they save nothing for themselves: the norms keep
+    only their fp32 input and 1/rms, and an input is kept only if a lora_A needs it. With dropout > 0
+    each targeted Linear saves its dropout output and mask (e each on CPU, where dropout multiplies
+    by an fp32 noise tensor; a 1-byte mask on GPU) instead; every adapter also saves its r-wide
+    lora_A output.
+    """
+    e = compute_bytes(precision)
+    h, f = config.hidden_size, config.intermediate_size
     heads = config.num_attention_heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * (h // heads)
-    L = config.num_hidden_layers
-    tokens = micro_batch * seq
-    per_layer = tokens * (2 * h + (h + 2 * kv) + (h + kv) + h + h + 2 * h + 4 * f) * b_
-    if not flash:
-        per_layer += micro_batch * heads * seq * seq * b_ * 2
+    seq = tokens // max(micro_batch, 1)
+    full = lora is None or not lora.enabled
+    targets = set() if full else set(lora.target_modules) & set(LORA_INPUTS)
+    drop = not full and lora.dropout > 0
+    ins = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": h, "gate_proj": h, "up_proj": h, "down_proj": f}
+    per = 2 * (4 * h + 4)
+    if full:
+        per += 2 * 2 * e * h
+    elif not drop:  # lora_A reads the norm output itself
+        per += e * h * (bool(targets & {"q_proj", "k_proj", "v_proj"}) + bool(targets & {"gate_proj", "up_proj"}))
+    if attn == "eager":
+        per += 3 * e * h + (e * h if full or (not drop and "o_proj" in targets) else 0)
+        extra = micro_batch * heads * seq * seq * (4 + (e if e < 4 else 0))
     else:
-        per_layer += micro_batch * heads * seq * 4  # logsumexp
-    logits = tokens * config.vocab_size * (b_ + 4 + 4)
-    embed = tokens * h * b_
+        per += e * (2 * h + 2 * kv)
+        extra = micro_batch * heads * seq * 4
+    per += 3 * e * f + (e * f if full or (not drop and "down_proj" in targets) else 0)
+    mask = e if cpu else 1
+    for t in targets:
+        per += e * lora.r + ((e + mask) * ins[t] if drop else 0)
+    return tokens * per + extra
+
+
+def loss_bytes(tokens: int, vocab: int, precision: str, loss: str = "ce", *, teacher_bytes: int = 4, chunk: int = 0,
+               top_k: int = 64) -> float:
+    """Peak bytes of the logits and the loss (forward and backward), b*s tokens over the vocab V.
+
+    - ``ce`` (adapt, sft: ``causal_lm_loss_sum``): the logits (e), their shifted fp32 copy and the
+      fp32 log-softmax that cross entropy saves: V (e + 8) per token.
+    - ``kd`` (distill, online teacher, ``minima.kd.dense_loss``): student logits (e), teacher
+      logits, the student's logit gradient (e) and about six fp32 [tokens, chunk] temporaries of the
+      fused, vocab-chunked loss (exp, differences, products of one chunk).
+    - ``kd_cached`` (distill from the logit cache): student logits and gradient, three fp32
+      [tokens, chunk] temporaries for the log-sum-exp, and the [tokens, k] targets (ids, values,
+      rest) with their fp32 gathers (not measured).
+    """
+    e = compute_bytes(precision)
+    c = min(chunk, vocab) if chunk > 0 else vocab
+    if loss == "kd":
+        return tokens * (vocab * (2 * e + teacher_bytes) + 6 * c * 4)
+    if loss == "kd_cached":
+        return tokens * (vocab * 2 * e + 3 * c * 4 + top_k * (8 + 4 + 4) * 2)
+    return tokens * vocab * (e + 8)
+
+
+def activation_bytes(config, micro_batch: int, seq: int, precision: str, checkpointing: bool, flash: bool = True, *,
+                     attn: Optional[str] = None, loss: str = "ce", lora=None, cpu: bool = False, teacher_bytes: int = 4,
+                     chunk: int = 0, top_k: int = 64) -> float:
+    """Peak bytes of one micro-batch's forward and backward (activations and the loss).
+
+    Without checkpointing every layer's saved tensors (``layer_activation_bytes``) are alive when the
+    loss runs, with the model-level ones: the final norm's (as a layer's norm), the rotary cos/sin
+    (2 e d per token), eager's causal mask (b s^2 e), and the loss's peak (``loss_bytes``). With
+    activation checkpointing (HF, non-reentrant) each layer keeps only its input (e h); the peak is
+    the larger of the loss phase and one layer recomputed in the backward with its gradients (2x).
+    """
+    e = compute_bytes(precision)
+    attn = attn or ("sdpa" if flash else "eager")
+    h, L = config.hidden_size, config.num_hidden_layers
+    d = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    tokens = micro_batch * seq
+    full = lora is None or not lora.enabled
+    layer = layer_activation_bytes(config, tokens, precision, attn=attn, micro_batch=micro_batch, lora=lora, cpu=cpu)
+    head = tokens * (4 * h + 4 + (2 * e * h if full else 0) + 2 * e * d)
+    head += micro_batch * seq * seq * e if attn == "eager" else 0
+    head += loss_bytes(tokens, config.vocab_size, precision, loss, teacher_bytes=teacher_bytes, chunk=chunk, top_k=top_k)
     if checkpointing:
-        return L * tokens * h * b_ + per_layer + logits + embed
-    return L * per_layer + logits + embed
+        return L * tokens * h * e + max(head, 2 * layer)
+    return L * layer + head
 
 
 def kv_cache_bytes(config, batch: int, seq: int, precision: str = "bf16") -> float:
@@ -179,7 +307,10 @@ def measured_mfu(device: str) -> Optional[float]:
 class Plan:
     stage: str
     rows: list[tuple[str, str]] = field(default_factory=list)
-    memory: dict[str, float] = field(default_factory=dict)  # per-GPU bytes by component
+    memory: dict[str, float] = field(default_factory=dict)  # resident per-GPU bytes by component
+    # Alternative peaks that never overlap (forward/backward vs optimizer step): only the largest counts.
+    phases: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # printed after a component's value
     device_bytes: float = 0.0
     params: int = 0
     trainable: int = 0
@@ -187,7 +318,7 @@ class Plan:
 
     @property
     def total_bytes(self) -> float:
-        return sum(self.memory.values())
+        return sum(self.memory.values()) + max(self.phases.values(), default=0.0)
 
     @property
     def fits(self) -> bool:
@@ -204,11 +335,15 @@ class Plan:
         lines = [f"minima plan: {self.stage}", ""]
         w = max(len(k) for k, _ in self.rows) if self.rows else 10
         lines += [f"  {k:<{w}}  {v}" for k, v in self.rows]
-        if self.memory:
-            mw = max(len(k) for k in self.memory)
+        if self.memory or self.phases:
+            mw = max(len(k) for k in [*self.memory, *self.phases, "total"])
             lines += ["", "  memory per GPU:"]
             for k, v in self.memory.items():
-                lines.append(f"    {k:<{mw}} {v / GiB:9.2f} GiB")
+                lines.append(f"    {k:<{mw}} {v / GiB:9.2f} GiB" + (f"  {self.notes[k]}" if k in self.notes else ""))
+            top = max(self.phases.values(), default=0.0)
+            for k, v in self.phases.items():
+                tag = "<- peak phase" if v == top else "(never at the same time)"
+                lines.append(f"    {k:<{mw}} {v / GiB:9.2f} GiB  {tag}" + (f"; {self.notes[k]}" if k in self.notes else ""))
             lines.append(f"    {'total':<{mw}} {self.total_bytes / GiB:9.2f} GiB  of {self.device_bytes / GiB:.0f} GiB -> {self.verdict()}")
         return "\n".join(lines)
 
@@ -248,59 +383,10 @@ def plan_stage(cfg, opts: PlanOptions, preset: Optional[str] = None) -> Plan:
         if stage == "adapt":  # the big model, continued-pretrained
             config = load_config(cfg.model, teacher_fallback)
         elif stage == "distill":
-            config = load_config(cfg.student, student_fallback)
+            config = load_config(cfg.student or cfg.model, student_fallback)
         else:
             config = load_config(cfg.model, student_fallback)
-        n = count_params(config)
-        trainable = n
-        if stage == "sft" and cfg.lora.enabled:
-            trainable = lora_trainable(config, cfg.lora)
-        seq = getattr(cfg, "max_length", None) or getattr(config, "max_position_embeddings", 2048)
-        if stage != "sft":
-            seq = _records_max_length(cfg.records) or config.max_position_embeddings
-        zero = cfg.zero_stage if cfg.zero_stage is not None else 3
-        states = model_state_bytes(n, trainable, cfg.precision, zero, world)
-        if stage == "sft" and cfg.lora.enabled:  # frozen base weights are not partitioned by ZeRO-2
-            states["weights"] = n * (4 if cfg.precision == "fp32" else 2) / (world if zero >= 3 else 1)
-        plan.memory.update({f"{k} (ZeRO-{zero}, {world} GPUs)": v for k, v in states.items()})
-        act = activation_bytes(config, cfg.micro_batch_size, seq, cfg.precision, cfg.activation_checkpointing)
-        plan.memory[f"activations (mb {cfg.micro_batch_size} x {seq}{', ckpt' if cfg.activation_checkpointing else ''})"] = act
-        fpt = flops_per_token(config, seq, n)
-        if stage == "distill":
-            tconf = load_config(cfg.teacher, teacher_fallback)
-            nt = count_params(tconf)
-            fpt += 2 * nt + 4 * tconf.num_hidden_layers * tconf.hidden_size * seq
-            if cfg.cache_logits:
-                cache = cfg.micro_batch_size * seq * cfg.cache_top_k * 6
-                plan.memory["logit cache batch"] = cache
-            else:
-                plan.memory["teacher weights (bf16" + (", ZeRO-3)" if cfg.teacher_zero3 else ", replicated)")] = nt * 2 / (world if cfg.teacher_zero3 else 1)
-                plan.memory["teacher logits"] = cfg.micro_batch_size * seq * tconf.vocab_size * 4
-            plan.rows.append(("teacher params", _fmt_n(nt)))
-        plan.params, plan.trainable = n, trainable
-        plan.rows += [("params", f"{_fmt_n(n)} ({n:,})"), ("trainable", f"{_fmt_n(trainable)} ({trainable:,})"),
-                      ("layers / hidden / heads / ffn", f"{config.num_hidden_layers} / {config.hidden_size} / {config.num_attention_heads} / {config.intermediate_size}"),
-                      ("precision, ZeRO, world", f"{cfg.precision}, ZeRO-{zero}, {world} x {opts.device}")]
-        gbs = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world
-        tokens = opts.tokens or (cfg.max_steps * gbs * seq if cfg.max_steps > 0 else None)
-        mfu = opts.mfu or measured_mfu(opts.device) or DEFAULT_MFU
-        plan.rows.append(("FLOPs per token", f"{fpt:.3e}"))
-        if tokens:
-            seconds = tokens * fpt / (dev_tflops * 1e12 * mfu * world)
-            plan.rows.append((f"time for {_fmt_n(tokens)} tokens", f"{_fmt_time(seconds)} at {mfu:.0%} MFU on {world} x {opts.device}"))
-        ck = n * (4 if cfg.precision == "fp32" else 2)
-        plan.rows.append(("checkpoint (weights / +optimizer)", f"{ck / GiB:.2f} GiB / {(ck + trainable * 12) / GiB:.2f} GiB"))
-        # alternatives for the verdict
-        if zero < 3 and world > 1:  # partitioning the remaining model states always helps
-            plan.suggestions.append("zero_stage=3")
-        if not cfg.activation_checkpointing:
-            plan.suggestions.append("activation_checkpointing=true")
-        for mb in (cfg.micro_batch_size // 2, cfg.micro_batch_size // 4, 1):
-            if mb >= 1 and mb < cfg.micro_batch_size:
-                a2 = activation_bytes(config, mb, seq, cfg.precision, cfg.activation_checkpointing)
-                if plan.total_bytes - act + a2 <= plan.device_bytes:
-                    plan.suggestions.append(f"micro_batch_size<={mb}")
-                    break
+        _train_memory(plan, cfg, config, opts, teacher_fallback)
     elif stage == "prune":
         config = load_config(cfg.teacher, teacher_fallback)
         n = count_params(config)
@@ -331,6 +417,135 @@ def plan_stage(cfg, opts: PlanOptions, preset: Optional[str] = None) -> Plan:
         plan.rows += [("work", "SentencePiece merge + embedding resize; CPU only")]
         plan.device_bytes = float("inf")
     return plan
+
+
+def _ds_zero_options(cfg) -> dict:
+    """The ``zero_optimization`` block of the stage's DeepSpeed config (defaults when unreadable)."""
+    try:
+        from .train.ds_config import load_ds_config
+
+        return dict(load_ds_config(cfg.ds_config).get("zero_optimization", {}))
+    except Exception:
+        return {}
+
+
+def zero3_gathered_bytes(config, n_params: int, e: int, world: int, zopt: dict, lora=None, checkpointing: bool = False) -> float:
+    """Full (gathered) parameter copies ZeRO-3 holds during the forward and backward.
+
+    With ``stage3_max_reuse_distance`` at its default (1e9), a parameter used again within that many
+    elements stays gathered from its forward to its backward, so up to ``stage3_max_live_parameters``
+    (1e9) elements are gathered at once (measured on 2 CPU ranks: the whole model). On one rank the
+    gather of trainable weights costs nothing, but the frozen base weights of LoRA that autograd saves
+    for the backward are copies: one decoder layer's Linear weights per layer whose activations are alive.
+    """
+    if world > 1:
+        return e * min(n_params, float(zopt.get("stage3_max_live_parameters", MAX_LIVE_PARAMETERS)))
+    if lora is None or not lora.enabled:
+        return 0.0
+    h, f = config.hidden_size, config.intermediate_size
+    kv = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * (h // config.num_attention_heads)
+    layer = h * (2 * h + 2 * kv) + 3 * h * f
+    return e * layer * (1 if checkpointing else config.num_hidden_layers)
+
+
+def _train_memory(plan: Plan, cfg, config, opts: PlanOptions, teacher_fallback) -> None:
+    """Rows, per-rank memory (resident + peak phases) and suggestions of a training stage."""
+    stage, world = cfg.stage, opts.gpus
+    cpu = opts.device == "cpu"
+    dev_tflops = DEVICES[opts.device][0]
+    n = count_params(config)
+    lora = cfg.lora if stage == "sft" and cfg.lora.enabled else None
+    trainable = lora_trainable(config, lora) if lora else n
+    if stage == "sft":
+        seq = cfg.max_length
+    else:
+        seq = _records_max_length(cfg.records) or config.max_position_embeddings
+    seq = opts.seq or seq
+    zero = cfg.zero_stage if cfg.zero_stage is not None else int(_ds_zero_options(cfg).get("stage", 3))
+    e = compute_bytes(cfg.precision)
+    gas = cfg.gradient_accumulation_steps
+    where = f"ZeRO-{zero}, {world} rank{'s' if world > 1 else ''}"
+
+    # resident: model states (frozen LoRA base weights are not in ZeRO-1/2's flat buffers: replicated)
+    states = model_state_bytes(trainable, trainable, cfg.precision, zero, world, gas)
+    frozen = n - trainable
+    plan.memory[f"weights ({where})"] = states["weights"] + frozen * e / (world if zero >= 3 else 1)
+    if states["gradients"]:
+        plan.memory[f"gradients ({where})"] = states["gradients"]
+    plan.memory[f"fp32 master + Adam m, v ({where})"] = states["optimizer"]
+    zopt = _ds_zero_options(cfg)
+    bucket = zopt.get("reduce_bucket_size", "auto")
+    bucket = config.hidden_size ** 2 if bucket == "auto" else float(bucket)
+    if zero >= 2:  # contiguous_gradients staging; double-buffered with overlap_comm under ZeRO-2
+        plan.memory["gradient buckets (reduce_bucket_size)"] = bucket * e * (2 if zero == 2 and zopt.get("overlap_comm", True) else 1)
+
+    # distill: the teacher, or nothing resident when training from the logit cache
+    loss, teacher_b = "ce", 4
+    if stage == "distill":
+        tconf = load_config(cfg.teacher, teacher_fallback)
+        nt = count_params(tconf)
+        plan.rows.append(("teacher params", _fmt_n(nt)))
+        online = cfg.loss.alpha < 1.0 and not cfg.cache_logits
+        cached = cfg.loss.alpha < 1.0 and cfg.cache_logits
+        teacher_b = 4 if cpu else 2  # load_teacher: bf16 on GPU, fp32 on CPU (whatever the precision)
+        if online:
+            label = "teacher weights (" + ("fp32" if cpu else "bf16") + (", ZeRO-3)" if cfg.teacher_zero3 else ", replicated)")
+            plan.memory[label] = nt * teacher_b / (world if cfg.teacher_zero3 else 1)
+            if cfg.teacher_zero3 and world > 1:  # ZeRO-3 inference keeps gathered layers up to max_live
+                plan.memory["teacher gathered parameters"] = teacher_b * min(nt, float(zopt.get("stage3_max_live_parameters", MAX_LIVE_PARAMETERS)))
+            loss = "kd"
+        elif cached:
+            loss = "kd_cached"
+        fpt_teacher = 2 * nt + 4 * tconf.num_hidden_layers * tconf.hidden_size * seq
+    plan.memory["runtime (" + ("process heap, code, comm buffers; measured)" if cpu else "CUDA context, cuBLAS/NCCL; typical)")] = RUNTIME_BYTES["cpu" if cpu else "gpu"]
+
+    # the two phases that never overlap
+    attn = attn_implementation(config)
+    # distill's KD/CE chunk: the config's vocab_chunk, else DistillRecipe.vocab_chunk's default
+    chunk = getattr(cfg, "vocab_chunk", 0) or (1024 if cpu else 8192)
+    act_kw = dict(attn=attn, loss=loss, lora=lora, cpu=cpu, teacher_bytes=teacher_b, chunk=chunk,
+                  top_k=getattr(cfg, "cache_top_k", 64))
+    act = activation_bytes(config, cfg.micro_batch_size, seq, cfg.precision, cfg.activation_checkpointing, **act_kw)
+    gathered = zero3_gathered_bytes(config, n, e, world, zopt, lora, cfg.activation_checkpointing) if zero >= 3 else 0.0
+    fb_label = f"fwd/bwd: activations + loss (mb {cfg.micro_batch_size} x {seq}{', ckpt' if cfg.activation_checkpointing else ''})"
+    if gathered:
+        fb_label = fb_label.replace("loss", "loss + gathered params")
+        plan.notes[fb_label] = f"incl. {gathered / GiB:.2f} GiB gathered ZeRO-3 params"
+    plan.phases[fb_label] = act + gathered
+    plan.phases[f"optimizer step temporaries ({where})"] = step_transient_bytes(trainable, cfg.precision, zero, world, cpu, gas)
+
+    fpt = flops_per_token(config, seq, n) + (fpt_teacher if stage == "distill" else 0)
+    plan.params, plan.trainable = n, trainable
+    plan.rows += [("params", f"{_fmt_n(n)} ({n:,})"), ("trainable", f"{_fmt_n(trainable)} ({trainable:,})"),
+                  ("layers / hidden / heads / ffn", f"{config.num_hidden_layers} / {config.hidden_size} / {config.num_attention_heads} / {config.intermediate_size}"),
+                  ("precision, ZeRO, world", f"{cfg.precision}, ZeRO-{zero}, {world} x {opts.device}"),
+                  ("attention kernel", attn)]
+    gbs = cfg.micro_batch_size * gas * world
+    tokens = opts.tokens or (cfg.max_steps * gbs * seq if cfg.max_steps > 0 else None)
+    mfu = opts.mfu or measured_mfu(opts.device) or DEFAULT_MFU
+    plan.rows.append(("FLOPs per token", f"{fpt:.3e}"))
+    if tokens:
+        seconds = tokens * fpt / (dev_tflops * 1e12 * mfu * world)
+        plan.rows.append((f"time for {_fmt_n(tokens)} tokens", f"{_fmt_time(seconds)} at {mfu:.0%} MFU on {world} x {opts.device}"))
+    if loss == "kd_cached":  # minima.distill's cache: int32 ids + fp16/fp32 values (+ rest or weights) per position
+        vb = 2 if cfg.cache_dtype == "fp16" else 4
+        per_pos = cfg.cache_top_k * (4 + vb) + (4 if cfg.cache_mode == "top_k" else cfg.cache_top_k * vb)
+        plan.rows.append(("logit cache on disk", f"{per_pos} B per token" + (f", {tokens * per_pos / GiB:.0f} GiB for {_fmt_n(tokens)} tokens" if tokens else "")))
+    ck = n * e
+    plan.rows.append(("checkpoint (weights / +optimizer)", f"{ck / GiB:.2f} GiB / {(ck + trainable * 12) / GiB:.2f} GiB"))
+
+    # alternatives for the verdict
+    if zero < 3 and world > 1:  # partitioning the remaining model states always helps
+        plan.suggestions.append("zero_stage=3")
+    if not cfg.activation_checkpointing:
+        plan.suggestions.append("activation_checkpointing=true")
+    for mb in (cfg.micro_batch_size // 2, cfg.micro_batch_size // 4, 1):
+        if 1 <= mb < cfg.micro_batch_size:
+            a2 = activation_bytes(config, mb, seq, cfg.precision, cfg.activation_checkpointing, **act_kw) + gathered
+            others = [v for k, v in plan.phases.items() if k != fb_label]
+            if sum(plan.memory.values()) + max([a2, *others]) <= plan.device_bytes:
+                plan.suggestions.append(f"micro_batch_size<={mb}")
+                break
 
 
 def _records_max_length(records: Optional[str]) -> Optional[int]:

@@ -1,8 +1,23 @@
+"""`minima plan`: parameter counts vs real models, the activation formula vs the tensors autograd
+saves, DeepSpeed model-state arithmetic, the verdict, the CLI, and the predicted peak vs a measured run."""
+import importlib.util
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from minima.cli import stage_config
-from minima.plan import PlanOptions, count_params, llama_config, lora_trainable, model_state_bytes, plan_stage
+from minima.plan import (
+    PlanOptions,
+    count_params,
+    layer_activation_bytes,
+    llama_config,
+    lora_trainable,
+    model_state_bytes,
+    plan_stage,
+    step_transient_bytes,
+)
 from minima.presets import LLAMA2_7B, MINIMA_3B, TINY_STUDENT, TINY_TEACHER
 
 
@@ -38,13 +53,66 @@ def test_lora_count_matches_peft():
 def test_zero_partitioning_arithmetic():
     n = 1_000_000
     z0 = model_state_bytes(n, n, "bf16", 0, 8)
-    assert z0 == {"weights": 2 * n, "gradients": 2 * n, "optimizer": 12 * n}
-    z1 = model_state_bytes(n, n, "bf16", 1, 8)
+    # without accumulation ZeRO-0/1/2 gradients live only from the backward to the step
+    assert z0 == {"weights": 2 * n, "gradients": 0.0, "optimizer": 12 * n}
+    z1 = model_state_bytes(n, n, "bf16", 1, 8, accumulation=4)
     assert z1["optimizer"] == 12 * n / 8 and z1["gradients"] == 2 * n
-    z2 = model_state_bytes(n, n, "bf16", 2, 8)
+    z2 = model_state_bytes(n, n, "bf16", 2, 8, accumulation=4)
     assert z2["gradients"] == 2 * n / 8 and z2["weights"] == 2 * n
     z3 = model_state_bytes(n, n, "bf16", 3, 8)
-    assert sum(z3.values()) == pytest.approx(16 * n / 8)
+    assert sum(z3.values()) == pytest.approx(16 * n / 8)  # the ZeRO paper's 16 bytes per parameter
+    # fp32 on CPU: ZeRO still clones an fp32 partition (4) next to Adam's m and v (8)
+    assert model_state_bytes(n, n, "fp32", 2, 1)["optimizer"] == 12 * n
+    # optimizer step: fp32 grad copy + torch AdamW temporaries (2 on CPU, 1 on GPU); measured 12 B/param on CPU
+    assert step_transient_bytes(n, "fp32", 2, 1, cpu=True) == step_transient_bytes(n, "fp32", 3, 1, cpu=True) == 12 * n
+    assert step_transient_bytes(n, "bf16", 2, 8, cpu=False) == pytest.approx(8 * n / 8)
+
+
+def _saved_bytes(model, run) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves while ``run()`` executes."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_layer_activations_equal_saved_tensors(precision):
+    """The per-layer activation formula equals, byte for byte, what autograd saves in a real HF
+    LlamaDecoderLayer (GQA), for sdpa and eager, full training and LoRA with and without dropout."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from minima.config import LoraConfig as MinimaLora
+
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    variants = [None, MinimaLora(enabled=True, r=4, dropout=0.05), MinimaLora(enabled=True, r=4, dropout=0.0, target_modules=["q_proj", "v_proj"])]
+    for attn in ("sdpa", "eager"):
+        for lora in variants:
+            torch.manual_seed(0)
+            cfg = llama_config(dict(hidden_size=64, intermediate_size=160, num_hidden_layers=1, num_attention_heads=4,
+                                    num_key_value_heads=2, attn_implementation=attn), 300)
+            model = LlamaForCausalLM(cfg)
+            if lora is not None:
+                model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=8, lora_dropout=lora.dropout, target_modules=lora.target_modules))
+            model = model.to(dtype).train()  # DeepSpeed casts the whole module, adapters included
+            base = model.base_model.model if lora is not None else model
+            b, s = 2, 24
+            x = torch.randn(b, s, 64, dtype=dtype, requires_grad=True)
+            pos = torch.arange(s)[None].expand(b, s)
+            rot = base.model.rotary_emb(x, pos)  # model-level, counted once outside the layers
+            got = _saved_bytes(model, lambda: base.model.layers[0](x, position_embeddings=rot, attention_mask=None, position_ids=pos))
+            got -= sum(t.untyped_storage().nbytes() for t in rot)
+            want = layer_activation_bytes(cfg, b * s, precision, attn=attn, micro_batch=b, lora=lora, cpu=True)
+            assert want == got, (attn, lora, want, got)
 
 
 def test_verdict_and_suggestions():
@@ -63,3 +131,28 @@ def test_plan_cli_prints_the_three_training_stages(capsys):
     out = capsys.readouterr().out
     assert "3.02B" in out and "126.00B tokens" in out and "teacher weights" in out
     assert main(["plan", "adapt", "--preset", "minima-3b", "plan.nope=1"]) == 2
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("minima_bench_plan", Path(__file__).resolve().parents[1] / "benchmarks" / "plan.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
+def test_predicted_peak_within_20_percent_of_measured(tmp_path, tiny_tokenizer_dir):
+    """adapt (the real AdaptRecipe on the engine, fp32 CPU, ZeRO-2) with activation checkpointing off
+    and on, each in a fresh process: the plan's peak is within +-20% of the measured peak RSS (the
+    full matrix: python benchmarks/plan.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bench = _bench()
+    models = bench.make_models(tmp_path, tiny_tokenizer_dir, names=("student",))
+    specs = [dict(stage="adapt", zero=2, ckpt=ckpt, seq=128, steps=2, models=models, out=str(tmp_path / f"run{ckpt}"))
+             for ckpt in (False, True)]
+    with ThreadPoolExecutor(2) as pool:  # two single-threaded processes, each with its own allocator
+        measured = list(pool.map(lambda s: bench.measure(s, timeout=300)["measured"], specs))
+    for spec, m in zip(specs, measured):
+        predicted = bench.predict(spec)["total"]
+        assert 0.8 <= predicted / m <= 1.2, (spec["ckpt"], predicted / 2**20, m / 2**20)
