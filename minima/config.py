@@ -271,7 +271,8 @@ class DistillConfig(TrainConfig):
     student: Optional[str] = Field(None, description="Student HF directory (e.g. the prune output).")
     loss: LossConfig = Field(default_factory=LossConfig, description="Loss mix.")
     teacher_zero3: bool = Field(False, description="Shard the teacher with ZeRO-3 inference (else replicated).")
-    vocab_chunk: int = Field(0, ge=0, description="Compute the KD loss over vocab chunks of this size (0 = whole vocab).")
+    vocab_chunk: int = Field(0, ge=0, description="Vocab columns per chunk of the fused KD + CE loss; its fp32 "
+                             "temporaries are [tokens, chunk]. 0 = auto: 1024 on CPU, 8192 on GPU.")
     cache_logits: bool = Field(False, description="Run the teacher once, store sparse targets, train from the cache.")
     cache_top_k: int = Field(64, ge=1, description="Cached targets per position: top_k: the teacher's k largest logits "
                              "plus the rest's mass; sampled: the number of draws.")

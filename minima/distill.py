@@ -448,6 +448,10 @@ class DistillRecipe(Recipe):
             out.update(collate_targets(batch, out["input_ids"].shape[1]))
         return out
 
+    def vocab_chunk(self, device: torch.device) -> int:
+        """Columns per KD/CE chunk: the config's, or auto (1024 on CPU for cache locality, 8192 on GPU)."""
+        return self.cfg.vocab_chunk or (8192 if device.type == "cuda" else 1024)
+
     def compute_loss(self, model, batch: dict, ctx: TrainContext, train: bool) -> LossOut:
         cfg = self.cfg
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
@@ -456,8 +460,9 @@ class DistillRecipe(Recipe):
         flat = logits.reshape(b * n, v)
         num = int((labels != IGNORE_INDEX).sum())
         alpha, kind, T = cfg.loss.alpha, cfg.loss.kd, cfg.loss.temperature
+        chunk = self.vocab_chunk(flat.device)
         if not train or alpha >= 1.0:  # dev loss = hard CE; alpha = 1 is plain LM training
-            ce, _ = dense_loss(flat, labels, None, chunk=cfg.vocab_chunk)
+            ce, _ = dense_loss(flat, labels, None, chunk=chunk)
             ce_sum = ce.sum()
             return LossOut(loss_sum=ce_sum, num_tokens=num, metrics={"ce": ce_sum.detach()} if train else {})
         if self.cache_meta is not None:
@@ -465,7 +470,7 @@ class DistillRecipe(Recipe):
                 self.cache_meta["mode"], batch["kd_ids"].reshape(b * n, -1), batch["kd_values"].reshape(b * n, -1),
                 batch["kd_rest"].reshape(-1) if "kd_rest" in batch else torch.zeros(b * n, device=flat.device),
                 batch["kd_weights"].reshape(b * n, -1) if "kd_weights" in batch else None, float(self.cache_meta["temperature"]))
-            ce, kd = sparse_loss(flat, labels, targets, kind, T, cfg.vocab_chunk)
+            ce, kd = sparse_loss(flat, labels, targets, kind, T, chunk)
         else:
             with torch.no_grad():
                 t_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
@@ -473,7 +478,7 @@ class DistillRecipe(Recipe):
             if t_logits.shape[-1] != v:
                 raise InputError(f"teacher logits have {t_logits.shape[-1]} columns, student {v}", where="teacher",
                                  fix="teacher and student must share the vocabulary")
-            ce, kd = dense_loss(flat, labels, t_logits.reshape(b * n, v), kind, T, cfg.vocab_chunk)
+            ce, kd = dense_loss(flat, labels, t_logits.reshape(b * n, v), kind, T, chunk)
             del t_logits
         ce_sum, kd_sum = ce.sum(), kd.sum()
         loss = alpha * ce_sum + (1.0 - alpha) * kd_sum

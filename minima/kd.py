@@ -85,38 +85,97 @@ def _lse_chunked(x: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------- dense
+class _Online:
+    """Running logsumexp over column chunks: m (row max so far) and S = sum exp(x - m).
+
+    ``add`` returns the chunk's exp(x - m_new) and the factor exp(m_old - m_new) by which every other
+    running sum kept against the same max must be rescaled (the online-softmax trick), so one pass
+    over the vocab gives the logsumexp and any p-weighted sums at once.
+    """
+
+    def __init__(self, n: int, like: torch.Tensor):
+        self.m = torch.full((n,), -math.inf, dtype=like.dtype, device=like.device)
+        self.S = torch.zeros((n,), dtype=like.dtype, device=like.device)
+
+    def add(self, c: torch.Tensor):
+        m_new = torch.maximum(self.m, c.max(dim=1).values)
+        safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        scale = torch.exp(self.m - safe)
+        e = torch.exp(c - safe[:, None])
+        self.S = self.S * scale + e.sum(dim=1)
+        self.m = m_new
+        return e, scale
+
+    def lse(self) -> torch.Tensor:
+        safe = torch.where(torch.isfinite(self.m), self.m, torch.zeros_like(self.m))
+        return torch.log(self.S) + safe
+
+
 class _DenseLoss(torch.autograd.Function):
-    """(student, teacher|None, labels) -> (ce [N], kd [N]); chunked over the vocab, see module doc."""
+    """(student, teacher|None, labels) -> (ce [N], kd [N]); chunked over the vocab, see module doc.
+
+    forward_kl, soft_ce and reverse_kl take one pass over the vocab (running logsumexps plus
+    p-weighted sums, rescaled as the running max moves); jsd needs the two logsumexps first, so two.
+    Backward takes one exp per logit tensor per element (two with T != 1, for the CE's softmax).
+    """
 
     @staticmethod
     def forward(ctx, s, t, labels, kind, T, chunk):  # noqa: D102
         n, v = s.shape
-        safe_labels = labels.clamp(min=0)
-        lse1 = _lse_chunked(s, 1.0, chunk)
-        ce = lse1 - _acc(s.gather(1, safe_labels[:, None]).squeeze(1))
-        aux = torch.zeros_like(lse1)
-        kd = torch.zeros_like(aux)
-        lse_s = lse_t = aux
-        if t is not None:
-            lse_s = lse1 if T == 1.0 else _lse_chunked(s, 1.0 / T, chunk)
-            lse_t = _lse_chunked(t, 1.0 / T, chunk)
+        ce_lab = _acc(s.gather(1, labels[:, None]).squeeze(1))
+        like = ce_lab
+        aux = torch.zeros_like(like)
+        kd = torch.zeros_like(like)
+        su = _Online(n, like)  # student at T (at T = 1 also the CE's logsumexp)
+        s1 = _Online(n, like) if (t is not None and T != 1.0) else None
+        if t is None:
+            for a, b in _chunks(v, chunk):
+                su.add(_acc(s[:, a:b]))
+            lse1 = lse_s = lse_t = su.lse()
+        elif kind == "jsd":
+            tv = _Online(n, like)
+            for a, b in _chunks(v, chunk):
+                sc = _acc(s[:, a:b])
+                su.add(sc / T)
+                tv.add(_acc(t[:, a:b]) / T)
+                if s1 is not None:
+                    s1.add(sc)
+            lse_s, lse_t = su.lse(), tv.lse()
             for a, b in _chunks(v, chunk):
                 logq = _acc(s[:, a:b]) / T - lse_s[:, None]
                 logp = _acc(t[:, a:b]) / T - lse_t[:, None]
-                if kind == "forward_kl":
-                    kd += (logp.exp() * (logp - logq)).sum(1)
-                elif kind == "soft_ce":
-                    kd -= (logp.exp() * logq).sum(1)
-                elif kind == "reverse_kl":
-                    kd += (logq.exp() * (logq - logp)).sum(1)
-                else:  # jsd; aux = KL(q || m), needed by backward
-                    logm = torch.logaddexp(logp, logq) - _LOG2
-                    kd += 0.5 * (logp.exp() * (logp - logm)).sum(1)
-                    aux += (logq.exp() * (logq - logm)).sum(1)
-            if kind == "jsd":
-                kd += 0.5 * aux
+                logm = torch.logaddexp(logp, logq) - _LOG2
+                kd += 0.5 * (logp.exp() * (logp - logm)).sum(1)
+                aux += (logq.exp() * (logq - logm)).sum(1)  # KL(q || m), needed by backward
+            kd = (kd + 0.5 * aux) * (T * T)
+            lse1 = lse_s if s1 is None else s1.lse()
+        else:
+            tv = _Online(n, like)
+            acc = torch.zeros_like(like)  # sum w (x - y) against the weighting tensor's running max
+            for a, b in _chunks(v, chunk):
+                sc = _acc(s[:, a:b])
+                u, w = sc / T, _acc(t[:, a:b]) / T
+                eu, scale_u = su.add(u)
+                ev, scale_v = tv.add(w)
+                if kind == "reverse_kl":  # sum q (u - v)
+                    acc = acc * scale_u + (eu * (u - w)).sum(1)
+                elif kind == "forward_kl":  # sum p (v - u)
+                    acc = acc * scale_v + (ev * (w - u)).sum(1)
+                else:  # soft_ce: sum p u
+                    acc = acc * scale_v + (ev * u).sum(1)
+                if s1 is not None:
+                    s1.add(sc)
+            lse_s, lse_t = su.lse(), tv.lse()
+            if kind == "reverse_kl":
+                kd = acc / su.S + lse_t - lse_s
+            elif kind == "forward_kl":
+                kd = acc / tv.S - lse_t + lse_s
+            else:
+                kd = lse_s - acc / tv.S
             kd = kd * (T * T)
-        ctx.save_for_backward(s, t, safe_labels, lse1, lse_s, lse_t, kd, aux)
+            lse1 = lse_s if s1 is None else s1.lse()
+        ce = lse1 - ce_lab
+        ctx.save_for_backward(s, t, labels, lse1, lse_s, lse_t, kd, aux)
         ctx.kind, ctx.T, ctx.chunk = kind, T, chunk
         return ce, kd
 
@@ -132,21 +191,23 @@ class _DenseLoss(torch.autograd.Function):
             kd_raw = kd / (T * T)
         for a, b in _chunks(s.shape[1], chunk):
             sc = _acc(s[:, a:b])
-            gc = g_ce[:, None] * torch.exp(sc - lse1[:, None])
-            if use_kd:
-                logq = sc / T - lse_s[:, None]
-                logp = _acc(t[:, a:b]) / T - lse_t[:, None]
-                q = logq.exp()
-                if kind in ("forward_kl", "soft_ce"):
-                    du = q - logp.exp()
-                elif kind == "reverse_kl":
-                    du = q * (logq - logp - kd_raw[:, None])
-                else:
-                    logm = torch.logaddexp(logp, logq) - _LOG2
-                    du = 0.5 * q * (logq - logm - aux[:, None])
-                # d(T^2 * L)/ds = T^2 * (dL/du) / T
-                gc = gc + (g_kd * T)[:, None] * du
-            grad[:, a:b] = gc.to(grad.dtype)
+            if not use_kd:
+                grad[:, a:b] = (g_ce[:, None] * torch.exp(sc - lse1[:, None])).to(grad.dtype)
+                continue
+            logq = sc / T - lse_s[:, None]
+            logp = _acc(t[:, a:b]) / T - lse_t[:, None]
+            q = logq.exp()
+            if kind in ("forward_kl", "soft_ce"):
+                du = q - logp.exp()
+            elif kind == "reverse_kl":
+                du = q * (logq - logp - kd_raw[:, None])
+            else:
+                logm = torch.logaddexp(logp, logq) - _LOG2
+                du = 0.5 * q * (logq - logm - aux[:, None])
+            # softmax of the CE term: q itself at T = 1
+            p1 = q if T == 1.0 else torch.exp(sc - lse1[:, None])
+            # d(T^2 * L)/ds = T^2 * (dL/du) / T
+            grad[:, a:b] = (g_ce[:, None] * p1 + (g_kd * T)[:, None] * du).to(grad.dtype)
         # CE's one-hot part, added once outside the chunk loop (scatter_add keeps duplicates right)
         grad.scatter_add_(1, labels[:, None], (-g_ce[:, None]).to(grad.dtype))
         return grad, None, None, None, None, None
@@ -178,7 +239,7 @@ def dense_loss(
         if teacher_logits.shape != student_logits.shape:
             raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} != student {tuple(student_logits.shape)}")
         teacher_logits = teacher_logits.detach()
-    ce, kd = _DenseLoss.apply(student_logits, teacher_logits, labels, kind, float(temperature), int(chunk))
+    ce, kd = _DenseLoss.apply(student_logits, teacher_logits, labels.clamp(min=0), kind, float(temperature), int(chunk))
     mask = (labels != IGNORE_INDEX).to(ce.dtype)
     return ce * mask, kd * mask
 
@@ -259,26 +320,30 @@ def sampled_targets(teacher_logits: torch.Tensor, num_samples: int, temperature:
 
 
 class _LogitStats(torch.autograd.Function):
-    """s [N, V] -> (lse(s), s[label], lse(s/T), lse over non-``ids`` of s/T, s[ids]); one chunked backward."""
+    """s [N, V] -> (lse(s), s[label], lse(s/T), lse over non-``ids`` of s/T, s[ids]), in one pass.
+
+    Backward takes one exp per element at T = 1: the CE softmax, the KD softmax and the rest-bucket
+    softmax are the same exp(s/T - lse(s/T)) times per-row factors (the last one masked).
+    """
 
     @staticmethod
     def forward(ctx, s, labels, ids, T, chunk):  # noqa: D102
         n, v = s.shape
         sf_lab = _acc(s.gather(1, labels[:, None]).squeeze(1))
         s_ids = _acc(s.gather(1, ids))
-        lse1 = _lse_chunked(s, 1.0, chunk)
-        lseT = lse1 if T == 1.0 else _lse_chunked(s, 1.0 / T, chunk)
-        # logsumexp over the tokens not in ids: mask them to -inf chunk by chunk
-        m = torch.full((n,), -math.inf, dtype=lse1.dtype, device=s.device)
-        acc = torch.zeros_like(m)
+        st = _Online(n, sf_lab)
+        s1 = _Online(n, sf_lab) if T != 1.0 else None
+        rest = torch.zeros_like(sf_lab)  # sum over non-ids of exp(s/T - running max)
         for a, b in _chunks(v, chunk):
-            c = _acc(s[:, a:b]) / T
-            c = c.masked_fill(_ids_mask(ids, a, b), -math.inf)
-            cm = torch.maximum(m, c.max(dim=1).values)
-            safe = torch.where(torch.isfinite(cm), cm, torch.zeros_like(cm))
-            acc = acc * torch.exp(m - safe) + torch.exp(c - safe[:, None]).sum(dim=1)
-            m = cm
-        lse_rest = torch.log(acc) + torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            sc = _acc(s[:, a:b])
+            e, scale = st.add(sc / T)
+            rest = rest * scale + e.masked_fill_(_ids_mask(ids, a, b), 0.0).sum(1)  # e is a temporary
+            if s1 is not None:
+                s1.add(sc)
+        lseT = st.lse()
+        lse1 = lseT if s1 is None else s1.lse()
+        safe_m = torch.where(torch.isfinite(st.m), st.m, torch.zeros_like(st.m))
+        lse_rest = torch.log(rest) + safe_m  # -inf when ids cover every token (k = vocab)
         ctx.save_for_backward(s, labels, ids, lse1, lseT, lse_rest)
         ctx.T, ctx.chunk = T, chunk
         return lse1, sf_lab, lseT, lse_rest, s_ids
@@ -291,16 +356,19 @@ class _LogitStats(torch.autograd.Function):
         g_lse1 = z if g_lse1 is None else g_lse1.to(z.dtype)
         g_lseT = z if g_lseT is None else g_lseT.to(z.dtype)
         g_rest = z if g_rest is None else torch.nan_to_num(g_rest.to(z.dtype), nan=0.0, posinf=0.0, neginf=0.0)
-        grad = torch.empty_like(s)
         rest_finite = torch.isfinite(lse_rest)
-        lse_rest_safe = torch.where(rest_finite, lse_rest, torch.zeros_like(lse_rest))
         g_rest = torch.where(rest_finite, g_rest, torch.zeros_like(g_rest))
+        # softmax over the rest = softmax(s/T) * exp(lseT - lse_rest) on the non-ids columns
+        rest_factor = torch.where(rest_finite, torch.exp(lseT - torch.where(rest_finite, lse_rest, lseT)), z)
+        coef_T = (g_lseT + g_lse1 * (T == 1.0)) / T
+        grad = torch.empty_like(s)
         for a, b in _chunks(s.shape[1], chunk):
             sc = _acc(s[:, a:b])
-            gc = g_lse1[:, None] * torch.exp(sc - lse1[:, None])
-            gc = gc + (g_lseT / T)[:, None] * torch.exp(sc / T - lseT[:, None])
-            pr = torch.exp(sc / T - lse_rest_safe[:, None]).masked_fill(_ids_mask(ids, a, b), 0.0)
-            gc = gc + (g_rest / T)[:, None] * pr
+            pT = torch.exp(sc / T - lseT[:, None])
+            gc = coef_T[:, None] * pT
+            gc.addcmul_((g_rest / T * rest_factor)[:, None], pT.masked_fill_(_ids_mask(ids, a, b), 0.0))
+            if T != 1.0:
+                gc = gc + g_lse1[:, None] * torch.exp(sc - lse1[:, None])
             grad[:, a:b] = gc.to(grad.dtype)
         if g_lab is not None:
             grad.scatter_add_(1, labels[:, None], g_lab[:, None].to(grad.dtype))
@@ -310,12 +378,13 @@ class _LogitStats(torch.autograd.Function):
 
 
 def _ids_mask(ids: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """[N, b - a] bool: True where column a + j is one of the row's ids."""
-    mask = torch.zeros(ids.shape[0], b - a, dtype=torch.bool, device=ids.device)
-    inside = (ids >= a) & (ids < b)
-    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
-    mask[rows[inside], ids[inside] - a] = True
-    return mask
+    """[N, b - a] bool: True where column a + j is one of the row's ids (one scatter, no nonzero())."""
+    w = b - a
+    local = ids - a
+    local = torch.where((local >= 0) & (local < w), local, torch.full_like(local, w))  # others -> a spare column
+    mask = torch.zeros(ids.shape[0], w + 1, dtype=torch.bool, device=ids.device)
+    mask.scatter_(1, local, True)
+    return mask[:, :w]
 
 
 def _bucket_kd(logp: torch.Tensor, logq: torch.Tensor, kind: str) -> torch.Tensor:
