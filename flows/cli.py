@@ -71,8 +71,13 @@ def demo_main(argv: list[str]) -> int:
     print(f"[demo] finished in {time.time() - t0:.0f}s; report: {root / 'report.md'} and {root / 'report.html'}")
     chat_dir = results.get("sft", {}).get("path")
     if chat_dir:
-        q = "What is the capital of France?"
-        print(f"[demo] example chat answer from {chat_dir}:\n  User: {q}\n  Assistant: {chat_once(chat_dir, q)}")
+        import json
+
+        held_out = [json.loads(line) for line in (root / "data/eval/demo_mc/test.jsonl").read_text().splitlines()]
+        print(f"[demo] example answers from the chat model {chat_dir} to questions it never saw in sft:")
+        for item in [r for r in held_out if r["lang"] == "en"][:2] + [r for r in held_out if r["lang"] == "zh"][:1]:
+            print(f"  User: {item['question']}\n  Assistant: {chat_once(chat_dir, item['question'])}"
+                  f"   (gold: {item['choices'][item['gold']]})")
     return 0
 
 

@@ -6,8 +6,9 @@ capitals of countries, colours of things, word translations and one-digit arithm
 - pretraining text (one document per line, ``text/pretrain_en.txt`` and ``text/pretrain_zh.txt``),
 - chat conversations in the MiniChat JSON shape (``chat/demo_chat.json``: a list of conversations,
   each a list of ``{"User": .., "Assistant": ..}`` turns),
-- multiple-choice questions with gold answers (``eval/demo_mc/{dev,test}.jsonl``), asked about
-  held-out entities whose facts appear only in the pretraining text, so sft must generalise,
+- multiple-choice questions with gold answers (``eval/demo_mc/{dev,test}.jsonl``: question, the
+  answer sentence's ``prefix`` up to the answer, choices, gold), asked about held-out facts that appear
+  only in the pretraining text, so sft must generalise,
 - two SentencePiece models trained on the corpus: an English BPE "base" (LLaMA settings,
   byte_fallback) and a Chinese unigram "extra", so the vocab stage runs without any download.
 
@@ -69,6 +70,8 @@ class Fact:
     answer_zh: str
     pool_en: list[str] = field(default_factory=list)
     pool_zh: list[str] = field(default_factory=list)
+    stem_en: str = ""  # the answer sentence up to the answer ("The capital of France is")
+    stem_zh: str = ""
 
 
 def facts() -> list[Fact]:
@@ -82,6 +85,7 @@ def facts() -> list[Fact]:
             [f"{country_zh}的首都是{cap_zh}。", f"{cap_zh}是{country_zh}的首都。"],
             f"What is the capital of {country}?", f"The capital of {country} is {cap}.",
             f"{country_zh}的首都是哪里？", f"{country_zh}的首都是{cap_zh}。", cap, cap_zh, caps, caps_zh,
+            f"The capital of {country} is", f"{country_zh}的首都是",
         ))
     colors = sorted({c[1] for c in COLORS})
     colors_zh = sorted({c[3] for c in COLORS})
@@ -92,6 +96,7 @@ def facts() -> list[Fact]:
             [f"{thing_zh}的颜色是{color_zh}。", f"{thing_zh}是{color_zh}的。"],
             f"What color is the {thing}?", f"The {thing} is {color}.",
             f"{thing_zh}是什么颜色的？", f"{thing_zh}是{color_zh}的。", color, color_zh, colors, colors_zh,
+            f"The {thing} is", f"{thing_zh}是",
         ))
     words_en = [w[0] for w in WORDS]
     words_zh = [w[1] for w in WORDS]
@@ -102,6 +107,7 @@ def facts() -> list[Fact]:
             [f"{zh}的英文是{en}。", f"{en}的中文是{zh}。"],
             f"What is {en} in Chinese?", f"In Chinese, {en} is {zh}.",
             f"{zh}的英文是什么？", f"{zh}的英文是{en}。", zh, en, words_zh, words_en,
+            f"In Chinese, {en} is", f"{zh}的英文是",
         ))
     for a in range(1, 10):
         for b in range(1, 10):
@@ -113,6 +119,7 @@ def facts() -> list[Fact]:
                 f"What is {a} plus {b}?", f"{a} plus {b} equals {c}.",
                 f"{a}加{b}等于几？", f"{a}加{b}等于{c}。", str(c), str(c),
                 [str(i) for i in range(2, 19)], [str(i) for i in range(2, 19)],
+                f"{a} plus {b} equals", f"{a}加{b}等于",
             ))
     return out
 
@@ -132,7 +139,8 @@ def _mc(fact: Fact, lang: str, rng: random.Random) -> dict:
     choices = rng.sample(pool, 3) + [answer]
     rng.shuffle(choices)
     q = fact.q_en if lang == "en" else fact.q_zh
-    return {"question": q, "choices": choices, "gold": choices.index(answer), "lang": lang, "kind": fact.kind}
+    prefix = fact.stem_en if lang == "en" else fact.stem_zh
+    return {"question": q, "prefix": prefix, "choices": choices, "gold": choices.index(answer), "lang": lang, "kind": fact.kind}
 
 
 def generate(seed: int = 0, docs_per_lang: int = 1500) -> DemoCorpus:

@@ -26,10 +26,14 @@ def test_shapes_and_held_out_split(demo_data_dir):
     asked = {t["User"] for conv in chat for t in conv}
     assert not any(r["question"] in asked for r in test)
     en = (demo_data_dir / "text/pretrain_en.txt").read_text()
+    zh = (demo_data_dir / "text/pretrain_zh.txt").read_text()
     for r in test:
         if r["lang"] == "en" and r["kind"] == "capital":
             country = r["question"].removeprefix("What is the capital of ").rstrip("?")
             assert f"The capital of {country} is {r['choices'][r['gold']]}." in en
+        # the cloze prefix + the gold choice is a sentence of the pretraining text
+        sep = " " if r["lang"] == "en" else ""
+        assert f"{r['prefix']}{sep}{r['choices'][r['gold']]}" in (en if r["lang"] == "en" else zh)
 
 
 def test_tokenizers_are_llama_like(demo_data_dir):

@@ -542,5 +542,7 @@ def test_chat_template_wraps_prompts(model, tok, demo_data_dir, monkeypatch):
     monkeypatch.setattr(LM, "loglikelihood", lambda self, reqs, progress=None: seen.extend(reqs) or real(self, reqs))
     evaluate_model(model, chat_tok, tasks, chat_template=True)
     ctx, cont = seen[0]
-    assert ctx.startswith("<|user|>Question: ") and ctx.endswith("\nAnswer:<|end|><|assistant|>") and ctx.count("Question:") == 2
+    first = json.loads((demo_data_dir / "eval/demo_mc/test.jsonl").read_text().splitlines()[0])
+    assert ctx.startswith("<|user|>Question: ") and ctx.count("Question:") == 2
+    assert ctx.endswith(f"\nAnswer: {first['prefix']}<|end|><|assistant|>")
     assert not cont.startswith(" ")

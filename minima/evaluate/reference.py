@@ -139,7 +139,7 @@ dataset_kwargs:
 test_split: test
 fewshot_split: dev
 output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:{{% if prefix %}} {{{{prefix}}}}{{% endif %}}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: "{{{{gold}}}}"
 {_MC_METRICS}""")

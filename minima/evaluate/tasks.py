@@ -374,7 +374,7 @@ class Winogrande(Task):
 class DemoMC(Task):
     name = "demo_mc"
     folders = ("demo_mc", "eval/demo_mc")
-    formats = {"jsonl": 'JSONL {"question", "choices": [...], "gold": int} (minima demo corpus)'}
+    formats = {"jsonl": 'JSONL {"question", "choices": [...], "gold": int, optional "prefix"} (minima demo corpus)'}
 
     def detect(self, path, row):
         if isinstance(row, dict) and _need(row, ("question", "choices", "gold")) and isinstance(row["choices"], list):
@@ -386,7 +386,10 @@ class DemoMC(Task):
         for line, row in read_rows(path):
             where = f"{path}:{line}"
             choices = [str(c) for c in row["choices"]]
-            docs.append(Doc(query=f"Question: {row['question']}\nAnswer:", choices=choices,
+            # The answer sentence's stem ("The capital of France is") makes the item a cloze that a
+            # base model can score as well as a chat model.
+            prefix = f" {row['prefix']}" if row.get("prefix") else ""
+            docs.append(Doc(query=f"Question: {row['question']}\nAnswer:{prefix}", choices=choices,
                             gold=_gold_index(row["gold"], len(choices), where), raw=row, where=where))
         return docs
 
