@@ -217,6 +217,19 @@ def matrix(models: dict, tmp: Path, only=None) -> list[dict]:
     return specs
 
 
+def minima_3b_plan(stage: str, extra: list[str]) -> str:
+    """The printed plan of one of MiniMA's stages (what `minima plan` prints)."""
+    import contextlib
+    import io
+
+    from minima.plan import main as plan_main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        plan_main([stage, "--preset", "minima-3b", *extra])
+    return buf.getvalue().strip()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -280,7 +293,10 @@ def main(argv=None) -> int:
     ]
     for name, pred, m in contrast:
         lines.append(f"| {name} | {pred['total'] / MiB:.0f} | {m['measured'] / MiB:.0f} | {pred['total'] / m['measured']:.2f} |")
-    lines += ["", f"Total benchmark time {time.time() - t_all:.0f} s."]
+    lines += ["", f"Total benchmark time {time.time() - t_all:.0f} s.", "", "MiniMA's three training stages as planned "
+              "for A100-80GB (`minima plan STAGE --preset minima-3b ...`):", ""]
+    for stage, extra in (("adapt", ["plan.gpus=32"]), ("distill", ["plan.gpus=16", "plan.tokens=126e9"]), ("sft", ["plan.gpus=8"])):
+        lines += ["```", f"$ minima plan {stage} --preset minima-3b {' '.join(extra)}", minima_3b_plan(stage, extra), "```"]
     text = "\n".join(lines)
     print(text)
     if not a.no_write:
