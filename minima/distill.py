@@ -317,7 +317,16 @@ def build_cache(ccfg: DistillCacheConfig, force: bool = False) -> Artifact:
     if not ccfg.teacher or not ccfg.records:
         raise ConfigError("distill-cache needs teacher and records", where="teacher" if not ccfg.teacher else "records",
                           fix="set teacher=<dir> records=<records artifact>")
-    _model_config(ccfg.teacher, "teacher", "teacher")
+    t_vocab = int(_model_config(ccfg.teacher, "teacher", "teacher").get("vocab_size", 0))
+    if not _split_files(ccfg.records, "train"):
+        raise InputError(f"{ccfg.records} has no train/*.tfrecord shards", where="records",
+                         fix="point records at the output of `minima records`")
+    from .records import read_records_manifest
+
+    r_vocab = read_records_manifest(str(ccfg.records)).get("vocab_size")
+    if isinstance(r_vocab, int) and r_vocab > t_vocab:
+        raise InputError(f"records were tokenized with {r_vocab} tokens but the teacher has {t_vocab}", where="records",
+                         fix="build the records with the teacher's tokenizer")
     inputs = {"teacher": ccfg.teacher, "records": ccfg.records}
     return run_stage(ccfg, inputs, lambda run: write_cache(ccfg, run.work_dir), force=force, resumable=True)
 

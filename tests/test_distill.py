@@ -218,6 +218,34 @@ def test_cache_detects_other_records_and_settings(setup, full_cache, tmp_path):
         ds.read(3)
 
 
+def test_sampled_cache_estimates_the_online_kd(setup, tmp_path):
+    """Sampled targets (256 draws per position, proposal p^0.5 with importance weights): the cached forward
+    KL is an unbiased estimate of the online one, so over a batch it lands within 5%; errors name the cause."""
+    from transformers import AutoModelForCausalLM
+
+    from minima.config import DistillCacheConfig
+    from minima.distill import CachedRecordDataset, DistillRecipe, build_cache
+
+    d, teacher, student, rec = setup
+    art = build_cache(DistillCacheConfig(teacher=str(teacher), records=str(rec), mode="sampled", top_k=256, proposal_power=0.5,
+                                         dtype="fp32", out_dir=str(tmp_path / "sampled")))
+    assert (art.path / "train" / "part-00000" / "weights.npy").is_file()
+    kw = dict(loss={"alpha": 0.0, "kd": "forward_kl"})
+    online = DistillRecipe(_cfg(setup, **kw))
+    online.teacher = AutoModelForCausalLM.from_pretrained(str(teacher)).eval()
+    cached = DistillRecipe(_cfg(setup, cache_logits=True, cache_mode="sampled", cache_top_k=256, cache_proposal_power=0.5,
+                                cache_dir=str(art.path), **kw))
+    cached.setup(_ctx())
+    ds = CachedRecordDataset(str(rec), "train", str(art.path), shuffle_buffer=0)
+    samples = [ds.read(i) for i in range(8)]
+    model = AutoModelForCausalLM.from_pretrained(str(student))
+    a = online.compute_loss(model, online.collate(samples), _ctx(), train=True).metrics["kd"].item()
+    b = cached.compute_loss(model, cached.collate(samples), _ctx(), train=True).metrics["kd"].item()
+    assert b == pytest.approx(a, rel=0.05)
+    with pytest.raises(InputError, match="no train"):
+        build_cache(DistillCacheConfig(teacher=str(teacher), records=str(tmp_path), out_dir=str(tmp_path / "x")))
+
+
 def test_cli_cache_then_train_from_it(setup, tmp_path, capsys):
     """`minima distill-cache` then `minima distill cache_logits=true`: the cache is built once, reused,
     and the run logs its KD and CE terms separately."""
