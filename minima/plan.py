@@ -51,6 +51,26 @@ class PlanOptions:
     memory_gib: Optional[float] = None  # override the device's memory
     seq: Optional[int] = None  # sequence length (default: the records' max_length, sft's max_length, else the model's)
 
+    @classmethod
+    def local(cls, cfg) -> "PlanOptions":
+        """This machine as the launcher will use it: its GPU (or, on CPU, its RAM shared by the local ranks)."""
+        launch = getattr(cfg, "launch", None)
+        per_node = launch.nproc_per_node if launch else 1
+        world = per_node * (launch.nnodes if launch else 1)
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                props = torch.cuda.get_device_properties(0)
+                name = props.name.lower()
+                device = next((d for d in ("h200", "h100", "h800", "a800", "a100", "l40s", "4090") if d in name), "a100")
+                return cls(device=device, gpus=world, memory_gib=props.total_memory / GiB)
+        except Exception:  # no usable CUDA: plan for the CPU
+            pass
+        import psutil
+
+        return cls(device="cpu", gpus=world, memory_gib=psutil.virtual_memory().total / GiB / per_node)
+
 
 # ------------------------------------------------------------------------------------ shapes
 PRESET_SHAPES = {  # preset -> (teacher/base shape, student shape); vocab sizes after the vocab stage
@@ -556,8 +576,10 @@ def _records_max_length(records: Optional[str]) -> Optional[int]:
 
 
 def check_fits(cfg, opts: Optional[PlanOptions] = None, force: bool = False) -> Plan:
-    """The engine's pre-launch check: raise PlanError with the table unless it fits (or force)."""
-    plan = plan_stage(cfg, opts or PlanOptions())
+    """The engine's pre-launch check: raise PlanError with the table unless it fits (or force).
+
+    ``opts`` defaults to this machine (:meth:`PlanOptions.local`)."""
+    plan = plan_stage(cfg, opts or PlanOptions.local(cfg))
     if not plan.fits and not force:
         raise PlanError(f"the plan says {cfg.stage} will not fit:\n{plan.table()}", fix="follow the suggestions, or pass --force")
     return plan

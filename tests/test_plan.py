@@ -156,3 +156,20 @@ def test_predicted_peak_within_20_percent_of_measured(tmp_path, tiny_tokenizer_d
     for spec, m in zip(specs, measured):
         predicted = bench.predict(spec)["total"]
         assert 0.8 <= predicted / m <= 1.2, (spec["ckpt"], predicted / 2**20, m / 2**20)
+
+
+def test_engine_refuses_a_job_that_does_not_fit(tiny_model_dir, tmp_path):
+    """The pre-launch check: the plan's table and suggestions in the error, and --force overrides."""
+    from minima.config import AdaptConfig
+    from minima.errors import PlanError
+    from minima.train.launch import _check_plan
+
+    cfg = AdaptConfig(model=str(tiny_model_dir), out_dir=str(tmp_path / "o"), precision="fp32", zero_stage=2,
+                      micro_batch_size=200_000)
+    with pytest.raises(PlanError) as e:
+        _check_plan(cfg, force=False)
+    msg = str(e.value)
+    assert "will not fit" in msg and "micro_batch_size<=" in msg and "GiB" in msg
+    _check_plan(cfg, force=True)  # forced: a warning-free pass, the launch would go ahead
+    _check_plan(cfg.model_copy(update={"micro_batch_size": 2}), force=False)  # a tiny job fits
+    assert not (tmp_path / "o").exists()

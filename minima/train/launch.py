@@ -239,6 +239,21 @@ def launch_training(cfg, recipe: str, run, callbacks: list[str] = ()) -> dict:
     return result or {}
 
 
+def _check_plan(cfg, force: bool) -> None:
+    """Stop before launch when `minima plan` says the job will not fit (``--force`` overrides)."""
+    from ..errors import PlanError
+    from ..plan import check_fits
+
+    try:
+        plan = check_fits(cfg, force=force)
+    except PlanError:
+        raise
+    except Exception as e:  # a model family the planner does not model (e.g. seq2seq): launch anyway
+        log.warning("memory plan skipped: %s", str(e).splitlines()[0][:200])
+        return
+    log.info("memory plan: %.2f GiB per device of %.0f GiB (%s)", plan.total_bytes / 2**30, plan.device_bytes / 2**30, plan.verdict())
+
+
 def train_stage(cfg, inputs: Mapping[str, Optional[str]], recipe: str, *, force: bool = False,
                 callbacks: list[str] = (), validate=None):
     """A training stage's ``run``: node 0 publishes the artifact; other nodes/ranks only train.
@@ -259,6 +274,8 @@ def train_stage(cfg, inputs: Mapping[str, Optional[str]], recipe: str, *, force:
         # Validate before run_stage creates anything, so bad input leaves no directory behind.
         if validate is not None and not cached:
             validate()
+        if not cached:
+            _check_plan(cfg, force)
         return run_stage(cfg, inputs, lambda run: launch_training(cfg, recipe, run, callbacks), force=force, resumable=True)
     if cached:
         return Artifact(out_dir, read_manifest(out_dir), skipped=True)
