@@ -96,8 +96,11 @@ def _cmd_stage(stage: str, argv: list[str]) -> int:
     args = _stage_parser(f"minima {stage}", stage).parse_intermixed_args(argv)
     cfg = stage_config(stage, args.preset, args.config, args.overrides)
     artifact = _resolve(STAGE_RUNNERS[stage])(cfg, force=args.force)
-    state = "cached, skipped" if artifact.skipped else "done"
-    print(f"{stage}: {state} -> {artifact.path}")
+    if artifact.metrics.get("dry_run"):
+        print(f"{stage}: dry run, nothing written")
+    else:
+        state = "cached, skipped" if artifact.skipped else "done"
+        print(f"{stage}: {state} -> {artifact.path}")
     summary = {k: v for k, v in artifact.metrics.items() if isinstance(v, (int, float, str))}
     if summary:
         print(json.dumps(summary, indent=None, ensure_ascii=False)[:2000])
