@@ -12,6 +12,7 @@ Retries happen only for transient failures; a MinimaError (bad config, bad input
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any, Optional
 
 from prefect import task
@@ -25,6 +26,28 @@ from minima.errors import MinimaError
 from minima.pipeline import STEP, step_config
 
 TRANSIENT = (ConnectionError, TimeoutError)
+
+
+def _drop_prefect_exit_hooks_in_forked_child() -> None:
+    """Prefect 3.8 registers a thread-exit drain for each of its services and, in a forked child,
+    resets the services without unregistering it; the drain then fails an assertion and the child
+    exits with code 1 (e.g. DataLoader workers or a records pool forked by a process that ran a flow).
+    A child never owns those services, so drop their hooks there."""
+    import threading
+
+    from prefect._internal.concurrency.services import _QueueServiceBase
+
+    def owner(hook):
+        fn = getattr(hook, "func", hook)  # threading wraps each hook in functools.partial
+        return getattr(fn, "__self__", None)
+
+    hooks = getattr(threading, "_threading_atexits", None)
+    if hooks:
+        hooks[:] = [h for h in hooks if not isinstance(owner(h), _QueueServiceBase)]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_prefect_exit_hooks_in_forked_child)
 
 
 def _upstream_paths(upstream: dict[str, Any]) -> dict[str, str]:

@@ -91,3 +91,15 @@ def test_cache_from_stage_changed_field_and_failure(tmp_path, fake_stages, prefe
     _run(tmp_path, overrides=["distill.loss.temperature=2", "sft.lr=1e-5"], only_stage="prune", force=True)
     assert CALLS == ["04_prune"]
     assert (tmp_path / "run/report.md").is_file()
+
+
+def test_forked_children_exit_cleanly_after_a_flow(prefect_ready):
+    """A process that ran a flow can still fork workers (DataLoader, records pool) that exit 0."""
+    import multiprocessing as mp
+
+    import tasks._common  # noqa: F401  (installs the at-fork fix)
+
+    p = mp.get_context("fork").Process(target=print, args=("child",))
+    p.start()
+    p.join()
+    assert p.exitcode == 0

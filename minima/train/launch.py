@@ -165,9 +165,13 @@ def _run_inprocess(spec: dict) -> dict:
     import torch
 
     threads = torch.get_num_threads()  # the worker may change it (MINIMA_NUM_THREADS)
+    # ZeRO-3 swaps torch.nn.functional.linear for its own autograd function and never swaps it back;
+    # a real job is its own process, but in-process the patch would leak into whatever runs next.
+    linear = torch.nn.functional.linear
     try:
         return run_spec(spec)
     finally:
+        torch.nn.functional.linear = linear
         torch.set_num_threads(threads)
         for k, v in saved.items():
             if v is None:
