@@ -5,7 +5,6 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 
 def run_main(argv: list[str]) -> int:
@@ -71,8 +70,6 @@ def demo_main(argv: list[str]) -> int:
     print(f"[demo] finished in {time.time() - t0:.0f}s; report: {root / 'report.md'} and {root / 'report.html'}")
     chat_dir = results.get("sft", {}).get("path")
     if chat_dir:
-        import json
-
         held_out = [json.loads(line) for line in (root / "data/eval/demo_mc/test.jsonl").read_text().splitlines()]
         print(f"[demo] example answers from the chat model {chat_dir} to questions it never saw in sft:")
         for item in [r for r in held_out if r["lang"] == "en"][:2] + [r for r in held_out if r["lang"] == "zh"][:1]:

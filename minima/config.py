@@ -622,6 +622,23 @@ def build(model: type[BaseModel], base: dict | None = None, file: str | None = N
         raise format_validation_error(model, e) from None
 
 
+def command_config(model: type[BaseModel], argv: Optional[list[str]], doc: str) -> Optional[Any]:
+    """The config of a ``key=value`` command (``--config FILE`` allowed); None after printing ``--help``."""
+    argv = list(argv or [])
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc.strip().split("\n\n")[0])
+        for name, f in model.model_fields.items():
+            default = f.default_factory() if f.default_factory else f.default
+            print(f"  {name:<24}{f.description} ({'required' if f.is_required() else f'default: {default}'})")
+        return None
+    file = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        file = argv[i + 1] if i + 1 < len(argv) else None
+        del argv[i:i + 2]
+    return build(model, file=file, overrides=argv)
+
+
 def to_yaml(cfg: BaseModel) -> str:
     import yaml
 

@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable, Literal, Optional
 from pydantic import Field, field_validator
 
 from .api_client import Client
-from .config import Closed, build
+from .config import Closed, command_config
 from .errors import ConfigError, DataError, InputError
 from .logs import get_logger
 from .self_instruct import Journal, read_journal, str_list, write_json_atomic
@@ -660,19 +660,10 @@ def run_chat_eval(cfg: ChatEvalConfig, answer_chat: Optional[Chat] = None, judge
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m minima.judge questions=F model=DIR judge_base_url=URL judge_model=NAME [key=value ...]``."""
-    argv = list(argv or [])
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip().split("\n\n")[0])
-        for name, f in ChatEvalConfig.model_fields.items():
-            default = f.default_factory() if f.default_factory else f.default
-            print(f"  {name:<20}{f.description} ({'required' if f.is_required() else f'default: {default}'})")
+    cfg = command_config(ChatEvalConfig, argv, __doc__)
+    if cfg is None:
         return 0
-    file = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        file = argv[i + 1] if i + 1 < len(argv) else None
-        del argv[i:i + 2]
-    res = run_chat_eval(build(ChatEvalConfig, file=file, overrides=argv))
+    res = run_chat_eval(cfg)
     print(res["report"])
     return 0
 

@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Literal, Optional
 from pydantic import Field, field_validator
 
 from .api_client import Client, Reply
-from .config import Closed, build
+from .config import Closed, command_config
 from .errors import ConfigError, DataError, InputError
 from .logs import get_logger
 
@@ -524,19 +524,9 @@ def _default_seeds() -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``minima self-instruct [--config F] key=value ...``; exit 1 when the target was not reached."""
-    argv = list(argv or [])
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip().split("\n\n")[0])
-        for name, f in SelfInstructConfig.model_fields.items():
-            default = f.default_factory() if f.default_factory else f.default
-            print(f"  {name:<30}{f.description} ({'required' if f.is_required() else f'default: {default}'})")
+    cfg = command_config(SelfInstructConfig, argv, __doc__)
+    if cfg is None:
         return 0
-    file = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        file = argv[i + 1] if i + 1 < len(argv) else None
-        del argv[i:i + 2]
-    cfg = build(SelfInstructConfig, file=file, overrides=argv)
     res = run_self_instruct(cfg)
     print(f"self-instruct: {res.accepted}/{res.target} tasks -> {res.out} ({res.requests} requests this run; rejected {res.rejected or 'none'})")
     if not res.complete:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Literal, Optional
 
 from pydantic import Field
 
-from .config import Closed, build
+from .config import Closed, command_config
 from .errors import ConfigError, InputError, MinimaError
 from .logs import get_logger
 
@@ -648,19 +648,12 @@ def serve(cfg: ServeConfig) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     """``minima serve model=DIR [host=..] [port=..] [api_key=..] [key=value ...]``."""
     argv = list(argv or [])
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip().splitlines()[0])
-        for fname, f in ServeConfig.model_fields.items():
-            print(f"  {fname:<20}{f.description} ({'required' if f.is_required() else f'default: {f.default}'})")
-        return 0
-    file = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        file = argv[i + 1] if i + 1 < len(argv) else None
-        del argv[i:i + 2]
-    if not file and not any(a.startswith("model=") for a in argv):
+    if not any(a in ("-h", "--help", "--config") for a in argv) and not any(a.startswith("model=") for a in argv):
         raise ConfigError("minima serve needs model=DIR", fix="e.g. minima serve model=runs/default/06_sft port=8000")
-    serve(build(ServeConfig, file=file, overrides=argv))
+    cfg = command_config(ServeConfig, argv, __doc__)
+    if cfg is None:
+        return 0
+    serve(cfg)
     return 0
 
 
