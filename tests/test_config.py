@@ -89,3 +89,15 @@ def test_yaml_roundtrip(tmp_path):
     f.write_text(to_yaml(cfg))
     assert build(AdaptConfig, file=str(f)) == cfg
     assert yaml.safe_load(to_yaml(cfg))["lr"] == cfg.lr
+
+
+def test_example_pipeline_config_validates():
+    from pathlib import Path
+
+    from minima.config import PipelineConfig, deep_merge
+    from minima.presets import get_preset
+
+    f = Path(__file__).resolve().parents[1] / "configs" / "minima-3b.example.yaml"
+    cfg = build(PipelineConfig, base=get_preset("minima-3b").model_dump(mode="json"), file=str(f))
+    assert cfg.prune.num_layers == 24 and cfg.distill.loss.kd == "soft_ce"  # the recipe comes from the preset
+    assert cfg.adapt.launch.launcher == "slurm" and [s.name for s in cfg.records_lm.inputs] == ["wudao", "c4"]
