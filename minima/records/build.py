@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -101,8 +101,11 @@ def special_ids(tok: Any, cfg: RecordsConfig) -> dict[str, Optional[int]]:
     return {"bos_id": bos, "eos_id": int(eos), "pad_id": int(pad)}
 
 
-def run(cfg: RecordsConfig, force: bool = False) -> Artifact:
-    """Build (or reuse) the records artifact for ``cfg``."""
+def run(cfg: RecordsConfig, force: bool = False, mapper: Optional["ChunkMapper"] = None) -> Artifact:
+    """Build (or reuse) the records artifact for ``cfg``.
+
+    ``mapper`` fans the tokenization chunks out elsewhere (flows/records_dask.py: a Dask cluster);
+    chunks are consumed in order, so the files are the same bytes as a local build."""
     sources = sources_of(cfg)
     if cfg.tokenizer is None:
         raise ConfigError("records needs a tokenizer", where="RecordsConfig.tokenizer", fix="set tokenizer to an HF tokenizer dir")
@@ -115,12 +118,12 @@ def run(cfg: RecordsConfig, force: bool = False) -> Artifact:
     for s in sources:
         resolve_files(s.path)  # fail before any work when a glob matches nothing
     inputs = {"tokenizer": str(cfg.tokenizer), **{f"source:{s.name}": s.path for s in sources}}
-    return run_stage(cfg, inputs, body=lambda r: _body(cfg, r.work_dir), force=force)
+    return run_stage(cfg, inputs, body=lambda r: _body(cfg, r.work_dir, mapper), force=force)
 
 
-def _body(cfg: RecordsConfig, work_dir: Path) -> dict:
+def _body(cfg: RecordsConfig, work_dir: Path, mapper: Optional["ChunkMapper"] = None) -> dict:
     try:
-        return build_records(cfg, work_dir)
+        return build_records(cfg, work_dir, mapper)
     except BaseException:
         # run_stage publishes only on success; drop the partial dir so nothing half-written remains.
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -190,6 +193,21 @@ def _init_spawned_worker(tokenizer_dir: str, cfg_fields: dict) -> None:
     _setup_worker(load_tokenizer(tokenizer_dir), cfg_fields, None)
 
 
+# A ChunkMapper takes (tokenizer_dir, worker fields, chunk tasks carrying their documents) and yields
+# tokenize_chunk(...) of each task, in order, computed wherever it likes.
+ChunkMapper = Callable[[str, dict, Iterable[tuple]], Iterator[tuple]]
+_REMOTE: dict[tuple, dict] = {}
+
+
+def tokenize_chunk(tokenizer_dir: str, cfg_fields: dict, task: tuple) -> tuple:
+    """Tokenize one chunk task in any process (a Dask worker): the tokenizer is loaded once per process."""
+    key = (tokenizer_dir, tuple(sorted(cfg_fields.items())))
+    w = _REMOTE.get(key)
+    if w is None:
+        w = _REMOTE[key] = _make_worker(load_tokenizer(tokenizer_dir), cfg_fields, None)
+    return _tokenize_task(task, w)
+
+
 def _tokenize_task(task: tuple, w: Optional[dict] = None) -> tuple:
     """Tokenize documents ``start:end`` of a split (or the payloads sent along, without fork).
 
@@ -241,12 +259,17 @@ class Tokenizing:
     depend on the number of workers.
     """
 
-    def __init__(self, cfg: RecordsConfig, tok: Any, payloads: dict[str, list]):
+    def __init__(self, cfg: RecordsConfig, tok: Any, payloads: dict[str, list], mapper: Optional[ChunkMapper] = None):
         self.cfg = cfg
         self.payloads = payloads
         fields = dict(fmt=cfg.format, chat_format=cfg.chat_format, lowercase=cfg.lowercase,
                       max_length=cfg.max_length, overflow=cfg.overflow)
+        self.fields, self.mapper = fields, mapper
         self.pool = None
+        self.fork = "fork" in mp.get_all_start_methods()
+        if mapper is not None:
+            self.local = None
+            return
         self.fork = "fork" in mp.get_all_start_methods()
         self.local = _make_worker(tok, fields, payloads) if cfg.num_workers <= 1 else None
         if cfg.num_workers > 1:
@@ -269,7 +292,10 @@ class Tokenizing:
         n, size = len(self.payloads[split]), self.cfg.chunk_size
         tasks = ((split, i, min(i + size, n), None if self.fork else self.payloads[split][i : i + size])
                  for i in range(0, n, size))
-        if self.pool:
+        if self.mapper is not None:
+            sent = ((sp, a, b, self.payloads[sp][a:b]) for sp, a, b, _ in tasks)
+            results = self.mapper(str(self.cfg.tokenizer), self.fields, sent)
+        elif self.pool:
             results = self.pool.imap(_tokenize_task, tasks, chunksize=1)
         else:
             results = (_tokenize_task(t, self.local) for t in tasks)
@@ -386,7 +412,7 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
 
 
 # -------------------------------------------------------------------------------------- build
-def build_records(cfg: RecordsConfig, out_dir: str | os.PathLike) -> dict:
+def build_records(cfg: RecordsConfig, out_dir: str | os.PathLike, mapper: Optional[ChunkMapper] = None) -> dict:
     """Build the records into ``out_dir`` (normally run_stage's work dir) and return the metrics."""
     # Parallelism comes from our process pool; tokenizers' own threads would oversubscribe cores.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -424,7 +450,7 @@ def build_records(cfg: RecordsConfig, out_dir: str | os.PathLike) -> dict:
     src_dropped = np.zeros(len(read), dtype=np.int64)
     src_truncated = np.zeros(len(read), dtype=np.int64)
     t_tok = time.time()
-    tokenizing = Tokenizing(cfg, tok, {name: [d.payload for _, d in docs] for name, docs in splits.items()})
+    tokenizing = Tokenizing(cfg, tok, {name: [d.payload for _, d in docs] for name, docs in splits.items()}, mapper)
     try:
         stats = {name: write_split(cfg, name, docs, out, ids, tokenizing, src_tokens, src_dropped, src_truncated)
                  for name, docs in splits.items()}
