@@ -180,13 +180,13 @@ Text: {what}; {len(docs):,} documents, {m['total_tokens']:,} tokens; `max_length
 | bytes per token on disk (TFRecord + Example int64 varints, incl. framing) | {m['bytes_per_token']:.2f} | |
 | UTF-8 text bytes per token (same documents) | {utf8 / m['total_tokens']:.2f} | |
 
-Scaling from 1 to 2 workers can only approach 2x in wall time when two cores are free; on this shared
-machine (load average {load:.1f} on {cores} cores at the end of the run) the other jobs took most of
-them (the 2-worker build got {best2['cpu'] / best2['wall']:.2f} cores), so the wall-time ratio measures the
-neighbours. What the code controls is the CPU cost: 2 workers spend {best1['tok_per_cpu_s'] / best2['tok_per_cpu_s']:.2f}x the CPU-seconds of 1
-per token (pool start and teardown, result pickling; workers inherit the documents by fork and get
-only index ranges, results come back as flat int32 arrays), so with two free cores the expected
-speed-up is about {2 * best2['tok_per_cpu_s'] / best1['tok_per_cpu_s']:.1f}x; that could not be measured on this machine. The 1-worker
+Scaling from 1 to 2 workers can only approach 2x in wall time when two cores are free (load average
+{load:.1f} on {cores} cores at the end of this run; the 2-worker build got {best2['cpu'] / best2['wall']:.2f} cores, and on a
+2-core box the parent process that reads, packs and writes competes with the two workers). The CPU
+cost per token is what the code controls: 2 workers spend {best1['tok_per_cpu_s'] / best2['tok_per_cpu_s']:.2f}x the CPU-seconds of 1
+(pool start and teardown, result pickling; workers inherit the documents by fork and get only
+index ranges, results come back as flat int32 arrays), so with two cores free for the workers the
+expected speed-up is about {2 * best2['tok_per_cpu_s'] / best1['tok_per_cpu_s']:.1f}x. The 1-worker
 "tokenize + pack + write" rate beats raw `tokenizer(batch)` because the build calls the Rust
 tokenizer's `encode_batch_fast` (no offsets, no Python `BatchEncoding`), checked equal to
 `tokenizer(...)` ids in tests/test_formats.py. On disk, an int64 varint takes 1 byte for ids < 128, 2
