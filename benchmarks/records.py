@@ -160,8 +160,8 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0]
     md = f"""## records (`python benchmarks/records.py`)
 
-Machine: {machine()}; {cores} cores **shared with other engineers' jobs** while this ran, so absolute
-numbers are noisy; each ratio compares sides measured interleaved in one run (best of {repeats}).
+Machine: {machine()}; {cores} cores, load average {load:.1f} at the end of the run (other jobs make absolute
+numbers noisy); each ratio compares sides measured interleaved in one run (best of {repeats}).
 Text: {what}; {len(docs):,} documents, {m['total_tokens']:,} tokens; `max_length=2048`, `chunk_size={batch}`.
 
 | measure | value | target |
