@@ -35,7 +35,7 @@ def demo_config(root: Path) -> dict:
         "records_lm": {"inputs": [{"name": "en", "path": str(data / "text/pretrain_en.txt")},
                                   {"name": "zh", "path": str(data / "text/pretrain_zh.txt")}]},
         "records_chat": {"inputs": [{"name": "chat", "path": str(data / "chat/demo_chat.json")}]},
-        "evaluate": {"tasks": {"demo_mc": {"path": str(data / "eval/demo_mc")}, "perplexity": {"path": str(data / "text")}}},
+        "evaluate": {"tasks": {"demo_mc": {"path": str(data / "eval/demo_mc")}, "perplexity": {"path": str(data / "text"), "max_length": 128}}},  # the trained context
     }
 
 

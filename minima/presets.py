@@ -37,15 +37,15 @@ def tiny() -> PipelineConfig:
     cfg.records_lm = _with(cfg.records_lm, **dict(format="lm", max_length=128, shard_size=2000, dev_fraction=0.05))
     cfg.records_chat = _with(cfg.records_chat, **dict(format="chat", max_length=128, shard_size=2000, dev_fraction=0.1))
     train = dict(precision="fp32", zero_stage=2, micro_batch_size=8, gradient_accumulation_steps=1, lr=3e-3,
-                 warmup_proportion=0.05, max_steps=200, eval_steps=50, save_steps=50)
+                 warmup_proportion=0.05, max_steps=400, eval_steps=100, save_steps=100)
     cfg.adapt = _with(cfg.adapt, **train)
     s = TINY_STUDENT
     cfg.prune = _with(cfg.prune, **dict(
         num_layers=s["num_hidden_layers"], num_heads=s["num_attention_heads"], num_key_value_heads=s["num_key_value_heads"],
         hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"], num_samples=64, max_length=128, batch_size=8,
         importance="activation", layer_importance="block-influence"))
-    cfg.distill = _with(cfg.distill, **dict(train, max_steps=150))
-    cfg.sft = _with(cfg.sft, **dict(train, lr=1e-3, max_steps=-1, epochs=3, warmup_proportion=0.1, max_length=128, patience=2))
+    cfg.distill = _with(cfg.distill, **dict(train, max_steps=300))
+    cfg.sft = _with(cfg.sft, **dict(train, lr=5e-4, max_steps=-1, epochs=3, warmup_proportion=0.1, max_length=128, patience=2))
     cfg.evaluate = _with(cfg.evaluate, **dict(tasks=["demo_mc", "perplexity"], batch_size=16))
     return cfg
 
