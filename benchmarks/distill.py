@@ -6,13 +6,14 @@ Three arms, interleaved round-robin in one process so machine load hits them ali
 - ``online``: the same plus the teacher's no-grad forward and the fused dense KD loss;
 - ``cached``: the same but the KD term from cached top-k targets (no teacher in memory).
 
-Each goes through :class:`minima.distill.DistillRecipe.compute_loss`, the code the stage trains with.
+Each goes through :class:`minima.stages.distill.DistillRecipe.compute_loss`, the code the stage trains with.
 Bars (issue 8): online >= 0.5x and cached >= 0.9x the CE step's throughput.
 
 Usage: ``python benchmarks/distill.py [--gpu]``. On CPU: tiny models (always). With ``--gpu`` (and a
 CUDA device): a ~2.7B teacher / ~1.1B student pair of random LLaMA weights (timing needs no training),
 bf16, vocab 32000, seq 2048.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,13 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.results import machine, write_section  # noqa: E402
-from minima.config import DistillConfig  # noqa: E402
-from minima.distill import DistillRecipe  # noqa: E402
-from minima.kd import top_k_targets  # noqa: E402
-from minima.train import TrainContext  # noqa: E402
+from benchmarks.results import machine, write_section
+from minima.core.config import DistillConfig
+from minima.stages.distill import DistillRecipe
+from minima.train import TrainContext
+from minima.train.objectives.kd import top_k_targets
 
 
 def _llama(vocab, seed, dtype, device, **shape):
@@ -48,17 +49,33 @@ def bench(gpu: bool, steps: int, warmup: int) -> dict:
     if gpu:
         vocab, seq, mbs = 32000, 2048, 4
         # ~2.7B teacher -> ~1.2B student, the same x 0.75 per dimension as MiniMA's 7B -> 3B
-        t_shape = dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=32, num_attention_heads=20,
-                       num_key_value_heads=20, max_position_embeddings=4096)
-        s_shape = dict(hidden_size=1920, intermediate_size=5184, num_hidden_layers=24, num_attention_heads=15,
-                       num_key_value_heads=15, max_position_embeddings=4096)
+        t_shape = dict(
+            hidden_size=2560,
+            intermediate_size=6912,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            num_key_value_heads=20,
+            max_position_embeddings=4096,
+        )
+        s_shape = dict(
+            hidden_size=1920,
+            intermediate_size=5184,
+            num_hidden_layers=24,
+            num_attention_heads=15,
+            num_key_value_heads=15,
+            max_position_embeddings=4096,
+        )
         s_dtype, t_dtype = torch.bfloat16, torch.bfloat16
     else:
         torch.set_num_threads(1)  # a shared 2-core box: one thread per process times most steadily
         vocab, seq, mbs = 8192, 256, 8
         # MiniMA's pair scaled down: layers, hidden and ffn x 0.75 (32/4096/11008 -> 24/3072/8192)
-        t_shape = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8)
-        s_shape = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6)
+        t_shape = dict(
+            hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8
+        )
+        s_shape = dict(
+            hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6
+        )
         s_dtype, t_dtype = torch.float32, torch.float32
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -72,8 +89,9 @@ def bench(gpu: bool, steps: int, warmup: int) -> dict:
     ctx = TrainContext(0, 1, 0, device, s_dtype, Path("."), Path("."), 0)
 
     def recipe(alpha, cached=False):
-        cfg = DistillConfig(loss={"alpha": alpha, "kd": "forward_kl"}, vocab_chunk=0,
-                            cache_logits=cached, micro_batch_size=mbs)
+        cfg = DistillConfig(
+            loss={"alpha": alpha, "kd": "forward_kl"}, vocab_chunk=0, cache_logits=cached, micro_batch_size=mbs
+        )
         return DistillRecipe(cfg)
 
     ce = recipe(1.0)
@@ -89,8 +107,12 @@ def bench(gpu: bool, steps: int, warmup: int) -> dict:
         tl = teacher(input_ids=batch["input_ids"]).logits.reshape(mbs * seq, vocab)
         tg = top_k_targets(tl, 64)
         del tl
-    cbatch = dict(batch, kd_ids=tg.ids.view(mbs, seq, -1), kd_values=tg.values.half().float().view(mbs, seq, -1),
-                  kd_rest=tg.rest.view(mbs, seq))
+    cbatch = dict(
+        batch,
+        kd_ids=tg.ids.view(mbs, seq, -1),
+        kd_values=tg.values.half().float().view(mbs, seq, -1),
+        kd_rest=tg.rest.view(mbs, seq),
+    )
 
     def step(r, b):
         out = r.compute_loss(student, b, ctx, train=True)
@@ -116,11 +138,15 @@ def bench(gpu: bool, steps: int, warmup: int) -> dict:
     tokens = mbs * seq
     med = {k: statistics.median(v) for k, v in times.items()}
     out = {
-        "device": machine(), "vocab": vocab, "seq": seq, "micro_batch": mbs,
+        "device": machine(),
+        "vocab": vocab,
+        "seq": seq,
+        "micro_batch": mbs,
         "student_params": sum(p.numel() for p in student.parameters()),
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
         "tok_s": {k: tokens / v for k, v in med.items()},
-        "ratio_online": med["ce"] / med["online"], "ratio_cached": med["ce"] / med["cached"],
+        "ratio_online": med["ce"] / med["online"],
+        "ratio_cached": med["ce"] / med["cached"],
         "teacher_param_bytes": teacher_param_bytes,
         "teacher_logits_bytes": tokens * vocab * torch.finfo(t_dtype).bits // 8,
         "steps": steps,
@@ -132,8 +158,8 @@ def bench(gpu: bool, steps: int, warmup: int) -> dict:
 
 
 def report(r: dict, shared_note: str) -> str:
-    gb = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"  # noqa: E731
-    ok = lambda x, bar: "pass" if x >= bar else "FAIL"  # noqa: E731
+    gb = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+    ok = lambda x, bar: "pass" if x >= bar else "FAIL"
     lines = [
         "## distill",
         "",
@@ -153,14 +179,19 @@ def report(r: dict, shared_note: str) -> str:
         "adds no softmax-sized copies, see tests/test_kd.py::test_no_full_size_copies_are_saved_for_backward).",
     ]
     if "peak_bytes" not in r:
-        lines += ["", "The margins are thin at this scale, by construction: the teacher (2.3x the student's non-embedding "
-                  "parameters, like MiniMA's 7B -> 3B) costs ~0.55 of a student training step in its forward alone, and a "
-                  "vocab-8192 softmax is a large share of a 6M-parameter model's work on CPU. The GPU run (`--gpu`, a "
-                  "~2.7B -> ~1.2B pair with activation checkpointing) writes its own section `distill-gpu`."]
+        lines += [
+            "",
+            "The margins are thin at this scale, by construction: the teacher (2.3x the student's non-embedding "
+            "parameters, like MiniMA's 7B -> 3B) costs ~0.55 of a student training step in its forward alone, and a "
+            "vocab-8192 softmax is a large share of a 6M-parameter model's work on CPU. The GPU run (`--gpu`, a "
+            "~2.7B -> ~1.2B pair with activation checkpointing) writes its own section `distill-gpu`.",
+        ]
     if "peak_bytes" in r:
         p = r["peak_bytes"]
-        lines.append(f"Measured GPU peak: CE {gb(p['ce'])}, online KD {gb(p['online'])}, cached KD {gb(p['cached'])}; "
-                     f"teacher resident {gb(r['teacher_resident_bytes'])}.")
+        lines.append(
+            f"Measured GPU peak: CE {gb(p['ce'])}, online KD {gb(p['online'])}, cached KD {gb(p['cached'])}; "
+            f"teacher resident {gb(r['teacher_resident_bytes'])}."
+        )
     return "\n".join(lines)
 
 
@@ -179,8 +210,12 @@ def main(argv=None) -> int:
         load = os.getloadavg()[0]
     except OSError:
         load = 0.0
-    note = (f"The machine was shared (load average {load:.1f} on {os.cpu_count()} cores); the arms are interleaved "
-            "so the ratios hold, absolute tokens/s do not." if load > (os.cpu_count() or 1) * 0.75 and not args.gpu else "")
+    note = (
+        f"The machine was shared (load average {load:.1f} on {os.cpu_count()} cores); the arms are interleaved "
+        "so the ratios hold, absolute tokens/s do not."
+        if load > (os.cpu_count() or 1) * 0.75 and not args.gpu
+        else ""
+    )
     md = report(r, note)
     print(md)
     if not args.no_write:

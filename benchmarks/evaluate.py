@@ -9,6 +9,7 @@ files already cached), the speedup, and whether every prediction is identical.
 
 Needs ../shared/data (MMLU/ARC/HellaSwag/Winogrande slices and the LLaMA-2 tokenizer).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,16 +35,25 @@ def build(vocab: str, tmp: Path, data: Path):
     import torch
     from transformers import AutoTokenizer
 
+    from minima.data.tokenizers import save_sp_tokenizer
     from minima.testing import demo_tokenizer_dir, tiny_llama
-    from minima.tokenizers import save_sp_tokenizer
 
     if vocab == "llama2":
         tdir = save_sp_tokenizer(data / "tokenizers" / "llama2_tokenizer.model", tmp / "tok")
     else:
         tdir = demo_tokenizer_dir(tmp / "tok", tmp / "demo")
     tok = AutoTokenizer.from_pretrained(str(tdir))
-    model = tiny_llama(len(tok), seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=4, max_position_embeddings=2048, initializer_range=0.5)
+    model = tiny_llama(
+        len(tok),
+        seed=0,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        initializer_range=0.5,
+    )
     torch.manual_seed(0)
     return model, tok
 
@@ -78,17 +88,21 @@ def bench(args) -> str:
 
     # warm-up: imports, dataset caches, first-call allocations, for both
     for task, lm_tasks, shots, n in plan:
-        run_lmeval(model, tok, tmp / "yaml", lm_tasks, {t: shots for t in lm_tasks}, 2, batch_size=args.batch_size)
+        run_lmeval(model, tok, tmp / "yaml", lm_tasks, dict.fromkeys(lm_tasks, shots), 2, batch_size=args.batch_size)
         evaluate_model(model, tok, minima_spec(task, shots, 2), data_dir=data / "eval", batch_size=args.batch_size)
 
     rows, tot = [], collections.Counter()
     for task, lm_tasks, shots, n in plan:
         t0 = time.perf_counter()
-        ref = run_lmeval(model, tok, tmp / "yaml", lm_tasks, {t: shots for t in lm_tasks}, n, batch_size=args.batch_size)
+        ref = run_lmeval(
+            model, tok, tmp / "yaml", lm_tasks, dict.fromkeys(lm_tasks, shots), n, batch_size=args.batch_size
+        )
         t_ref = time.perf_counter() - t0
         samples: list[dict] = []
         t0 = time.perf_counter()
-        evaluate_model(model, tok, minima_spec(task, shots, n), data_dir=data / "eval", batch_size=args.batch_size, samples=samples)
+        evaluate_model(
+            model, tok, minima_spec(task, shots, n), data_dir=data / "eval", batch_size=args.batch_size, samples=samples
+        )
         t_min = time.perf_counter() - t0
         ref_items = [it for t in lm_tasks for it in ref[t]["items"]]
         if task == "mmlu":  # same order as the lm-eval tasks: subject by subject
@@ -97,20 +111,26 @@ def bench(args) -> str:
         worst = max(abs(a - b) for r, m in zip(ref_items, samples) for a, b in zip(r["lls"], m["loglikelihoods"]))
         k = len(samples)
         assert k == len(ref_items), (task, k, len(ref_items))
-        rows.append(f"| {task} | {shots} | {k} | {k / t_ref:.1f} | {k / t_min:.1f} | **{t_ref / t_min:.2f}x** | {same}/{k} | {worst:.1e} |")
+        rows.append(
+            f"| {task} | {shots} | {k} | {k / t_ref:.1f} | {k / t_min:.1f} | **{t_ref / t_min:.2f}x** | {same}/{k} | {worst:.1e} |"
+        )
         tot.update(items=k, ref=t_ref, mine=t_min, same=same)
         print(rows[-1], flush=True)
-    rows.append(f"| **all** | | {tot['items']} | {tot['items'] / tot['ref']:.1f} | {tot['items'] / tot['mine']:.1f} | "
-                f"**{tot['ref'] / tot['mine']:.2f}x** | {tot['same']}/{tot['items']} | |")
+    rows.append(
+        f"| **all** | | {tot['items']} | {tot['items'] / tot['ref']:.1f} | {tot['items'] / tot['mine']:.1f} | "
+        f"**{tot['ref'] / tot['mine']:.2f}x** | {tot['same']}/{tot['items']} | |"
+    )
     from results import machine
 
     load = os.getloadavg()[0]
-    vocab = f"LLaMA-2 tokenizer (32000)" if args.vocab == "llama2" else "demo tokenizer (1000)"
-    head = (f"### vocab: {vocab}\n\nTiny random Llama (hidden 64, 2 layers, 2048 positions), {vocab}, batch size "
-            f"{args.batch_size} for both, torch threads {args.threads}; {machine()}; load average {load:.1f} on "
-            f"{os.cpu_count()} cores (the machine was shared with other jobs; both sides ran back to back in one process).\n\n"
-            "| task | shots | items | lm-eval items/s | minima items/s | speedup | identical predictions | max abs Δ loglik |\n"
-            "|---|---|---|---|---|---|---|---|\n")
+    vocab = "LLaMA-2 tokenizer (32000)" if args.vocab == "llama2" else "demo tokenizer (1000)"
+    head = (
+        f"### vocab: {vocab}\n\nTiny random Llama (hidden 64, 2 layers, 2048 positions), {vocab}, batch size "
+        f"{args.batch_size} for both, torch threads {args.threads}; {machine()}; load average {load:.1f} on "
+        f"{os.cpu_count()} cores (the machine was shared with other jobs; both sides ran back to back in one process).\n\n"
+        "| task | shots | items | lm-eval items/s | minima items/s | speedup | identical predictions | max abs Δ loglik |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
     return head + "\n".join(rows) + "\n"
 
 
@@ -122,17 +142,19 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", choices=["llama2", "demo", "both"], default="both")
     args = p.parse_args(argv)
     parts = []
-    for v in (["llama2", "demo"] if args.vocab == "both" else [args.vocab]):
+    for v in ["llama2", "demo"] if args.vocab == "both" else [args.vocab]:
         args.vocab = v
         parts.append(bench(args))
     from results import write_section
 
-    intro = ("## evaluate: lm-eval vs minima (`python benchmarks/evaluate.py`)\n\n"
-             "Same items, same model, same prompts; speedup = minima items/s ÷ lm-eval items/s, end to end (prompt "
-             "building, tokenization, scoring; data files cached by a warm-up). minima runs each context once and copies "
-             "its KV cache to the continuations, runs a few-shot prefix shared by a batch once, and computes logits only "
-             "where a continuation is scored. MMLU is 5-shot (its standard), the others 0-shot. The GPU comparison (full "
-             "MMLU 5-shot on a 1-3B model) has not been run: no GPU was available to this task.\n\n")
+    intro = (
+        "## evaluate: lm-eval vs minima (`python benchmarks/evaluate.py`)\n\n"
+        "Same items, same model, same prompts; speedup = minima items/s ÷ lm-eval items/s, end to end (prompt "
+        "building, tokenization, scoring; data files cached by a warm-up). minima runs each context once and copies "
+        "its KV cache to the continuations, runs a few-shot prefix shared by a batch once, and computes logits only "
+        "where a continuation is scored. MMLU is 5-shot (its standard), the others 0-shot. The GPU comparison (full "
+        "MMLU 5-shot on a 1-3B model) has not been run: no GPU was available to this task.\n\n"
+    )
     write_section("evaluate", intro + "\n".join(parts))
     return 0
 

@@ -16,8 +16,9 @@ peak of live memory, the quantity that decides an out-of-memory on a GPU (whose 
 its cache and retries before failing). With glibc's defaults, freed activation blocks stay in the heap
 and the optimizer step's allocations come on top; a few rows are measured that way too, for contrast.
 
-Predicted: ``minima.plan.plan_stage`` for the same config (device cpu, world 1).
+Predicted: ``minima.train.plan.plan_stage`` for the same config (device cpu, world 1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,16 @@ sys.path.insert(0, str(ROOT))
 MiB = 1024**2
 # The measured models: big enough that model states and activations dwarf allocator noise.
 SHAPES = {
-    "student": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8),
-    "teacher": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12, num_key_value_heads=12),
+    "student": dict(
+        hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8
+    ),
+    "teacher": dict(
+        hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12, num_key_value_heads=12
+    ),
     # runtime calibration: every tensor term of the plan is < 1 MiB
-    "nano": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2),
+    "nano": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2
+    ),
 }
 VOCAB, SEQ, MICRO_BATCH = 8192, 256, 4
 LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -67,8 +74,14 @@ def make_models(root: Path, tok_dir: Path, names=("student", "teacher", "nano"))
         if not (d / "config.json").is_file():
             torch.manual_seed(0)
             vocab = VOCAB if name != "nano" else len(tok)
-            cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=SEQ, bos_token_id=1, eos_token_id=2,
-                              tie_word_embeddings=False, **SHAPES[name])
+            cfg = LlamaConfig(
+                vocab_size=vocab,
+                max_position_embeddings=SEQ,
+                bos_token_id=1,
+                eos_token_id=2,
+                tie_word_embeddings=False,
+                **SHAPES[name],
+            )
             LlamaForCausalLM(cfg).save_pretrained(str(d))
             tok.save_pretrained(str(d))
         out[name] = str(d)
@@ -77,14 +90,22 @@ def make_models(root: Path, tok_dir: Path, names=("student", "teacher", "nano"))
 
 def stage_config(spec: dict):
     """The stage config of one measured configuration (also what the plan is computed for)."""
-    from minima.config import AdaptConfig, DistillConfig, LaunchConfig, SftConfig
+    from minima.core.config import AdaptConfig, DistillConfig, LaunchConfig, SftConfig
 
     models, stage = spec["models"], spec["stage"]
     student = models[spec.get("model", "student")]
-    common = dict(out_dir=spec["out"], zero_stage=spec["zero"], precision="fp32", micro_batch_size=spec.get("mb", MICRO_BATCH),
-                  gradient_accumulation_steps=1, max_steps=spec.get("steps", 2) + 1, activation_checkpointing=spec["ckpt"],
-                  warmup_proportion=0.0, launch=LaunchConfig(launcher="local", nproc_per_node=1),
-                  ds_config=str(ROOT / "ds_config.json"))
+    common = dict(
+        out_dir=spec["out"],
+        zero_stage=spec["zero"],
+        precision="fp32",
+        micro_batch_size=spec.get("mb", MICRO_BATCH),
+        gradient_accumulation_steps=1,
+        max_steps=spec.get("steps", 2) + 1,
+        activation_checkpointing=spec["ckpt"],
+        warmup_proportion=0.0,
+        launch=LaunchConfig(launcher="local", nproc_per_node=1),
+        ds_config=str(ROOT / "ds_config.json"),
+    )
     if stage == "adapt":
         return AdaptConfig(model=student, **common)
     if stage == "distill":
@@ -95,14 +116,19 @@ def stage_config(spec: dict):
 
 def predict(spec: dict) -> dict:
     """The plan's per-rank peak for the configuration (and its parts, MiB)."""
-    from minima.plan import PlanOptions, plan_stage
+    from minima.train.plan import PlanOptions, plan_stage
 
     plan = plan_stage(stage_config(spec), PlanOptions(device="cpu", gpus=1, memory_gib=1024, seq=spec.get("seq", SEQ)))
-    return {"total": plan.total_bytes, "parts": {k: round(v / MiB, 1) for k, v in {**plan.memory, **plan.phases}.items()}}
+    return {
+        "total": plan.total_bytes,
+        "parts": {k: round(v / MiB, 1) for k, v in {**plan.memory, **plan.phases}.items()},
+    }
 
 
 def label(spec: dict) -> str:
-    name = spec["stage"] + (" LoRA" if spec.get("lora") else "") + (" (nano model)" if spec.get("model") == "nano" else "")
+    name = (
+        spec["stage"] + (" LoRA" if spec.get("lora") else "") + (" (nano model)" if spec.get("model") == "nano" else "")
+    )
     return f"{name}, ZeRO-{spec['zero']}, ckpt {'on' if spec['ckpt'] else 'off'}"
 
 
@@ -128,7 +154,9 @@ def _measuring(base, spec: dict):
         def vocab_size(self):
             import json as _json
 
-            return _json.loads((Path(spec["models"][spec.get("model", "student")]) / "config.json").read_text())["vocab_size"]
+            return _json.loads((Path(spec["models"][spec.get("model", "student")]) / "config.json").read_text())[
+                "vocab_size"
+            ]
 
         def num_train_examples(self):
             return 10_000
@@ -139,11 +167,11 @@ def _measuring(base, spec: dict):
 def child(spec: dict) -> dict:
     """Run one configuration in this (fresh) process and return the measured peak."""
     os.environ.update(DS_ACCELERATOR="cpu", MINIMA_INPROCESS="1", MINIMA_NUM_THREADS=str(spec.get("threads", 1)))
-    import torch
     import deepspeed  # noqa: F401
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    import minima.kd  # noqa: F401
+    import minima.train.objectives.kd
     from minima.train import loop
     from minima.train.launch import run_node
 
@@ -155,12 +183,12 @@ def child(spec: dict) -> dict:
     if spec["stage"] == "sft":
         import peft  # noqa: F401
 
-        import minima.lora  # noqa: F401
-        from minima.sft import SftRecipe as base
+        import minima.train.lora  # noqa: F401
+        from minima.stages.sft import SftRecipe as base
     elif spec["stage"] == "distill":
-        from minima.distill import DistillRecipe as base
+        from minima.stages.distill import DistillRecipe as base
     else:
-        from minima.adapt import AdaptRecipe as base
+        from minima.stages.adapt import AdaptRecipe as base
     measured = _measuring(base, spec)
     sys.modules["__main__"].Measured = measured  # the engine imports the recipe as "__main__:Measured"
     peaks: list[int] = []
@@ -170,7 +198,10 @@ def child(spec: dict) -> dict:
     def probe(self, step, *a, **k):  # after each optimizer step, before any checkpoint or export
         peaks.append(_status()["VmHWM"] - measured.trace["base"])
         if step >= steps:
-            print("MEASURED " + json.dumps({"measured": max(peaks), "steps": peaks, "seconds": time.time() - t0}), flush=True)
+            print(
+                "MEASURED " + json.dumps({"measured": max(peaks), "steps": peaks, "seconds": time.time() - t0}),
+                flush=True,
+            )
             os._exit(0)  # the peak is known: skip the final checkpoint and export
         return orig(self, step, *a, **k)
 
@@ -185,19 +216,31 @@ def child(spec: dict) -> dict:
 
 def measure(spec: dict, timeout: float = 900, live: bool = True) -> dict:
     """Run one configuration in a fresh Python process; returns the child's measurement (bytes)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(spec.get("threads", 1)),
-               MINIMA_NO_PROGRESS="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS=str(spec.get("threads", 1)),
+        MINIMA_NO_PROGRESS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.pop("MINIMA_INPROCESS", None)
     for k in LIVE_MALLOC:
         env.pop(k, None)
     if live:
         env.update(LIVE_MALLOC)
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)], env=env,
-                         capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(ROOT),
+    )
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("MEASURED ")]
     if not lines:
         raise RuntimeError(f"measurement failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
-    return json.loads(lines[-1][len("MEASURED "):])
+    return json.loads(lines[-1][len("MEASURED ") :])
 
 
 def setup_models(tmp: Path) -> dict[str, str]:
@@ -222,7 +265,7 @@ def minima_3b_plan(stage: str, extra: list[str]) -> str:
     import contextlib
     import io
 
-    from minima.plan import main as plan_main
+    from minima.train.plan import main as plan_main
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -234,7 +277,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--only", nargs="*", help="stages to measure (default: all)")
-    p.add_argument("--steps", type=int, default=2, help="optimizer steps per run (the peak needs 2: Adam's state appears in step 1)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=2,
+        help="optimizer steps per run (the peak needs 2: Adam's state appears in step 1)",
+    )
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     a = p.parse_args(argv)
     if a.child:
@@ -244,7 +292,9 @@ def main(argv=None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="minima-plan-bench-"))
     models = setup_models(tmp)
-    runtime_spec = dict(stage="adapt", zero=2, ckpt=False, model="nano", seq=32, mb=1, models=models, out=str(tmp / "nano"))
+    runtime_spec = dict(
+        stage="adapt", zero=2, ckpt=False, model="nano", seq=32, mb=1, models=models, out=str(tmp / "nano")
+    )
     rows = []
     t_all = time.time()
     for spec in [runtime_spec] + matrix(models, tmp, a.only):
@@ -253,8 +303,11 @@ def main(argv=None) -> int:
         pred = predict(spec)
         ratio = pred["total"] / m["measured"]
         rows.append((label(spec), pred, m))
-        print(f"{label(spec)}: predicted {pred['total'] / MiB:.0f} MiB, measured {m['measured'] / MiB:.0f} MiB "
-              f"(per step {[round(x / MiB) for x in m['steps']]}), ratio {ratio:.2f}  [{m['seconds']:.0f} s]", flush=True)
+        print(
+            f"{label(spec)}: predicted {pred['total'] / MiB:.0f} MiB, measured {m['measured'] / MiB:.0f} MiB "
+            f"(per step {[round(x / MiB) for x in m['steps']]}), ratio {ratio:.2f}  [{m['seconds']:.0f} s]",
+            flush=True,
+        )
         print("    " + "; ".join(f"{k}: {v}" for k, v in pred["parts"].items()), flush=True)
     contrast = []
     for spec in matrix(models, tmp, ["adapt"]):
@@ -278,7 +331,9 @@ def main(argv=None) -> int:
         "|---|---:|---:|---:|",
     ]
     for name, pred, m in rows:
-        lines.append(f"| {name} | {pred['total'] / MiB:.0f} | {m['measured'] / MiB:.0f} | {pred['total'] / m['measured']:.2f} |")
+        lines.append(
+            f"| {name} | {pred['total'] / MiB:.0f} | {m['measured'] / MiB:.0f} | {pred['total'] / m['measured']:.2f} |"
+        )
     lines += [
         "",
         f"Ratios of the {len(ratios)} stage configurations: {min(ratios):.2f} to {max(ratios):.2f}. The nano row calibrates the "
@@ -292,11 +347,27 @@ def main(argv=None) -> int:
         "|---|---:|---:|---:|",
     ]
     for name, pred, m in contrast:
-        lines.append(f"| {name} | {pred['total'] / MiB:.0f} | {m['measured'] / MiB:.0f} | {pred['total'] / m['measured']:.2f} |")
-    lines += ["", f"Total benchmark time {time.time() - t_all:.0f} s.", "", "MiniMA's three training stages as planned "
-              "for A100-80GB (`minima plan STAGE --preset minima-3b ...`):", ""]
-    for stage, extra in (("adapt", ["plan.gpus=32"]), ("distill", ["plan.gpus=16", "plan.tokens=126e9"]), ("sft", ["plan.gpus=8"])):
-        lines += ["```", f"$ minima plan {stage} --preset minima-3b {' '.join(extra)}", minima_3b_plan(stage, extra), "```"]
+        lines.append(
+            f"| {name} | {pred['total'] / MiB:.0f} | {m['measured'] / MiB:.0f} | {pred['total'] / m['measured']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Total benchmark time {time.time() - t_all:.0f} s.",
+        "",
+        "MiniMA's three training stages as planned for A100-80GB (`minima plan STAGE --preset minima-3b ...`):",
+        "",
+    ]
+    for stage, extra in (
+        ("adapt", ["plan.gpus=32"]),
+        ("distill", ["plan.gpus=16", "plan.tokens=126e9"]),
+        ("sft", ["plan.gpus=8"]),
+    ):
+        lines += [
+            "```",
+            f"$ minima plan {stage} --preset minima-3b {' '.join(extra)}",
+            minima_3b_plan(stage, extra),
+            "```",
+        ]
     text = "\n".join(lines)
     print(text)
     if not a.no_write:

@@ -9,6 +9,7 @@ The teacher is randomly initialised (throughput and memory do not depend on the 
 Each ratio is measured side by side in one run, interleaved, best of ``--repeats``, so load from other
 processes on a shared machine hits both sides alike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,30 @@ from benchmarks.results import machine, write_section  # noqa: E402
 
 SHAPES = {
     # hidden, layers, heads, ffn, vocab
-    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, intermediate_size=688, vocab_size=8000),
-    "1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, intermediate_size=5632, vocab_size=32000),  # TinyLlama-1.1B
-    "3b": dict(hidden_size=3072, num_hidden_layers=26, num_attention_heads=24, num_key_value_heads=24, intermediate_size=8192, vocab_size=49216),
+    "small": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=688,
+        vocab_size=8000,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        intermediate_size=5632,
+        vocab_size=32000,
+    ),  # TinyLlama-1.1B
+    "3b": dict(
+        hidden_size=3072,
+        num_hidden_layers=26,
+        num_attention_heads=24,
+        num_key_value_heads=24,
+        intermediate_size=8192,
+        vocab_size=49216,
+    ),
 }
 
 
@@ -50,8 +72,11 @@ def peak_memory(fn, device) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
     cur = peak = 0
     for _, n in events:
         cur += n
@@ -90,23 +115,25 @@ def timed(fn, device):
 
 
 def _passes(teacher, data, torch):
-    from minima.prune_importance import calibrate
+    from minima.compress.importance import calibrate
 
     def forward_only():
         with torch.no_grad():
             for b in data:
                 teacher(**b, use_cache=False)
 
-    return {"forward (no hooks)": forward_only,
-            "activation": lambda: calibrate(teacher, data, "activation", block_influence=True),
-            "gradient": lambda: calibrate(teacher, data, "gradient", block_influence=True)}
+    return {
+        "forward (no hooks)": forward_only,
+        "activation": lambda: calibrate(teacher, data, "activation", block_influence=True),
+        "gradient": lambda: calibrate(teacher, data, "gradient", block_influence=True),
+    }
 
 
 def main(argv=None) -> int:
     import torch
 
-    from minima.prune import count_params, prune_model
-    from minima.prune_importance import calibrate
+    from minima.compress.importance import calibrate
+    from minima.compress.prune import count_params, prune_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -120,7 +147,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     gpu = device.type == "cuda"
     if not gpu:
         torch.set_num_threads(args.threads)
@@ -145,15 +176,24 @@ def main(argv=None) -> int:
             secs[name] = min(secs[name], timed(fn, device)[0])
     peaks = {name: peak_memory(fn, device) for name, fn in runs.items()}
     # streaming: 4x the calibration batches must not raise the peak (only running sums are kept)
-    peak_more = (peak_memory(lambda: calibrate(teacher, data * 4, "activation", block_influence=True), device), peaks["activation"])
+    peak_more = (
+        peak_memory(lambda: calibrate(teacher, data * 4, "activation", block_influence=True), device),
+        peaks["activation"],
+    )
 
-    target = dict(hidden_size=shape["hidden_size"] * 3 // 4, num_layers=shape["num_hidden_layers"] * 3 // 4,
-                  intermediate_size=shape["intermediate_size"] * 3 // 4,
-                  num_heads=shape["num_attention_heads"] * 3 // 4 // (shape["num_attention_heads"] // shape["num_key_value_heads"])
-                  * (shape["num_attention_heads"] // shape["num_key_value_heads"]))
+    target = dict(
+        hidden_size=shape["hidden_size"] * 3 // 4,
+        num_layers=shape["num_hidden_layers"] * 3 // 4,
+        intermediate_size=shape["intermediate_size"] * 3 // 4,
+        num_heads=shape["num_attention_heads"]
+        * 3
+        // 4
+        // (shape["num_attention_heads"] // shape["num_key_value_heads"])
+        * (shape["num_attention_heads"] // shape["num_key_value_heads"]),
+    )
     t_prune, (student, report) = timed(lambda: prune_model(teacher, data, target, importance="activation"), device)
 
-    gb = lambda b: b / 2**30  # noqa: E731
+    gb = lambda b: b / 2**30
     lines = [
         "## prune",
         "",
@@ -167,8 +207,10 @@ def main(argv=None) -> int:
         "|---|---|---|---|---|",
     ]
     for name in runs:
-        lines.append(f"| {name} | {tokens / secs[name]:,.0f} | {secs[name] / secs['forward (no hooks)']:.2f}x | "
-                     f"{gb(peaks[name]):.3f} GiB | {peaks[name] / teacher_bytes:.2f} |")
+        lines.append(
+            f"| {name} | {tokens / secs[name]:,.0f} | {secs[name] / secs['forward (no hooks)']:.2f}x | "
+            f"{gb(peaks[name]):.3f} GiB | {peaks[name] / teacher_bytes:.2f} |"
+        )
     lines += [
         "",
         f"- Streaming: activation calibration over {4 * nb} batches peaks at {gb(peak_more[0]):.3f} GiB above the teacher vs "
@@ -180,8 +222,10 @@ def main(argv=None) -> int:
         "- `gradient` runs a backward pass (activation gradients only: the weights are frozen, no weight grads are allocated).",
     ]
     if not gpu:
-        lines.append("- CPU run on a machine shared with other engineers' jobs: absolute tokens/s are noisy, the ratios less so. "
-                     "No GPU was available to this run; on one, `--shape 1b --device cuda` measures the issue's 1-3B teacher.")
+        lines.append(
+            "- CPU run on a machine shared with other engineers' jobs: absolute tokens/s are noisy, the ratios less so. "
+            "No GPU was available to this run; on one, `--shape 1b --device cuda` measures the issue's 1-3B teacher."
+        )
     md = "\n".join(lines)
     print(md)
     if not args.no_write:

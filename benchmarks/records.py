@@ -6,6 +6,7 @@ step, bytes per token. Writes its section of benchmarks/RESULTS.md.
 Every ratio is measured side by side in one run (the two sides interleaved, best of ``--repeats``),
 so load from other processes on a shared machine hits both sides alike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,20 +27,28 @@ from benchmarks.results import machine, write_section  # noqa: E402
 
 def corpus(tmp: Path, quick: bool) -> tuple[list[Path], str, str]:
     """Bilingual real text (shared data) or the built-in demo corpus; and a tokenizer dir."""
-    from minima import demo_data
+    from minima.data import demo as demo_data
+    from minima.data.tokenizers import save_sp_tokenizer
     from minima.testing import demo_tokenizer_dir
-    from minima.tokenizers import save_sp_tokenizer
 
     scale = 4 if quick else 1
     if (SHARED / "text").is_dir() and (SHARED / "tokenizers" / "llama2_tokenizer.model").is_file():
         files = []
-        for name, lines in (("tinyshakespeare.txt", 40000), ("hongloumeng_prefix_1.5MB.txt", 3879), ("llamafactory_wiki_demo.txt", 30)):
+        for name, lines in (
+            ("tinyshakespeare.txt", 40000),
+            ("hongloumeng_prefix_1.5MB.txt", 3879),
+            ("llamafactory_wiki_demo.txt", 30),
+        ):
             data = (SHARED / "text" / name).read_bytes().splitlines(keepends=True)
             out = tmp / name
             out.write_bytes(b"".join(data[: lines // scale]))
             files.append(out)
         tok = save_sp_tokenizer(SHARED / "tokenizers" / "llama2_tokenizer.model", tmp / "llama2")
-        return files, str(tok), "tinyshakespeare + hongloumeng (prefix) + LLaMA-Factory wiki demo, LLaMA-2 tokenizer (32000)"
+        return (
+            files,
+            str(tok),
+            "tinyshakespeare + hongloumeng (prefix) + LLaMA-Factory wiki demo, LLaMA-2 tokenizer (32000)",
+        )
     demo_data.write(tmp / "demo")
     tok = demo_tokenizer_dir(tmp / "tok", tmp / "demo")
     return sorted((tmp / "demo" / "text").glob("*.txt")), str(tok), "built-in demo corpus, demo tokenizer (1000)"
@@ -68,16 +77,30 @@ def raw_tokenizer_tps(tok_dir: str, docs: list[str], batch: int) -> tuple[float,
 
 
 def build_tps(files, tok_dir: str, out: Path, workers: int, batch: int) -> dict:
-    from minima.config import RecordsConfig, Source
-    from minima.records.build import build_records
+    from minima.core.config import RecordsConfig, Source
+    from minima.data.records.build import build_records
 
-    cfg = RecordsConfig(inputs=[Source(name=f.stem, path=str(f)) for f in files], tokenizer=tok_dir, max_length=2048,
-                        num_workers=workers, chunk_size=batch, dev_fraction=0.01, out_dir=str(out))
+    cfg = RecordsConfig(
+        inputs=[Source(name=f.stem, path=str(f)) for f in files],
+        tokenizer=tok_dir,
+        max_length=2048,
+        num_workers=workers,
+        chunk_size=batch,
+        dev_fraction=0.01,
+        out_dir=str(out),
+    )
     c0, t = cpu_seconds(), time.perf_counter()
     m = build_records(cfg, out)
     wall, cpu = time.perf_counter() - t, cpu_seconds() - c0
-    return {"wall": wall, "cpu": cpu, "tokens": m["total_tokens"], "tps": m["total_tokens"] / wall,
-            "tok_tps": m["tokens_per_s"], "tok_per_cpu_s": m["total_tokens"] / cpu, "metrics": m}
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "tokens": m["total_tokens"],
+        "tps": m["total_tokens"] / wall,
+        "tok_tps": m["tokens_per_s"],
+        "tok_per_cpu_s": m["total_tokens"] / cpu,
+        "metrics": m,
+    }
 
 
 def cpu_seconds() -> float:
@@ -89,7 +112,7 @@ def cpu_seconds() -> float:
 
 
 def reader_tps(rec_dir: Path, seconds: float = 3.0) -> float:
-    from minima.records import RecordDataset
+    from minima.data.records import RecordDataset
 
     ds = RecordDataset(str(rec_dir), "train", shuffle_buffer=10000, loop=True)
     loader = ds.loader(batch_size=4)
@@ -136,8 +159,11 @@ def main(argv=None) -> int:
             raw.append(raw_tokenizer_tps(tok_dir, docs, batch)[0])
             b1.append(build_tps(files, tok_dir, tmp / f"w1_{r}", 1, batch))
             b2.append(build_tps(files, tok_dir, tmp / f"w2_{r}", 2, batch))
-        same = all((tmp / "w1_0" / s / "part-00000.tfrecord").read_bytes() == (tmp / "w2_0" / s / "part-00000.tfrecord").read_bytes()
-                   for s in ("train", "dev"))
+        same = all(
+            (tmp / "w1_0" / s / "part-00000.tfrecord").read_bytes()
+            == (tmp / "w2_0" / s / "part-00000.tfrecord").read_bytes()
+            for s in ("train", "dev")
+        )
         best_raw = max(raw)
         best1 = max(b1, key=lambda x: x["tps"])
         best2 = max(b2, key=lambda x: x["tps"])
@@ -149,8 +175,13 @@ def main(argv=None) -> int:
         best_rd, best_tr = max(rd), max(tr)
         utf8 = sum(len(d.encode("utf-8")) + 1 for d in docs)
         rows = {
-            "raw": best_raw, "b1": best1["tps"], "b1tok": best1["tok_tps"], "b2": best2["tps"], "b2tok": best2["tok_tps"],
-            "rd": best_rd, "tr": best_tr,
+            "raw": best_raw,
+            "b1": best1["tps"],
+            "b1tok": best1["tok_tps"],
+            "b2": best2["tps"],
+            "b2tok": best2["tok_tps"],
+            "rd": best_rd,
+            "tr": best_tr,
         }
         rows.update(cpu1=best1["tok_per_cpu_s"], cpu2=best2["tok_per_cpu_s"], cores2=best2["cpu"] / best2["wall"])
         print({k: round(v, 2) for k, v in rows.items()}, "bytes/token", m["bytes_per_token"], "identical", same)
@@ -162,31 +193,31 @@ def main(argv=None) -> int:
 
 Machine: {machine()}; {cores} cores, load average {load:.1f} at the end of the run (other jobs make absolute
 numbers noisy); each ratio compares sides measured interleaved in one run (best of {repeats}).
-Text: {what}; {len(docs):,} documents, {m['total_tokens']:,} tokens; `max_length=2048`, `chunk_size={batch}`.
+Text: {what}; {len(docs):,} documents, {m["total_tokens"]:,} tokens; `max_length=2048`, `chunk_size={batch}`.
 
 | measure | value | target |
 |---|---|---|
 | raw `tokenizer(batch)` tokens/s (1 process) | {best_raw:,.0f} | |
-| build tokens/s, 1 worker, end to end (read + mix + tokenize + pack + write) | {best1['tps']:,.0f} (**{best1['tps'] / best_raw:.2f}x** raw) | >= 0.9x |
-| build tokens/s, 1 worker, tokenize + pack + write only | {best1['tok_tps']:,.0f} (**{best1['tok_tps'] / best_raw:.2f}x** raw) | >= 0.9x |
-| build tokens/s, 2 workers, end to end | {best2['tps']:,.0f} (**{best2['tps'] / best1['tps']:.2f}x** 1 worker) | near 2x |
-| build tokens/s, 2 workers, tokenize + pack + write only | {best2['tok_tps']:,.0f} (**{best2['tok_tps'] / best1['tok_tps']:.2f}x** 1 worker) | near 2x |
-| build tokens per CPU-second, 2 workers vs 1 (parent + pool processes) | {best2['tok_per_cpu_s']:,.0f} vs {best1['tok_per_cpu_s']:,.0f} (**{best2['tok_per_cpu_s'] / best1['tok_per_cpu_s']:.2f}x**) | near 1x |
-| CPU cores the 2-worker build actually got (CPU-s / wall-s) | {best2['cpu'] / best2['wall']:.2f} | 2 when free |
-| output bytes identical, 1 vs 2 workers | {'yes' if same else 'NO'} | yes |
+| build tokens/s, 1 worker, end to end (read + mix + tokenize + pack + write) | {best1["tps"]:,.0f} (**{best1["tps"] / best_raw:.2f}x** raw) | >= 0.9x |
+| build tokens/s, 1 worker, tokenize + pack + write only | {best1["tok_tps"]:,.0f} (**{best1["tok_tps"] / best_raw:.2f}x** raw) | >= 0.9x |
+| build tokens/s, 2 workers, end to end | {best2["tps"]:,.0f} (**{best2["tps"] / best1["tps"]:.2f}x** 1 worker) | near 2x |
+| build tokens/s, 2 workers, tokenize + pack + write only | {best2["tok_tps"]:,.0f} (**{best2["tok_tps"] / best1["tok_tps"]:.2f}x** 1 worker) | near 2x |
+| build tokens per CPU-second, 2 workers vs 1 (parent + pool processes) | {best2["tok_per_cpu_s"]:,.0f} vs {best1["tok_per_cpu_s"]:,.0f} (**{best2["tok_per_cpu_s"] / best1["tok_per_cpu_s"]:.2f}x**) | near 1x |
+| CPU cores the 2-worker build actually got (CPU-s / wall-s) | {best2["cpu"] / best2["wall"]:.2f} | 2 when free |
+| output bytes identical, 1 vs 2 workers | {"yes" if same else "NO"} | yes |
 | reader tokens/s (`RecordDataset` + `collate`, shuffle buffer 10k, batch 4, 1 process) | {best_rd:,.0f} | |
 | tiny-model training step tokens/s (hidden 128, 4 layers, batch 4 x 512, fwd+bwd+AdamW) | {best_tr:,.0f} | |
 | reader / training consumption | **{best_rd / best_tr:.0f}x** | >= 20x |
-| bytes per token on disk (TFRecord + Example int64 varints, incl. framing) | {m['bytes_per_token']:.2f} | |
-| UTF-8 text bytes per token (same documents) | {utf8 / m['total_tokens']:.2f} | |
+| bytes per token on disk (TFRecord + Example int64 varints, incl. framing) | {m["bytes_per_token"]:.2f} | |
+| UTF-8 text bytes per token (same documents) | {utf8 / m["total_tokens"]:.2f} | |
 
 Scaling from 1 to 2 workers can only approach 2x in wall time when two cores are free (load average
-{load:.1f} on {cores} cores at the end of this run; the 2-worker build got {best2['cpu'] / best2['wall']:.2f} cores, and on a
+{load:.1f} on {cores} cores at the end of this run; the 2-worker build got {best2["cpu"] / best2["wall"]:.2f} cores, and on a
 2-core box the parent process that reads, packs and writes competes with the two workers). The CPU
-cost per token is what the code controls: 2 workers spend {best1['tok_per_cpu_s'] / best2['tok_per_cpu_s']:.2f}x the CPU-seconds of 1
+cost per token is what the code controls: 2 workers spend {best1["tok_per_cpu_s"] / best2["tok_per_cpu_s"]:.2f}x the CPU-seconds of 1
 (pool start and teardown, result pickling; workers inherit the documents by fork and get only
 index ranges, results come back as flat int32 arrays), so with two cores free for the workers the
-expected speed-up is about {2 * best2['tok_per_cpu_s'] / best1['tok_per_cpu_s']:.1f}x. The 1-worker
+expected speed-up is about {2 * best2["tok_per_cpu_s"] / best1["tok_per_cpu_s"]:.1f}x. The 1-worker
 "tokenize + pack + write" rate beats raw `tokenizer(batch)` because the build calls the Rust
 tokenizer's `encode_batch_fast` (no offsets, no Python `BatchEncoding`), checked equal to
 `tokenizer(...)` ids in tests/test_formats.py. On disk, an int64 varint takes 1 byte for ids < 128, 2

@@ -1,4 +1,5 @@
 """Shared helper for benchmark scripts: each owns one section of benchmarks/RESULTS.md."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,11 @@ HEADER = "# Benchmark results\n\nEach section is written by the script named in 
 def machine() -> str:
     import torch
 
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    dev = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    )
     return f"{dev}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
 
 

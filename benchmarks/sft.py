@@ -6,11 +6,12 @@ Each (mode, repeat) runs in its own subprocess so that peak memory is that run's
 ``torch.cuda.max_memory_allocated``; on CPU the peak RSS (``ru_maxrss``) minus the RSS after the
 model was built, i.e. what training adds (gradients, optimizer state, activations), measured in a
 separate short run with large allocations served by mmap so that RSS follows the live tensors. A step is the
-forward, backward and AdamW update of one batch (the LoRA model is wrapped by ``minima.lora`` with
+forward, backward and AdamW update of one batch (the LoRA model is wrapped by ``minima.train.lora`` with
 MiniMA's default targets, r=8). The modes alternate (full, lora, full, lora, ...) so background load
 hits both; the best median step time of the repeats is kept. Writes the ``sft`` section of
 benchmarks/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,17 +36,24 @@ def _rss_mb() -> float:
 def worker(args) -> dict:
     import torch
 
-    from minima.config import LoraConfig
-    from minima.lora import apply_lora
+    from minima.core.config import LoraConfig
     from minima.testing import tiny_llama
+    from minima.train.lora import apply_lora
 
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available() and args.device != "cpu"
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    model = tiny_llama(args.vocab, seed=0, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 64 * 64,
-                       num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
-                       num_key_value_heads=max(1, args.hidden // 64), max_position_embeddings=max(512, args.seq))
+    model = tiny_llama(
+        args.vocab,
+        seed=0,
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 8 / 3) // 64 * 64,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 64),
+        num_key_value_heads=max(1, args.hidden // 64),
+        max_position_embeddings=max(512, args.seq),
+    )
     model.config._attn_implementation = "sdpa"
     model.set_attn_implementation("sdpa")
     if args.mode == "lora":
@@ -79,10 +87,15 @@ def worker(args) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         added = peak - base_mem
     return {
-        "mode": args.mode, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "step_s": statistics.median(times), "tokens_per_s": args.batch * args.seq / statistics.median(times),
-        "peak_mb": peak, "train_mb": added, "base_mb": base_mem,
-        "trainable": sum(p.numel() for p in params), "total": sum(p.numel() for p in model.parameters()),
+        "mode": args.mode,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "step_s": statistics.median(times),
+        "tokens_per_s": args.batch * args.seq / statistics.median(times),
+        "peak_mb": peak,
+        "train_mb": added,
+        "base_mb": base_mem,
+        "trainable": sum(p.numel() for p in params),
+        "total": sum(p.numel() for p in model.parameters()),
     }
 
 
@@ -107,11 +120,17 @@ def main() -> int:
 
     runs: dict[str, list[dict]] = {"full": [], "lora": []}
     mems: dict[str, list[dict]] = {"full": [], "lora": []}
-    passthrough = [f"--{k}={getattr(args, k)}" for k in ("hidden", "layers", "vocab", "batch", "seq", "threads", "device")]
+    passthrough = [
+        f"--{k}={getattr(args, k)}" for k in ("hidden", "layers", "vocab", "batch", "seq", "threads", "device")
+    ]
 
     def one(mode: str, steps: int, env: dict) -> dict:
-        out = subprocess.run([sys.executable, __file__, f"--worker={mode}", f"--steps={steps}", *passthrough],
-                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads), **env})
+        out = subprocess.run(
+            [sys.executable, __file__, f"--worker={mode}", f"--steps={steps}", *passthrough],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(args.threads), **env},
+        )
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not line:
             sys.stderr.write(out.stderr[-3000:])
@@ -128,8 +147,11 @@ def main() -> int:
             runs[mode].append(res)
             mem = one(mode, 1, mem_env) if res["device"] == "cpu" else res
             mems[mode].append(mem)
-            print(f"repeat {r} {mode:4s}: {res['step_s'] * 1000:.0f} ms/step, +{mem['train_mb']:.0f} MB "
-                  f"(peak {mem['peak_mb']:.0f} MB), trainable {res['trainable']:,}", flush=True)
+            print(
+                f"repeat {r} {mode:4s}: {res['step_s'] * 1000:.0f} ms/step, +{mem['train_mb']:.0f} MB "
+                f"(peak {mem['peak_mb']:.0f} MB), trainable {res['trainable']:,}",
+                flush=True,
+            )
     full = min(runs["full"], key=lambda x: x["step_s"])
     lora = min(runs["lora"], key=lambda x: x["step_s"])
     mem_full = min(x["train_mb"] for x in mems["full"])
@@ -140,24 +162,27 @@ def main() -> int:
     from benchmarks.results import machine, write_section
 
     on_gpu = full["device"] != "cpu"
-    mem_what = ("peak allocated CUDA memory" if on_gpu
-                else "peak RSS added by training (above the RSS after model build; large allocations via mmap)")
+    mem_what = (
+        "peak allocated CUDA memory"
+        if on_gpu
+        else "peak RSS added by training (above the RSS after model build; large allocations via mmap)"
+    )
     md = f"""## sft: LoRA vs full fine-tuning
 
 `python benchmarks/sft.py --hidden {args.hidden} --layers {args.layers} --vocab {args.vocab} --batch {args.batch} --seq {args.seq} --steps {args.steps} --repeats {args.repeats} --threads {args.threads}`
-on {machine()}; load average {load:.1f} when it finished{' (the machine was shared with other jobs)' if load > 1.5 else ''}.
+on {machine()}; load average {load:.1f} when it finished{" (the machine was shared with other jobs)" if load > 1.5 else ""}.
 
-Same LLaMA-shaped model (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {full['total']:,} parameters) and the same
+Same LLaMA-shaped model (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {full["total"]:,} parameters) and the same
 batches ({args.batch} x {args.seq} tokens); a step is forward + backward + AdamW. LoRA: MiniMA's targets
-(q, k, v, o, gate, up, down), r=8, {lora['trainable']:,} trainable parameters. Best of {args.repeats} alternating runs.
+(q, k, v, o, gate, up, down), r=8, {lora["trainable"]:,} trainable parameters. Best of {args.repeats} alternating runs.
 
 | mode | ms/step | tokens/s | memory: {mem_what} |
 |---|---:|---:|---:|
-| full fine-tuning | {full['step_s'] * 1000:.0f} | {full['tokens_per_s']:.0f} | {mem_full:.0f} MB |
-| LoRA r=8 | {lora['step_s'] * 1000:.0f} | {lora['tokens_per_s']:.0f} | {mem_lora:.0f} MB |
+| full fine-tuning | {full["step_s"] * 1000:.0f} | {full["tokens_per_s"]:.0f} | {mem_full:.0f} MB |
+| LoRA r=8 | {lora["step_s"] * 1000:.0f} | {lora["tokens_per_s"]:.0f} | {mem_lora:.0f} MB |
 | **LoRA / full** | **{speedup:.2f}x faster** | | **{100 * mem_ratio:.0f}% of the memory** |
 
-Target (GPU): LoRA >= 1.4x faster at <= 50% of the memory. {'Met.' if speedup >= 1.4 and mem_ratio <= 0.5 else 'Not met on this run' + (' (CPU: the frozen weights still cost their forward and input-gradient matmuls, so only the weight-gradient matmuls and the optimizer update are saved).' if not on_gpu else '.')}
+Target (GPU): LoRA >= 1.4x faster at <= 50% of the memory. {"Met." if speedup >= 1.4 and mem_ratio <= 0.5 else "Not met on this run" + (" (CPU: the frozen weights still cost their forward and input-gradient matmuls, so only the weight-gradient matmuls and the optimizer update are saved)." if not on_gpu else ".")}
 """
     print(md)
     if not args.no_write:

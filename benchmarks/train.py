@@ -12,6 +12,7 @@ the first 3, so start-up and warm-up are excluded).
 
 Usage: ``python benchmarks/train.py [--gpu] [--rounds N] [--steps N]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,18 @@ from minima.train.synthetic import SyntheticConfig
 cfg = SyntheticConfig.model_validate(json.loads(open(sys.argv[1]).read()))
 train_stage(cfg, {}, "minima.train.synthetic:SyntheticRecipe", force=True)
 """
-CPU_SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
-GPU_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                 vocab_size=32000, max_position_embeddings=2048)
+CPU_SHAPE = dict(
+    hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4
+)
+GPU_SHAPE = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+)
 
 
 def _model_dir(root: Path, shape: dict, vocab: int) -> Path:
@@ -57,25 +67,50 @@ def run_arm(root: Path, name: str, cfg: dict, threads: int) -> dict:
     spec.write_text(json.dumps(cfg))
     driver = root / "driver.py"
     driver.write_text(DRIVER)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MINIMA_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT),
-               MINIMA_NO_PROGRESS="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MINIMA_NUM_THREADS=str(threads),
+        PYTHONPATH=str(ROOT),
+        MINIMA_NO_PROGRESS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.pop("MINIMA_INPROCESS", None)
     t0 = time.time()
     p = subprocess.run([sys.executable, str(driver), str(spec)], env=env, capture_output=True, text=True)
     wall = time.time() - t0
     if p.returncode != 0:
         raise SystemExit(f"arm {name} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    cmd = next((ln.split("launch: ", 1)[1] for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("launch: ")), "?")
+    cmd = next(
+        (ln.split("launch: ", 1)[1] for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("launch: ")), "?"
+    )
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     train = [r for r in recs if r.get("split") == "train" and r["step"] > 3]
     tok_s = statistics.median(r["tokens"] / r["step_time"] for r in train)
     mfu = statistics.median(r["mfu"] for r in train) if train and "mfu" in train[0] else None
-    return {"tok_s": tok_s, "mfu": mfu, "wall": wall, "cmd": cmd, "step_time": statistics.median(r["step_time"] for r in train)}
+    return {
+        "tok_s": tok_s,
+        "mfu": mfu,
+        "wall": wall,
+        "cmd": cmd,
+        "step_time": statistics.median(r["step_time"] for r in train),
+    }
 
 
 def base_cfg(model: Path, out: Path, **kw) -> dict:
-    cfg = dict(model=str(model), out_dir=str(out), init="random", precision="fp32", zero_stage=2, lr=1e-4,
-               warmup_proportion=0.0, variable_length=False, save_steps=0, eval_steps=0, keep_last=1)
+    cfg = dict(
+        model=str(model),
+        out_dir=str(out),
+        init="random",
+        precision="fp32",
+        zero_stage=2,
+        lr=1e-4,
+        warmup_proportion=0.0,
+        variable_length=False,
+        save_steps=0,
+        eval_steps=0,
+        keep_last=1,
+    )
     cfg.update(kw)
     return cfg
 
@@ -97,15 +132,22 @@ def cpu(rounds: int, steps: int) -> str:
             cfg = base_cfg(model, root / f"arm{i}", seq_len=seq, num_examples=gbs * (steps + 2), max_steps=steps, **kw)
             res = run_arm(root, f"arm{i}", cfg, threads)
             every[name].append(res["tok_s"])
-            print(f"round {r + 1} {name}: {res['tok_s']:.0f} tok/s (median step {res['step_time']:.3f}s, run {res['wall']:.0f}s)", flush=True)
+            print(
+                f"round {r + 1} {name}: {res['tok_s']:.0f} tok/s (median step {res['step_time']:.3f}s, run {res['wall']:.0f}s)",
+                flush=True,
+            )
             if name not in best or res["tok_s"] > best[name]["tok_s"]:
                 best[name] = res
     load1 = os.getloadavg()[0]
     ref = best["1 process x 1 thread"]["tok_s"]
-    rows = "\n".join(f"| {name} | {res['tok_s']:,.0f} | {res['tok_s'] / ref:.2f}x | {' / '.join(f'{x:,.0f}' for x in every[name])} |"
-                     for name, res in best.items())
+    rows = "\n".join(
+        f"| {name} | {res['tok_s']:,.0f} | {res['tok_s'] / ref:.2f}x | {' / '.join(f'{x:,.0f}' for x in every[name])} |"
+        for name, res in best.items()
+    )
     two = best["2 processes x 1 thread (gloo)"]
-    per_round = ", ".join(f"{a / b:.2f}x" for a, b in zip(every["2 processes x 1 thread (gloo)"], every["1 process x 1 thread"]))
+    per_round = ", ".join(
+        f"{a / b:.2f}x" for a, b in zip(every["2 processes x 1 thread (gloo)"], every["1 process x 1 thread"])
+    )
     return f"""## train (`python benchmarks/train.py`)
 
 Machine: {machine()}; load average {load0:.1f} -> {load1:.1f} on 2 cores: **shared with other engineers' jobs**, so
@@ -118,11 +160,11 @@ tokens/s = median over steps 4..{steps} from metrics.jsonl (start-up excluded).
 |---|---|---|---|
 {rows}
 
-Scaling 1 -> 2 processes: **{two['tok_s'] / ref:.2f}x** best of rounds (per round: {per_round}); ideal 2x with two
+Scaling 1 -> 2 processes: **{two["tok_s"] / ref:.2f}x** best of rounds (per round: {per_round}); ideal 2x with two
 free cores (each rank computes half the batch, plus one gloo all-reduce of the gradients per step). The
 neighbours' load moves single rounds a lot. 2 threads in one process are far slower than 1 on this
 oversubscribed machine (threads wait for each other at every op); with free cores they help. Command of the 2-process arm:
-`{two['cmd']}`
+`{two["cmd"]}`
 
 GPU MFU (~1.1B Llama, seq 2048, bf16, ZeRO-2/3; target >= 40% on one H100): not measured here (no GPU in
 this session). Run `python benchmarks/train.py --gpu` on a GPU machine; it writes its own rows.
@@ -152,9 +194,19 @@ def gpu(steps: int) -> str:
     seq, mbs = 2048, int(os.environ.get("MINIMA_BENCH_MBS", "8"))
     rows, cmds = [], []
     for stage in (2, 3):
-        cfg = base_cfg(model, root / f"z{stage}", precision="bf16", zero_stage=stage, seq_len=seq, micro_batch_size=mbs,
-                       num_examples=mbs * n * (steps + 2), max_steps=steps, attn_implementation=attn, vocab_size=32000,
-                       launch={"nproc_per_node": n})
+        cfg = base_cfg(
+            model,
+            root / f"z{stage}",
+            precision="bf16",
+            zero_stage=stage,
+            seq_len=seq,
+            micro_batch_size=mbs,
+            num_examples=mbs * n * (steps + 2),
+            max_steps=steps,
+            attn_implementation=attn,
+            vocab_size=32000,
+            launch={"nproc_per_node": n},
+        )
         res = run_arm(root, f"z{stage}", cfg, 4)
         mfu = f"{res['mfu'] * 100:.1f}%" if res["mfu"] is not None else "n/a (unknown device peak)"
         rows.append(f"| ZeRO-{stage} | {mbs} x {seq} | {res['tok_s']:,.0f} | {res['tok_s'] / n:,.0f} | **{mfu}** |")

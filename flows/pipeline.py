@@ -4,6 +4,7 @@ distill -> sft -> evaluate, each step's input being the previous steps' artifact
 Run it with ``minima run --config pipeline.yaml``, as a deployment (prefect.yaml), or by calling
 ``pipeline(...)`` from Python.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,11 +13,11 @@ from typing import Any, Optional
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from minima.artifacts import is_complete
-from minima.config import PipelineConfig, build
-from minima.errors import ConfigError
-from minima.pipeline import STEPS, default_out_dirs, select_steps
-from minima.presets import get_preset
+from minima.core.artifacts import is_complete
+from minima.core.config import PipelineConfig, build
+from minima.core.errors import ConfigError
+from minima.core.presets import get_preset
+from minima.core.registry import STEPS, default_out_dirs, select_steps
 from tasks._common import artifact_current
 from tasks.adapt import adapt_task
 from tasks.distill import distill_task
@@ -38,11 +39,13 @@ TASKS = {
 }
 
 
-def resolve_config(config: Optional[dict | str] = None, preset: Optional[str] = None, overrides: list[str] = ()) -> PipelineConfig:
+def resolve_config(
+    config: Optional[dict | str] = None, preset: Optional[str] = None, overrides: list[str] = ()
+) -> PipelineConfig:
     """Preset, then a YAML file path (or a dict), then dotted overrides such as distill.loss.temperature=2."""
     base = get_preset(preset).model_dump(mode="json") if preset else {}
     if isinstance(config, dict):
-        from minima.config import deep_merge
+        from minima.core.config import deep_merge
 
         base, config = deep_merge(base, config), None
     return build(PipelineConfig, base=base, file=config, overrides=list(overrides))
@@ -77,8 +80,10 @@ def pipeline(
             elif is_complete(outs[need]):
                 upstream[need] = {"path": outs[need]}
             else:
-                raise ConfigError(f"{step.key} needs the {need} artifact at {outs[need]}, which is missing or incomplete",
-                                  fix=f"run the pipeline without --only-stage, or --from-stage {need}")
+                raise ConfigError(
+                    f"{step.key} needs the {need} artifact at {outs[need]}, which is missing or incomplete",
+                    fix=f"run the pipeline without --only-stage, or --from-stage {need}",
+                )
         refresh = step.key in forced or not artifact_current(cfg, step.key, outs)
         t = TASKS[step.key].with_options(refresh_cache=refresh)
         futures[step.key] = t.submit(payload, step.key, upstream, step.key in forced)
@@ -93,7 +98,7 @@ def pipeline(
 
 def _publish_report(cfg: PipelineConfig, results: dict[str, dict]) -> None:
     """Write runs/<id>/report.md (+ html) and attach the tables to the flow run as Prefect artifacts."""
-    from minima.report import write_report
+    from minima.stages.report import write_report
 
     report = write_report(Path(cfg.run_dir), results)
     md = Path(report["markdown"]).read_text()

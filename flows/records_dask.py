@@ -7,14 +7,17 @@ tasks, and writes the shards here in chunk order, so the files are byte-identica
 
 Without ``address`` a local Dask cluster of ``n_workers`` processes is started.
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Optional
 
 from prefect import flow, task, unmapped
 
-from minima.config import RecordsConfig
-from minima.records.build import run, tokenize_chunk
+from minima.core.config import RecordsConfig
+from minima.data.records.build import tokenize_chunk
+from minima.stages.records import run
 
 
 @task(name="tokenize-chunk", retries=1)
@@ -28,13 +31,25 @@ def _dask_mapper(tokenizer_dir: str, fields: dict, chunks: Iterable[tuple]) -> I
         yield f.result()
 
 
-def records_dask(configs: list[dict], force: bool = False, address: Optional[str] = None, n_workers: int = 2) -> list[dict]:
+def records_dask(
+    configs: list[dict], force: bool = False, address: Optional[str] = None, n_workers: int = 2
+) -> list[dict]:
     """Build records artifacts (one per RecordsConfig dict, in turn) with tokenization on one Dask
     cluster; returns each artifact's path and metrics."""
     from prefect_dask import DaskTaskRunner
 
-    runner = DaskTaskRunner(address=address) if address else DaskTaskRunner(
-        cluster_kwargs={"n_workers": n_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+    runner = (
+        DaskTaskRunner(address=address)
+        if address
+        else DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": n_workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            }
+        )
+    )
 
     @flow(name="minima-records-dask", task_runner=runner)
     def _flow(configs: list[dict], force: bool) -> list[dict]:

@@ -3,6 +3,7 @@
 User errors (MinimaError) print one line plus a hint and exit 2; ``--debug`` shows the traceback.
 Only commands whose implementation is installed are listed in ``--help``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,33 +11,12 @@ import importlib
 import importlib.util
 import json
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
-from .config import STAGE_CONFIGS, STAGES, build, to_yaml
-from .errors import MinimaError
-
-# stage -> "module:function"; function(cfg, force=False) -> Artifact
-STAGE_RUNNERS = {
-    "vocab": "minima.vocab:run",
-    "records": "minima.records.build:run",
-    "adapt": "minima.adapt:run",
-    "prune": "minima.prune:run",
-    "distill": "minima.distill:run",
-    "sft": "minima.sft:run",
-    "evaluate": "minima.evaluate:run",
-}
-# extra command -> ("module:function", help); function(argv: list[str]) -> int
-COMMANDS = {
-    "run": ("flows.cli:run_main", "run the Prefect pipeline flow (vocab -> ... -> evaluate)"),
-    "demo": ("flows.cli:demo_main", "run the whole pipeline on the tiny preset with built-in data"),
-    "plan": ("minima.plan:main", "memory/time sizing of a stage before any GPU time"),
-    "chat": ("minima.chat:main", "interactive terminal chat with a model dir"),
-    "serve": ("minima.serve:main", "OpenAI-compatible HTTP server for a model dir"),
-    "self-instruct": ("minima.self_instruct:main", "bootstrap instruction data from an OpenAI-compatible endpoint"),
-    "chat-eval": ("minima.judge:main", "LLM-judged chat benchmarks (MT-Bench, BELLE, Z-Bench, Vicuna, AlpacaEval)"),
-    "distill-cache": ("minima.distill:cache_main", "run the teacher once and cache sparse logits"),
-    "demo-data": ("minima.demo_data:main", "write the built-in bilingual demo corpus and tokenizers"),
-}
+from minima.core.config import STAGE_CONFIGS, STAGES, to_yaml
+from minima.core.errors import MinimaError
+from minima.core.registry import COMMANDS, STAGE_RUNNERS, stage_config
 
 
 def _available(target: str) -> bool:
@@ -51,14 +31,6 @@ def _available(target: str) -> bool:
 def _resolve(target: str) -> Callable:
     module, fn = target.split(":")
     return getattr(importlib.import_module(module), fn)
-
-
-def stage_config(stage: str, preset: Optional[str], file: Optional[str], overrides: list[str]):
-    """Resolve a stage config: preset, then YAML file, then key=value overrides."""
-    from .presets import get_preset, stage_part
-
-    base = stage_part(get_preset(preset), stage).model_dump(mode="json") if preset else {}
-    return build(STAGE_CONFIGS[stage], base=base, file=file, overrides=overrides)
 
 
 def _stage_parser(prog: str, stage: str, with_force: bool = True) -> argparse.ArgumentParser:
@@ -77,13 +49,18 @@ def _cmd_config(argv: list[str]) -> int:
             print("usage: minima config STAGE [--preset P] [--config FILE] [key=value ...]")
             print(f"stages: {', '.join(STAGES)}")
             return 0
-        raise MinimaError("minima config needs a stage name", fix=f"e.g. minima config adapt --preset tiny (stages: {', '.join(STAGES)})")
+        raise MinimaError(
+            "minima config needs a stage name",
+            fix=f"e.g. minima config adapt --preset tiny (stages: {', '.join(STAGES)})",
+        )
     stage = argv[0]
     if stage not in STAGE_CONFIGS:
         import difflib
 
         close = difflib.get_close_matches(stage, STAGES, n=1)
-        raise MinimaError(f"unknown stage '{stage}'", fix=f"did you mean '{close[0]}'?" if close else f"stages: {', '.join(STAGES)}")
+        raise MinimaError(
+            f"unknown stage '{stage}'", fix=f"did you mean '{close[0]}'?" if close else f"stages: {', '.join(STAGES)}"
+        )
     args = _stage_parser(f"minima config {stage}", stage, with_force=False).parse_intermixed_args(argv[1:])
     cfg = stage_config(stage, args.preset, args.config, args.overrides)
     sys.stdout.write(to_yaml(cfg))
@@ -92,7 +69,7 @@ def _cmd_config(argv: list[str]) -> int:
 
 def _cmd_stage(stage: str, argv: list[str]) -> int:
     if stage == "evaluate" and argv[:1] == ["compare"]:  # `minima evaluate compare A B`
-        return int(_resolve("minima.evaluate:compare_main")(argv[1:]) or 0)
+        return int(_resolve("minima.evaluate.report:compare_main")(argv[1:]) or 0)
     args = _stage_parser(f"minima {stage}", stage).parse_intermixed_args(argv)
     cfg = stage_config(stage, args.preset, args.config, args.overrides)
     artifact = _resolve(STAGE_RUNNERS[stage])(cfg, force=args.force)
@@ -108,7 +85,11 @@ def _cmd_stage(stage: str, argv: list[str]) -> int:
 
 
 def _help() -> str:
-    lines = ["usage: minima [--debug] COMMAND [...]", "", "stages (each: [--config F] [--preset P] [--force] [key=value ...]):"]
+    lines = [
+        "usage: minima [--debug] COMMAND [...]",
+        "",
+        "stages (each: [--config F] [--preset P] [--force] [key=value ...]):",
+    ]
     for stage in STAGES:
         if _available(STAGE_RUNNERS[stage]):
             lines.append(f"  {stage:<14}{(STAGE_CONFIGS[stage].__doc__ or '').strip().splitlines()[0]}")
@@ -137,9 +118,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             return int(_resolve(COMMANDS[cmd][0])(rest) or 0)
         import difflib
 
-        known = [s for s in STAGES if _available(STAGE_RUNNERS[s])] + ["config"] + [c for c, (t, _) in COMMANDS.items() if _available(t)]
+        known = (
+            [s for s in STAGES if _available(STAGE_RUNNERS[s])]
+            + ["config"]
+            + [c for c, (t, _) in COMMANDS.items() if _available(t)]
+        )
         close = difflib.get_close_matches(cmd, known, n=1)
-        raise MinimaError(f"unknown command '{cmd}'", fix=f"did you mean '{close[0]}'?" if close else "see minima --help")
+        raise MinimaError(
+            f"unknown command '{cmd}'", fix=f"did you mean '{close[0]}'?" if close else "see minima --help"
+        )
     except MinimaError as e:
         if debug:
             raise

@@ -1,18 +1,25 @@
 """Tiny, deterministic models and tokenizers for tests, demos and benchmarks (built in code)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
-from .presets import TINY_TEACHER
+from minima.core.presets import TINY_TEACHER
 
 
 def tiny_llama_config(vocab_size: int, **shape):
     """A LlamaConfig of the tiny teacher shape (hidden 128, 4 layers) with overrides."""
     from transformers import LlamaConfig
 
-    kw = dict(TINY_TEACHER, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-              attn_implementation="eager")
+    kw = dict(
+        TINY_TEACHER,
+        vocab_size=vocab_size,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     kw.update(shape)
     return LlamaConfig(**kw)
 
@@ -43,18 +50,38 @@ def tiny_family_model(family: str, vocab_size: int = 1000, seed: int = 0):
     if family == "bloom":
         return tf.BloomForCausalLM(tf.BloomConfig(vocab_size=vocab_size, hidden_size=64, n_layer=2, n_head=4))
     if family == "opt":
-        return tf.OPTForCausalLM(tf.OPTConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                              ffn_dim=128, max_position_embeddings=512, word_embed_proj_dim=64))
+        return tf.OPTForCausalLM(
+            tf.OPTConfig(
+                vocab_size=vocab_size,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                ffn_dim=128,
+                max_position_embeddings=512,
+                word_embed_proj_dim=64,
+            )
+        )
     if family == "t5":
-        return tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2,
-                                                         num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+        return tf.T5ForConditionalGeneration(
+            tf.T5Config(
+                vocab_size=vocab_size,
+                d_model=64,
+                d_kv=16,
+                d_ff=128,
+                num_layers=2,
+                num_heads=4,
+                decoder_start_token_id=0,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        )
     raise ValueError(f"unknown family {family!r}")
 
 
 def demo_tokenizer_dir(out_dir: str | Path, data_dir: Optional[str | Path] = None) -> Path:
     """An HF tokenizer dir built from the demo corpus's English base SentencePiece model."""
-    from . import demo_data
-    from .tokenizers import save_sp_tokenizer
+    from minima.data import demo as demo_data
+    from minima.data.tokenizers import save_sp_tokenizer
 
     out = Path(out_dir)
     data = Path(data_dir) if data_dir else out.parent / "demo_data"
@@ -90,8 +117,16 @@ def lm_blocks(ids, seq_len: int):
     return ids[: n * seq_len].view(n, seq_len)
 
 
-def train_tiny_lm(blocks, vocab_size: int, steps: int = 300, batch_size: int = 16, lr: float = 3e-3,
-                  seed: int = 0, log_every: int = 0, **shape):
+def train_tiny_lm(
+    blocks,
+    vocab_size: int,
+    steps: int = 300,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+    log_every: int = 0,
+    **shape,
+):
     """Train a tiny Llama (TINY_TEACHER shape unless overridden) on token blocks with plain AdamW.
 
     A real, trained model for quality tests (pruning, distillation) in seconds on a CPU: AdamW with
@@ -116,7 +151,13 @@ def train_tiny_lm(blocks, vocab_size: int, steps: int = 300, batch_size: int = 1
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+        opt,
+        lambda s: (
+            (s + 1) / warm
+            if s < warm
+            else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+        ),
+    )
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         batch = blocks[torch.randint(0, len(blocks), (batch_size,), generator=g)]
@@ -141,7 +182,7 @@ def perplexity(model, blocks, batch_size: int = 16) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(blocks), batch_size):
-            b = blocks[i: i + batch_size]
+            b = blocks[i : i + batch_size]
             n = b.numel() - b.shape[0]  # every position but the first predicts a token
             total += model(input_ids=b, labels=b).loss.item() * n
             count += n

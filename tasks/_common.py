@@ -9,6 +9,7 @@ Caching works on two levels that agree with each other:
   cache miss after the result store was wiped), and inside the flow replaces a stale artifact.
 Retries happen only for transient failures; a MinimaError (bad config, bad input) never retries.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -18,12 +19,19 @@ from typing import Any, Optional
 from prefect import task
 from prefect.context import TaskRunContext
 
-from minima.artifacts import (Artifact, atomic_write_text, canonical_json, config_hash, is_complete, read_manifest,
-                              replacing_stale, sha256_text)
-from minima.cli import STAGE_RUNNERS
-from minima.config import PipelineConfig
-from minima.errors import MinimaError
-from minima.pipeline import STEP, step_config
+from minima.core.artifacts import (
+    Artifact,
+    atomic_write_text,
+    canonical_json,
+    config_hash,
+    is_complete,
+    read_manifest,
+    replacing_stale,
+    sha256_text,
+)
+from minima.core.config import PipelineConfig
+from minima.core.errors import MinimaError
+from minima.core.registry import STAGE_RUNNERS, STEP, step_config
 
 TRANSIENT = (ConnectionError, TimeoutError)
 
@@ -69,7 +77,9 @@ def step_cache_key(context: Optional[TaskRunContext], params: dict[str, Any]) ->
         else:
             p = _upstream_paths({k: v})[k]
             up_keys[k] = read_manifest(p)["cache_key"] if is_complete(p) else None
-    return f"minima-{params['key']}-" + sha256_text(canonical_json({"out": str(cfg.resolved_out_dir()), "config": config_hash(cfg), "up": up_keys}))
+    return f"minima-{params['key']}-" + sha256_text(
+        canonical_json({"out": str(cfg.resolved_out_dir()), "config": config_hash(cfg), "up": up_keys})
+    )
 
 
 REQUEST_FILE = ".pipeline_request"  # the hash of the step config the pipeline asked for (stages may resolve it further)

@@ -1,4 +1,5 @@
-"""Prefect task for the adapt stage (thin: config -> minima.adapt -> artifact dict)."""
-from ._common import make_task
+"""Prefect task for the adapt stage (thin: config -> minima.stages.adapt -> artifact dict)."""
+
+from tasks._common import make_task
 
 adapt_task = make_task("adapt")

@@ -1,4 +1,5 @@
-"""Prefect task for the distill stage (thin: config -> minima.distill -> artifact dict)."""
-from ._common import make_task
+"""Prefect task for the distill stage (thin: config -> minima.stages.distill -> artifact dict)."""
+
+from tasks._common import make_task
 
 distill_task = make_task("distill")

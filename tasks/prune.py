@@ -1,4 +1,5 @@
-"""Prefect task for the prune stage (thin: config -> minima.prune -> artifact dict)."""
-from ._common import make_task
+"""Prefect task for the prune stage (thin: config -> minima.compress.prune -> artifact dict)."""
+
+from tasks._common import make_task
 
 prune_task = make_task("prune")

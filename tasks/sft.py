@@ -1,4 +1,5 @@
-"""Prefect task for the sft stage (thin: config -> minima.sft -> artifact dict)."""
-from ._common import make_task
+"""Prefect task for the sft stage (thin: config -> minima.stages.sft -> artifact dict)."""
+
+from tasks._common import make_task
 
 sft_task = make_task("sft")

@@ -1,4 +1,5 @@
-"""Prefect task for the vocab stage (thin: config -> minima.vocab -> artifact dict)."""
-from ._common import make_task
+"""Prefect task for the vocab stage (thin: config -> minima.data.vocab -> artifact dict)."""
+
+from tasks._common import make_task
 
 vocab_task = make_task("vocab")

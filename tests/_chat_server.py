@@ -4,6 +4,7 @@ The server starts once per test process (about 10 s) and stops at exit. It runs 
 every test that talks to it also exercises the bearer-key path; clients read the key from
 ``$MINIMA_TEST_KEY``.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -18,8 +19,14 @@ CHAT_TEMPLATE = (
     "{% else %}[|Assistant|] {{ m['content'] }}{{ eos_token }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}[|Assistant|]{% endif %}"
 )
-SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-             max_position_embeddings=2048)
+SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+)
 API_KEY = "sk-minima-test-key"
 KEY_ENV = "MINIMA_TEST_KEY"
 _STATE: dict = {}
@@ -32,7 +39,9 @@ def chat_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
         from minima.testing import save_tiny_model
 
-        out = save_tiny_model(tmp_path_factory.getbasetemp() / "chat_model" / "tiny-chat", tokenizer_dir, seed=0, **SHAPE)
+        out = save_tiny_model(
+            tmp_path_factory.getbasetemp() / "chat_model" / "tiny-chat", tokenizer_dir, seed=0, **SHAPE
+        )
         tok = AutoTokenizer.from_pretrained(str(out))
         tok.chat_template = CHAT_TEMPLATE
         tok.save_pretrained(str(out))
@@ -43,7 +52,7 @@ def chat_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 def server(model_dir: Path):
     """The shared ``minima serve`` subprocess (``.base_url`` ends in /v1); key required."""
     if "server" not in _STATE:
-        from minima.serve import launch
+        from minima.infer.serve import launch
 
         os.environ[KEY_ENV] = API_KEY
         env = dict(os.environ, OMP_NUM_THREADS="1", MINIMA_API_KEY=API_KEY)

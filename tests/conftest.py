@@ -1,4 +1,5 @@
 """Shared fixtures. Offline by construction: nothing here reaches a hub."""
+
 from __future__ import annotations
 
 import os
@@ -17,9 +18,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MINIMA_NO_PROGRESS", "1")
 
-import logging  # noqa: E402
+import logging
 
-import pytest  # noqa: E402
+import pytest
 
 # Prefect's ephemeral server logs its shutdown at interpreter exit, after pytest closed the captured
 # streams; don't print a 'Logging error' traceback for that.
@@ -40,7 +41,7 @@ def shared(rel: str) -> Path:
 @pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory) -> Path:
     """The built-in demo corpus + its two SentencePiece models, written once per session."""
-    from minima import demo_data
+    from minima.data import demo as demo_data
 
     d = tmp_path_factory.mktemp("demo_data")
     demo_data.write(d)

@@ -1,5 +1,6 @@
 """Stage adapt: CLI kill-and-resume equals an uninterrupted run, new-embedding-only training,
 and bad input rejected before any training."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from minima.config import AdaptConfig, RecordsConfig
-from minima.errors import ArtifactError, ConfigError, DataError, InputError, MinimaError
+from minima.core.config import AdaptConfig, RecordsConfig
+from minima.core.errors import (
+    ArtifactError,
+    ConfigError,
+    DataError,
+    InputError,
+)
 from minima.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,19 +31,39 @@ ONE_THREAD = {"MINIMA_INPROCESS": "1", "MINIMA_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, demo_data_dir, tiny_tokenizer_dir):
     """Tiny lm records (seq 32) from the demo corpus and a tiny Llama (hidden 64, 2 layers) for its tokenizer."""
-    from minima.records.build import run as build_records
+    from minima.stages.records import run as build_records
     from minima.testing import save_tiny_model
 
     d = tmp_path_factory.mktemp("adapt")
-    rec = build_records(RecordsConfig(inputs=str(demo_data_dir / "text" / "pretrain_en.txt"), tokenizer=str(tiny_tokenizer_dir),
-                                      format="lm", max_length=32, dev_fraction=0.05, out_dir=str(d / "records"))).path
+    rec = build_records(
+        RecordsConfig(
+            inputs=str(demo_data_dir / "text" / "pretrain_en.txt"),
+            tokenizer=str(tiny_tokenizer_dir),
+            format="lm",
+            max_length=32,
+            dev_fraction=0.05,
+            out_dir=str(d / "records"),
+        )
+    ).path
     model = save_tiny_model(d / "model", tiny_tokenizer_dir, seed=0, **SHAPE)
     return d, model, rec
 
 
 def cli_args(model, rec, out, *extra) -> list[str]:
-    return ["adapt", "--preset", "tiny", f"model={model}", f"records={rec}", f"out_dir={out}", "max_steps=12",
-            "save_steps=4", "eval_steps=6", "micro_batch_size=4", "keep_last=2", *extra]
+    return [
+        "adapt",
+        "--preset",
+        "tiny",
+        f"model={model}",
+        f"records={rec}",
+        f"out_dir={out}",
+        "max_steps=12",
+        "save_steps=4",
+        "eval_steps=6",
+        "micro_batch_size=4",
+        "keep_last=2",
+        *extra,
+    ]
 
 
 def run_cli_inprocess(args: list[str]) -> int:
@@ -74,11 +100,16 @@ def test_kill_and_resume_equals_uninterrupted(inputs, reference):
     bitwise equal (fp32 on CPU, same thread count) with every batch exactly once in metrics.jsonl."""
     d, model, rec = inputs
     out = d / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MINIMA_NUM_THREADS="1", MINIMA_STEP_DELAY_S="0.5",
-               PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MINIMA_NUM_THREADS="1", MINIMA_STEP_DELAY_S="0.5", PYTHONPATH=str(ROOT))
     env.pop("MINIMA_INPROCESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "minima.cli", *cli_args(model, rec, out)], env=env,
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minima.cli", *cli_args(model, rec, out)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     marker = out.with_name("killed.partial") / "checkpoints" / "step_00000004" / "COMPLETE"
     deadline = time.time() + 240
     while not marker.is_file():
@@ -127,12 +158,22 @@ def test_acceptance_outputs(reference):
 @pytest.mark.parametrize("zero", [2, 3])
 def test_train_only_new_embeddings(inputs, zero):
     """Only rows >= new_token_start of embed_tokens/lm_head change; everything else is bit-identical."""
-    from minima.adapt import run
+    from minima.stages.adapt import run
 
     d, model, rec = inputs
     start = 900
-    cfg = AdaptConfig(model=str(model), records=str(rec), out_dir=str(d / f"newemb{zero}"), precision="fp32", zero_stage=zero,
-                      micro_batch_size=4, max_steps=3, lr=1e-2, train_only_new_embeddings=True, new_token_start=start)
+    cfg = AdaptConfig(
+        model=str(model),
+        records=str(rec),
+        out_dir=str(d / f"newemb{zero}"),
+        precision="fp32",
+        zero_stage=zero,
+        micro_batch_size=4,
+        max_steps=3,
+        lr=1e-2,
+        train_only_new_embeddings=True,
+        new_token_start=start,
+    )
     old = {k: os.environ.get(k) for k in ONE_THREAD}
     os.environ.update(ONE_THREAD)
     try:
@@ -149,26 +190,28 @@ def test_train_only_new_embeddings(inputs, zero):
 
 
 def test_new_token_start_from_vocab_manifest(inputs, tmp_path):
-    from minima.adapt import resolve_new_token_start
+    from minima.stages.adapt import resolve_new_token_start
 
     d, model, rec = inputs
     vocab_art = tmp_path / "vocab"
     vocab_art.mkdir()
     (vocab_art / "manifest.json").write_text(json.dumps({"metrics": {"new_token_start": 777}}))
-    assert resolve_new_token_start(AdaptConfig(model=str(vocab_art), records=str(rec), train_only_new_embeddings=True)) == 777
+    assert (
+        resolve_new_token_start(AdaptConfig(model=str(vocab_art), records=str(rec), train_only_new_embeddings=True))
+        == 777
+    )
     with pytest.raises(ConfigError, match="new_token_start"):
         resolve_new_token_start(AdaptConfig(model=str(model), records=str(rec), train_only_new_embeddings=True))
 
 
 def _expect(err, match, **kw):
-    from minima.adapt import run
+    from minima.stages.adapt import run
 
     with pytest.raises(err, match=match):
         run(AdaptConfig(**kw))
 
 
 def test_bad_input_fails_before_training(inputs, tmp_path, tiny_tokenizer_dir):
-    from minima.testing import save_tiny_model
 
     d, model, rec = inputs
     out = tmp_path / "out"

@@ -6,15 +6,23 @@ import time
 
 import pytest
 
-from minima.artifacts import Artifact, config_hash, hash_input, is_complete, read_manifest, run_stage
-from minima.config import RecordsConfig, VocabConfig
-from minima.errors import ArtifactError
+from minima.core.artifacts import (
+    Artifact,
+    config_hash,
+    hash_input,
+    is_complete,
+    read_manifest,
+    run_stage,
+)
+from minima.core.config import RecordsConfig, VocabConfig
+from minima.core.errors import ArtifactError
 
 
 def _body(text):
     def body(run):
         (run.work_dir / "out.txt").write_text(text)
         return {"n": len(text)}
+
     return body
 
 
@@ -78,6 +86,7 @@ def _slow_stage(out_dir):
     def body(run):
         (run.work_dir / "a.bin").write_bytes(b"x" * 1000)
         time.sleep(60)
+
     run_stage(VocabConfig(out_dir=out_dir), {}, body)
 
 
@@ -122,12 +131,28 @@ def test_resumable_partial_is_kept_only_for_same_key(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_stage(cfg2.model_copy(update={"out_dir": str(tmp_path / "o2")}), {}, crash, resumable=True)
     seen.clear()
-    run_stage(cfg2.model_copy(update={"out_dir": str(tmp_path / "o2"), "seed": 6}), {}, lambda r: seen.update(resumed=r.resumed, has=(r.work_dir / "ckpt").exists()), resumable=True)
+    run_stage(
+        cfg2.model_copy(update={"out_dir": str(tmp_path / "o2"), "seed": 6}),
+        {},
+        lambda r: seen.update(resumed=r.resumed, has=(r.work_dir / "ckpt").exists()),
+        resumable=True,
+    )
     assert seen == {"resumed": False, "has": False}
 
 
 def test_manifest_is_valid_json_with_required_fields(tmp_path):
     a = run_stage(VocabConfig(out_dir=str(tmp_path / "o")), {"x": None}, _body("z"))
     m = json.loads((a.path / "manifest.json").read_text())
-    for k in ("stage", "config", "config_hash", "cache_key", "inputs", "created", "minima_version", "git_commit", "wall_time_s", "metrics"):
+    for k in (
+        "stage",
+        "config",
+        "config_hash",
+        "cache_key",
+        "inputs",
+        "created",
+        "minima_version",
+        "git_commit",
+        "wall_time_s",
+        "metrics",
+    ):
         assert k in m

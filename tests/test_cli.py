@@ -27,7 +27,8 @@ def test_unknown_stage_and_command(capsys):
 def test_help_lists_only_working_commands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    from minima.cli import COMMANDS, STAGE_RUNNERS, _available
+    from minima.cli import _available
+    from minima.core.registry import COMMANDS, STAGE_RUNNERS
 
     for stage, target in STAGE_RUNNERS.items():
         assert (f"  {stage} " in out) == _available(target)
@@ -36,5 +37,7 @@ def test_help_lists_only_working_commands(capsys):
 
 
 def test_console_script_entry_point():
-    r = subprocess.run([sys.executable, "-m", "minima.cli", "config", "vocab", "mode=chinese-llama"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "minima.cli", "config", "vocab", "mode=chinese-llama"], capture_output=True, text=True
+    )
     assert r.returncode == 0 and "mode: chinese-llama" in r.stdout

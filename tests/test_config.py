@@ -1,15 +1,32 @@
 import pytest
 import yaml
 
-from minima.config import (AdaptConfig, EvaluateConfig, PipelineConfig, PruneConfig, RecordsConfig, STAGE_CONFIGS,
-                           build, parse_override)
-from minima.errors import ConfigError
-from minima.presets import PRESETS, get_preset, stage_part
+from minima.core.config import (
+    STAGE_CONFIGS,
+    AdaptConfig,
+    EvaluateConfig,
+    PipelineConfig,
+    PruneConfig,
+    RecordsConfig,
+    build,
+    parse_override,
+)
+from minima.core.errors import ConfigError
+from minima.core.presets import PRESETS, get_preset, stage_part
 
 
 def test_override_coercion_by_field_type():
-    cfg = build(AdaptConfig, overrides=["lr=1e-4", "max_steps=30", "activation_checkpointing=true",
-                                        "betas=[0.8, 0.99]", "launch.nproc_per_node=2", "model=007"])
+    cfg = build(
+        AdaptConfig,
+        overrides=[
+            "lr=1e-4",
+            "max_steps=30",
+            "activation_checkpointing=true",
+            "betas=[0.8, 0.99]",
+            "launch.nproc_per_node=2",
+            "model=007",
+        ],
+    )
     assert cfg.lr == 1e-4 and isinstance(cfg.max_steps, int) and cfg.max_steps == 30
     assert cfg.activation_checkpointing is True
     assert cfg.betas == (0.8, 0.99)
@@ -18,14 +35,17 @@ def test_override_coercion_by_field_type():
 
 
 def test_list_of_str_fields_parse_as_lists():
-    from minima.config import SftConfig
+    from minima.core.config import SftConfig
 
     cfg = build(SftConfig, overrides=["lora.target_modules=[q_proj, v_proj]", "train_files=[a.json]"])
     assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.train_files == ["a.json"]
 
 
 def test_nested_dotted_overrides_and_lists():
-    cfg = build(RecordsConfig, overrides=["inputs=[{name: a, path: 'x/*.txt', size: 10%}, {name: b, path: y.jsonl, size: 1000}]"])
+    cfg = build(
+        RecordsConfig,
+        overrides=["inputs=[{name: a, path: 'x/*.txt', size: 10%}, {name: b, path: y.jsonl, size: 1000}]"],
+    )
     assert [s.name for s in cfg.inputs] == ["a", "b"]
     assert cfg.inputs[0].size == "10%" and cfg.inputs[1].size == 1000
     ev = build(EvaluateConfig, overrides=["tasks.mmlu.path=/data/mmlu", "tasks.mmlu.shots=5"])
@@ -73,16 +93,26 @@ def test_presets_validate_and_have_minima_shapes():
             assert isinstance(part, model)
             model.model_validate(part.model_dump())  # round-trips through validation
     m = get_preset("minima-3b")
-    assert (m.prune.num_layers, m.prune.num_heads, m.prune.hidden_size, m.prune.intermediate_size) == (24, 24, 3072, 8192)
+    assert (m.prune.num_layers, m.prune.num_heads, m.prune.hidden_size, m.prune.intermediate_size) == (
+        24,
+        24,
+        3072,
+        8192,
+    )
     assert m.prune.keep_layers == list(range(4, 28))
-    assert (m.distill.loss.alpha, m.distill.loss.kd, m.distill.lr, m.distill.warmup_proportion) == (0.5, "soft_ce", 3e-4, 0.01)
+    assert (m.distill.loss.alpha, m.distill.loss.kd, m.distill.lr, m.distill.warmup_proportion) == (
+        0.5,
+        "soft_ce",
+        3e-4,
+        0.01,
+    )
     with pytest.raises(ConfigError) as e:
         get_preset("minima3b")
     assert "minima-3b" in str(e.value)
 
 
 def test_yaml_roundtrip(tmp_path):
-    from minima.config import to_yaml
+    from minima.core.config import to_yaml
 
     cfg = stage_part(get_preset("tiny"), "adapt")
     f = tmp_path / "a.yaml"
@@ -94,8 +124,8 @@ def test_yaml_roundtrip(tmp_path):
 def test_example_pipeline_config_validates():
     from pathlib import Path
 
-    from minima.config import PipelineConfig, deep_merge
-    from minima.presets import get_preset
+    from minima.core.config import PipelineConfig
+    from minima.core.presets import get_preset
 
     f = Path(__file__).resolve().parents[1] / "configs" / "minima-3b.example.yaml"
     cfg = build(PipelineConfig, base=get_preset("minima-3b").model_dump(mode="json"), file=str(f))

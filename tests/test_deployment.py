@@ -1,7 +1,7 @@
 """The README's deployment steps, on loopback: local Prefect server, process work pool, `prefect
 deploy --all` from prefect.yaml, a worker, and a run triggered by deployment name."""
+
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,14 +29,26 @@ def prefect_server(tmp_path):
     if not Path(PREFECT).exists():
         pytest.skip("prefect CLI not installed in this environment")
     port = _free_port()
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect_home"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-               MINIMA_ROOT=str(ROOT), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(tmp_path / "prefect_home"),
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        MINIMA_ROOT=str(ROOT),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+    )
     env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
     procs = []
 
     def start(*args, log):
-        p = subprocess.Popen([PREFECT, *args], cwd=ROOT, env=env, stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT,
-                             start_new_session=True)
+        p = subprocess.Popen(
+            [PREFECT, *args],
+            cwd=ROOT,
+            env=env,
+            stdout=open(tmp_path / log, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         procs.append(p)
         return p
 
@@ -75,6 +87,17 @@ def test_deploy_worker_and_trigger_by_name(prefect_server, tmp_path):
     assert "minima-stage/prune" in out and "minima-pipeline/pipeline" in out
     start("worker", "start", "--pool", "minima-pool", log="worker.log")
     dest = tmp_path / "prune_plan"
-    out = cli("deployment", "run", "minima-stage/prune", "-p", "stage=prune", "-p", "preset=minima-3b",
-              "-p", f'overrides=["dry_run=true", "out_dir={dest}"]', "--watch", timeout=300)
+    out = cli(
+        "deployment",
+        "run",
+        "minima-stage/prune",
+        "-p",
+        "stage=prune",
+        "-p",
+        "preset=minima-3b",
+        "-p",
+        f'overrides=["dry_run=true", "out_dir={dest}"]',
+        "--watch",
+        timeout=300,
+    )
     assert "Completed" in out, out[-3000:] + (tmp_path / "worker.log").read_text()[-3000:]

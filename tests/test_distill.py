@@ -1,9 +1,9 @@
 """Stage distill: the recipe's loss against a hand-built reference, the logit cache, the teacher
 options, errors before any work, and the quality bar (the MiniMA law at tiny scale)."""
+
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minima.config import DistillConfig, RecordsConfig
-from minima.errors import ConfigError, DataError, InputError
+from minima.core.config import DistillConfig, RecordsConfig
+from minima.core.errors import ConfigError, DataError, InputError
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 STUDENT = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3)
@@ -34,14 +34,22 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, demo_data_dir, tiny_tokenizer_dir):
     """Tiny lm records (seq 32) from the demo corpus, a tiny teacher and a smaller student of its vocab."""
-    from minima.records.build import run as build_records
+    from minima.stages.records import run as build_records
     from minima.testing import save_tiny_model
 
     d = tmp_path_factory.mktemp("distill")
     lines = (demo_data_dir / "text" / "pretrain_en.txt").read_text().splitlines()[:300]  # ~190 records: fast caches
     (d / "text.txt").write_text("\n".join(lines) + "\n")
-    rec = build_records(RecordsConfig(inputs=str(d / "text.txt"), tokenizer=str(tiny_tokenizer_dir),
-                                      format="lm", max_length=32, dev_fraction=0.1, out_dir=str(d / "records"))).path
+    rec = build_records(
+        RecordsConfig(
+            inputs=str(d / "text.txt"),
+            tokenizer=str(tiny_tokenizer_dir),
+            format="lm",
+            max_length=32,
+            dev_fraction=0.1,
+            out_dir=str(d / "records"),
+        )
+    ).path
     teacher = save_tiny_model(d / "teacher", tiny_tokenizer_dir, seed=0, **SHAPE)
     student = save_tiny_model(d / "student", tiny_tokenizer_dir, seed=1, **STUDENT)
     return d, teacher, student, rec
@@ -49,8 +57,17 @@ def setup(tmp_path_factory, demo_data_dir, tiny_tokenizer_dir):
 
 def _cfg(setup, **kw) -> DistillConfig:
     d, teacher, student, rec = setup
-    base = dict(teacher=str(teacher), student=str(student), records=str(rec), precision="fp32", zero_stage=0,
-                micro_batch_size=4, max_steps=4, lr=1e-3, log_steps=1)
+    base = dict(
+        teacher=str(teacher),
+        student=str(student),
+        records=str(rec),
+        precision="fp32",
+        zero_stage=0,
+        micro_batch_size=4,
+        max_steps=4,
+        lr=1e-3,
+        log_steps=1,
+    )
     base.update(kw)
     return DistillConfig.model_validate(base)
 
@@ -62,7 +79,7 @@ def _ctx():
 
 
 def _batch(setup, n=3):
-    from minima.records import RecordDataset, collate
+    from minima.data.records import RecordDataset, collate
 
     ds = RecordDataset(str(setup[3]), "train", shuffle_buffer=0)
     batch = collate([ds.read(i) for i in range(n)])
@@ -71,14 +88,16 @@ def _batch(setup, n=3):
 
 
 # ------------------------------------------------------------------------------ loss vs reference
-@pytest.mark.parametrize("kind,alpha,T,chunk", [("forward_kl", 0.0, 1.0, 0), ("soft_ce", 0.5, 1.0, 128), ("jsd", 0.3, 2.0, 100),
-                                                ("reverse_kl", 0.7, 0.5, 333)])
+@pytest.mark.parametrize(
+    "kind,alpha,T,chunk",
+    [("forward_kl", 0.0, 1.0, 0), ("soft_ce", 0.5, 1.0, 128), ("jsd", 0.3, 2.0, 100), ("reverse_kl", 0.7, 0.5, 333)],
+)
 def test_recipe_loss_equals_textbook_reference(setup, kind, alpha, T, chunk):
     """compute_loss (shift, mask, fused chunked KD + CE, alpha mix, sums) == HF-style shifted CE + T^2 KL."""
     from transformers import AutoModelForCausalLM
 
-    from minima.distill import DistillRecipe
-    from minima.kd import kd_reference
+    from minima.stages.distill import DistillRecipe
+    from minima.train.objectives.kd import kd_reference
 
     cfg = _cfg(setup, loss={"alpha": alpha, "kd": kind, "temperature": T}, vocab_chunk=chunk)
     teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher).eval()
@@ -113,7 +132,7 @@ def test_recipe_loss_equals_textbook_reference(setup, kind, alpha, T, chunk):
 def test_student_equal_to_teacher_has_zero_kd(setup):
     from transformers import AutoModelForCausalLM
 
-    from minima.distill import DistillRecipe
+    from minima.stages.distill import DistillRecipe
 
     cfg = _cfg(setup, student=str(setup[1]), loss={"alpha": 0.0, "kd": "forward_kl"})
     recipe = DistillRecipe(cfg)
@@ -125,7 +144,7 @@ def test_student_equal_to_teacher_has_zero_kd(setup):
 
 # ------------------------------------------------------------------------------ errors first
 def test_vocab_mismatch_is_an_error_before_any_work(setup, tmp_path):
-    from minima.distill import run
+    from minima.stages.distill import run
     from minima.testing import tiny_llama
 
     other = tmp_path / "teacher_other_vocab"
@@ -139,10 +158,18 @@ def test_vocab_mismatch_is_an_error_before_any_work(setup, tmp_path):
 
 
 def test_bad_configs_rejected(setup, tmp_path):
-    from minima.distill import run
+    from minima.stages.distill import run
 
     with pytest.raises(ConfigError, match="sampled"):
-        run(_cfg(setup, cache_logits=True, cache_mode="sampled", loss={"alpha": 0.5, "kd": "jsd"}, out_dir=str(tmp_path / "a")))
+        run(
+            _cfg(
+                setup,
+                cache_logits=True,
+                cache_mode="sampled",
+                loss={"alpha": 0.5, "kd": "jsd"},
+                out_dir=str(tmp_path / "a"),
+            )
+        )
     with pytest.raises(ConfigError, match="teacher"):
         run(_cfg(setup, teacher=None, out_dir=str(tmp_path / "b")))
     with pytest.raises(InputError, match="config.json"):
@@ -151,7 +178,7 @@ def test_bad_configs_rejected(setup, tmp_path):
 
 
 def test_minima_3b_preset_is_minimas_recipe():
-    from minima.presets import minima_3b
+    from minima.core.presets import minima_3b
 
     c = minima_3b().distill
     assert (c.loss.alpha, c.loss.kd, c.loss.temperature) == (0.5, "soft_ce", 1.0)
@@ -162,19 +189,21 @@ def test_minima_3b_preset_is_minimas_recipe():
 @pytest.fixture(scope="module")
 def full_cache(setup):
     """A top-k cache at k = vocab, fp32: the cached loss must equal the online one."""
-    from minima.config import DistillCacheConfig
-    from minima.distill import build_cache
+    from minima.core.config import DistillCacheConfig
+    from minima.stages.distill import build_cache
 
     d, teacher, _, rec = setup
-    ccfg = DistillCacheConfig(teacher=str(teacher), records=str(rec), top_k=100000, dtype="fp32", out_dir=str(d / "cache_full"),
-                              batch_size=16)
+    ccfg = DistillCacheConfig(
+        teacher=str(teacher), records=str(rec), top_k=100000, dtype="fp32", out_dir=str(d / "cache_full"), batch_size=16
+    )
     return build_cache(ccfg)
 
 
 def test_cached_loss_at_full_vocab_equals_online(setup, full_cache):
     from transformers import AutoModelForCausalLM
 
-    from minima.distill import CachedRecordDataset, DistillRecipe
+    from minima.compress.logit_cache import CachedRecordDataset
+    from minima.stages.distill import DistillRecipe
 
     meta = json.loads((full_cache.path / "cache.json").read_text())
     vocab = meta["vocab_size"]
@@ -198,11 +227,19 @@ def test_cached_loss_at_full_vocab_equals_online(setup, full_cache):
 def test_cache_detects_other_records_and_settings(setup, full_cache, tmp_path):
     import numpy as np
 
-    from minima.distill import CachedRecordDataset, DistillRecipe
+    from minima.compress.logit_cache import CachedRecordDataset
+    from minima.stages.distill import DistillRecipe
 
     with pytest.raises(ConfigError, match="temperature"):
-        DistillRecipe(_cfg(setup, cache_logits=True, cache_top_k=100000, cache_dir=str(full_cache.path),
-                           loss={"alpha": 0.5, "temperature": 2.0})).setup(_ctx())
+        DistillRecipe(
+            _cfg(
+                setup,
+                cache_logits=True,
+                cache_top_k=100000,
+                cache_dir=str(full_cache.path),
+                loss={"alpha": 0.5, "temperature": 2.0},
+            )
+        ).setup(_ctx())
     # a cache whose fingerprints do not match the records: the lookup fails loudly, naming the shard
     import shutil
 
@@ -223,18 +260,37 @@ def test_sampled_cache_estimates_the_online_kd(setup, tmp_path):
     KL is an unbiased estimate of the online one, so over a batch it lands within 5%; errors name the cause."""
     from transformers import AutoModelForCausalLM
 
-    from minima.config import DistillCacheConfig
-    from minima.distill import CachedRecordDataset, DistillRecipe, build_cache
+    from minima.compress.logit_cache import CachedRecordDataset
+    from minima.core.config import DistillCacheConfig
+    from minima.stages.distill import DistillRecipe, build_cache
 
     d, teacher, student, rec = setup
-    art = build_cache(DistillCacheConfig(teacher=str(teacher), records=str(rec), mode="sampled", top_k=256, proposal_power=0.5,
-                                         dtype="fp32", out_dir=str(tmp_path / "sampled")))
+    art = build_cache(
+        DistillCacheConfig(
+            teacher=str(teacher),
+            records=str(rec),
+            mode="sampled",
+            top_k=256,
+            proposal_power=0.5,
+            dtype="fp32",
+            out_dir=str(tmp_path / "sampled"),
+        )
+    )
     assert (art.path / "train" / "part-00000" / "weights.npy").is_file()
     kw = dict(loss={"alpha": 0.0, "kd": "forward_kl"})
     online = DistillRecipe(_cfg(setup, **kw))
     online.teacher = AutoModelForCausalLM.from_pretrained(str(teacher)).eval()
-    cached = DistillRecipe(_cfg(setup, cache_logits=True, cache_mode="sampled", cache_top_k=256, cache_proposal_power=0.5,
-                                cache_dir=str(art.path), **kw))
+    cached = DistillRecipe(
+        _cfg(
+            setup,
+            cache_logits=True,
+            cache_mode="sampled",
+            cache_top_k=256,
+            cache_proposal_power=0.5,
+            cache_dir=str(art.path),
+            **kw,
+        )
+    )
     cached.setup(_ctx())
     ds = CachedRecordDataset(str(rec), "train", str(art.path), shuffle_buffer=0)
     samples = [ds.read(i) for i in range(8)]
@@ -253,9 +309,19 @@ def test_cli_cache_then_train_from_it(setup, tmp_path, capsys):
     from minima.train.metrics import read_metrics
 
     d, teacher, student, rec = setup
-    common = [f"teacher={teacher}", f"student={student}", f"records={rec}", "precision=fp32", "zero_stage=0",
-              "micro_batch_size=4", "max_steps=3", "cache_top_k=16", "cache_dtype=fp16", "loss.alpha=0.5",
-              f"cache_dir={tmp_path / 'cache'}"]
+    common = [
+        f"teacher={teacher}",
+        f"student={student}",
+        f"records={rec}",
+        "precision=fp32",
+        "zero_stage=0",
+        "micro_batch_size=4",
+        "max_steps=3",
+        "cache_top_k=16",
+        "cache_dtype=fp16",
+        "loss.alpha=0.5",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
     assert main(["distill-cache", *common]) == 0
     assert "done" in capsys.readouterr().out
     assert main(["distill-cache", *common]) == 0
@@ -271,12 +337,14 @@ def test_cli_cache_then_train_from_it(setup, tmp_path, capsys):
     for r in rows:  # loss = alpha CE + (1 - alpha) KD, each logged per token
         assert r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * r["kd"], rel=1e-5)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["inputs"]["cache"]["path"] == str(tmp_path / "cache") and manifest["inputs"]["teacher"]["path"] is None
+    assert (
+        manifest["inputs"]["cache"]["path"] == str(tmp_path / "cache") and manifest["inputs"]["teacher"]["path"] is None
+    )
 
 
 def test_teacher_zero3_matches_replicated(setup, tmp_path):
     """ZeRO-3 inference of the teacher gives the same KD term as the replicated teacher (first step)."""
-    from minima.distill import run
+    from minima.stages.distill import run
     from minima.train.metrics import read_metrics
 
     kd = {}
@@ -303,12 +371,12 @@ def law(tmp_path_factory, demo_data_dir):
     from conftest import SHARED_DATA
     from transformers import AutoTokenizer
 
-    from minima.demo_data import train_sentencepiece
-    from minima.presets import TINY_STUDENT
-    from minima.prune import prune_model
-    from minima.records.build import run as build_records
+    from minima.compress.prune import prune_model
+    from minima.core.presets import TINY_STUDENT
+    from minima.data.demo import train_sentencepiece
+    from minima.data.tokenizers import save_sp_tokenizer
+    from minima.stages.records import run as build_records
     from minima.testing import lm_blocks, perplexity, tiny_llama, train_tiny_lm
-    from minima.tokenizers import save_sp_tokenizer
 
     d = tmp_path_factory.mktemp("law")
     shakespeare = SHARED_DATA / "text" / "tinyshakespeare.txt"
@@ -346,27 +414,63 @@ def law(tmp_path_factory, demo_data_dir):
         if n > 800 * SEQ:
             break
     (d / "transfer.txt").write_text("\n".join(transfer) + "\n")
-    rec = build_records(RecordsConfig(inputs=str(d / "transfer.txt"), tokenizer=str(tok_dir), format="lm", max_length=SEQ,
-                                      dev_fraction=0.02, out_dir=str(d / "records"))).path
+    rec = build_records(
+        RecordsConfig(
+            inputs=str(d / "transfer.txt"),
+            tokenizer=str(tok_dir),
+            format="lm",
+            max_length=SEQ,
+            dev_fraction=0.02,
+            out_dir=str(d / "records"),
+        )
+    ).path
 
     def save(model, name):
         model.save_pretrained(str(d / name))
         tok.save_pretrained(str(d / name))
         return d / name
 
-    shape = {"num_layers": TINY_STUDENT["num_hidden_layers"], "num_heads": TINY_STUDENT["num_attention_heads"],
-             "num_key_value_heads": TINY_STUDENT["num_key_value_heads"], "hidden_size": TINY_STUDENT["hidden_size"],
-             "intermediate_size": TINY_STUDENT["intermediate_size"]}
-    calib = [{"input_ids": lm_blocks(stream(train_docs[:400]), SEQ)[i:i + 8]} for i in range(0, 32, 8)]
+    shape = {
+        "num_layers": TINY_STUDENT["num_hidden_layers"],
+        "num_heads": TINY_STUDENT["num_attention_heads"],
+        "num_key_value_heads": TINY_STUDENT["num_key_value_heads"],
+        "hidden_size": TINY_STUDENT["hidden_size"],
+        "intermediate_size": TINY_STUDENT["intermediate_size"],
+    }
+    calib = [{"input_ids": lm_blocks(stream(train_docs[:400]), SEQ)[i : i + 8]} for i in range(0, 32, 8)]
     pruned, report = prune_model(teacher, calib, shape, importance="activation")
     random_pruned, _ = prune_model(teacher, calib, shape, importance="random")
-    scratch = tiny_llama(vocab, 123, **{k: TINY_STUDENT[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                                     "num_attention_heads", "num_key_value_heads")})
+    scratch = tiny_llama(
+        vocab,
+        123,
+        **{
+            k: TINY_STUDENT[k]
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+            )
+        },
+    )
     frac = sum(p.numel() for p in pruned.parameters()) / sum(p.numel() for p in teacher.parameters())
-    info = {"corpus": corpus, "params_kept": frac, "teacher_ppl": perplexity(teacher, held_blocks),
-            "pruned_no_training_ppl": perplexity(pruned, held_blocks)}
-    return dict(dir=d, teacher=save(teacher, "teacher"), pruned=save(pruned, "pruned"), random_pruned=save(random_pruned, "random_pruned"),
-                scratch=save(scratch, "scratch"), records=rec, held=held_blocks, info=info)
+    info = {
+        "corpus": corpus,
+        "params_kept": frac,
+        "teacher_ppl": perplexity(teacher, held_blocks),
+        "pruned_no_training_ppl": perplexity(pruned, held_blocks),
+    }
+    return dict(
+        dir=d,
+        teacher=save(teacher, "teacher"),
+        pruned=save(pruned, "pruned"),
+        random_pruned=save(random_pruned, "random_pruned"),
+        scratch=save(scratch, "scratch"),
+        records=rec,
+        held=held_blocks,
+        info=info,
+    )
 
 
 @pytest.mark.slow
@@ -377,7 +481,7 @@ def test_minima_law_pruned_plus_kd_beats_scratch(law):
     loss within 0.03 nats (the top-k targets are a (k+1)-bucket approximation at k = 64 < vocab 512)."""
     from transformers import AutoModelForCausalLM
 
-    from minima.distill import run
+    from minima.stages.distill import run
     from minima.testing import perplexity
 
     d = law["dir"]
@@ -391,25 +495,42 @@ def test_minima_law_pruned_plus_kd_beats_scratch(law):
     ppl, dev = {}, {}
     for i, (name, kw) in enumerate(arms.items()):
         kw = dict(kw)
-        cfg = DistillConfig.model_validate(dict(
-            teacher=str(law["teacher"]), records=str(law["records"]), precision="fp32", zero_stage=0, micro_batch_size=8,
-            max_steps=50, lr=3e-3, warmup_proportion=0.05, weight_decay=0.0, log_steps=1000, seed=0,
-            loss=kw.pop("loss", {"alpha": 0.5, "kd": "soft_ce"}), out_dir=str(d / f"arm{i}"),
-            **{k: str(v) if isinstance(v, Path) else v for k, v in kw.items()}))
+        cfg = DistillConfig.model_validate(
+            dict(
+                teacher=str(law["teacher"]),
+                records=str(law["records"]),
+                precision="fp32",
+                zero_stage=0,
+                micro_batch_size=8,
+                max_steps=50,
+                lr=3e-3,
+                warmup_proportion=0.05,
+                weight_decay=0.0,
+                log_steps=1000,
+                seed=0,
+                loss=kw.pop("loss", {"alpha": 0.5, "kd": "soft_ce"}),
+                out_dir=str(d / f"arm{i}"),
+                **{k: str(v) if isinstance(v, Path) else v for k, v in kw.items()},
+            )
+        )
         art = run(cfg)
         model = AutoModelForCausalLM.from_pretrained(str(art.path)).eval()
         ppl[name] = perplexity(model, law["held"])
         dev[name] = art.metrics["dev_loss"]
     lines = [f"{k}: {v:.4g}" for k, v in law["info"].items() if not isinstance(v, str)]
-    print(f"\nMiniMA law on {law['info']['corpus']} ({law['info']['params_kept']:.0%} of the teacher's parameters kept)")
+    print(
+        f"\nMiniMA law on {law['info']['corpus']} ({law['info']['params_kept']:.0%} of the teacher's parameters kept)"
+    )
     for k in lines:
         print("  " + k)
     print(f"  {'arm, same token budget':<24} held-out ppl   dev loss")
     for name in arms:
         print(f"  {name:<24} {ppl[name]:>12.2f} {dev[name]:>10.4f}")
     kd, scratch, ce = ppl["pruned + KD"], ppl["from scratch (CE)"], ppl["pruned + CE only"]
-    print(f"  ratios: KD/scratch {kd / scratch:.3f} (< 0.5), KD/CE-only {kd / ce:.3f} (<= 1.02), "
-          f"|dev loss cached - online| {abs(dev['pruned + KD, cached'] - dev['pruned + KD']):.4f} (<= 0.03)")
+    print(
+        f"  ratios: KD/scratch {kd / scratch:.3f} (< 0.5), KD/CE-only {kd / ce:.3f} (<= 1.02), "
+        f"|dev loss cached - online| {abs(dev['pruned + KD, cached'] - dev['pruned + KD']):.4f} (<= 0.03)"
+    )
     assert 0.40 <= law["info"]["params_kept"] <= 0.50
     assert kd < 0.5 * scratch
     assert kd <= ce * 1.02

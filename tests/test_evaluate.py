@@ -1,5 +1,6 @@
 """Stage evaluate: formats, scorers vs lm-eval's own code, the sandbox, the engine vs direct forwards,
 the artifact, compare and the training callback. (lm-eval parity on real benchmarks: test_evaluate_parity.py.)"""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import pytest
 import torch
 from conftest import shared
 
-from minima.errors import DataError, InputError, MinimaError
+from minima.core.errors import DataError, InputError
 from minima.evaluate import metrics as M
 from minima.evaluate.tasks import get_task, load_task
 
@@ -48,7 +49,10 @@ def _jsonl(path: Path, rows) -> Path:
 # ------------------------------------------------------------------------------ formats
 def test_every_format_of_a_benchmark_gives_the_same_items(tmp_path):
     """Original, HF and llm-foundry layouts of the same questions parse to identical docs."""
-    q = [("What is 2+2?", ["3", "4", "5", "6"], 1), ("Sky colour, None of the above?", ["red", "blue", "None", "NA"], 3)]
+    q = [
+        ("What is 2+2?", ["3", "4", "5", "6"], 1),
+        ("Sky colour, None of the above?", ["red", "blue", "None", "NA"], 3),
+    ]
     # MMLU: hendrycks CSV (no header) vs C-Eval header vs CMMLU index column vs HF jsonl
     import csv
 
@@ -64,11 +68,20 @@ def test_every_format_of_a_benchmark_gives_the_same_items(tmp_path):
 
     variants = {
         "mmlu-csv": csv_file(tmp_path / "a/val/astronomy_val.csv", None, [[t, *c, "ABCD"[g]] for t, c, g in q]),
-        "ceval-csv": csv_file(tmp_path / "b/val/astronomy_val.csv", ["id", "question", "A", "B", "C", "D", "answer", "explanation"],
-                              [[i, t, *c, "ABCD"[g], "why"] for i, (t, c, g) in enumerate(q)]),
-        "cmmlu-csv": csv_file(tmp_path / "c/test/astronomy.csv", ["", "Question", "A", "B", "C", "D", "Answer"],
-                              [[i, t, *c, "ABCD"[g]] for i, (t, c, g) in enumerate(q)]),
-        "hf": _jsonl(tmp_path / "d/test.jsonl", [{"question": t, "choices": c, "answer": g, "subject": "astronomy"} for t, c, g in q]),
+        "ceval-csv": csv_file(
+            tmp_path / "b/val/astronomy_val.csv",
+            ["id", "question", "A", "B", "C", "D", "answer", "explanation"],
+            [[i, t, *c, "ABCD"[g], "why"] for i, (t, c, g) in enumerate(q)],
+        ),
+        "cmmlu-csv": csv_file(
+            tmp_path / "c/test/astronomy.csv",
+            ["", "Question", "A", "B", "C", "D", "Answer"],
+            [[i, t, *c, "ABCD"[g]] for i, (t, c, g) in enumerate(q)],
+        ),
+        "hf": _jsonl(
+            tmp_path / "d/test.jsonl",
+            [{"question": t, "choices": c, "answer": g, "subject": "astronomy"} for t, c, g in q],
+        ),
     }
     mmlu = get_task("mmlu")
     parsed = {}
@@ -83,10 +96,21 @@ def test_every_format_of_a_benchmark_gives_the_same_items(tmp_path):
     arc = get_task("arc_easy")
     rows = {
         "llmfoundry": [{"query": f"Question: {t}", "choices": c, "gold": g} for t, c, g in q],
-        "original": [{"id": str(i), "question": {"stem": t, "choices": [{"text": x, "label": str(j + 1) if i else "ABCD"[j]}
-                                                                       for j, x in enumerate(c)]},
-                      "answerKey": str(g + 1) if i else "ABCD"[g]} for i, (t, c, g) in enumerate(q)],
-        "hf": [{"id": "x", "question": t, "choices": {"text": c, "label": list("ABCD")}, "answerKey": "ABCD"[g]} for t, c, g in q],
+        "original": [
+            {
+                "id": str(i),
+                "question": {
+                    "stem": t,
+                    "choices": [{"text": x, "label": str(j + 1) if i else "ABCD"[j]} for j, x in enumerate(c)],
+                },
+                "answerKey": str(g + 1) if i else "ABCD"[g],
+            }
+            for i, (t, c, g) in enumerate(q)
+        ],
+        "hf": [
+            {"id": "x", "question": t, "choices": {"text": c, "label": list("ABCD")}, "answerKey": "ABCD"[g]}
+            for t, c, g in q
+        ],
     }
     got = []
     for fmt, rs in rows.items():
@@ -97,10 +121,26 @@ def test_every_format_of_a_benchmark_gives_the_same_items(tmp_path):
 
     # Winogrande: llm-foundry vs original
     wg = get_task("winogrande")
-    a = load_task(wg, _jsonl(tmp_path / "wg1.jsonl", [{"context_options": ["Ann gave Bo", "Ann gave Cy"], "continuation": "a book.", "gold": 1}]))
-    b = load_task(wg, _jsonl(tmp_path / "wg2.jsonl", [{"sentence": "Ann gave _ a book.", "option1": "Bo", "option2": "Cy", "answer": "2"}]))
+    a = load_task(
+        wg,
+        _jsonl(
+            tmp_path / "wg1.jsonl",
+            [{"context_options": ["Ann gave Bo", "Ann gave Cy"], "continuation": "a book.", "gold": 1}],
+        ),
+    )
+    b = load_task(
+        wg,
+        _jsonl(
+            tmp_path / "wg2.jsonl",
+            [{"sentence": "Ann gave _ a book.", "option1": "Bo", "option2": "Cy", "answer": "2"}],
+        ),
+    )
     da, db = a.eval[""][0], b.eval[""][0]
-    assert (da.choices, da.target, da.gold) == (db.choices, db.target, db.gold) == (["Ann gave Bo", "Ann gave Cy"], "a book.", 1)
+    assert (
+        (da.choices, da.target, da.gold)
+        == (db.choices, db.target, db.gold)
+        == (["Ann gave Bo", "Ann gave Cy"], "a book.", 1)
+    )
 
 
 def test_hellaswag_preprocessing_is_lm_evals():
@@ -121,7 +161,9 @@ def test_bad_rows_name_file_and_line(tmp_path):
         load_task(get_task("mmlu"), tmp_path / "mmlu")
     assert f"{bad_csv}:2" in str(e.value) and "expected 6 columns" in str(e.value)
 
-    bad_json = _write(tmp_path / "arc/test.jsonl", '{"query": "Question: a", "choices": ["x", "y"], "gold": 0}\n\n{"query": oops}\n')
+    bad_json = _write(
+        tmp_path / "arc/test.jsonl", '{"query": "Question: a", "choices": ["x", "y"], "gold": 0}\n\n{"query": oops}\n'
+    )
     with pytest.raises(DataError) as e:
         load_task(get_task("arc_easy"), bad_json)
     assert f"{bad_json}:3" in str(e.value)
@@ -139,8 +181,8 @@ def test_bad_rows_name_file_and_line(tmp_path):
 def test_model_without_tokenizer_is_a_clear_error(tmp_path, tiny_model_dir):
     import shutil
 
-    from minima.config import EvaluateConfig
-    from minima.evaluate import run
+    from minima.core.config import EvaluateConfig
+    from minima.stages.evaluate import run
 
     d = tmp_path / "m"
     d.mkdir()
@@ -169,35 +211,51 @@ GENERATIONS = [
 
 
 def test_gsm8k_extraction_and_scoring_match_lm_eval():
+    import lm_eval
     import yaml
     from lm_eval.api.metrics import exact_match_hf_evaluate
     from lm_eval.filters.extraction import RegexFilter
-
-    import lm_eval
 
     cfg_text = (Path(lm_eval.__file__).parent / "tasks/gsm8k/gsm8k.yaml").read_text()
     cfg = yaml.safe_load(cfg_text)
     filters = {f["name"]: f["filter"][0] for f in cfg["filter_list"]}
     metric = cfg["metric_list"][0]
-    golds = [json.loads(line) for line in shared("eval/gsm8k/test.jsonl").read_text().splitlines()[:len(GENERATIONS)]]
+    golds = [json.loads(line) for line in shared("eval/gsm8k/test.jsonl").read_text().splitlines()[: len(GENERATIONS)]]
     for gen, gold in zip(GENERATIONS, golds):
         mine = M.gsm8k_extract(gen)
         for name, f in filters.items():
-            ref = RegexFilter(regex_pattern=f["regex_pattern"], group_select=f.get("group_select", 0)).apply([[gen]], [None])
+            ref = RegexFilter(regex_pattern=f["regex_pattern"], group_select=f.get("group_select", 0)).apply(
+                [[gen]], [None]
+            )
             ref = list(ref)[0][0]
             assert mine[name] == ref, (gen, name)
             for target in (gold["answer"], f"... #### {ref}"):  # a real gold answer, and one this extraction matches
-                want = exact_match_hf_evaluate([ref], [target], regexes_to_ignore=metric["regexes_to_ignore"],
-                                               ignore_case=metric["ignore_case"], ignore_punctuation=metric["ignore_punctuation"])
+                want = exact_match_hf_evaluate(
+                    [ref],
+                    [target],
+                    regexes_to_ignore=metric["regexes_to_ignore"],
+                    ignore_case=metric["ignore_case"],
+                    ignore_punctuation=metric["ignore_punctuation"],
+                )
                 assert M.exact_match(mine[name], target, M.GSM8K_IGNORE, ignore_case=True) == want["exact_match"]
-    assert M.gsm8k_extract(GENERATIONS[1]) == {"strict-match": "[invalid]", "flexible-extract": "$1,234.50"}  # no $ in strict
+    assert M.gsm8k_extract(GENERATIONS[1]) == {
+        "strict-match": "[invalid]",
+        "flexible-extract": "$1,234.50",
+    }  # no $ in strict
     assert M.gsm8k_extract(GENERATIONS[4])["strict-match"] == "[invalid]"
 
 
 DROP_CASES = [
-    ("4", [("4",)]), ("four", [("4",)]), ("The Eagles", [("Eagles",)]), ("Eagles and Bears", [("Eagles", "Bears")]),
-    ("1997", [("12 May 1997",)]), ("26-yard", [("26",), ("26-yard",)]), ("Bears", [("Eagles", "Bears")]),
-    ("3.0 touchdowns", [("3",)]), ("", [("5",)]), ("Tom Brady threw", [("Brady",), ("Tom Brady",)]),
+    ("4", [("4",)]),
+    ("four", [("4",)]),
+    ("The Eagles", [("Eagles",)]),
+    ("Eagles and Bears", [("Eagles", "Bears")]),
+    ("1997", [("12 May 1997",)]),
+    ("26-yard", [("26",), ("26-yard",)]),
+    ("Bears", [("Eagles", "Bears")]),
+    ("3.0 touchdowns", [("3",)]),
+    ("", [("5",)]),
+    ("Tom Brady threw", [("Brady",), ("Tom Brady",)]),
 ]
 
 
@@ -222,7 +280,9 @@ def test_stderr_and_group_aggregation_match_lm_eval():
 
     a, b = [1, 0, 0, 1, 1], [0, 0, 1, 0, 0, 0, 1, 1]
     assert M.stderr(a) == pytest.approx(mean_stderr(a))
-    assert M.pooled_stderr([M.stderr(a), M.stderr(b)], [5, 8]) == pytest.approx(pooled_sample_stderr([M.stderr(a), M.stderr(b)], [5, 8]))
+    assert M.pooled_stderr([M.stderr(a), M.stderr(b)], [5, 8]) == pytest.approx(
+        pooled_sample_stderr([M.stderr(a), M.stderr(b)], [5, 8])
+    )
 
 
 # ------------------------------------------------------------------------------ sandbox
@@ -259,8 +319,15 @@ def test_humaneval_sandbox(tmp_path, isolation):
         "inside": "    open('scratch.txt', 'w').write('ok')\n    return a + b\n",  # its own temp dir is writable
     }
     # generous wall time except for the loop (a shared CI box can be slow); the memory cap is what stops "alloc"
-    results = {k: run_program(humaneval_program(HE_PROMPT, c, HE_TEST, "add"), timeout_s=2 if k == "loop" else 20,
-                              memory_mb=256, isolation=isolation) for k, c in completions.items()}
+    results = {
+        k: run_program(
+            humaneval_program(HE_PROMPT, c, HE_TEST, "add"),
+            timeout_s=2 if k == "loop" else 20,
+            memory_mb=256,
+            isolation=isolation,
+        )
+        for k, c in completions.items()
+    }
     status = {k: r.status for k, r in results.items()}
     assert status["correct"] == "passed" and status["inside"] == "passed", results
     assert status["loop"] == "timeout" and "MemoryError" in results["alloc"].detail, results
@@ -279,8 +346,12 @@ def test_sandbox_namespace_layer_alone_blocks_writes_and_network(tmp_path):
     target = tmp_path / "x"
     w = run_program(f"open({str(target)!r}, 'w').write('x')", timeout_s=5, isolation="namespace", audit_hook=False)
     assert not w.passed and "Read-only file system" in w.detail and not target.exists()
-    n = run_program("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)", timeout_s=5,
-                    isolation="namespace", audit_hook=False)
+    n = run_program(
+        "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)",
+        timeout_s=5,
+        isolation="namespace",
+        audit_hook=False,
+    )
     assert not n.passed and "unreachable" in n.detail.lower()
 
 
@@ -299,8 +370,11 @@ def test_shared_context_kv_cache_and_prefix_match_direct_forwards(model, tok):
 
     shots = "Question: Which city is the capital of France?\nAnswer: Paris\n\nQuestion: What colour is the sky?\nAnswer: blue\n\n"
     reqs = []
-    for q, choices in [("What colour is grass?", ["green", "red and yellow", "blue"]), ("Capital of Japan?", ["Tokyo", "Kyoto city"]),
-                       ("What colour is snow on a mountain in winter?", ["white", "black", "grey"])]:
+    for q, choices in [
+        ("What colour is grass?", ["green", "red and yellow", "blue"]),
+        ("Capital of Japan?", ["Tokyo", "Kyoto city"]),
+        ("What colour is snow on a mountain in winter?", ["white", "black", "grey"]),
+    ]:
         reqs += [(shots + f"Question: {q}\nAnswer:", " " + c) for c in choices]
     reqs += [("", "hello world"), ("The cat ", "sat on the mat")]  # empty context, trailing space
     lm = LM(model, tok, batch_size=3)
@@ -322,7 +396,7 @@ def test_truncation_keeps_the_last_max_length_tokens(model, tok):
     ctx, cont = "one two three four five six seven eight nine ten " * 3 + "Answer:", " eleven twelve"
     c, k = lm.encode_pair(ctx, cont)
     assert len(c) + len(k) > 25
-    (ll, _), = lm.loglikelihood([(ctx, cont)])
+    ((ll, _),) = lm.loglikelihood([(ctx, cont)])
     kept = (c + k)[-25:]
     assert ll == pytest.approx(_direct_ll(model, kept[: -len(k)], k), abs=2e-4)
 
@@ -331,7 +405,11 @@ def test_letter_mode_and_perplexity_match_hand_computation(model, tok):
     from minima.evaluate.lm import LM
 
     lm = LM(model, tok, batch_size=2)
-    ctxs = ["Q: 1+1?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer:", "Q: colour of snow?\nA. red\nB. white\nC. blue\nD. black\nAnswer:", "x"]
+    ctxs = [
+        "Q: 1+1?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer:",
+        "Q: colour of snow?\nA. red\nB. white\nC. blue\nD. black\nAnswer:",
+        "x",
+    ]
     ids = [tok.encode(x, add_special_tokens=False)[-1] for x in "ABCD"]
     got = lm.next_token_logprobs(ctxs, ids)
     for c, lp in zip(ctxs, got):
@@ -368,23 +446,65 @@ def test_generation_tasks_score_canned_generations(tmp_path, model, tok, monkeyp
     from minima.evaluate import core
     from minima.evaluate.lm import LM
 
-    he = _jsonl(tmp_path / "humaneval/HumanEval.jsonl", [
-        {"task_id": "t/0", "prompt": HE_PROMPT, "test": HE_TEST, "entry_point": "add"},
-        {"task_id": "t/1", "prompt": 'def neg(x):\n    """-x"""\n', "test": "def check(f):\n    assert f(3) == -3\n", "entry_point": "neg"},
-    ])
-    bbh = _write(tmp_path / "bbh/boolean_expressions.json", json.dumps({"examples": [
-        {"input": "True and False is", "target": "False"}, {"input": "not False is", "target": "True"},
-        {"input": "True or False is", "target": "True"}, {"input": "not True is", "target": "False"}]}))
-    drop = _jsonl(tmp_path / "drop/validation.jsonl", [
-        {"passage": "The Eagles scored 4 touchdowns.", "question": "How many touchdowns?", "query_id": "q1",
-         "answer": {"number": "4", "date": {"day": "", "month": "", "year": ""}, "spans": []},
-         "validated_answers": {"number": [], "date": [], "spans": []}},
-        {"passage": "Brady threw to Moss.", "question": "Who threw?", "query_id": "q2",
-         "answer": {"number": "", "date": {"day": "", "month": "", "year": ""}, "spans": ["Brady"]},
-         "validated_answers": {"number": [""], "date": [{"day": "", "month": "", "year": ""}], "spans": [["Tom Brady"]]}}])
+    he = _jsonl(
+        tmp_path / "humaneval/HumanEval.jsonl",
+        [
+            {"task_id": "t/0", "prompt": HE_PROMPT, "test": HE_TEST, "entry_point": "add"},
+            {
+                "task_id": "t/1",
+                "prompt": 'def neg(x):\n    """-x"""\n',
+                "test": "def check(f):\n    assert f(3) == -3\n",
+                "entry_point": "neg",
+            },
+        ],
+    )
+    bbh = _write(
+        tmp_path / "bbh/boolean_expressions.json",
+        json.dumps(
+            {
+                "examples": [
+                    {"input": "True and False is", "target": "False"},
+                    {"input": "not False is", "target": "True"},
+                    {"input": "True or False is", "target": "True"},
+                    {"input": "not True is", "target": "False"},
+                ]
+            }
+        ),
+    )
+    drop = _jsonl(
+        tmp_path / "drop/validation.jsonl",
+        [
+            {
+                "passage": "The Eagles scored 4 touchdowns.",
+                "question": "How many touchdowns?",
+                "query_id": "q1",
+                "answer": {"number": "4", "date": {"day": "", "month": "", "year": ""}, "spans": []},
+                "validated_answers": {"number": [], "date": [], "spans": []},
+            },
+            {
+                "passage": "Brady threw to Moss.",
+                "question": "Who threw?",
+                "query_id": "q2",
+                "answer": {"number": "", "date": {"day": "", "month": "", "year": ""}, "spans": ["Brady"]},
+                "validated_answers": {
+                    "number": [""],
+                    "date": [{"day": "", "month": "", "year": ""}],
+                    "spans": [["Tom Brady"]],
+                },
+            },
+        ],
+    )
     gsm = shared("eval/gsm8k")
-    canned = {"add": "    return a + b\n", "neg": "    return x\n", "True and": "False", "not False": " True", "True or": "yes",
-              "not True": "False", "Eagles": " 4", "Brady threw": " Brady", }
+    canned = {
+        "add": "    return a + b\n",
+        "neg": "    return x\n",
+        "True and": "False",
+        "not False": " True",
+        "True or": "yes",
+        "not True": "False",
+        "Eagles": " 4",
+        "Brady threw": " Brady",
+    }
     seen = []
 
     def fake_generate(self, contexts, until, **kw):
@@ -401,28 +521,45 @@ def test_generation_tasks_score_canned_generations(tmp_path, model, tok, monkeyp
 
     monkeypatch.setattr(LM, "generate_until", fake_generate)
     samples = []
-    res = core.evaluate_model(model, tok, {"humaneval": {"path": str(he.parent)}, "bbh": {"path": str(bbh.parent), "shots": 1},
-                                           "drop": {"path": str(drop.parent), "shots": 1}, "gsm8k": {"path": str(gsm), "limit": 4, "shots": 2}},
-                              samples=samples)
+    res = core.evaluate_model(
+        model,
+        tok,
+        {
+            "humaneval": {"path": str(he.parent)},
+            "bbh": {"path": str(bbh.parent), "shots": 1},
+            "drop": {"path": str(drop.parent), "shots": 1},
+            "gsm8k": {"path": str(gsm), "limit": 4, "shots": 2},
+        },
+        samples=samples,
+    )
     assert res["humaneval"]["pass@1"] == 0.5
     assert res["bbh"]["exact_match"] == pytest.approx(2 / 3) and res["bbh"]["info"]["n"] == 3  # first item is the shot
     assert res["drop"]["em"] == 1.0 and res["drop"]["f1"] == 1.0
     golds = [s["gold"] for s in samples if s["task"] == "gsm8k"]
     assert res["gsm8k"]["exact_match_strict"] == sum(g == "5" for g in golds) / 4
     gsm_ctx = seen[-1][0][0]
-    assert gsm_ctx.count("Question:") == 3 and gsm_ctx.endswith("\nAnswer:") and "####" in gsm_ctx  # 2 worked shots + question
+    assert (
+        gsm_ctx.count("Question:") == 3 and gsm_ctx.endswith("\nAnswer:") and "####" in gsm_ctx
+    )  # 2 worked shots + question
     assert seen[0][1] == ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 
 
 # ------------------------------------------------------------------------------ stage, report, compare, CLI
 def test_run_writes_results_samples_report_and_compare(tmp_path, tiny_model_dir, demo_data_dir, capsys):
     from minima.cli import main
-    from minima.config import EvaluateConfig
-    from minima.evaluate import run
+    from minima.core.config import EvaluateConfig
+    from minima.stages.evaluate import run
 
-    tasks = {"demo_mc": {"path": str(demo_data_dir / "eval/demo_mc"), "shots": 1}, "perplexity": {"path": str(demo_data_dir / "text"), "limit": 20}}
-    cfg = EvaluateConfig(models={"a": str(tiny_model_dir), "b": str(tiny_model_dir)}, tasks=tasks, batch_size=8,
-                         out_dir=str(tmp_path / "ev"))
+    tasks = {
+        "demo_mc": {"path": str(demo_data_dir / "eval/demo_mc"), "shots": 1},
+        "perplexity": {"path": str(demo_data_dir / "text"), "limit": 20},
+    }
+    cfg = EvaluateConfig(
+        models={"a": str(tiny_model_dir), "b": str(tiny_model_dir)},
+        tasks=tasks,
+        batch_size=8,
+        out_dir=str(tmp_path / "ev"),
+    )
     art = run(cfg)
     res = json.loads((art.path / "results.json").read_text())
     a, b = res["models"]["a"]["tasks"], res["models"]["b"]["tasks"]
@@ -432,14 +569,25 @@ def test_run_writes_results_samples_report_and_compare(tmp_path, tiny_model_dir,
     mc = [s for s in samples if s["model"] == "a" and s["task"] == "demo_mc"]
     assert a["demo_mc"]["acc"] == pytest.approx(sum(s["pred"] == s["gold"] for s in mc) / len(mc))
     assert a["demo_mc"]["acc_stderr"] == pytest.approx(M.stderr([s["acc"] for s in mc]))
-    assert 1 < a["perplexity"]["token_perplexity"] < 10 * len(json.loads((tiny_model_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    assert (
+        1
+        < a["perplexity"]["token_perplexity"]
+        < 10 * len(json.loads((tiny_model_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    )
     report = (art.path / "report.md").read_text()
     assert f"| demo_mc | acc | loglikelihood | 1 | {n} |" in report and "| a | b |" in report
     assert art.metrics["a/demo_mc/acc"] == a["demo_mc"]["acc"]
     assert run(cfg).skipped  # same config and inputs: cached
 
-    single = run(EvaluateConfig(model=str(tiny_model_dir), tasks=["demo_mc"], data_dir=str(demo_data_dir / "eval"), shots=0,
-                                out_dir=str(tmp_path / "ev0")))
+    single = run(
+        EvaluateConfig(
+            model=str(tiny_model_dir),
+            tasks=["demo_mc"],
+            data_dir=str(demo_data_dir / "eval"),
+            shots=0,
+            out_dir=str(tmp_path / "ev0"),
+        )
+    )
     capsys.readouterr()
     assert main(["evaluate", "compare", str(art.path), str(single.path)]) == 0
     out = capsys.readouterr().out
@@ -452,15 +600,27 @@ def test_category_averages(tmp_path, model, tok):
 
     root = shared("eval")
     subs = ["logic", "law", "college_physics"]
-    r = evaluate_model(model, tok, {"ceval": {"subjects": subs, "limit": 3, "shots": 0},
-                                    "mmlu": {"subjects": ["anatomy", "astronomy", "virology"], "shots": 0}}, data_dir=root, limit=6)
+    r = evaluate_model(
+        model,
+        tok,
+        {
+            "ceval": {"subjects": subs, "limit": 3, "shots": 0},
+            "mmlu": {"subjects": ["anatomy", "astronomy", "virology"], "shots": 0},
+        },
+        data_dir=root,
+        limit=6,
+    )
     c = r["ceval"]
-    assert c["categories"]["Humanities"]["acc"] == pytest.approx((c["subjects"]["logic"]["acc"] + c["subjects"]["law"]["acc"]) / 2)
+    assert c["categories"]["Humanities"]["acc"] == pytest.approx(
+        (c["subjects"]["logic"]["acc"] + c["subjects"]["law"]["acc"]) / 2
+    )
     assert c["categories"]["STEM"]["acc"] == c["subjects"]["college_physics"]["acc"]
     m = r["mmlu"]
     s = m["subjects"]
     n = s["anatomy"]["n"] + s["astronomy"]["n"]
-    assert m["categories"]["stem"]["acc"] == pytest.approx((s["anatomy"]["acc"] * s["anatomy"]["n"] + s["astronomy"]["acc"] * s["astronomy"]["n"]) / n)
+    assert m["categories"]["stem"]["acc"] == pytest.approx(
+        (s["anatomy"]["acc"] * s["anatomy"]["n"] + s["astronomy"]["acc"] * s["astronomy"]["n"]) / n
+    )
     assert m["categories"]["other"]["acc"] == s["virology"]["acc"]
 
 
@@ -485,12 +645,18 @@ def test_eval_callback_logs_scores_every_n_steps(tmp_path, model, tok, demo_data
     # as the engine calls it: the TrainContext has no tokenizer; the factory loads the starting model's
     from types import SimpleNamespace
 
+    from minima.core.config import AdaptConfig
     from minima.evaluate import callback_factory
 
-    from minima.config import AdaptConfig
-
-    cb2 = callback_factory(AdaptConfig(model=str(tiny_tokenizer_dir), eval_tasks=["demo_mc"], eval_shots=0, eval_limit=6,
-                                       eval_data_dir=str(demo_data_dir / "eval")))
+    cb2 = callback_factory(
+        AdaptConfig(
+            model=str(tiny_tokenizer_dir),
+            eval_tasks=["demo_mc"],
+            eval_shots=0,
+            eval_limit=6,
+            eval_data_dir=str(demo_data_dir / "eval"),
+        )
+    )
     assert cb2.on_eval(3, model, SimpleNamespace(rank=0)) == out
     assert callback_factory(AdaptConfig()).on_eval(3, model, None) == {}  # no eval_tasks: a no-op
 
@@ -500,21 +666,54 @@ def test_torchrun_splits_requests_and_matches_one_process(tmp_path, tiny_model_d
     """Two ranks (gloo on CPU) each score half of the requests; the artifact equals a one-process run."""
     import subprocess
 
-    from minima.config import EvaluateConfig
-    from minima.evaluate import run
+    from minima.core.config import EvaluateConfig
+    from minima.stages.evaluate import run
 
-    tasks = ["tasks.demo_mc.path=" + str(demo_data_dir / "eval/demo_mc"), "tasks.demo_mc.limit=20",
-             "tasks.perplexity.path=" + str(demo_data_dir / "text"), "tasks.perplexity.limit=10",
-             "tasks.perplexity.max_length=64"]
+    tasks = [
+        "tasks.demo_mc.path=" + str(demo_data_dir / "eval/demo_mc"),
+        "tasks.demo_mc.limit=20",
+        "tasks.perplexity.path=" + str(demo_data_dir / "text"),
+        "tasks.perplexity.limit=10",
+        "tasks.perplexity.max_length=64",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", MINIMA_NO_PROGRESS="1", MASTER_ADDR="127.0.0.1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
-                          "-m", "minima.cli", "evaluate", f"model={tiny_model_dir}", "batch_size=4",
-                          f"out_dir={tmp_path / 'two'}", *tasks], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29561",
+            "-m",
+            "minima.cli",
+            "evaluate",
+            f"model={tiny_model_dir}",
+            "batch_size=4",
+            f"out_dir={tmp_path / 'two'}",
+            *tasks,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "[rank 0]" in out.stderr  # the stage really ran as two ranks
-    one = run(EvaluateConfig.model_validate({"model": str(tiny_model_dir), "batch_size": 4, "out_dir": str(tmp_path / "one"),
-                                             "tasks": {"demo_mc": {"path": str(demo_data_dir / "eval/demo_mc"), "limit": 20},
-                                                       "perplexity": {"path": str(demo_data_dir / "text"), "limit": 10, "max_length": 64}}}))
+    one = run(
+        EvaluateConfig.model_validate(
+            {
+                "model": str(tiny_model_dir),
+                "batch_size": 4,
+                "out_dir": str(tmp_path / "one"),
+                "tasks": {
+                    "demo_mc": {"path": str(demo_data_dir / "eval/demo_mc"), "limit": 20},
+                    "perplexity": {"path": str(demo_data_dir / "text"), "limit": 10, "max_length": 64},
+                },
+            }
+        )
+    )
     r1 = json.loads((one.path / "results.json").read_text())["models"]["tiny"]["tasks"]
     r2 = json.loads((tmp_path / "two" / "results.json").read_text())["models"]["tiny"]["tasks"]
     assert (r1["demo_mc"]["acc"], r1["demo_mc"]["acc_norm"]) == (r2["demo_mc"]["acc"], r2["demo_mc"]["acc_norm"])

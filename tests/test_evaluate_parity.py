@@ -5,6 +5,7 @@ see ``minima/evaluate/reference.py``) with an ``HFLM`` around the same in-memory
 the predicted choice (acc and acc_norm) must be identical and the loglikelihoods equal to float noise;
 the task scores must agree to 1e-6.
 """
+
 from __future__ import annotations
 
 import collections
@@ -58,9 +59,20 @@ def test_lm_eval_parity_mmlu_arc_hellaswag_winogrande(tmp_path, model_tok):
     ref = run_lmeval(model, tok, tmp_path / "yaml", names, shots, limits, batch_size=16)
 
     samples: list[dict] = []
-    mine = evaluate_model(model, tok, {"mmlu": {"subjects": MMLU_SUBJECTS, "limit": 25, "shots": 1, "split": "val"},
-                                       "arc_easy": {"shots": 1}, "hellaswag": {"shots": 0}, "winogrande": {"shots": 1}},
-                          data_dir=data, limit=100, batch_size=16, samples=samples)
+    mine = evaluate_model(
+        model,
+        tok,
+        {
+            "mmlu": {"subjects": MMLU_SUBJECTS, "limit": 25, "shots": 1, "split": "val"},
+            "arc_easy": {"shots": 1},
+            "hellaswag": {"shots": 0},
+            "winogrande": {"shots": 1},
+        },
+        data_dir=data,
+        limit=100,
+        batch_size=16,
+        samples=samples,
+    )
     by = collections.defaultdict(list)
     for s in samples:
         by[(s["task"], s.get("subject", ""))].append(s)
@@ -85,12 +97,23 @@ def test_lm_eval_parity_mmlu_arc_hellaswag_winogrande(tmp_path, model_tok):
 def test_lm_eval_parity_demo_mc(tmp_path, model_tok, demo_data_dir):
     """The built-in bilingual demo questions (no ../shared needed): 2-shot drawn from dev with lm-eval's seed."""
     model, tok = model_tok
-    names = write_lmeval_tasks(tmp_path / "yaml", demo_data_dir / "eval", arc=None, hellaswag=False, winogrande=False,
-                               demo_mc=demo_data_dir / "eval/demo_mc")
+    names = write_lmeval_tasks(
+        tmp_path / "yaml",
+        demo_data_dir / "eval",
+        arc=None,
+        hellaswag=False,
+        winogrande=False,
+        demo_mc=demo_data_dir / "eval/demo_mc",
+    )
     ref = run_lmeval(model, tok, tmp_path / "yaml", names, {names[0]: 2}, None, batch_size=8)
     samples: list[dict] = []
-    mine = evaluate_model(model, tok, {"demo_mc": {"path": str(demo_data_dir / "eval/demo_mc"), "shots": 2}}, batch_size=8,
-                          samples=samples)
+    mine = evaluate_model(
+        model,
+        tok,
+        {"demo_mc": {"path": str(demo_data_dir / "eval/demo_mc"), "shots": 2}},
+        batch_size=8,
+        samples=samples,
+    )
     _compare(ref[names[0]], samples)
     for metric in ("acc", "acc_norm"):
         assert mine["demo_mc"][metric] == pytest.approx(ref[names[0]]["metrics"][metric], abs=1e-6)

@@ -1,5 +1,6 @@
 """Benchmark scores during training (seed 001's evaluation_datasets / evaluation_shots): TrainConfig.eval_tasks
 makes the engine log eval/<task>/<metric> at every dev evaluation, equal to evaluate_model on the exported model."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ import os
 
 import pytest
 
-from minima.config import AdaptConfig, RecordsConfig
-from minima.errors import ConfigError, InputError
+from minima.core.config import AdaptConfig, RecordsConfig
+from minima.core.errors import ConfigError, InputError
 from minima.train.metrics import read_metrics
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
@@ -18,18 +19,26 @@ ONE_THREAD = {"MINIMA_INPROCESS": "1", "MINIMA_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, demo_data_dir, tiny_tokenizer_dir):
     """Tiny lm records (seq 32, with a dev split) from the demo corpus and a tiny Llama (hidden 64, 2 layers)."""
-    from minima.records.build import run as build_records
+    from minima.stages.records import run as build_records
     from minima.testing import save_tiny_model
 
     d = tmp_path_factory.mktemp("train_eval")
-    rec = build_records(RecordsConfig(inputs=str(demo_data_dir / "text" / "pretrain_en.txt"), tokenizer=str(tiny_tokenizer_dir),
-                                      format="lm", max_length=32, dev_fraction=0.05, out_dir=str(d / "records"))).path
+    rec = build_records(
+        RecordsConfig(
+            inputs=str(demo_data_dir / "text" / "pretrain_en.txt"),
+            tokenizer=str(tiny_tokenizer_dir),
+            format="lm",
+            max_length=32,
+            dev_fraction=0.05,
+            out_dir=str(d / "records"),
+        )
+    ).path
     model = save_tiny_model(d / "model", tiny_tokenizer_dir, seed=0, **SHAPE)
     return d, model, rec
 
 
 def _run_adapt(cfg: AdaptConfig):
-    from minima.adapt import run
+    from minima.stages.adapt import run
 
     old = {k: os.environ.get(k) for k in ONE_THREAD}
     os.environ.update(ONE_THREAD)
@@ -48,9 +57,20 @@ def test_adapt_logs_benchmark_scores_at_each_eval(inputs, demo_data_dir):
 
     d, model, rec = inputs
     eval_dir = demo_data_dir / "eval"
-    cfg = AdaptConfig(model=str(model), records=str(rec), out_dir=str(d / "adapt"), precision="fp32", micro_batch_size=4,
-                      max_steps=6, eval_steps=3, lr=5e-3, eval_tasks=["demo_mc"], eval_shots=0, eval_limit=12,
-                      eval_data_dir=str(eval_dir))
+    cfg = AdaptConfig(
+        model=str(model),
+        records=str(rec),
+        out_dir=str(d / "adapt"),
+        precision="fp32",
+        micro_batch_size=4,
+        max_steps=6,
+        eval_steps=3,
+        lr=5e-3,
+        eval_tasks=["demo_mc"],
+        eval_shots=0,
+        eval_limit=12,
+        eval_data_dir=str(eval_dir),
+    )
     art = _run_adapt(cfg)
     dev = [r for r in read_metrics(art.path / "metrics.jsonl") if r["split"] == "dev"]
     assert [r["step"] for r in dev] == [3, 6]
@@ -85,6 +105,10 @@ def test_eval_tasks_checked_before_training(inputs, tmp_path, demo_data_dir):
     shutil.copytree(rec, nodev)
     shutil.rmtree(nodev / "dev")
     with pytest.raises(ConfigError, match="no dev split"):
-        _run_adapt(AdaptConfig(eval_tasks=["demo_mc"], eval_data_dir=str(demo_data_dir / "eval"), **dict(common, records=str(nodev))))
+        _run_adapt(
+            AdaptConfig(
+                eval_tasks=["demo_mc"], eval_data_dir=str(demo_data_dir / "eval"), **dict(common, records=str(nodev))
+            )
+        )
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
     assert AdaptConfig(eval_tasks="demo_mc, ceval").eval_tasks == ["demo_mc", "ceval"]  # CLI eval_tasks=a,b

@@ -3,11 +3,12 @@
 The real stages are exercised end to end in test_pipeline_e2e.py; here every rule of the DAG is
 checked cheaply: cache hits, --from-stage, a changed field, a failing stage, --only-stage.
 """
+
 import pytest
 
-from minima import cli
-from minima.artifacts import run_stage
-from minima.pipeline import STEPS, downstream, select_steps
+from minima.core import registry
+from minima.core.artifacts import run_stage
+from minima.core.registry import STEPS, downstream, select_steps
 
 CALLS: list[str] = []
 FAIL: set[str] = set()
@@ -25,20 +26,22 @@ def _fake_runner(stage):
                 raise RuntimeError(f"injected failure in {stage}")
             (r.work_dir / "weights.txt").write_text(f"{stage} seed={cfg.seed}")
             return {"loss": 1.0}
+
         return run_stage(cfg, inputs, body, force=force)
+
     return run
 
 
 @pytest.fixture
 def fake_stages(monkeypatch):
-    for stage in cli.STAGE_RUNNERS:
-        monkeypatch.setitem(cli.STAGE_RUNNERS, stage, f"{__name__}:FAKE_{stage}")
+    for stage in registry.STAGE_RUNNERS:
+        monkeypatch.setitem(registry.STAGE_RUNNERS, stage, f"{__name__}:FAKE_{stage}")
     CALLS.clear()
     FAIL.clear()
     yield
 
 
-for _stage in cli.STAGE_RUNNERS:
+for _stage in registry.STAGE_RUNNERS:
     globals()[f"FAKE_{_stage}"] = _fake_runner(_stage)
 
 

@@ -1,13 +1,23 @@
 """The chat format registry: MiniChat layout, exact loss masks, shapes, extension point."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-
 from conftest import shared
-from minima.errors import ConfigError
-from minima.formats import BOS, EOS, ChatFormat, Seg, available_formats, get_format, normalise_conversation, register
+
+from minima.core.errors import ConfigError
+from minima.data.formats import (
+    BOS,
+    EOS,
+    ChatFormat,
+    Seg,
+    available_formats,
+    get_format,
+    normalise_conversation,
+    register,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +32,7 @@ def llama_tok(tmp_path_factory):
     """The real LLaMA-2 SentencePiece tokenizer as an HF dir (skips without ../shared)."""
     from transformers import AutoTokenizer
 
-    from minima.tokenizers import save_sp_tokenizer
+    from minima.data.tokenizers import save_sp_tokenizer
 
     model = shared("tokenizers/llama2_tokenizer.model")
     return AutoTokenizer.from_pretrained(str(save_sp_tokenizer(model, tmp_path_factory.mktemp("llama2") / "tok")))
@@ -54,8 +64,10 @@ CONV = [
 def test_minichat_renders_the_published_layout_and_tokenizes_like_the_whole_string(tok):
     fmt = get_format("minichat")
     text = fmt.render(CONV)
-    assert text == ("<s>You are terse.</s>[|User|] What is the capital of France?</s>[|Assistant|] The capital of France is Paris.</s>"
-                    "[|User|] 法国的首都是哪里？</s>[|Assistant|] 法国的首都是巴黎。</s>")
+    assert text == (
+        "<s>You are terse.</s>[|User|] What is the capital of France?</s>[|Assistant|] The capital of France is Paris.</s>"
+        "[|User|] 法国的首都是哪里？</s>[|Assistant|] 法国的首都是巴黎。</s>"
+    )
     ids, mask = fmt.encode(tok, CONV)
     # Reference: the tokenizer on the whole rendered string (it parses <s>/</s> itself). Piece-wise
     # encoding must give the same ids for a SentencePiece tokenizer, or the model would see at train
@@ -76,12 +88,15 @@ def test_mask_is_exactly_the_assistant_replies_and_their_eos(tok):
     assert sum(mask) == sum(len(r) for r in runs)
 
 
-@pytest.mark.parametrize("rel,limit", [
-    ("chat/sharegpt_v3_sample50.json", 50),
-    ("chat/fastchat_dummy_conversation.json", 60),
-    ("instruction/alpaca_data_1k.json", 60),
-    ("instruction/alpaca_zh_first1000.json", 60),
-])
+@pytest.mark.parametrize(
+    "rel,limit",
+    [
+        ("chat/sharegpt_v3_sample50.json", 50),
+        ("chat/fastchat_dummy_conversation.json", 60),
+        ("instruction/alpaca_data_1k.json", 60),
+        ("instruction/alpaca_zh_first1000.json", 60),
+    ],
+)
 def test_masks_decode_to_replies_on_real_chat_data(llama_tok, rel, limit):
     data = json.loads(shared(rel).read_text())[:limit]
     fmt = get_format("minichat")
@@ -106,7 +121,10 @@ def test_generation_prompt_ends_with_the_assistant_tag(tok):
     ids, mask = fmt.encode(tok, CONV[:4], add_generation_prompt=True)
     full, _ = fmt.encode(tok, CONV)
     assert full[: len(ids)] == ids and sum(mask) == len(mask_runs(*fmt.encode(tok, CONV[:3]))[0])
-    assert fmt.render(CONV[1:2], add_generation_prompt=True) == "<s>[|User|] What is the capital of France?</s>[|Assistant|]"
+    assert (
+        fmt.render(CONV[1:2], add_generation_prompt=True)
+        == "<s>[|User|] What is the capital of France?</s>[|Assistant|]"
+    )
     with pytest.raises(ValueError, match="no assistant reply"):
         fmt.encode(tok, CONV[:4])
 
@@ -114,23 +132,39 @@ def test_generation_prompt_ends_with_the_assistant_tag(tok):
 def test_shapes_normalise_to_the_same_messages():
     want = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     assert normalise_conversation([{"User": "Hi", "Assistant": "Hello"}]) == want
-    assert normalise_conversation({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}) == want
+    assert (
+        normalise_conversation({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]})
+        == want
+    )
     assert normalise_conversation({"instruction": "Hi", "input": "", "output": "Hello"}) == want
     assert normalise_conversation({"messages": want}) == want
-    assert normalise_conversation({"instruction": "Sum", "input": "1 2", "output": "3"}, "alpaca")[0]["content"] == "Sum\n1 2"
-    sys = normalise_conversation({"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Hi"},
-                                                    {"from": "gpt", "value": "Hello"}]})
+    assert (
+        normalise_conversation({"instruction": "Sum", "input": "1 2", "output": "3"}, "alpaca")[0]["content"]
+        == "Sum\n1 2"
+    )
+    sys = normalise_conversation(
+        {
+            "conversations": [
+                {"from": "system", "value": "S"},
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello"},
+            ]
+        }
+    )
     assert sys[0] == {"role": "system", "content": "S"}
 
 
-@pytest.mark.parametrize("record,match", [
-    ({"foo": 1}, "unrecognised conversation shape"),
-    ([{"User": "Hi"}], "'User' and 'Assistant'"),
-    ({"conversations": [{"from": "robot", "value": "x"}]}, "unknown speaker"),
-    ({"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}, "should be a user turn"),
-    ({"conversations": [{"from": "human", "value": "x"}]}, "no assistant reply"),
-    ({"instruction": 3, "output": "x"}, "must be a string"),
-])
+@pytest.mark.parametrize(
+    "record,match",
+    [
+        ({"foo": 1}, "unrecognised conversation shape"),
+        ([{"User": "Hi"}], "'User' and 'Assistant'"),
+        ({"conversations": [{"from": "robot", "value": "x"}]}, "unknown speaker"),
+        ({"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}, "should be a user turn"),
+        ({"conversations": [{"from": "human", "value": "x"}]}, "no assistant reply"),
+        ({"instruction": 3, "output": "x"}, "must be a string"),
+    ],
+)
 def test_bad_conversations_say_what_is_wrong(record, match):
     with pytest.raises(ValueError, match=match):
         normalise_conversation(record)
@@ -147,7 +181,13 @@ def test_registry_extension_point(tok):
             return [Seg(BOS)]
 
         def exchange(self, user, assistant):
-            return [Seg("Q:"), Seg(user, content=True), Seg("A:"), Seg(assistant, train=True, content=True), Seg(EOS, train=True)]
+            return [
+                Seg("Q:"),
+                Seg(user, content=True),
+                Seg("A:"),
+                Seg(assistant, train=True, content=True),
+                Seg(EOS, train=True),
+            ]
 
         def generation_prefix(self, user):
             return [Seg("Q:"), Seg(user, content=True), Seg("A:")]
@@ -155,21 +195,27 @@ def test_registry_extension_point(tok):
     try:
         ids, mask = get_format("test-qa").encode(tok, CONV[1:3])
         assert tok.decode(mask_runs(ids, mask)[0][:-1]) == CONV[2]["content"]
-        assert get_format("test-qa").render(CONV[1:3]) == "<s>Q: What is the capital of France? A: The capital of France is Paris.</s>"
+        assert (
+            get_format("test-qa").render(CONV[1:3])
+            == "<s>Q: What is the capital of France? A: The capital of France is Paris.</s>"
+        )
         with pytest.raises(ValueError, match="already registered"):
             register("test-qa")(type("Other", (ChatFormat,), {}))
     finally:
-        from minima import formats
+        from minima.data import formats
 
         formats._REGISTRY.pop("test-qa", None)  # keep the registry as other tests expect it
 
 
 def test_fast_batch_tokenization_equals_the_tokenizer_call(tok):
-    from minima.formats import tokenize_texts
+    from minima.data.formats import tokenize_texts
 
     texts = ["Hello world.", "  two  spaces ", "法国的首都是巴黎。", "a </s> b <s>", "", "line\nbreak"]
     for split in (True, False):
-        assert tokenize_texts(tok, texts, split) == tok(texts, add_special_tokens=False, split_special_tokens=split)["input_ids"]
+        assert (
+            tokenize_texts(tok, texts, split)
+            == tok(texts, add_special_tokens=False, split_special_tokens=split)["input_ids"]
+        )
     convs = [CONV, CONV[1:3], [{"role": "user", "content": "x </s>"}, {"role": "assistant", "content": ""}]]
     fmt = get_format("minichat")
     assert fmt.encode_batch(tok, convs) == [fmt.encode_exchanges(tok, c) for c in convs]
@@ -189,7 +235,9 @@ def test_fast_batch_tokenization_equals_the_tokenizer_call(tok):
 @pytest.mark.parametrize("name", sorted(available_formats()))
 def test_every_registered_format_batches_like_single_encoding(tok, demo_data_dir, name):
     """records tokenizes chat in batches (encode_batch); sft and chat encode one at a time."""
-    convs = [normalise_conversation(c) for c in json.loads((demo_data_dir / "chat" / "demo_chat.json").read_text())[:40]]
+    convs = [
+        normalise_conversation(c) for c in json.loads((demo_data_dir / "chat" / "demo_chat.json").read_text())[:40]
+    ]
     fmt = get_format(name)
     batched = fmt.encode_batch(tok, convs)
     assert batched == [fmt.encode_exchanges(tok, c) for c in convs]
@@ -202,7 +250,7 @@ def test_every_registered_format_batches_like_single_encoding(tok, demo_data_dir
 def test_records_source_shape_choices_follow_the_registry():
     import typing
 
-    from minima.config import Source
-    from minima.formats import SHAPES
+    from minima.core.config import Source
+    from minima.data.formats import SHAPES
 
     assert set(typing.get_args(Source.model_fields["shape"].annotation)) == {"auto", *SHAPES}

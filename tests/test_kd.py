@@ -1,12 +1,20 @@
 """KD losses against hand computations, autograd references and gradcheck (minima/kd.py)."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from minima.kd import (KD_KINDS, SparseTargets, dense_loss, kd_reference, sampled_targets, sparse_loss,
-                       top_k_targets)
+from minima.train.objectives.kd import (
+    KD_KINDS,
+    SparseTargets,
+    dense_loss,
+    kd_reference,
+    sampled_targets,
+    sparse_loss,
+    top_k_targets,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,7 +46,8 @@ def test_hand_computation_three_tokens():
         "forward_kl": sum(a * math.log(a / b) for a, b in zip(p, q)),
         "reverse_kl": sum(b * math.log(b / a) for a, b in zip(p, q)),
         "soft_ce": -sum(a * math.log(b) for a, b in zip(p, q)),
-        "jsd": 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m)) + 0.5 * sum(b * math.log(b / c) for b, c in zip(q, m)),
+        "jsd": 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m))
+        + 0.5 * sum(b * math.log(b / c) for b, c in zip(q, m)),
     }
     for kind, value in want.items():
         assert _kd(s, t, kind).item() == pytest.approx(value, rel=1e-12), kind
@@ -190,11 +199,14 @@ def test_gradcheck_sparse(kind):
     s, t = _logits(4, 13, seed=15), _logits(4, 13, seed=16)
     labels = torch.tensor([0, 5, -100, 12])
     top = top_k_targets(t, 4, 1.5)
-    assert torch.autograd.gradcheck(lambda x: sparse_loss(x, labels, top, kind, 1.5, 5), (s.clone().requires_grad_(True),))
+    assert torch.autograd.gradcheck(
+        lambda x: sparse_loss(x, labels, top, kind, 1.5, 5), (s.clone().requires_grad_(True),)
+    )
     if kind in ("forward_kl", "soft_ce"):
         smp = sampled_targets(t, 6, 1.5, 0.5, torch.Generator().manual_seed(0))
-        assert torch.autograd.gradcheck(lambda x: sparse_loss(x, labels, smp, kind, 1.5, 5), (s.clone().requires_grad_(True),),
-                                        fast_mode=True)
+        assert torch.autograd.gradcheck(
+            lambda x: sparse_loss(x, labels, smp, kind, 1.5, 5), (s.clone().requires_grad_(True),), fast_mode=True
+        )
 
 
 def test_top_k_bucket_kl_is_a_lower_bound_increasing_in_k():
@@ -224,7 +236,7 @@ def test_plain_top_k_is_biased_sampled_is_not():
     top = top_k_targets(t, 20)
     plain = _grad(lambda x: sparse_loss(x, labels, top, "forward_kl", renormalize=True)[1], s)
     bucket = _grad(lambda x: sparse_loss(x, labels, top, "forward_kl")[1], s)
-    err = lambda g: (g - exact).norm().item()  # noqa: E731
+    err = lambda g: (g - exact).norm().item()
     assert err(bucket) < err(plain)
     # plain top-k tail gradient is q_j > 0 on every tail token: pushes all of them down
     rest_mask = torch.ones_like(s, dtype=torch.bool).scatter_(1, top.ids, False)

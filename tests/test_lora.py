@@ -1,13 +1,20 @@
 """LoRA wrapping: merged == peft logits, only adapters move, clear errors, adapter/merged export."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from minima.config import LoraConfig
-from minima.errors import ConfigError
-from minima.lora import apply_lora, check_qlora, export_lora, load_adapter, module_names
+from minima.core.config import LoraConfig
+from minima.core.errors import ConfigError
 from minima.testing import tiny_family_model, tiny_llama
+from minima.train.lora import (
+    apply_lora,
+    check_qlora,
+    export_lora,
+    load_adapter,
+    module_names,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -48,8 +55,11 @@ def test_lora_trains_only_adapters_and_merged_logits_match(tmp_path):
     assert len(moved) == len(trainable)  # every adapter weight moved (B starts at zero, so A and B both need steps)
     base_now = model.get_base_model().state_dict()
     for k, v in before.items():
-        key = k.replace(".weight", ".base_layer.weight") if k.rsplit(".", 2)[-2] in {
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} else k
+        key = (
+            k.replace(".weight", ".base_layer.weight")
+            if k.rsplit(".", 2)[-2] in {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+            else k
+        )
         assert torch.equal(base_now[key], v), f"base weight {k} changed"
 
     ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -95,8 +105,10 @@ def test_missing_target_lists_linear_modules():
         apply_lora(tiny_llama(100, **SMALL), LoraConfig(enabled=True, modules_to_save=["no_such_head"]))
 
 
-@pytest.mark.parametrize("family,targets", [
-    ("bloom", ["query_key_value", "dense"]), ("opt", ["q_proj", "v_proj", "fc1"]), ("t5", ["q", "v", "wi"])])
+@pytest.mark.parametrize(
+    "family,targets",
+    [("bloom", ["query_key_value", "dense"]), ("opt", ["q_proj", "v_proj", "fc1"]), ("t5", ["q", "v", "wi"])],
+)
 def test_other_families_wrap(family, targets):
     model = apply_lora(tiny_family_model(family, 100), LoraConfig(enabled=True, r=2, target_modules=targets))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

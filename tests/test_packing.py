@@ -1,11 +1,19 @@
 """Packing: packed logits equal the unpacked ones; the packed dataset resumes exactly."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from minima.errors import ConfigError
-from minima.packing import PackedDataset, block_diagonal_mask, check_packable, collate_packed, model_inputs, pack
+from minima.core.errors import ConfigError
+from minima.data.packing import (
+    PackedDataset,
+    block_diagonal_mask,
+    check_packable,
+    collate_packed,
+    model_inputs,
+    pack,
+)
 from minima.testing import tiny_family_model, tiny_llama
 
 
@@ -53,7 +61,7 @@ def test_packed_logits_equal_unpacked(attn, mode):
         start = 0
         for _ in range(p["num_docs"]):
             n = len(docs[k]["input_ids"])
-            torch.testing.assert_close(logits[row, start:start + n], ref[k], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(logits[row, start : start + n], ref[k], atol=1e-5, rtol=1e-4)
             start += n
             k += 1
     assert k == len(docs)
@@ -77,14 +85,15 @@ def test_without_block_mask_documents_leak():
         leaky = model(input_ids=p["input_ids"][None]).logits[0]
         ref = model(input_ids=docs[1]["input_ids"][None]).logits[0]
     n0, n1 = len(docs[0]["input_ids"]), len(docs[1]["input_ids"])
-    assert not torch.allclose(leaky[n0:n0 + n1], ref, atol=1e-3)
+    assert not torch.allclose(leaky[n0 : n0 + n1], ref, atol=1e-3)
 
 
 def test_block_diagonal_mask_shape():
     doc = torch.tensor([[0, 0, 1, 1, -1]])
     m = block_diagonal_mask(doc) == 0
-    expect = torch.tensor([
-        [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]], dtype=torch.bool)
+    expect = torch.tensor(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]], dtype=torch.bool
+    )
     assert torch.equal(m[0, 0], expect)
 
 

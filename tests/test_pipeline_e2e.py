@@ -3,12 +3,13 @@
 Every stage's artifact must exist and load; a second run must be a full cache hit with no training
 subprocess started.
 """
+
 import json
 from pathlib import Path
 
 import pytest
 
-from minima.pipeline import STEPS
+from minima.core.registry import STEPS
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +45,9 @@ def test_every_artifact_exists_and_loads(e2e):
 
 
 def test_second_run_is_a_full_cache_hit(e2e, monkeypatch):
-    from flows.pipeline import pipeline
-    from flows.cli import demo_config
     import minima.train.launch as launch
+    from flows.cli import demo_config
+    from flows.pipeline import pipeline
 
     root, first = e2e
 
@@ -55,5 +56,5 @@ def test_second_run_is_a_full_cache_hit(e2e, monkeypatch):
 
     monkeypatch.setattr(launch, "launch_training", no_training)
     second = pipeline(config=demo_config(root), preset="micro")
-    assert {k: r["state"] for k, r in second.items()} == {k: "Cached" for k in first}
+    assert {k: r["state"] for k, r in second.items()} == dict.fromkeys(first, "Cached")
     assert {k: r["path"] for k, r in second.items()} == {k: r["path"] for k, r in first.items()}

@@ -1,5 +1,6 @@
 """`minima plan`: parameter counts vs real models, the activation formula vs the tensors autograd
 saves, DeepSpeed model-state arithmetic, the verdict, the CLI, and the predicted peak vs a measured run."""
+
 import importlib.util
 import os
 from pathlib import Path
@@ -7,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from minima.cli import stage_config
-from minima.plan import (
+from minima.core.presets import LLAMA2_7B, MINIMA_3B, TINY_STUDENT, TINY_TEACHER
+from minima.core.registry import stage_config
+from minima.train.plan import (
     PlanOptions,
     count_params,
     layer_activation_bytes,
@@ -18,7 +20,6 @@ from minima.plan import (
     plan_stage,
     step_transient_bytes,
 )
-from minima.presets import LLAMA2_7B, MINIMA_3B, TINY_STUDENT, TINY_TEACHER
 
 
 def test_meta_counts_equal_real_models():
@@ -41,11 +42,14 @@ def test_lora_count_matches_peft():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from minima.config import LoraConfig as MinimaLora
+    from minima.core.config import LoraConfig as MinimaLora
 
     cfg = llama_config(TINY_TEACHER, 1000)
     ours = MinimaLora(enabled=True, r=4, modules_to_save=["lm_head"])
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=ours.target_modules, modules_to_save=["lm_head"]))
+    model = get_peft_model(
+        LlamaForCausalLM(cfg),
+        LoraConfig(r=4, lora_alpha=8, target_modules=ours.target_modules, modules_to_save=["lm_head"]),
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert lora_trainable(cfg, ours) == trainable
 
@@ -91,32 +95,52 @@ def test_layer_activations_equal_saved_tensors(precision):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from minima.config import LoraConfig as MinimaLora
+    from minima.core.config import LoraConfig as MinimaLora
 
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    variants = [None, MinimaLora(enabled=True, r=4, dropout=0.05), MinimaLora(enabled=True, r=4, dropout=0.0, target_modules=["q_proj", "v_proj"])]
+    variants = [
+        None,
+        MinimaLora(enabled=True, r=4, dropout=0.05),
+        MinimaLora(enabled=True, r=4, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+    ]
     for attn in ("sdpa", "eager"):
         for lora in variants:
             torch.manual_seed(0)
-            cfg = llama_config(dict(hidden_size=64, intermediate_size=160, num_hidden_layers=1, num_attention_heads=4,
-                                    num_key_value_heads=2, attn_implementation=attn), 300)
+            cfg = llama_config(
+                dict(
+                    hidden_size=64,
+                    intermediate_size=160,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    attn_implementation=attn,
+                ),
+                300,
+            )
             model = LlamaForCausalLM(cfg)
             if lora is not None:
-                model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=8, lora_dropout=lora.dropout, target_modules=lora.target_modules))
+                model = get_peft_model(
+                    model,
+                    LoraConfig(r=lora.r, lora_alpha=8, lora_dropout=lora.dropout, target_modules=lora.target_modules),
+                )
             model = model.to(dtype).train()  # DeepSpeed casts the whole module, adapters included
             base = model.base_model.model if lora is not None else model
             b, s = 2, 24
             x = torch.randn(b, s, 64, dtype=dtype, requires_grad=True)
             pos = torch.arange(s)[None].expand(b, s)
             rot = base.model.rotary_emb(x, pos)  # model-level, counted once outside the layers
-            got = _saved_bytes(model, lambda: base.model.layers[0](x, position_embeddings=rot, attention_mask=None, position_ids=pos))
+            got = _saved_bytes(
+                model, lambda: base.model.layers[0](x, position_embeddings=rot, attention_mask=None, position_ids=pos)
+            )
             got -= sum(t.untyped_storage().nbytes() for t in rot)
             want = layer_activation_bytes(cfg, b * s, precision, attn=attn, micro_batch=b, lora=lora, cpu=True)
             assert want == got, (attn, lora, want, got)
 
 
 def test_verdict_and_suggestions():
-    cfg = stage_config("adapt", "minima-3b", None, ["zero_stage=0", "activation_checkpointing=false", "micro_batch_size=8"])
+    cfg = stage_config(
+        "adapt", "minima-3b", None, ["zero_stage=0", "activation_checkpointing=false", "micro_batch_size=8"]
+    )
     plan = plan_stage(cfg, PlanOptions(device="a100", gpus=8), "minima-3b")
     assert not plan.fits and "does NOT fit" in plan.verdict()
     assert "zero_stage=3" in plan.suggestions and "activation_checkpointing=true" in plan.suggestions
@@ -134,13 +158,17 @@ def test_plan_cli_prints_the_three_training_stages(capsys):
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("minima_bench_plan", Path(__file__).resolve().parents[1] / "benchmarks" / "plan.py")
+    spec = importlib.util.spec_from_file_location(
+        "minima_bench_plan", Path(__file__).resolve().parents[1] / "benchmarks" / "plan.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
+@pytest.mark.skipif(
+    not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs to reset the peak RSS"
+)
 def test_predicted_peak_within_20_percent_of_measured(tmp_path, tiny_tokenizer_dir):
     """adapt (the real AdaptRecipe on the engine, fp32 CPU, ZeRO-2) with activation checkpointing off
     and on, each in a fresh process: the plan's peak is within +-20% of the measured peak RSS (the
@@ -149,8 +177,10 @@ def test_predicted_peak_within_20_percent_of_measured(tmp_path, tiny_tokenizer_d
 
     bench = _bench()
     models = bench.make_models(tmp_path, tiny_tokenizer_dir, names=("student",))
-    specs = [dict(stage="adapt", zero=2, ckpt=ckpt, seq=128, steps=2, models=models, out=str(tmp_path / f"run{ckpt}"))
-             for ckpt in (False, True)]
+    specs = [
+        dict(stage="adapt", zero=2, ckpt=ckpt, seq=128, steps=2, models=models, out=str(tmp_path / f"run{ckpt}"))
+        for ckpt in (False, True)
+    ]
     with ThreadPoolExecutor(2) as pool:  # two single-threaded processes, each with its own allocator
         measured = list(pool.map(lambda s: bench.measure(s, timeout=300)["measured"], specs))
     for spec, m in zip(specs, measured):
@@ -160,12 +190,13 @@ def test_predicted_peak_within_20_percent_of_measured(tmp_path, tiny_tokenizer_d
 
 def test_engine_refuses_a_job_that_does_not_fit(tiny_model_dir, tmp_path):
     """The pre-launch check: the plan's table and suggestions in the error, and --force overrides."""
-    from minima.config import AdaptConfig
-    from minima.errors import PlanError
+    from minima.core.config import AdaptConfig
+    from minima.core.errors import PlanError
     from minima.train.launch import _check_plan
 
-    cfg = AdaptConfig(model=str(tiny_model_dir), out_dir=str(tmp_path / "o"), precision="fp32", zero_stage=2,
-                      micro_batch_size=200_000)
+    cfg = AdaptConfig(
+        model=str(tiny_model_dir), out_dir=str(tmp_path / "o"), precision="fp32", zero_stage=2, micro_batch_size=200_000
+    )
     with pytest.raises(PlanError) as e:
         _check_plan(cfg, force=False)
     msg = str(e.value)

@@ -1,5 +1,6 @@
 """Stage prune: exactness against a hooked teacher, importance scores against hand computations,
 quality on a trained tiny teacher, the stage artifact, validation and the dry run."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,25 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
-from minima.errors import ConfigError, InputError
-from minima.presets import TINY_STUDENT, minima_3b
-from minima.prune import PruneConfig, Shape, count_params, prune_model, resolve_target
-from minima.prune_importance import calibrate
+from minima.compress.importance import calibrate
+from minima.compress.prune import (
+    PruneConfig,
+    Shape,
+    count_params,
+    prune_model,
+    resolve_target,
+)
+from minima.core.errors import ConfigError, InputError
+from minima.core.presets import TINY_STUDENT, minima_3b
 from minima.testing import lm_blocks, perplexity, tiny_llama, train_tiny_lm
 
 VOCAB = 256  # byte-level ids: real text with no tokenizer to train
-STUDENT = dict(num_layers=TINY_STUDENT["num_hidden_layers"], num_heads=TINY_STUDENT["num_attention_heads"],
-               hidden_size=TINY_STUDENT["hidden_size"], intermediate_size=TINY_STUDENT["intermediate_size"])
+STUDENT = dict(
+    num_layers=TINY_STUDENT["num_hidden_layers"],
+    num_heads=TINY_STUDENT["num_attention_heads"],
+    hidden_size=TINY_STUDENT["hidden_size"],
+    intermediate_size=TINY_STUDENT["intermediate_size"],
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,8 +56,11 @@ def text_ids(request) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def calib(text_ids):
     """4 batches of 2 x 48 real-text tokens; the last row of the last batch is right-padded."""
-    blocks = lm_blocks(text_ids[:48 * 8], 48)
-    batches = [{"input_ids": blocks[i:i + 2].clone(), "attention_mask": torch.ones(2, 48, dtype=torch.long)} for i in range(0, 8, 2)]
+    blocks = lm_blocks(text_ids[: 48 * 8], 48)
+    batches = [
+        {"input_ids": blocks[i : i + 2].clone(), "attention_mask": torch.ones(2, 48, dtype=torch.long)}
+        for i in range(0, 8, 2)
+    ]
     batches[-1]["attention_mask"][1, 30:] = 0
     batches[-1]["input_ids"][1, 30:] = 0
     return batches
@@ -100,18 +114,22 @@ def _mask_hidden(model, keep: list[int], renorm_over_kept: bool = False):
     average over the kept channels only (what the pruned student computes)."""
     m = torch.zeros(model.config.hidden_size)
     m[keep] = 1
-    mask_out = lambda mod, a, out: out * m  # noqa: E731
+    mask_out = lambda mod, a, out: out * m
     handles = [model.model.embed_tokens.register_forward_hook(mask_out)]
     for layer in model.model.layers:
         handles.append(layer.self_attn.o_proj.register_forward_hook(mask_out))
         handles.append(layer.mlp.down_proj.register_forward_hook(mask_out))
     if renorm_over_kept:
-        norms = [n for l in model.model.layers for n in (l.input_layernorm, l.post_attention_layernorm)] + [model.model.norm]
+        norms = [n for l in model.model.layers for n in (l.input_layernorm, l.post_attention_layernorm)] + [
+            model.model.norm
+        ]
         for norm in norms:
+
             def hook(mod, a, out):
                 x = a[0].float()
                 var = x.pow(2).sum(-1, keepdim=True) / len(keep)
                 return mod.weight * (x * torch.rsqrt(var + mod.variance_epsilon))
+
             handles.append(norm.register_forward_hook(hook))
     return handles
 
@@ -162,7 +180,9 @@ def test_hidden_channel_pruning_vs_the_masked_teacher(teacher, calib):
     keep = report.plan.hidden
     assert len(keep) == 96 and student.config.hidden_size == 96 and student.config.head_dim == 32
     got = _logits(student, ids)
-    torch.testing.assert_close(got, _logits(teacher, ids, _mask_hidden(teacher, keep, renorm_over_kept=True)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        got, _logits(teacher, ids, _mask_hidden(teacher, keep, renorm_over_kept=True)), atol=1e-4, rtol=1e-4
+    )
 
     rescaled, r2 = prune_model(teacher, calib, target, importance="activation", rescale_norms=True)
     assert r2.plan.hidden == keep
@@ -227,7 +247,7 @@ def _reference_stats(model, batches):
         hs.append([h[cur["mask"]] for h in _logits_hs(model, b)])
     for h in handles:
         h.remove()
-    get = lambda *key: torch.cat(acts[key])  # noqa: E731
+    get = lambda *key: torch.cat(acts[key])
     n = len(get("o", 0))
     heads = torch.stack([get("o", i).view(n, H, -1).norm(dim=-1).mean(0) for i in range(L)])
     neurons = torch.stack([get("down", i).abs().mean(0) for i in range(L)])
@@ -242,7 +262,9 @@ def _reference_stats(model, batches):
 
 def _logits_hs(model, b):
     with torch.no_grad():
-        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states
+        return model(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True
+        ).hidden_states
 
 
 def test_activation_importance_streams_exactly_what_a_hand_computation_gives(teacher, calib):
@@ -265,7 +287,7 @@ def test_gradient_importance_matches_finite_differences(calib):
 
     def loss(seq, h, s):
         m = torch.ones(128, dtype=torch.float64)
-        m[h * hd:(h + 1) * hd] = s
+        m[h * hd : (h + 1) * hd] = s
         hk = model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(lambda mod, a: (a[0] * m,))
         try:
             with torch.no_grad():
@@ -274,8 +296,12 @@ def test_gradient_importance_matches_finite_differences(calib):
         finally:
             hk.remove()
 
-    fd = torch.tensor([[abs(loss(seq, h, 1 + eps) - loss(seq, h, 1 - eps)) / (2 * eps) for h in range(4)]
-                       for seq in batch["input_ids"]]).mean(0)
+    fd = torch.tensor(
+        [
+            [abs(loss(seq, h, 1 + eps) - loss(seq, h, 1 - eps)) / (2 * eps) for h in range(4)]
+            for seq in batch["input_ids"]
+        ]
+    ).mean(0)
     torch.testing.assert_close(imp.heads[layer], (fd / fd.norm()).float(), rtol=2e-3, atol=1e-4)
 
 
@@ -315,14 +341,18 @@ def test_activation_importance_beats_random_on_a_trained_teacher(trained):
     reported, not asserted.
     """
     model, train, held = trained
-    calib = [{"input_ids": train[i:i + 8]} for i in range(0, 32, 8)]
+    calib = [{"input_ids": train[i : i + 8]} for i in range(0, 32, 8)]
     teacher_ppl = perplexity(model, held)
     corpus = "tinyshakespeare" if SHAKESPEARE.is_file() else "demo corpus"
     rows = {}
-    for name, target in (("layers+heads+neurons 4L/4H/256 -> 3L/2H/128", dict(num_layers=3, num_heads=2, intermediate_size=128)),
-                         ("full TINY_STUDENT 128/4L/4H/256 -> 96/3L/3H/192", STUDENT)):
-        rows[name] = {m: perplexity(prune_model(model, calib, target, importance=m)[0], held)
-                      for m in ("activation", "gradient", "magnitude", "random")}
+    for name, target in (
+        ("layers+heads+neurons 4L/4H/256 -> 3L/2H/128", dict(num_layers=3, num_heads=2, intermediate_size=128)),
+        ("full TINY_STUDENT 128/4L/4H/256 -> 96/3L/3H/192", STUDENT),
+    ):
+        rows[name] = {
+            m: perplexity(prune_model(model, calib, target, importance=m)[0], held)
+            for m in ("activation", "gradient", "magnitude", "random")
+        }
     print(f"\nheld-out perplexity right after pruning (byte-level {corpus}; teacher {teacher_ppl:.2f}):")
     for name, ppl in rows.items():
         print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
@@ -335,25 +365,45 @@ def test_activation_importance_beats_random_on_a_trained_teacher(trained):
 # ------------------------------------------------------------------------------------ the stage
 @pytest.fixture(scope="module")
 def records_dir(tmp_path_factory, demo_data_dir, tiny_tokenizer_dir):
-    from minima.config import RecordsConfig
-    from minima.records.build import run as build_records
+    from minima.core.config import RecordsConfig
+    from minima.stages.records import run as build_records
 
     out = tmp_path_factory.mktemp("prune_records") / "records"
-    cfg = RecordsConfig(inputs=str(demo_data_dir / "text" / "pretrain_en.txt"), tokenizer=str(tiny_tokenizer_dir),
-                        format="lm", max_length=64, dev_fraction=0.05, out_dir=str(out))
+    cfg = RecordsConfig(
+        inputs=str(demo_data_dir / "text" / "pretrain_en.txt"),
+        tokenizer=str(tiny_tokenizer_dir),
+        format="lm",
+        max_length=64,
+        dev_fraction=0.05,
+        out_dir=str(out),
+    )
     return build_records(cfg).path
 
 
 def test_stage_writes_a_plain_llama_that_reloads_and_generates(tmp_path, tiny_model_dir, records_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from minima.prune import calibration_batches, run
+    from minima.stages.prune import calibration_batches, run
 
-    cfg = PruneConfig(teacher=str(tiny_model_dir), records=str(records_dir), out_dir=str(tmp_path / "pruned"),
-                      num_samples=12, max_length=32, batch_size=4, **STUDENT)
+    cfg = PruneConfig(
+        teacher=str(tiny_model_dir),
+        records=str(records_dir),
+        out_dir=str(tmp_path / "pruned"),
+        num_samples=12,
+        max_length=32,
+        batch_size=4,
+        **STUDENT,
+    )
     art = run(cfg)
     out = art.path
-    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.model", "importance.json", "importance.png"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.model",
+        "importance.json",
+        "importance.png",
+    ):
         assert (out / name).is_file(), name
     assert (out / "importance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
@@ -361,7 +411,9 @@ def test_stage_writes_a_plain_llama_that_reloads_and_generates(tmp_path, tiny_mo
     assert Shape.of(model.config) == Shape(3, 3, 3, 192, 96)
     m = art.metrics
     assert m["params_after"] == sum(p.numel() for p in model.parameters()) == count_params(model.config)
-    assert m["params_before"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    assert m["params_before"] == sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters()
+    )
     assert m["calibration_tokens"] == 12 * 32 and m["calibration_batches"] == 3
     imp = json.loads((out / "importance.json").read_text())
     assert imp["layers"]["kept"] == m["kept_layers"] and len(imp["layers"]["block_influence"]) == 4
@@ -381,7 +433,7 @@ def test_stage_writes_a_plain_llama_that_reloads_and_generates(tmp_path, tiny_mo
 
 
 def test_stage_validates_before_loading_weights(tmp_path, tiny_model_dir, records_dir):
-    from minima.prune import run
+    from minima.stages.prune import run
 
     base = dict(out_dir=str(tmp_path / "x"), **STUDENT)
     with pytest.raises(ConfigError, match="needs calibration records"):
@@ -392,7 +444,11 @@ def test_stage_validates_before_loading_weights(tmp_path, tiny_model_dir, record
         run(PruneConfig(teacher=str(tiny_model_dir), records=str(records_dir), **dict(base, intermediate_size=512)))
     assert not (tmp_path / "x").exists()
     # magnitude + explicit layers needs no data at all
-    art = run(PruneConfig(teacher=str(tiny_model_dir), importance="magnitude", keep_layers=[0, 1, 3], **dict(base, num_layers=None)))
+    art = run(
+        PruneConfig(
+            teacher=str(tiny_model_dir), importance="magnitude", keep_layers=[0, 1, 3], **dict(base, num_layers=None)
+        )
+    )
     assert art.metrics["kept_layers"] == [0, 1, 3] and art.metrics["calibration_tokens"] == 0
 
 
@@ -403,7 +459,7 @@ def test_dry_run_minima_3b_on_meta_gives_3_02b(capsys):
     out = capsys.readouterr().out
     assert "layers 24, heads 24 (kv 24), hidden 3072, ffn 8192" in out and "3.02B" in out
     cfg = minima_3b().prune
-    from minima.prune import dry_run
+    from minima.stages.prune import dry_run
 
     m = dry_run(cfg)
     assert math.isclose(m["params_after"], 3.02e9, rel_tol=0.005)
@@ -413,11 +469,19 @@ def test_dry_run_minima_3b_on_meta_gives_3_02b(capsys):
 
 
 def test_dry_run_reads_only_the_teacher_config(tmp_path, tiny_model_dir):
-    from minima.prune import dry_run
+    from minima.stages.prune import dry_run
 
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "config.json").write_text((tiny_model_dir / "config.json").read_text())  # no weights at all
     m = dry_run(PruneConfig(teacher=str(tmp_path / "t"), dry_run=True, **STUDENT))
-    assert m["params_after"] == sum(p.numel() for p in tiny_llama(m["vocab_size"], hidden_size=96, intermediate_size=192,
-                                                                   num_hidden_layers=3, num_attention_heads=3,
-                                                                   num_key_value_heads=3).parameters())
+    assert m["params_after"] == sum(
+        p.numel()
+        for p in tiny_llama(
+            m["vocab_size"],
+            hidden_size=96,
+            intermediate_size=192,
+            num_hidden_layers=3,
+            num_attention_heads=3,
+            num_key_value_heads=3,
+        ).parameters()
+    )

@@ -3,6 +3,7 @@
 Records are read back with the ``tfrecord`` package's own loader (an independent implementation of
 the file format), and token ids are compared against the tokenizer itself.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import shared
-from minima.config import RecordsConfig, Source
-from minima.errors import ArtifactError, ConfigError, DataError, InputError
-from minima.formats import get_format, normalise_conversation
-from minima.records.build import run
+
+from minima.core.config import RecordsConfig, Source
+from minima.core.errors import ArtifactError, ConfigError, DataError, InputError
+from minima.data.formats import get_format, normalise_conversation
+from minima.stages.records import run
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -38,7 +39,7 @@ def tok(tok_dir):
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    from minima.tokenizers import save_sp_tokenizer
+    from minima.data.tokenizers import save_sp_tokenizer
 
     return save_sp_tokenizer(shared("tokenizers/llama2_tokenizer.model"), tmp_path_factory.mktemp("llama2") / "tok")
 
@@ -55,7 +56,11 @@ def read_split(out: Path, split: str) -> list[dict]:
 
 def lm_docs(recs: list[dict], bos: int, eos: int) -> list[list[int]]:
     """Undo the packing: drop the tail padding, split at EOS, strip BOS."""
-    stream = np.concatenate([r["indices"][r["mask"] == 1] if "mask" in r else r["indices"] for r in recs]) if recs else np.zeros(0, int)
+    stream = (
+        np.concatenate([r["indices"][r["mask"] == 1] if "mask" in r else r["indices"] for r in recs])
+        if recs
+        else np.zeros(0, int)
+    )
     ends = np.flatnonzero(stream == eos)
     assert len(ends) == 0 or ends[-1] == len(stream) - 1, "the stream must end with an EOS"
     docs, start = [], 0
@@ -92,8 +97,13 @@ def test_lm_is_lossless_on_real_english_and_chinese_text(tmp_path, llama_dir):
     hlm = write_lines(tmp_path / "hongloumeng.txt", shared("text/hongloumeng_prefix_1.5MB.txt"), 150)  # CRLF
     c4 = write_lines(tmp_path / "c4.jsonl", shared("text/c4_demo.jsonl"), 30)
     want = text_docs(shk, 600) + text_docs(hlm, 150) + [json.loads(x)["text"] for x in c4.read_text().splitlines()]
-    art = build(tmp_path, tokenizer=str(llama_dir), shuffle=False, max_length=256, inputs=[
-        Source(name="en", path=str(shk)), Source(name="zh", path=str(hlm)), Source(name="c4", path=str(c4))])
+    art = build(
+        tmp_path,
+        tokenizer=str(llama_dir),
+        shuffle=False,
+        max_length=256,
+        inputs=[Source(name="en", path=str(shk)), Source(name="zh", path=str(hlm)), Source(name="c4", path=str(c4))],
+    )
     m = art.metrics
     tok = AutoTokenizer.from_pretrained(str(art.path / "tokenizer"))
     recs = read_split(art.path, "train")
@@ -104,14 +114,18 @@ def test_lm_is_lossless_on_real_english_and_chinese_text(tmp_path, llama_dir):
     assert m["num_docs"]["train"] == len(want) and m["sources"]["zh"]["docs_after"] == len(text_docs(hlm, 150))
     assert m["num_tokens"]["train"] == sum(len(d) + 2 for d in docs) == m["total_tokens"]
     assert m["num_records"]["train"] * 256 - m["padding_tokens"]["train"] == m["total_tokens"]
-    assert m["vocab_size"] == 32000 and m["bytes_per_token"] == pytest.approx(sum(m["bytes"].values()) / m["total_tokens"], abs=1e-3)
+    assert m["vocab_size"] == 32000 and m["bytes_per_token"] == pytest.approx(
+        sum(m["bytes"].values()) / m["total_tokens"], abs=1e-3
+    )
 
 
 def test_lm_ids_match_the_tokenizer_and_dev_split_keeps_every_doc(tmp_path, demo_data_dir, tok_dir, tok):
     en = demo_data_dir / "text" / "pretrain_en.txt"
     zh = demo_data_dir / "text" / "pretrain_zh.txt"
     want = text_docs(en, 10**9) + text_docs(zh, 10**9)
-    art = build(tmp_path, tokenizer=str(tok_dir), inputs=str(demo_data_dir / "text" / "*.txt"), dev_fraction=0.1, max_length=100)
+    art = build(
+        tmp_path, tokenizer=str(tok_dir), inputs=str(demo_data_dir / "text" / "*.txt"), dev_fraction=0.1, max_length=100
+    )
     m = art.metrics
     train = lm_docs(read_split(art.path, "train"), tok.bos_token_id, tok.eos_token_id)
     dev = lm_docs(read_split(art.path, "dev"), tok.bos_token_id, tok.eos_token_id)
@@ -120,14 +134,23 @@ def test_lm_ids_match_the_tokenizer_and_dev_split_keeps_every_doc(tmp_path, demo
     got = sorted(tok.decode(d) for d in train + dev)
     assert got == sorted(want)
     assert all(ref[tok.decode(d)] == d for d in train[:200] + dev)  # ids are the tokenizer's own
-    assert sum(CJK.search(tok.decode(d)) is not None for d in train[:100]) not in (0, 100), "shuffled: sources are mixed"
+    assert sum(CJK.search(tok.decode(d)) is not None for d in train[:100]) not in (0, 100), (
+        "shuffled: sources are mixed"
+    )
     assert (art.path / "tokenizer" / "tokenizer.model").is_file()
 
 
 def test_lowercase_and_txt_file_mode(tmp_path, tok_dir, tok):
     (tmp_path / "a.txt").write_text("Hello World.\nSecond LINE\n")
     (tmp_path / "b.txt").write_text("Another File")
-    art = build(tmp_path, tokenizer=str(tok_dir), inputs=str(tmp_path / "*.txt"), txt_document="file", lowercase=True, shuffle=False)
+    art = build(
+        tmp_path,
+        tokenizer=str(tok_dir),
+        inputs=str(tmp_path / "*.txt"),
+        txt_document="file",
+        lowercase=True,
+        shuffle=False,
+    )
     docs = [tok.decode(d) for d in lm_docs(read_split(art.path, "train"), tok.bos_token_id, tok.eos_token_id)]
     assert docs == ["hello world.\nsecond line\n", "another file"]
 
@@ -135,7 +158,7 @@ def test_lowercase_and_txt_file_mode(tmp_path, tok_dir, tok):
 def test_parquet_csv_and_json_array_readers(tmp_path, tok_dir, tok):
     import pandas as pd
 
-    texts = ["alpha beta", "第二 条", "gamma, \"quoted\"\nnewline"]
+    texts = ["alpha beta", "第二 条", 'gamma, "quoted"\nnewline']
     pd.DataFrame({"body": texts, "n": [1, 2, 3]}).to_parquet(tmp_path / "a.parquet")
     pd.DataFrame({"body": texts}).to_csv(tmp_path / "b.csv", index=False)
     (tmp_path / "c.json").write_text(json.dumps([{"body": t} for t in texts], indent=2))
@@ -154,9 +177,18 @@ def test_chat_masks_decode_to_replies_with_turn_boundary_truncation(tmp_path, ll
     for name, data in (("sg.json", sg), ("fc.json", fc), ("az.json", az)):
         (tmp_path / name).write_text(json.dumps(data, ensure_ascii=False))
     max_len = 64
-    art = build(tmp_path, tokenizer=str(llama_dir), format="chat", shuffle=False, max_length=max_len, inputs=[
-        Source(name="sharegpt", path=str(tmp_path / "sg.json")), Source(name="fastchat", path=str(tmp_path / "fc.json")),
-        Source(name="alpaca_zh", path=str(tmp_path / "az.json"))])
+    art = build(
+        tmp_path,
+        tokenizer=str(llama_dir),
+        format="chat",
+        shuffle=False,
+        max_length=max_len,
+        inputs=[
+            Source(name="sharegpt", path=str(tmp_path / "sg.json")),
+            Source(name="fastchat", path=str(tmp_path / "fc.json")),
+            Source(name="alpaca_zh", path=str(tmp_path / "az.json")),
+        ],
+    )
     tok = AutoTokenizer.from_pretrained(str(llama_dir))
     fmt = get_format("minichat")
     # Reference: keep the longest run of whole exchanges that fits; none -> dropped.
@@ -197,7 +229,15 @@ def test_chat_masks_decode_to_replies_with_turn_boundary_truncation(tmp_path, ll
 
 def test_chat_overflow_drop_and_demo_chat(tmp_path, demo_data_dir, tok_dir):
     chat = demo_data_dir / "chat" / "demo_chat.json"
-    art = build(tmp_path, tokenizer=str(tok_dir), format="chat", inputs=str(chat), max_length=96, overflow="drop", dev_fraction=0.05)
+    art = build(
+        tmp_path,
+        tokenizer=str(tok_dir),
+        format="chat",
+        inputs=str(chat),
+        max_length=96,
+        overflow="drop",
+        dev_fraction=0.05,
+    )
     n = len(json.loads(chat.read_text()))
     m = art.metrics
     assert m["num_records"]["train"] + m["num_records"]["dev"] + m["dropped_too_long"] == n and m["truncated"] == 0
@@ -210,8 +250,17 @@ def test_output_bytes_do_not_depend_on_num_workers(tmp_path, demo_data_dir, tok_
     inputs = str(demo_data_dir / ("text/*.txt" if fmt == "lm" else "chat/demo_chat.json"))
     outs = []
     for w in (1, 2):
-        art = build(tmp_path, f"w{w}", tokenizer=str(tok_dir), inputs=inputs, format=fmt, num_workers=w, chunk_size=40,
-                    shard_size=300, dev_fraction=0.05)
+        art = build(
+            tmp_path,
+            f"w{w}",
+            tokenizer=str(tok_dir),
+            inputs=inputs,
+            format=fmt,
+            num_workers=w,
+            chunk_size=40,
+            shard_size=300,
+            dev_fraction=0.05,
+        )
         outs.append(art.path)
     files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.suffix in (".tfrecord", ".index"))
     assert len(files) >= 4, "several shards per split"
@@ -223,7 +272,13 @@ def test_output_bytes_do_not_depend_on_num_workers(tmp_path, demo_data_dir, tok_
 def test_index_files_match_the_tfrecord_tool(tmp_path, demo_data_dir, tok_dir):
     from tfrecord.tools.tfrecord2idx import create_index
 
-    art = build(tmp_path, tokenizer=str(tok_dir), inputs=str(demo_data_dir / "chat" / "demo_chat.json"), format="chat", shard_size=100)
+    art = build(
+        tmp_path,
+        tokenizer=str(tok_dir),
+        inputs=str(demo_data_dir / "chat" / "demo_chat.json"),
+        format="chat",
+        shard_size=100,
+    )
     for f in (art.path / "train").glob("*.tfrecord"):
         create_index(str(f), str(tmp_path / "ref.index"))
         assert (tmp_path / "ref.index").read_text() == f.with_suffix(".index").read_text()
@@ -231,9 +286,16 @@ def test_index_files_match_the_tfrecord_tool(tmp_path, demo_data_dir, tok_dir):
 
 # -------------------------------------------------------------------------------------- mixing
 def _mix(tmp_path, demo_data_dir, tok_dir, name, en, zh, seed=0):
-    art = build(tmp_path, name, tokenizer=str(tok_dir), seed=seed, inputs=[
-        Source(name="en", path=str(demo_data_dir / "text" / "pretrain_en.txt"), **en),
-        Source(name="zh", path=str(demo_data_dir / "text" / "pretrain_zh.txt"), **zh)])
+    art = build(
+        tmp_path,
+        name,
+        tokenizer=str(tok_dir),
+        seed=seed,
+        inputs=[
+            Source(name="en", path=str(demo_data_dir / "text" / "pretrain_en.txt"), **en),
+            Source(name="zh", path=str(demo_data_dir / "text" / "pretrain_zh.txt"), **zh),
+        ],
+    )
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
@@ -265,18 +327,37 @@ def test_mixing_exact_sizes_weights_and_seed(tmp_path, demo_data_dir, tok_dir):
 
 
 def test_mixing_counts_unit():
-    from minima.records.mixing import SourcePlan, choose, fixed_count, plan_counts, weighted_counts
+    from minima.data.records.mixing import (
+        SourcePlan,
+        choose,
+        fixed_count,
+        plan_counts,
+        weighted_counts,
+    )
 
-    assert fixed_count("10%", 1005, "x") == 101 and fixed_count("12.5%", 4, "x") == 1 and fixed_count("all", 7, "x") == 7
+    assert (
+        fixed_count("10%", 1005, "x") == 101 and fixed_count("12.5%", 4, "x") == 1 and fixed_count("all", 7, "x") == 7
+    )
     with pytest.raises(ConfigError, match="has 10 documents"):
         fixed_count(11, 10, "x")
-    for avail, w in [([100, 100, 100], [1, 2, 3]), ([7, 1000], [0.3, 0.7]), ([5, 5], [1, 1]), ([13, 29, 31], [0.2, 0.5, 0.3])]:
+    for avail, w in [
+        ([100, 100, 100], [1, 2, 3]),
+        ([7, 1000], [0.3, 0.7]),
+        ([5, 5], [1, 1]),
+        ([13, 29, 31], [0.2, 0.5, 0.3]),
+    ]:
         c = weighted_counts(avail, w)
         tot = sum(c)
         assert all(x <= a for x, a in zip(c, avail))
         assert all(abs(x - wi / sum(w) * tot) < 1 for x, wi in zip(c, w)), (avail, w, c)
-        assert any(x == a for x, a in zip(c, avail)) or tot >= min(a / (wi / sum(w)) for a, wi in zip(avail, w)) - len(w)
-    assert plan_counts([SourcePlan("a", 50, "all"), SourcePlan("b", 10, weight=1), SourcePlan("c", 100, weight=1)]) == [50, 10, 10]
+        assert any(x == a for x, a in zip(c, avail)) or tot >= min(a / (wi / sum(w)) for a, wi in zip(avail, w)) - len(
+            w
+        )
+    assert plan_counts([SourcePlan("a", 50, "all"), SourcePlan("b", 10, weight=1), SourcePlan("c", 100, weight=1)]) == [
+        50,
+        10,
+        10,
+    ]
     idx = choose(100, 10, 0, "a")
     assert len(set(idx.tolist())) == 10 and list(idx) == sorted(idx) and (choose(100, 10, 0, "a") == idx).all()
     with pytest.raises(ValueError, match="not both"):
@@ -357,7 +438,9 @@ def test_a_records_artifact_serves_as_tokenizer_dir(tmp_path, tok_dir, tok):
     (tmp_path / "a.txt").write_text("one two\nthree\n")
     first = build(tmp_path, "first", tokenizer=str(tok_dir), inputs=str(tmp_path / "a.txt"))
     second = build(tmp_path, "second", tokenizer=str(first.path), inputs=str(tmp_path / "a.txt"))
-    assert (second.path / "train" / "part-00000.tfrecord").read_bytes() == (first.path / "train" / "part-00000.tfrecord").read_bytes()
+    assert (second.path / "train" / "part-00000.tfrecord").read_bytes() == (
+        first.path / "train" / "part-00000.tfrecord"
+    ).read_bytes()
     assert second.metrics["vocab_size"] == len(tok)
 
 
@@ -366,7 +449,16 @@ def test_cli_builds_records(tmp_path, tok_dir, capsys):
 
     (tmp_path / "a.txt").write_text("one two\nthree\n")
     out = tmp_path / "cli"
-    rc = main(["records", f"inputs={tmp_path / 'a.txt'}", f"tokenizer={tok_dir}", f"out_dir={out}", "max_length=16", "dev_fraction=0"])
+    rc = main(
+        [
+            "records",
+            f"inputs={tmp_path / 'a.txt'}",
+            f"tokenizer={tok_dir}",
+            f"out_dir={out}",
+            "max_length=16",
+            "dev_fraction=0",
+        ]
+    )
     assert rc == 0 and (out / "manifest.json").is_file() and (out / "train" / "part-00000.index").is_file()
     assert main(["records", f"inputs={tmp_path / 'a.txt'}", f"tokenizer={tmp_path}", f"out_dir={out}"]) == 2
     assert "hint:" in capsys.readouterr().err
@@ -377,12 +469,19 @@ def test_concurrent_builds_in_threads_do_not_share_settings(tmp_path, demo_data_
     its own format settings (a module-global worker state once mixed them up)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from minima.config import RecordsConfig
-    from minima.records.build import run
+    from minima.core.config import RecordsConfig
+    from minima.stages.records import run
 
     def build(fmt, path, name):
-        cfg = RecordsConfig(inputs=str(path), tokenizer=str(tiny_tokenizer_dir), format=fmt, max_length=64,
-                            out_dir=str(tmp_path / name), dev_fraction=0.1, chunk_size=16)
+        cfg = RecordsConfig(
+            inputs=str(path),
+            tokenizer=str(tiny_tokenizer_dir),
+            format=fmt,
+            max_length=64,
+            out_dir=str(tmp_path / name),
+            dev_fraction=0.1,
+            chunk_size=16,
+        )
         return run(cfg)
 
     for _ in range(2):

@@ -1,4 +1,5 @@
 """The records reader: rank/worker sharding, seeded per-epoch shuffle, exact resume, labels, collate."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,9 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from minima.errors import ConfigError, DataError
-from minima.records import RecordDataset, collate
-from minima.records.tfrecord_io import ShardWriter
+from minima.core.errors import ConfigError, DataError
+from minima.data.records import RecordDataset, collate
+from minima.data.records.tfrecord_io import ShardWriter
 
 N = 103
 
@@ -54,7 +55,9 @@ def test_shuffle_is_seeded_and_buffer_zero_reads_in_order(rec_dir):
 
 def test_dataloader_workers_each_take_their_share(rec_dir):
     ds = RecordDataset(str(rec_dir), seed=3, shuffle_buffer=16)
-    plain = [int(x) for b in DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate) for x in b["input_ids"][:, 0]]
+    plain = [
+        int(x) for b in DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate) for x in b["input_ids"][:, 0]
+    ]
     assert sorted(plain) == list(range(N))
     # With the loader helper, the batch order is the single-process order for any worker count.
     ref = ids_of(RecordDataset(str(rec_dir), seed=3, shuffle_buffer=16))
@@ -150,11 +153,19 @@ def test_corrupt_record_is_detected_and_missing_index_is_rebuilt(tmp_path):
 
 
 def test_reader_on_a_built_artifact(tmp_path, demo_data_dir, tiny_tokenizer_dir):
-    from minima.config import RecordsConfig
-    from minima.records.build import run
+    from minima.core.config import RecordsConfig
+    from minima.stages.records import run
 
-    art = run(RecordsConfig(inputs=str(demo_data_dir / "chat" / "demo_chat.json"), tokenizer=str(tiny_tokenizer_dir),
-                            out_dir=str(tmp_path / "rec"), format="chat", max_length=128, dev_fraction=0.1))
+    art = run(
+        RecordsConfig(
+            inputs=str(demo_data_dir / "chat" / "demo_chat.json"),
+            tokenizer=str(tiny_tokenizer_dir),
+            out_dir=str(tmp_path / "rec"),
+            format="chat",
+            max_length=128,
+            dev_fraction=0.1,
+        )
+    )
     m = art.metrics
     for split in ("train", "dev"):
         ds = RecordDataset(str(art.path), split, shuffle_buffer=0)
@@ -167,13 +178,24 @@ def test_reader_on_a_built_artifact(tmp_path, demo_data_dir, tiny_tokenizer_dir)
 @pytest.mark.tfio
 def test_tensorflow_reads_our_records(tmp_path, demo_data_dir, tiny_tokenizer_dir):
     tf = pytest.importorskip("tensorflow", reason="the tfio extra (tensorflow) is not installed")
-    from minima.config import RecordsConfig
-    from minima.records.build import run
+    from minima.core.config import RecordsConfig
+    from minima.stages.records import run
 
-    art = run(RecordsConfig(inputs=str(demo_data_dir / "text" / "*.txt"), tokenizer=str(tiny_tokenizer_dir),
-                            out_dir=str(tmp_path / "rec"), max_length=64, shard_size=200, dev_fraction=0.0))
+    art = run(
+        RecordsConfig(
+            inputs=str(demo_data_dir / "text" / "*.txt"),
+            tokenizer=str(tiny_tokenizer_dir),
+            out_dir=str(tmp_path / "rec"),
+            max_length=64,
+            shard_size=200,
+            dev_fraction=0.0,
+        )
+    )
     files = sorted(str(p) for p in (art.path / "train").glob("*.tfrecord"))
     spec = {"indices": tf.io.VarLenFeature(tf.int64)}
-    got = [tf.sparse.to_dense(tf.io.parse_single_example(x, spec)["indices"]).numpy().tolist() for x in tf.data.TFRecordDataset(files)]
+    got = [
+        tf.sparse.to_dense(tf.io.parse_single_example(x, spec)["indices"]).numpy().tolist()
+        for x in tf.data.TFRecordDataset(files)
+    ]
     ours = [s["input_ids"].tolist() for s in RecordDataset(str(art.path), shuffle_buffer=0)]
     assert got == ours and len(got) == art.metrics["num_records"]["train"]

@@ -1,13 +1,13 @@
 """``minima serve``: real HTTP on loopback with the official openai client, checked against HF generate."""
+
 from __future__ import annotations
 
 import json
 import threading
 
+import _chat_server as cs
 import httpx
 import pytest
-
-import _chat_server as cs
 
 openai = pytest.importorskip("openai")
 
@@ -44,9 +44,15 @@ def _hf_greedy(hf, ids: list[int], max_new: int) -> tuple[str, int]:
     tok, model = hf
     x = torch.tensor([ids])
     with torch.no_grad():
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-    new = out[0, len(ids):].tolist()
+        out = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.eos_token_id,
+        )
+    new = out[0, len(ids) :].tolist()
     if new and new[-1] == tok.eos_token_id:
         new = new[:-1]
     return tok.decode(new, skip_special_tokens=True), len(new)
@@ -61,7 +67,9 @@ def test_models_and_greedy_chat_and_completion_match_hf_generate(client, model_d
     assert ids == [_name(model_dir)]
 
     tok, _ = hf
-    prompt_ids = tok(tok.apply_chat_template(Q, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+    prompt_ids = tok(tok.apply_chat_template(Q, add_generation_prompt=True, tokenize=False), add_special_tokens=False)[
+        "input_ids"
+    ]
     want, n_new = _hf_greedy(hf, prompt_ids, 24)
     r = client.chat.completions.create(model=_name(model_dir), messages=Q, max_tokens=24, temperature=0)
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
@@ -82,7 +90,9 @@ def test_streaming_reassembles_to_the_non_streamed_text(client, model_dir):
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content and len(text) > 0
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [full.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        full.choices[0].finish_reason
+    ]
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 3  # really incremental
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens and chunks[-1].choices == []
 
@@ -103,15 +113,19 @@ def test_sampling_parameters(client, model_dir):
     assert texts != [x.message.content for x in c.choices]
     assert len(set(texts)) > 1  # the n choices are separate samples
     # top_p this small keeps only the most likely token: sampling becomes greedy.
-    assert client.chat.completions.create(temperature=1.0, top_p=1e-6, seed=3, **kw).choices[0].message.content == greedy
+    assert (
+        client.chat.completions.create(temperature=1.0, top_p=1e-6, seed=3, **kw).choices[0].message.content == greedy
+    )
 
     long = client.chat.completions.create(temperature=0, **dict(kw, max_tokens=40)).choices[0].message.content
-    stop = long[len(long) // 2: len(long) // 2 + 3]
+    stop = long[len(long) // 2 : len(long) // 2 + 3]
     assert stop.strip() and long.find(stop) > 0
     r = client.chat.completions.create(temperature=0, stop=[stop], **dict(kw, max_tokens=40))
     assert r.choices[0].message.content == long[: long.find(stop)] and r.choices[0].finish_reason == "stop"
-    streamed = "".join(ch.choices[0].delta.content or "" for ch in
-                       client.chat.completions.create(temperature=0, stop=stop, stream=True, **dict(kw, max_tokens=40)))
+    streamed = "".join(
+        ch.choices[0].delta.content or ""
+        for ch in client.chat.completions.create(temperature=0, stop=stop, stream=True, **dict(kw, max_tokens=40))
+    )
     assert streamed == long[: long.find(stop)]  # the stop text never leaks into a delta
 
     r = client.chat.completions.create(temperature=0, **dict(kw, max_tokens=5))
@@ -150,8 +164,17 @@ def test_bad_requests_get_openai_shaped_4xx(srv, client, model_dir):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=name, prompt="hi", max_tokens=2047)
     assert e.value.body["code"] == "context_length_exceeded"
-    for bad in ({"n": 0}, {"n": 99}, {"temperature": 3}, {"top_p": 0}, {"stop": ["a", "b", "c", "d", "e"]}, {"max_tokens": "ten"},
-                {"logprobs": True}, {"messages": []}, {"messages": [{"role": "user", "content": 3}]}):
+    for bad in (
+        {"n": 0},
+        {"n": 99},
+        {"temperature": 3},
+        {"top_p": 0},
+        {"stop": ["a", "b", "c", "d", "e"]},
+        {"max_tokens": "ten"},
+        {"logprobs": True},
+        {"messages": []},
+        {"messages": [{"role": "user", "content": 3}]},
+    ):
         body = dict({"model": name, "messages": Q}, **bad)
         err = _error(_raw(srv, "/chat/completions", json.dumps(body)), 400)
         assert err["param"] and err["param"].split("[")[0] in bad, (bad, err)
@@ -182,10 +205,13 @@ def test_concurrent_requests_are_all_served_correctly(client, model_dir):
         try:
             stream = i % 2 == 1
             if stream:
-                results[i] = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(messages=prompts[i % 3], stream=True, **kw))
+                results[i] = "".join(
+                    c.choices[0].delta.content or ""
+                    for c in client.chat.completions.create(messages=prompts[i % 3], stream=True, **kw)
+                )
             else:
                 results[i] = client.chat.completions.create(messages=prompts[i % 3], **kw).choices[0].message.content
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
@@ -198,7 +224,7 @@ def test_concurrent_requests_are_all_served_correctly(client, model_dir):
 
 
 def test_stop_strings_are_held_back_across_tokens():
-    from minima.serve import _Choice
+    from minima.infer.serve import _Choice
 
     class Tok:  # decode = concatenation of pieces
         pieces = {1: "Hel", 2: "lo ", 3: "wor", 4: "ld", 5: "!"}
@@ -227,8 +253,8 @@ def test_model_without_chat_template_falls_back_to_the_minichat_format(model_dir
 
     from transformers import AutoTokenizer
 
-    from minima.formats import get_format
-    from minima.serve import Engine
+    from minima.data.formats import get_format
+    from minima.infer.serve import Engine
 
     plain = tmp_path / "plain"
     shutil.copytree(model_dir, plain)

@@ -1,4 +1,5 @@
 """Stage sft: labels, seq2seq pairs, the recipe on the engine (families, LoRA, packing, patience), errors."""
+
 from __future__ import annotations
 
 import json
@@ -8,14 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from minima.config import LoraConfig, SftConfig
-from minima.errors import ConfigError, DataError, InputError, MinimaError
-from minima.formats import get_format
-from minima.sft import _FlatMap, apply_loss_on, label_runs, to_seq2seq
+from minima.core.config import LoraConfig, SftConfig
+from minima.core.errors import ConfigError, DataError, InputError
+from minima.data.formats import get_format
+from minima.stages.sft import _FlatMap, apply_loss_on, label_runs, to_seq2seq
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
-CONV = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "2 plus 3 equals 5."},
-        {"role": "user", "content": "What color is the sky?"}, {"role": "assistant", "content": "The sky is blue."}]
+CONV = [
+    {"role": "user", "content": "What is 2 plus 3?"},
+    {"role": "assistant", "content": "2 plus 3 equals 5."},
+    {"role": "user", "content": "What color is the sky?"},
+    {"role": "assistant", "content": "The sky is blue."},
+]
 
 
 @pytest.fixture(autouse=True)
@@ -33,8 +38,11 @@ def _inprocess(monkeypatch):
 def _example(tok, fmt="minichat", conv=CONV):
     ids, mask = get_format(fmt).encode(tok, conv)
     ids, mask = torch.tensor(ids), torch.tensor(mask)
-    return {"input_ids": ids, "labels": torch.where(mask.bool(), ids, torch.full_like(ids, -100)),
-            "attention_mask": torch.ones_like(ids)}
+    return {
+        "input_ids": ids,
+        "labels": torch.where(mask.bool(), ids, torch.full_like(ids, -100)),
+        "attention_mask": torch.ones_like(ids),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +57,17 @@ def test_loss_on_variants(tok):
     ex = _example(tok)
     eos = tok.eos_token_id
     runs = label_runs(ex["labels"])
-    assert [tok.decode(ex["input_ids"][s:e - 1]).strip() for s, e in runs] == ["2 plus 3 equals 5.", "The sky is blue."]
+    assert [tok.decode(ex["input_ids"][s : e - 1]).strip() for s, e in runs] == [
+        "2 plus 3 equals 5.",
+        "The sky is blue.",
+    ]
     assert all(int(ex["input_ids"][e - 1]) == eos for _, e in runs)
     assert apply_loss_on(ex, "assistant") is ex
     allx = apply_loss_on(ex, "all")
     assert torch.equal(allx["labels"], ex["input_ids"])
     last = apply_loss_on(ex, "last-turn")
-    (s, e), = label_runs(last["labels"])
-    assert (s, e) == runs[-1] and tok.decode(last["labels"][s:e - 1]).strip() == "The sky is blue."
+    ((s, e),) = label_runs(last["labels"])
+    assert (s, e) == runs[-1] and tok.decode(last["labels"][s : e - 1]).strip() == "The sky is blue."
 
 
 def test_seq2seq_pairs(tok):
@@ -103,12 +114,19 @@ def test_flatmap_resumes_exactly(tok):
 @pytest.fixture(scope="module")
 def chat_records(tmp_path_factory, tiny_tokenizer_dir, demo_data_dir):
     """MiniChat records of the demo chat data, built once by the records stage."""
-    from minima.config import RecordsConfig
-    from minima.records.build import run as records_run
+    from minima.core.config import RecordsConfig
+    from minima.stages.records import run as records_run
 
     out = tmp_path_factory.mktemp("sft_records") / "records"
-    cfg = RecordsConfig(inputs=str(demo_data_dir / "chat" / "demo_chat.json"), tokenizer=str(tiny_tokenizer_dir),
-                        format="chat", chat_format="minichat", max_length=128, dev_fraction=0.05, out_dir=str(out))
+    cfg = RecordsConfig(
+        inputs=str(demo_data_dir / "chat" / "demo_chat.json"),
+        tokenizer=str(tiny_tokenizer_dir),
+        format="chat",
+        chat_format="minichat",
+        max_length=128,
+        dev_fraction=0.05,
+        out_dir=str(out),
+    )
     return records_run(cfg).path
 
 
@@ -120,15 +138,30 @@ def _save_family(family: str, out: Path, tok_dir: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     model = tiny_llama(len(tok), seed=0, **SMALL) if family == "llama" else tiny_family_model(family, len(tok), seed=0)
     if family == "t5":  # the tiny T5 config's special ids are T5's; use the tokenizer's
-        model.config.eos_token_id, model.config.pad_token_id, model.config.decoder_start_token_id = tok.eos_token_id, 0, 0
+        model.config.eos_token_id, model.config.pad_token_id, model.config.decoder_start_token_id = (
+            tok.eos_token_id,
+            0,
+            0,
+        )
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
 
 
 def _cfg(tmp_path, model, records, **kw) -> SftConfig:
-    base = dict(model=str(model), records=str(records), out_dir=str(tmp_path / "sft"), precision="fp32", zero_stage=2,
-                micro_batch_size=8, max_steps=8, lr=3e-3, warmup_proportion=0.1, eval_steps=0, max_length=128)
+    base = dict(
+        model=str(model),
+        records=str(records),
+        out_dir=str(tmp_path / "sft"),
+        precision="fp32",
+        zero_stage=2,
+        micro_batch_size=8,
+        max_steps=8,
+        lr=3e-3,
+        warmup_proportion=0.1,
+        eval_steps=0,
+        max_length=128,
+    )
     base.update(kw)
     return SftConfig(**base)
 
@@ -137,7 +170,7 @@ def _dev_loss(model_dir, records, seq2seq=False) -> float:
     """Mean label-token loss of a model dir on the records' dev split (reference: plain HF forward)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from minima.records import RecordDataset
+    from minima.data.records import RecordDataset
 
     cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     model = cls.from_pretrained(str(model_dir)).eval()
@@ -155,7 +188,7 @@ def _dev_loss(model_dir, records, seq2seq=False) -> float:
 
 @pytest.mark.parametrize("family", ["llama", "bloom", "opt", "t5"])
 def test_family_loss_goes_down_and_export_reloads(family, tmp_path, chat_records, tiny_tokenizer_dir):
-    from minima import sft
+    from minima.stages import sft
 
     model = _save_family(family, tmp_path / f"base_{family}", tiny_tokenizer_dir)
     art = sft.run(_cfg(tmp_path, model, chat_records))
@@ -172,7 +205,9 @@ def test_family_loss_goes_down_and_export_reloads(family, tmp_path, chat_records
     tok = AutoTokenizer.from_pretrained(str(out))
     assert gen["eos_token_id"] == tok.eos_token_id
     msgs = CONV[:2]
-    assert list(tok.apply_chat_template(msgs, tokenize=True)["input_ids"]) == get_format("minichat").encode(tok, msgs)[0]
+    assert (
+        list(tok.apply_chat_template(msgs, tokenize=True)["input_ids"]) == get_format("minichat").encode(tok, msgs)[0]
+    )
 
 
 def test_lora_zero3_merged_and_adapter_dir(tmp_path, chat_records, tiny_tokenizer_dir):
@@ -180,12 +215,14 @@ def test_lora_zero3_merged_and_adapter_dir(tmp_path, chat_records, tiny_tokenize
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from minima import sft
-    from minima.lora import load_adapter
+    from minima.stages import sft
+    from minima.train.lora import load_adapter
 
     base = _save_family("llama", tmp_path / "base", tiny_tokenizer_dir)
     lora = LoraConfig(enabled=True, r=8, alpha=16, dropout=0.0)
-    merged = sft.run(_cfg(tmp_path, base, chat_records, zero_stage=3, lr=1e-2, lora=lora, out_dir=str(tmp_path / "merged"))).path
+    merged = sft.run(
+        _cfg(tmp_path, base, chat_records, zero_stage=3, lr=1e-2, lora=lora, out_dir=str(tmp_path / "merged"))
+    ).path
     assert not any("lora" in k for k in load_file(str(merged / "model.safetensors")))
     assert _dev_loss(merged, chat_records) < _dev_loss(base, chat_records) - 0.1
     # Only the adapted projections changed (their deltas are low rank); embeddings and norms did not.
@@ -199,19 +236,27 @@ def test_lora_zero3_merged_and_adapter_dir(tmp_path, chat_records, tiny_tokenize
             assert torch.equal(m[k], b[k]), k
 
     lora2 = lora.model_copy(update={"merge": False})
-    adir = sft.run(_cfg(tmp_path, base, chat_records, zero_stage=2, lr=1e-2, lora=lora2, out_dir=str(tmp_path / "adapter"))).path
+    adir = sft.run(
+        _cfg(tmp_path, base, chat_records, zero_stage=2, lr=1e-2, lora=lora2, out_dir=str(tmp_path / "adapter"))
+    ).path
     assert (adir / "adapter_config.json").is_file() and not (adir / "model.safetensors").exists()
     assert (adir / "chat_template.jinja").is_file() or "chat_template" in (adir / "tokenizer_config.json").read_text()
     peft_model = load_adapter(adir).eval()
     plain = AutoModelForCausalLM.from_pretrained(str(base)).eval()
-    ids = torch.tensor([get_format("minichat").encode(plain and __import__("transformers").AutoTokenizer.from_pretrained(str(adir)), CONV)[0]])
+    ids = torch.tensor(
+        [
+            get_format("minichat").encode(
+                plain and __import__("transformers").AutoTokenizer.from_pretrained(str(adir)), CONV
+            )[0]
+        ]
+    )
     with torch.no_grad():
         assert not torch.allclose(peft_model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-3)
 
 
 def test_packing_neftune_instruction_loss(tmp_path, chat_records, tiny_tokenizer_dir):
     """packing + NEFTune + loss_on=all through the engine: trains, exports clean, template intact."""
-    from minima import sft
+    from minima.stages import sft
 
     base = _save_family("llama", tmp_path / "base", tiny_tokenizer_dir)
     art = sft.run(_cfg(tmp_path, base, chat_records, packing=True, neftune_alpha=5.0, loss_on="all", max_steps=6))
@@ -223,11 +268,22 @@ def test_packing_neftune_instruction_loss(tmp_path, chat_records, tiny_tokenizer
 
 def test_patience_exports_the_best_checkpoint(tmp_path, chat_records, tiny_tokenizer_dir):
     """A too-high lr makes dev loss rise; training stops early and the best step's weights are exported."""
-    from minima import sft
+    from minima.stages import sft
 
     base = _save_family("llama", tmp_path / "base", tiny_tokenizer_dir)
-    art = sft.run(_cfg(tmp_path, base, chat_records, lr=0.2, warmup_proportion=0.0, max_steps=12, eval_steps=1,
-                       patience=2, grad_clip=0.0))
+    art = sft.run(
+        _cfg(
+            tmp_path,
+            base,
+            chat_records,
+            lr=0.2,
+            warmup_proportion=0.0,
+            max_steps=12,
+            eval_steps=1,
+            patience=2,
+            grad_clip=0.0,
+        )
+    )
     m = art.metrics
     assert m["stopped_early"] and m["steps"] < 12 and m["best_step"] < m["steps"]
     # The exported weights are the best evaluation's: recomputing dev loss gives best_dev_loss.
@@ -238,12 +294,21 @@ def test_train_files_build_records_and_chatml_tokens(tmp_path, demo_data_dir, ti
     """Raw files go through the records stage; chatml adds its tokens and the model is resized."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from minima import sft
+    from minima.stages import sft
 
     base = _save_family("llama", tmp_path / "base", tiny_tokenizer_dir)
-    cfg = SftConfig(model=str(base), train_files=[str(demo_data_dir / "chat" / "demo_chat.json")], format="chatml",
-                    out_dir=str(tmp_path / "sft"), precision="fp32", zero_stage=2, micro_batch_size=8, max_steps=3,
-                    max_length=128, dev_fraction=0.05)
+    cfg = SftConfig(
+        model=str(base),
+        train_files=[str(demo_data_dir / "chat" / "demo_chat.json")],
+        format="chatml",
+        out_dir=str(tmp_path / "sft"),
+        precision="fp32",
+        zero_stage=2,
+        micro_batch_size=8,
+        max_steps=3,
+        max_length=128,
+        dev_fraction=0.05,
+    )
     art = sft.run(cfg)
     rec = Path(str(art.path) + ".records")
     assert json.loads((rec / "manifest.json").read_text())["metrics"]["chat_format"] == "chatml"
@@ -264,7 +329,7 @@ def _write(p: Path, obj) -> str:
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, tiny_tokenizer_dir, chat_records):
-    from minima import sft
+    from minima.stages import sft
 
     base = _save_family("llama", tmp_path / "base", tiny_tokenizer_dir)
     common = dict(model=str(base), out_dir=str(tmp_path / "o"), max_steps=1, precision="fp32")
@@ -273,7 +338,10 @@ def test_bad_inputs_are_clear_errors(tmp_path, tiny_tokenizer_dir, chat_records)
     with pytest.raises(DataError, match="no assistant reply") as e:
         sft.run(SftConfig(train_files=[no_reply], **common))
     assert "no_reply.json" in str(e.value)
-    swapped = _write(tmp_path / "swapped.json", [{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}])
+    swapped = _write(
+        tmp_path / "swapped.json",
+        [{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}],
+    )
     with pytest.raises(DataError, match="user turn"):
         sft.run(SftConfig(train_files=[swapped], **common))
     # A format that is missing from the registry.
@@ -284,7 +352,11 @@ def test_bad_inputs_are_clear_errors(tmp_path, tiny_tokenizer_dir, chat_records)
         sft.run(SftConfig(records=str(chat_records), format="alpaca", **common))
     # A LoRA target the model does not have: the message lists its linear modules.
     with pytest.raises(ConfigError, match="query_key_value") as e:
-        sft.run(SftConfig(records=str(chat_records), lora=LoraConfig(enabled=True, target_modules=["query_key_value"]), **common))
+        sft.run(
+            SftConfig(
+                records=str(chat_records), lora=LoraConfig(enabled=True, target_modules=["query_key_value"]), **common
+            )
+        )
     assert "q_proj" in str(e.value) and "down_proj" in str(e.value)
     # Family constraints, QLoRA without a GPU, and no data at all.
     bloom = _save_family("bloom", tmp_path / "bloom", tiny_tokenizer_dir)
@@ -306,7 +378,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, tiny_tokenizer_dir, chat_records)
 # -------------------------------------------------------------------------------------- FSDP
 def test_fsdp_two_ranks_on_cpu(tmp_path, chat_records, tiny_tokenizer_dir):
     """strategy=fsdp: torch FSDP2 over 2 gloo ranks on CPU; the loss falls and the export reloads."""
-    from minima import sft
+    from minima.stages import sft
 
     base = _save_family("llama", tmp_path / "base", tiny_tokenizer_dir)
     cfg = _cfg(tmp_path, base, chat_records, strategy="fsdp", max_steps=6, micro_batch_size=4)

@@ -1,24 +1,41 @@
 """Chat formats: the Jinja template gives the training ids; labelled tokens are exactly the replies."""
+
 from __future__ import annotations
 
 import pytest
 
-from minima.formats import (EOS, available_formats, chat_template, get_format, normalise_conversation,
-                            special_id, stop_token_ids)
+from minima.data.formats import (
+    EOS,
+    available_formats,
+    chat_template,
+    get_format,
+    normalise_conversation,
+    special_id,
+    stop_token_ids,
+)
 
 FORMATS = ["minichat", "alpaca", "instruction", "mc", "llama2-chat", "chatml"]
 
 CONVS = {
-    "single": [{"role": "user", "content": "What is the capital of France?"},
-               {"role": "assistant", "content": "The capital of France is Paris."}],
+    "single": [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."},
+    ],
     "multi_system_zh": [
         {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "法国的首都是哪里？"}, {"role": "assistant", "content": "法国的首都是巴黎。"},
-        {"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": "3 plus 4 equals 7."}],
-    "spaces_newlines": [{"role": "user", "content": " leading space\nand two lines"},
-                        {"role": "assistant", "content": "Line one.\n\nLine two "}],
+        {"role": "user", "content": "法国的首都是哪里？"},
+        {"role": "assistant", "content": "法国的首都是巴黎。"},
+        {"role": "user", "content": "What is 3 plus 4?"},
+        {"role": "assistant", "content": "3 plus 4 equals 7."},
+    ],
+    "spaces_newlines": [
+        {"role": "user", "content": " leading space\nand two lines"},
+        {"role": "assistant", "content": "Line one.\n\nLine two "},
+    ],
     "alpaca_input": normalise_conversation({"instruction": "Translate to Chinese.", "input": "water", "output": "水"}),
-    "mc_choices": normalise_conversation({"question": "What color is the sky?", "choices": ["red", "blue", "green"], "gold": 1}),
+    "mc_choices": normalise_conversation(
+        {"question": "What color is the sky?", "choices": ["red", "blue", "green"], "gold": 1}
+    ),
 }
 
 
@@ -65,8 +82,9 @@ def test_template_gives_training_ids_and_labels_are_replies(name, tok_name, toke
     for conv_name, msgs in CONVS.items():
         ids, mask = fmt.encode(tok, msgs)
         out = reloaded.apply_chat_template(msgs, tokenize=True)
-        assert list(out["input_ids"]) == ids, f"{name}/{conv_name}: template != training ids\n" \
-            f"{reloaded.apply_chat_template(msgs, tokenize=False)!r}"
+        assert list(out["input_ids"]) == ids, (
+            f"{name}/{conv_name}: template != training ids\n{reloaded.apply_chat_template(msgs, tokenize=False)!r}"
+        )
         # The prompt for generation (conversation without its last reply) matches too.
         prompt, _ = fmt.encode(tok, msgs[:-1], add_generation_prompt=True)
         gen = reloaded.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True)
@@ -77,7 +95,7 @@ def test_template_gives_training_ids_and_labels_are_replies(name, tok_name, toke
         runs = _runs(ids, mask)
         assert len(runs) == len(replies), f"{name}/{conv_name}"
         for run, reply in zip(runs, replies):
-            body, end = run[: -len(eot_ids)], run[-len(eot_ids):]
+            body, end = run[: -len(eot_ids)], run[-len(eot_ids) :]
             assert end == eot_ids
             assert tok.decode(body).strip() == reply.strip()
             assert body == list(tok(reply, add_special_tokens=False)["input_ids"])
@@ -93,7 +111,9 @@ def test_format_specific_text(tokenizers):
     no_input = get_format("alpaca").render(CONVS["single"], tokenizer=tok)
     assert "### Input:" not in no_input and "### Response:" in no_input
     mc = get_format("mc").render(CONVS["mc_choices"], tokenizer=tok)
-    assert "### QUESTION" in mc and "A. red\nB. blue\nC. green" in mc and "### ANSWER" in mc and mc.count("B. blue") == 2
+    assert (
+        "### QUESTION" in mc and "A. red\nB. blue\nC. green" in mc and "### ANSWER" in mc and mc.count("B. blue") == 2
+    )
     inst = get_format("instruction").render(CONVS["single"], tokenizer=tok)
     assert "### INSTRUCTION:" in inst and "### RESPONSE:" in inst
     l2 = get_format("llama2-chat").render(CONVS["multi_system_zh"], tokenizer=tok)

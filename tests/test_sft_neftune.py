@@ -1,4 +1,5 @@
 """NEFTune: noise of the right size in training forward passes only; eval and generate untouched."""
+
 from __future__ import annotations
 
 import math
@@ -6,10 +7,10 @@ import math
 import pytest
 import torch
 
-from minima.config import LoraConfig
-from minima.lora import apply_lora
-from minima.neftune import attach_neftune, detach_neftune
+from minima.core.config import LoraConfig
 from minima.testing import tiny_llama
+from minima.train.lora import apply_lora
+from minima.train.neftune import attach_neftune, detach_neftune
 
 
 @pytest.fixture(autouse=True)
@@ -21,8 +22,14 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-             attention_dropout=0.0)
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    attention_dropout=0.0,
+)
 
 
 def test_noise_only_in_training_and_of_the_right_scale():

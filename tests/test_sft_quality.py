@@ -1,7 +1,7 @@
 """Quality: after sft on the demo chat data, a tiny model answers held-out questions better.
 
 A tiny LLaMA is pretrained briefly on the demo pretraining text (where every fact appears), then
-instruction-tuned with ``minima.sft.run`` on the demo chat data, whose questions cover 75% of the
+instruction-tuned with ``minima.stages.sft.run`` on the demo chat data, whose questions cover 75% of the
 facts. The held-out questions (``eval/demo_mc/test.jsonl``) ask about the other 25%, so the model
 must answer from what pretraining taught it. The score reads the greedy reply to each question
 under the exported chat template: correct when it names the gold choice and no other choice.
@@ -12,6 +12,7 @@ The loglikelihood of each bare choice as the reply is printed too, for reference
 useful score here, because sft teaches whole-sentence replies ("The capital of Kenya is Nairobi."),
 which makes any bare one-word reply unlikely.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ def _pretrain(model, tok, text_file, steps=300, batch=16, seq=64, lr=3e-3):
     model.train()
     for step in range(steps):
         starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
-        x = torch.stack([data[s:s + seq] for s in starts])
+        x = torch.stack([data[s : s + seq] for s in starts])
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         loss = model(input_ids=x, labels=x).loss
@@ -50,11 +51,19 @@ def _score(model, tok, items):
     answered = ll_right = 0
     with torch.no_grad():
         for r in items:
-            prompt = list(tok.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=True,
-                                                  add_generation_prompt=True)["input_ids"])
-            out = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-            reply = tok.decode(out[0, len(prompt):], skip_special_tokens=True)
+            prompt = list(
+                tok.apply_chat_template(
+                    [{"role": "user", "content": r["question"]}], tokenize=True, add_generation_prompt=True
+                )["input_ids"]
+            )
+            out = model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=20,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.eos_token_id,
+            )
+            reply = tok.decode(out[0, len(prompt) :], skip_special_tokens=True)
             named = [c for c in r["choices"] if c in reply]
             answered += named == [r["choices"][r["gold"]]]
             scores = []
@@ -63,7 +72,7 @@ def _score(model, tok, items):
                 x = torch.tensor([prompt + cont])
                 lp = model(input_ids=x).logits[0, :-1].log_softmax(-1)
                 tgt = x[0, 1:]
-                scores.append(lp[torch.arange(len(tgt)), tgt][-len(cont):].sum().item())
+                scores.append(lp[torch.arange(len(tgt)), tgt][-len(cont) :].sum().item())
             ll_right += max(range(len(scores)), key=scores.__getitem__) == r["gold"]
     return answered / len(items), ll_right / len(items)
 
@@ -72,9 +81,9 @@ def _score(model, tok, items):
 def test_sft_answers_held_out_questions_better(tmp_path, demo_data_dir, tiny_tokenizer_dir, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from minima import sft
-    from minima.config import SftConfig
-    from minima.formats import chat_template
+    from minima.core.config import SftConfig
+    from minima.data.formats import chat_template
+    from minima.stages import sft
     from minima.testing import tiny_llama
 
     monkeypatch.setenv("MINIMA_INPROCESS", "1")
@@ -93,20 +102,37 @@ def test_sft_answers_held_out_questions_better(tmp_path, demo_data_dir, tiny_tok
         english = [c for c in chats if all(t["User"].isascii() for t in c)]
         train_file = tmp_path / "chat_en.json"
         train_file.write_text(json.dumps(english))
-        held_out = [json.loads(line) for line in (demo_data_dir / "eval" / "demo_mc" / "test.jsonl").read_text().splitlines()]
+        held_out = [
+            json.loads(line) for line in (demo_data_dir / "eval" / "demo_mc" / "test.jsonl").read_text().splitlines()
+        ]
         held_out = [r for r in held_out if r["lang"] == "en"]
 
         tok.chat_template = chat_template("minichat", tok)  # the same prompt the sft export will carry
         before = _score(model, tok, held_out)
 
-        cfg = SftConfig(model=str(base), train_files=[str(train_file)], out_dir=str(tmp_path / "sft"), format="minichat",
-                        precision="fp32", zero_stage=2, micro_batch_size=16, max_steps=200, lr=1e-3,
-                        warmup_proportion=0.05, min_lr_ratio=1.0, weight_decay=0.0, max_length=64, dev_fraction=0.05)
+        cfg = SftConfig(
+            model=str(base),
+            train_files=[str(train_file)],
+            out_dir=str(tmp_path / "sft"),
+            format="minichat",
+            precision="fp32",
+            zero_stage=2,
+            micro_batch_size=16,
+            max_steps=200,
+            lr=1e-3,
+            warmup_proportion=0.05,
+            min_lr_ratio=1.0,
+            weight_decay=0.0,
+            max_length=64,
+            dev_fraction=0.05,
+        )
         out = sft.run(cfg).path
         tuned = AutoModelForCausalLM.from_pretrained(str(out)).eval()
         after = _score(tuned, AutoTokenizer.from_pretrained(str(out)), held_out)
     finally:
         torch.set_num_threads(threads)
-    print(f"\nheld-out demo questions (English, n={len(held_out)}): answer accuracy {before[0]:.3f} -> {after[0]:.3f} "
-          f"after sft; bare-choice loglikelihood accuracy {before[1]:.3f} -> {after[1]:.3f}")
+    print(
+        f"\nheld-out demo questions (English, n={len(held_out)}): answer accuracy {before[0]:.3f} -> {after[0]:.3f} "
+        f"after sft; bare-choice loglikelihood accuracy {before[1]:.3f} -> {after[1]:.3f}"
+    )
     assert after[0] >= before[0] + 0.1

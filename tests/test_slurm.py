@@ -1,16 +1,15 @@
 """launcher=slurm against fake sbatch/sacct/scontrol/srun on PATH that run the job locally
 (no Slurm cluster exists here). The rendered script is the real one; torchrun really runs."""
+
 import os
 import socket
 import stat
-import sys
-from pathlib import Path
 
 import pytest
 
-from minima.config import LaunchConfig
-from minima.errors import TrainingError
-from minima.slurm import render_sbatch, run_slurm
+from minima.core.config import LaunchConfig
+from minima.core.errors import TrainingError
+from minima.train.slurm import render_sbatch, run_slurm
 
 FAKES = {
     "sbatch": r"""#!/bin/bash
@@ -30,7 +29,7 @@ echo "$id|$s|$rc:0|fakenode1"
 echo "$id.0|$s|$rc:0|fakenode1"
 """,
     "scontrol": "#!/bin/bash\necho 127.0.0.1\n",
-    "srun": "#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec \"$@\"\n",
+    "srun": '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
     "scancel": "#!/bin/bash\nexit 0\n",
 }
 
@@ -67,7 +66,12 @@ sys.exit(int(sys.argv[2]))
 
 
 def test_render_uses_slurm_rank_and_master(tmp_path):
-    script = render_sbatch("adapt", ["-m", "minima.train.worker", "cfg.json"], LaunchConfig(launcher="slurm", nnodes=4, gpus_per_node=8), tmp_path)
+    script = render_sbatch(
+        "adapt",
+        ["-m", "minima.train.worker", "cfg.json"],
+        LaunchConfig(launcher="slurm", nnodes=4, gpus_per_node=8),
+        tmp_path,
+    )
     text = script.read_text()
     assert "#SBATCH --nodes=4" in text and "#SBATCH --gpus-per-node=8" in text
     assert '--node_rank "$SLURM_PROCID"' in text and "scontrol show hostnames" in text

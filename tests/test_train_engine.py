@@ -3,6 +3,7 @@
 Runs are in-process (MINIMA_INPROCESS=1) on a tiny Llama (hidden 64, 2 layers) with the
 synthetic recipe; the subprocess paths (torchrun, 2 processes, 2 nodes) are in test_train_launch.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,11 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from minima.artifacts import StageRun
-from minima.errors import ConfigError, InputError, TrainingError
+from minima.core.artifacts import StageRun
+from minima.core.errors import ConfigError, InputError, TrainingError
 from minima.train import LossOut, run_training
 from minima.train.metrics import read_metrics
-from minima.train.synthetic import SyntheticConfig, SyntheticDataset, SyntheticRecipe, pad_collate
+from minima.train.synthetic import (
+    SyntheticConfig,
+    SyntheticDataset,
+    SyntheticRecipe,
+    pad_collate,
+)
 
 SYN = "minima.train.synthetic:SyntheticRecipe"
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
@@ -33,8 +39,19 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def base_cfg(model_dir: Path, out: Path, **kw) -> SyntheticConfig:
-    args = dict(model=str(model_dir), out_dir=str(out), precision="fp32", zero_stage=2, micro_batch_size=8,
-                gradient_accumulation_steps=1, max_steps=6, lr=3e-3, warmup_proportion=0.0, seq_len=32, num_examples=256)
+    args = dict(
+        model=str(model_dir),
+        out_dir=str(out),
+        precision="fp32",
+        zero_stage=2,
+        micro_batch_size=8,
+        gradient_accumulation_steps=1,
+        max_steps=6,
+        lr=3e-3,
+        warmup_proportion=0.0,
+        seq_len=32,
+        num_examples=256,
+    )
     args.update(kw)
     return SyntheticConfig(**args)
 
@@ -213,7 +230,9 @@ def test_early_stopping_exports_best_and_runs_callbacks(model_dir, tmp_path):
     ScriptedDevRecipe.evals, ScriptedDevRecipe._last = 0, None
     RecordingCallback.steps = []
     cfg = base_cfg(model_dir, tmp_path / "out", max_steps=20, eval_steps=2, patience=2, dev_examples=16, keep_last=1)
-    res, work = train_inprocess(cfg, recipe=f"{__name__}:ScriptedDevRecipe", callbacks=[f"{__name__}:RecordingCallback"])
+    res, work = train_inprocess(
+        cfg, recipe=f"{__name__}:ScriptedDevRecipe", callbacks=[f"{__name__}:RecordingCallback"]
+    )
     assert res["stopped_early"] and res["steps"] == 8
     assert res["best_step"] == 4 and res["best_dev_loss"] == pytest.approx(2.0)
     assert RecordingCallback.steps == [2, 4, 6, 8]
@@ -226,8 +245,9 @@ def test_early_stopping_exports_best_and_runs_callbacks(model_dir, tmp_path):
     state = torch.load(best / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     exported = weights(work)
     assert max(float((exported[k] - state[k]).abs().max()) for k in exported) == 0.0
-    last = torch.load(work / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt", map_location="cpu",
-                      weights_only=False)["module"]
+    last = torch.load(
+        work / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )["module"]
     assert max(float((exported[k] - last[k]).abs().max()) for k in exported) > 0
 
 
@@ -236,7 +256,9 @@ def test_early_stopping_best_export_under_zero3(model_dir, tmp_path):
     exports = []
     for zero in (2, 3):
         ScriptedDevRecipe.evals, ScriptedDevRecipe._last = 0, None
-        cfg = base_cfg(model_dir, tmp_path / f"z{zero}", zero_stage=zero, max_steps=20, eval_steps=2, patience=2, dev_examples=16)
+        cfg = base_cfg(
+            model_dir, tmp_path / f"z{zero}", zero_stage=zero, max_steps=20, eval_steps=2, patience=2, dev_examples=16
+        )
         res, work = train_inprocess(cfg, recipe=f"{__name__}:ScriptedDevRecipe")
         assert res["best_step"] == 4 and res["steps"] == 8
         exports.append(weights(work))
@@ -253,15 +275,24 @@ def test_ds_config_default_file_matches_builtin():
 def test_ds_config_resolution_and_errors(tmp_path, model_dir):
     from minima.train.ds_config import resolve_ds_config
 
-    cfg = base_cfg(model_dir, tmp_path / "o", micro_batch_size=4, gradient_accumulation_steps=8, lr=3e-5,
-                   warmup_proportion=0.01, min_lr_ratio=0.1, grad_clip=1.0, zero_stage=None)
+    cfg = base_cfg(
+        model_dir,
+        tmp_path / "o",
+        micro_batch_size=4,
+        gradient_accumulation_steps=8,
+        lr=3e-5,
+        warmup_proportion=0.01,
+        min_lr_ratio=0.1,
+        grad_clip=1.0,
+        zero_stage=None,
+    )
     cfg = cfg.model_copy(update={"precision": "bf16"})
     ds = resolve_ds_config(cfg, world_size=32, total_steps=1000, on_gpu=True, hidden_size=4096)
     assert ds["train_batch_size"] == 4 * 8 * 32 and ds["gradient_accumulation_steps"] == 8
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     assert ds["optimizer"]["params"]["betas"] == [0.9, 0.95] and ds["optimizer"]["params"]["weight_decay"] == 0.1
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 10 and ds["scheduler"]["params"]["cos_min_ratio"] == 0.1
-    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["reduce_bucket_size"] == 4096 ** 2
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["reduce_bucket_size"] == 4096**2
     # bf16 is the default precision; on CPU it becomes fp32 unless asked for
     cpu = SyntheticConfig(model=str(model_dir), out_dir=str(tmp_path / "o"))
     assert resolve_ds_config(cpu, world_size=1, total_steps=10, on_gpu=False)["bf16"]["enabled"] is False
@@ -269,13 +300,24 @@ def test_ds_config_resolution_and_errors(tmp_path, model_dir):
     bad = tmp_path / "bad.json"
     bad.write_text('{\n  "zero_optimization": {"stage": 2,}\n}')
     with pytest.raises(ConfigError, match=r"bad.json:2"):
-        resolve_ds_config(base_cfg(model_dir, tmp_path / "o", ds_config=str(bad)), world_size=1, total_steps=10, on_gpu=False)
+        resolve_ds_config(
+            base_cfg(model_dir, tmp_path / "o", ds_config=str(bad)), world_size=1, total_steps=10, on_gpu=False
+        )
     with pytest.raises(InputError, match="not found"):
-        resolve_ds_config(base_cfg(model_dir, tmp_path / "o", ds_config=str(tmp_path / "nope.json")), world_size=1, total_steps=10, on_gpu=False)
+        resolve_ds_config(
+            base_cfg(model_dir, tmp_path / "o", ds_config=str(tmp_path / "nope.json")),
+            world_size=1,
+            total_steps=10,
+            on_gpu=False,
+        )
     extra = tmp_path / "extra.json"
-    extra.write_text('{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "foo": {"bar": "auto"}}')
+    extra.write_text(
+        '{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "foo": {"bar": "auto"}}'
+    )
     with pytest.raises(ConfigError, match="foo.bar"):
-        resolve_ds_config(base_cfg(model_dir, tmp_path / "o", ds_config=str(extra)), world_size=1, total_steps=10, on_gpu=False)
+        resolve_ds_config(
+            base_cfg(model_dir, tmp_path / "o", ds_config=str(extra)), world_size=1, total_steps=10, on_gpu=False
+        )
 
 
 def test_mfu_and_step_line(tmp_path, caplog):

@@ -1,5 +1,6 @@
 """Launching: topology detection, the printed command, the hang guard, and real multi-process runs
 (2 processes on one node, and 2 "nodes" on loopback) matching a single process with the same global batch."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minima.errors import ConfigError, TrainingError
-from minima.train.launch import Plan, build_command, plan_launch
+from minima.core.errors import ConfigError, TrainingError
+from minima.train.launch import build_command, plan_launch
 from minima.train.metrics import read_metrics
 from minima.train.synthetic import SyntheticConfig
 
@@ -65,21 +66,55 @@ def test_plan_from_config_prints_standalone_torchrun(tmp_path):
     plan = plan_launch(cfg, env={})
     assert (plan.launcher, plan.nproc_per_node, plan.nnodes, plan.source) == ("torchrun", 2, 1, "config")
     cmd = build_command(plan, Path("spec.json"))
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "minima.train.worker", "spec.json"]
-    multi = SyntheticConfig(model="m", launch={"nnodes": 2, "node_rank": 1, "master_addr": "10.0.0.1", "master_port": 1234})
+    assert cmd[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        "-m",
+        "minima.train.worker",
+        "spec.json",
+    ]
+    multi = SyntheticConfig(
+        model="m", launch={"nnodes": 2, "node_rank": 1, "master_addr": "10.0.0.1", "master_port": 1234}
+    )
     cmd = build_command(plan_launch(multi, env={}), Path("s.json"))
-    assert " ".join(cmd).endswith("--nnodes 2 --node_rank 1 --master_addr 10.0.0.1 --master_port 1234 -m minima.train.worker s.json")
+    assert " ".join(cmd).endswith(
+        "--nnodes 2 --node_rank 1 --master_addr 10.0.0.1 --master_port 1234 -m minima.train.worker s.json"
+    )
 
 
 def test_plan_detects_slurm_and_torchrun_env():
     cfg = SyntheticConfig(model="m", launch={"nproc_per_node": 4})
-    slurm = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "3", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu[07-09]", "SLURM_GPUS_ON_NODE": "8",
-             "PATH": "/nonexistent"}
+    slurm = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_NNODES": "3",
+        "SLURM_NODEID": "2",
+        "SLURM_JOB_NODELIST": "gpu[07-09]",
+        "SLURM_GPUS_ON_NODE": "8",
+        "PATH": "/nonexistent",
+    }
     p = plan_launch(cfg, env=slurm)
-    assert (p.launcher, p.nnodes, p.node_rank, p.nproc_per_node, p.master_addr, p.source) == ("torchrun", 3, 2, 8, "gpu07", "slurm")
+    assert (p.launcher, p.nnodes, p.node_rank, p.nproc_per_node, p.master_addr, p.source) == (
+        "torchrun",
+        3,
+        2,
+        8,
+        "gpu07",
+        "slurm",
+    )
     assert not p.is_leader
-    tr = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1", "MASTER_ADDR": "h0",
-          "MASTER_PORT": "555", "TORCHELASTIC_RUN_ID": "x"}
+    tr = {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "GROUP_RANK": "1",
+        "MASTER_ADDR": "h0",
+        "MASTER_PORT": "555",
+        "TORCHELASTIC_RUN_ID": "x",
+    }
     p = plan_launch(cfg, env=tr)
     assert (p.launcher, p.nnodes, p.node_rank, p.source) == ("external", 2, 1, "torchrun")
 
@@ -124,8 +159,18 @@ def test_heartbeat_names_the_rank_behind():
 
 # ------------------------------------------------------------------------------ real processes
 def _cfg(model_dir: Path, out: Path, **kw) -> SyntheticConfig:
-    args = dict(model=str(model_dir), out_dir=str(out), precision="fp32", zero_stage=2, micro_batch_size=8,
-                max_steps=6, lr=3e-3, warmup_proportion=0.0, seq_len=32, num_examples=256)
+    args = dict(
+        model=str(model_dir),
+        out_dir=str(out),
+        precision="fp32",
+        zero_stage=2,
+        micro_batch_size=8,
+        max_steps=6,
+        lr=3e-3,
+        warmup_proportion=0.0,
+        seq_len=32,
+        num_examples=256,
+    )
     args.update(kw)
     return SyntheticConfig(**args)
 
@@ -141,8 +186,14 @@ def _start(tmp: Path, cfg: SyntheticConfig, name: str) -> subprocess.Popen:
     driver.write_text(DRIVER)
     spec = tmp / f"{name}.json"
     spec.write_text(json.dumps(cfg.model_dump(mode="json")))
-    return subprocess.Popen([sys.executable, str(driver), str(spec)], env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, str(driver), str(spec)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -162,7 +213,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("launch")
     tiny_llama(128, seed=0, **SHAPE).save_pretrained(str(d / "model"))
     # One process, micro-batch 8 (in-process: no subprocess start-up cost).
-    from minima.artifacts import StageRun
+    from minima.core.artifacts import StageRun
     from minima.train import run_training
 
     cfg = _cfg(d / "model", d / "one")
@@ -172,7 +223,9 @@ def setup(tmp_path_factory):
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        run_training(cfg, "minima.train.synthetic:SyntheticRecipe", StageRun(work_dir=work, out_dir=d / "one", config=cfg))
+        run_training(
+            cfg, "minima.train.synthetic:SyntheticRecipe", StageRun(work_dir=work, out_dir=d / "one", config=cfg)
+        )
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -209,9 +262,19 @@ def test_two_nodes_on_loopback_match_two_processes(setup, two_procs):
     d, _ = setup
     port = free_port_pair()
     out = d / "nodes"
-    procs = [_start(d, _cfg(d / "model", out, micro_batch_size=4,
-                            launch={"nnodes": 2, "node_rank": r, "master_addr": "127.0.0.1", "master_port": port}), f"node{r}")
-             for r in (1, 0)]  # the follower first: the hang guard makes it wait for node 0
+    procs = [
+        _start(
+            d,
+            _cfg(
+                d / "model",
+                out,
+                micro_batch_size=4,
+                launch={"nnodes": 2, "node_rank": r, "master_addr": "127.0.0.1", "master_port": port},
+            ),
+            f"node{r}",
+        )
+        for r in (1, 0)
+    ]  # the follower first: the hang guard makes it wait for node 0
     logs = [_wait(p) for p in procs]
     assert f"--nnodes 2 --node_rank 1 --master_addr 127.0.0.1 --master_port {port}" in logs[0]
     assert (out / "manifest.json").is_file() and not out.with_name("nodes.partial").exists()

@@ -3,6 +3,7 @@
 The reference is always SentencePiece itself (or the base model / a hand computation), never "it ran".
 Real-data tests use ../shared/data and skip without it; the demo tests run on a fresh clone.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,13 +12,22 @@ import shutil
 import pytest
 from conftest import shared
 
-from minima.config import VocabConfig
-from minima.errors import ArtifactError, InputError, MinimaError
-from minima.tokenizers import NORMAL, UNUSED, load_proto, load_sp, mismatches
-from minima.vocab import CJK, run
+from minima.core.config import VocabConfig
+from minima.core.errors import ArtifactError, InputError, MinimaError
+from minima.data.tokenizers import NORMAL, UNUSED, load_proto, load_sp, mismatches
+from minima.data.vocab import CJK
+from minima.stages.vocab import run
 
-MIXED = ["Hello 世界! 我们在 2024 年用 Python 3.12 写代码。", "价格是$30，约合￥200元。", "  两个空格开头", "tab\tand\nnewline  多个   空格",
-         " leading", " ", "a  b   c    d", "def f(x):\n    if x:\n        return 1\n\treturn 0"]
+MIXED = [
+    "Hello 世界! 我们在 2024 年用 Python 3.12 写代码。",
+    "价格是$30，约合￥200元。",
+    "  两个空格开头",
+    "tab\tand\nnewline  多个   空格",
+    " leading",
+    " ",
+    "a  b   c    d",
+    "def f(x):\n    if x:\n        return 1\n\treturn 0",
+]
 EMOJI = ["I love 🍕 and 🐼! 😀👍🏽👨‍👩‍👧", "表情🎉很好", "🙂" * 5]
 BYTES = ["\x00\x01 control", "Ω≈ç√∫ ünïcödé ﬁ ligature", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𠀀𠀁 rare 𪚥", "ㄅㄆㄇ한국어 ไทย ©®™"]
 
@@ -46,8 +56,15 @@ def demo_runs(demo_data_dir, tmp_path_factory):
     out = {}
     for mode in ("minima", "chinese-llama"):
         d = tmp_path_factory.mktemp("vocab") / mode
-        run(VocabConfig(base_tokenizer=str(tk / "base_en.model"), extra_sp_model=str(tk / "extra_zh.model"), mode=mode, out_dir=str(d),
-                        sample_texts=[str(demo_data_dir / "text/pretrain_en.txt"), str(demo_data_dir / "text/pretrain_zh.txt")]))
+        run(
+            VocabConfig(
+                base_tokenizer=str(tk / "base_en.model"),
+                extra_sp_model=str(tk / "extra_zh.model"),
+                mode=mode,
+                out_dir=str(d),
+                sample_texts=[str(demo_data_dir / "text/pretrain_en.txt"), str(demo_data_dir / "text/pretrain_zh.txt")],
+            )
+        )
         out[mode] = d
     return out
 
@@ -67,7 +84,7 @@ def test_demo_minima_mode(demo_runs, demo_data_dir):
     added = _added(d, base.get_piece_size())
     normal = [p for p in added if p.type == NORMAL]
     assert normal and all(CJK.search(p.piece) for p in normal)
-    assert len(added) - len(normal) == m["pad_pieces"] < 64 and all(p.type == UNUSED for p in added[len(normal):])
+    assert len(added) - len(normal) == m["pad_pieces"] < 64 and all(p.type == UNUSED for p in added[len(normal) :])
     # scores below the base's lowest, preserving the extra model's order
     base_low = min(p.score for p in load_proto(demo_data_dir / "tokenizers/base_en.model").pieces if p.type == NORMAL)
     scores = [p.score for p in normal]
@@ -105,8 +122,16 @@ def test_demo_resized_model(init, tiny_model_dir, tiny_tokenizer_dir, demo_data_
     from transformers import AutoModelForCausalLM
 
     d = tmp_path / "vocab"
-    run(VocabConfig(base_tokenizer=str(tiny_tokenizer_dir), extra_sp_model=str(demo_data_dir / "tokenizers/extra_zh.model"),
-                    mode="minima", out_dir=str(d), base_model=str(tiny_model_dir), embedding_init=init))
+    run(
+        VocabConfig(
+            base_tokenizer=str(tiny_tokenizer_dir),
+            extra_sp_model=str(demo_data_dir / "tokenizers/extra_zh.model"),
+            mode="minima",
+            out_dir=str(d),
+            base_model=str(tiny_model_dir),
+            embedding_init=init,
+        )
+    )
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
     new = AutoModelForCausalLM.from_pretrained(str(d)).eval()
     tok = _auto(d)
@@ -144,7 +169,9 @@ def test_bad_inputs_one_clear_error_and_nothing_written(tmp_path, demo_data_dir,
     out = tmp_path / "out"
 
     def cfg(**kw):
-        base = dict(base_tokenizer=str(tk / "base_en.model"), extra_sp_model=str(tk / "extra_zh.model"), out_dir=str(out))
+        base = dict(
+            base_tokenizer=str(tk / "base_en.model"), extra_sp_model=str(tk / "extra_zh.model"), out_dir=str(out)
+        )
         return VocabConfig(**{**base, **kw})
 
     with pytest.raises(InputError, match="not found") as e:
@@ -174,7 +201,7 @@ def test_bad_inputs_one_clear_error_and_nothing_written(tmp_path, demo_data_dir,
 
 
 def test_sample_texts_override_parses_as_list():
-    from minima.config import build
+    from minima.core.config import build
 
     for raw in ("a.txt,b.txt", "[a.txt, b.txt]"):
         assert build(VocabConfig, overrides=[f"sample_texts={raw}"]).sample_texts == ["a.txt", "b.txt"]
@@ -210,8 +237,15 @@ def real_runs(tmp_path_factory):
     out = {}
     for mode in ("chinese-llama", "minima"):
         d = tmp_path_factory.mktemp("real") / mode
-        run(VocabConfig(base_tokenizer=str(tk / "llama2_tokenizer.model"), extra_sp_model=str(tk / "chinese_sp.model"), mode=mode,
-                        out_dir=str(d), sample_texts=[str(samples)]))
+        run(
+            VocabConfig(
+                base_tokenizer=str(tk / "llama2_tokenizer.model"),
+                extra_sp_model=str(tk / "chinese_sp.model"),
+                mode=mode,
+                out_dir=str(d),
+                sample_texts=[str(samples)],
+            )
+        )
         out[mode] = d
     return out
 
@@ -244,7 +278,9 @@ def test_real_minima_49152_and_english_unchanged(real_runs):
     novel = _novel()
     ratio = sum(map(len, sp.encode(novel))) / sum(map(len, base.encode(novel)))
     m = json.loads((d / "manifest.json").read_text())["metrics"]
-    print(f"\n[minima] Chinese tokens after/before on 500 novel lines = {ratio:.3f} (manifest zh_ratio {m['zh_ratio']})")
+    print(
+        f"\n[minima] Chinese tokens after/before on 500 novel lines = {ratio:.3f} (manifest zh_ratio {m['zh_ratio']})"
+    )
     assert 0.5 < ratio < 0.62 and abs(m["zh_ratio"] - ratio) < 0.02
     assert m["english_changed_fraction"] == 0.0 and m["pad_pieces"] == 13 and m["new_token_start"] == 32000
 
@@ -267,23 +303,42 @@ def test_real_transformers_own_conversion_differs(real_runs, tmp_path):
     tok, sp = _auto(d), load_sp(d / "tokenizer.model")
     novel, alpaca = _novel(100), _alpaca()[:300]
     bad_novel, bad_alpaca = mismatches(tok, sp, novel), mismatches(tok, sp, alpaca)
-    print(f"\n[LlamaTokenizer conversion] differs on {len(bad_novel)}/100 novel lines, {len(bad_alpaca)}/300 Alpaca records")
+    print(
+        f"\n[LlamaTokenizer conversion] differs on {len(bad_novel)}/100 novel lines, {len(bad_alpaca)}/300 Alpaca records"
+    )
     indented = {i for i, line in enumerate(novel) if line.startswith("    ")}
     assert indented <= set(bad_novel)  # cause 2: Metaspace drops the dummy prefix before leading spaces
     assert bad_alpaca and all("  " in alpaca[i] for i in bad_alpaca)  # cause 1: merges ranked by id, not score
-    assert tok.convert_ids_to_tokens(tok("    此", add_special_tokens=False)["input_ids"]) != sp.encode("    此", out_type=str)
+    assert tok.convert_ids_to_tokens(tok("    此", add_special_tokens=False)["input_ids"]) != sp.encode(
+        "    此", out_type=str
+    )
 
 
 def test_real_zero_scores_is_literal_and_reported(tmp_path):
     tk = shared("tokenizers")
     samples = tmp_path / "zh.txt"
     samples.write_text("\n".join(_novel(200)) + "\n", encoding="utf-8")
-    art = run(VocabConfig(base_tokenizer=str(tk / "llama2_tokenizer.model"), extra_sp_model=str(tk / "chinese_sp.model"),
-                          mode="chinese-llama", zero_scores=True, out_dir=str(tmp_path / "d"), sample_texts=[str(samples)]))
+    art = run(
+        VocabConfig(
+            base_tokenizer=str(tk / "llama2_tokenizer.model"),
+            extra_sp_model=str(tk / "chinese_sp.model"),
+            mode="chinese-llama",
+            zero_scores=True,
+            out_dir=str(tmp_path / "d"),
+            sample_texts=[str(samples)],
+        )
+    )
     pieces = load_proto(art.path / "tokenizer.model").pieces
     assert len(pieces) == 49953 and all(p.score == 0.0 for p in pieces[32000:])
     # equal scores: SentencePiece breaks ties by position, a tokenizer.json cannot; the manifest says so
     assert art.metrics["hf_sp_mismatch_fraction"] > 0.1
     with pytest.raises(MinimaError, match="zero_scores"):
-        run(VocabConfig(base_tokenizer=str(tk / "llama2_tokenizer.model"), extra_sp_model=str(tk / "chinese_sp.model"),
-                        mode="minima", zero_scores=True, out_dir=str(tmp_path / "e")))
+        run(
+            VocabConfig(
+                base_tokenizer=str(tk / "llama2_tokenizer.model"),
+                extra_sp_model=str(tk / "chinese_sp.model"),
+                mode="minima",
+                zero_scores=True,
+                out_dir=str(tmp_path / "e"),
+            )
+        )

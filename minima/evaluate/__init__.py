@@ -11,12 +11,20 @@ Tasks: mmlu ceval cmmlu arc_easy arc_challenge hellaswag winogrande demo_mc (mul
 gsm8k bbh drop humaneval (generation), perplexity (rolling windows over text files); mt_bench belle_eval
 zbench vicuna_bench alpaca_eval (LLM-judged chat, stage only; see ``chat.py``).
 """
+
 from __future__ import annotations
 
-from .core import evaluate_model
-from .report import compare, compare_main
-from .stage import EvalCallback, callback_factory, load_model, run, training_callbacks
-from .tasks import TASKS
+from minima.evaluate.callback import EvalCallback, callback_factory, training_callbacks
+from minima.evaluate.core import evaluate_model
+from minima.evaluate.report import compare, compare_main
+from minima.evaluate.tasks import TASKS
 
-__all__ = ["run", "compare", "compare_main", "evaluate_model", "EvalCallback", "callback_factory", "training_callbacks", "load_model",
-           "TASKS"]
+__all__ = [
+    "compare",
+    "compare_main",
+    "evaluate_model",
+    "EvalCallback",
+    "callback_factory",
+    "training_callbacks",
+    "TASKS",
+]

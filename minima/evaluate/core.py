@@ -4,20 +4,31 @@ Used by the evaluate stage (``run``), the pipeline's report, and the training en
 (:class:`EvalCallback`). Scores follow lm-eval's definitions; see ``tasks.py`` for prompts and
 ``lm.py`` for how requests are batched.
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
-from ..errors import InputError
-from ..logs import get_logger, progress
-from . import metrics as M
-from .lm import LM
-from .subjects import categories
-from .tasks import (TASKS, Doc, FewshotSampler, GSM8K, Task, TaskData, build_context, chat_wrap, get_task, load_task,
-                    task_root)
+from minima.core.errors import InputError
+from minima.core.logs import get_logger, progress
+from minima.evaluate import metrics as M
+from minima.evaluate.lm import LM
+from minima.evaluate.subjects import categories
+from minima.evaluate.tasks import (
+    Doc,
+    FewshotSampler,
+    Task,
+    TaskData,
+    build_context,
+    chat_wrap,
+    get_task,
+    load_task,
+    task_root,
+)
 
 log = get_logger("minima.evaluate")
 
@@ -101,8 +112,10 @@ def evaluate_model(
     """
     for name in task_names(tasks):
         if get_task(name).kind == "chat":
-            raise InputError(f"{name} is an LLM-judged chat task: it needs a judge endpoint and runs in the evaluate stage only",
-                             fix=f"run `minima evaluate model=DIR tasks=[{name}] judge_model=NAME ...`, or drop it here")
+            raise InputError(
+                f"{name} is an LLM-judged chat task: it needs a judge endpoint and runs in the evaluate stage only",
+                fix=f"run `minima evaluate model=DIR tasks=[{name}] judge_model=NAME ...`, or drop it here",
+            )
     lm = LM(model, tokenizer, batch_size=batch_size, distributed=distributed, max_length=max_length)
     data_root = Path(data_dir) if data_dir else default_data_dir()
     ctx = _Ctx(lm, tokenizer, chat_template, max_new_tokens, fewshot_seed, seed)
@@ -111,25 +124,42 @@ def evaluate_model(
         task = get_task(name)
         spec = _spec(tasks, name)
         t0, calls0 = time.time(), lm.forward_calls
-        n_shots = spec.get("shots") if spec.get("shots") is not None else (shots if shots is not None else task.default_shots)
+        n_shots = (
+            spec.get("shots") if spec.get("shots") is not None else (shots if shots is not None else task.default_shots)
+        )
         n_limit = spec.get("limit") or limit
         if task.kind == "ppl":
             res = _run_perplexity(ctx, task, spec, data_root, n_limit, samples)
         else:
             root = task_root(task, data_root, spec.get("path"))
-            td = load_task(task, root, split=spec.get("split"), fmt=spec.get("format"), limit=n_limit,
-                           subjects=spec.get("subjects"))
+            td = load_task(
+                task,
+                root,
+                split=spec.get("split"),
+                fmt=spec.get("format"),
+                limit=n_limit,
+                subjects=spec.get("subjects"),
+            )
             if task.kind == "mc":
                 res = _run_mc(ctx, task, td, n_shots, spec.get("mode") or mode, samples)
             else:
                 res = _run_gen(ctx, task, td, n_shots, spec, samples)
-            res["info"].update(split=td.eval_split, fewshot_split=td.fewshot_split, format=td.format, files=len(td.files))
+            res["info"].update(
+                split=td.eval_split, fewshot_split=td.fewshot_split, format=td.format, files=len(td.files)
+            )
         dt = time.time() - t0
         n = res["info"].get("n", 0)
-        res["info"].update(seconds=round(dt, 3), items_per_s=round(n / dt, 2) if dt > 0 else None,
-                           forward_calls=lm.forward_calls - calls0)
+        res["info"].update(
+            seconds=round(dt, 3),
+            items_per_s=round(n / dt, 2) if dt > 0 else None,
+            forward_calls=lm.forward_calls - calls0,
+        )
         main = next((k for k in res if not isinstance(res[k], dict) and not k.endswith("_stderr")), None)
-        log.info(f"{name}: {main} {res[main]:.4f} on {n} items in {dt:.1f}s" if main and res[main] is not None else f"{name}: done")
+        log.info(
+            f"{name}: {main} {res[main]:.4f} on {n} items in {dt:.1f}s"
+            if main and res[main] is not None
+            else f"{name}: done"
+        )
         out[name] = res
     return out
 
@@ -147,8 +177,10 @@ def _run_mc(ctx: _Ctx, task: Task, td: TaskData, shots: int, mode: str, samples)
     for subject, docs in td.eval.items():
         pool = td.fewshot.get(subject) or td.fewshot.get("", [])
         if shots and not pool:
-            raise InputError(f"{task.name}/{subject}: {shots} shots asked but there is no few-shot pool",
-                             fix="add a dev split or set shots=0")
+            raise InputError(
+                f"{task.name}/{subject}: {shots} shots asked but there is no few-shot pool",
+                fix="add a dev split or set shots=0",
+            )
         sampler = FewshotSampler(pool, task.sampler, ctx.fewshot_seed, same_split=td.fewshot_split is None)
         for doc in docs:
             c = build_context(task, doc, sampler.sample(shots, doc), subject)
@@ -181,20 +213,35 @@ def _run_mc(ctx: _Ctx, task: Task, td: TaskData, shots: int, mode: str, samples)
             pred, pred_norm = M.argmax(ll), M.argmax([x / n for x, n in zip(ll, lens)])
             item = {"acc": float(pred == doc.gold), "acc_norm": float(pred_norm == doc.gold)}
             scores.setdefault(subject, []).append(item)
-            _sample(samples, task, subject, doc, gold=doc.gold, pred=pred, pred_norm=pred_norm, loglikelihoods=ll,
-                    is_greedy=[g for _, g in lls[a:b]], **item)
+            _sample(
+                samples,
+                task,
+                subject,
+                doc,
+                gold=doc.gold,
+                pred=pred,
+                pred_norm=pred_norm,
+                loglikelihoods=ll,
+                is_greedy=[g for _, g in lls[a:b]],
+                **item,
+            )
         metric_names = MC_METRICS
     res = _aggregate(task, scores, metric_names)
-    res["info"] = {"n": sum(len(v) for v in scores.values()), "shots": shots, "mode": mode,
-                   "chat_template": ctx.chat}
+    res["info"] = {"n": sum(len(v) for v in scores.values()), "shots": shots, "mode": mode, "chat_template": ctx.chat}
     return res
 
 
 def _sample(samples, task, subject, doc, **kw):
     if samples is None:
         return
-    samples.append({"task": task.name, **({"subject": subject} if subject else {}), "where": doc.where,
-                    **{k: v for k, v in kw.items()}})
+    samples.append(
+        {
+            "task": task.name,
+            **({"subject": subject} if subject else {}),
+            "where": doc.where,
+            **{k: v for k, v in kw.items()},
+        }
+    )
 
 
 def _aggregate(task: Task, scores: dict[str, list[dict]], metric_names) -> dict:
@@ -219,7 +266,9 @@ def _aggregate(task: Task, scores: dict[str, list[dict]], metric_names) -> dict:
                 cats.setdefault(c, []).append(s)
         if cats:
             weighted = task.name == "mmlu"  # hendrycks/lm-eval: over questions; C-Eval/CMMLU: mean of subjects
-            res["categories"] = {c: _group(subs, members, metric_names, weighted) for c, members in sorted(cats.items())}
+            res["categories"] = {
+                c: _group(subs, members, metric_names, weighted) for c, members in sorted(cats.items())
+            }
             if not weighted:  # the official C-Eval/CMMLU average is the mean over subjects
                 g = _group(subs, list(subs), metric_names, False)
                 for m in metric_names:
@@ -256,18 +305,26 @@ def _run_gen(ctx: _Ctx, task: Task, td: TaskData, shots: int, spec: dict, sample
             shots_docs = sampler.sample(shots, doc) if shots else []
             delim = "" if task.name == "drop" else " "
             prefix = task.description(subject) + "".join(
-                s.query + delim + _target_text(task, s) + "\n\n" for s in shots_docs)
+                s.query + delim + _target_text(task, s) + "\n\n" for s in shots_docs
+            )
             per_doc.append((subject, doc, _prompt(ctx, prefix + doc.query)))
     n_samples = int(spec.get("num_samples") or 1) if task.name == "humaneval" else 1
     temperature = spec.get("temperature") if spec.get("temperature") is not None else 0.8
     bar = _bar(task.name, len(per_doc))
-    gens = ctx.lm.generate_until([c for _, _, c in per_doc], until=task.stop, max_new_tokens=ctx.max_new_tokens,
-                                 do_sample=n_samples > 1, temperature=temperature, num_samples=n_samples, seed=ctx.seed,
-                                 progress=bar.update)
+    gens = ctx.lm.generate_until(
+        [c for _, _, c in per_doc],
+        until=task.stop,
+        max_new_tokens=ctx.max_new_tokens,
+        do_sample=n_samples > 1,
+        temperature=temperature,
+        num_samples=n_samples,
+        seed=ctx.seed,
+        progress=bar.update,
+    )
     bar.close()
     scores: dict[str, list[dict]] = {}
     if task.name == "humaneval":
-        from .sandbox import check_programs
+        from minima.evaluate.sandbox import check_programs
 
         programs: list[str] = []
         for (_, doc, _), outs in zip(per_doc, gens):
@@ -276,21 +333,37 @@ def _run_gen(ctx: _Ctx, task: Task, td: TaskData, shots: int, spec: dict, sample
         ks = [k for k in (1, 10, 100) if k <= n_samples]
         i = 0
         for (subject, doc, _), outs in zip(per_doc, gens):
-            rs = results[i: i + len(outs)]
+            rs = results[i : i + len(outs)]
             i += len(outs)
             c = sum(r.passed for r in rs)
             item = {f"pass@{k}": M.pass_at_k(len(outs), c, k) for k in ks}
             scores.setdefault(subject, []).append(item)
-            _sample(samples, task, subject, doc, task_id=doc.raw.get("task_id"), completions=outs,
-                    status=[r.status for r in rs], detail=[r.detail for r in rs][:1], isolation=rs[0].isolation if rs else None, **item)
+            _sample(
+                samples,
+                task,
+                subject,
+                doc,
+                task_id=doc.raw.get("task_id"),
+                completions=outs,
+                status=[r.status for r in rs],
+                detail=[r.detail for r in rs][:1],
+                isolation=rs[0].isolation if rs else None,
+                **item,
+            )
         metric_names = tuple(f"pass@{k}" for k in ks)
     else:
         for (subject, doc, _), outs in zip(per_doc, gens):
             g = outs[0]
             if task.name == "gsm8k":
                 ext = M.gsm8k_extract(g)
-                item = {"exact_match_strict": M.exact_match(ext["strict-match"], doc.target, M.GSM8K_IGNORE, ignore_case=True),
-                        "exact_match_flexible": M.exact_match(ext["flexible-extract"], doc.target, M.GSM8K_IGNORE, ignore_case=True)}
+                item = {
+                    "exact_match_strict": M.exact_match(
+                        ext["strict-match"], doc.target, M.GSM8K_IGNORE, ignore_case=True
+                    ),
+                    "exact_match_flexible": M.exact_match(
+                        ext["flexible-extract"], doc.target, M.GSM8K_IGNORE, ignore_case=True
+                    ),
+                }
                 extra = {"extracted": ext, "gold": doc.gold}
             elif task.name == "drop":
                 item, extra = M.drop_score(g, doc.gold), {"gold": [list(a) for a in doc.gold]}
@@ -300,8 +373,13 @@ def _run_gen(ctx: _Ctx, task: Task, td: TaskData, shots: int, spec: dict, sample
             _sample(samples, task, subject, doc, generation=g, **extra, **item)
         metric_names = tuple(scores[next(iter(scores))][0]) if scores else ()
     res = _aggregate(task, scores, metric_names)
-    res["info"] = {"n": sum(len(v) for v in scores.values()), "shots": shots, "mode": "generate",
-                   "max_new_tokens": ctx.max_new_tokens, "chat_template": ctx.chat}
+    res["info"] = {
+        "n": sum(len(v) for v in scores.values()),
+        "shots": shots,
+        "mode": "generate",
+        "max_new_tokens": ctx.max_new_tokens,
+        "chat_template": ctx.chat,
+    }
     if task.name == "humaneval":
         res["info"]["num_samples"] = n_samples
     return res
@@ -321,23 +399,29 @@ def _target_text(task: Task, doc: Doc) -> str:
 # ----------------------------------------------------------------------------------- perplexity
 def perplexity_texts(spec: dict, data_root: Optional[Path], limit: Optional[int]) -> list[tuple[str, str]]:
     """(name, text) pairs: the task path (files, a folder or a glob), data_dir/perplexity, else the demo corpus."""
-    from .data import list_files, read_rows
+    from minima.evaluate.data import list_files, read_rows
 
     root = Path(spec["path"]).expanduser() if spec.get("path") else None
     if root is None and data_root is not None:
         root = next((data_root / f for f in ("perplexity",) if (data_root / f).exists()), None)
     if root is None:
-        from ..demo_data import generate
+        from minima.data.demo import generate
 
         c = generate()
         n = limit or 200
-        return [("demo/pretrain_en", "\n".join(c.pretrain_en[:n]) + "\n"), ("demo/pretrain_zh", "\n".join(c.pretrain_zh[:n]) + "\n")]
+        return [
+            ("demo/pretrain_en", "\n".join(c.pretrain_en[:n]) + "\n"),
+            ("demo/pretrain_zh", "\n".join(c.pretrain_zh[:n]) + "\n"),
+        ]
     if spec.get("path") and not root.exists() and not any(ch in str(root) for ch in "*?["):
         raise InputError(f"perplexity: path {root} does not exist", where="tasks.perplexity.path")
     files = list_files(root, suffixes=(".txt", ".jsonl", ".json"))
     if not files:
-        raise InputError(f"perplexity: no .txt/.jsonl files under {root}", where="tasks.perplexity.path",
-                         fix="point it at text files (or JSONL rows with a 'text' field)")
+        raise InputError(
+            f"perplexity: no .txt/.jsonl files under {root}",
+            where="tasks.perplexity.path",
+            fix="point it at text files (or JSONL rows with a 'text' field)",
+        )
     out = []
     for f in files:
         if f.suffix == ".txt":
@@ -375,5 +459,9 @@ def _run_perplexity(ctx: _Ctx, task: Task, spec: dict, data_root: Optional[Path]
             samples.append({"task": "perplexity", "file": name, "nll": nll, **files[name]})
     if not total_tok:
         raise InputError("perplexity: the texts are empty", where="tasks.perplexity.path")
-    return {"token_perplexity": math.exp(total_nll / total_tok), "bits_per_byte": total_nll / total_bytes / math.log(2),
-            "files": files, "info": {"n": len(files), "tokens": total_tok, "window": window, "stride": stride, "mode": "rolling"}}
+    return {
+        "token_perplexity": math.exp(total_nll / total_tok),
+        "bits_per_byte": total_nll / total_bytes / math.log(2),
+        "files": files,
+        "info": {"n": len(files), "tokens": total_tok, "window": window, "stride": stride, "mode": "rolling"},
+    }

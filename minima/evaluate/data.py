@@ -4,15 +4,17 @@ Every reader yields ``(line, row)`` so that a bad record is reported as ``file:l
 are found by their schema (see ``tasks.py``), not by a fixed name; the split of a file comes from its
 path (``dev``, ``val``/``validation``, ``test``, ``train`` as a folder or a name token).
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
-from ..errors import DataError, InputError
+from minima.core.errors import DataError, InputError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 SPLIT_ALIASES = {"dev": "dev", "val": "val", "valid": "val", "validation": "val", "test": "test", "train": "train"}
@@ -60,11 +62,17 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", where=f"{path}:{i}",
-                                fix="fix or remove the line; each line must be one JSON object") from None
+                raise DataError(
+                    f"invalid JSON: {e.msg} (column {e.colno})",
+                    where=f"{path}:{i}",
+                    fix="fix or remove the line; each line must be one JSON object",
+                ) from None
             if not isinstance(row, dict):
-                raise DataError(f"expected a JSON object, got {type(row).__name__}", where=f"{path}:{i}",
-                                fix="each line must be one JSON object")
+                raise DataError(
+                    f"expected a JSON object, got {type(row).__name__}",
+                    where=f"{path}:{i}",
+                    fix="each line must be one JSON object",
+                )
             yield i, row
 
 
@@ -101,8 +109,11 @@ def read_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
             except StopIteration:
                 return
             except csv.Error as e:
-                raise DataError(f"malformed CSV: {e}", where=f"{path}:{start}",
-                                fix="check the quoting of this row (a field with a comma or newline must be quoted)") from None
+                raise DataError(
+                    f"malformed CSV: {e}",
+                    where=f"{path}:{start}",
+                    fix="check the quoting of this row (a field with a comma or newline must be quoted)",
+                ) from None
             if row:
                 yield start, row
             start = reader.line_num + 1

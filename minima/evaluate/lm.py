@@ -12,15 +12,17 @@ from the left to ``max_length + 1`` tokens), so the same tokens are scored. What
 
 Models whose forward takes no KV cache fall back to lm-eval's one-sequence-per-request scheme.
 """
+
 from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable, Iterable, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Optional
 
 import torch
 
-from ..errors import DataError, InputError
+from minima.core.errors import DataError, InputError
 
 TOKENIZER_INFINITY = 1000000000000000019884624838656
 DEFAULT_MAX_LENGTH = 2048
@@ -47,7 +49,7 @@ def dist_info() -> tuple[int, int]:
 
 def _chunks(seq: Sequence, n: int) -> Iterable[Sequence]:
     for i in range(0, len(seq), n):
-        yield seq[i: i + n]
+        yield seq[i : i + n]
 
 
 class LM:
@@ -61,7 +63,9 @@ class LM:
         distributed: split requests across ``torch.distributed`` ranks and gather the results.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: Optional[int] = None, distributed: bool = False):
+    def __init__(
+        self, model, tokenizer, batch_size: int = 16, max_length: Optional[int] = None, distributed: bool = False
+    ):
         self.model = model.eval()
         self.tok = tokenizer
         self.batch_size = max(1, int(batch_size))
@@ -115,7 +119,7 @@ class LM:
                 ctx = cache[context] = self.tok_encode(context)
         else:
             ctx = self.tok_encode(context)
-        return ctx, whole[len(ctx):]
+        return ctx, whole[len(ctx) :]
 
     # ------------------------------------------------------------------ distributed helpers
     def _mine(self, n: int) -> list[int]:
@@ -143,13 +147,14 @@ class LM:
         mask = torch.zeros((len(seqs), n), dtype=torch.long)
         for i, s in enumerate(seqs):
             if s:
-                ids[i, n - len(s):] = torch.tensor(s, dtype=torch.long)
-                mask[i, n - len(s):] = 1
+                ids[i, n - len(s) :] = torch.tensor(s, dtype=torch.long)
+                mask[i, n - len(s) :] = 1
         return ids.to(device), mask.to(device)
 
     # ------------------------------------------------------------------ loglikelihood
-    def loglikelihood(self, requests: Sequence[tuple[str, str]], progress: Optional[Callable[[int], None]] = None
-                      ) -> list[tuple[float, bool]]:
+    def loglikelihood(
+        self, requests: Sequence[tuple[str, str]], progress: Optional[Callable[[int], None]] = None
+    ) -> list[tuple[float, bool]]:
         """``(sum log p(continuation | context), continuation is the greedy decode)`` per request."""
         cache: dict = {}
         groups: dict[tuple, list[tuple[tuple, int]]] = {}
@@ -157,12 +162,17 @@ class LM:
         for i, (ctx, cont) in enumerate(requests):
             c, k = self.encode_pair(ctx, cont, cache)
             if not k:
-                raise DataError(f"continuation {cont!r} encodes to no tokens", where=f"request {i}",
-                                fix="check the choices of this item (an empty choice cannot be scored)")
+                raise DataError(
+                    f"continuation {cont!r} encodes to no tokens",
+                    where=f"request {i}",
+                    fix="check the choices of this item (an empty choice cannot be scored)",
+                )
             if len(k) > L:
-                raise DataError(f"continuation of {len(k)} tokens exceeds the model's max length {L}", where=f"request {i}")
+                raise DataError(
+                    f"continuation of {len(k)} tokens exceeds the model's max length {L}", where=f"request {i}"
+                )
             if len(c) + len(k) > L + 1:  # lm-eval: keep the last L+1 tokens, i.e. truncate the context from the left
-                c = (c + k)[-(L + 1):][: -len(k)]
+                c = (c + k)[-(L + 1) :][: -len(k)]
             groups.setdefault(tuple(c), []).append((tuple(k), i))
         keys = self._order(groups)
         mine = [keys[j] for j in self._mine(len(keys))]
@@ -182,6 +192,7 @@ class LM:
 
     def _order(self, groups: dict) -> list[tuple]:
         """Longest first; contexts that share their first tokens (the few-shot prefix) kept together."""
+
         def size(c):
             return len(c) + max(len(k) for k, _ in groups[c])
 
@@ -218,8 +229,9 @@ class LM:
         ids, rmask = self._left_pad([c[p:] for c in ctxs], self.pad_id, self.device)
         mask = torch.cat([torch.ones((len(ctxs), p), dtype=torch.long, device=self.device), rmask], dim=1)
         pos = p + (rmask.cumsum(-1) - 1).clamp(min=0)
-        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                            use_cache=True, **kw)
+        out = self._forward(
+            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, **kw
+        )
         return out.logits[:, -1, :], out.past_key_values, mask
 
     def _score_cached(self, batch: list[tuple[tuple, list[tuple[tuple, int]]]]):
@@ -273,7 +285,7 @@ class LM:
         res, at = {}, 0
         for _, k, i in rows:
             m = len(k) - 1
-            res[i] = (math.fsum(tok_lp[at: at + m]), all(hit[at: at + m]))
+            res[i] = (math.fsum(tok_lp[at : at + m]), all(hit[at : at + m]))
             at += m
         return res
 
@@ -289,7 +301,7 @@ class LM:
                 ids[r, : len(s)] = torch.tensor(s)
             logits = self._forward(input_ids=ids.to(self.device)).logits
             for r, (c, k, i) in enumerate(part):
-                lp = torch.log_softmax(logits[r, len(c) - 1: len(c) - 1 + len(k)].float(), dim=-1)
+                lp = torch.log_softmax(logits[r, len(c) - 1 : len(c) - 1 + len(k)].float(), dim=-1)
                 tgt = torch.tensor(k, device=self.device)
                 results[i] = (float(lp.gather(1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
         return results.items()
@@ -308,7 +320,9 @@ class LM:
                 ids, mask = self._left_pad([enc[i] for i in part], self.pad_id, self.device)
                 pos = (mask.cumsum(-1) - 1).clamp(min=0)
                 kw = {"logits_to_keep": 1} if self.keep_ok else {}
-                logits = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kw).logits
+                logits = self._forward(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kw
+                ).logits
                 lp = torch.log_softmax(logits[:, -1, :].float(), dim=-1)[:, tid]
                 for r, i in enumerate(part):
                     out[i] = lp[r].tolist()
@@ -316,9 +330,17 @@ class LM:
         return [out[i] for i in range(len(contexts))]
 
     # ------------------------------------------------------------------ generation
-    def generate_until(self, contexts: Sequence[str], until: Sequence[str], max_new_tokens: int = 256,
-                       do_sample: bool = False, temperature: float = 1.0, num_samples: int = 1, seed: int = 0,
-                       progress: Optional[Callable[[int], None]] = None) -> list[list[str]]:
+    def generate_until(
+        self,
+        contexts: Sequence[str],
+        until: Sequence[str],
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        num_samples: int = 1,
+        seed: int = 0,
+        progress: Optional[Callable[[int], None]] = None,
+    ) -> list[list[str]]:
         """Continuations of each context, cut before the first stop string (``num_samples`` per context)."""
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -336,7 +358,7 @@ class LM:
             def __call__(self, input_ids, scores, **kw):
                 for r in range(input_ids.shape[0]):
                     if not self.done[r]:
-                        text = tok.decode(input_ids[r, self.start:], skip_special_tokens=True)
+                        text = tok.decode(input_ids[r, self.start :], skip_special_tokens=True)
                         self.done[r] = any(s in text for s in stops)
                 return self.done.clone().to(input_ids.device)
 
@@ -347,15 +369,25 @@ class LM:
             for part in _chunks(mine, self.batch_size):
                 ids, mask = self._left_pad([enc[i] for i in part], self.pad_id, self.device)
                 crit = _Stop(ids.shape[1], len(part) * num_samples)
-                kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if do_sample else dict(do_sample=False)
-                gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                          num_return_sequences=num_samples, stopping_criteria=StoppingCriteriaList([crit]),
-                                          pad_token_id=self.pad_id, **kw)
+                kw = (
+                    dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+                    if do_sample
+                    else dict(do_sample=False)
+                )
+                gen = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    num_return_sequences=num_samples,
+                    stopping_criteria=StoppingCriteriaList([crit]),
+                    pad_token_id=self.pad_id,
+                    **kw,
+                )
                 self.forward_calls += 1
                 for r, i in enumerate(part):
                     texts = []
                     for s in range(num_samples):
-                        text = tok.decode(gen[r * num_samples + s, ids.shape[1]:], skip_special_tokens=True)
+                        text = tok.decode(gen[r * num_samples + s, ids.shape[1] :], skip_special_tokens=True)
                         for stop in stops:
                             if stop in text:
                                 text = text.split(stop)[0]
@@ -367,8 +399,9 @@ class LM:
         return [out[i] for i in range(len(contexts))]
 
     # ------------------------------------------------------------------ perplexity
-    def rolling_nll(self, tokens: Sequence[int], window: Optional[int] = None, stride: Optional[int] = None
-                    ) -> tuple[float, int]:
+    def rolling_nll(
+        self, tokens: Sequence[int], window: Optional[int] = None, stride: Optional[int] = None
+    ) -> tuple[float, int]:
         """Summed negative log-likelihood and token count of ``tokens[1:]`` with a sliding window.
 
         Each window of ``window`` tokens scores only the tokens the previous window did not (the Hugging
@@ -406,7 +439,7 @@ class LM:
                 lps = torch.log_softmax(logits.float(), dim=-1)
                 for r, (b, e, s) in enumerate(part):
                     tgt = t[s:e].to(self.device)
-                    lp = lps[r, s - b - 1: e - b - 1].gather(1, tgt[:, None])
+                    lp = lps[r, s - b - 1 : e - b - 1].gather(1, tgt[:, None])
                     total -= float(lp.sum())
                     count += e - s
         if self.world > 1:

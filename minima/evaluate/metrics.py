@@ -4,12 +4,14 @@ Definitions follow lm-eval 0.4 (stderr of a mean = sample std / sqrt(n); a group
 subtasks' variances) and the reference implementations of DROP (allennlp drop_eval) and HumanEval
 (the unbiased pass@k estimator of Chen et al. 2021).
 """
+
 from __future__ import annotations
 
 import math
 import re
 import string
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 
 def mean(xs: Sequence[float]) -> float:
@@ -63,17 +65,24 @@ def regex_extract(text: str, pattern: str, group_select: int = 0, fallback: str 
 
 def gsm8k_extract(generation: str) -> dict[str, str]:
     """The strict (``#### N``) and flexible (last number) answers of a GSM8K generation."""
-    from .tasks import GSM8K_FLEXIBLE, GSM8K_STRICT
+    from minima.evaluate.tasks import GSM8K_FLEXIBLE, GSM8K_STRICT
 
-    return {"strict-match": regex_extract(generation, GSM8K_STRICT, 0),
-            "flexible-extract": regex_extract(generation, GSM8K_FLEXIBLE, -1)}
+    return {
+        "strict-match": regex_extract(generation, GSM8K_STRICT, 0),
+        "flexible-extract": regex_extract(generation, GSM8K_FLEXIBLE, -1),
+    }
 
 
 GSM8K_IGNORE = [",", "\\$", "(?s).*#### ", "\\.$"]
 
 
-def exact_match(pred: str, ref: str, regexes_to_ignore: Sequence[str] = (), ignore_case: bool = False,
-                ignore_punctuation: bool = False) -> float:
+def exact_match(
+    pred: str,
+    ref: str,
+    regexes_to_ignore: Sequence[str] = (),
+    ignore_case: bool = False,
+    ignore_punctuation: bool = False,
+) -> float:
     """HF ``evaluate`` exact_match as lm-eval configures it (regexes removed from both sides first)."""
     for r in regexes_to_ignore:
         pred, ref = re.sub(r, "", pred), re.sub(r, "", ref)

@@ -5,12 +5,13 @@ mirror lm-eval's own MMLU / ARC / HellaSwag / Winogrande / demo_mc configs but r
 minima reads; HellaSwag uses lm-eval's own ``process_docs``. ``run_lmeval`` runs them offline with
 an ``HFLM`` around an in-memory model and returns per-item results.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Optional
 
-_UTILS = '''
+_UTILS = """
 from lm_eval.tasks.hellaswag.utils import process_docs as hellaswag_process_docs  # lm-eval's own preprocessing
 
 
@@ -28,7 +29,7 @@ def wg_choice(doc):
 
 def wg_target(doc):
     return doc["continuation"].strip()
-'''
+"""
 
 _MC_METRICS = """metric_list:
   - metric: acc
@@ -46,9 +47,17 @@ def _q(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)  # a JSON string is a valid YAML double-quoted scalar
 
 
-def write_lmeval_tasks(out_dir: str | Path, data_dir: str | Path, mmlu_subjects: list[str] = (),
-                       mmlu_split: str = "val", arc: Optional[str] = "arc_easy", hellaswag: bool = True,
-                       winogrande: bool = True, demo_mc: Optional[str | Path] = None, prefix: str = "ref") -> list[str]:
+def write_lmeval_tasks(
+    out_dir: str | Path,
+    data_dir: str | Path,
+    mmlu_subjects: list[str] = (),
+    mmlu_split: str = "val",
+    arc: Optional[str] = "arc_easy",
+    hellaswag: bool = True,
+    winogrande: bool = True,
+    demo_mc: Optional[str | Path] = None,
+    prefix: str = "ref",
+) -> list[str]:
     """Write lm-eval task YAMLs under ``out_dir``; returns the task names.
 
     Args:
@@ -71,7 +80,9 @@ def write_lmeval_tasks(out_dir: str | Path, data_dir: str | Path, mmlu_subjects:
         cols = ["question", "A", "B", "C", "D", "answer"]
         conv = "".join(f"      {c}: !function utils.keep\n" for c in cols)
         desc = _q(f"The following are multiple choice questions (with answers) about {' '.join(s.split('_'))}.\n\n")
-        put(f"{prefix}_mmlu_{s}", f"""dataset_path: csv
+        put(
+            f"{prefix}_mmlu_{s}",
+            f"""dataset_path: csv
 dataset_kwargs:
   data_files:
     test: {_q(str(data / "mmlu" / mmlu_split / f"{s}_{mmlu_split}.csv"))}
@@ -89,10 +100,13 @@ description: {desc}
 doc_to_text: "{{{{question.strip()}}}}\\nA. {{{{A}}}}\\nB. {{{{B}}}}\\nC. {{{{C}}}}\\nD. {{{{D}}}}\\nAnswer:"
 doc_to_choice: ["A", "B", "C", "D"]
 doc_to_target: "{{{{['A', 'B', 'C', 'D'].index(answer)}}}}"
-{_MC_METRICS}""")
+{_MC_METRICS}""",
+        )
     if arc:
         f = data / "arc" / f"{arc}_llmfoundry_500.jsonl"
-        put(f"{prefix}_{arc}", f"""dataset_path: json
+        put(
+            f"{prefix}_{arc}",
+            f"""dataset_path: json
 dataset_kwargs:
   data_files:
     test: {_q(str(f))}
@@ -102,10 +116,13 @@ output_type: multiple_choice
 doc_to_text: "{{{{query}}}}\\nAnswer:"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: "{{{{gold}}}}"
-{_MC_METRICS}""")
+{_MC_METRICS}""",
+        )
     if hellaswag:
         f = data / "hellaswag" / "hellaswag_val_500.jsonl"
-        put(f"{prefix}_hellaswag", f"""dataset_path: json
+        put(
+            f"{prefix}_hellaswag",
+            f"""dataset_path: json
 dataset_kwargs:
   data_files:
     validation: {_q(str(f))}
@@ -115,10 +132,13 @@ process_docs: !function utils.hellaswag_process_docs
 doc_to_text: "{{{{query}}}}"
 doc_to_target: "{{{{label}}}}"
 doc_to_choice: "choices"
-{_MC_METRICS}""")
+{_MC_METRICS}""",
+        )
     if winogrande:
         f = data / "winogrande" / "winogrande_llmfoundry_500.jsonl"
-        put(f"{prefix}_winogrande", f"""dataset_path: json
+        put(
+            f"{prefix}_winogrande",
+            f"""dataset_path: json
 dataset_kwargs:
   data_files:
     test: {_q(str(f))}
@@ -128,10 +148,13 @@ output_type: multiple_choice
 doc_to_text: !function utils.wg_text
 doc_to_target: !function utils.wg_target
 doc_to_choice: !function utils.wg_choice
-{_MC_METRICS}""")
+{_MC_METRICS}""",
+        )
     if demo_mc:
         d = Path(demo_mc)
-        put(f"{prefix}_demo_mc", f"""dataset_path: json
+        put(
+            f"{prefix}_demo_mc",
+            f"""dataset_path: json
 dataset_kwargs:
   data_files:
     test: {_q(str(d / "test.jsonl"))}
@@ -142,12 +165,20 @@ output_type: multiple_choice
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:{{% if prefix %}} {{{{prefix}}}}{{% endif %}}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: "{{{{gold}}}}"
-{_MC_METRICS}""")
+{_MC_METRICS}""",
+        )
     return names
 
 
-def run_lmeval(model, tokenizer, task_dir: str | Path, tasks: list[str], shots: dict[str, int],
-               limit: Optional[int | dict[str, int]], batch_size: int = 16) -> dict[str, Any]:
+def run_lmeval(
+    model,
+    tokenizer,
+    task_dir: str | Path,
+    tasks: list[str],
+    shots: dict[str, int],
+    limit: Optional[int | dict[str, int]],
+    batch_size: int = 16,
+) -> dict[str, Any]:
     """Run lm-eval's ``simple_evaluate`` offline on the YAMLs in ``task_dir``.
 
     Returns ``{task: {"metrics": {...}, "items": [{"doc_id", "lls", "acc", "acc_norm"}, ...]}}``.
@@ -168,14 +199,24 @@ def run_lmeval(model, tokenizer, task_dir: str | Path, tasks: list[str], shots: 
         lim = limit.get(t) if isinstance(limit, dict) else limit
         runs.setdefault((shots.get(t, 0), lim), []).append(t)
     for (n, lim), group in runs.items():
-        res = lm_eval.simple_evaluate(model=lm, tasks=group, num_fewshot=n, limit=lim, task_manager=tm,
-                                      log_samples=True, bootstrap_iters=100, verbosity="ERROR")  # mean: closed-form stderr
+        res = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=group,
+            num_fewshot=n,
+            limit=lim,
+            task_manager=tm,
+            log_samples=True,
+            bootstrap_iters=100,
+            verbosity="ERROR",
+        )  # mean: closed-form stderr
         for t in group:
             items = []
             for s in sorted(res["samples"][t], key=lambda x: x["doc_id"]):
                 lls = [float(r[0]) for r in s["filtered_resps"]]
                 items.append({"doc_id": s["doc_id"], "lls": lls, "acc": s.get("acc"), "acc_norm": s.get("acc_norm")})
             m = res["results"][t]
-            out[t] = {"metrics": {k.split(",")[0]: v for k, v in m.items() if isinstance(v, (int, float)) and "," in k},
-                      "items": items}
+            out[t] = {
+                "metrics": {k.split(",")[0]: v for k, v in m.items() if isinstance(v, (int, float)) and "," in k},
+                "items": items,
+            }
     return out

@@ -1,4 +1,5 @@
 """results.json -> report.md tables, and ``minima evaluate compare A B``."""
+
 from __future__ import annotations
 
 import json
@@ -6,11 +7,24 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import InputError
+from minima.core.errors import InputError
 
-PERCENT = ("acc", "acc_norm", "exact_match", "exact_match_strict", "exact_match_flexible", "em", "f1", "pass@", "win_rate")
-CATEGORY_TASKS = {"mmlu": "MMLU categories (mean over questions)", "ceval": "C-Eval categories (mean of subjects)",
-                  "cmmlu": "CMMLU categories (mean of subjects)"}
+PERCENT = (
+    "acc",
+    "acc_norm",
+    "exact_match",
+    "exact_match_strict",
+    "exact_match_flexible",
+    "em",
+    "f1",
+    "pass@",
+    "win_rate",
+)
+CATEGORY_TASKS = {
+    "mmlu": "MMLU categories (mean over questions)",
+    "ceval": "C-Eval categories (mean of subjects)",
+    "cmmlu": "CMMLU categories (mean of subjects)",
+}
 
 
 def _is_pct(metric: str) -> bool:
@@ -33,8 +47,12 @@ def fmt(metric: str, value: Optional[float], err: Optional[float] = None) -> str
 def task_metrics(res: dict) -> list[str]:
     """The headline metrics of a task result (numbers that are not stderrs; a chat task's score even when None)."""
     chat = res.get("info", {}).get("kind") == "chat"
-    return [k for k, v in res.items() if (isinstance(v, (int, float)) and not isinstance(v, bool) or (chat and v is None))
-            and not k.endswith("_stderr")]
+    return [
+        k
+        for k, v in res.items()
+        if (isinstance(v, (int, float)) and not isinstance(v, bool) or (chat and v is None))
+        and not k.endswith("_stderr")
+    ]
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -53,9 +71,15 @@ def render_report(results: dict) -> str:
     if meta:
         out.append("")
         out.append(", ".join(f"{k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))))
-    out += ["", "Multiple choice *loglikelihood* mode is lm-eval's (acc: highest summed log-probability; acc_norm: "
-            "divided by the choice's length in characters); *letter* mode compares the next-token log-probabilities of "
-            "A/B/C/D (hendrycks/test). Percentages ± standard error.", "", "## Scores", ""]
+    out += [
+        "",
+        "Multiple choice *loglikelihood* mode is lm-eval's (acc: highest summed log-probability; acc_norm: "
+        "divided by the choice's length in characters); *letter* mode compares the next-token log-probabilities of "
+        "A/B/C/D (hendrycks/test). Percentages ± standard error.",
+        "",
+        "## Scores",
+        "",
+    ]
     first = models[names[0]]["tasks"]
     all_tasks = list(dict.fromkeys(t for n in names for t in models[n]["tasks"]))
     rows = []
@@ -76,8 +100,14 @@ def render_report(results: dict) -> str:
         cats = list(dict.fromkeys(c for n in names for c in models[n]["tasks"].get(t, {}).get("categories", {})))
         rows = []
         for c in cats:
-            row = [c, next(models[n]["tasks"][t]["categories"][c]["n_subjects"] for n in names
-                           if c in models[n]["tasks"].get(t, {}).get("categories", {}))]
+            row = [
+                c,
+                next(
+                    models[n]["tasks"][t]["categories"][c]["n_subjects"]
+                    for n in names
+                    if c in models[n]["tasks"].get(t, {}).get("categories", {})
+                ),
+            ]
             for n in names:
                 d = models[n]["tasks"].get(t, {}).get("categories", {}).get(c, {})
                 row.append(fmt("acc", d.get("acc"), d.get("acc_stderr")))
@@ -89,10 +119,19 @@ def render_report(results: dict) -> str:
         if not subs:
             continue
         m = "acc" if t != "bbh" else "exact_match"
-        rows = [[s, models[names[0]]["tasks"].get(t, {}).get("subjects", {}).get(s, {}).get("n", "")] +
-                [fmt(m, models[n]["tasks"].get(t, {}).get("subjects", {}).get(s, {}).get(m)) for n in names] for s in subs]
-        out += ["", f"<details><summary>{t}: {len(subs)} subjects ({m})</summary>", "", _table(["subject", "n", *names], rows),
-                "", "</details>"]
+        rows = [
+            [s, models[names[0]]["tasks"].get(t, {}).get("subjects", {}).get(s, {}).get("n", "")]
+            + [fmt(m, models[n]["tasks"].get(t, {}).get("subjects", {}).get(s, {}).get(m)) for n in names]
+            for s in subs
+        ]
+        out += [
+            "",
+            f"<details><summary>{t}: {len(subs)} subjects ({m})</summary>",
+            "",
+            _table(["subject", "n", *names], rows),
+            "",
+            "</details>",
+        ]
     del first
     return "\n".join(out) + "\n"
 
@@ -106,11 +145,18 @@ def _chat_sections(models: dict, names: list[str], all_tasks: list[str]) -> list
         if info.get("kind") != "chat":
             continue
         single = "score" in ref
-        how = ("mean grade 1-10 per judgment; unparseable judgments left out" if single else
-               "win rate against the baseline, each pair judged in both orders; ties and order-dependent verdicts count "
-               "half, unparseable pairs left out")
-        out += ["", f"## {t}: judged by `{info.get('judge')}` ({how})", "",
-                f"Answers and judgments: `{info.get('dir')}/`."]
+        how = (
+            "mean grade 1-10 per judgment; unparseable judgments left out"
+            if single
+            else "win rate against the baseline, each pair judged in both orders; ties and order-dependent verdicts count "
+            "half, unparseable pairs left out"
+        )
+        out += [
+            "",
+            f"## {t}: judged by `{info.get('judge')}` ({how})",
+            "",
+            f"Answers and judgments: `{info.get('dir')}/`.",
+        ]
         cats = list(dict.fromkeys(c for n in names for c in models[n]["tasks"].get(t, {}).get("per_category", {})))
         rows = []
         for c in [c for c in cats if c != "all"] + (["all"] if "all" in cats else []):
@@ -122,8 +168,10 @@ def _chat_sections(models: dict, names: list[str], all_tasks: list[str]) -> list
                     continue
                 value = e.get("mean") if single else e.get("win_rate")
                 bad = e.get("unparseable") if single else e.get("error")
-                row.append(f"{fmt('score' if single else 'win_rate', value)} (n {e.get('judged') if single else e.get('pairs')}, "
-                           f"unparseable {bad})")
+                row.append(
+                    f"{fmt('score' if single else 'win_rate', value)} (n {e.get('judged') if single else e.get('pairs')}, "
+                    f"unparseable {bad})"
+                )
             rows.append(row)
         out += ["", _table(["category", *names], rows)]
     return out

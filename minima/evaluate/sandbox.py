@@ -16,6 +16,7 @@ Layers, each enough to stop the others' known gaps:
 
 The temp dir is the working directory and ``HOME``/``TMPDIR``, and it is deleted afterwards.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,7 +32,7 @@ from typing import Literal, Optional
 Isolation = Literal["auto", "namespace", "python"]
 
 # Runs inside the sandbox's Python before the program: installs the audit hook, then execs prog.py.
-_GUARD = r'''
+_GUARD = r"""
 import os, sys
 ROOT = os.path.realpath(sys.argv[1])
 os.chdir(ROOT)  # re-enter the dir: after the bind mount the old cwd still points below it
@@ -80,11 +81,11 @@ del hook
 with open(os.path.join(ROOT, "prog.py"), encoding="utf-8") as _f:
     _code = compile(_f.read(), "prog.py", "exec")
 exec(_code, {"__name__": "__main__", "__builtins__": __builtins__})
-'''
+"""
 
 # Runs as the namespace's root: bind the temp dir writable, remount everything else read-only, then
 # re-exec the guard in a nested user+mount namespace (where those mounts are locked read-only).
-_SETUP = r'''
+_SETUP = r"""
 import os, subprocess, sys
 root = sys.argv[1]
 subprocess.run(["mount", "--bind", root, root], check=True)
@@ -99,7 +100,7 @@ for p in sorted(set(points), reverse=True):
     subprocess.run(["mount", "-o", "remount,bind,ro", p], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 os.execvp("unshare", ["unshare", "--user", "--map-root-user", "--mount", "--", sys.executable, "-I", "-B", "-c", sys.argv[2], root,
                        *sys.argv[3:]])
-'''
+"""
 
 
 @dataclass
@@ -116,8 +117,12 @@ def namespaces_available() -> bool:
     if shutil.which("unshare") is None or shutil.which("mount") is None:
         return False
     try:
-        return subprocess.run(["unshare", "--user", "--map-root-user", "--net", "--mount", "true"],
-                              capture_output=True, timeout=10).returncode == 0
+        return (
+            subprocess.run(
+                ["unshare", "--user", "--map-root-user", "--net", "--mount", "true"], capture_output=True, timeout=10
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -126,17 +131,28 @@ def _limits(memory_mb: int, cpu_s: int, file_mb: int):
     def apply():
         import resource
 
-        for res, val in ((resource.RLIMIT_AS, memory_mb << 20), (resource.RLIMIT_CPU, cpu_s),
-                         (resource.RLIMIT_FSIZE, file_mb << 20), (resource.RLIMIT_CORE, 0)):
+        for res, val in (
+            (resource.RLIMIT_AS, memory_mb << 20),
+            (resource.RLIMIT_CPU, cpu_s),
+            (resource.RLIMIT_FSIZE, file_mb << 20),
+            (resource.RLIMIT_CORE, 0),
+        ):
             try:
                 resource.setrlimit(res, (val, val))
             except (ValueError, OSError):
                 pass
+
     return apply
 
 
-def run_program(code: str, timeout_s: float = 10.0, memory_mb: int = 1024, file_mb: int = 16,
-                isolation: Isolation = "auto", audit_hook: bool = True) -> ExecResult:
+def run_program(
+    code: str,
+    timeout_s: float = 10.0,
+    memory_mb: int = 1024,
+    file_mb: int = 16,
+    isolation: Isolation = "auto",
+    audit_hook: bool = True,
+) -> ExecResult:
     """Execute ``code`` as a Python program in the sandbox; it passes when it exits with status 0.
 
     Args:
@@ -155,15 +171,35 @@ def run_program(code: str, timeout_s: float = 10.0, memory_mb: int = 1024, file_
         with open(os.path.join(tmp, "prog.py"), "w", encoding="utf-8") as f:
             f.write(code)
         if use_ns:
-            cmd = ["unshare", "--user", "--map-root-user", "--net", "--mount", "--", sys.executable, "-I", "-c", _SETUP, tmp, _GUARD]
+            cmd = [
+                "unshare",
+                "--user",
+                "--map-root-user",
+                "--net",
+                "--mount",
+                "--",
+                sys.executable,
+                "-I",
+                "-c",
+                _SETUP,
+                tmp,
+                _GUARD,
+            ]
         else:
             cmd = [sys.executable, "-I", "-B", "-c", _GUARD, tmp]
         if not audit_hook:
             cmd.append("nohook")
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
-        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True,
-                                preexec_fn=_limits(memory_mb, int(timeout_s) + 1, file_mb))
+        proc = subprocess.Popen(
+            cmd,
+            cwd=tmp,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_limits(memory_mb, int(timeout_s) + 1, file_mb),
+        )
         try:
             out, err = proc.communicate(timeout=timeout_s + (2.0 if use_ns else 0.5))
         except subprocess.TimeoutExpired:
@@ -184,8 +220,9 @@ def run_program(code: str, timeout_s: float = 10.0, memory_mb: int = 1024, file_
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_programs(programs: list[str], timeout_s: float = 10.0, workers: Optional[int] = None,
-                   isolation: Isolation = "auto") -> list[ExecResult]:
+def check_programs(
+    programs: list[str], timeout_s: float = 10.0, workers: Optional[int] = None, isolation: Isolation = "auto"
+) -> list[ExecResult]:
     """Run many programs, a few at a time (threads only wait on subprocesses)."""
     from concurrent.futures import ThreadPoolExecutor
 

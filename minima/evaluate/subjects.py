@@ -5,6 +5,7 @@ C-Eval: the four categories of the official ``subject_mapping.json`` (category s
 CMMLU: the five categories of the official ``categories.py``; a subject may count in two of them
 (e.g. ``ancient_chinese`` is Social Science and China specific) (category score = mean of subjects).
 """
+
 from __future__ import annotations
 
 
@@ -12,44 +13,100 @@ def _table(groups: dict[str, str]) -> dict[str, str]:
     return {subject: cat for cat, names in groups.items() for subject in names.split()}
 
 
-MMLU_CATEGORIES = _table({
-    "stem": "abstract_algebra anatomy astronomy college_biology college_chemistry college_computer_science "
-            "college_mathematics college_physics computer_security conceptual_physics electrical_engineering "
-            "elementary_mathematics high_school_biology high_school_chemistry high_school_computer_science "
-            "high_school_mathematics high_school_physics high_school_statistics machine_learning",
-    "humanities": "formal_logic high_school_european_history high_school_us_history high_school_world_history "
-                  "international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy "
-                  "prehistory professional_law world_religions",
-    "social_sciences": "econometrics high_school_geography high_school_government_and_politics "
-                       "high_school_macroeconomics high_school_microeconomics high_school_psychology human_sexuality "
-                       "professional_psychology public_relations security_studies sociology us_foreign_policy",
-    "other": "business_ethics clinical_knowledge college_medicine global_facts human_aging management marketing "
-             "medical_genetics miscellaneous nutrition professional_accounting professional_medicine virology",
-})
+MMLU_CATEGORIES = _table(
+    {
+        "stem": "abstract_algebra anatomy astronomy college_biology college_chemistry college_computer_science "
+        "college_mathematics college_physics computer_security conceptual_physics electrical_engineering "
+        "elementary_mathematics high_school_biology high_school_chemistry high_school_computer_science "
+        "high_school_mathematics high_school_physics high_school_statistics machine_learning",
+        "humanities": "formal_logic high_school_european_history high_school_us_history high_school_world_history "
+        "international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy "
+        "prehistory professional_law world_religions",
+        "social_sciences": "econometrics high_school_geography high_school_government_and_politics "
+        "high_school_macroeconomics high_school_microeconomics high_school_psychology human_sexuality "
+        "professional_psychology public_relations security_studies sociology us_foreign_policy",
+        "other": "business_ethics clinical_knowledge college_medicine global_facts human_aging management marketing "
+        "medical_genetics miscellaneous nutrition professional_accounting professional_medicine virology",
+    }
+)
 
-CEVAL_CATEGORIES = _table({
-    "STEM": "computer_network operating_system computer_architecture college_programming college_physics "
-            "college_chemistry advanced_mathematics probability_and_statistics discrete_mathematics "
-            "electrical_engineer metrology_engineer high_school_mathematics high_school_physics high_school_chemistry "
-            "high_school_biology middle_school_mathematics middle_school_biology middle_school_physics "
-            "middle_school_chemistry veterinary_medicine",
-    "Social Science": "college_economics business_administration marxism mao_zedong_thought education_science "
-                      "teacher_qualification high_school_politics high_school_geography middle_school_politics "
-                      "middle_school_geography",
-    "Humanities": "modern_chinese_history ideological_and_moral_cultivation logic law chinese_language_and_literature "
-                  "art_studies professional_tour_guide legal_professional high_school_chinese high_school_history "
-                  "middle_school_history",
-    "Other": "civil_servant sports_science plant_protection basic_medicine clinical_medicine urban_and_rural_planner "
-             "accountant fire_engineer environmental_impact_assessment_engineer tax_accountant physician",
-})
+CEVAL_CATEGORIES = _table(
+    {
+        "STEM": "computer_network operating_system computer_architecture college_programming college_physics "
+        "college_chemistry advanced_mathematics probability_and_statistics discrete_mathematics "
+        "electrical_engineer metrology_engineer high_school_mathematics high_school_physics high_school_chemistry "
+        "high_school_biology middle_school_mathematics middle_school_biology middle_school_physics "
+        "middle_school_chemistry veterinary_medicine",
+        "Social Science": "college_economics business_administration marxism mao_zedong_thought education_science "
+        "teacher_qualification high_school_politics high_school_geography middle_school_politics "
+        "middle_school_geography",
+        "Humanities": "modern_chinese_history ideological_and_moral_cultivation logic law chinese_language_and_literature "
+        "art_studies professional_tour_guide legal_professional high_school_chinese high_school_history "
+        "middle_school_history",
+        "Other": "civil_servant sports_science plant_protection basic_medicine clinical_medicine urban_and_rural_planner "
+        "accountant fire_engineer environmental_impact_assessment_engineer tax_accountant physician",
+    }
+)
 
-CEVAL_ZH = dict(zip(CEVAL_CATEGORIES, (
-    "计算机网络 操作系统 计算机组成 大学编程 大学物理 大学化学 高等数学 概率统计 离散数学 注册电气工程师 注册计量师 高中数学 "
-    "高中物理 高中化学 高中生物 初中数学 初中生物 初中物理 初中化学 兽医学 大学经济学 工商管理 马克思主义基本原理 "
-    "毛泽东思想和中国特色社会主义理论体系概论 教育学 教师资格 高中政治 高中地理 初中政治 初中地理 近代史纲要 "
-    "思想道德修养与法律基础 逻辑学 法学 中国语言文学 艺术学 导游资格 法律职业资格 高中语文 高中历史 初中历史 公务员 体育学 "
-    "植物保护 基础医学 临床医学 注册城乡规划师 注册会计师 注册消防工程师 环境影响评价工程师 税务师 医师资格"
-).split()))
+CEVAL_ZH = dict(
+    zip(
+        CEVAL_CATEGORIES,
+        [
+            "计算机网络",
+            "操作系统",
+            "计算机组成",
+            "大学编程",
+            "大学物理",
+            "大学化学",
+            "高等数学",
+            "概率统计",
+            "离散数学",
+            "注册电气工程师",
+            "注册计量师",
+            "高中数学",
+            "高中物理",
+            "高中化学",
+            "高中生物",
+            "初中数学",
+            "初中生物",
+            "初中物理",
+            "初中化学",
+            "兽医学",
+            "大学经济学",
+            "工商管理",
+            "马克思主义基本原理",
+            "毛泽东思想和中国特色社会主义理论体系概论",
+            "教育学",
+            "教师资格",
+            "高中政治",
+            "高中地理",
+            "初中政治",
+            "初中地理",
+            "近代史纲要",
+            "思想道德修养与法律基础",
+            "逻辑学",
+            "法学",
+            "中国语言文学",
+            "艺术学",
+            "导游资格",
+            "法律职业资格",
+            "高中语文",
+            "高中历史",
+            "初中历史",
+            "公务员",
+            "体育学",
+            "植物保护",
+            "基础医学",
+            "临床医学",
+            "注册城乡规划师",
+            "注册会计师",
+            "注册消防工程师",
+            "环境影响评价工程师",
+            "税务师",
+            "医师资格",
+        ],
+    )
+)
 
 # CMMLU: subject -> (Chinese name, subcategories); categories group the subcategories.
 _CMMLU = """
@@ -79,8 +136,17 @@ traditional_chinese_medicine 中医中药 other,china|virology 病毒学 biology
 _CMMLU_GROUPS = {
     "STEM": {"physics", "chemistry", "biology", "cs", "math", "engineering", "statistics"},
     "Humanities": {"history", "philosophy", "law", "arts", "literature", "global"},
-    "Social Science": {"linguistics", "business", "politics", "culture", "economics", "geography", "psychology",
-                       "education", "sociology"},
+    "Social Science": {
+        "linguistics",
+        "business",
+        "politics",
+        "culture",
+        "economics",
+        "geography",
+        "psychology",
+        "education",
+        "sociology",
+    },
     "Other": {"other"},
     "China specific": {"china"},
 }

@@ -5,17 +5,18 @@ few-shot examples ``question + " " + answer + "\\n\\n"``, then the question; eve
 the continuation ``" " + choice``. Formats are detected from the first record's keys (or CSV header);
 when a file fits no format the error names the formats that were expected.
 """
+
 from __future__ import annotations
 
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from ..errors import DataError, InputError
-from . import subjects as subj
-from .data import first_row, list_files, read_csv, read_rows, split_of
+from minima.core.errors import DataError, InputError
+from minima.evaluate import subjects as subj
+from minima.evaluate.data import first_row, list_files, read_csv, read_rows, split_of
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -85,8 +86,11 @@ def _gold_index(value, n: int, where: str, labels: Optional[list[str]] = None) -
         elif s.isdigit():
             idx = int(s) - 1 if labels is not None else int(s)
         else:
-            raise DataError(f"gold answer {value!r} is not an index, a letter or a choice label", where=where,
-                            fix="use A-D, 1-4 or a 0-based index")
+            raise DataError(
+                f"gold answer {value!r} is not an index, a letter or a choice label",
+                where=where,
+                fix="use A-D, 1-4 or a 0-based index",
+            )
     if not 0 <= idx < n:
         raise DataError(f"gold answer {value!r} is out of range for {n} choices", where=where)
     return idx
@@ -144,7 +148,11 @@ class _ExamTask(Task):
             head = [c.strip().lower() for c in row]
             if head[:7] == ["id", "question", "a", "b", "c", "d", "answer"]:
                 return "ceval-csv"
-            if len(head) >= 7 and head[1:7] == ["question", "a", "b", "c", "d", "answer"] and head[0] in ("", "index", "unnamed: 0"):
+            if (
+                len(head) >= 7
+                and head[1:7] == ["question", "a", "b", "c", "d", "answer"]
+                and head[0] in ("", "index", "unnamed: 0")
+            ):
                 return "cmmlu-csv"
             if len(row) == 6 and row[5].strip().upper() in ("A", "B", "C", "D"):
                 return "mmlu-csv"
@@ -182,8 +190,11 @@ class _ExamTask(Task):
         for line, row in rows:
             where = f"{path}:{line}"
             if len(row) != width:
-                raise DataError(f"expected {width} columns ({self.formats[fmt]}), got {len(row)}", where=where,
-                                fix="quote fields that contain commas; check for a missing or extra column")
+                raise DataError(
+                    f"expected {width} columns ({self.formats[fmt]}), got {len(row)}",
+                    where=where,
+                    fix="quote fields that contain commas; check for a missing or extra column",
+                )
             if fmt == "mmlu-csv":
                 q, choices, ans = row[0], row[1:5], row[5]
             else:
@@ -266,7 +277,7 @@ class ARC(Task):
             try:
                 if fmt == "llmfoundry":
                     q = str(row["query"])
-                    q = q[len("Question: "):] if q.startswith("Question: ") else q
+                    q = q[len("Question: ") :] if q.startswith("Question: ") else q
                     choices = [str(c) for c in row["choices"]]
                     gold = _gold_index(row["gold"], len(choices), where)
                 else:
@@ -280,8 +291,9 @@ class ARC(Task):
                     choices = [str(t) for t in texts]
                     gold = _gold_index(row["answerKey"], len(choices), where, labels=labels)
             except (KeyError, TypeError) as e:
-                raise DataError(f"missing or malformed field {e} for the {fmt} format ({self.formats[fmt]})",
-                                where=where) from None
+                raise DataError(
+                    f"missing or malformed field {e} for the {fmt} format ({self.formats[fmt]})", where=where
+                ) from None
             docs.append(Doc(query=f"Question: {q}\nAnswer:", choices=choices, gold=gold, raw=row, where=where))
         return docs
 
@@ -363,10 +375,12 @@ class Winogrande(Task):
                     raise DataError("sentence has no '_' blank", where=where)
                 i = s.index("_")
                 contexts = [s[:i] + row["option1"], s[:i] + row["option2"]]
-                cont = s[i + 1:].strip()
+                cont = s[i + 1 :].strip()
                 ans = str(row["answer"]).strip()
                 gold = None if ans == "" else _gold_index(ans, 2, where, labels=["1", "2"])
-            docs.append(Doc(query="", choices=contexts, gold=gold, target=cont, multi_context=True, raw=row, where=where))
+            docs.append(
+                Doc(query="", choices=contexts, gold=gold, target=cont, multi_context=True, raw=row, where=where)
+            )
         return docs
 
 
@@ -389,8 +403,15 @@ class DemoMC(Task):
             # The answer sentence's stem ("The capital of France is") makes the item a cloze that a
             # base model can score as well as a chat model.
             prefix = f" {row['prefix']}" if row.get("prefix") else ""
-            docs.append(Doc(query=f"Question: {row['question']}\nAnswer:{prefix}", choices=choices,
-                            gold=_gold_index(row["gold"], len(choices), where), raw=row, where=where))
+            docs.append(
+                Doc(
+                    query=f"Question: {row['question']}\nAnswer:{prefix}",
+                    choices=choices,
+                    gold=_gold_index(row["gold"], len(choices), where),
+                    raw=row,
+                    where=where,
+                )
+            )
         return docs
 
 
@@ -422,8 +443,15 @@ class GSM8K(Task):
             ans = str(row["answer"])
             if "####" not in ans:
                 raise DataError("answer has no '#### N' final line", where=where)
-            docs.append(Doc(query=f"Question: {row['question']}\nAnswer:", target=ans,
-                            gold=ans.split("####")[-1].strip(), raw=row, where=where))
+            docs.append(
+                Doc(
+                    query=f"Question: {row['question']}\nAnswer:",
+                    target=ans,
+                    gold=ans.split("####")[-1].strip(),
+                    raw=row,
+                    where=where,
+                )
+            )
         return docs
 
 
@@ -436,7 +464,9 @@ class BBH(Task):
     sampler = "first_n"
     has_subjects = True
     folders = ("bbh", "BIG-Bench-Hard")
-    formats = {"bbh": 'JSON {"examples": [{"input", "target"}]} or JSONL {"input", "target"} (suzgun/BIG-Bench-Hard, HF lukaemon/bbh)'}
+    formats = {
+        "bbh": 'JSON {"examples": [{"input", "target"}]} or JSONL {"input", "target"} (suzgun/BIG-Bench-Hard, HF lukaemon/bbh)'
+    }
     stop = ["</s>", "Q", "\n\n"]  # lm-eval's bbh few-shot config
 
     def detect(self, path, row):
@@ -450,8 +480,16 @@ class BBH(Task):
     def parse(self, path, fmt):
         docs = []
         for line, row in read_rows(path):
-            docs.append(Doc(query=f"Q: {row['input']}\nA:", target=str(row["target"]), gold=str(row["target"]),
-                            subject=path.stem, raw=row, where=f"{path}:{line}"))
+            docs.append(
+                Doc(
+                    query=f"Q: {row['input']}\nA:",
+                    target=str(row["target"]),
+                    gold=str(row["target"]),
+                    subject=path.stem,
+                    raw=row,
+                    where=f"{path}:{line}",
+                )
+            )
         return docs
 
 
@@ -481,7 +519,7 @@ class DROP(Task):
         return None
 
     def parse(self, path, fmt):
-        from .metrics import drop_parse_answer
+        from minima.evaluate.metrics import drop_parse_answer
 
         docs = []
         for line, row in read_rows(path):
@@ -492,19 +530,39 @@ class DROP(Task):
                     items.append((qa["question"], [qa["answer"], *qa.get("validated_answers", [])]))
             elif fmt == "hf":
                 va = row.get("validated_answers") or {"number": [], "date": [], "spans": []}
-                flat = [{"number": va["number"][i], "date": va["date"][i], "spans": va["spans"][i]} for i in range(len(va["number"]))]
+                flat = [
+                    {"number": va["number"][i], "date": va["date"][i], "spans": va["spans"][i]}
+                    for i in range(len(va["number"]))
+                ]
                 items.append((row["question"], [row["answer"], *flat]))
             else:
-                items.append((row["question"], [{"number": "", "date": {"day": "", "month": "", "year": ""},
-                                                  "spans": list(row["answers_spans"]["spans"])}]))
+                items.append(
+                    (
+                        row["question"],
+                        [
+                            {
+                                "number": "",
+                                "date": {"day": "", "month": "", "year": ""},
+                                "spans": list(row["answers_spans"]["spans"]),
+                            }
+                        ],
+                    )
+                )
             for question, cands in items:
                 answers = []
                 for c in cands:
                     a = drop_parse_answer(c)
                     if a not in answers:
                         answers.append(a)
-                docs.append(Doc(query=f"{row['passage']} {question}", target=answers, gold=answers, raw={"question": question},
-                                where=where))
+                docs.append(
+                    Doc(
+                        query=f"{row['passage']} {question}",
+                        target=answers,
+                        gold=answers,
+                        raw={"question": question},
+                        where=where,
+                    )
+                )
         return docs
 
 
@@ -522,8 +580,16 @@ class HumanEval(Task):
         return None
 
     def parse(self, path, fmt):
-        return [Doc(query=row["prompt"], target=row["test"], gold=row["entry_point"], raw={"task_id": row.get("task_id", line)},
-                    where=f"{path}:{line}") for line, row in read_rows(path)]
+        return [
+            Doc(
+                query=row["prompt"],
+                target=row["test"],
+                gold=row["entry_point"],
+                raw={"task_id": row.get("task_id", line)},
+                where=f"{path}:{line}",
+            )
+            for line, row in read_rows(path)
+        ]
 
 
 class Perplexity(Task):
@@ -536,7 +602,7 @@ class Perplexity(Task):
 
 
 class ChatTask(Task):
-    """An LLM-judged chat benchmark (run by the evaluate stage through :mod:`minima.judge`, not by ``evaluate_model``).
+    """An LLM-judged chat benchmark (run by the evaluate stage through :mod:`minima.evaluate.judge`, not by ``evaluate_model``).
 
     ``question_format`` is the judge's question format; ``folders`` are looked up under data_dir and
     ``shared_files`` (relative to data_dir's parent, ../shared/data) are the fallback question files.
@@ -544,26 +610,55 @@ class ChatTask(Task):
 
     kind = "chat"
 
-    def __init__(self, name: str, question_format: str, folders: tuple[str, ...], files: tuple[str, ...] = (),
-                 shared_files: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        name: str,
+        question_format: str,
+        folders: tuple[str, ...],
+        files: tuple[str, ...] = (),
+        shared_files: tuple[str, ...] = (),
+    ):
         self.name, self.question_format, self.folders = name, question_format, folders
         self.files, self.shared_files = files, shared_files
-        self.formats = {question_format: f"see minima.judge ({question_format} question set)"}
+        self.formats = {question_format: f"see minima.evaluate.judge ({question_format} question set)"}
 
 
-CHAT_TASKS: dict[str, ChatTask] = {t.name: t for t in (
-    ChatTask("mt_bench", "mt_bench", ("mt_bench", "mt-bench"), files=("question.jsonl",)),
-    ChatTask("belle_eval", "belle", ("belle_eval", "belle"), files=("eval_set.json", "belle_eval_set.jsonl"),
-             shared_files=("instruction/belle_eval_set.jsonl",)),
-    ChatTask("zbench", "zbench", ("zbench", "z-bench", "Z-Bench")),
-    ChatTask("vicuna_bench", "vicuna", ("vicuna_bench", "vicuna-bench", "vicuna"), files=("question.jsonl",)),
-    ChatTask("alpaca_eval", "alpaca_eval", ("alpaca_eval",), files=("alpaca_eval.json",)),
-)}
+CHAT_TASKS: dict[str, ChatTask] = {
+    t.name: t
+    for t in (
+        ChatTask("mt_bench", "mt_bench", ("mt_bench", "mt-bench"), files=("question.jsonl",)),
+        ChatTask(
+            "belle_eval",
+            "belle",
+            ("belle_eval", "belle"),
+            files=("eval_set.json", "belle_eval_set.jsonl"),
+            shared_files=("instruction/belle_eval_set.jsonl",),
+        ),
+        ChatTask("zbench", "zbench", ("zbench", "z-bench", "Z-Bench")),
+        ChatTask("vicuna_bench", "vicuna", ("vicuna_bench", "vicuna-bench", "vicuna"), files=("question.jsonl",)),
+        ChatTask("alpaca_eval", "alpaca_eval", ("alpaca_eval",), files=("alpaca_eval.json",)),
+    )
+}
 
-TASKS: dict[str, Task] = {t.name: t for t in (
-    MMLU(), CEval(), CMMLU(), ARC("arc_easy"), ARC("arc_challenge"), HellaSwag(), Winogrande(), DemoMC(),
-    GSM8K(), BBH(), DROP(), HumanEval(), Perplexity(), *CHAT_TASKS.values(),
-)}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        MMLU(),
+        CEval(),
+        CMMLU(),
+        ARC("arc_easy"),
+        ARC("arc_challenge"),
+        HellaSwag(),
+        Winogrande(),
+        DemoMC(),
+        GSM8K(),
+        BBH(),
+        DROP(),
+        HumanEval(),
+        Perplexity(),
+        *CHAT_TASKS.values(),
+    )
+}
 
 
 def get_task(name: str) -> Task:
@@ -571,7 +666,9 @@ def get_task(name: str) -> Task:
         import difflib
 
         close = difflib.get_close_matches(name, list(TASKS), n=1)
-        raise InputError(f"unknown task '{name}'", fix=f"did you mean '{close[0]}'?" if close else f"tasks: {', '.join(TASKS)}")
+        raise InputError(
+            f"unknown task '{name}'", fix=f"did you mean '{close[0]}'?" if close else f"tasks: {', '.join(TASKS)}"
+        )
     return TASKS[name]
 
 
@@ -581,22 +678,36 @@ def task_root(task: Task, data_dir: Optional[Path], path: Optional[str]) -> Path
     if path:
         p = Path(path).expanduser()
         if not p.exists() and not any(ch in path for ch in "*?["):
-            raise InputError(f"{task.name}: path {p} does not exist", where=f"tasks.{task.name}.path",
-                             fix="point it at the benchmark folder or file")
+            raise InputError(
+                f"{task.name}: path {p} does not exist",
+                where=f"tasks.{task.name}.path",
+                fix="point it at the benchmark folder or file",
+            )
         return p
     if data_dir is None:
-        raise InputError(f"{task.name}: no data_dir and no tasks.{task.name}.path",
-                         fix=f"set data_dir=DIR (one folder per benchmark) or tasks.{task.name}.path=...")
+        raise InputError(
+            f"{task.name}: no data_dir and no tasks.{task.name}.path",
+            fix=f"set data_dir=DIR (one folder per benchmark) or tasks.{task.name}.path=...",
+        )
     for folder in task.folders:
         if (data_dir / folder).exists():
             return data_dir / folder
-    raise InputError(f"{task.name}: none of {', '.join(task.folders)} found under {data_dir}",
-                     fix=f"set tasks.{task.name}.path=... (these files are not in ../shared/data)" if task.name in
-                     ("bbh", "drop", "humaneval") else f"set tasks.{task.name}.path=...")
+    raise InputError(
+        f"{task.name}: none of {', '.join(task.folders)} found under {data_dir}",
+        fix=f"set tasks.{task.name}.path=... (these files are not in ../shared/data)"
+        if task.name in ("bbh", "drop", "humaneval")
+        else f"set tasks.{task.name}.path=...",
+    )
 
 
-def load_task(task: Task, root: Path, split: Optional[str] = None, fmt: Optional[str] = None,
-              limit: Optional[int] = None, subjects: Optional[list[str]] = None) -> TaskData:
+def load_task(
+    task: Task,
+    root: Path,
+    split: Optional[str] = None,
+    fmt: Optional[str] = None,
+    limit: Optional[int] = None,
+    subjects: Optional[list[str]] = None,
+) -> TaskData:
     """Find the task's files under ``root`` by schema, parse them, and pick the eval and few-shot splits."""
     base = root if root.is_dir() else None
     found: dict[str, list[tuple[Path, str]]] = {}
@@ -617,8 +728,11 @@ def load_task(task: Task, root: Path, split: Optional[str] = None, fmt: Optional
     if not found:
         expected = "; ".join(f"{k}: {v}" for k, v in task.formats.items())
         what = f"found {len(seen)} data file(s) in another format, e.g. {seen[0]}" if seen else "found no data files"
-        raise InputError(f"{task.name}: no file under {root} has a format this task reads ({what})",
-                         where=str(seen[0]) if seen else str(root), fix=f"expected one of: {expected}")
+        raise InputError(
+            f"{task.name}: no file under {root} has a format this task reads ({what})",
+            where=str(seen[0]) if seen else str(root),
+            fix=f"expected one of: {expected}",
+        )
 
     def parse_split(name: str) -> dict[str, list[Doc]]:
         out: dict[str, list[Doc]] = {}
@@ -629,8 +743,10 @@ def load_task(task: Task, root: Path, split: Optional[str] = None, fmt: Optional
 
     order = [split] if split else ["test", "val", "dev"]
     if split and split not in found:
-        raise InputError(f"{task.name}: no '{split}' split under {root} (found: {', '.join(sorted(found))})",
-                         where=f"tasks.{task.name}.split")
+        raise InputError(
+            f"{task.name}: no '{split}' split under {root} (found: {', '.join(sorted(found))})",
+            where=f"tasks.{task.name}.split",
+        )
     eval_split, eval_docs = None, None
     for name in order:
         if name not in found:
@@ -640,8 +756,10 @@ def load_task(task: Task, root: Path, split: Optional[str] = None, fmt: Optional
             eval_split, eval_docs = name, docs
             break
     if eval_docs is None:
-        raise InputError(f"{task.name}: no labelled split to evaluate under {root} (found: {', '.join(sorted(found))})",
-                         fix="point the task at a split with answers (C-Eval's public test split has none; use val)")
+        raise InputError(
+            f"{task.name}: no labelled split to evaluate under {root} (found: {', '.join(sorted(found))})",
+            fix="point the task at a split with answers (C-Eval's public test split has none; use val)",
+        )
     eval_docs = {s: [d for d in ds if d.gold is not None] for s, ds in eval_docs.items()}
     if subjects:
         missing = sorted(set(subjects) - set(eval_docs))
@@ -649,8 +767,11 @@ def load_task(task: Task, root: Path, split: Optional[str] = None, fmt: Optional
             import difflib
 
             close = difflib.get_close_matches(missing[0], list(eval_docs), n=1)
-            raise InputError(f"{task.name}: no subject {missing[0]!r} under {root}", where=f"tasks.{task.name}.subjects",
-                             fix=f"did you mean {close[0]!r}?" if close else f"subjects: {', '.join(sorted(eval_docs))}")
+            raise InputError(
+                f"{task.name}: no subject {missing[0]!r} under {root}",
+                where=f"tasks.{task.name}.subjects",
+                fix=f"did you mean {close[0]!r}?" if close else f"subjects: {', '.join(sorted(eval_docs))}",
+            )
         eval_docs = {s: eval_docs[s] for s in subjects}
     fs_split = next((s for s in ("dev", "train", "val") if s in found and s != eval_split), None)
     # With no other split, shots come from the eval split itself (the full one, as in lm-eval).
@@ -660,8 +781,14 @@ def load_task(task: Task, root: Path, split: Optional[str] = None, fmt: Optional
         eval_docs = {s: ds[:limit] for s, ds in eval_docs.items()}
     files = [str(f) for name in found for f, _ in found[name]]
     fmts = sorted({g for name in found for _, g in found[name]})
-    return TaskData(eval=dict(sorted(eval_docs.items())), fewshot=fewshot, eval_split=eval_split,
-                    fewshot_split=fs_split, files=files, format=",".join(fmts))
+    return TaskData(
+        eval=dict(sorted(eval_docs.items())),
+        fewshot=fewshot,
+        eval_split=eval_split,
+        fewshot_split=fs_split,
+        files=files,
+        format=",".join(fmts),
+    )
 
 
 # --------------------------------------------------------------------------------- few-shot
@@ -705,6 +832,10 @@ def build_context(task: Task, doc: Doc, shots: list[Doc], subject: str) -> str |
 def chat_wrap(tokenizer, context: str) -> str:
     """The context as one user turn in the model's chat template, with the generation prompt."""
     if not getattr(tokenizer, "chat_template", None):
-        raise InputError("chat_template=true but the tokenizer has no chat template",
-                         fix="use a chat model (after sft) or set chat_template=false")
-    return tokenizer.apply_chat_template([{"role": "user", "content": context}], tokenize=False, add_generation_prompt=True)
+        raise InputError(
+            "chat_template=true but the tokenizer has no chat template",
+            fix="use a chat model (after sft) or set chat_template=false",
+        )
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": context}], tokenize=False, add_generation_prompt=True
+    )

@@ -4,7 +4,7 @@ A stage supplies a :class:`Recipe` (importable as ``"module:Class"``); the engin
 the loop, loss normalisation, checkpoints/resume, metrics and export. A stage's ``run`` is::
 
     def run(cfg, force=False):
-        return run_stage(cfg, inputs, body=lambda r: run_training(cfg, "minima.adapt:AdaptRecipe", r),
+        return run_stage(cfg, inputs, body=lambda r: run_training(cfg, "minima.stages.adapt:AdaptRecipe", r),
                          force=force, resumable=True)
 
 Contract (see ``recipe.py``), with these additions to the agreed API:
@@ -39,9 +39,17 @@ In-process mode: ``launch.launcher == "local"``, ``nproc_per_node == nnodes == 1
 ``MINIMA_INPROCESS=1`` runs the worker in the calling process (tests use it to save the subprocess
 start-up cost).
 """
+
 from __future__ import annotations
 
-from .recipe import IGNORE_INDEX, LossOut, Recipe, TrainContext, causal_lm_loss_sum, shifted_label_count
+from minima.train.recipe import (
+    IGNORE_INDEX,
+    LossOut,
+    Recipe,
+    TrainContext,
+    causal_lm_loss_sum,
+    shifted_label_count,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -57,7 +65,7 @@ __all__ = [
 
 def train_stage(cfg, inputs, recipe: str, *, force: bool = False, callbacks=(), validate=None):
     """A training stage's ``run`` (see ``launch.train_stage``)."""
-    from .launch import train_stage as _train_stage
+    from minima.train.launch import train_stage as _train_stage
 
     return _train_stage(cfg, inputs, recipe, force=force, callbacks=list(callbacks), validate=validate)
 
@@ -74,6 +82,6 @@ def run_training(cfg, recipe: str, run, callbacks: list[str] | None = None) -> d
     Returns:
         Metrics for the manifest (final/best dev loss, steps, tokens, tokens/s, ...).
     """
-    from .launch import launch_training
+    from minima.train.launch import launch_training
 
     return launch_training(cfg, recipe, run, callbacks=callbacks or [])

@@ -5,6 +5,7 @@ one ``minima_rank00000.pt`` per rank (RNG states, reader state_dict, loop counte
 ``COMPLETE`` (JSON), written by rank 0 after every rank has finished writing. Resume picks the
 newest directory with the marker; a directory without it is an interrupted save and is ignored.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import TrainingError
+from minima.core.errors import TrainingError
 
 MARKER = "COMPLETE"
 PREFIX = "step_"
@@ -27,7 +28,7 @@ def tag_of(step: int) -> str:
 
 
 def step_of(path: Path) -> int:
-    return int(path.name[len(PREFIX):])
+    return int(path.name[len(PREFIX) :])
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -54,8 +55,13 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -127,7 +133,7 @@ class Checkpointer:
     def prune(self) -> None:
         """Keep the newest ``keep_last`` complete checkpoints (plus protected ones); drop partial older dirs."""
         done = complete_checkpoints(self.root)
-        keep = {step_of(p) for p in done[-self.keep_last:]} | self.protected
+        keep = {step_of(p) for p in done[-self.keep_last :]} | self.protected
         newest = step_of(done[-1]) if done else -1
         for p in self.root.iterdir():
             if not (p.is_dir() and p.name.startswith(PREFIX)):
@@ -148,11 +154,16 @@ class Checkpointer:
                 fix="resume with the same nproc_per_node x nnodes, or pass --force to start over",
             )
         load_path, _ = engine.load_checkpoint(
-            str(self.root), tag=Path(ckpt).name, load_optimizer_states=not module_only,
-            load_lr_scheduler_states=not module_only, load_module_only=module_only,
+            str(self.root),
+            tag=Path(ckpt).name,
+            load_optimizer_states=not module_only,
+            load_lr_scheduler_states=not module_only,
+            load_module_only=module_only,
         )
         if load_path is None:
-            raise TrainingError(f"DeepSpeed could not load checkpoint {ckpt}", fix="delete it; resume falls back to the previous one")
+            raise TrainingError(
+                f"DeepSpeed could not load checkpoint {ckpt}", fix="delete it; resume falls back to the previous one"
+            )
         if module_only:
             return {}
         return torch.load(self.rank_file(ckpt), map_location="cpu", weights_only=True)

@@ -3,6 +3,7 @@
 Only fields whose value is the string ``"auto"`` are filled, so a user's explicit value always wins.
 The resolved dict is what DeepSpeed gets, and it is saved next to the outputs.
 """
+
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import ConfigError, InputError
+from minima.core.errors import ConfigError, InputError
 
 # The built-in default, identical to the repo's ds_config.json (a test checks), used when the
 # default name "ds_config.json" is not found in the working directory (e.g. an installed package).
@@ -56,13 +57,21 @@ def load_ds_config(path: str | Path) -> dict:
     if not p.is_file():
         if str(path) == "ds_config.json":
             return copy.deepcopy(DEFAULT_DS_CONFIG)
-        raise InputError(f"DeepSpeed config not found: {path}", where="ds_config", fix="point ds_config= at a JSON file, or leave the default")
+        raise InputError(
+            f"DeepSpeed config not found: {path}",
+            where="ds_config",
+            fix="point ds_config= at a JSON file, or leave the default",
+        )
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"DeepSpeed config is not valid JSON: {e.msg}", where=f"{p}:{e.lineno}:{e.colno}", fix="fix the JSON syntax") from None
+        raise ConfigError(
+            f"DeepSpeed config is not valid JSON: {e.msg}", where=f"{p}:{e.lineno}:{e.colno}", fix="fix the JSON syntax"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read DeepSpeed config: {e}", where=str(p), fix="check the file's permissions and encoding") from None
+        raise InputError(
+            f"cannot read DeepSpeed config: {e}", where=str(p), fix="check the file's permissions and encoding"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError("DeepSpeed config must be a JSON object", where=str(p), fix="wrap the settings in {...}")
     return data
@@ -110,7 +119,10 @@ def resolve_ds_config(
     for key, on in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
         if isinstance(ds.get(key), dict):
             _fill(ds[key], "enabled", on)
-    if ds.get("train_batch_size") != ds.get("train_micro_batch_size_per_gpu", 0) * ds.get("gradient_accumulation_steps", 0) * world_size:
+    if (
+        ds.get("train_batch_size")
+        != ds.get("train_micro_batch_size_per_gpu", 0) * ds.get("gradient_accumulation_steps", 0) * world_size
+    ):
         raise ConfigError(
             f"train_batch_size {ds.get('train_batch_size')} != micro {ds.get('train_micro_batch_size_per_gpu')} x "
             f"accumulation {ds.get('gradient_accumulation_steps')} x world {world_size}",

@@ -8,6 +8,7 @@ Two places can hang in a multi-process job:
 - Training: process-group collectives time out after ``init_timeout_s``. Every rank writes its step
   to the process group's store after each step, so the timeout error names the ranks that fell behind.
 """
+
 from __future__ import annotations
 
 import socket
@@ -15,7 +16,7 @@ import time
 from datetime import timedelta
 from typing import Optional
 
-from ..errors import TrainingError
+from minima.core.errors import TrainingError
 
 GUARD_PORT_OFFSET = 1
 
@@ -53,7 +54,12 @@ def node_join(master_addr: str, master_port: int, nnodes: int, node_rank: int, n
             break
         if time.time() > deadline:
             missing = sorted(set(range(nnodes)) - set(have))
-            ranks = [f"{r * nproc_per_node}-{(r + 1) * nproc_per_node - 1}" if nproc_per_node > 1 else str(r * nproc_per_node) for r in missing]
+            ranks = [
+                f"{r * nproc_per_node}-{(r + 1) * nproc_per_node - 1}"
+                if nproc_per_node > 1
+                else str(r * nproc_per_node)
+                for r in missing
+            ]
             raise TrainingError(
                 f"node_rank {', '.join(map(str, missing))} (global rank {', '.join(ranks)}) did not join within {timeout_s:g}s "
                 f"({len(have)}/{nnodes} nodes checked in)",

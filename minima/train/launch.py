@@ -7,11 +7,12 @@ Where the topology comes from, first match wins:
 2. Slurm env (``SLURM_JOB_ID`` + ``SLURM_NNODES``): nnodes, node_rank and master_addr come from the
    allocation; run one ``minima <stage>`` per node (``srun --ntasks-per-node=1``).
 3. The stage config's ``launch`` block (``launcher=slurm`` outside an allocation renders and submits an
-   sbatch script through :mod:`minima.slurm`; ``ssh`` uses the deepspeed launcher and a hostfile).
+   sbatch script through :mod:`minima.train.slurm`; ``ssh`` uses the deepspeed launcher and a hostfile).
 
 Node 0 owns the artifact (``run_stage``); other nodes only run their ranks into the same directory
 (a shared file system, as DeepSpeed's checkpoints need anyway).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,12 +23,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Optional
 
-from ..errors import ConfigError, MinimaError, TrainingError
-from ..logs import get_logger
+from minima.core.errors import ConfigError, MinimaError, TrainingError
+from minima.core.logs import get_logger
 
 log = get_logger("minima.train")
 
@@ -55,7 +57,9 @@ def _slurm_master(env: Mapping[str, str]) -> str:
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
     if shutil.which("scontrol") and nodelist:
         try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30
+            )
             if out.returncode == 0 and out.stdout.strip():
                 return out.stdout.split()[0]
         except (OSError, subprocess.SubprocessError):
@@ -78,37 +82,87 @@ def plan_launch(cfg, env: Mapping[str, str] = os.environ) -> Plan:
     if in_torchrun(env):
         world = int(env.get("WORLD_SIZE", "1"))
         local_world = int(env.get("LOCAL_WORLD_SIZE", world))
-        return Plan("external", local_world, max(1, world // max(local_world, 1)), int(env.get("GROUP_RANK", "0")),
-                    env.get("MASTER_ADDR", lc.master_addr), int(env.get("MASTER_PORT", lc.master_port)), "torchrun")
+        return Plan(
+            "external",
+            local_world,
+            max(1, world // max(local_world, 1)),
+            int(env.get("GROUP_RANK", "0")),
+            env.get("MASTER_ADDR", lc.master_addr),
+            int(env.get("MASTER_PORT", lc.master_port)),
+            "torchrun",
+        )
     if lc.launcher in ("local", "slurm") and "SLURM_JOB_ID" in env and "SLURM_NNODES" in env:
-        nproc = int(env.get("SLURM_GPUS_ON_NODE") or (lc.gpus_per_node if lc.launcher == "slurm" else lc.nproc_per_node))
-        return Plan("torchrun", nproc, int(env["SLURM_NNODES"]), int(env.get("SLURM_NODEID", "0")), _slurm_master(env),
-                    lc.master_port, "slurm")
+        nproc = int(
+            env.get("SLURM_GPUS_ON_NODE") or (lc.gpus_per_node if lc.launcher == "slurm" else lc.nproc_per_node)
+        )
+        return Plan(
+            "torchrun",
+            nproc,
+            int(env["SLURM_NNODES"]),
+            int(env.get("SLURM_NODEID", "0")),
+            _slurm_master(env),
+            lc.master_port,
+            "slurm",
+        )
     if lc.launcher == "slurm":
-        # Outside an allocation: render an sbatch script and submit it (minima.slurm).
+        # Outside an allocation: render an sbatch script and submit it (minima.train.slurm).
         return Plan("sbatch", lc.gpus_per_node, lc.nnodes, 0, lc.master_addr, lc.master_port, "config")
     if lc.launcher == "ssh":
         if not lc.hostfile or not Path(lc.hostfile).is_file():
-            raise ConfigError(f"launch.launcher=ssh needs a DeepSpeed hostfile (got {lc.hostfile!r})", where="launch.hostfile",
-                              fix="write 'host slots=N' lines to a file and set launch.hostfile")
+            raise ConfigError(
+                f"launch.launcher=ssh needs a DeepSpeed hostfile (got {lc.hostfile!r})",
+                where="launch.hostfile",
+                fix="write 'host slots=N' lines to a file and set launch.hostfile",
+            )
         return Plan("deepspeed", lc.nproc_per_node, lc.nnodes, 0, lc.master_addr, lc.master_port, "config")
     inproc = os.environ.get("MINIMA_INPROCESS") == "1" and lc.nproc_per_node == 1 and lc.nnodes == 1
-    return Plan("inprocess" if inproc else "torchrun", lc.nproc_per_node, lc.nnodes, lc.node_rank, lc.master_addr,
-                lc.master_port, "config")
+    return Plan(
+        "inprocess" if inproc else "torchrun",
+        lc.nproc_per_node,
+        lc.nnodes,
+        lc.node_rank,
+        lc.master_addr,
+        lc.master_port,
+        "config",
+    )
 
 
 def build_command(plan: Plan, spec_path: Path, hostfile: Optional[str] = None) -> list[str]:
     """The exact command that starts this node's ranks."""
     if plan.launcher == "deepspeed":
-        return ["deepspeed", "--hostfile", str(hostfile), "--num_nodes", str(plan.nnodes), "--num_gpus", str(plan.nproc_per_node),
-                "--master_addr", plan.master_addr, "--master_port", str(plan.master_port),
-                "--module", "minima.train.worker", str(spec_path)]
+        return [
+            "deepspeed",
+            "--hostfile",
+            str(hostfile),
+            "--num_nodes",
+            str(plan.nnodes),
+            "--num_gpus",
+            str(plan.nproc_per_node),
+            "--master_addr",
+            plan.master_addr,
+            "--master_port",
+            str(plan.master_port),
+            "--module",
+            "minima.train.worker",
+            str(spec_path),
+        ]
     head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(plan.nproc_per_node)]
     if plan.nnodes == 1 and plan.source == "config":
         # One node: --standalone picks a free local port, so concurrent jobs on a machine never clash.
         return head + ["--standalone", "-m", "minima.train.worker", str(spec_path)]
-    return head + ["--nnodes", str(plan.nnodes), "--node_rank", str(plan.node_rank), "--master_addr", plan.master_addr,
-                   "--master_port", str(plan.master_port), "-m", "minima.train.worker", str(spec_path)]
+    return head + [
+        "--nnodes",
+        str(plan.nnodes),
+        "--node_rank",
+        str(plan.node_rank),
+        "--master_addr",
+        plan.master_addr,
+        "--master_port",
+        str(plan.master_port),
+        "-m",
+        "minima.train.worker",
+        str(spec_path),
+    ]
 
 
 def _free_port() -> int:
@@ -119,8 +173,14 @@ def _free_port() -> int:
 
 def make_spec(cfg, recipe: str, work_dir: Path, out_dir: Path, callbacks: list[str]) -> dict:
     cls = type(cfg)
-    return {"config_class": f"{cls.__module__}:{cls.__qualname__}", "config": cfg.model_dump(mode="json"),
-            "recipe": recipe, "work_dir": str(work_dir), "out_dir": str(out_dir), "callbacks": list(callbacks)}
+    return {
+        "config_class": f"{cls.__module__}:{cls.__qualname__}",
+        "config": cfg.model_dump(mode="json"),
+        "recipe": recipe,
+        "work_dir": str(work_dir),
+        "out_dir": str(out_dir),
+        "callbacks": list(callbacks),
+    }
 
 
 def _child_env() -> dict:
@@ -136,8 +196,8 @@ def _child_env() -> dict:
 
 
 def _raise_rank_error(work_dir: Path, rc: int, missing_ok: bool = False) -> None:
-    from .. import errors as E
-    from .worker import ERRORS
+    from minima.core import errors as E
+    from minima.train.worker import ERRORS
 
     files = sorted((work_dir / ERRORS).glob("rank*.json")) if (work_dir / ERRORS).is_dir() else []
     if files:
@@ -148,14 +208,17 @@ def _raise_rank_error(work_dir: Path, rc: int, missing_ok: bool = False) -> None
         raise cls(info["what"], where=f"rank {info['rank']}" + (f", {where}" if where else ""), fix=info.get("fix"))
     if missing_ok:
         return
-    raise TrainingError(f"training exited with code {rc}", fix="read the traceback above; a rerun resumes from the last complete checkpoint")
+    raise TrainingError(
+        f"training exited with code {rc}",
+        fix="read the traceback above; a rerun resumes from the last complete checkpoint",
+    )
 
 
 def _run_inprocess(spec: dict) -> dict:
     """One rank in this process (tests): a world of one, the process group kept for later runs."""
     import torch.distributed as dist
 
-    from .worker import run_spec
+    from minima.train.worker import run_spec
 
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
     saved = {k: os.environ.get(k) for k in keys}
@@ -180,10 +243,17 @@ def _run_inprocess(spec: dict) -> dict:
                 os.environ[k] = v
 
 
-def run_node(cfg, recipe: str, work_dir: Path, out_dir: Path, callbacks: list[str], plan: Optional[Plan] = None,
-             spec_path: Optional[Path] = None) -> Optional[dict]:
+def run_node(
+    cfg,
+    recipe: str,
+    work_dir: Path,
+    out_dir: Path,
+    callbacks: list[str],
+    plan: Optional[Plan] = None,
+    spec_path: Optional[Path] = None,
+) -> Optional[dict]:
     """Start this node's ranks and wait. Returns the metrics on the node hosting rank 0, else None."""
-    from .worker import ERRORS, RESULT, run_spec
+    from minima.train.worker import ERRORS, RESULT, run_spec
 
     plan = plan or plan_launch(cfg)
     spec = make_spec(cfg, recipe, work_dir, out_dir, callbacks)
@@ -196,7 +266,11 @@ def run_node(cfg, recipe: str, work_dir: Path, out_dir: Path, callbacks: list[st
         return run_spec(spec) if plan.is_leader else (run_spec(spec) and None)
     if spec_path is None:
         # Other nodes keep their spec outside the work dir, which node 0 may still be resetting.
-        spec_path = work_dir / "launch_spec.json" if plan.is_leader else Path(tempfile.mkdtemp(prefix="minima-spec-")) / "spec.json"
+        spec_path = (
+            work_dir / "launch_spec.json"
+            if plan.is_leader
+            else Path(tempfile.mkdtemp(prefix="minima-spec-")) / "spec.json"
+        )
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec, indent=2))
     cmd = build_command(plan, spec_path, cfg.launch.hostfile)
@@ -206,23 +280,34 @@ def run_node(cfg, recipe: str, work_dir: Path, out_dir: Path, callbacks: list[st
     print(f"launch: {prefix}{shlex.join(cmd)}", flush=True)
     store = None
     if plan.nnodes > 1 and plan.launcher == "torchrun":
-        from .guard import node_join
+        from minima.train.guard import node_join
 
-        store = node_join(plan.master_addr, plan.master_port, plan.nnodes, plan.node_rank, plan.nproc_per_node,
-                          cfg.launch.init_timeout_s)
+        store = node_join(
+            plan.master_addr,
+            plan.master_port,
+            plan.nnodes,
+            plan.node_rank,
+            plan.nproc_per_node,
+            cfg.launch.init_timeout_s,
+        )
     try:
         if plan.launcher == "sbatch":
-            from ..slurm import run_slurm
+            from minima.train.slurm import run_slurm
 
             try:
-                run_slurm(cfg.stage, ["-m", "minima.train.worker", str(spec_path)], cfg.launch, work_dir,
-                          env={k: env[k] for k in ("DS_ACCELERATOR", "PYTHONPATH") if k in env})
+                run_slurm(
+                    cfg.stage,
+                    ["-m", "minima.train.worker", str(spec_path)],
+                    cfg.launch,
+                    work_dir,
+                    env={k: env[k] for k in ("DS_ACCELERATOR", "PYTHONPATH") if k in env},
+                )
                 rc = 0
             except TrainingError:
                 _raise_rank_error(work_dir, 1, missing_ok=True)
                 raise
         else:
-            from .worker import die_with_parent
+            from minima.train.worker import die_with_parent
 
             rc = subprocess.call(cmd, env=env, preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
     finally:
@@ -232,7 +317,9 @@ def run_node(cfg, recipe: str, work_dir: Path, out_dir: Path, callbacks: list[st
     if plan.is_leader:
         res = work_dir / RESULT
         if not res.is_file():
-            raise TrainingError("training finished without writing its result", where=str(res), fix="read the log above")
+            raise TrainingError(
+                "training finished without writing its result", where=str(res), fix="read the log above"
+            )
         return json.loads(res.read_text())
     return None
 
@@ -245,8 +332,8 @@ def launch_training(cfg, recipe: str, run, callbacks: list[str] = ()) -> dict:
 
 def _check_plan(cfg, force: bool) -> None:
     """Stop before launch when `minima plan` says the job will not fit (``--force`` overrides)."""
-    from ..errors import PlanError
-    from ..plan import check_fits
+    from minima.core.errors import PlanError
+    from minima.train.plan import check_fits
 
     try:
         plan = check_fits(cfg, force=force)
@@ -255,11 +342,23 @@ def _check_plan(cfg, force: bool) -> None:
     except Exception as e:  # a model family the planner does not model (e.g. seq2seq): launch anyway
         log.warning("memory plan skipped: %s", str(e).splitlines()[0][:200])
         return
-    log.info("memory plan: %.2f GiB per device of %.0f GiB (%s)", plan.total_bytes / 2**30, plan.device_bytes / 2**30, plan.verdict())
+    log.info(
+        "memory plan: %.2f GiB per device of %.0f GiB (%s)",
+        plan.total_bytes / 2**30,
+        plan.device_bytes / 2**30,
+        plan.verdict(),
+    )
 
 
-def train_stage(cfg, inputs: Mapping[str, Optional[str]], recipe: str, *, force: bool = False,
-                callbacks: list[str] = (), validate=None):
+def train_stage(
+    cfg,
+    inputs: Mapping[str, Optional[str]],
+    recipe: str,
+    *,
+    force: bool = False,
+    callbacks: list[str] = (),
+    validate=None,
+):
     """A training stage's ``run``: node 0 publishes the artifact; other nodes/ranks only train.
 
     Args:
@@ -268,7 +367,14 @@ def train_stage(cfg, inputs: Mapping[str, Optional[str]], recipe: str, *, force:
         callbacks: ``"module:factory"`` strings (see ``run_training``).
         validate: optional no-argument callable run on node 0 before anything is created or launched.
     """
-    from ..artifacts import Artifact, cache_key, hash_input, is_complete, read_manifest, run_stage
+    from minima.core.artifacts import (
+        Artifact,
+        cache_key,
+        hash_input,
+        is_complete,
+        read_manifest,
+        run_stage,
+    )
 
     plan = plan_launch(cfg)
     out_dir = cfg.resolved_out_dir()
@@ -280,7 +386,9 @@ def train_stage(cfg, inputs: Mapping[str, Optional[str]], recipe: str, *, force:
             validate()
         if not cached:
             _check_plan(cfg, force)
-        return run_stage(cfg, inputs, lambda run: launch_training(cfg, recipe, run, callbacks), force=force, resumable=True)
+        return run_stage(
+            cfg, inputs, lambda run: launch_training(cfg, recipe, run, callbacks), force=force, resumable=True
+        )
     if cached:
         return Artifact(out_dir, read_manifest(out_dir), skipped=True)
     work = out_dir.with_name(out_dir.name + ".partial")

@@ -7,6 +7,7 @@ DeepSpeed averages gradients over ranks (the ``world_size`` factor undoes that) 
 divide by the accumulation steps, so the gradient is exactly d(sum of token losses / T) — the same
 as one big batch, however it is split (MiniMA's scripts scaled by the accumulation twice).
 """
+
 from __future__ import annotations
 
 import gc
@@ -20,12 +21,23 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import ConfigError, TrainingError
-from ..logs import get_logger
-from . import checkpoint as ck
-from .ds_config import precision_of, resolve_ds_config, save_resolved, zero_stage
-from .metrics import MetricsLogger, device_peak_flops, flops_per_token, non_embedding_params, plot_loss_curve
-from .recipe import Recipe, TrainContext
+from minima.core.errors import ConfigError, TrainingError
+from minima.core.logs import get_logger
+from minima.train import checkpoint as ck
+from minima.train.ds_config import (
+    precision_of,
+    resolve_ds_config,
+    save_resolved,
+    zero_stage,
+)
+from minima.train.metrics import (
+    MetricsLogger,
+    device_peak_flops,
+    flops_per_token,
+    non_embedding_params,
+    plot_loss_curve,
+)
+from minima.train.recipe import Recipe, TrainContext
 
 log = get_logger("minima.train")
 
@@ -68,7 +80,9 @@ class DataStream:
         try:
             return next(self._it)
         except StopIteration:
-            raise TrainingError("the train split of this rank is empty", fix="use fewer ranks or more records") from None
+            raise TrainingError(
+                "the train split of this rank is empty", fix="use fewer ranks or more records"
+            ) from None
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "dataset": self.ds.state_dict()}
@@ -122,8 +136,11 @@ def total_steps_for(cfg, recipe: Recipe, world_size: int) -> int:
         raise ConfigError(f"max_steps={cfg.max_steps} must be > 0, or -1 for epochs", where="max_steps")
     n = recipe.num_train_examples()
     if not n:
-        raise ConfigError("max_steps=-1 needs the number of train records, which the records manifest does not give",
-                          where="max_steps", fix="set max_steps")
+        raise ConfigError(
+            "max_steps=-1 needs the number of train records, which the records manifest does not give",
+            where="max_steps",
+            fix="set max_steps",
+        )
     per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size
     return max(1, math.ceil(cfg.epochs * n / per_step))
 
@@ -141,8 +158,14 @@ def evaluate(engine, recipe: Recipe, dev_batches: list[dict], ctx: TrainContext)
         if i < len(dev_batches):
             batch = dev_batches[i]
         else:
-            batch = dict(dev_batches[0]) if dev_batches else {"input_ids": torch.zeros(1, 8, dtype=torch.long),
-                                                                "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+            batch = (
+                dict(dev_batches[0])
+                if dev_batches
+                else {
+                    "input_ids": torch.zeros(1, 8, dtype=torch.long),
+                    "attention_mask": torch.ones(1, 8, dtype=torch.long),
+                }
+            )
             batch["labels"] = torch.full_like(batch["input_ids"], -100)
         out = recipe.compute_loss(engine, to_device(batch, ctx.device), ctx, train=False)
         sums[0] += out.loss_sum.detach().double()
@@ -150,8 +173,11 @@ def evaluate(engine, recipe: Recipe, dev_batches: list[dict], ctx: TrainContext)
     _all_reduce(sums)
     engine.train()
     loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
-    return {"dev_loss": loss, "dev_ppl": math.exp(min(loss, 50.0)) if math.isfinite(loss) else float("nan"),
-            "dev_tokens": int(sums[1].item())}
+    return {
+        "dev_loss": loss,
+        "dev_ppl": math.exp(min(loss, 50.0)) if math.isfinite(loss) else float("nan"),
+        "dev_tokens": int(sums[1].item()),
+    }
 
 
 def _max_op():
@@ -202,15 +228,22 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     model = recipe.build_model(ctx)
     params = recipe.trainable_parameters(model)
     if not params:
-        raise ConfigError("the recipe left no trainable parameters", fix="check the recipe's trainable_parameters / freezing options")
+        raise ConfigError(
+            "the recipe left no trainable parameters", fix="check the recipe's trainable_parameters / freezing options"
+        )
     train_ds, dev_ds = recipe.build_datasets(ctx)
     if cfg.patience and dev_ds is None:
-        raise ConfigError(f"patience={cfg.patience} needs a dev split, and the records have none",
-                          where="patience", fix="build records with dev_fraction > 0, or set patience=0")
+        raise ConfigError(
+            f"patience={cfg.patience} needs a dev split, and the records have none",
+            where="patience",
+            fix="build records with dev_fraction > 0, or set patience=0",
+        )
 
     total = total_steps_for(cfg, recipe, ctx.world_size)
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    ds_cfg = resolve_ds_config(cfg, world_size=ctx.world_size, total_steps=total, on_gpu=ctx.device.type == "cuda", hidden_size=hidden)
+    ds_cfg = resolve_ds_config(
+        cfg, world_size=ctx.world_size, total_steps=total, on_gpu=ctx.device.type == "cuda", hidden_size=hidden
+    )
     if ctx.rank == 0:
         save_resolved(ds_cfg, ctx.work_dir / "ds_config.resolved.json")
     stage = zero_stage(ds_cfg)
@@ -240,8 +273,15 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
         log.info(f"resumed from {latest} (step {state.step}/{total})")
 
     seq_len = 0
-    metrics = MetricsLogger(ctx.work_dir, ctx.rank == 0, total, resume_step=state.step, world_size=world,
-                            peak_flops=device_peak_flops() if ctx.device.type == "cuda" else None, log_steps=cfg.log_steps)
+    metrics = MetricsLogger(
+        ctx.work_dir,
+        ctx.rank == 0,
+        total,
+        resume_step=state.step,
+        world_size=world,
+        peak_flops=device_peak_flops() if ctx.device.type == "cuda" else None,
+        log_steps=cfg.log_steps,
+    )
     dev_batches: Optional[list[dict]] = None
     checked_counts = False
     last_eval: dict = resumed_eval
@@ -261,7 +301,9 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
         local_compute_tokens = sum(int(b["input_ids"].numel()) for b in micro)
         if not seq_len:
             seq_len = int(micro[0]["input_ids"].shape[-1])
-            metrics.fpt = flops_per_token(engine.module.config, fpt_params, seq_len) if hasattr(engine.module, "config") else 0.0
+            metrics.fpt = (
+                flops_per_token(engine.module.config, fpt_params, seq_len) if hasattr(engine.module, "config") else 0.0
+            )
         head = _all_reduce(torch.tensor([sum(counts), local_compute_tokens], dtype=torch.float64, device=ctx.device))
         step_tokens, compute_tokens = int(head[0].item()), int(head[1].item())
         denom = max(step_tokens, 1)
@@ -273,7 +315,8 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
             if not checked_counts and int(out.num_tokens) != counts[i]:
                 raise TrainingError(
                     f"compute_loss counted {int(out.num_tokens)} label tokens but count_tokens said {counts[i]}",
-                    where=type(recipe).__name__, fix="override Recipe.count_tokens to count the tokens your loss sums over",
+                    where=type(recipe).__name__,
+                    fix="override Recipe.count_tokens to count the tokens your loss sums over",
                 )
             if sums is None:
                 names = sorted(out.metrics)
@@ -329,8 +372,10 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
                 state.bad_evals += 1
                 if cfg.patience and state.bad_evals >= cfg.patience:
                     state.stopped_early = True
-                    log.info(f"early stop at step {state.step}: no dev improvement in {cfg.patience} evaluations "
-                             f"(best {state.best_loss:.4g} at step {state.best_step})")
+                    log.info(
+                        f"early stop at step {state.step}: no dev improvement in {cfg.patience} evaluations "
+                        f"(best {state.best_loss:.4g} at step {state.best_step})"
+                    )
         if not did_save and ((cfg.save_steps and state.step % cfg.save_steps == 0) or final or state.stopped_early):
             save({"dev_loss": last_eval.get("dev_loss")})
 

@@ -1,4 +1,5 @@
 """Training metrics on rank 0: the step line, metrics.jsonl, TensorBoard, MFU and the loss-curve PNG."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..logs import get_logger, step_line
+from minima.core.logs import get_logger, step_line
 
 log = get_logger("minima.train")
 
@@ -64,9 +65,17 @@ class MetricsLogger:
         world_size: devices sharing the tokens/s.
     """
 
-    def __init__(self, work_dir: Path, enabled: bool, total_steps: int, resume_step: int = 0,
-                 flops_per_token: float = 0.0, peak_flops: Optional[float] = None, world_size: int = 1,
-                 log_steps: int = 1):
+    def __init__(
+        self,
+        work_dir: Path,
+        enabled: bool,
+        total_steps: int,
+        resume_step: int = 0,
+        flops_per_token: float = 0.0,
+        peak_flops: Optional[float] = None,
+        world_size: int = 1,
+        log_steps: int = 1,
+    ):
         self.enabled = enabled
         self.total = total_steps
         self.fpt = flops_per_token
@@ -81,13 +90,19 @@ class MetricsLogger:
         if not enabled:
             return
         if self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(k + "\n" for k in keep))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events past the checkpoint from an interrupted attempt.
-            self.tb = SummaryWriter(str(Path(work_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            self.tb = SummaryWriter(
+                str(Path(work_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+            )
         except Exception as e:  # tensorboard is optional at runtime
             log.warning("TensorBoard disabled: %s", e)
 
@@ -95,13 +110,31 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    def train_step(self, step: int, loss: float, lr: float, grad_norm: Optional[float], tokens: int,
-                   step_time: float, extra: dict | None = None, batch_hash: Optional[str] = None) -> dict:
+    def train_step(
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        grad_norm: Optional[float],
+        tokens: int,
+        step_time: float,
+        extra: dict | None = None,
+        batch_hash: Optional[str] = None,
+    ) -> dict:
         """Record one optimizer step; ``tokens`` = tokens processed by all ranks in the step."""
         tok_s = tokens / step_time if step_time > 0 else 0.0
         mfu = self.fpt * tok_s / (self.peak * self.world) if self.peak and self.fpt else None
-        rec = {"split": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-               "tok_s": round(tok_s, 2), "step_time": round(step_time, 4), "time": round(time.time(), 3)}
+        rec = {
+            "split": "train",
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+            "tok_s": round(tok_s, 2),
+            "step_time": round(step_time, 4),
+            "time": round(time.time(), 3),
+        }
         if mfu is not None:
             rec["mfu"] = round(mfu, 4)
         if batch_hash is not None:

@@ -3,6 +3,7 @@
 A stage writes one small Recipe subclass; the engine owns launching, the loop, loss normalisation,
 checkpoints/resume, metrics and export. Everything here runs inside each rank (worker process).
 """
+
 from __future__ import annotations
 
 import json
@@ -86,7 +87,9 @@ class Recipe:
         if recs and (Path(recs) / "tokenizer").is_dir():
             return Path(recs) / "tokenizer"
         model = getattr(self.cfg, "model", None)
-        if model and any((Path(model) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        if model and any(
+            (Path(model) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+        ):
             return Path(model)
         return None
 
@@ -106,7 +109,7 @@ class Recipe:
     # ------------------------------------------------------------------ data
     def build_datasets(self, ctx: TrainContext):
         """(train, dev) iterable datasets sharded by ctx.rank/world_size, with state_dict()/load_state_dict()."""
-        from minima.records import RecordDataset
+        from minima.data.records import RecordDataset
 
         recs = self.cfg.records
         # loop=True: the reader's own (epoch, offset) state crosses epoch ends exactly.
@@ -114,7 +117,9 @@ class Recipe:
         self.pad_id = train.pad_id
         dev = None
         if (Path(recs) / "dev").is_dir() and any((Path(recs) / "dev").glob("*.tfrecord")):
-            dev = RecordDataset(recs, split="dev", rank=ctx.rank, world_size=ctx.world_size, seed=ctx.seed, shuffle_buffer=0)
+            dev = RecordDataset(
+                recs, split="dev", rank=ctx.rank, world_size=ctx.world_size, seed=ctx.seed, shuffle_buffer=0
+            )
             if dev.num_records == 0:
                 dev = None
         return train, dev
@@ -134,7 +139,7 @@ class Recipe:
         return n if isinstance(n, int) else None
 
     def collate(self, batch: list[dict]) -> dict:
-        from minima.records import collate
+        from minima.data.records import collate
 
         return collate(batch, self.pad_id)
 

@@ -4,6 +4,7 @@ Sequences are arithmetic progressions modulo the vocab (learnable, so the loss f
 variable lengths and a masked prefix (so padding and label masks matter), generated from
 (seed, rank, index): the reader's state is just the next index.
 """
+
 from __future__ import annotations
 
 import random
@@ -12,8 +13,8 @@ from typing import ClassVar, Literal, Optional
 import torch
 from pydantic import Field
 
-from ..config import TrainConfig
-from .recipe import IGNORE_INDEX, Recipe, TrainContext
+from minima.core.config import TrainConfig
+from minima.train.recipe import IGNORE_INDEX, Recipe, TrainContext
 
 
 class SyntheticConfig(TrainConfig):
@@ -32,7 +33,9 @@ class SyntheticConfig(TrainConfig):
 class SyntheticDataset(torch.utils.data.IterableDataset):
     """Deterministic sequences for one rank's shard (indices rank, rank + world, ...)."""
 
-    def __init__(self, n: int, seq_len: int, vocab: int, seed: int, rank: int, world: int, variable: bool, offset: int = 0):
+    def __init__(
+        self, n: int, seq_len: int, vocab: int, seed: int, rank: int, world: int, variable: bool, offset: int = 0
+    ):
         self.n, self.seq_len, self.vocab, self.seed = n, seq_len, vocab, seed
         self.rank, self.world, self.variable, self.offset = rank, world, variable, offset
         self.pos = 0  # next index within this rank's shard
@@ -68,9 +71,11 @@ class SyntheticDataset(torch.utils.data.IterableDataset):
 def pad_collate(batch: list[dict], pad_id: int = 0) -> dict:
     """Right-pad to the longest sequence; padding carries no label and no attention."""
     n = max(len(b["input_ids"]) for b in batch)
-    out = {"input_ids": torch.full((len(batch), n), pad_id, dtype=torch.long),
-           "labels": torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long),
-           "attention_mask": torch.zeros((len(batch), n), dtype=torch.long)}
+    out = {
+        "input_ids": torch.full((len(batch), n), pad_id, dtype=torch.long),
+        "labels": torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long),
+        "attention_mask": torch.zeros((len(batch), n), dtype=torch.long),
+    }
     for i, b in enumerate(batch):
         k = len(b["input_ids"])
         for key in out:
@@ -102,11 +107,21 @@ class SyntheticRecipe(Recipe):
 
     def build_datasets(self, ctx: TrainContext):
         c = self.cfg
-        train = SyntheticDataset(c.num_examples, c.seq_len, self.vocab, c.seed, ctx.rank, ctx.world_size, c.variable_length)
+        train = SyntheticDataset(
+            c.num_examples, c.seq_len, self.vocab, c.seed, ctx.rank, ctx.world_size, c.variable_length
+        )
         dev = None
         if c.dev_examples:
-            dev = SyntheticDataset(c.dev_examples, c.seq_len, self.vocab, c.seed + 1, ctx.rank, ctx.world_size,
-                                   c.variable_length, offset=10**6)
+            dev = SyntheticDataset(
+                c.dev_examples,
+                c.seq_len,
+                self.vocab,
+                c.seed + 1,
+                ctx.rank,
+                ctx.world_size,
+                c.variable_length,
+                offset=10**6,
+            )
         return train, dev
 
     def num_train_examples(self) -> int:

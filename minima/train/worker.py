@@ -4,6 +4,7 @@ The spec (written by ``launch.py``) names the config class and its values, the r
 output dirs and the callbacks. A MinimaError in any rank is written to ``<work_dir>/errors/`` so the
 launcher can re-raise it with its message and fix; rank 0 writes the result to ``train_result.json``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -60,9 +61,9 @@ def run_spec(spec: dict) -> dict:
     if os.environ.get("MINIMA_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["MINIMA_NUM_THREADS"]))
     _quiet_deepspeed()
-    from ..errors import MinimaError, TrainingError
-    from . import guard, loop
-    from .recipe import TrainContext
+    from minima.core.errors import MinimaError, TrainingError
+    from minima.train import guard, loop
+    from minima.train.recipe import TrainContext
 
     cfg = import_obj(spec["config_class"]).model_validate(spec["config"])
     work_dir, out_dir = Path(spec["work_dir"]), Path(spec["out_dir"])
@@ -77,8 +78,16 @@ def run_spec(spec: dict) -> dict:
             device = torch.device("cuda", local_rank)
         else:
             device = torch.device("cpu")
-        ctx = TrainContext(rank=rank, world_size=world, local_rank=local_rank, device=device, dtype=torch.float32,
-                           work_dir=work_dir, out_dir=out_dir, seed=cfg.seed)
+        ctx = TrainContext(
+            rank=rank,
+            world_size=world,
+            local_rank=local_rank,
+            device=device,
+            dtype=torch.float32,
+            work_dir=work_dir,
+            out_dir=out_dir,
+            seed=cfg.seed,
+        )
         recipe = import_obj(spec["recipe"])(cfg)
         callbacks = [import_obj(c)(cfg) for c in spec.get("callbacks", [])]
         callbacks = list(recipe.build_callbacks(ctx)) + callbacks
@@ -105,8 +114,9 @@ def _write_error(work_dir: Path, rank: int, e) -> None:
     try:
         d = work_dir / ERRORS
         d.mkdir(parents=True, exist_ok=True)
-        (d / f"rank{rank:05d}.json").write_text(json.dumps(
-            {"class": type(e).__name__, "what": e.what, "where": e.where, "fix": e.fix, "rank": rank}))
+        (d / f"rank{rank:05d}.json").write_text(
+            json.dumps({"class": type(e).__name__, "what": e.what, "where": e.where, "fix": e.fix, "rank": rank})
+        )
     except OSError:
         pass
 
@@ -139,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m minima.train.worker SPEC.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
-    from ..errors import MinimaError
+    from minima.core.errors import MinimaError
 
     try:
         run_spec(spec)

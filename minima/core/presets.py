@@ -1,0 +1,211 @@
+"""Named presets. Each is a function returning a whole PipelineConfig; a stage takes its part.
+
+- ``tiny``: the CPU demo scale (hidden 128, 4 layers -> 3 layers / hidden 96), minutes on 2 cores.
+- ``minima-3b``: MiniMA's recipe: LLaMA-2-7B teacher (32 layers, 32 heads, hidden 4096, ffn 11008)
+  adapted to Chinese, pruned to 24/24/3072/8192 (~3.02B) and distilled with 0.5 CE + 0.5 soft CE.
+- ``minichat-3b``: MiniChat's instruction tuning of the MiniMA-3B student.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from minima.core.config import STAGES, PipelineConfig, deep_merge
+from minima.core.errors import ConfigError
+
+# Model shapes used by presets, tests and `minima plan`.
+LLAMA2_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+)
+MINIMA_3B = dict(
+    LLAMA2_7B,
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=24,
+    num_attention_heads=24,
+    num_key_value_heads=24,
+)
+TINY_TEACHER = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+)
+TINY_STUDENT = dict(
+    TINY_TEACHER,
+    hidden_size=96,
+    intermediate_size=192,
+    num_hidden_layers=3,
+    num_attention_heads=3,
+    num_key_value_heads=3,
+)
+
+
+def _with(cfg, **changes):
+    """A validated copy of a stage config with (nested) changes."""
+    return type(cfg).model_validate(deep_merge(cfg.model_dump(), changes))
+
+
+def tiny() -> PipelineConfig:
+    """CPU demo scale: every stage finishes in a minute or two on 2 cores."""
+    cfg = PipelineConfig(run_dir="runs/demo")
+    cfg.vocab = _with(cfg.vocab, **dict(mode="minima", pad_to_multiple_of=64, embedding_init="mean-of-subtokens"))
+    cfg.records_lm = _with(cfg.records_lm, **dict(format="lm", max_length=128, shard_size=2000, dev_fraction=0.05))
+    cfg.records_chat = _with(cfg.records_chat, **dict(format="chat", max_length=128, shard_size=2000, dev_fraction=0.1))
+    train = dict(
+        precision="fp32",
+        zero_stage=2,
+        micro_batch_size=8,
+        gradient_accumulation_steps=1,
+        lr=3e-3,
+        warmup_proportion=0.05,
+        max_steps=400,
+        eval_steps=100,
+        save_steps=100,
+    )
+    cfg.adapt = _with(cfg.adapt, **train)
+    s = TINY_STUDENT
+    cfg.prune = _with(
+        cfg.prune,
+        **dict(
+            num_layers=s["num_hidden_layers"],
+            num_heads=s["num_attention_heads"],
+            num_key_value_heads=s["num_key_value_heads"],
+            hidden_size=s["hidden_size"],
+            intermediate_size=s["intermediate_size"],
+            num_samples=64,
+            max_length=128,
+            batch_size=8,
+            importance="activation",
+            layer_importance="block-influence",
+        ),
+    )
+    cfg.distill = _with(cfg.distill, **dict(train, max_steps=300))
+    cfg.sft = _with(
+        cfg.sft, **dict(train, lr=5e-4, max_steps=-1, epochs=3, warmup_proportion=0.1, max_length=128, patience=2)
+    )
+    cfg.evaluate = _with(cfg.evaluate, **dict(tasks=["demo_mc", "perplexity"], batch_size=16))
+    return cfg
+
+
+def micro() -> PipelineConfig:
+    """The tiny preset cut to a few steps per stage: the end-to-end test and a smoke run (~2-3 min)."""
+    cfg = tiny()
+    cfg.run_dir = "runs/micro"
+    short = dict(max_steps=12, eval_steps=6, save_steps=6, micro_batch_size=4)
+    cfg.adapt = _with(cfg.adapt, **short)
+    cfg.prune = _with(cfg.prune, num_samples=16, batch_size=8)
+    cfg.distill = _with(cfg.distill, **short)
+    cfg.sft = _with(cfg.sft, **dict(short, epochs=1, patience=0))
+    cfg.evaluate = _with(cfg.evaluate, limit=20)
+    return cfg
+
+
+def minima_3b() -> PipelineConfig:
+    """MiniMA: adapt LLaMA-2-7B, prune to 24/24/3072/8192, distil with 0.5 CE + 0.5 soft CE."""
+    cfg = PipelineConfig(run_dir="runs/minima-3b")
+    cfg.vocab = _with(cfg.vocab, **dict(mode="minima", pad_to_multiple_of=64, embedding_init="normal"))
+    lm = dict(format="lm", max_length=4096, shard_size=10000, dev_fraction=0.001, lowercase=False, num_workers=32)
+    cfg.records_lm = _with(cfg.records_lm, **lm)
+    cfg.records_chat = _with(
+        cfg.records_chat, **dict(format="chat", max_length=4096, dev_fraction=0.01, num_workers=32)
+    )
+    big = dict(
+        precision="bf16",
+        zero_stage=3,
+        micro_batch_size=4,
+        warmup_proportion=0.01,
+        betas=(0.9, 0.95),
+        weight_decay=0.1,
+        grad_clip=1.0,
+        activation_checkpointing=True,
+        save_steps=1000,
+        eval_steps=1000,
+    )
+    cfg.adapt = _with(cfg.adapt, **dict(big, lr=3e-5, gradient_accumulation_steps=8))
+    cfg.prune = _with(
+        cfg.prune,
+        **dict(
+            num_layers=24,
+            num_heads=24,
+            num_key_value_heads=24,
+            hidden_size=3072,
+            intermediate_size=8192,
+            keep_layers=list(range(4, 28)),
+            importance="gradient",
+            num_samples=1024,
+            max_length=4096,
+            batch_size=1,
+            dtype="bf16",
+            vocab_size=49216,
+        ),
+    )  # dry run without a teacher dir: MiniMA's adapted vocab (32000 + CJK, padded) -> 3.02B
+    cfg.distill = _with(
+        cfg.distill,
+        **dict(big, lr=3e-4, gradient_accumulation_steps=8, loss={"alpha": 0.5, "kd": "soft_ce", "temperature": 1.0}),
+    )
+    cfg.sft = minichat_3b().sft
+    cfg.evaluate = _with(cfg.evaluate, **dict(tasks=["mmlu", "ceval", "cmmlu", "gsm8k"], shots=5, batch_size=32))
+    return cfg
+
+
+def minichat_3b() -> PipelineConfig:
+    """MiniChat: full-parameter chat tuning of MiniMA-3B with loss on assistant turns, patience 3."""
+    cfg = PipelineConfig(run_dir="runs/minichat-3b")
+    cfg.sft = _with(
+        cfg.sft,
+        **dict(
+            precision="bf16",
+            zero_stage=3,
+            micro_batch_size=4,
+            gradient_accumulation_steps=4,
+            lr=2e-5,
+            epochs=3,
+            warmup_proportion=0.1,
+            max_length=4096,
+            loss_on="assistant",
+            format="minichat",
+            patience=3,
+            activation_checkpointing=True,
+        ),
+    )
+    cfg.records_chat = _with(cfg.records_chat, **dict(format="chat", chat_format="minichat", max_length=4096))
+    cfg.evaluate = _with(cfg.evaluate, **dict(tasks=["mmlu", "ceval", "cmmlu", "gsm8k"], shots=5, chat_template=True))
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], PipelineConfig]] = {
+    "tiny": tiny,
+    "micro": micro,
+    "minima-3b": minima_3b,
+    "minichat-3b": minichat_3b,
+}
+
+
+def get_preset(name: str) -> PipelineConfig:
+    if name not in PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        raise ConfigError(
+            f"unknown preset '{name}'",
+            fix=f"did you mean '{close[0]}'?" if close else f"choose one of {', '.join(PRESETS)}",
+        )
+    return PRESETS[name]()
+
+
+def stage_part(pipeline: PipelineConfig, stage: str):
+    """The stage's config inside a pipeline config (records -> the pretraining-text records)."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage '{stage}'", fix=f"choose one of {', '.join(STAGES)}")
+    return pipeline.records_lm if stage == "records" else getattr(pipeline, stage)

@@ -1,0 +1,161 @@
+"""The pipeline's wiring, without Prefect: which artifact feeds which stage field.
+
+flows/pipeline.py runs these steps as Prefect tasks; this module only knows the DAG:
+
+    base ──> vocab ──> records_lm ──┬──> adapt ──> prune ──> distill ──> sft ──> evaluate
+                  └──> records_chat ┘                                   ↑
+                                     (records_chat feeds sft) ──────────┘
+
+Each step is a (stage, key) pair: ``records`` runs twice (``records_lm`` for pretraining text and
+``records_chat`` for chat data), every other step is named after its stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from minima.core.config import STAGE_CONFIGS, STAGE_NUMBER, PipelineConfig, StageConfig, build
+from minima.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Step:
+    key: str  # PipelineConfig field
+    stage: str  # minima stage name
+    needs: tuple[str, ...]  # upstream step keys
+    out_name: str  # directory name under run_dir
+
+
+STEPS: tuple[Step, ...] = (
+    Step("vocab", "vocab", (), "01_vocab"),
+    Step("records_lm", "records", ("vocab",), "02_records_lm"),
+    Step("records_chat", "records", ("vocab",), "02_records_chat"),
+    Step("adapt", "adapt", ("vocab", "records_lm"), "03_adapt"),
+    Step("prune", "prune", ("adapt", "records_lm"), "04_prune"),
+    Step("distill", "distill", ("adapt", "prune", "records_lm"), "05_distill"),
+    Step("sft", "sft", ("distill", "records_chat"), "06_sft"),
+    Step("evaluate", "evaluate", ("adapt", "prune", "distill", "sft"), "07_evaluate"),
+)
+STEP = {s.key: s for s in STEPS}
+STAGE_TO_STEPS = {}
+for _s in STEPS:
+    STAGE_TO_STEPS.setdefault(_s.stage, []).append(_s.key)
+
+
+def downstream(step_key: str) -> list[str]:
+    """The step and everything that (transitively) depends on it, in DAG order."""
+    out = {step_key}
+    for s in STEPS:
+        if any(n in out for n in s.needs):
+            out.add(s.key)
+    return [s.key for s in STEPS if s.key in out]
+
+
+def select_steps(from_stage: Optional[str] = None, only_stage: Optional[str] = None) -> tuple[set[str], set[str]]:
+    """Steps to run and steps to force. ``from_stage`` forces it and all that follows;
+    ``only_stage`` forces just that stage (its inputs must already exist)."""
+
+    def keys(name: str) -> list[str]:
+        if name in STEP:
+            return [name]
+        if name in STAGE_TO_STEPS:
+            return STAGE_TO_STEPS[name]
+        import difflib
+
+        close = difflib.get_close_matches(name, list(STEP) + list(STAGE_TO_STEPS), n=1)
+        raise ConfigError(
+            f"unknown stage '{name}'", fix=f"did you mean '{close[0]}'?" if close else f"choose from {', '.join(STEP)}"
+        )
+
+    if from_stage and only_stage:
+        raise ConfigError("--from-stage and --only-stage cannot be combined", fix="use one of them")
+    all_keys = {s.key for s in STEPS}
+    if only_stage:
+        ks = set(keys(only_stage))
+        return ks, ks
+    if from_stage:
+        forced: set[str] = set()
+        for k in keys(from_stage):
+            forced |= set(downstream(k))
+        return all_keys, forced
+    return all_keys, set()
+
+
+# How a step's config gets its inputs from upstream artifact dirs.
+Wiring = Callable[[StageConfig, dict[str, str]], dict]
+WIRING: dict[str, Wiring] = {
+    "vocab": lambda c, up: {},
+    "records_lm": lambda c, up: {"tokenizer": up["vocab"]},
+    "records_chat": lambda c, up: {"tokenizer": up["vocab"], "format": "chat"},
+    "adapt": lambda c, up: {"model": up["vocab"], "records": up["records_lm"]},
+    "prune": lambda c, up: {"teacher": up["adapt"], "records": up["records_lm"]},
+    "distill": lambda c, up: {"teacher": up["adapt"], "student": up["prune"], "records": up["records_lm"]},
+    "sft": lambda c, up: {"model": up["distill"], "records": up["records_chat"]},
+    "evaluate": lambda c, up: {
+        "models": {"teacher": up["adapt"], "pruned": up["prune"], "distilled": up["distill"], "chat": up["sft"]}
+    },
+}
+
+
+def step_config(pipeline: PipelineConfig, key: str, upstream: dict[str, str]) -> StageConfig:
+    """The step's stage config with run_dir, out_dir and upstream inputs filled in (validated)."""
+    step = STEP[key]
+    cfg: StageConfig = getattr(pipeline, key)
+    missing = [n for n in step.needs if n not in upstream]
+    if missing:
+        raise ConfigError(f"step {key} needs the artifacts of {', '.join(missing)}", fix="run the earlier stages first")
+    changes = dict(WIRING[key](cfg, upstream))
+    changes["run_dir"] = pipeline.run_dir
+    if not cfg.out_dir:
+        changes["out_dir"] = str(Path(pipeline.run_dir) / step.out_name)
+    data = cfg.model_dump()
+    data.update(changes)
+    return type(cfg).model_validate(data)
+
+
+def default_out_dirs(pipeline: PipelineConfig) -> dict[str, str]:
+    return {s.key: getattr(pipeline, s.key).out_dir or str(Path(pipeline.run_dir) / s.out_name) for s in STEPS}
+
+
+assert all(STAGE_NUMBER[s.stage] for s in STEPS)
+
+
+# stage -> "module:function"; function(cfg, force=False) -> Artifact
+STAGE_RUNNERS = {
+    "vocab": "minima.stages.vocab:run",
+    "records": "minima.stages.records:run",
+    "adapt": "minima.stages.adapt:run",
+    "prune": "minima.stages.prune:run",
+    "distill": "minima.stages.distill:run",
+    "sft": "minima.stages.sft:run",
+    "evaluate": "minima.stages.evaluate:run",
+}
+# extra command -> ("module:function", help); function(argv: list[str]) -> int
+COMMANDS = {
+    "run": ("flows.cli:run_main", "run the Prefect pipeline flow (vocab -> ... -> evaluate)"),
+    "demo": ("flows.cli:demo_main", "run the whole pipeline on the tiny preset with built-in data"),
+    "plan": ("minima.train.plan:main", "memory/time sizing of a stage before any GPU time"),
+    "chat": ("minima.infer.chat:main", "interactive terminal chat with a model dir"),
+    "serve": ("minima.infer.serve:main", "OpenAI-compatible HTTP server for a model dir"),
+    "self-instruct": (
+        "minima.stages.self_instruct:main",
+        "bootstrap instruction data from an OpenAI-compatible endpoint",
+    ),
+    "chat-eval": (
+        "minima.evaluate.judge:main",
+        "LLM-judged chat benchmarks (MT-Bench, BELLE, Z-Bench, Vicuna, AlpacaEval)",
+    ),
+    "distill-cache": ("minima.stages.distill:cache_main", "run the teacher once and cache sparse logits"),
+    "demo-data": ("minima.data.demo:main", "write the built-in bilingual demo corpus and tokenizers"),
+}
+
+
+def stage_config(stage: str, preset: Optional[str], file: Optional[str], overrides: list[str]):
+    """Resolve a stage config: preset, then YAML file, then key=value overrides."""
+    from minima.core.presets import get_preset, stage_part  # presets build on config; imported when used
+
+    base = stage_part(get_preset(preset), stage).model_dump(mode="json") if preset else {}
+    return build(STAGE_CONFIGS[stage], base=base, file=file, overrides=overrides)

@@ -1,0 +1,354 @@
+"""Built-in bilingual demo data, generated deterministically (no download, no ../shared needed).
+
+The corpus is a small templated world, English and Chinese, that a tiny model learns in minutes:
+capitals of countries, colours of things, word translations and one-digit arithmetic. From it come
+
+- pretraining text (one document per line, ``text/pretrain_en.txt`` and ``text/pretrain_zh.txt``),
+- chat conversations in the MiniChat JSON shape (``chat/demo_chat.json``: a list of conversations,
+  each a list of ``{"User": .., "Assistant": ..}`` turns),
+- multiple-choice questions with gold answers (``eval/demo_mc/{dev,test}.jsonl``: question, the
+  answer sentence's ``prefix`` up to the answer, choices, gold), asked about held-out facts that appear
+  only in the pretraining text, so sft must generalise,
+- two SentencePiece models trained on the corpus: an English BPE "base" (LLaMA settings,
+  byte_fallback) and a Chinese unigram "extra", so the vocab stage runs without any download.
+
+Same seed -> same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+COUNTRIES = [  # (country, capital, country_zh, capital_zh)
+    ("France", "Paris", "法国", "巴黎"),
+    ("Germany", "Berlin", "德国", "柏林"),
+    ("Japan", "Tokyo", "日本", "东京"),
+    ("China", "Beijing", "中国", "北京"),
+    ("Italy", "Rome", "意大利", "罗马"),
+    ("Spain", "Madrid", "西班牙", "马德里"),
+    ("Russia", "Moscow", "俄罗斯", "莫斯科"),
+    ("Egypt", "Cairo", "埃及", "开罗"),
+    ("Canada", "Ottawa", "加拿大", "渥太华"),
+    ("Australia", "Canberra", "澳大利亚", "堪培拉"),
+    ("Brazil", "Brasilia", "巴西", "巴西利亚"),
+    ("India", "Delhi", "印度", "新德里"),
+    ("Korea", "Seoul", "韩国", "首尔"),
+    ("Thailand", "Bangkok", "泰国", "曼谷"),
+    ("Greece", "Athens", "希腊", "雅典"),
+    ("Turkey", "Ankara", "土耳其", "安卡拉"),
+    ("Kenya", "Nairobi", "肯尼亚", "内罗毕"),
+    ("Mexico", "Mexico City", "墨西哥", "墨西哥城"),
+    ("Peru", "Lima", "秘鲁", "利马"),
+    ("Norway", "Oslo", "挪威", "奥斯陆"),
+    ("Sweden", "Stockholm", "瑞典", "斯德哥尔摩"),
+    ("Poland", "Warsaw", "波兰", "华沙"),
+    ("Ireland", "Dublin", "爱尔兰", "都柏林"),
+    ("Portugal", "Lisbon", "葡萄牙", "里斯本"),
+]
+COLORS = [  # (thing, colour, thing_zh, colour_zh)
+    ("apple", "red", "苹果", "红色"),
+    ("sky", "blue", "天空", "蓝色"),
+    ("grass", "green", "草", "绿色"),
+    ("snow", "white", "雪", "白色"),
+    ("coal", "black", "煤", "黑色"),
+    ("banana", "yellow", "香蕉", "黄色"),
+    ("orange", "orange", "橙子", "橙色"),
+    ("cloud", "white", "云", "白色"),
+    ("leaf", "green", "叶子", "绿色"),
+    ("blood", "red", "血", "红色"),
+    ("sea", "blue", "大海", "蓝色"),
+    ("night", "black", "夜晚", "黑色"),
+]
+WORDS = [
+    ("water", "水"),
+    ("cat", "猫"),
+    ("dog", "狗"),
+    ("book", "书"),
+    ("moon", "月亮"),
+    ("sun", "太阳"),
+    ("tree", "树"),
+    ("fish", "鱼"),
+    ("bird", "鸟"),
+    ("rice", "米饭"),
+    ("tea", "茶"),
+    ("flower", "花"),
+    ("mountain", "山"),
+    ("river", "河"),
+    ("house", "房子"),
+    ("car", "汽车"),
+    ("friend", "朋友"),
+    ("teacher", "老师"),
+    ("student", "学生"),
+    ("school", "学校"),
+]
+ZH_DIGITS = "零一二三四五六七八九十"
+
+
+def _zh_number(n: int) -> str:
+    if n <= 10:
+        return ZH_DIGITS[n]
+    tens, ones = divmod(n, 10)
+    return ("" if tens == 1 else ZH_DIGITS[tens]) + "十" + (ZH_DIGITS[ones] if ones else "")
+
+
+@dataclass
+class Fact:
+    """One fact in both languages, with question/answer forms and distractor pool."""
+
+    kind: str
+    key: str
+    en: list[str]
+    zh: list[str]
+    q_en: str
+    a_en: str
+    q_zh: str
+    a_zh: str
+    answer_en: str
+    answer_zh: str
+    pool_en: list[str] = field(default_factory=list)
+    pool_zh: list[str] = field(default_factory=list)
+    stem_en: str = ""  # the answer sentence up to the answer ("The capital of France is")
+    stem_zh: str = ""
+
+
+def facts() -> list[Fact]:
+    out: list[Fact] = []
+    caps = [c[1] for c in COUNTRIES]
+    caps_zh = [c[3] for c in COUNTRIES]
+    for country, cap, country_zh, cap_zh in COUNTRIES:
+        out.append(
+            Fact(
+                "capital",
+                country,
+                [
+                    f"The capital of {country} is {cap}.",
+                    f"{cap} is the capital of {country}.",
+                    f"{country} has its capital in {cap}.",
+                ],
+                [f"{country_zh}的首都是{cap_zh}。", f"{cap_zh}是{country_zh}的首都。"],
+                f"What is the capital of {country}?",
+                f"The capital of {country} is {cap}.",
+                f"{country_zh}的首都是哪里？",
+                f"{country_zh}的首都是{cap_zh}。",
+                cap,
+                cap_zh,
+                caps,
+                caps_zh,
+                f"The capital of {country} is",
+                f"{country_zh}的首都是",
+            )
+        )
+    colors = sorted({c[1] for c in COLORS})
+    colors_zh = sorted({c[3] for c in COLORS})
+    for thing, color, thing_zh, color_zh in COLORS:
+        out.append(
+            Fact(
+                "color",
+                thing,
+                [f"The color of the {thing} is {color}.", f"The {thing} is {color}."],
+                [f"{thing_zh}的颜色是{color_zh}。", f"{thing_zh}是{color_zh}的。"],
+                f"What color is the {thing}?",
+                f"The {thing} is {color}.",
+                f"{thing_zh}是什么颜色的？",
+                f"{thing_zh}是{color_zh}的。",
+                color,
+                color_zh,
+                colors,
+                colors_zh,
+                f"The {thing} is",
+                f"{thing_zh}是",
+            )
+        )
+    words_en = [w[0] for w in WORDS]
+    words_zh = [w[1] for w in WORDS]
+    for en, zh in WORDS:
+        out.append(
+            Fact(
+                "word",
+                en,
+                [f"In Chinese, {en} is {zh}.", f"The Chinese word for {en} is {zh}."],
+                [f"{zh}的英文是{en}。", f"{en}的中文是{zh}。"],
+                f"What is {en} in Chinese?",
+                f"In Chinese, {en} is {zh}.",
+                f"{zh}的英文是什么？",
+                f"{zh}的英文是{en}。",
+                zh,
+                en,
+                words_zh,
+                words_en,
+                f"In Chinese, {en} is",
+                f"{zh}的英文是",
+            )
+        )
+    for a in range(1, 10):
+        for b in range(1, 10):
+            c = a + b
+            out.append(
+                Fact(
+                    "add",
+                    f"{a}+{b}",
+                    [f"{a} plus {b} equals {c}.", f"{a} + {b} = {c}."],
+                    [f"{_zh_number(a)}加{_zh_number(b)}等于{_zh_number(c)}。", f"{a}加{b}等于{c}。"],
+                    f"What is {a} plus {b}?",
+                    f"{a} plus {b} equals {c}.",
+                    f"{a}加{b}等于几？",
+                    f"{a}加{b}等于{c}。",
+                    str(c),
+                    str(c),
+                    [str(i) for i in range(2, 19)],
+                    [str(i) for i in range(2, 19)],
+                    f"{a} plus {b} equals",
+                    f"{a}加{b}等于",
+                )
+            )
+    return out
+
+
+@dataclass
+class DemoCorpus:
+    pretrain_en: list[str]
+    pretrain_zh: list[str]
+    chat: list[list[dict]]
+    mc_dev: list[dict]
+    mc_test: list[dict]
+
+
+def _mc(fact: Fact, lang: str, rng: random.Random) -> dict:
+    answer = fact.answer_en if lang == "en" else fact.answer_zh
+    pool = sorted(set(fact.pool_en if lang == "en" else fact.pool_zh) - {answer})
+    choices = rng.sample(pool, 3) + [answer]
+    rng.shuffle(choices)
+    q = fact.q_en if lang == "en" else fact.q_zh
+    prefix = fact.stem_en if lang == "en" else fact.stem_zh
+    return {
+        "question": q,
+        "prefix": prefix,
+        "choices": choices,
+        "gold": choices.index(answer),
+        "lang": lang,
+        "kind": fact.kind,
+    }
+
+
+def generate(seed: int = 0, docs_per_lang: int = 1500) -> DemoCorpus:
+    """Build the corpus. Facts are split 75/25 into chat-train / held-out; all appear in pretraining text."""
+    rng = random.Random(seed)
+    all_facts = facts()
+    order = list(range(len(all_facts)))
+    rng.shuffle(order)
+    n_test = len(order) // 4
+    test_ids = set(order[:n_test])
+
+    def docs(lang: str) -> list[str]:
+        out = []
+        for _ in range(docs_per_lang):
+            k = rng.randint(3, 7)
+            sents = [rng.choice(f.en if lang == "en" else f.zh) for f in rng.sample(all_facts, k)]
+            out.append(" ".join(sents) if lang == "en" else "".join(sents))
+        # Every fact appears at least twice in each language, whatever the sampling did.
+        for f in all_facts:
+            for s in f.en if lang == "en" else f.zh:
+                out.append(s)
+        rng.shuffle(out)
+        return out
+
+    pretrain_en, pretrain_zh = docs("en"), docs("zh")
+    chat: list[list[dict]] = []
+    train_facts = [f for i, f in enumerate(all_facts) if i not in test_ids]
+    for f in train_facts:
+        chat.append([{"User": f.q_en, "Assistant": f.a_en}])
+        chat.append([{"User": f.q_zh, "Assistant": f.a_zh}])
+    for _ in range(len(train_facts) // 2):  # some multi-turn conversations
+        a, b = rng.sample(train_facts, 2)
+        lang = rng.choice(["en", "zh"])
+        chat.append(
+            [
+                {"User": a.q_en if lang == "en" else a.q_zh, "Assistant": a.a_en if lang == "en" else a.a_zh},
+                {"User": b.q_en if lang == "en" else b.q_zh, "Assistant": b.a_en if lang == "en" else b.a_zh},
+            ]
+        )
+    rng.shuffle(chat)
+    mc_test = [_mc(all_facts[i], lang, rng) for i in sorted(test_ids) for lang in ("en", "zh")]
+    dev_pick = rng.sample(train_facts, min(20, len(train_facts)))
+    mc_dev = [_mc(f, rng.choice(["en", "zh"]), rng) for f in dev_pick]
+    return DemoCorpus(pretrain_en, pretrain_zh, chat, mc_dev, mc_test)
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def write(out_dir: str | Path, seed: int = 0, docs_per_lang: int = 1500, tokenizers: bool = True) -> dict[str, Path]:
+    """Write the demo corpus (and tokenizers) under ``out_dir``; returns the paths by name."""
+    out = Path(out_dir)
+    c = generate(seed, docs_per_lang)
+    paths = {
+        "pretrain_en": out / "text" / "pretrain_en.txt",
+        "pretrain_zh": out / "text" / "pretrain_zh.txt",
+        "chat": out / "chat" / "demo_chat.json",
+        "mc_dev": out / "eval" / "demo_mc" / "dev.jsonl",
+        "mc_test": out / "eval" / "demo_mc" / "test.jsonl",
+    }
+    _write(paths["pretrain_en"], "\n".join(c.pretrain_en) + "\n")
+    _write(paths["pretrain_zh"], "\n".join(c.pretrain_zh) + "\n")
+    _write(paths["chat"], json.dumps(c.chat, ensure_ascii=False, indent=1) + "\n")
+    _write(paths["mc_dev"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in c.mc_dev))
+    _write(paths["mc_test"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in c.mc_test))
+    if tokenizers:
+        paths["base_sp"] = out / "tokenizers" / "base_en.model"
+        paths["extra_sp"] = out / "tokenizers" / "extra_zh.model"
+        train_sentencepiece(c.pretrain_en, paths["base_sp"], vocab_size=1000, model_type="bpe", byte_fallback=True)
+        train_sentencepiece(c.pretrain_zh, paths["extra_sp"], vocab_size=800, model_type="unigram", byte_fallback=False)
+    return paths
+
+
+def train_sentencepiece(
+    lines: list[str],
+    out_file: str | Path,
+    vocab_size: int,
+    model_type: str = "bpe",
+    byte_fallback: bool = True,
+) -> Path:
+    """Train a SentencePiece model with LLaMA's settings (unk/bos/eos = 0/1/2, no pad, split digits)."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=byte_fallback,
+        split_digits=True,
+        character_coverage=1.0 if not byte_fallback else 0.9995,
+        normalization_rule_name="identity" if byte_fallback else "nmt_nfkc",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+        hard_vocab_limit=False,
+    )
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(buf.getvalue())
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``minima demo-data out_dir=DIR [seed=0]``: write the demo corpus and tokenizers."""
+    args = dict(a.split("=", 1) for a in (argv or []) if "=" in a)
+    paths = write(args.get("out_dir", "runs/demo/data"), seed=int(args.get("seed", 0)))
+    for name, p in paths.items():
+        print(f"{name}: {p}")
+    return 0

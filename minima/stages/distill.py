@@ -1,0 +1,399 @@
+"""Stage distill: train the (pruned) student to match the teacher, MiniMA / Minitron style.
+
+Per label token the loss is ``alpha * CE(hard label) + (1 - alpha) * T^2 * KD(teacher_T, student_T)``
+with KD one of forward_kl (default, Minitron), reverse_kl, jsd or soft_ce (MiniMA, with alpha 0.5);
+the maths and its checks live in :mod:`minima.train.objectives.kd`. The engine (:mod:`minima.train`) does everything
+else: launch, loop, exact gradient accumulation, checkpoints and resume, step line, TensorBoard and
+export. The KD and CE terms are logged separately (``kd`` and ``ce`` on the step line). The dev loss
+is the student's hard-label CE (so dev perplexity compares with the teacher and with CE-only runs).
+
+Two ways to get the teacher's distribution:
+
+- **online** (default): the teacher runs inside the same job, no grad, eval mode, bf16 on GPU (fp32
+  on CPU), replicated on every rank or sharded with ZeRO-3 inference (``teacher_zero3``). The loss is
+  fused and chunked over the vocab so the [batch, seq, vocab] logits are never held twice.
+- **cached**: ``minima distill-cache`` (or ``cache_logits=true``) runs the teacher once over the
+  records and stores sparse targets next to them; training then needs no teacher in memory.
+
+The logit cache (an artifact, default ``<run_dir>/05_distill_cache``)::
+
+    cache.json                      format, mode, k, temperature, dtype, vocab size, splits
+    <split>/<records shard stem>/   one dir per records shard, in the records' file order
+        offsets.npy      int64 [R + 1]   record r's positions are rows offsets[r]:offsets[r + 1]
+        fingerprints.npy uint64 [R]      blake2b-64 of each record's token ids (alignment check)
+        ids.npy          int32 [P, k]    token ids (top-k, or sampled draws)
+        values.npy       fp16/fp32 [P, k] top_k: logits minus the row's top-1; sampled: log p_T
+        rest.npy         fp32 [P]         top_k: teacher mass outside ids at temperature T
+        weights.npy      fp16/fp32 [P, k] sampled: importance weights
+        done.json        written last: the shard is complete (an interrupted build resumes per shard)
+
+Row ``offsets[r] + t`` holds the teacher's distribution for the token after position t of record r.
+Records are matched to the cache by global record id (the reader's file order), and every lookup
+checks the record's fingerprint, so a cache built from other records fails loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from minima.compress.logit_cache import (
+    CACHE_META,
+    CachedRecordDataset,
+    _split_files,
+    collate_targets,
+    read_cache_meta,
+    shifted_labels,
+    write_cache,
+)
+from minima.core.artifacts import Artifact, is_complete, run_stage
+from minima.core.config import DistillCacheConfig, DistillConfig, build
+from minima.core.errors import ConfigError, InputError
+from minima.core.logs import get_logger
+from minima.data.records import collate
+from minima.models.loader import load_teacher
+from minima.train import LossOut, Recipe, TrainContext
+from minima.train.objectives.kd import (
+    IGNORE_INDEX,
+    SparseTargets,
+    dense_loss,
+    sparse_loss,
+)
+
+log = get_logger("minima.stages.distill")
+RECIPE = "minima.stages.distill:DistillRecipe"
+
+
+# ------------------------------------------------------------------------------- validation
+def _model_config(path: str, role: str, field: str) -> dict:
+    p = Path(path)
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise InputError(
+            f"{role} {path} is not a Hugging Face model dir (no config.json)",
+            where=field,
+            fix=f"point {field} at a dir written by save_pretrained (e.g. the prune or adapt output)",
+        )
+    return json.loads(cfg_file.read_text())
+
+
+def student_dir(cfg: DistillConfig) -> str:
+    """The student: ``student``, else ``model`` (the engine's generic field); both set must agree."""
+    if cfg.student and cfg.model and Path(cfg.student).resolve() != Path(cfg.model).resolve():
+        raise ConfigError(
+            f"student={cfg.student} and model={cfg.model} disagree",
+            where="student",
+            fix="set only student (model is the same thing for distill)",
+        )
+    s = cfg.student or cfg.model
+    if not s:
+        raise ConfigError("distill needs a student model dir", where="student", fix="set student=<prune output dir>")
+    return s
+
+
+def needs_teacher_online(cfg: DistillConfig) -> bool:
+    return cfg.loss.alpha < 1.0 and not cfg.cache_logits
+
+
+def cache_config(cfg: DistillConfig) -> DistillCacheConfig:
+    """The logit cache a distill config trains from (its own artifact, reused across distill runs)."""
+    return DistillCacheConfig(
+        out_dir=cfg.cache_dir,
+        run_dir=cfg.run_dir,
+        seed=cfg.seed,
+        teacher=cfg.teacher,
+        records=cfg.records,
+        mode=cfg.cache_mode,
+        top_k=cfg.cache_top_k,
+        temperature=cfg.loss.temperature,
+        proposal_power=cfg.cache_proposal_power,
+        dtype=cfg.cache_dtype,
+        batch_size=cfg.micro_batch_size,
+        precision=cfg.precision,
+        device=cfg.cache_device,
+    )
+
+
+def validate_inputs(cfg: DistillConfig) -> None:
+    """Every check that needs the file system, before any model is loaded or anything is written."""
+    if (
+        cfg.cache_mode == "sampled"
+        and cfg.cache_logits
+        and cfg.loss.kd not in ("forward_kl", "soft_ce")
+        and cfg.loss.alpha < 1
+    ):
+        raise ConfigError(
+            f"cache_mode=sampled supports loss.kd forward_kl or soft_ce, not {cfg.loss.kd}",
+            where="loss.kd",
+            fix="reverse_kl and jsd need the teacher's probability of the student's samples: use top_k or online",
+        )
+    if not cfg.records:
+        raise ConfigError("distill needs records", where="records", fix="set records=<records artifact dir>")
+    rec = Path(cfg.records)
+    if not (rec / "train").is_dir() or not any((rec / "train").glob("*.tfrecord")):
+        raise InputError(
+            f"{cfg.records} has no train/*.tfrecord shards",
+            where="records",
+            fix="point records at the output of `minima records`",
+        )
+    s_dir = student_dir(cfg)
+    student = _model_config(s_dir, "student", "student")
+    s_vocab = int(student.get("vocab_size", 0))
+    t_vocab: Optional[int] = None
+    t_where = "teacher"
+    cache_ready = bool(cfg.cache_dir) and (Path(cfg.cache_dir) / CACHE_META).is_file()
+    if cfg.loss.alpha < 1.0 and (not cfg.cache_logits or not cache_ready):
+        if not cfg.teacher:
+            raise ConfigError(
+                "distill with alpha < 1 needs a teacher",
+                where="teacher",
+                fix="set teacher=<teacher dir>, or alpha=1 for a CE-only run",
+            )
+        t_vocab = int(_model_config(cfg.teacher, "teacher", "teacher").get("vocab_size", 0))
+        t_where = f"{cfg.teacher}/config.json"
+    elif cfg.loss.alpha < 1.0 and cache_ready:
+        meta = read_cache_meta(cfg.cache_dir)
+        t_vocab, t_where = int(meta["vocab_size"]), f"{cfg.cache_dir}/{CACHE_META}"
+        check_cache_matches(meta, cfg)
+    if t_vocab is not None and t_vocab != s_vocab:
+        raise InputError(
+            f"teacher vocab_size {t_vocab} != student vocab_size {s_vocab}: KD compares distributions over the same tokens",
+            where=t_where,
+            fix="distill a student pruned from this teacher (prune keeps the vocab), or resize both with `minima vocab`",
+        )
+    from minima.data.records import read_records_manifest
+
+    r_vocab = read_records_manifest(str(rec)).get("vocab_size")
+    if isinstance(r_vocab, int) and r_vocab > s_vocab:
+        raise InputError(
+            f"records were tokenized with {r_vocab} tokens but the student has {s_vocab}",
+            where="records",
+            fix="build the records with the student's tokenizer",
+        )
+
+
+# ------------------------------------------------------------------------------- the teacher
+
+
+# ------------------------------------------------------------------------------- logit cache
+
+
+def check_cache_matches(meta: dict, cfg: DistillConfig) -> None:
+    """The cached targets must be the ones this config asks for (temperature enters the rest mass)."""
+    want = {"mode": cfg.cache_mode, "k": cfg.cache_top_k, "temperature": cfg.loss.temperature}
+    for key, value in want.items():
+        got = meta.get(key)
+        if (abs(float(got) - float(value)) > 1e-9) if key == "temperature" else got != value:
+            field = {"mode": "cache_mode", "k": "cache_top_k", "temperature": "loss.temperature"}[key]
+            raise ConfigError(
+                f"the logit cache has {key}={got} but the config asks for {value}",
+                where=field,
+                fix=f"set {field}={got}, or rebuild the cache (`minima distill-cache` with these settings)",
+            )
+
+
+def build_cache(ccfg: DistillCacheConfig, force: bool = False) -> Artifact:
+    """The logit cache artifact (skipped when one with the same teacher, records and settings exists)."""
+    if not ccfg.teacher or not ccfg.records:
+        raise ConfigError(
+            "distill-cache needs teacher and records",
+            where="teacher" if not ccfg.teacher else "records",
+            fix="set teacher=<dir> records=<records artifact>",
+        )
+    t_vocab = int(_model_config(ccfg.teacher, "teacher", "teacher").get("vocab_size", 0))
+    if not _split_files(ccfg.records, "train"):
+        raise InputError(
+            f"{ccfg.records} has no train/*.tfrecord shards",
+            where="records",
+            fix="point records at the output of `minima records`",
+        )
+    from minima.data.records import read_records_manifest
+
+    r_vocab = read_records_manifest(str(ccfg.records)).get("vocab_size")
+    if isinstance(r_vocab, int) and r_vocab > t_vocab:
+        raise InputError(
+            f"records were tokenized with {r_vocab} tokens but the teacher has {t_vocab}",
+            where="records",
+            fix="build the records with the teacher's tokenizer",
+        )
+    inputs = {"teacher": ccfg.teacher, "records": ccfg.records}
+    return run_stage(ccfg, inputs, lambda run: write_cache(ccfg, run.work_dir), force=force, resumable=True)
+
+
+# ------------------------------------------------------------------------------- the recipe
+class DistillRecipe(Recipe):
+    """The engine recipe: student = ``student``; loss = alpha CE + (1 - alpha) T^2 KD (see module doc)."""
+
+    def __init__(self, cfg: DistillConfig):
+        super().__init__(cfg)
+        self.teacher = None
+        self.cache_meta: Optional[dict] = None
+
+    def tokenizer_source(self) -> Optional[Path]:
+        rec = Path(self.cfg.records) / "tokenizer" if self.cfg.records else None
+        if rec is not None and rec.is_dir():
+            return rec
+        s = Path(student_dir(self.cfg))
+        return (
+            s
+            if any((s / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+            else None
+        )
+
+    def setup(self, ctx: TrainContext) -> None:
+        super().setup(ctx)
+        if self.cfg.cache_logits and self.cfg.loss.alpha < 1.0:
+            if not self.cfg.cache_dir:
+                raise ConfigError(
+                    "cache_logits=true but no cache_dir reached the training job",
+                    where="cache_dir",
+                    fix="run through `minima distill` (it builds the cache first) or set cache_dir",
+                )
+            self.cache_meta = read_cache_meta(self.cfg.cache_dir)
+            check_cache_matches(self.cache_meta, self.cfg)
+        elif needs_teacher_online(self.cfg):
+            self.teacher = load_teacher(self.cfg.teacher, ctx.device, self.cfg.teacher_zero3, self.cfg.micro_batch_size)
+
+    def build_model(self, ctx: TrainContext) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(student_dir(self.cfg), dtype=torch.float32)
+        if self.cfg.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        return model
+
+    def build_datasets(self, ctx: TrainContext):
+        if self.cache_meta is None:
+            return super().build_datasets(ctx)
+        kw = dict(rank=ctx.rank, world_size=ctx.world_size, seed=ctx.seed)
+        train = CachedRecordDataset(self.cfg.records, "train", self.cfg.cache_dir, **kw)
+        dev = None
+        if _split_files(self.cfg.records, "dev"):
+            dev = CachedRecordDataset(self.cfg.records, "dev", self.cfg.cache_dir, **kw)
+        return train, dev
+
+    def collate(self, batch: list[dict]) -> dict:
+        out = collate(batch, self.pad_id)
+        if "kd_ids" in batch[0]:
+            out.update(collate_targets(batch, out["input_ids"].shape[1]))
+        return out
+
+    def vocab_chunk(self, device: torch.device) -> int:
+        """Columns per KD/CE chunk: the config's, or auto (1024 on CPU for cache locality, 8192 on GPU)."""
+        return self.cfg.vocab_chunk or (8192 if device.type == "cuda" else 1024)
+
+    def compute_loss(self, model, batch: dict, ctx: TrainContext, train: bool) -> LossOut:
+        cfg = self.cfg
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+        b, n, v = logits.shape
+        labels = shifted_labels(batch["labels"]).reshape(-1)
+        flat = logits.reshape(b * n, v)
+        num = int((labels != IGNORE_INDEX).sum())
+        alpha, kind, T = cfg.loss.alpha, cfg.loss.kd, cfg.loss.temperature
+        chunk = self.vocab_chunk(flat.device)
+        if not train or alpha >= 1.0:  # dev loss = hard CE; alpha = 1 is plain LM training
+            ce, _ = dense_loss(flat, labels, None, chunk=chunk)
+            ce_sum = ce.sum()
+            return LossOut(loss_sum=ce_sum, num_tokens=num, metrics={"ce": ce_sum.detach()} if train else {})
+        if self.cache_meta is not None:
+            targets = SparseTargets(
+                self.cache_meta["mode"],
+                batch["kd_ids"].reshape(b * n, -1),
+                batch["kd_values"].reshape(b * n, -1),
+                batch["kd_rest"].reshape(-1) if "kd_rest" in batch else torch.zeros(b * n, device=flat.device),
+                batch["kd_weights"].reshape(b * n, -1) if "kd_weights" in batch else None,
+                float(self.cache_meta["temperature"]),
+            )
+            ce, kd = sparse_loss(flat, labels, targets, kind, T, chunk)
+        else:
+            with torch.no_grad():
+                t_logits = self.teacher(
+                    input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+                ).logits
+            if t_logits.shape[-1] != v:
+                raise InputError(
+                    f"teacher logits have {t_logits.shape[-1]} columns, student {v}",
+                    where="teacher",
+                    fix="teacher and student must share the vocabulary",
+                )
+            ce, kd = dense_loss(flat, labels, t_logits.reshape(b * n, v), kind, T, chunk)
+            del t_logits
+        ce_sum, kd_sum = ce.sum(), kd.sum()
+        loss = alpha * ce_sum + (1.0 - alpha) * kd_sum
+        return LossOut(loss_sum=loss, num_tokens=num, metrics={"kd": kd_sum.detach(), "ce": ce_sum.detach()})
+
+
+# ------------------------------------------------------------------------------- entry points
+def _resolved(cfg: DistillConfig) -> DistillConfig:
+    """Fill student from model (or model from student) so both names mean the same dir."""
+    s = student_dir(cfg)
+    data = cfg.model_dump()
+    data.update(student=s, model=s)
+    return DistillConfig.model_validate(data)
+
+
+def run(cfg: DistillConfig, force: bool = False) -> Artifact:
+    """Distil ``cfg.teacher`` into ``cfg.student`` on ``cfg.records``; an HF student dir artifact."""
+    from minima.train.launch import in_torchrun, train_stage
+
+    cfg = _resolved(cfg)
+    validate_inputs(cfg)
+    if cfg.cache_logits and cfg.loss.alpha < 1.0:
+        ccfg = cache_config(cfg)
+        cache_out = ccfg.resolved_out_dir()
+        if not (is_complete(cache_out) and (cache_out / CACHE_META).is_file()):
+            if in_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ConfigError(
+                    "the logit cache is not built, and a multi-rank job cannot build it",
+                    where="cache_dir",
+                    fix="run `minima distill-cache` with the same config first",
+                )
+        cache = build_cache(ccfg)
+        data = cfg.model_dump()
+        data["cache_dir"] = str(cache.path)
+        cfg = DistillConfig.model_validate(data)
+        check_cache_matches(read_cache_meta(cache.path), cfg)
+    inputs = {
+        "student": cfg.student,
+        "records": cfg.records,
+        "teacher": cfg.teacher if needs_teacher_online(cfg) else None,
+        "cache": cfg.cache_dir if cfg.cache_logits and cfg.loss.alpha < 1.0 else None,
+    }
+    from minima.evaluate.callback import (
+        training_callbacks,  # eval_tasks: benchmark scores at each dev evaluation
+    )
+
+    return train_stage(
+        cfg, inputs, RECIPE, force=force, callbacks=training_callbacks(cfg), validate=lambda: validate_inputs(cfg)
+    )
+
+
+def cache_main(argv: list[str]) -> int:
+    """``minima distill-cache [--config F] [--preset P] [--force] key=value ...`` (the distill config's keys)."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="minima distill-cache",
+        description="Run the teacher once over the records and store sparse targets "
+        "(cache_mode, cache_top_k, loss.temperature, cache_dtype of the distill config).",
+    )
+    p.add_argument("--config", help="YAML file with distill config fields")
+    p.add_argument("--preset", help="named preset: tiny, minima-3b")
+    p.add_argument("--force", action="store_true", help="rebuild even if a matching cache exists")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+    base = None
+    if args.preset:
+        from minima.core.presets import get_preset
+
+        base = get_preset(args.preset).distill.model_dump(mode="json")
+    cfg = build(DistillConfig, base=base, file=args.config, overrides=args.overrides)
+    art = build_cache(cache_config(cfg), force=args.force)
+    print(f"distill-cache: {'cached, skipped' if art.skipped else 'done'} -> {art.path}")
+    print(json.dumps({k: v for k, v in art.metrics.items() if isinstance(v, (int, float, str))}))
+    return 0

@@ -1,0 +1,284 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from minima.compress.prune import (
+    DTYPES,
+    TOKENIZER_FILES,
+    Shape,
+    count_params,
+    format_params,
+    head_dim,
+    log,
+    plot_importance,
+    prune_model,
+    resolve_target,
+    student_config,
+)
+from minima.core.artifacts import Artifact, StageRun, run_stage
+from minima.core.config import PruneConfig
+from minima.core.errors import ConfigError, DataError, InputError
+
+
+def calibration_batches(
+    records: str | Path,
+    num_samples: int,
+    max_length: int,
+    batch_size: int,
+    vocab_size: Optional[int] = None,
+    seed: int = 0,
+) -> Iterator[dict]:
+    """``num_samples`` train records (seeded shuffle), cut to ``max_length`` tokens, batched (streamed).
+
+    Raises:
+        DataError: a token id the teacher's embedding does not have (names the batch).
+    """
+    from minima.data.records import RecordDataset, collate
+
+    ds = RecordDataset(str(records), "train", seed=seed, loop=False)
+    buf: list[dict] = []
+    seen = 0
+
+    def flush(n: int) -> dict:
+        batch = collate(buf, pad_id=ds.pad_id)
+        buf.clear()
+        if vocab_size is not None and int(batch["input_ids"].max()) >= vocab_size:
+            raise DataError(
+                f"token id {int(batch['input_ids'].max())} >= the teacher's vocab size {vocab_size}",
+                where=f"{records}/train: calibration batch {n}",
+                fix="build the records with the teacher's tokenizer",
+            )
+        return batch
+
+    try:
+        for sample in ds:
+            buf.append({k: v[:max_length] for k, v in sample.items()})
+            seen += 1
+            if len(buf) == batch_size:
+                yield flush(seen // batch_size - 1)
+            if seen >= num_samples:
+                break
+        if buf:
+            yield flush(seen // batch_size)
+    finally:
+        ds.close()
+
+
+def num_calibration_batches(records: str | Path, num_samples: int, batch_size: int) -> int:
+    from minima.data.records import RecordDataset
+
+    ds = RecordDataset(str(records), "train", shuffle_buffer=0)
+    n = min(num_samples, ds.num_records)
+    ds.close()
+    return math.ceil(n / batch_size)
+
+
+def _teacher_config(cfg: PruneConfig):
+    from transformers import AutoConfig, LlamaConfig
+
+    if cfg.teacher is None:
+        from minima.core.presets import LLAMA2_7B
+
+        return LlamaConfig(**dict(LLAMA2_7B, vocab_size=cfg.vocab_size or LLAMA2_7B["vocab_size"]))
+    p = Path(cfg.teacher)
+    if not (p / "config.json").is_file():
+        raise InputError(
+            f"teacher {p} has no config.json",
+            where="PruneConfig.teacher",
+            fix="point teacher= at an HF model directory",
+        )
+    c = AutoConfig.from_pretrained(str(p), trust_remote_code=False)
+    if c.model_type != "llama":
+        raise InputError(
+            f"teacher {p} is a {c.model_type!r} model; prune handles LLaMA-architecture models",
+            where=f"{p}/config.json",
+            fix="use a LlamaForCausalLM teacher",
+        )
+    return c
+
+
+def _needs_data(cfg: PruneConfig, teacher: Shape, shape: Shape) -> bool:
+    drops = (
+        cfg.keep_layers is None and shape.num_layers < teacher.num_layers and cfg.layer_importance == "block-influence"
+    )
+    return cfg.importance in ("activation", "gradient") or drops
+
+
+def validate_inputs(cfg: PruneConfig, for_dry_run: bool = False):
+    """Everything checkable before loading weights: teacher config, target shape, records. Returns (config, shape)."""
+    tc = _teacher_config(cfg)
+    shape = resolve_target(tc, cfg)
+    if not for_dry_run:
+        if _device(cfg).type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                f"device={cfg.device} but no CUDA device is visible",
+                where="PruneConfig.device",
+                fix="use device=cpu (or auto), or run where a GPU is available",
+            )
+        if cfg.teacher is None:
+            raise ConfigError(
+                "no teacher given", where="PruneConfig.teacher", fix="set teacher=<HF model dir> (or dry_run=true)"
+            )
+        if _needs_data(cfg, Shape.of(tc), shape):
+            if cfg.records is None:
+                raise ConfigError(
+                    f"importance={cfg.importance} / layer_importance={cfg.layer_importance} needs calibration records",
+                    where="PruneConfig.records",
+                    fix="set records=<records artifact>, or use magnitude/random with keep_layers",
+                )
+            from minima.data.records import read_records_manifest
+
+            if num_calibration_batches(cfg.records, cfg.num_samples, cfg.batch_size) == 0:
+                raise InputError(
+                    f"records {cfg.records} have no train records",
+                    where="PruneConfig.records",
+                    fix="build records from more text",
+                )
+            m = read_records_manifest(cfg.records)
+            if m:
+                if m.get("format") not in (None, "lm"):
+                    raise InputError(
+                        f"records {cfg.records} are format={m.get('format')}, calibration needs format=lm",
+                        where="PruneConfig.records",
+                        fix="build pretraining-text records (format=lm)",
+                    )
+                if m.get("vocab_size") and m["vocab_size"] > tc.vocab_size:
+                    raise InputError(
+                        f"records vocab {m['vocab_size']} > teacher vocab {tc.vocab_size}",
+                        where="PruneConfig.records",
+                        fix="build the records with the teacher's tokenizer",
+                    )
+    return tc, shape
+
+
+def _device(cfg: PruneConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(cfg.device)
+    except RuntimeError:
+        raise ConfigError(
+            f"device={cfg.device!r} is not a torch device",
+            where="PruneConfig.device",
+            fix="use auto, cpu, cuda or cuda:N",
+        ) from None
+
+
+def dry_run(cfg: PruneConfig) -> dict:
+    """Print the target shape and parameter counts (meta device, no weights)."""
+    tc, shape = validate_inputs(cfg, for_dry_run=True)
+    before, after = count_params(tc), count_params(student_config(tc, shape))
+    t = Shape.of(tc)
+    src = cfg.teacher or "LLaMA-2-7B shape (presets.LLAMA2_7B)"
+    print(f"teacher  {t.describe()}, vocab {tc.vocab_size}: {format_params(before)} params  [{src}]")
+    print(
+        f"target   {shape.describe()}, vocab {tc.vocab_size}, head_dim {head_dim(tc)}: {format_params(after)} params "
+        f"({100 * after / before:.1f}%)"
+    )
+    if cfg.keep_layers is not None:
+        print(f"layers   keep {cfg.keep_layers}")
+    elif shape.num_layers < t.num_layers:
+        print(f"layers   chosen by {cfg.layer_importance}")
+    print("dry run: nothing loaded, nothing written")
+    return {
+        "dry_run": True,
+        "params_before": before,
+        "params_after": after,
+        "teacher_shape": asdict(t),
+        "target_shape": asdict(shape),
+        "vocab_size": tc.vocab_size,
+    }
+
+
+def _peak_memory(device: torch.device) -> dict:
+    """GPU: the allocator's peak since the stage started; CPU: the process's peak RSS (whole process)."""
+    if device.type == "cuda":
+        return {
+            "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
+            "peak_memory_kind": "cuda_max_allocated",
+        }
+    import resource
+
+    return {
+        "peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),  # KiB on Linux
+        "peak_memory_kind": "process_max_rss",
+    }
+
+
+def _body(cfg: PruneConfig, run: StageRun) -> dict:
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    device = _device(cfg)
+    dtype = DTYPES[cfg.dtype]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.time()
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype, trust_remote_code=False).to(device).eval()
+    load_s = time.time() - t0
+    t = Shape.of(teacher.config)
+    shape = resolve_target(teacher.config, cfg)
+    batches, nb = None, None
+    if _needs_data(cfg, t, shape):
+        batches = calibration_batches(
+            cfg.records,
+            cfg.num_samples,
+            cfg.max_length,
+            cfg.batch_size,
+            vocab_size=teacher.config.vocab_size,
+            seed=cfg.seed,
+        )
+        nb = num_calibration_batches(cfg.records, cfg.num_samples, cfg.batch_size)
+    student, report = prune_model(
+        teacher,
+        batches,
+        cfg,
+        importance=cfg.importance,
+        layer_importance=cfg.layer_importance,
+        rescale_norms=cfg.rescale_norms,
+        seed=cfg.seed,
+        num_batches=nb,
+    )
+    teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    del teacher
+    out = run.work_dir
+    student.save_pretrained(str(out))
+    src = Path(cfg.teacher)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    if not (out / "generation_config.json").is_file():
+        GenerationConfig.from_model_config(student.config).save_pretrained(str(out))
+    (out / "importance.json").write_text(json.dumps(report.to_json()))
+    plot_importance(report, out / "importance.png")
+    metrics = report.metrics()
+    metrics.update(
+        device=str(device),
+        dtype=cfg.dtype,
+        load_s=round(load_s, 2),
+        teacher_gb=round(teacher_bytes / 2**30, 3),
+        **_peak_memory(device),
+    )
+    log.info(
+        "prune: %s",
+        {k: metrics[k] for k in ("params_before", "params_after", "calibration_tokens_per_s", "peak_memory_gb")},
+    )
+    return metrics
+
+
+def run(cfg: PruneConfig, force: bool = False) -> Artifact:
+    """Stage entry point: validate, then prune into an artifact (or print the plan when dry_run)."""
+    if cfg.dry_run:
+        return Artifact(cfg.resolved_out_dir(), {"stage": "prune", "metrics": dry_run(cfg)})
+    validate_inputs(cfg)
+    return run_stage(cfg, {"teacher": cfg.teacher, "records": cfg.records}, lambda r: _body(cfg, r), force=force)
