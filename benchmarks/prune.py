@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     if not gpu:
         lines.append(
             "- CPU run on a machine shared with other engineers' jobs: absolute tokens/s are noisy, the ratios less so. "
-            "No GPU was available to this run; on one, `--shape 1b --device cuda` measures the issue's 1-3B teacher."
+            "No GPU was available to this run; on one, `--shape 1b --device cuda` measures a 1-3B teacher."
         )
     md = "\n".join(lines)
     print(md)

@@ -1,4 +1,4 @@
-"""Benchmark scores during training (seed 001's evaluation_datasets / evaluation_shots): TrainConfig.eval_tasks
+"""Benchmark scores during training (the JAX recipe's evaluation_datasets / evaluation_shots): TrainConfig.eval_tasks
 makes the engine log eval/<task>/<metric> at every dev evaluation, equal to evaluate_model on the exported model."""
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""The teacher's logit cache: run the teacher once over the records, store sparse targets per position.
+
+Layout (``cache.json`` plus one directory per records shard with offsets, fingerprints, ids,
+values and rest mass) is described in :mod:`minima.stages.distill`; ``LogitCache`` reads it back by
+global record id and checks each record's fingerprint.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage prune: structured pruning of a LLaMA teacher to a smaller uniform shape (e.g. 7B -> MiniMA-3B).
+"""Structured pruning of a LLaMA teacher to a smaller uniform shape (e.g. 7B -> MiniMA-3B).
 
 The pruned model is a plain ``LlamaForCausalLM``: whole layers, whole KV groups (with their query
 heads), MLP neurons and hidden channels are removed by slicing the teacher's weights; head_dim is

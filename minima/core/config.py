@@ -1,6 +1,6 @@
 """Closed pydantic configs, one per stage, plus the pipeline config that nests them.
 
-Rules (DESIGN.md): ``extra="forbid"``, every field documented, shape arithmetic validated at
+Rules: ``extra="forbid"``, every field documented, shape arithmetic validated at
 construction. Checks that need the file system (paths exist, vocab sizes agree) live in each stage's
 ``validate_inputs`` and run before any work.
 
@@ -276,12 +276,12 @@ class TrainConfig(StageConfig):
     eval_tasks: list[str] = Field(
         default_factory=list,
         json_schema_extra={"hash": False},
-        description="Benchmark tasks (minima evaluate names, e.g. [mmlu, ceval]; seed 001's evaluation_datasets) scored at "
+        description="Benchmark tasks (minima evaluate names, e.g. [mmlu, ceval]; the JAX recipe's evaluation_datasets) scored at "
         "every dev evaluation (eval_steps and the last step) and logged to metrics.jsonl/TensorBoard as "
         "eval/<task>/<metric>. Empty = off. Chat (judged) tasks are not allowed here.",
     )
     eval_shots: Optional[int] = nohash(
-        None, "Few-shot count of eval_tasks (seed 001's evaluation_shots); None = each task's standard count.", ge=0
+        None, "Few-shot count of eval_tasks (the JAX recipe's evaluation_shots); None = each task's standard count.", ge=0
     )
     eval_limit: Optional[int] = nohash(
         100,
@@ -402,7 +402,7 @@ class SftConfig(TrainConfig):
     loss_on: Literal["assistant", "all", "last-turn"] = Field(
         "assistant",
         description="Which tokens carry labels: assistant replies + their end token (MiniChat), "
-        "all tokens (instruction modelling, seed 003's --use_lm_loss), or the last reply only.",
+        "all tokens (Instruction Modelling's --use_lm_loss), or the last reply only.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA options.")
     neftune_alpha: float = Field(
@@ -412,7 +412,7 @@ class SftConfig(TrainConfig):
         False, description="Pack several conversations per sequence (per-document positions, no cross-attention)."
     )
     strategy: Literal["deepspeed", "fsdp"] = Field(
-        "deepspeed", description="deepspeed: the shared engine (ZeRO); fsdp: torch FSDP2 (seeds 000/002)."
+        "deepspeed", description="deepspeed: the shared engine (ZeRO); fsdp: torch FSDP2."
     )
     max_length: int = Field(
         2048, ge=8, description="Max tokens per conversation (train_files builds) and per packed sequence."

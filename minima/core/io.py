@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Small file helpers: JSON lines journals that resume, atomic JSON writes, string-list coercion."""
 
 from __future__ import annotations
 

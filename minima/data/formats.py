@@ -554,7 +554,7 @@ class AlpacaFormat(MessageFormat):
 
 @register("instruction")
 class InstructionFormat(MessageFormat):
-    """``<s>``[system] then ``### INSTRUCTION:`` q ``### RESPONSE:`` a ``</s>`` per exchange (seed 001)."""
+    """``<s>``[system] then ``### INSTRUCTION:`` q ``### RESPONSE:`` a ``</s>`` per exchange (the JAX instruction-tuning recipe)."""
 
     def header(self, system: str) -> list[Seg]:
         return [Seg(BOS)] + ([Seg(system, content=True)] if system else [])
@@ -579,7 +579,7 @@ def mc_answer_text(choices: list[str], gold: int) -> str:
 
 @register("mc")
 class MCFormat(MessageFormat):
-    """Multiple choice (seed 001): ``### QUESTION`` q ``### CHOICES`` A. .. B. .. ``### ANSWER`` a ``</s>``.
+    """Multiple choice (the JAX instruction-tuning recipe): ``### QUESTION`` q ``### CHOICES`` A. .. B. .. ``### ANSWER`` a ``</s>``.
 
     The choices come from the user message's ``choices`` list (the ``mc`` source shape); a user
     message without one is a free question (no CHOICES block).

@@ -1,4 +1,4 @@
-"""Stage vocab: merge Chinese SentencePiece pieces into a LLaMA tokenizer and resize the model.
+"""Merge Chinese SentencePiece pieces into a LLaMA tokenizer and resize the model (the vocab stage's core).
 
 Two procedures (``mode``):
 

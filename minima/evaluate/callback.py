@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Benchmarks during training: ``EvalCallback.on_eval`` scores tasks at each dev evaluation.
+
+``training_callbacks(cfg)`` turns a train config's ``eval_tasks`` into the ``callbacks`` argument of
+``minima.train.train_stage``; each rank builds the callback with ``callback_factory(cfg)``.
+"""
 
 from __future__ import annotations
 
@@ -26,8 +30,8 @@ class EvalCallback:
     Every rank must call ``on_eval`` (ZeRO-3 forwards are collective); each runs all requests.
 
     Args:
-        tasks: task names or ``{name: spec}`` as in :func:`evaluate_model` (seed 001's ``evaluation_datasets``).
-        shots: few-shot count (seed 001's ``evaluation_shots``); None = each task's default.
+        tasks: task names or ``{name: spec}`` as in :func:`evaluate_model` (the JAX instruction-tuning recipe's ``evaluation_datasets``).
+        shots: few-shot count (that recipe's ``evaluation_shots``); None = each task's default.
         every_n_steps: run on steps divisible by this (0 = on every call).
         tokenizer: the model's tokenizer, or a directory to load it from (default: ``ctx.tokenizer``, or
             ``ctx`` itself when it is a tokenizer).

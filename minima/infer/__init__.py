@@ -1,1 +1,4 @@
-"""TODO."""
+"""Inference: the batched generation engine, the OpenAI-compatible server, terminal chat, an API client.
+
+May import minima.core, minima.data and minima.models.
+"""

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Load model dirs: device and dtype resolution, the teacher for inference, a model with its tokenizer."""
 
 from __future__ import annotations
 

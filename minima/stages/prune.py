@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""Stage prune: load the teacher, stream calibration records, prune to the target shape, save the student.
+
+``minima prune teacher=DIR records=DIR num_layers=... hidden_size=...`` (or ``dry_run=true``, which
+counts the target's parameters on the meta device and loads no weights). The pruning itself lives
+in :mod:`minima.compress.prune`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""Stage records: build TFRecord shards (packed LM text or chat with loss masks) into an artifact.
+
+The building itself lives in :mod:`minima.data.records.build`.
+"""
 
 from __future__ import annotations
 

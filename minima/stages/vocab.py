@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Stage vocab: merge the extra SentencePiece model into the base tokenizer and resize the model.
+
+Validates the inputs, runs :func:`minima.data.vocab.merge`, writes ``tokenizer.model`` + an exact
+``tokenizer.json``, optionally the resized model, and a report of token counts per language.
+"""
 
 from __future__ import annotations
 

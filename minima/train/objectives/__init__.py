@@ -1,1 +1,4 @@
-"""TODO."""
+"""Training objectives as loss functions over logits: knowledge distillation (kd).
+
+May import minima.core and torch only.
+"""
