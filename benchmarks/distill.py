@@ -164,15 +164,18 @@ def report(r: dict, shared_note: str) -> str:
         "## distill",
         "",
         f"`python benchmarks/distill.py{' --gpu' if 'peak_bytes' in r else ''}` on {r['device']}. {shared_note}",
-        f"Student {r['student_params'] / 1e6:.1f}M params, teacher {r['teacher_params'] / 1e6:.1f}M, vocab {r['vocab']}, "
+        f"Student {r['student_params'] / 1e6:.1f}M params, teacher {r['teacher_params'] / 1e6:.1f}M, "
+        f"vocab {r['vocab']}, "
         f"{r['micro_batch']} x {r['seq']} tokens per step, median of {r['steps']} interleaved steps per arm "
         "(forward + loss + backward + AdamW through `DistillRecipe.compute_loss`).",
         "",
         "| arm | tokens/s | vs CE step | bar |",
         "|---|---|---|---|",
         f"| CE only (alpha = 1) | {r['tok_s']['ce']:.0f} | 1.00x | |",
-        f"| KD, online teacher (fused dense forward KL) | {r['tok_s']['online']:.0f} | {r['ratio_online']:.2f}x | >= 0.5x: {ok(r['ratio_online'], 0.5)} |",
-        f"| KD, cached top-64 targets | {r['tok_s']['cached']:.0f} | {r['ratio_cached']:.2f}x | >= 0.9x: {ok(r['ratio_cached'], 0.9)} |",
+        f"| KD, online teacher (fused dense forward KL) | {r['tok_s']['online']:.0f} | {r['ratio_online']:.2f}x "
+        f"| >= 0.5x: {ok(r['ratio_online'], 0.5)} |",
+        f"| KD, cached top-64 targets | {r['tok_s']['cached']:.0f} | {r['ratio_cached']:.2f}x "
+        f"| >= 0.9x: {ok(r['ratio_cached'], 0.9)} |",
         "",
         f"Teacher memory overhead (online only; the cached arm holds none): weights {gb(r['teacher_param_bytes'])}, "
         f"plus its logits for one micro-batch {gb(r['teacher_logits_bytes'])} (freed after the loss; the fused loss "

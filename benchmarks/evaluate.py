@@ -87,7 +87,7 @@ def bench(args) -> str:
         return {task: spec}
 
     # warm-up: imports, dataset caches, first-call allocations, for both
-    for task, lm_tasks, shots, n in plan:
+    for task, lm_tasks, shots, _n in plan:
         run_lmeval(model, tok, tmp / "yaml", lm_tasks, dict.fromkeys(lm_tasks, shots), 2, batch_size=args.batch_size)
         evaluate_model(model, tok, minima_spec(task, shots, 2), data_dir=data / "eval", batch_size=args.batch_size)
 
@@ -112,7 +112,8 @@ def bench(args) -> str:
         k = len(samples)
         assert k == len(ref_items), (task, k, len(ref_items))
         rows.append(
-            f"| {task} | {shots} | {k} | {k / t_ref:.1f} | {k / t_min:.1f} | **{t_ref / t_min:.2f}x** | {same}/{k} | {worst:.1e} |"
+            f"| {task} | {shots} | {k} | {k / t_ref:.1f} | {k / t_min:.1f} | **{t_ref / t_min:.2f}x** "
+            f"| {same}/{k} | {worst:.1e} |"
         )
         tot.update(items=k, ref=t_ref, mine=t_min, same=same)
         print(rows[-1], flush=True)
@@ -127,8 +128,10 @@ def bench(args) -> str:
     head = (
         f"### vocab: {vocab}\n\nTiny random Llama (hidden 64, 2 layers, 2048 positions), {vocab}, batch size "
         f"{args.batch_size} for both, torch threads {args.threads}; {machine()}; load average {load:.1f} on "
-        f"{os.cpu_count()} cores (the machine was shared with other jobs; both sides ran back to back in one process).\n\n"
-        "| task | shots | items | lm-eval items/s | minima items/s | speedup | identical predictions | max abs Δ loglik |\n"
+        f"{os.cpu_count()} cores (the machine was shared with other jobs; "
+        "both sides ran back to back in one process).\n\n"
+        "| task | shots | items | lm-eval items/s | minima items/s | speedup "
+        "| identical predictions | max abs Δ loglik |\n"
         "|---|---|---|---|---|---|---|---|\n"
     )
     return head + "\n".join(rows) + "\n"

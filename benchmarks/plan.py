@@ -319,11 +319,15 @@ def main(argv=None) -> int:
     lines = [
         "## plan: predicted vs measured peak memory (`python benchmarks/plan.py`)",
         "",
-        f"{machine()}; shared machine (other jobs running), 1 thread per run. Each row trains {a.steps} optimizer steps of the "
+        f"{machine()}; shared machine (other jobs running), 1 thread per run. Each row trains {a.steps} "
+        "optimizer steps of the "
         f"stage's real recipe (adapt; distill with an online teacher, dense forward-KL; sft full or LoRA r=8 on all 7 "
-        f"projections) on the engine, in-process, fp32, in its own process. Student: hidden 512, 4 layers, ffn 1376, "
-        f"vocab {VOCAB} (21.0M params); teacher: hidden 768, 4 layers, ffn 2048 (40.9M); micro batch {MICRO_BATCH} x seq {SEQ}. "
-        "Measured = peak RSS minus the RSS right before the recipe's setup (imports excluded), with glibc told to return "
+        "projections) on the engine, in-process, fp32, in its own process. Student: hidden 512, 4 layers, "
+        "ffn 1376, "
+        f"vocab {VOCAB} (21.0M params); teacher: hidden 768, 4 layers, ffn 2048 "
+        f"(40.9M); micro batch {MICRO_BATCH} x seq {SEQ}. "
+        "Measured = peak RSS minus the RSS right before the recipe's setup (imports excluded), "
+        "with glibc told to return "
         "freed memory (`MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`): the peak of live memory. Predicted = "
         "`plan_stage` for the same config (device cpu, world 1).",
         "",
@@ -336,10 +340,13 @@ def main(argv=None) -> int:
         )
     lines += [
         "",
-        f"Ratios of the {len(ratios)} stage configurations: {min(ratios):.2f} to {max(ratios):.2f}. The nano row calibrates the "
-        "plan's CPU runtime term (`RUNTIME_BYTES['cpu']`: heap, library code, DeepSpeed comm buffers; its tensors are < 1 MiB).",
+        f"Ratios of the {len(ratios)} stage configurations: {min(ratios):.2f} to {max(ratios):.2f}. "
+        "The nano row calibrates the "
+        "plan's CPU runtime term (`RUNTIME_BYTES['cpu']`: heap, library code, DeepSpeed comm buffers; "
+        "its tensors are < 1 MiB).",
         "",
-        "With glibc's default allocator the same adapt runs peak higher: freed activation blocks stay in the heap (its mmap "
+        "With glibc's default allocator the same adapt runs peak higher: freed activation blocks stay in the heap "
+        "(its mmap "
         "threshold grows to 32 MiB), so the optimizer step's fresh allocations come on top of them, and the heap grows "
         "from step to step. The plan predicts live memory, not this allocator retention:",
         "",

@@ -197,10 +197,12 @@ def main(argv=None) -> int:
     lines = [
         "## prune",
         "",
-        f"`python benchmarks/prune.py{' --quick' if args.quick else ''}{'' if args.shape == 'small' else ' --shape ' + args.shape}` — {machine()}"
-        + ("" if gpu else f", torch threads {args.threads}"),
+        f"`python benchmarks/prune.py{' --quick' if args.quick else ''}"
+        f"{'' if args.shape == 'small' else ' --shape ' + args.shape}`"
+        f" — {machine()}" + ("" if gpu else f", torch threads {args.threads}"),
         "",
-        f"Teacher: random LLaMA `{args.shape}` ({nparams / 1e6:.1f}M params, {gb(teacher_bytes):.3f} GiB in {str(dtype).split('.')[-1]}), "
+        f"Teacher: random LLaMA `{args.shape}` ("
+        f"{nparams / 1e6:.1f}M params, {gb(teacher_bytes):.3f} GiB in {str(dtype).split('.')[-1]}), "
         f"{nb} calibration batches of {args.batch} x {seq} tokens ({tokens} tokens), best of {args.repeats}.",
         "",
         "| pass | tokens/s | time vs plain forward | peak memory above the loaded teacher | peak / teacher size |",
@@ -213,17 +215,20 @@ def main(argv=None) -> int:
         )
     lines += [
         "",
-        f"- Streaming: activation calibration over {4 * nb} batches peaks at {gb(peak_more[0]):.3f} GiB above the teacher vs "
+        f"- Streaming: activation calibration over {4 * nb} batches peaks at {gb(peak_more[0]):.3f} GiB "
+        "above the teacher vs "
         f"{gb(peak_more[1]):.3f} GiB over {nb} (running sums only; no activation is kept).",
         "- Peak memory: tensors alive at once during the pass, above the loaded teacher and data ("
         + ("CUDA allocator peak)." if gpu else "replayed from the torch profiler's allocation events)."),
         f"- Whole `prune_model` (calibration + plan + slicing) to {report.target_shape.describe()}: {t_prune:.1f} s, "
         f"{report.params_before / 1e6:.1f}M -> {report.params_after / 1e6:.1f}M params.",
-        "- `gradient` runs a backward pass (activation gradients only: the weights are frozen, no weight grads are allocated).",
+        "- `gradient` runs a backward pass "
+        "(activation gradients only: the weights are frozen, no weight grads are allocated).",
     ]
     if not gpu:
         lines.append(
-            "- CPU run on a machine shared with other engineers' jobs: absolute tokens/s are noisy, the ratios less so. "
+            "- CPU run on a machine shared with other engineers' jobs: absolute tokens/s are noisy, "
+            "the ratios less so. "
             "No GPU was available to this run; on one, `--shape 1b --device cuda` measures a 1-3B teacher."
         )
     md = "\n".join(lines)

@@ -189,43 +189,59 @@ def main(argv=None) -> int:
         return 0
     cores = os.cpu_count()
     load = os.getloadavg()[0]
-    md = f"""## records (`python benchmarks/records.py`)
-
-Machine: {machine()}; {cores} cores, load average {load:.1f} at the end of the run (other jobs make absolute
-numbers noisy); each ratio compares sides measured interleaved in one run (best of {repeats}).
-Text: {what}; {len(docs):,} documents, {m["total_tokens"]:,} tokens; `max_length=2048`, `chunk_size={batch}`.
-
-| measure | value | target |
-|---|---|---|
-| raw `tokenizer(batch)` tokens/s (1 process) | {best_raw:,.0f} | |
-| build tokens/s, 1 worker, end to end (read + mix + tokenize + pack + write) | {best1["tps"]:,.0f} (**{best1["tps"] / best_raw:.2f}x** raw) | >= 0.9x |
-| build tokens/s, 1 worker, tokenize + pack + write only | {best1["tok_tps"]:,.0f} (**{best1["tok_tps"] / best_raw:.2f}x** raw) | >= 0.9x |
-| build tokens/s, 2 workers, end to end | {best2["tps"]:,.0f} (**{best2["tps"] / best1["tps"]:.2f}x** 1 worker) | near 2x |
-| build tokens/s, 2 workers, tokenize + pack + write only | {best2["tok_tps"]:,.0f} (**{best2["tok_tps"] / best1["tok_tps"]:.2f}x** 1 worker) | near 2x |
-| build tokens per CPU-second, 2 workers vs 1 (parent + pool processes) | {best2["tok_per_cpu_s"]:,.0f} vs {best1["tok_per_cpu_s"]:,.0f} (**{best2["tok_per_cpu_s"] / best1["tok_per_cpu_s"]:.2f}x**) | near 1x |
-| CPU cores the 2-worker build actually got (CPU-s / wall-s) | {best2["cpu"] / best2["wall"]:.2f} | 2 when free |
-| output bytes identical, 1 vs 2 workers | {"yes" if same else "NO"} | yes |
-| reader tokens/s (`RecordDataset` + `collate`, shuffle buffer 10k, batch 4, 1 process) | {best_rd:,.0f} | |
-| tiny-model training step tokens/s (hidden 128, 4 layers, batch 4 x 512, fwd+bwd+AdamW) | {best_tr:,.0f} | |
-| reader / training consumption | **{best_rd / best_tr:.0f}x** | >= 20x |
-| bytes per token on disk (TFRecord + Example int64 varints, incl. framing) | {m["bytes_per_token"]:.2f} | |
-| UTF-8 text bytes per token (same documents) | {utf8 / m["total_tokens"]:.2f} | |
-
-Scaling from 1 to 2 workers can only approach 2x in wall time when two cores are free (load average
-{load:.1f} on {cores} cores at the end of this run; the 2-worker build got {best2["cpu"] / best2["wall"]:.2f} cores, and on a
-2-core box the parent process that reads, packs and writes competes with the two workers). The CPU
-cost per token is what the code controls: 2 workers spend {best1["tok_per_cpu_s"] / best2["tok_per_cpu_s"]:.2f}x the CPU-seconds of 1
-(pool start and teardown, result pickling; workers inherit the documents by fork and get only
-index ranges, results come back as flat int32 arrays), so with two cores free for the workers the
-expected speed-up is about {2 * best2["tok_per_cpu_s"] / best1["tok_per_cpu_s"]:.1f}x. The 1-worker
-"tokenize + pack + write" rate beats raw `tokenizer(batch)` because the build calls the Rust
-tokenizer's `encode_batch_fast` (no offsets, no Python `BatchEncoding`), checked equal to
-`tokenizer(...)` ids in tests/test_formats.py. On disk, an int64 varint takes 1 byte for ids < 128, 2
-below 16384 and 3 above; SentencePiece gives frequent pieces low ids, so the LLaMA-2 vocabulary
-averages about 2.3 bytes per token, and the per-record framing (16 bytes of length/CRC, about 20
-of feature keys) is negligible at 2048 tokens. A packed uint16 array would take 2 bytes but no
-TFRecord reader could parse it.
-"""
+    md = (
+        "## records (`python benchmarks/records.py`)\n"
+        "\n"
+        f"Machine: {machine()}; {cores} cores, load average {load:.1f} at the end of the run "
+        "(other jobs make absolute\n"
+        f"numbers noisy); each ratio compares sides measured interleaved in one run (best of {repeats}).\n"
+        f"Text: {what}; {len(docs):,} documents, {m['total_tokens']:,} tokens; `max_length=2048`, "
+        f"`chunk_size={batch}`.\n"
+        "\n"
+        "| measure | value | target |\n"
+        "|---|---|---|\n"
+        f"| raw `tokenizer(batch)` tokens/s (1 process) | {best_raw:,.0f} | |\n"
+        "| build tokens/s, 1 worker, end to end (read + mix + tokenize + pack + write) "
+        f"| {best1['tps']:,.0f} (**{best1['tps'] / best_raw:.2f}x** raw) | >= 0.9x |\n"
+        "| build tokens/s, 1 worker, tokenize + pack + write only "
+        f"| {best1['tok_tps']:,.0f} (**{best1['tok_tps'] / best_raw:.2f}x** raw) | >= 0.9x |\n"
+        "| build tokens/s, 2 workers, end to end "
+        f"| {best2['tps']:,.0f} (**{best2['tps'] / best1['tps']:.2f}x** 1 worker) | near 2x |\n"
+        "| build tokens/s, 2 workers, tokenize + pack + write only "
+        f"| {best2['tok_tps']:,.0f} (**{best2['tok_tps'] / best1['tok_tps']:.2f}x** 1 worker) | near 2x |\n"
+        "| build tokens per CPU-second, 2 workers vs 1 (parent + pool processes) "
+        f"| {best2['tok_per_cpu_s']:,.0f} vs {best1['tok_per_cpu_s']:,.0f} "
+        f"(**{best2['tok_per_cpu_s'] / best1['tok_per_cpu_s']:.2f}x**) | near 1x |\n"
+        "| CPU cores the 2-worker build actually got (CPU-s / wall-s) "
+        f"| {best2['cpu'] / best2['wall']:.2f} | 2 when free |\n"
+        f"| output bytes identical, 1 vs 2 workers | {'yes' if same else 'NO'} | yes |\n"
+        "| reader tokens/s (`RecordDataset` + `collate`, shuffle buffer 10k, batch 4, 1 process) "
+        f"| {best_rd:,.0f} | |\n"
+        "| tiny-model training step tokens/s (hidden 128, 4 layers, batch 4 x 512, fwd+bwd+AdamW) "
+        f"| {best_tr:,.0f} | |\n"
+        f"| reader / training consumption | **{best_rd / best_tr:.0f}x** | >= 20x |\n"
+        "| bytes per token on disk (TFRecord + Example int64 varints, incl. framing) "
+        f"| {m['bytes_per_token']:.2f} | |\n"
+        f"| UTF-8 text bytes per token (same documents) | {utf8 / m['total_tokens']:.2f} | |\n"
+        "\n"
+        "Scaling from 1 to 2 workers can only approach 2x in wall time when two cores are free (load average\n"
+        f"{load:.1f} on {cores} cores at the end of this run; "
+        f"the 2-worker build got {best2['cpu'] / best2['wall']:.2f} cores, and on a\n"
+        "2-core box the parent process that reads, packs and writes competes with the two workers). The CPU\n"
+        "cost per token is what the code controls: "
+        f"2 workers spend {best1['tok_per_cpu_s'] / best2['tok_per_cpu_s']:.2f}x "
+        "the CPU-seconds of 1\n"
+        "(pool start and teardown, result pickling; workers inherit the documents by fork and get only\n"
+        "index ranges, results come back as flat int32 arrays), so with two cores free for the workers the\n"
+        f"expected speed-up is about {2 * best2['tok_per_cpu_s'] / best1['tok_per_cpu_s']:.1f}x. The 1-worker\n"
+        '"tokenize + pack + write" rate beats raw `tokenizer(batch)` because the build calls the Rust\n'
+        "tokenizer's `encode_batch_fast` (no offsets, no Python `BatchEncoding`), checked equal to\n"
+        "`tokenizer(...)` ids in tests/test_formats.py. On disk, an int64 varint takes 1 byte for ids < 128, 2\n"
+        "below 16384 and 3 above; SentencePiece gives frequent pieces low ids, so the LLaMA-2 vocabulary\n"
+        "averages about 2.3 bytes per token, and the per-record framing (16 bytes of length/CRC, about 20\n"
+        "of feature keys) is negligible at 2048 tokens. A packed uint16 array would take 2 bytes but no\n"
+        "TFRecord reader could parse it.\n"
+    )
     write_section("records", md)
     print(md)
     return 0

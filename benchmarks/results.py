@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-HEADER = "# Benchmark results\n\nEach section is written by the script named in it (`python benchmarks/<name>.py`); ratios are measured side by side in one run.\n"
+HEADER = (
+    "# Benchmark results\n\nEach section is written by the script named in it (`python benchmarks/<name>.py`); "
+    "ratios are measured side by side in one run.\n"
+)
 
 
 def machine() -> str:

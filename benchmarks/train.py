@@ -133,7 +133,8 @@ def cpu(rounds: int, steps: int) -> str:
             res = run_arm(root, f"arm{i}", cfg, threads)
             every[name].append(res["tok_s"])
             print(
-                f"round {r + 1} {name}: {res['tok_s']:.0f} tok/s (median step {res['step_time']:.3f}s, run {res['wall']:.0f}s)",
+                f"round {r + 1} {name}: {res['tok_s']:.0f} tok/s "
+                f"(median step {res['step_time']:.3f}s, run {res['wall']:.0f}s)",
                 flush=True,
             )
             if name not in best or res["tok_s"] > best[name]["tok_s"]:
@@ -148,27 +149,32 @@ def cpu(rounds: int, steps: int) -> str:
     per_round = ", ".join(
         f"{a / b:.2f}x" for a, b in zip(every["2 processes x 1 thread (gloo)"], every["1 process x 1 thread"])
     )
-    return f"""## train (`python benchmarks/train.py`)
-
-Machine: {machine()}; load average {load0:.1f} -> {load1:.1f} on 2 cores: **shared with other engineers' jobs**, so
-absolute numbers are noisy; arms ran in {rounds} interleaved round(s), best of rounds.
-Engine runs (torchrun + DeepSpeed ZeRO-2, fp32, torch AdamW) of the synthetic recipe: Llama hidden 256,
-4 layers, vocab 1000 ({_params(CPU_SHAPE, 1000) / 1e6:.1f}M params), seq {seq}, global batch {gbs} sequences, {steps} steps;
-tokens/s = median over steps 4..{steps} from metrics.jsonl (start-up excluded).
-
-| arm (same global batch) | tokens/s (best) | vs 1 process x 1 thread | each round |
-|---|---|---|---|
-{rows}
-
-Scaling 1 -> 2 processes: **{two["tok_s"] / ref:.2f}x** best of rounds (per round: {per_round}); ideal 2x with two
-free cores (each rank computes half the batch, plus one gloo all-reduce of the gradients per step). The
-neighbours' load moves single rounds a lot. 2 threads in one process are far slower than 1 on this
-oversubscribed machine (threads wait for each other at every op); with free cores they help. Command of the 2-process arm:
-`{two["cmd"]}`
-
-GPU MFU (~1.1B Llama, seq 2048, bf16, ZeRO-2/3; target >= 40% on one H100): not measured here (no GPU in
-this session). Run `python benchmarks/train.py --gpu` on a GPU machine; it writes its own rows.
-"""
+    return (
+        "## train (`python benchmarks/train.py`)\n"
+        "\n"
+        f"Machine: {machine()}; load average {load0:.1f} -> {load1:.1f} "
+        "on 2 cores: **shared with other engineers' jobs**, so\n"
+        f"absolute numbers are noisy; arms ran in {rounds} interleaved round(s), best of rounds.\n"
+        "Engine runs (torchrun + DeepSpeed ZeRO-2, fp32, torch AdamW) of the synthetic recipe: Llama hidden 256,\n"
+        f"4 layers, vocab 1000 ({_params(CPU_SHAPE, 1000) / 1e6:.1f}M params), "
+        f"seq {seq}, global batch {gbs} sequences, {steps} steps;\n"
+        f"tokens/s = median over steps 4..{steps} from metrics.jsonl (start-up excluded).\n"
+        "\n"
+        "| arm (same global batch) | tokens/s (best) | vs 1 process x 1 thread | each round |\n"
+        "|---|---|---|---|\n"
+        f"{rows}\n"
+        "\n"
+        f"Scaling 1 -> 2 processes: **{two['tok_s'] / ref:.2f}x** "
+        f"best of rounds (per round: {per_round}); ideal 2x with two\n"
+        "free cores (each rank computes half the batch, plus one gloo all-reduce of the gradients per step). The\n"
+        "neighbours' load moves single rounds a lot. 2 threads in one process are far slower than 1 on this\n"
+        "oversubscribed machine (threads wait for each other at every op); with free cores they help. "
+        "Command of the 2-process arm:\n"
+        f"`{two['cmd']}`\n"
+        "\n"
+        "GPU MFU (~1.1B Llama, seq 2048, bf16, ZeRO-2/3; target >= 40% on one H100): not measured here (no GPU in\n"
+        "this session). Run `python benchmarks/train.py --gpu` on a GPU machine; it writes its own rows.\n"
+    )
 
 
 def _params(shape: dict, vocab: int) -> int:
@@ -212,19 +218,22 @@ def gpu(steps: int) -> str:
         rows.append(f"| ZeRO-{stage} | {mbs} x {seq} | {res['tok_s']:,.0f} | {res['tok_s'] / n:,.0f} | **{mfu}** |")
         cmds.append(res["cmd"])
         print(rows[-1], flush=True)
-    return f"""## train-gpu (`python benchmarks/train.py --gpu`)
-
-Machine: {machine()} x {n}. Llama {_params(GPU_SHAPE, 32000) / 1e9:.2f}B (hidden 2048, 22 layers, GQA 32/4, vocab 32000),
-random init, bf16, {attn}, no activation checkpointing, torch AdamW (foreach); MFU = (6N + 12*L*d*T) * tokens/s / peak
-(N without the input embedding; peak 989 TFLOP/s for H100/H200 bf16 dense), median over steps 4..{steps}.
-Target: >= 40% MFU on one H100.
-
-| ZeRO | micro-batch x seq | tokens/s | tokens/s/GPU | MFU |
-|---|---|---|---|---|
-{chr(10).join(rows)}
-
-Command (ZeRO-3 arm): `{cmds[-1]}`
-"""
+    return (
+        "## train-gpu (`python benchmarks/train.py --gpu`)\n"
+        "\n"
+        f"Machine: {machine()} x {n}. Llama {_params(GPU_SHAPE, 32000) / 1e9:.2f}B "
+        "(hidden 2048, 22 layers, GQA 32/4, vocab 32000),\n"
+        f"random init, bf16, {attn}, no activation checkpointing, torch AdamW (foreach); "
+        "MFU = (6N + 12*L*d*T) * tokens/s / peak\n"
+        f"(N without the input embedding; peak 989 TFLOP/s for H100/H200 bf16 dense), median over steps 4..{steps}.\n"
+        "Target: >= 40% MFU on one H100.\n"
+        "\n"
+        "| ZeRO | micro-batch x seq | tokens/s | tokens/s/GPU | MFU |\n"
+        "|---|---|---|---|---|\n"
+        f"{chr(10).join(rows)}\n"
+        "\n"
+        f"Command (ZeRO-3 arm): `{cmds[-1]}`\n"
+    )
 
 
 def main() -> None:
