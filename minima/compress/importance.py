@@ -3,7 +3,7 @@
 Every data-driven score is a running sum kept by forward hooks (one vector per layer), so memory does
 not grow with the number of calibration tokens and no full activation is ever stored.
 
-Scores (``Importance``; L layers, H heads, I MLP neurons, D hidden channels):
+Scores (``Importance``; L layers, H heads, N MLP neurons, D hidden channels):
 
 - ``activation`` (Minitron): per attention head, the mean over tokens of the L2 norm of the head's
   output (the head's slice of the ``o_proj`` input); per MLP neuron, the mean |act(gate)*up| (the
@@ -44,7 +44,7 @@ class Importance:
     Attributes:
         method: which score (see the module docstring).
         heads: [L, H] per attention head.
-        neurons: [L, I] per MLP neuron.
+        neurons: [L, N] per MLP neuron.
         hidden_global: [D] part of the hidden-channel score that does not belong to a layer.
         hidden_layers: [L, D] per-layer parts (None for methods that give one global vector).
         block_influence: [L] or None when not computed.
@@ -96,7 +96,7 @@ def _layers(model):
 
 def _shape(model) -> tuple[int, int, int, int, int, int]:
     c = model.config
-    L, H, K, D, I = (
+    L, H, K, D, N = (
         c.num_hidden_layers,
         c.num_attention_heads,
         c.num_key_value_heads,
@@ -104,7 +104,7 @@ def _shape(model) -> tuple[int, int, int, int, int, int]:
         c.intermediate_size,
     )
     hd = getattr(c, "head_dim", None) or D // H
-    return L, H, K, D, I, hd
+    return L, H, K, D, N, hd
 
 
 def _masked_sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -153,7 +153,7 @@ def _block_influence_hooks(model, hooks: _Hooks, sums: torch.Tensor) -> None:
 
 
 def _activation_hooks(model, hooks: _Hooks, heads, neurons, hidden_layers, hidden_global) -> None:
-    L, H, K, D, I, hd = _shape(model)
+    L, H, K, D, N, hd = _shape(model)
     for i, layer in enumerate(_layers(model)):
 
         def head_hook(mod, args, i=i):
@@ -185,7 +185,7 @@ def _gradient_hooks(model, hooks: _Hooks, per_seq: dict) -> None:
     summing over the positions of one sequence only gives that sequence's own gradient (sequences do
     not interact), so one backward pass yields every per-sequence gradient without gate tensors.
     """
-    L, H, K, D, I, hd = _shape(model)
+    L, H, K, D, N, hd = _shape(model)
 
     def on_grad(x: torch.Tensor, key, view=None):
         xd = x.detach()  # the closure must not hold x itself: x -> its hook -> x is a cycle that keeps
@@ -240,9 +240,9 @@ def _per_sequence_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Te
 # ---------------------------------------------------------------------------------------- scoring
 def magnitude_importance(model) -> Importance:
     """Squared L2 norms of the weights that read or write each head, neuron and hidden channel."""
-    L, H, K, D, I, hd = _shape(model)
+    L, H, K, D, N, hd = _shape(model)
     G = H // K
-    heads, neurons, hidden_layers = torch.zeros(L, H), torch.zeros(L, I), torch.zeros(L, D)
+    heads, neurons, hidden_layers = torch.zeros(L, H), torch.zeros(L, N), torch.zeros(L, D)
     sq = lambda t: t.detach().float().pow(2)
     with torch.no_grad():
         for i, layer in enumerate(_layers(model)):
@@ -265,10 +265,10 @@ def magnitude_importance(model) -> Importance:
 
 def random_importance(model, seed: int = 0) -> Importance:
     """Uniform noise: the baseline that any real score must beat."""
-    L, H, K, D, I, hd = _shape(model)
+    L, H, K, D, N, hd = _shape(model)
     g = torch.Generator().manual_seed(seed)
     return Importance(
-        "random", torch.rand(L, H, generator=g), torch.rand(L, I, generator=g), torch.rand(D, generator=g)
+        "random", torch.rand(L, H, generator=g), torch.rand(L, N, generator=g), torch.rand(D, generator=g)
     )
 
 
@@ -305,11 +305,11 @@ def calibrate(
     if batches is None:
         raise ValueError(f"importance={method!r} / block influence needs calibration batches")
 
-    L, H, K, D, I, hd = _shape(model)
+    L, H, K, D, N, hd = _shape(model)
     device = next(model.parameters()).device
     acc = dict(
         heads=torch.zeros(L, H, device=device),
-        neurons=torch.zeros(L, I, device=device),
+        neurons=torch.zeros(L, N, device=device),
         hidden_layers=torch.zeros(L, D, device=device),
         hidden_global=torch.zeros(D, device=device),
         bi=torch.zeros(L, device=device),

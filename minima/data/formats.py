@@ -28,8 +28,9 @@ tokens added), resolves ``BOS``/``EOS`` to the tokenizer's ids, and builds the m
 pieces separately is what makes the mask exact: no token straddles a prompt/reply boundary. Message
 text is marked ``content=True``: special-token strings inside it (a user typing ``</s>``) stay plain
 text. Markup pieces are not, so formats that need other special tokens put their literal text (e.g.
-``"<|im_start|>"``) in a ``Seg``; the tokenizer must know it as an added token. Formats are classes so that subclasses can override
-``encode_exchanges`` wholesale (e.g. to render a Jinja chat template and find the reply spans).
+``"<|im_start|>"``) in a ``Seg``; the tokenizer must know it as an added token. Formats are classes
+so that subclasses can override ``encode_exchanges`` wholesale (e.g. to render a Jinja chat template
+and find the reply spans).
 
 Source shapes understood by :func:`normalise_conversation`:
 
@@ -536,7 +537,9 @@ class AlpacaFormat(MessageFormat):
         user = (
             "{%- set extra = m.get('input') or '' -%}"
             "{%- set instr = m['content'] -%}"
-            "{%- if extra and instr.endswith('\\n' + extra) -%}{%- set instr = instr[:(instr|length) - (extra|length) - 1] -%}{%- endif -%}"
+            "{%- if extra and instr.endswith('\\n' + extra) -%}"
+            "{%- set instr = instr[:(instr|length) - (extra|length) - 1] -%}"
+            "{%- endif -%}"
             "{%- if extra -%}"
             + j.lit(self.preamble_input + "\n\n### Instruction:\n")
             + j.var("instr")
@@ -554,7 +557,10 @@ class AlpacaFormat(MessageFormat):
 
 @register("instruction")
 class InstructionFormat(MessageFormat):
-    """``<s>``[system] then ``### INSTRUCTION:`` q ``### RESPONSE:`` a ``</s>`` per exchange (the JAX instruction-tuning recipe)."""
+    """``<s>``[system] then ``### INSTRUCTION:`` q ``### RESPONSE:`` a ``</s>`` per exchange.
+
+    The layout of the JAX instruction-tuning recipe.
+    """
 
     def header(self, system: str) -> list[Seg]:
         return [Seg(BOS)] + ([Seg(system, content=True)] if system else [])
@@ -579,10 +585,11 @@ def mc_answer_text(choices: list[str], gold: int) -> str:
 
 @register("mc")
 class MCFormat(MessageFormat):
-    """Multiple choice (the JAX instruction-tuning recipe): ``### QUESTION`` q ``### CHOICES`` A. .. B. .. ``### ANSWER`` a ``</s>``.
+    """Multiple choice: ``### QUESTION`` q ``### CHOICES`` A. .. B. .. ``### ANSWER`` a ``</s>``.
 
-    The choices come from the user message's ``choices`` list (the ``mc`` source shape); a user
-    message without one is a free question (no CHOICES block).
+    The layout of the JAX instruction-tuning recipe. The choices come from the user message's
+    ``choices`` list (the ``mc`` source shape); a user message without one is a free question (no
+    CHOICES block).
     """
 
     def header(self, system: str) -> list[Seg]:

@@ -238,7 +238,10 @@ def first_difference(hf_tokenizer, sp, text: str) -> str:
     a = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
     b = sp.encode(text)
     k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return f"{text[:40]!r}: HF {hf_tokenizer.convert_ids_to_tokens(a[k : k + 3])} vs SentencePiece {sp.id_to_piece(b[k : k + 3])}"
+    return (
+        f"{text[:40]!r}: HF {hf_tokenizer.convert_ids_to_tokens(a[k : k + 3])} "
+        f"vs SentencePiece {sp.id_to_piece(b[k : k + 3])}"
+    )
 
 
 def iter_lines(paths: Iterable[str | Path]) -> Iterable[str]:

@@ -19,6 +19,7 @@ The temp dir is the working directory and ``HOME``/``TMPDIR``, and it is deleted
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -59,7 +60,9 @@ def inside(p):
 def hook(event, args):
     if event == "open":
         path, mode, flags = (list(args) + [None, None, 0])[:3]
-        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & WRITE_FLAGS)
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+            isinstance(flags, int) and flags & WRITE_FLAGS
+        )
         if writing and not inside(path):
             raise PermissionError(f"sandbox: writing {path!r} outside the temp dir is not allowed")
     elif event in PATH_EVENTS:
@@ -98,8 +101,8 @@ for p in sorted(set(points), reverse=True):
     if p == root or p == "/proc" or p.startswith("/proc/"):
         continue
     subprocess.run(["mount", "-o", "remount,bind,ro", p], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-os.execvp("unshare", ["unshare", "--user", "--map-root-user", "--mount", "--", sys.executable, "-I", "-B", "-c", sys.argv[2], root,
-                       *sys.argv[3:]])
+os.execvp("unshare", ["unshare", "--user", "--map-root-user", "--mount", "--",
+                      sys.executable, "-I", "-B", "-c", sys.argv[2], root, *sys.argv[3:]])
 """
 
 
@@ -137,10 +140,8 @@ def _limits(memory_mb: int, cpu_s: int, file_mb: int):
             (resource.RLIMIT_FSIZE, file_mb << 20),
             (resource.RLIMIT_CORE, 0),
         ):
-            try:
+            with contextlib.suppress(ValueError, OSError):
                 resource.setrlimit(res, (val, val))
-            except (ValueError, OSError):
-                pass
 
     return apply
 
@@ -203,10 +204,8 @@ def run_program(
         try:
             out, err = proc.communicate(timeout=timeout_s + (2.0 if use_ns else 0.5))
         except subprocess.TimeoutExpired:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             proc.communicate()
             return ExecResult(False, "timeout", f"timed out after {timeout_s:g}s", "namespace" if use_ns else "python")
         tail = (err or b"").decode("utf-8", "replace").strip().splitlines()[-3:]

@@ -42,9 +42,11 @@ def node_join(master_addr: str, master_port: int, nnodes: int, node_rank: int, n
             if node_rank == 0 or time.time() > deadline:
                 where = f"{master_addr}:{port}"
                 raise TrainingError(
-                    f"node_rank {node_rank} could not {'listen on' if node_rank == 0 else 'reach'} the hang-guard store: {e}",
+                    f"node_rank {node_rank} could not {'listen on' if node_rank == 0 else 'reach'} "
+                    f"the hang-guard store: {e}",
                     where=where,
-                    fix="check master_addr/master_port (the guard uses master_port + 1), firewalls, and that node_rank 0 is running",
+                    fix="check master_addr/master_port (the guard uses master_port + 1), firewalls, "
+                    "and that node_rank 0 is running",
                 ) from None
             time.sleep(0.5)
     store.set(f"node/{node_rank}", socket.gethostname())
@@ -61,10 +63,12 @@ def node_join(master_addr: str, master_port: int, nnodes: int, node_rank: int, n
                 for r in missing
             ]
             raise TrainingError(
-                f"node_rank {', '.join(map(str, missing))} (global rank {', '.join(ranks)}) did not join within {timeout_s:g}s "
+                f"node_rank {', '.join(map(str, missing))} (global rank {', '.join(ranks)}) "
+                f"did not join within {timeout_s:g}s "
                 f"({len(have)}/{nnodes} nodes checked in)",
                 where=f"rendezvous {master_addr}:{master_port}",
-                fix=f"start the same command with launch.node_rank={missing[0]} on that node, and check it can reach {master_addr}",
+                fix=f"start the same command with launch.node_rank={missing[0]} on that node, "
+                f"and check it can reach {master_addr}",
             )
         time.sleep(0.2)
     return store

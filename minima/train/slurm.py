@@ -130,9 +130,11 @@ def submit_and_wait(
                 bad = [row for row in rows if row[1] not in ("COMPLETED", "")] or [main]
                 step = bad[-1]
                 raise TrainingError(
-                    f"Slurm job {job_id} ended {main[1]} (exit {main[2]}); failing step {step[0]} on node(s) {step[3]} ({step[1]}, exit {step[2]})",
+                    f"Slurm job {job_id} ended {main[1]} (exit {main[2]}); "
+                    f"failing step {step[0]} on node(s) {step[3]} ({step[1]}, exit {step[2]})",
                     where=str(log),
-                    fix="read the log above for that node's traceback; rerun the stage to resume from the last checkpoint",
+                    fix="read the log above for that node's traceback; "
+                    "rerun the stage to resume from the last checkpoint",
                 )
             return job_id
         if timeout_s is not None and time.time() - t0 > timeout_s:

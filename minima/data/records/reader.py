@@ -212,7 +212,8 @@ class RecordDataset(IterableDataset):
         for key in ("seed", "world_size", "num_records", "shuffle_buffer"):
             if key in state and state[key] != getattr(self, key):
                 raise ConfigError(
-                    f"cannot resume the records reader: {key}={state[key]} in the checkpoint but {getattr(self, key)} now",
+                    f"cannot resume the records reader: {key}={state[key]} in the checkpoint "
+                    f"but {getattr(self, key)} now",
                     fix="resume with the same records, seed, shuffle_buffer and world size as the interrupted run",
                 )
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
@@ -297,7 +298,9 @@ class RecordDataset(IterableDataset):
         return state
 
     def __del__(self) -> None:
-        try:
+        # A plain try rather than contextlib.suppress: __del__ can run at interpreter exit, after module globals
+        # such as ``contextlib`` are torn down.
+        try:  # noqa: SIM105
             self.close()
         except Exception:
             pass

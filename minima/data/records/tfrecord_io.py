@@ -12,6 +12,7 @@ extra, installed in its own environment); local paths use plain Python I/O.
 
 from __future__ import annotations
 
+import contextlib
 import glob as _glob
 import os
 import struct
@@ -40,10 +41,8 @@ def _gfile():
         ) from None
     import tensorflow as tf
 
-    try:  # registers s3:// and hdfs:// file systems
+    with contextlib.suppress(ImportError):  # registers s3:// and hdfs:// file systems
         import tensorflow_io  # noqa: F401
-    except ImportError:
-        pass
     return tf.io.gfile
 
 
@@ -218,7 +217,8 @@ class ShardWriter:
     def _open(self) -> None:
         path = os.path.join(self.out_dir, f"part-{len(self.files):05d}.tfrecord")
         self.files.append(path)
-        self._f = open(path, "wb")
+        # The shard stays open across write() calls; _close() closes it when the shard is full or on close().
+        self._f = open(path, "wb")  # noqa: SIM115
         self._index = []
         self._offset = 0
 
