@@ -24,7 +24,7 @@ def test_same_seed_same_bytes(tmp_path):
 def test_shapes_and_held_out_split(demo_data_dir):
     chat = json.loads((demo_data_dir / "chat" / "demo_chat.json").read_text())
     assert all(isinstance(conv, list) and all(set(t) == {"User", "Assistant"} for t in conv) for conv in chat)
-    test = [json.loads(l) for l in (demo_data_dir / "eval/demo_mc/test.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (demo_data_dir / "eval/demo_mc/test.jsonl").read_text().splitlines()]
     assert len(test) >= 50 and all(0 <= r["gold"] < len(r["choices"]) == 4 for r in test)
     # held-out questions never appear in chat training, but their facts are in the pretraining text
     asked = {t["User"] for conv in chat for t in conv}

@@ -1,6 +1,7 @@
 """The README's deployment steps, on loopback: local Prefect server, process work pool, `prefect
 deploy --all` from prefect.yaml, a worker, and a run triggered by deployment name."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -41,14 +42,16 @@ def prefect_server(tmp_path):
     procs = []
 
     def start(*args, log):
-        p = subprocess.Popen(
-            [PREFECT, *args],
-            cwd=ROOT,
-            env=env,
-            stdout=open(tmp_path / log, "w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        # the child gets its own copy of the log's descriptor, so ours can close right away
+        with open(tmp_path / log, "w") as out:
+            p = subprocess.Popen(
+                [PREFECT, *args],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         procs.append(p)
         return p
 
@@ -63,10 +66,8 @@ def prefect_server(tmp_path):
         pytest.fail("prefect server did not come up: " + (tmp_path / "server.log").read_text()[-2000:])
     yield env, start
     for p in procs:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     for p in procs:
         try:
             p.wait(timeout=20)

@@ -65,7 +65,8 @@ def test_minichat_renders_the_published_layout_and_tokenizes_like_the_whole_stri
     fmt = get_format("minichat")
     text = fmt.render(CONV)
     assert text == (
-        "<s>You are terse.</s>[|User|] What is the capital of France?</s>[|Assistant|] The capital of France is Paris.</s>"
+        "<s>You are terse.</s>[|User|] What is the capital of France?</s>"
+        "[|Assistant|] The capital of France is Paris.</s>"
         "[|User|] 法国的首都是哪里？</s>[|Assistant|] 法国的首都是巴黎。</s>"
     )
     ids, mask = fmt.encode(tok, CONV)

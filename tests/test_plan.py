@@ -1,6 +1,7 @@
 """`minima plan`: parameter counts vs real models, the activation formula vs the tensors autograd
 saves, DeepSpeed model-state arithmetic, the verdict, the CLI, and the predicted peak vs a measured run."""
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -129,9 +130,10 @@ def test_layer_activations_equal_saved_tensors(precision):
             x = torch.randn(b, s, 64, dtype=dtype, requires_grad=True)
             pos = torch.arange(s)[None].expand(b, s)
             rot = base.model.rotary_emb(x, pos)  # model-level, counted once outside the layers
-            got = _saved_bytes(
-                model, lambda: base.model.layers[0](x, position_embeddings=rot, attention_mask=None, position_ids=pos)
+            layer0 = functools.partial(
+                base.model.layers[0], x, position_embeddings=rot, attention_mask=None, position_ids=pos
             )
+            got = _saved_bytes(model, layer0)
             got -= sum(t.untyped_storage().nbytes() for t in rot)
             want = layer_activation_bytes(cfg, b * s, precision, attn=attn, micro_batch=b, lora=lora, cpu=True)
             assert want == got, (attn, lora, want, got)

@@ -120,7 +120,7 @@ def _mask_hidden(model, keep: list[int], renorm_over_kept: bool = False):
         handles.append(layer.self_attn.o_proj.register_forward_hook(mask_out))
         handles.append(layer.mlp.down_proj.register_forward_hook(mask_out))
     if renorm_over_kept:
-        norms = [n for l in model.model.layers for n in (l.input_layernorm, l.post_attention_layernorm)] + [
+        norms = [n for layer in model.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)] + [
             model.model.norm
         ]
         for norm in norms:

@@ -130,7 +130,7 @@ def test_lm_ids_match_the_tokenizer_and_dev_split_keeps_every_doc(tmp_path, demo
     train = lm_docs(read_split(art.path, "train"), tok.bos_token_id, tok.eos_token_id)
     dev = lm_docs(read_split(art.path, "dev"), tok.bos_token_id, tok.eos_token_id)
     assert len(dev) == round(0.1 * len(want)) == m["num_docs"]["dev"]
-    ref = {d: ids for d, ids in zip(want, tok(want, add_special_tokens=False)["input_ids"])}
+    ref = dict(zip(want, tok(want, add_special_tokens=False)["input_ids"]))
     got = sorted(tok.decode(d) for d in train + dev)
     assert got == sorted(want)
     assert all(ref[tok.decode(d)] == d for d in train[:200] + dev)  # ids are the tokenizer's own

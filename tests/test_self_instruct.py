@@ -186,7 +186,10 @@ def test_prompt_and_numbered_list_parsing():
     assert tasks[5]["input"] == "The committee met on Monday. It approved the budget after a long debate."
     assert len(parse_tasks(EN_REPLY, truncated=False)) == 7
     # A completion continues after "4. Instruction:", so the reply starts with the text itself.
-    cont = " Name a colour.\n4. Input:\n<noinput>\n4. Output:\nBlue.\n###\n5. Instruction: Name a fruit.\n5. Output: Apple.\n###\nThanks!"
+    cont = (
+        " Name a colour.\n4. Input:\n<noinput>\n4. Output:\nBlue.\n###\n"
+        "5. Instruction: Name a fruit.\n5. Output: Apple.\n###\nThanks!"
+    )
     assert parse_tasks(cont, first_number=4) == [
         {"instruction": "Name a colour.", "input": "", "output": "Blue."},
         {"instruction": "Name a fruit.", "input": "", "output": "Apple."},
@@ -313,7 +316,8 @@ class Stub:
                 words = " ".join(rng.choice(WORDS) for _ in range(8))
                 n = k + 1 + i
                 lines.append(
-                    f"{n}. Instruction: Explain {words}.\n{n}. Input:\n<noinput>\n{n}. Output:\nAnswer {start + i}.\n###"
+                    f"{n}. Instruction: Explain {words}.\n{n}. Input:\n<noinput>\n"
+                    f"{n}. Output:\nAnswer {start + i}.\n###"
                 )
             return {
                 "id": "x",

@@ -19,7 +19,8 @@ log=$(sed -n 's/^#SBATCH --output=//p' "$script")
 echo RUNNING > "$st.state"
 ( export SLURM_JOB_ID=$id SLURM_JOB_NODELIST=fakenode[1] SLURM_PROCID=0 SLURM_NNODES=1
   bash "$script" >> "$log" 2>&1; rc=$?
-  echo $rc > "$st.rc"; if [ $rc = 0 ]; then echo COMPLETED > "$st.state"; else echo FAILED > "$st.state"; fi ) >/dev/null 2>&1 &
+  echo $rc > "$st.rc"
+  if [ $rc = 0 ]; then echo COMPLETED > "$st.state"; else echo FAILED > "$st.state"; fi ) >/dev/null 2>&1 &
 echo "$id"
 """,
     "sacct": r"""#!/bin/bash
@@ -59,7 +60,10 @@ def _port():
 
 WORKER = """import os, sys
 from pathlib import Path
-Path(sys.argv[1]).write_text(f"rank={os.environ['RANK']} world={os.environ['WORLD_SIZE']} master={os.environ['MASTER_ADDR']} node={os.environ['GROUP_RANK']}")
+Path(sys.argv[1]).write_text(
+    f"rank={os.environ['RANK']} world={os.environ['WORLD_SIZE']} master={os.environ['MASTER_ADDR']} "
+    f"node={os.environ['GROUP_RANK']}"
+)
 print("worker says hello", flush=True)
 sys.exit(int(sys.argv[2]))
 """

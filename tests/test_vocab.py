@@ -46,7 +46,7 @@ def _assert_exact(tok, sp, texts, label):
 
 
 def _added(d, base_size):
-    return [p for p in load_proto(d / "tokenizer.model").pieces[base_size:]]
+    return list(load_proto(d / "tokenizer.model").pieces[base_size:])
 
 
 # ------------------------------------------------------------------------------ demo (fresh clone)
@@ -304,7 +304,8 @@ def test_real_transformers_own_conversion_differs(real_runs, tmp_path):
     novel, alpaca = _novel(100), _alpaca()[:300]
     bad_novel, bad_alpaca = mismatches(tok, sp, novel), mismatches(tok, sp, alpaca)
     print(
-        f"\n[LlamaTokenizer conversion] differs on {len(bad_novel)}/100 novel lines, {len(bad_alpaca)}/300 Alpaca records"
+        f"\n[LlamaTokenizer conversion] differs on {len(bad_novel)}/100 novel lines, "
+        f"{len(bad_alpaca)}/300 Alpaca records"
     )
     indented = {i for i, line in enumerate(novel) if line.startswith("    ")}
     assert indented <= set(bad_novel)  # cause 2: Metaspace drops the dummy prefix before leading spaces
