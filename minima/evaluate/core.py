@@ -44,8 +44,7 @@ def task_names(tasks) -> list[str]:
 
 
 def _bar(desc: str, total: int):
-    bar = progress(None, desc=desc, total=total, unit="req")
-    return bar
+    return progress(None, desc=desc, total=total, unit="req")
 
 
 def chat_wrap(tokenizer, context: str) -> str:
