@@ -16,6 +16,9 @@ from conftest import shared
 from minima.core.errors import DataError, InputError
 from minima.evaluate import metrics as M
 from minima.evaluate.tasks import get_task, load_task
+from minima.evaluate.tasks.drop import drop_metrics, drop_score
+from minima.evaluate.tasks.gsm8k import IGNORE as GSM8K_IGNORE
+from minima.evaluate.tasks.gsm8k import extract as gsm8k_extract
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 
@@ -222,7 +225,7 @@ def test_gsm8k_extraction_and_scoring_match_lm_eval():
     metric = cfg["metric_list"][0]
     golds = [json.loads(line) for line in shared("eval/gsm8k/test.jsonl").read_text().splitlines()[: len(GENERATIONS)]]
     for gen, gold in zip(GENERATIONS, golds):
-        mine = M.gsm8k_extract(gen)
+        mine = gsm8k_extract(gen)
         for name, f in filters.items():
             ref = RegexFilter(regex_pattern=f["regex_pattern"], group_select=f.get("group_select", 0)).apply(
                 [[gen]], [None]
@@ -237,12 +240,12 @@ def test_gsm8k_extraction_and_scoring_match_lm_eval():
                     ignore_case=metric["ignore_case"],
                     ignore_punctuation=metric["ignore_punctuation"],
                 )
-                assert M.exact_match(mine[name], target, M.GSM8K_IGNORE, ignore_case=True) == want["exact_match"]
-    assert M.gsm8k_extract(GENERATIONS[1]) == {
+                assert M.exact_match(mine[name], target, GSM8K_IGNORE, ignore_case=True) == want["exact_match"]
+    assert gsm8k_extract(GENERATIONS[1]) == {
         "strict-match": "[invalid]",
         "flexible-extract": "$1,234.50",
     }  # no $ in strict
-    assert M.gsm8k_extract(GENERATIONS[4])["strict-match"] == "[invalid]"
+    assert gsm8k_extract(GENERATIONS[4])["strict-match"] == "[invalid]"
 
 
 DROP_CASES = [
@@ -264,8 +267,8 @@ def test_drop_f1_and_em_match_lm_eval():
 
     for pred, golds in DROP_CASES:
         for g in golds:
-            assert M.drop_metrics([pred], g) == get_metrics([pred], g), (pred, g)
-        assert M.drop_score(pred, golds) == process_results({"answers": golds}, [pred]), pred
+            assert drop_metrics([pred], g) == get_metrics([pred], g), (pred, g)
+        assert drop_score(pred, golds) == process_results({"answers": golds}, [pred]), pred
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -299,8 +302,8 @@ def _isolations():
 @pytest.mark.parametrize("isolation", _isolations())
 def test_humaneval_sandbox(tmp_path, isolation):
     """A correct solution passes; wrong, looping, allocating and escaping code fails, and nothing leaks out."""
-    from minima.evaluate.core import humaneval_program
     from minima.evaluate.sandbox import run_program
+    from minima.evaluate.tasks.humaneval import humaneval_program
 
     victim = tmp_path / "outside"
     victim.mkdir()
@@ -311,9 +314,12 @@ def test_humaneval_sandbox(tmp_path, isolation):
         "alloc": "    x = []\n    while True:\n        x.append(bytearray(10**7))\n",
         "open": f"    open({str(victim / 'a')!r}, 'w').write('x')\n    return a + b\n",
         "system": f"    import os\n    os.system('touch {victim / 'b'}')\n    return a + b\n",
-        "subprocess": f"    import subprocess\n    subprocess.run(['touch', {str(victim / 'c')!r}])\n    return a + b\n",
-        "ctypes": f"    import ctypes\n    ctypes.CDLL(None).creat({str(victim / 'd').encode()!r}, 0o644)\n    return a + b\n",
-        "rename": f"    import os\n    open('t', 'w').write('x')\n    os.replace('t', {str(victim / 'e')!r})\n    return a + b\n",
+        "subprocess": f"    import subprocess\n    subprocess.run(['touch', {str(victim / 'c')!r}])\n"
+        "    return a + b\n",
+        "ctypes": f"    import ctypes\n    ctypes.CDLL(None).creat({str(victim / 'd').encode()!r}, 0o644)\n"
+        "    return a + b\n",
+        "rename": f"    import os\n    open('t', 'w').write('x')\n    os.replace('t', {str(victim / 'e')!r})\n"
+        "    return a + b\n",
         "chdir": f"    import os\n    os.chdir({str(victim)!r})\n    open('f', 'w').write('x')\n    return a + b\n",
         "socket": "    import socket\n    socket.create_connection(('127.0.0.1', 9), timeout=1)\n    return a + b\n",
         "inside": "    open('scratch.txt', 'w').write('ok')\n    return a + b\n",  # its own temp dir is writable
@@ -368,7 +374,10 @@ def test_shared_context_kv_cache_and_prefix_match_direct_forwards(model, tok):
     """The cached/prefix-shared path gives each request's loglikelihood of an unpadded forward."""
     from minima.evaluate.lm import LM
 
-    shots = "Question: Which city is the capital of France?\nAnswer: Paris\n\nQuestion: What colour is the sky?\nAnswer: blue\n\n"
+    shots = (
+        "Question: Which city is the capital of France?\nAnswer: Paris\n\n"
+        "Question: What colour is the sky?\nAnswer: blue\n\n"
+    )
     reqs = []
     for q, choices in [
         ("What colour is grass?", ["green", "red and yellow", "blue"]),

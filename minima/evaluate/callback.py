@@ -172,7 +172,7 @@ def training_callbacks(cfg) -> list[str]:
                 where="eval_tasks",
                 fix=f"evaluate it after training: minima evaluate model=OUT tasks=[{name}] judge_model=...",
             )
-        if t.kind != "ppl":
+        if t.kind != "loglikelihood_rolling":
             task_root(t, data_dir, None)
     records = getattr(cfg, "records", None)
     if records and Path(records).is_dir() and not any((Path(records) / "dev").glob("part-*.tfrecord")):

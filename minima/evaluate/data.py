@@ -1,7 +1,7 @@
 """Reading benchmark files: JSON/JSONL/CSV/parquet rows with their line numbers, and split discovery.
 
 Every reader yields ``(line, row)`` so that a bad record is reported as ``file:line``. A task's files
-are found by their schema (see ``tasks.py``), not by a fixed name; the split of a file comes from its
+are found by their schema (see ``tasks/loading.py``), not by a fixed name; the split of a file comes from its
 path (``dev``, ``val``/``validation``, ``test``, ``train`` as a folder or a name token).
 """
 

@@ -1,8 +1,8 @@
-"""Scores and their standard errors: accuracy, GSM8K extraction, exact match, DROP F1, pass@k.
+"""Generic scores and their standard errors: acc, acc_norm, regex extraction, exact match, F1, pass@k, perplexity.
 
 Definitions follow lm-eval 0.4 (stderr of a mean = sample std / sqrt(n); a group's stderr pools its
-subtasks' variances) and the reference implementations of DROP (allennlp drop_eval) and HumanEval
-(the unbiased pass@k estimator of Chen et al. 2021).
+subtasks' variances) and the unbiased pass@k estimator of Chen et al. 2021. Task-specific answer
+parsing lives with its task in ``minima/evaluate/tasks/``; this module imports no task.
 """
 
 from __future__ import annotations
@@ -51,7 +51,17 @@ def argmax(xs: Sequence[float]) -> int:
     return best
 
 
-# ----------------------------------------------------------------------------------- GSM8K
+def choice_predictions(loglikelihoods: Sequence[float], lengths: Sequence[float]) -> tuple[int, int]:
+    """lm-eval's multiple-choice predictions: the best loglikelihood (acc), and the best per character (acc_norm)."""
+    return argmax(loglikelihoods), argmax([x / n for x, n in zip(loglikelihoods, lengths)])
+
+
+def acc_scores(pred: int, pred_norm: int, gold: int) -> dict[str, float]:
+    """``acc`` and ``acc_norm`` of one multiple-choice item."""
+    return {"acc": float(pred == gold), "acc_norm": float(pred_norm == gold)}
+
+
+# ------------------------------------------------------------------------------ text answers
 def regex_extract(text: str, pattern: str, group_select: int = 0, fallback: str = "[invalid]") -> str:
     """lm-eval's RegexFilter + take_first: the ``group_select``-th match (first non-empty group), stripped."""
     matches = re.findall(pattern, text if isinstance(text, str) else "")
@@ -61,19 +71,6 @@ def regex_extract(text: str, pattern: str, group_select: int = 0, fallback: str 
     if isinstance(m, tuple):
         m = next((g for g in m if g), fallback)
     return m.strip()
-
-
-def gsm8k_extract(generation: str) -> dict[str, str]:
-    """The strict (``#### N``) and flexible (last number) answers of a GSM8K generation."""
-    from minima.evaluate.tasks import GSM8K_FLEXIBLE, GSM8K_STRICT
-
-    return {
-        "strict-match": regex_extract(generation, GSM8K_STRICT, 0),
-        "flexible-extract": regex_extract(generation, GSM8K_FLEXIBLE, -1),
-    }
-
-
-GSM8K_IGNORE = [",", "\\$", "(?s).*#### ", "\\.$"]
 
 
 def exact_match(
@@ -94,106 +91,15 @@ def exact_match(
     return float(pred == ref)
 
 
-# ------------------------------------------------------------------------------------ DROP
-_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-
-
-def drop_parse_answer(answer: dict) -> tuple[str, ...]:
-    """A DROP answer dict as a tuple of strings: the number, else the spans, else 'day month year'."""
-    if str(answer.get("number", "")) != "":
-        return (str(answer["number"]),)
-    if answer.get("spans"):
-        return tuple(answer["spans"])
-    d = answer.get("date") or {}
-    return (" ".join([str(d.get("day", "")), str(d.get("month", "")), str(d.get("year", ""))]).strip(),)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def _drop_normalize(answer: str) -> str:
-    out = []
-    for token in re.split(" |-", answer):
-        t = token.lower()
-        if not _is_number(t):
-            t = "".join(ch for ch in t if ch not in string.punctuation)
-        if _is_number(t):
-            t = str(float(t))
-        t = " ".join(_ARTICLES.sub(" ", t).split())
-        if t.strip():
-            out.append(t)
-    return " ".join(out).strip()
-
-
-def _bags(answer) -> tuple[list[str], list[set[str]]]:
-    spans = list(answer) if isinstance(answer, (list, tuple)) else [answer]
-    norm = [_drop_normalize(s) for s in spans]
-    return norm, [set(n.split()) for n in norm]
-
-
-def _f1(pred: set, gold: set) -> float:
+def f1(pred: set, gold: set) -> float:
+    """F1 of two bags of tokens (1.0 for a side that is empty, as SQuAD/DROP score it)."""
     inter = len(gold & pred)
     p = inter / len(pred) if pred else 1.0
     r = inter / len(gold) if gold else 1.0
     return 0.0 if p == 0 and r == 0 else 2 * p * r / (p + r)
 
 
-def _numbers_agree(gold: set, pred: set) -> bool:
-    g = {w for w in gold if _is_number(w)}
-    return not g or bool(g & {w for w in pred if _is_number(w)})
-
-
-def _best_alignment(scores: list[list[float]]) -> list[float]:
-    """Per gold bag, its score under the 1-1 assignment of gold to predicted bags that maximises the total."""
-    rows, cols = len(scores), len(scores[0]) if scores else 0
-    best = [0.0] * max(rows, cols)
-    if not rows or not cols:
-        return best
-    try:
-        import numpy as np
-        from scipy.optimize import linear_sum_assignment
-
-        r_ind, c_ind = linear_sum_assignment(-np.asarray(scores))
-        pairs = list(zip(r_ind.tolist(), c_ind.tolist()))
-    except ImportError:  # tiny bags: brute force over assignments
-        import itertools
-
-        if rows <= cols:
-            cands = [list(zip(range(rows), p)) for p in itertools.permutations(range(cols), rows)]
-        else:
-            cands = [list(zip(p, range(cols))) for p in itertools.permutations(range(rows), cols)]
-        pairs = max(cands, key=lambda ps: sum(scores[r][c] for r, c in ps))
-    for r, c in pairs:
-        best[r] = max(best[r], scores[r][c])
-    return best
-
-
-def drop_metrics(pred, gold) -> tuple[float, float]:
-    """(exact match, F1) of a predicted answer (a string or spans) against one gold answer, as drop_eval."""
-    p_norm, p_bags = _bags(pred)
-    g_norm, g_bags = _bags(gold)
-    em = float(set(p_norm) == set(g_norm) and len(p_norm) == len(g_norm))
-    scores = [[_f1(p, g) if _numbers_agree(g, p) else 0.0 for p in p_bags] for g in g_bags]
-    per = _best_alignment(scores)
-    return em, round(sum(per) / len(per), 2)
-
-
-def drop_score(prediction: str, golds: Sequence[tuple[str, ...]]) -> dict[str, float]:
-    """Max EM and F1 of a generation over a question's gold answers (empty golds are skipped)."""
-    em = f1 = 0.0
-    for g in golds:
-        e, f = drop_metrics([prediction], g)
-        if g[0].strip():
-            em, f1 = max(em, e), max(f1, f)
-    return {"em": em, "f1": f1}
-
-
-# -------------------------------------------------------------------------------- HumanEval
+# ------------------------------------------------------------------------------- code
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k: 1 - C(n-c, k) / C(n, k), computed as a stable product."""
     if k > n:
@@ -204,6 +110,17 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     for i in range(n - c + 1, n + 1):
         prod *= 1.0 - k / i
     return 1.0 - prod
+
+
+# ------------------------------------------------------------------------------- perplexity
+def token_perplexity(nll: float, tokens: int) -> float:
+    """exp of the mean negative loglikelihood per token."""
+    return math.exp(nll / tokens)
+
+
+def bits_per_byte(nll: float, n_bytes: int) -> float:
+    """The negative loglikelihood (nats) in bits per UTF-8 byte of the text."""
+    return nll / n_bytes / math.log(2)
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:

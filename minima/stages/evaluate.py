@@ -82,7 +82,7 @@ def validate_inputs(cfg: EvaluateConfig) -> tuple[dict[str, str], Optional[Path]
     for n in names:
         t = get_task(n)
         spec = cfg.tasks[n] if isinstance(cfg.tasks, dict) else None
-        if t.kind not in ("ppl", "chat"):
+        if t.kind not in ("loglikelihood_rolling", "chat"):
             task_root(t, data_dir, spec.path if spec else None)
     validate_chat(cfg, data_dir)
     return models, data_dir
@@ -98,7 +98,7 @@ def task_inputs(cfg: EvaluateConfig, models: dict[str, str], data_dir: Optional[
             inputs[f"task:{n}"] = str(chat_files[n])
         elif spec and spec.path:
             inputs[f"task:{n}"] = spec.path
-        elif t.kind != "ppl":
+        elif t.kind != "loglikelihood_rolling":
             inputs[f"task:{n}"] = str(task_root(t, data_dir, None))
     if chat_files and cfg.chat_mode == "pairwise":
         inputs["baseline_answers"] = cfg.baseline_answers

@@ -1,4 +1,4 @@
-"""Subject -> category tables for MMLU, C-Eval and CMMLU, and the Chinese subject names their prompts use.
+"""Subject -> category tables of MMLU, C-Eval and CMMLU, and the Chinese subject names their prompts use.
 
 MMLU: the four categories of hendrycks/test and lm-eval (category score = mean over all questions).
 C-Eval: the four categories of the official ``subject_mapping.json`` (category score = mean of subjects).
@@ -112,32 +112,32 @@ CEVAL_ZH = dict(
 # CMMLU: subject -> (Chinese name, subcategories); categories group the subcategories.
 _CMMLU = """
 agronomy 农学 other|anatomy 解剖学 biology|ancient_chinese 古汉语 linguistics,china|arts 艺术学 arts
-astronomy 天文学 physics
-business_ethics 商业伦理 business|chinese_civil_service_exam 中国公务员考试 politics,china
-chinese_driving_rule 中国驾驶规则 other,china|chinese_food_culture 中国饮食文化 culture,china
-chinese_foreign_policy 中国外交政策 politics,china|chinese_history 中国历史 history,china
-chinese_literature 中国文学 literature,china|chinese_teacher_qualification 中国教师资格 education,china
-clinical_knowledge 临床知识 other|college_actuarial_science 大学精算学 math|college_education 大学教育学 education
-college_engineering_hydrology 大学工程水文学 engineering|college_law 大学法律 law|college_mathematics 大学数学 math
-college_medical_statistics 大学医学统计 statistics|college_medicine 大学医学 other|computer_science 计算机科学 cs
-computer_security 计算机安全 other|conceptual_physics 概念物理学 physics
-construction_project_management 建设工程管理 other,china
+astronomy 天文学 physics|business_ethics 商业伦理 business
+chinese_civil_service_exam 中国公务员考试 politics,china|chinese_driving_rule 中国驾驶规则 other,china
+chinese_food_culture 中国饮食文化 culture,china|chinese_foreign_policy 中国外交政策 politics,china
+chinese_history 中国历史 history,china|chinese_literature 中国文学 literature,china
+chinese_teacher_qualification 中国教师资格 education,china|clinical_knowledge 临床知识 other
+college_actuarial_science 大学精算学 math|college_education 大学教育学 education
+college_engineering_hydrology 大学工程水文学 engineering|college_law 大学法律 law
+college_mathematics 大学数学 math|college_medical_statistics 大学医学统计 statistics
+college_medicine 大学医学 other|computer_science 计算机科学 cs|computer_security 计算机安全 other
+conceptual_physics 概念物理学 physics|construction_project_management 建设工程管理 other,china
 economics 经济学 economics|education 教育学 education|electrical_engineering 电气工程 engineering
 elementary_chinese 小学语文 linguistics,china|elementary_commonsense 小学常识 other,china
 elementary_information_and_technology 小学信息技术 other|elementary_mathematics 初等数学 math
-ethnology 民族学 culture,china
-food_science 食品科学 other|genetics 遗传学 biology|global_facts 全球事实 global|high_school_biology 高中生物 biology
-high_school_chemistry 高中化学 chemistry|high_school_geography 高中地理 geography|high_school_mathematics 高中数学 math
-high_school_physics 高中物理学 physics|high_school_politics 高中政治 politics,china|human_sexuality 人类性行为 other
-international_law 国际法学 law|journalism 新闻学 sociology|jurisprudence 法理学 law
-legal_and_moral_basis 法律与道德基础 other
-logical 逻辑学 philosophy|machine_learning 机器学习 cs|management 管理学 business|marketing 市场营销 business
+ethnology 民族学 culture,china|food_science 食品科学 other|genetics 遗传学 biology
+global_facts 全球事实 global|high_school_biology 高中生物 biology|high_school_chemistry 高中化学 chemistry
+high_school_geography 高中地理 geography|high_school_mathematics 高中数学 math
+high_school_physics 高中物理学 physics|high_school_politics 高中政治 politics,china
+human_sexuality 人类性行为 other|international_law 国际法学 law|journalism 新闻学 sociology
+jurisprudence 法理学 law|legal_and_moral_basis 法律与道德基础 other|logical 逻辑学 philosophy
+machine_learning 机器学习 cs|management 管理学 business|marketing 市场营销 business
 marxist_theory 马克思主义理论 philosophy|modern_chinese 现代汉语 linguistics,china|nutrition 营养学 other
 philosophy 哲学 philosophy|professional_accounting 专业会计 business|professional_law 专业法学 law
-professional_medicine 专业医学 other|professional_psychology 专业心理学 psychology|public_relations 公共关系 politics
-security_study 安全研究 politics|sociology 社会学 culture|sports_science 体育学 other
-traditional_chinese_medicine 中医中药 other,china|virology 病毒学 biology|world_history 世界历史 history
-world_religions 世界宗教 global
+professional_medicine 专业医学 other|professional_psychology 专业心理学 psychology
+public_relations 公共关系 politics|security_study 安全研究 politics|sociology 社会学 culture
+sports_science 体育学 other|traditional_chinese_medicine 中医中药 other,china|virology 病毒学 biology
+world_history 世界历史 history|world_religions 世界宗教 global
 """
 _CMMLU_GROUPS = {
     "STEM": {"physics", "chemistry", "biology", "cs", "math", "engineering", "statistics"},
@@ -163,14 +163,3 @@ for _entry in _CMMLU.replace("\n", "|").split("|"):
         _name, _zh, _subs = _entry.split()
         CMMLU_ZH[_name] = _zh
         CMMLU_CATEGORIES[_name] = [c for c, subs in _CMMLU_GROUPS.items() if subs & set(_subs.split(","))]
-
-
-def categories(task: str, subject: str) -> list[str]:
-    """The categories a subject counts in (empty for an unknown subject)."""
-    if task == "mmlu":
-        return [MMLU_CATEGORIES[subject]] if subject in MMLU_CATEGORIES else []
-    if task == "ceval":
-        return [CEVAL_CATEGORIES[subject]] if subject in CEVAL_CATEGORIES else []
-    if task == "cmmlu":
-        return list(CMMLU_CATEGORIES.get(subject, []))
-    return []
