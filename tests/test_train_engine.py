@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minima.core.artifacts import StageRun
 from minima.core.errors import ConfigError, InputError, TrainingError
-from minima.train import LossOut, run_training
+from minima.train import LossOut, train_stage
 from minima.train.metrics import read_metrics
 from minima.train.synthetic import (
     SyntheticConfig,
@@ -57,22 +56,19 @@ def base_cfg(model_dir: Path, out: Path, **kw) -> SyntheticConfig:
 
 
 def train_inprocess(cfg, recipe: str = SYN, callbacks=()) -> tuple[dict, Path]:
-    """run_training in this process; returns (metrics, work_dir)."""
-    out = Path(cfg.out_dir)
-    work = out.with_name(out.name + ".partial")
-    work.mkdir(parents=True, exist_ok=True)
+    """train_stage in this process; returns (metrics, the published run dir)."""
     env = {"MINIMA_INPROCESS": "1", "MINIMA_NUM_THREADS": "1"}  # 1 thread: far faster on a shared 2-core box
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        res = run_training(cfg, recipe, StageRun(work_dir=work, out_dir=out, config=cfg), callbacks=list(callbacks))
+        art = train_stage(cfg, {}, recipe, callbacks=list(callbacks))
     finally:
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k)
             else:
                 os.environ[k] = v
-    return res, work
+    return art.metrics, art.path
 
 
 def weights(d: Path) -> dict[str, torch.Tensor]:
@@ -312,7 +308,8 @@ def test_ds_config_resolution_and_errors(tmp_path, model_dir):
         )
     extra = tmp_path / "extra.json"
     extra.write_text(
-        '{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "foo": {"bar": "auto"}}'
+        '{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", '
+        '"train_batch_size": "auto", "foo": {"bar": "auto"}}'
     )
     with pytest.raises(ConfigError, match="foo.bar"):
         resolve_ds_config(

@@ -364,7 +364,7 @@ def train_stage(
     Args:
         cfg: the stage config. inputs: name -> path (cache key). recipe: ``"module:Class"``.
         force: rebuild even if a matching artifact exists.
-        callbacks: ``"module:factory"`` strings (see ``run_training``).
+        callbacks: ``"module:factory"`` strings; ``factory(cfg)`` returns an ``on_eval`` object.
         validate: optional no-argument callable run on node 0 before anything is created or launched.
     """
     from minima.core.artifacts import (
