@@ -306,42 +306,70 @@ class RecordingCallback:
         return {"cb_metric": float(step)}
 
 
-def test_patience_exports_best_checkpoint_under_fsdp(model_dir, tmp_path):
-    """patience=2, dev script 3.0, 2.0, 2.5, 2.6 at steps 2-8: stop at 8, export step 4's weights.
+def patience_cfg(model_dir: Path, out: Path, strategy: str, **kw) -> SyntheticConfig:
+    args = dict(max_steps=20, eval_steps=2, patience=2, dev_examples=16, keep_last=1)
+    return cfg_for(model_dir, out, strategy, **{**args, **kw})
 
-    Reference: the DeepSpeed run of the same script (its best export is checked against its
-    checkpoint file in test_train_engine); FSDP must export the same weights, not step 8's.
-    """
+
+@pytest.fixture(scope="module")
+def patience_runs(model_dir, tmp_path_factory) -> dict[str, Path]:
+    """patience=2, dev script 3.0, 2.0, 2.5, 2.6 at steps 2-8: both strategies stop at 8 and export step 4."""
     out = {}
+    d = tmp_path_factory.mktemp("patience")
     for strategy in ("deepspeed", "fsdp"):
         ScriptedDevRecipe.evals, ScriptedDevRecipe._last = 0, None
         RecordingCallback.steps = []
-        cfg = cfg_for(
-            model_dir,
-            tmp_path / strategy,
-            strategy,
-            max_steps=20,
-            eval_steps=2,
-            patience=2,
-            dev_examples=16,
-            keep_last=1,
+        res, run_dir = run(
+            patience_cfg(model_dir, d / strategy, strategy),
+            recipe=f"{__name__}:ScriptedDevRecipe",
+            callbacks=[f"{__name__}:RecordingCallback"],
         )
-        res, d = run(cfg, recipe=f"{__name__}:ScriptedDevRecipe", callbacks=[f"{__name__}:RecordingCallback"])
         assert res["stopped_early"] and res["steps"] == 8
         assert res["best_step"] == 4 and res["best_dev_loss"] == pytest.approx(2.0)
         assert RecordingCallback.steps == [2, 4, 6, 8]
-        dev = [r for r in read_metrics(d / "metrics.jsonl") if r["split"] == "dev"]
+        dev = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "dev"]
         assert [r["cb_metric"] for r in dev] == [2.0, 4.0, 6.0, 8.0]
-        assert sorted(p.name for p in (d / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000008"]
-        out[strategy] = d
+        assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000008"]
+        out[strategy] = run_dir
+    return out
+
+
+def test_patience_exports_best_checkpoint_under_fsdp(patience_runs):
+    """FSDP exports the best (step 4) weights: those of the DeepSpeed run, whose best export is checked
+    against its checkpoint file in test_train_engine, and not step 8's."""
     ds_last = torch.load(
-        out["deepspeed"] / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt",
+        patience_runs["deepspeed"] / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt",
         map_location="cpu",
         weights_only=False,
     )["module"]
-    fsdp_export = weights(out["fsdp"])
-    assert max_diff(fsdp_export, weights(out["deepspeed"])) < 1e-5
+    fsdp_export = weights(patience_runs["fsdp"])
+    assert max_diff(fsdp_export, weights(patience_runs["deepspeed"])) < 1e-5
     assert max(float((fsdp_export[k] - ds_last[k]).abs().max()) for k in fsdp_export) > 1e-4
+
+
+def test_fsdp_two_processes_match_one(patience_runs, model_dir, tmp_path):
+    """torchrun, 2 gloo ranks x micro-batch 2 = the 1-process global batch: the same losses, and the best
+    checkpoint reloaded from its 2-rank DCP shards exports the 1-process run's step-4 weights."""
+    cfg = patience_cfg(model_dir, tmp_path / "two", "fsdp", micro_batch_size=2, launch={"nproc_per_node": 2})
+    spec, driver = tmp_path / "cfg.json", tmp_path / "driver.py"
+    spec.write_text(json.dumps(cfg.model_dump(mode="json")))
+    driver.write_text(KILL_DRIVER.replace("minima.train.synthetic:SyntheticRecipe", f"{__name__}:ScriptedDevRecipe"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MINIMA_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    env.pop("MINIMA_INPROCESS", None)
+    proc = subprocess.run(
+        [sys.executable, str(driver), str(spec)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    two = tmp_path / "two"
+    manifest = json.loads((two / "manifest.json").read_text())["metrics"]
+    assert manifest["world_size"] == 2 and manifest["strategy"] == "fsdp" and manifest["best_step"] == 4
+    assert len(list((two / "checkpoints" / "step_00000004" / "dcp").glob("*.distcp"))) == 2  # one file per rank
+    one_rows, two_rows = train_rows(patience_runs["fsdp"]), train_rows(two)
+    assert [r["step"] for r in two_rows] == list(range(1, 9))
+    for a, b in zip(one_rows, two_rows):
+        assert rel(a["loss"], b["loss"]) < 1e-5 and rel(a["grad_norm"], b["grad_norm"]) < 1e-4
+    assert max_diff(weights(patience_runs["fsdp"]), weights(two)) < 1e-5
 
 
 # ------------------------------------------------------------------------------ config and checkpoint checks
@@ -450,9 +478,7 @@ def test_distill_under_fsdp_matches_deepspeed(distill_setup, tmp_path):
     assert len(dev["fsdp"]) == 2 and max(rel(a, b) for a, b in zip(dev["fsdp"], dev["deepspeed"])) < 1e-5
     before = _dev_ce(student, rec)
     after = _dev_ce(tmp_path / "fsdp", rec)
-    print(
-        f"distill fsdp: student dev CE {before:.4f} -> {after:.4f}; dev loss vs deepspeed {dev['fsdp']} {dev['deepspeed']}"
-    )
+    print(f"distill fsdp: student dev CE {before:.4f} -> {after:.4f}; dev loss {dev['fsdp']} vs {dev['deepspeed']}")
     assert after == pytest.approx(dev["fsdp"][-1], rel=1e-4)  # the export is the trained student
     assert after < before - 0.1 and math.isfinite(after)
     # The DeepSpeed-sharded teacher cannot sit beside an FSDP student: refused before any work.

@@ -352,7 +352,7 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     wall = time.time() - t_train
     if cfg.patience and state.best_step >= 0 and state.best_step != state.step:
         log.info(f"exporting the best checkpoint (step {state.best_step}, dev loss {state.best_loss:.4g})")
-        # A full load (not module-only): under ZeRO-3 the weights live in the optimizer's partitions.
+        # The whole state, not the weights alone: sharded strategies keep the master weights with the optimizer.
         ckpt.load(strategy, ckpt.root / ck.tag_of(state.best_step))
     export_model(strategy, recipe, ctx.work_dir, ctx)
     metrics.close()
