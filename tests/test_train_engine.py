@@ -1,4 +1,4 @@
-"""The training engine: exact loss under accumulation, NaN abort, early stopping, ZeRO-2/3, callbacks.
+"""The training engine: exact loss under accumulation, NaN abort, early stopping, ZeRO-2/3 and FSDP, callbacks.
 
 Runs are in-process (MINIMA_INPROCESS=1) on a tiny Llama (hidden 64, 2 layers) with the
 synthetic recipe; the subprocess paths (torchrun, 2 processes, 2 nodes) are in test_train_launch.py.
@@ -181,13 +181,15 @@ class NanRecipe(SyntheticRecipe):
         return out
 
 
-def test_nan_loss_aborts_naming_step_and_checkpoint(model_dir, tmp_path):
+@pytest.mark.parametrize("strategy", ["deepspeed", "fsdp"])
+def test_nan_loss_aborts_naming_step_and_checkpoint(model_dir, tmp_path, strategy):
     NanRecipe.calls = 0
-    cfg = base_cfg(model_dir, tmp_path / "out", save_steps=2, max_steps=8)
+    cfg = base_cfg(model_dir, tmp_path / "out", save_steps=2, max_steps=8, strategy=strategy)
     with pytest.raises(TrainingError) as e:
         train_inprocess(cfg, recipe=f"{__name__}:NanRecipe")
     msg = str(e.value)
     assert "at step 4/8" in msg and "step_00000002" in msg
+    assert (tmp_path / "out.partial" / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
 
 
 class ScriptedDevRecipe(SyntheticRecipe):
@@ -247,18 +249,33 @@ def test_early_stopping_exports_best_and_runs_callbacks(model_dir, tmp_path):
     assert max(float((exported[k] - last[k]).abs().max()) for k in exported) > 0
 
 
-def test_early_stopping_best_export_under_zero3(model_dir, tmp_path):
-    """ZeRO-3 keeps the weights in optimizer partitions: reloading the best checkpoint must still export step 4."""
+def test_early_stopping_best_export_under_zero3_and_fsdp(model_dir, tmp_path):
+    """ZeRO-3 and FSDP keep the weights sharded: reloading the best checkpoint must still export step 4
+    (the ZeRO-2 export, checked against its checkpoint file above), with the callbacks run the same way."""
     exports = []
-    for zero in (2, 3):
+    for strategy, zero in (("deepspeed", 2), ("deepspeed", 3), ("fsdp", None)):
         ScriptedDevRecipe.evals, ScriptedDevRecipe._last = 0, None
+        RecordingCallback.steps = []
         cfg = base_cfg(
-            model_dir, tmp_path / f"z{zero}", zero_stage=zero, max_steps=20, eval_steps=2, patience=2, dev_examples=16
+            model_dir,
+            tmp_path / f"{strategy}{zero}",
+            strategy=strategy,
+            zero_stage=zero,
+            max_steps=20,
+            eval_steps=2,
+            patience=2,
+            dev_examples=16,
+            keep_last=1,
         )
-        res, work = train_inprocess(cfg, recipe=f"{__name__}:ScriptedDevRecipe")
-        assert res["best_step"] == 4 and res["steps"] == 8
+        res, work = train_inprocess(
+            cfg, recipe=f"{__name__}:ScriptedDevRecipe", callbacks=[f"{__name__}:RecordingCallback"]
+        )
+        assert res["best_step"] == 4 and res["steps"] == 8 and res["strategy"] == strategy
+        assert RecordingCallback.steps == [2, 4, 6, 8]
+        assert sorted(p.name for p in (work / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000008"]
         exports.append(weights(work))
-    assert max_diff(*exports) < 1e-4
+    assert max_diff(exports[0], exports[1]) < 1e-4
+    assert max_diff(exports[0], exports[2]) < 1e-5
 
 
 def test_ds_config_default_file_matches_builtin():

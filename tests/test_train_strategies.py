@@ -20,16 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_engine import SHAPE, ScriptedDevRecipe, max_diff, train_inprocess, weights
 
 from minima.core.errors import ConfigError, TrainingError
-from minima.train import LossOut, train_stage
 from minima.train.metrics import read_metrics
 from minima.train.schedule import WarmupCosine
-from minima.train.synthetic import SyntheticConfig, SyntheticRecipe
+from minima.train.synthetic import SyntheticConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SYN = "minima.train.synthetic:SyntheticRecipe"
-SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 ONE_THREAD = {"MINIMA_INPROCESS": "1", "MINIMA_NUM_THREADS": "1"}  # 1 thread: far faster on a shared 2-core box
 
 
@@ -64,34 +63,8 @@ def cfg_for(model_dir: Path, out: Path, strategy: str, **kw) -> SyntheticConfig:
     return SyntheticConfig(**args)
 
 
-def run(cfg, recipe: str = SYN, callbacks=()) -> tuple[dict, Path]:
-    """train_stage in this process; returns (metrics, the published run dir)."""
-    old = {k: os.environ.get(k) for k in ONE_THREAD}
-    os.environ.update(ONE_THREAD)
-    try:
-        art = train_stage(cfg, {}, recipe, callbacks=list(callbacks))
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    return art.metrics, art.path
-
-
 def train_rows(d: Path) -> list[dict]:
     return [r for r in read_metrics(d / "metrics.jsonl") if r["split"] == "train"]
-
-
-def weights(d: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(Path(d).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 def rel(a: float, b: float) -> float:
@@ -125,14 +98,14 @@ def test_schedule_equals_deepspeed_warmup_cosine(warmup_type):
 @pytest.fixture(scope="module")
 def fsdp_run(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp") / "out"
-    return run(cfg_for(model_dir, out, "fsdp"))
+    return train_inprocess(cfg_for(model_dir, out, "fsdp"))
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2])
 def test_fsdp_matches_deepspeed_on_one_process(fsdp_run, model_dir, tmp_path, zero):
     """Same config and seed: the same losses, lrs, grad norms and final weights (up to summation order)."""
     res_f, dir_f = fsdp_run
-    res_d, dir_d = run(cfg_for(model_dir, tmp_path / "out", "deepspeed", zero_stage=zero))
+    res_d, dir_d = train_inprocess(cfg_for(model_dir, tmp_path / "out", "deepspeed", zero_stage=zero))
     assert res_f["strategy"] == "fsdp" and res_d["strategy"] == "deepspeed" and res_d["zero_stage"] == zero
     f, d = train_rows(dir_f), train_rows(dir_d)
     assert [r["step"] for r in f] == [r["step"] for r in d] == list(range(1, 9))
@@ -181,7 +154,7 @@ def test_explicit_deepspeed_scheduler_wins(model_dir, tmp_path):
     for name, ds in (("cosine", cosine), ("warm", warm)):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(ds))
-        _, d = run(cfg_for(model_dir, tmp_path / name, "deepspeed", ds_config=str(path), max_steps=6))
+        _, d = train_inprocess(cfg_for(model_dir, tmp_path / name, "deepspeed", ds_config=str(path), max_steps=6))
         got[name] = [r["lr"] for r in train_rows(d)]
     want = WarmupCosine(total_steps=6, warmup_steps=3, warmup_min_ratio=0.1, min_ratio=0.5, warmup_type="log")
     assert got["cosine"] == [3e-3 * want.ratio(i) for i in range(6)]
@@ -195,7 +168,7 @@ def test_explicit_deepspeed_scheduler_wins(model_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------ kill and resume
-KILL_DRIVER = """import json, sys
+DRIVER = """import json, sys
 from minima.train import train_stage
 from minima.train.synthetic import SyntheticConfig
 cfg = SyntheticConfig.model_validate(json.loads(open(sys.argv[1]).read()))
@@ -208,12 +181,12 @@ def test_kill_and_resume_is_bitwise(model_dir, tmp_path, strategy):
     """SIGKILL a run after its step-4 checkpoint; the rerun resumes there and ends bitwise equal to an
     uninterrupted run (fp32 on CPU, one thread), with every batch, loss and lr exactly once."""
     common = dict(save_steps=2, keep_last=2, dev_examples=16, eval_steps=4)
-    _, ref = run(cfg_for(model_dir, tmp_path / "ref", strategy, **common))
+    _, ref = train_inprocess(cfg_for(model_dir, tmp_path / "ref", strategy, **common))
 
     cfg = cfg_for(model_dir, tmp_path / "killed", strategy, **common)
     spec, driver = tmp_path / "cfg.json", tmp_path / "driver.py"
     spec.write_text(json.dumps(cfg.model_dump(mode="json")))
-    driver.write_text(KILL_DRIVER)
+    driver.write_text(DRIVER)
     env = dict(os.environ, OMP_NUM_THREADS="1", MINIMA_STEP_DELAY_S="0.3", PYTHONPATH=str(ROOT), **ONE_THREAD)
     proc = subprocess.Popen(
         [sys.executable, str(driver), str(spec)],
@@ -235,7 +208,7 @@ def test_kill_and_resume_is_bitwise(model_dir, tmp_path, strategy):
     steps_before = [r["step"] for r in train_rows(partial)]
     assert 4 <= max(steps_before) < 8 and not (tmp_path / "killed" / "manifest.json").exists()
 
-    res, out = run(cfg)
+    res, out = train_inprocess(cfg)
     assert res["steps"] == 8
     a, b = weights(ref), weights(out)
     assert a.keys() == b.keys()
@@ -249,127 +222,40 @@ def test_kill_and_resume_is_bitwise(model_dir, tmp_path, strategy):
     assert dev_got == dev_ref and len(dev_ref) == 2
 
 
-# ------------------------------------------------------------------------------ NaN, patience, callbacks
-class NanRecipe(SyntheticRecipe):
-    """Returns a NaN loss from the 4th train micro-batch on (step 2 with accumulation 2)."""
+# ------------------------------------------------------------------------------ two processes
+def test_fsdp_two_processes_match_one(model_dir, tmp_path):
+    """torchrun, 2 gloo ranks x micro-batch 2 = the 1-process global batch: the same losses and grad norms,
+    and the best checkpoint, reloaded from its 2-rank DCP shards, exports the 1-process run's weights.
 
-    calls = 0
+    Dev losses follow test_train_engine's script (3.0, 2.0, 2.5, 2.6 at steps 2-8: best step 4, stop at 8).
+    """
+    recipe = f"{ScriptedDevRecipe.__module__}:ScriptedDevRecipe"
+    patience = dict(max_steps=20, eval_steps=2, patience=2, dev_examples=16, keep_last=1)
+    ScriptedDevRecipe.evals, ScriptedDevRecipe._last = 0, None
+    res_one, one = train_inprocess(cfg_for(model_dir, tmp_path / "one", "fsdp", **patience), recipe=recipe)
+    assert res_one["best_step"] == 4 and res_one["steps"] == 8
 
-    def compute_loss(self, model, batch, ctx, train):
-        out = super().compute_loss(model, batch, ctx, train)
-        if train:
-            NanRecipe.calls += 1
-            if NanRecipe.calls >= 7:  # step 4's first micro-batch
-                out = LossOut(out.loss_sum * float("nan"), out.num_tokens)
-        return out
-
-
-@pytest.mark.parametrize("strategy", ["deepspeed", "fsdp"])
-def test_nan_loss_aborts_naming_step_and_checkpoint(model_dir, tmp_path, strategy):
-    NanRecipe.calls = 0
-    cfg = cfg_for(model_dir, tmp_path / "out", strategy, save_steps=2)
-    with pytest.raises(TrainingError) as e:
-        run(cfg, recipe=f"{__name__}:NanRecipe")
-    msg = str(e.value)
-    assert "at step 4/8" in msg and "step_00000002" in msg
-    assert (tmp_path / "out.partial" / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
-
-
-class ScriptedDevRecipe(SyntheticRecipe):
-    """Dev losses follow a script per evaluation, to drive early stopping deterministically."""
-
-    script = [3.0, 2.0, 2.5, 2.6, 2.7]
-    evals = 0
-    _last = None
-
-    def compute_loss(self, model, batch, ctx, train):
-        out = super().compute_loss(model, batch, ctx, train)
-        if train:
-            ScriptedDevRecipe._last = None
-            return out
-        if ScriptedDevRecipe._last is None:
-            ScriptedDevRecipe._last = ScriptedDevRecipe.evals
-            ScriptedDevRecipe.evals += 1
-        value = self.script[ScriptedDevRecipe._last]
-        return LossOut(torch.tensor(value * out.num_tokens), out.num_tokens)
-
-
-class RecordingCallback:
-    steps: list[int] = []
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def on_eval(self, step, model, ctx):
-        RecordingCallback.steps.append(step)
-        assert hasattr(model, "config")  # the HF model, not a wrapper
-        return {"cb_metric": float(step)}
-
-
-def patience_cfg(model_dir: Path, out: Path, strategy: str, **kw) -> SyntheticConfig:
-    args = dict(max_steps=20, eval_steps=2, patience=2, dev_examples=16, keep_last=1)
-    return cfg_for(model_dir, out, strategy, **{**args, **kw})
-
-
-@pytest.fixture(scope="module")
-def patience_runs(model_dir, tmp_path_factory) -> dict[str, Path]:
-    """patience=2, dev script 3.0, 2.0, 2.5, 2.6 at steps 2-8: both strategies stop at 8 and export step 4."""
-    out = {}
-    d = tmp_path_factory.mktemp("patience")
-    for strategy in ("deepspeed", "fsdp"):
-        ScriptedDevRecipe.evals, ScriptedDevRecipe._last = 0, None
-        RecordingCallback.steps = []
-        res, run_dir = run(
-            patience_cfg(model_dir, d / strategy, strategy),
-            recipe=f"{__name__}:ScriptedDevRecipe",
-            callbacks=[f"{__name__}:RecordingCallback"],
-        )
-        assert res["stopped_early"] and res["steps"] == 8
-        assert res["best_step"] == 4 and res["best_dev_loss"] == pytest.approx(2.0)
-        assert RecordingCallback.steps == [2, 4, 6, 8]
-        dev = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "dev"]
-        assert [r["cb_metric"] for r in dev] == [2.0, 4.0, 6.0, 8.0]
-        assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000008"]
-        out[strategy] = run_dir
-    return out
-
-
-def test_patience_exports_best_checkpoint_under_fsdp(patience_runs):
-    """FSDP exports the best (step 4) weights: those of the DeepSpeed run, whose best export is checked
-    against its checkpoint file in test_train_engine, and not step 8's."""
-    ds_last = torch.load(
-        patience_runs["deepspeed"] / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt",
-        map_location="cpu",
-        weights_only=False,
-    )["module"]
-    fsdp_export = weights(patience_runs["fsdp"])
-    assert max_diff(fsdp_export, weights(patience_runs["deepspeed"])) < 1e-5
-    assert max(float((fsdp_export[k] - ds_last[k]).abs().max()) for k in fsdp_export) > 1e-4
-
-
-def test_fsdp_two_processes_match_one(patience_runs, model_dir, tmp_path):
-    """torchrun, 2 gloo ranks x micro-batch 2 = the 1-process global batch: the same losses, and the best
-    checkpoint reloaded from its 2-rank DCP shards exports the 1-process run's step-4 weights."""
-    cfg = patience_cfg(model_dir, tmp_path / "two", "fsdp", micro_batch_size=2, launch={"nproc_per_node": 2})
+    cfg = cfg_for(model_dir, tmp_path / "two", "fsdp", micro_batch_size=2, launch={"nproc_per_node": 2}, **patience)
     spec, driver = tmp_path / "cfg.json", tmp_path / "driver.py"
     spec.write_text(json.dumps(cfg.model_dump(mode="json")))
-    driver.write_text(KILL_DRIVER.replace("minima.train.synthetic:SyntheticRecipe", f"{__name__}:ScriptedDevRecipe"))
+    driver.write_text(DRIVER.replace(SYN, recipe))
     env = dict(os.environ, OMP_NUM_THREADS="1", MINIMA_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])  # the workers import the recipe
     env.pop("MINIMA_INPROCESS", None)
     proc = subprocess.run(
         [sys.executable, str(driver), str(spec)], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     two = tmp_path / "two"
-    manifest = json.loads((two / "manifest.json").read_text())["metrics"]
-    assert manifest["world_size"] == 2 and manifest["strategy"] == "fsdp" and manifest["best_step"] == 4
+    res_two = json.loads((two / "manifest.json").read_text())["metrics"]
+    assert res_two["world_size"] == 2 and res_two["strategy"] == "fsdp"
+    assert res_two["best_step"] == 4 and res_two["steps"] == 8
     assert len(list((two / "checkpoints" / "step_00000004" / "dcp").glob("*.distcp"))) == 2  # one file per rank
-    one_rows, two_rows = train_rows(patience_runs["fsdp"]), train_rows(two)
+    one_rows, two_rows = train_rows(one), train_rows(two)
     assert [r["step"] for r in two_rows] == list(range(1, 9))
     for a, b in zip(one_rows, two_rows):
         assert rel(a["loss"], b["loss"]) < 1e-5 and rel(a["grad_norm"], b["grad_norm"]) < 1e-4
-    assert max_diff(weights(patience_runs["fsdp"]), weights(two)) < 1e-5
+    assert max_diff(weights(one), weights(two)) < 1e-5
 
 
 # ------------------------------------------------------------------------------ config and checkpoint checks
@@ -393,97 +279,3 @@ def test_strategy_config_and_checks(tmp_path):
     with pytest.raises(TrainingError, match="strategy=deepspeed") as e:
         Checkpointer(ckpt.parent, 0, 1, 2, lambda: None).load(get_strategy("fsdp"), ckpt)
     assert "resume with strategy=deepspeed" in str(e.value)
-
-
-# ------------------------------------------------------------------------------ distill under FSDP
-STUDENT = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3)
-
-
-@pytest.fixture(scope="module")
-def distill_setup(tmp_path_factory, demo_data_dir, tiny_tokenizer_dir):
-    """Tiny lm records (seq 32), a tiny teacher and a smaller student of its vocab."""
-    from minima.core.config import RecordsConfig
-    from minima.stages.records import run as build_records
-    from minima.testing import save_tiny_model
-
-    d = tmp_path_factory.mktemp("distill")
-    lines = (demo_data_dir / "text" / "pretrain_en.txt").read_text().splitlines()[:300]
-    (d / "text.txt").write_text("\n".join(lines) + "\n")
-    rec = build_records(
-        RecordsConfig(
-            inputs=str(d / "text.txt"),
-            tokenizer=str(tiny_tokenizer_dir),
-            format="lm",
-            max_length=32,
-            dev_fraction=0.1,
-            out_dir=str(d / "records"),
-        )
-    ).path
-    teacher = save_tiny_model(d / "teacher", tiny_tokenizer_dir, seed=0, **SHAPE)
-    student = save_tiny_model(d / "student", tiny_tokenizer_dir, seed=1, **STUDENT)
-    return d, teacher, student, rec
-
-
-def _dev_ce(model_dir: Path, records: Path) -> float:
-    """Mean next-token CE of an HF dir on the records' dev split (plain HF forward)."""
-    from transformers import AutoModelForCausalLM
-
-    from minima.data.records import RecordDataset
-    from minima.train import causal_lm_loss_sum
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    tot, n = 0.0, 0
-    with torch.no_grad():
-        for ex in RecordDataset(str(records), "dev", shuffle_buffer=0):
-            s, k = causal_lm_loss_sum(model(input_ids=ex["input_ids"][None]).logits, ex["labels"][None])
-            tot, n = tot + s.item(), n + k
-    return tot / n
-
-
-def test_distill_under_fsdp_matches_deepspeed(distill_setup, tmp_path):
-    """KD + CE with an online teacher: FSDP's losses equal DeepSpeed's, and the student's dev CE falls."""
-    from minima.core.config import DistillConfig
-    from minima.stages import distill
-
-    d, teacher, student, rec = distill_setup
-    rows, dev = {}, {}
-    for strategy in ("deepspeed", "fsdp"):
-        cfg = DistillConfig(
-            teacher=str(teacher),
-            student=str(student),
-            records=str(rec),
-            strategy=strategy,
-            precision="fp32",
-            zero_stage=0,
-            loss={"alpha": 0.5},  # MiniMA's mix; the tiny teacher is random, so the falling CE comes from alpha
-            micro_batch_size=4,
-            max_steps=8,
-            eval_steps=4,
-            lr=1e-2,
-            warmup_proportion=0.0,
-            out_dir=str(tmp_path / strategy),
-        )
-        old = {k: os.environ.get(k) for k in ONE_THREAD}
-        os.environ.update(ONE_THREAD)
-        try:
-            art = distill.run(cfg)
-        finally:
-            for k, v in old.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        assert art.metrics["strategy"] == strategy
-        rows[strategy] = train_rows(art.path)
-        dev[strategy] = [r["dev_loss"] for r in read_metrics(art.path / "metrics.jsonl") if r["split"] == "dev"]
-    for a, b in zip(rows["fsdp"], rows["deepspeed"]):
-        assert rel(a["loss"], b["loss"]) < 1e-5 and rel(a["kd"], b["kd"]) < 1e-5 and a["lr"] == b["lr"]
-    assert len(dev["fsdp"]) == 2 and max(rel(a, b) for a, b in zip(dev["fsdp"], dev["deepspeed"])) < 1e-5
-    before = _dev_ce(student, rec)
-    after = _dev_ce(tmp_path / "fsdp", rec)
-    print(f"distill fsdp: student dev CE {before:.4f} -> {after:.4f}; dev loss {dev['fsdp']} vs {dev['deepspeed']}")
-    assert after == pytest.approx(dev["fsdp"][-1], rel=1e-4)  # the export is the trained student
-    assert after < before - 0.1 and math.isfinite(after)
-    # The DeepSpeed-sharded teacher cannot sit beside an FSDP student: refused before any work.
-    bad = DistillConfig(
-        teacher=str(teacher), student=str(student), records=str(rec), strategy="fsdp", teacher_zero3=True
-    )
-    with pytest.raises(ConfigError, match="teacher_zero3"):
-        distill.validate_inputs(bad)
