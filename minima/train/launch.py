@@ -10,7 +10,7 @@ Where the topology comes from, first match wins:
    sbatch script through :mod:`minima.train.slurm`; ``ssh`` uses the deepspeed launcher and a hostfile).
 
 Node 0 owns the artifact (``run_stage``); other nodes only run their ranks into the same directory
-(a shared file system, as DeepSpeed's checkpoints need anyway).
+(a shared file system, as the checkpoints of either strategy need anyway).
 """
 
 from __future__ import annotations
