@@ -1,4 +1,4 @@
-"""The training engine: exact loss under accumulation, NaN abort, early stopping, ZeRO-2/3, callbacks.
+"""The training engine: exact loss under accumulation, NaN abort, early stopping, ZeRO-2/3 and FSDP, callbacks.
 
 Runs are in-process (MINIMA_INPROCESS=1) on a tiny Llama (hidden 64, 2 layers) with the
 synthetic recipe; the subprocess paths (torchrun, 2 processes, 2 nodes) are in test_train_launch.py.
@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minima.core.artifacts import StageRun
 from minima.core.errors import ConfigError, InputError, TrainingError
-from minima.train import LossOut, run_training
+from minima.train import LossOut, train_stage
 from minima.train.metrics import read_metrics
 from minima.train.synthetic import (
     SyntheticConfig,
@@ -57,22 +56,19 @@ def base_cfg(model_dir: Path, out: Path, **kw) -> SyntheticConfig:
 
 
 def train_inprocess(cfg, recipe: str = SYN, callbacks=()) -> tuple[dict, Path]:
-    """run_training in this process; returns (metrics, work_dir)."""
-    out = Path(cfg.out_dir)
-    work = out.with_name(out.name + ".partial")
-    work.mkdir(parents=True, exist_ok=True)
+    """train_stage in this process; returns (metrics, the published run dir)."""
     env = {"MINIMA_INPROCESS": "1", "MINIMA_NUM_THREADS": "1"}  # 1 thread: far faster on a shared 2-core box
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        res = run_training(cfg, recipe, StageRun(work_dir=work, out_dir=out, config=cfg), callbacks=list(callbacks))
+        art = train_stage(cfg, {}, recipe, callbacks=list(callbacks))
     finally:
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k)
             else:
                 os.environ[k] = v
-    return res, work
+    return art.metrics, art.path
 
 
 def weights(d: Path) -> dict[str, torch.Tensor]:
@@ -185,13 +181,15 @@ class NanRecipe(SyntheticRecipe):
         return out
 
 
-def test_nan_loss_aborts_naming_step_and_checkpoint(model_dir, tmp_path):
+@pytest.mark.parametrize("strategy", ["deepspeed", "fsdp"])
+def test_nan_loss_aborts_naming_step_and_checkpoint(model_dir, tmp_path, strategy):
     NanRecipe.calls = 0
-    cfg = base_cfg(model_dir, tmp_path / "out", save_steps=2, max_steps=8)
+    cfg = base_cfg(model_dir, tmp_path / "out", save_steps=2, max_steps=8, strategy=strategy)
     with pytest.raises(TrainingError) as e:
         train_inprocess(cfg, recipe=f"{__name__}:NanRecipe")
     msg = str(e.value)
     assert "at step 4/8" in msg and "step_00000002" in msg
+    assert (tmp_path / "out.partial" / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
 
 
 class ScriptedDevRecipe(SyntheticRecipe):
@@ -251,18 +249,33 @@ def test_early_stopping_exports_best_and_runs_callbacks(model_dir, tmp_path):
     assert max(float((exported[k] - last[k]).abs().max()) for k in exported) > 0
 
 
-def test_early_stopping_best_export_under_zero3(model_dir, tmp_path):
-    """ZeRO-3 keeps the weights in optimizer partitions: reloading the best checkpoint must still export step 4."""
+def test_early_stopping_best_export_under_zero3_and_fsdp(model_dir, tmp_path):
+    """ZeRO-3 and FSDP keep the weights sharded: reloading the best checkpoint must still export step 4
+    (the ZeRO-2 export, checked against its checkpoint file above), with the callbacks run the same way."""
     exports = []
-    for zero in (2, 3):
+    for strategy, zero in (("deepspeed", 2), ("deepspeed", 3), ("fsdp", None)):
         ScriptedDevRecipe.evals, ScriptedDevRecipe._last = 0, None
+        RecordingCallback.steps = []
         cfg = base_cfg(
-            model_dir, tmp_path / f"z{zero}", zero_stage=zero, max_steps=20, eval_steps=2, patience=2, dev_examples=16
+            model_dir,
+            tmp_path / f"{strategy}{zero}",
+            strategy=strategy,
+            zero_stage=zero,
+            max_steps=20,
+            eval_steps=2,
+            patience=2,
+            dev_examples=16,
+            keep_last=1,
         )
-        res, work = train_inprocess(cfg, recipe=f"{__name__}:ScriptedDevRecipe")
-        assert res["best_step"] == 4 and res["steps"] == 8
+        res, work = train_inprocess(
+            cfg, recipe=f"{__name__}:ScriptedDevRecipe", callbacks=[f"{__name__}:RecordingCallback"]
+        )
+        assert res["best_step"] == 4 and res["steps"] == 8 and res["strategy"] == strategy
+        assert RecordingCallback.steps == [2, 4, 6, 8]
+        assert sorted(p.name for p in (work / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000008"]
         exports.append(weights(work))
-    assert max_diff(*exports) < 1e-4
+    assert max_diff(exports[0], exports[1]) < 1e-4
+    assert max_diff(exports[0], exports[2]) < 1e-5
 
 
 def test_ds_config_default_file_matches_builtin():
@@ -312,7 +325,8 @@ def test_ds_config_resolution_and_errors(tmp_path, model_dir):
         )
     extra = tmp_path / "extra.json"
     extra.write_text(
-        '{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "foo": {"bar": "auto"}}'
+        '{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", '
+        '"train_batch_size": "auto", "foo": {"bar": "auto"}}'
     )
     with pytest.raises(ConfigError, match="foo.bar"):
         resolve_ds_config(

@@ -213,23 +213,18 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("launch")
     tiny_llama(128, seed=0, **SHAPE).save_pretrained(str(d / "model"))
     # One process, micro-batch 8 (in-process: no subprocess start-up cost).
-    from minima.core.artifacts import StageRun
-    from minima.train import run_training
+    from minima.train import train_stage
 
     cfg = _cfg(d / "model", d / "one")
-    work = d / "one.partial"
-    work.mkdir()
     env = {"MINIMA_INPROCESS": "1", "MINIMA_NUM_THREADS": "1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        run_training(
-            cfg, "minima.train.synthetic:SyntheticRecipe", StageRun(work_dir=work, out_dir=d / "one", config=cfg)
-        )
+        art = train_stage(cfg, {}, "minima.train.synthetic:SyntheticRecipe")
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    return d, work
+    return d, art.path
 
 
 @pytest.fixture(scope="module")

@@ -248,8 +248,18 @@ class TrainConfig(StageConfig):
 
     model: Optional[str] = Field(None, description="HF model directory to start from.")
     records: Optional[str] = Field(None, description="Records artifact directory (train/ and dev/ splits).")
-    ds_config: str = Field("ds_config.json", description="DeepSpeed config; 'auto' fields are filled from this config.")
-    zero_stage: Optional[int] = Field(None, ge=0, le=3, description="Override the ds_config ZeRO stage.")
+    strategy: Literal["deepspeed", "fsdp"] = Field(
+        "deepspeed",
+        description="deepspeed: DeepSpeed ZeRO (ds_config, zero_stage); fsdp: torch FSDP2, each transformer block "
+        "sharded over all ranks (bf16 or fp32; ds_config and zero_stage unused). Same loop, schedule and checkpoints.",
+    )
+    ds_config: str = Field(
+        "ds_config.json",
+        description="DeepSpeed config (strategy=deepspeed); 'auto' fields are filled from this config.",
+    )
+    zero_stage: Optional[int] = Field(
+        None, ge=0, le=3, description="Override the ds_config ZeRO stage (strategy=deepspeed)."
+    )
     precision: Literal["bf16", "fp16", "fp32"] = Field(
         "bf16", description="Training precision (CPU runs use fp32 unless bf16 is asked for)."
     )
@@ -298,6 +308,12 @@ class TrainConfig(StageConfig):
     def _eval_tasks(cls, v):
         # `eval_tasks=mmlu,ceval` on the command line arrives as one string
         return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _strategy_precision(self):
+        if self.strategy == "fsdp" and self.precision == "fp16":
+            raise ValueError("strategy=fsdp trains in bf16 or fp32; use precision=bf16, or strategy=deepspeed for fp16")
+        return self
 
 
 class AdaptConfig(TrainConfig):
@@ -410,9 +426,6 @@ class SftConfig(TrainConfig):
     )
     packing: bool = Field(
         False, description="Pack several conversations per sequence (per-document positions, no cross-attention)."
-    )
-    strategy: Literal["deepspeed", "fsdp"] = Field(
-        "deepspeed", description="deepspeed: the shared engine (ZeRO); fsdp: torch FSDP2."
     )
     max_length: int = Field(
         2048, ge=8, description="Max tokens per conversation (train_files builds) and per packed sequence."

@@ -131,6 +131,12 @@ def validate_inputs(cfg: DistillConfig) -> None:
             where="loss.kd",
             fix="reverse_kl and jsd need the teacher's probability of the student's samples: use top_k or online",
         )
+    if cfg.teacher_zero3 and cfg.strategy == "fsdp" and needs_teacher_online(cfg):
+        raise ConfigError(
+            "teacher_zero3 shards the teacher with DeepSpeed, and this run uses strategy=fsdp",
+            where="teacher_zero3",
+            fix="set teacher_zero3=false (the teacher is replicated), cache_logits=true, or strategy=deepspeed",
+        )
     if not cfg.records:
         raise ConfigError("distill needs records", where="records", fix="set records=<records artifact dir>")
     rec = Path(cfg.records)
@@ -161,9 +167,11 @@ def validate_inputs(cfg: DistillConfig) -> None:
         check_cache_matches(meta, cfg)
     if t_vocab is not None and t_vocab != s_vocab:
         raise InputError(
-            f"teacher vocab_size {t_vocab} != student vocab_size {s_vocab}: KD compares distributions over the same tokens",
+            f"teacher vocab_size {t_vocab} != student vocab_size {s_vocab}: "
+            "KD compares distributions over the same tokens",
             where=t_where,
-            fix="distill a student pruned from this teacher (prune keeps the vocab), or resize both with `minima vocab`",
+            fix="distill a student pruned from this teacher (prune keeps the vocab), "
+            "or resize both with `minima vocab`",
         )
     from minima.data.records import read_records_manifest
 
@@ -346,13 +354,13 @@ def run(cfg: DistillConfig, force: bool = False) -> Artifact:
     if cfg.cache_logits and cfg.loss.alpha < 1.0:
         ccfg = cache_config(cfg)
         cache_out = ccfg.resolved_out_dir()
-        if not (is_complete(cache_out) and (cache_out / CACHE_META).is_file()):
-            if in_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise ConfigError(
-                    "the logit cache is not built, and a multi-rank job cannot build it",
-                    where="cache_dir",
-                    fix="run `minima distill-cache` with the same config first",
-                )
+        built = is_complete(cache_out) and (cache_out / CACHE_META).is_file()
+        if not built and in_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(
+                "the logit cache is not built, and a multi-rank job cannot build it",
+                where="cache_dir",
+                fix="run `minima distill-cache` with the same config first",
+            )
         cache = build_cache(ccfg)
         data = cfg.model_dump()
         data["cache_dir"] = str(cache.path)

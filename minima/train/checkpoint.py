@@ -1,9 +1,11 @@
-"""Checkpoints: DeepSpeed state + per-rank RNG/data state, complete only when the marker exists.
+"""Checkpoints: the strategy's model/optimizer/scheduler state + per-rank RNG/data state + a marker.
 
-Layout: ``<work_dir>/checkpoints/step_00000120/`` holds DeepSpeed's model/optimizer/scheduler files,
-one ``minima_rank00000.pt`` per rank (RNG states, reader state_dict, loop counters), and
-``COMPLETE`` (JSON), written by rank 0 after every rank has finished writing. Resume picks the
-newest directory with the marker; a directory without it is an interrupted save and is ignored.
+Layout: ``<work_dir>/checkpoints/step_00000120/`` holds what the strategy writes (DeepSpeed's
+model/optimizer files, or FSDP's ``dcp/`` directory and ``scheduler.pt``), one
+``minima_rank00000.pt`` per rank (RNG states, reader state_dict, loop counters), and ``COMPLETE``
+(JSON: step, world size, strategy), written by rank 0 after every rank has finished writing. Resume
+picks the newest directory with the marker; a directory without it is an interrupted save and is
+ignored. Both strategies share this file: only ``strategy.save`` / ``strategy.load`` differ.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ class Checkpointer:
     def rank_file(self, ckpt: Path, rank: Optional[int] = None) -> Path:
         return Path(ckpt) / f"minima_rank{self.rank if rank is None else rank:05d}.pt"
 
-    def save(self, engine, step: int, rank_state: dict, meta: dict) -> Path:
+    def save(self, strategy, step: int, rank_state: dict, meta: dict) -> Path:
         """Collective: every rank calls it. Returns the checkpoint dir."""
         path = self.root / tag_of(step)
         if self.rank == 0:
@@ -121,11 +123,13 @@ class Checkpointer:
             if path.exists():  # an interrupted save of the same step, or an older attempt's
                 shutil.rmtree(path)
         self.barrier()
-        engine.save_checkpoint(str(self.root), tag=path.name, client_state={"minima_step": step}, save_latest=False)
+        path.mkdir(parents=True, exist_ok=True)
+        strategy.save(path)
         torch.save(rank_state, self.rank_file(path))
         self.barrier()  # every rank's files are on disk before the marker says so
         if self.rank == 0:
-            _fsync_write(path / MARKER, json.dumps({"step": step, "world_size": self.world, **meta}, default=str))
+            marker = {"step": step, "world_size": self.world, "strategy": strategy.name, **meta}
+            _fsync_write(path / MARKER, json.dumps(marker, default=str))
             self.prune()
         self.barrier()
         return path
@@ -145,27 +149,21 @@ class Checkpointer:
                 (p / MARKER).unlink(missing_ok=True)
                 shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, engine, ckpt: Path, module_only: bool = False) -> dict:
-        """Restore engine state from ``ckpt``; returns this rank's saved state (RNG, data, counters)."""
+    def load(self, strategy, ckpt: Path) -> dict:
+        """Restore the strategy's state from ``ckpt``; returns this rank's saved state (RNG, data, counters)."""
         marker = read_marker(ckpt)
-        if marker.get("world_size") != self.world and not module_only:
+        if marker.get("world_size") != self.world:
             raise TrainingError(
                 f"checkpoint {ckpt} was written by {marker.get('world_size')} ranks, this run has {self.world}",
                 fix="resume with the same nproc_per_node x nnodes, or pass --force to start over",
             )
-        load_path, _ = engine.load_checkpoint(
-            str(self.root),
-            tag=Path(ckpt).name,
-            load_optimizer_states=not module_only,
-            load_lr_scheduler_states=not module_only,
-            load_module_only=module_only,
-        )
-        if load_path is None:
+        wrote = marker.get("strategy", "deepspeed")
+        if wrote != strategy.name:
             raise TrainingError(
-                f"DeepSpeed could not load checkpoint {ckpt}", fix="delete it; resume falls back to the previous one"
+                f"checkpoint {ckpt} was written by strategy={wrote}, this run uses strategy={strategy.name}",
+                fix=f"resume with strategy={wrote}, or pass --force to start over",
             )
-        if module_only:
-            return {}
+        strategy.load(Path(ckpt))
         return torch.load(self.rank_file(ckpt), map_location="cpu", weights_only=True)
 
 

@@ -10,7 +10,7 @@ Where the topology comes from, first match wins:
    sbatch script through :mod:`minima.train.slurm`; ``ssh`` uses the deepspeed launcher and a hostfile).
 
 Node 0 owns the artifact (``run_stage``); other nodes only run their ranks into the same directory
-(a shared file system, as DeepSpeed's checkpoints need anyway).
+(a shared file system, as the checkpoints of either strategy need anyway).
 """
 
 from __future__ import annotations
@@ -364,7 +364,7 @@ def train_stage(
     Args:
         cfg: the stage config. inputs: name -> path (cache key). recipe: ``"module:Class"``.
         force: rebuild even if a matching artifact exists.
-        callbacks: ``"module:factory"`` strings (see ``run_training``).
+        callbacks: ``"module:factory"`` strings; ``factory(cfg)`` returns an ``on_eval`` object.
         validate: optional no-argument callable run on node 0 before anything is created or launched.
     """
     from minima.core.artifacts import (

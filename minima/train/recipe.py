@@ -94,7 +94,7 @@ class Recipe:
         return None
 
     def build_model(self, ctx: TrainContext) -> torch.nn.Module:
-        """The trainable HF model (before deepspeed.initialize), loaded in fp32 (DeepSpeed casts)."""
+        """The trainable HF model, loaded in fp32 before the strategy wraps it (the strategy casts for compute)."""
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(self.cfg.model), dtype=torch.float32)
@@ -164,7 +164,7 @@ class Recipe:
         return []
 
     def export(self, model, out_dir: Path, ctx: TrainContext) -> None:
-        """Write the final HF dir (rank 0 only; ZeRO-3 params are already gathered).
+        """Write the final HF dir (rank 0 only; the strategy hands over the whole model, gathered from its shards).
 
         Default: safetensors shards + config + generation_config + the tokenizer.
         """

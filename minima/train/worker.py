@@ -27,29 +27,36 @@ def import_obj(target: str):
     return obj
 
 
-def _quiet_deepspeed() -> None:
+def _quiet_logs(strategy: str) -> None:
     import logging
 
-    try:
-        from deepspeed.utils import logger as ds_logger
+    if strategy == "deepspeed":
+        try:
+            from deepspeed.utils import logger as ds_logger
 
-        ds_logger.setLevel(os.environ.get("MINIMA_DS_LOG_LEVEL", "WARNING"))
-    except Exception:
-        pass
+            ds_logger.setLevel(os.environ.get("MINIMA_DS_LOG_LEVEL", "WARNING"))
+        except Exception:
+            pass
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
 
 
-def init_distributed(timeout_s: int) -> None:
-    """Join the process group (gloo on CPU, nccl on GPU) with the hang-guard timeout."""
+def init_distributed(timeout_s: int, strategy: str = "deepspeed") -> None:
+    """Join the process group (gloo on CPU, nccl on GPU) with the hang-guard timeout.
+
+    DeepSpeed joins through its own wrapper (it keeps a handle on the group); FSDP needs only torch.
+    """
     import torch
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    import deepspeed
-
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
+    if strategy == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
+    else:
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
 def run_spec(spec: dict) -> dict:
@@ -60,19 +67,19 @@ def run_spec(spec: dict) -> dict:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if os.environ.get("MINIMA_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["MINIMA_NUM_THREADS"]))
-    _quiet_deepspeed()
     from minima.core.errors import MinimaError, TrainingError
     from minima.train import guard, loop
     from minima.train.recipe import TrainContext
 
     cfg = import_obj(spec["config_class"]).model_validate(spec["config"])
+    _quiet_logs(cfg.strategy)
     work_dir, out_dir = Path(spec["work_dir"]), Path(spec["out_dir"])
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     try:
-        init_distributed(cfg.launch.init_timeout_s)
-        _quiet_deepspeed()
+        init_distributed(cfg.launch.init_timeout_s, cfg.strategy)
+        _quiet_logs(cfg.strategy)
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
             device = torch.device("cuda", local_rank)
