@@ -17,7 +17,6 @@ from minima.compress.prune import (
     DTYPES,
     TOKENIZER_FILES,
     Shape,
-    count_params,
     format_params,
     head_dim,
     log,
@@ -29,6 +28,7 @@ from minima.compress.prune import (
 from minima.core.artifacts import Artifact, StageRun, run_stage
 from minima.core.config import PruneConfig
 from minima.core.errors import ConfigError, DataError, InputError
+from minima.models.counts import count_params
 
 
 def calibration_batches(
