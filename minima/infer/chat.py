@@ -6,6 +6,7 @@ import sys
 from functools import lru_cache
 from typing import Optional
 
+from minima.core.config import key_values
 from minima.core.errors import InputError
 
 
@@ -59,7 +60,7 @@ def generate_reply(model_dir: str, messages: list[dict], max_new_tokens: int = 1
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = dict(a.split("=", 1) for a in (argv or []) if "=" in a)
+    args = key_values(argv, ("model", "system", "max_new_tokens", "temperature"))
     if "model" not in args:
         raise InputError("minima chat needs model=DIR", fix="e.g. minima chat model=runs/demo/06_sft")
     messages: list[dict] = []

@@ -82,14 +82,8 @@ def _model_config(path: str, role: str, field: str) -> dict:
 
 
 def student_dir(cfg: DistillConfig) -> str:
-    """The student: ``student``, else ``model`` (the engine's generic field); both set must agree."""
-    if cfg.student and cfg.model and Path(cfg.student).resolve() != Path(cfg.model).resolve():
-        raise ConfigError(
-            f"student={cfg.student} and model={cfg.model} disagree",
-            where="student",
-            fix="set only student (model is the same thing for distill)",
-        )
-    s = cfg.student or cfg.model
+    """The student dir (the config keeps ``student`` and the engine's ``model`` equal)."""
+    s = cfg.student
     if not s:
         raise ConfigError("distill needs a student model dir", where="student", fix="set student=<prune output dir>")
     return s
@@ -329,19 +323,10 @@ class DistillRecipe(Recipe):
 
 
 # ------------------------------------------------------------------------------- entry points
-def _resolved(cfg: DistillConfig) -> DistillConfig:
-    """Fill student from model (or model from student) so both names mean the same dir."""
-    s = student_dir(cfg)
-    data = cfg.model_dump()
-    data.update(student=s, model=s)
-    return DistillConfig.model_validate(data)
-
-
 def run(cfg: DistillConfig, force: bool = False) -> Artifact:
     """Distil ``cfg.teacher`` into ``cfg.student`` on ``cfg.records``; an HF student dir artifact."""
     from minima.train.launch import in_torchrun, train_stage
 
-    cfg = _resolved(cfg)
     validate_inputs(cfg)
     if cfg.cache_logits and cfg.loss.alpha < 1.0:
         ccfg = cache_config(cfg)

@@ -664,7 +664,7 @@ def check_fits(cfg, opts: Optional[PlanOptions] = None, force: bool = False) -> 
 
 
 def main(argv: list[str]) -> int:
-    from minima.core.config import STAGES
+    from minima.core.config import STAGES, key_values
     from minima.core.registry import stage_config
 
     p = argparse.ArgumentParser(
@@ -681,18 +681,14 @@ def main(argv: list[str]) -> int:
     )
     a = p.parse_intermixed_args(argv)
     opts = PlanOptions()
-    stage_over = []
-    for o in a.overrides:
-        if o.startswith("plan."):
-            k, v = o[5:].split("=", 1)
-            if k not in PlanOptions.__dataclass_fields__:
-                raise ConfigError(
-                    f"unknown plan option '{k}'", fix=f"one of {', '.join(PlanOptions.__dataclass_fields__)}"
-                )
-            typ = type(getattr(PlanOptions(), k)) if getattr(PlanOptions(), k) is not None else float
-            setattr(opts, k, v if typ is str else typ(float(v)) if typ is int else float(v))
-        else:
-            stage_over.append(o)
+    stage_over = [o for o in a.overrides if not o.startswith("plan.")]
+    plan_args = key_values(
+        [o for o in a.overrides if o.startswith("plan.")], [f"plan.{k}" for k in PlanOptions.__dataclass_fields__]
+    )
+    for key, v in plan_args.items():
+        k = key.removeprefix("plan.")
+        typ = type(getattr(PlanOptions(), k)) if getattr(PlanOptions(), k) is not None else float
+        setattr(opts, k, v if typ is str else typ(float(v)) if typ is int else float(v))
     stages = ["adapt", "prune", "distill", "sft", "evaluate"] if a.stage == "pipeline" else [a.stage]
     for s in stages:
         cfg = stage_config(s, a.preset, a.config, stage_over if a.stage != "pipeline" else [])
