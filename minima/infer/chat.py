@@ -14,14 +14,14 @@ from minima.core.errors import InputError
 def _load(model_dir: str):
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from minima.models.loader import load_model, load_tokenizer
 
     if not (Path(model_dir) / "config.json").is_file():
         raise InputError(
             f"no model at {model_dir} (config.json missing)", fix="pass model=DIR of an HF model directory"
         )
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype="saved", device="cpu", family="causal")
     return tok, model
 
 

@@ -55,7 +55,7 @@ from minima.core.config import DistillCacheConfig, DistillConfig, build
 from minima.core.errors import ConfigError, InputError
 from minima.core.logs import get_logger
 from minima.data.records import collate
-from minima.models.loader import load_teacher
+from minima.models.loader import load_model, load_teacher
 from minima.train import LossOut, Recipe, TrainContext
 from minima.train.objectives.kd import (
     IGNORE_INDEX,
@@ -253,9 +253,7 @@ class DistillRecipe(Recipe):
             self.teacher = load_teacher(self.cfg.teacher, ctx.device, self.cfg.teacher_zero3, self.cfg.micro_batch_size)
 
     def build_model(self, ctx: TrainContext) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(student_dir(self.cfg), dtype=torch.float32)
+        model = load_model(student_dir(self.cfg), dtype=torch.float32, for_training=True, family="causal")
         if self.cfg.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
