@@ -177,6 +177,33 @@ def test_bad_configs_rejected(setup, tmp_path):
     assert not any((tmp_path / x).exists() for x in "abc")
 
 
+def test_student_fills_model_before_the_config_is_hashed(setup, tmp_path, capsys):
+    """`student=X` means model=X as soon as the config is built: `minima config` prints both, and the
+    artifact's manifest holds the very config (and hash) the command line builds, which is what the
+    Prefect cache key is computed from."""
+    import yaml
+
+    from minima.cli import main
+    from minima.core.artifacts import config_hash
+    from minima.core.config import build
+
+    d, teacher, student, rec = setup
+    argv = [f"teacher={teacher}", f"student={student}", f"records={rec}", "precision=fp32", "zero_stage=0"]
+    argv += ["micro_batch_size=4", "max_steps=1", f"out_dir={tmp_path / 'out'}"]
+    assert main(["config", "distill", *argv]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"] == printed["student"] == str(student)
+
+    with pytest.raises(ConfigError, match="disagree"):
+        build(DistillConfig, overrides=[f"student={student}", f"model={teacher}"])
+
+    assert main(["distill", *argv]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    requested = build(DistillConfig, overrides=argv)
+    assert manifest["config"] == requested.model_dump(mode="json")
+    assert manifest["config_hash"] == config_hash(requested) == config_hash(DistillConfig(**manifest["config"]))
+
+
 def test_minima_3b_preset_is_minimas_recipe():
     from minima.core.presets import minima_3b
 

@@ -11,9 +11,9 @@ import torch
 
 from minima.core.presets import LLAMA2_7B, MINIMA_3B, TINY_STUDENT, TINY_TEACHER
 from minima.core.registry import stage_config
+from minima.models.counts import count_params
 from minima.train.plan import (
     PlanOptions,
-    count_params,
     layer_activation_bytes,
     llama_config,
     lora_trainable,

@@ -11,6 +11,7 @@ build it, how it is launched) and is left out of the cache key.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
@@ -374,6 +375,17 @@ class DistillConfig(TrainConfig):
     )
     cache_device: str = nohash("auto", "distill-cache: cuda, cpu or auto.")
 
+    @model_validator(mode="after")
+    def _student_is_model(self):
+        # The engine trains ``model``; distill calls it the student. Both name the same dir, so the
+        # config is complete (and hashed) the same way whichever one was set.
+        if self.student and self.model and Path(self.student).resolve() != Path(self.model).resolve():
+            raise ValueError(f"student={self.student} and model={self.model} disagree; set only student")
+        if self.student != self.model:
+            # a plain write: validate_assignment would run this validator again
+            self.__dict__["student"] = self.__dict__["model"] = self.student or self.model
+        return self
+
 
 class DistillCacheConfig(StageConfig):
     """The logit cache: the teacher run once over the records, sparse targets stored per position.
@@ -692,6 +704,32 @@ def _wants_str(annotation) -> bool:
     return bool(args) and all(a in (str, Path) for a in args)
 
 
+def split_key_value(item: str) -> tuple[str, str]:
+    """``key=value`` -> ``(key, raw value)``, the value split at the first ``=``; ConfigError without one."""
+    if "=" not in item:
+        raise ConfigError(f"argument {item!r} is not key=value", fix="write e.g. lr=3e-4 or loss.temperature=2")
+    key, raw = item.split("=", 1)
+    return key.strip(), raw
+
+
+def key_values(argv: Optional[list[str]], keys: Optional[Collection[str]] = None) -> dict[str, str]:
+    """``key=value`` words -> ``{key: raw value}`` (a later key wins); a key not in ``keys`` is a ConfigError.
+
+    For commands whose options are a few plain strings; configs with typed fields go through
+    :func:`command_config`.
+    """
+    out: dict[str, str] = {}
+    for item in argv or []:
+        key, raw = split_key_value(item)
+        if keys is not None and key not in keys:
+            close = difflib.get_close_matches(key, list(keys), n=1)
+            raise ConfigError(
+                f"unknown key '{key}'", fix=f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(keys)}"
+            )
+        out[key] = raw
+    return out
+
+
 def parse_override(model: type[BaseModel], item: str) -> tuple[list[str], Any]:
     """Parse ``a.b.c=value`` against ``model``: check the key exists, coerce the value.
 
@@ -700,10 +738,8 @@ def parse_override(model: type[BaseModel], item: str) -> tuple[list[str], Any]:
     """
     import yaml
 
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not key=value", fix="write e.g. lr=3e-4 or loss.temperature=2")
-    key, raw = item.split("=", 1)
-    path = key.strip().split(".")
+    key, raw = split_key_value(item)
+    path = key.split(".")
     try:
         ann = _field_annotation(model, path)
     except KeyError as e:

@@ -92,7 +92,12 @@ WIRING: dict[str, Wiring] = {
     "records_chat": lambda c, up: {"tokenizer": up["vocab"], "format": "chat"},
     "adapt": lambda c, up: {"model": up["vocab"], "records": up["records_lm"]},
     "prune": lambda c, up: {"teacher": up["adapt"], "records": up["records_lm"]},
-    "distill": lambda c, up: {"teacher": up["adapt"], "student": up["prune"], "records": up["records_lm"]},
+    "distill": lambda c, up: {
+        "teacher": up["adapt"],
+        "student": up["prune"],
+        "model": up["prune"],  # the same dir: a student set in the pipeline config must not disagree
+        "records": up["records_lm"],
+    },
     "sft": lambda c, up: {"model": up["distill"], "records": up["records_chat"]},
     "evaluate": lambda c, up: {
         "models": {"teacher": up["adapt"], "pruned": up["prune"], "distilled": up["distill"], "chat": up["sft"]}

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 import sys
 import threading
@@ -50,7 +49,7 @@ from pydantic import Field, field_validator
 
 from minima.core.config import Closed, command_config
 from minima.core.errors import ConfigError, DataError, InputError
-from minima.core.io import Journal, read_journal, str_list, write_json_atomic
+from minima.core.io import Journal, read_journal, read_rows, str_list, write_json_atomic
 from minima.core.logs import get_logger
 from minima.infer.api_client import Client
 
@@ -122,22 +121,8 @@ def _norm_category(value: Any) -> str:
 
 
 def _read_rows(path: Path) -> list[tuple[int, Any]]:
-    text = path.read_text(encoding="utf-8-sig")
-    if text.lstrip().startswith("["):
-        try:
-            return [(i + 1, r) for i, r in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON ({e.msg})", where=f"{path}:{e.lineno}") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"invalid JSON line ({e.msg})", where=f"{path}:{n}", fix="one JSON object per line (JSONL)"
-                ) from None
-    return rows
+    """Rows of a JSON array or JSON Lines file (whatever its suffix), numbered by record or line."""
+    return read_rows(path, kind="json")
 
 
 def _zbench_csv(path: Path) -> list[tuple[int, dict]]:

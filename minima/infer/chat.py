@@ -6,6 +6,7 @@ import sys
 from functools import lru_cache
 from typing import Optional
 
+from minima.core.config import key_values
 from minima.core.errors import InputError
 
 
@@ -13,14 +14,14 @@ from minima.core.errors import InputError
 def _load(model_dir: str):
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from minima.models.loader import load_model, load_tokenizer
 
     if not (Path(model_dir) / "config.json").is_file():
         raise InputError(
             f"no model at {model_dir} (config.json missing)", fix="pass model=DIR of an HF model directory"
         )
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype="saved", device="cpu", family="causal")
     return tok, model
 
 
@@ -59,7 +60,7 @@ def generate_reply(model_dir: str, messages: list[dict], max_new_tokens: int = 1
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = dict(a.split("=", 1) for a in (argv or []) if "=" in a)
+    args = key_values(argv, ("model", "system", "max_new_tokens", "temperature"))
     if "model" not in args:
         raise InputError("minima chat needs model=DIR", fix="e.g. minima chat model=runs/demo/06_sft")
     messages: list[dict] = []

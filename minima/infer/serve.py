@@ -171,7 +171,8 @@ class Engine:
         trust_remote_code: bool = False,
     ):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from minima.models.loader import load_model, load_tokenizer
 
         path = Path(model_dir)
         if not (path / "config.json").is_file():
@@ -184,10 +185,8 @@ class Engine:
             dtype = "bf16" if device.startswith("cuda") else "fp32"
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         self.device = torch.device(device)
-        self.tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
+        self.tok = load_tokenizer(path, trust_remote_code)
+        self.model = load_model(path, dtype=torch_dtype, device=self.device, trust_remote_code=trust_remote_code)
         self.model.to(self.device).eval()
         self.context_length = self._context_length()
         self.eos_ids = self._eos_ids()

@@ -55,7 +55,7 @@ from minima.core.config import DistillCacheConfig, DistillConfig, build
 from minima.core.errors import ConfigError, InputError
 from minima.core.logs import get_logger
 from minima.data.records import collate
-from minima.models.loader import load_teacher
+from minima.models.loader import load_model, load_teacher
 from minima.train import LossOut, Recipe, TrainContext
 from minima.train.objectives.kd import (
     IGNORE_INDEX,
@@ -82,14 +82,8 @@ def _model_config(path: str, role: str, field: str) -> dict:
 
 
 def student_dir(cfg: DistillConfig) -> str:
-    """The student: ``student``, else ``model`` (the engine's generic field); both set must agree."""
-    if cfg.student and cfg.model and Path(cfg.student).resolve() != Path(cfg.model).resolve():
-        raise ConfigError(
-            f"student={cfg.student} and model={cfg.model} disagree",
-            where="student",
-            fix="set only student (model is the same thing for distill)",
-        )
-    s = cfg.student or cfg.model
+    """The student dir (the config keeps ``student`` and the engine's ``model`` equal)."""
+    s = cfg.student
     if not s:
         raise ConfigError("distill needs a student model dir", where="student", fix="set student=<prune output dir>")
     return s
@@ -267,9 +261,7 @@ class DistillRecipe(Recipe):
             self.teacher = load_teacher(self.cfg.teacher, ctx.device, self.cfg.teacher_zero3, self.cfg.micro_batch_size)
 
     def build_model(self, ctx: TrainContext) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(student_dir(self.cfg), dtype=torch.float32)
+        model = load_model(student_dir(self.cfg), dtype=torch.float32, for_training=True, family="causal")
         if self.cfg.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -337,19 +329,10 @@ class DistillRecipe(Recipe):
 
 
 # ------------------------------------------------------------------------------- entry points
-def _resolved(cfg: DistillConfig) -> DistillConfig:
-    """Fill student from model (or model from student) so both names mean the same dir."""
-    s = student_dir(cfg)
-    data = cfg.model_dump()
-    data.update(student=s, model=s)
-    return DistillConfig.model_validate(data)
-
-
 def run(cfg: DistillConfig, force: bool = False) -> Artifact:
     """Distil ``cfg.teacher`` into ``cfg.student`` on ``cfg.records``; an HF student dir artifact."""
     from minima.train.launch import in_torchrun, train_stage
 
-    cfg = _resolved(cfg)
     validate_inputs(cfg)
     if cfg.cache_logits and cfg.loss.alpha < 1.0:
         ccfg = cache_config(cfg)

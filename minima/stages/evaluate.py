@@ -35,7 +35,7 @@ from minima.evaluate.chat import chat_names, run_chat_tasks, validate_chat
 from minima.evaluate.core import default_data_dir, evaluate_model, task_names
 from minima.evaluate.report import _jsonable, render_report
 from minima.evaluate.tasks import TASKS, get_task, task_root
-from minima.models.loader import load_model
+from minima.models.loader import load_model_and_tokenizer
 
 log = get_logger("minima.evaluate")
 
@@ -137,7 +137,7 @@ def _evaluate_all(cfg: EvaluateConfig, models: dict[str, str], data_dir: Optiona
             results["models"][name] = {"path": str(path), "tasks": {}}
             continue
         log.info(f"evaluating {name} ({path})")
-        model, tok = load_model(path, cfg.dtype, cfg.device, cfg.trust_remote_code)
+        model, tok = load_model_and_tokenizer(path, cfg.dtype, cfg.device, trust_remote_code=cfg.trust_remote_code)
         s: list[dict] = []
         tasks = evaluate_model(
             model,

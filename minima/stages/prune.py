@@ -22,7 +22,6 @@ from minima.compress.prune import (
     DTYPES,
     TOKENIZER_FILES,
     Shape,
-    count_params,
     format_params,
     head_dim,
     log,
@@ -34,6 +33,8 @@ from minima.compress.prune import (
 from minima.core.artifacts import Artifact, StageRun, run_stage
 from minima.core.config import PruneConfig
 from minima.core.errors import ConfigError, DataError, InputError
+from minima.models.counts import count_params
+from minima.models.loader import load_model
 
 
 def calibration_batches(
@@ -222,14 +223,14 @@ def _peak_memory(device: torch.device) -> dict:
 
 
 def _body(cfg: PruneConfig, run: StageRun) -> dict:
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
     device = _device(cfg)
     dtype = DTYPES[cfg.dtype]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype, trust_remote_code=False).to(device).eval()
+    teacher = load_model(cfg.teacher, dtype=dtype, device=device, family="causal")
     load_s = time.time() - t0
     t = Shape.of(teacher.config)
     shape = resolve_target(teacher.config, cfg)

@@ -25,7 +25,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -41,7 +40,7 @@ from pydantic import Field, field_validator
 
 from minima.core.config import Closed, command_config
 from minima.core.errors import ConfigError, DataError, InputError
-from minima.core.io import Journal, read_journal, str_list, write_json_atomic
+from minima.core.io import Journal, read_journal, read_rows, str_list, write_json_atomic
 from minima.core.logs import get_logger
 from minima.infer.api_client import Client, Reply
 
@@ -246,23 +245,7 @@ def load_seed_tasks(paths: Iterable[str | Path]) -> list[dict]:
             raise InputError(
                 f"seed task file not found: {p}", where="seed_tasks", fix="pass seed_tasks=[a.jsonl, b.json]"
             )
-        text = p.read_text(encoding="utf-8")
-        stripped = text.lstrip()
-        if stripped.startswith("["):
-            try:
-                rows = [(i + 1, r) for i, r in enumerate(json.loads(text))]
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON ({e.msg})", where=f"{p}:{e.lineno}") from None
-        else:
-            rows = []
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append((n, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise DataError(
-                            f"invalid JSON line ({e.msg})", where=f"{p}:{n}", fix="one JSON object per line"
-                        ) from None
+        rows = read_rows(p, kind="json")  # a JSON array or JSON Lines, whatever the suffix
         for n, r in rows:
             if not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
                 raise DataError(

@@ -156,18 +156,16 @@ class SftRecipe(Recipe):
         self.seq2seq = bool(AutoConfig.from_pretrained(str(self.cfg.model)).is_encoder_decoder)
 
     def build_model(self, ctx: TrainContext) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
+        from minima.models.loader import load_model
         from minima.train.lora import apply_lora, check_qlora, quantization_config
         from minima.train.neftune import attach_neftune
 
         cfg = self.cfg
         check_qlora(cfg.lora)
-        cls = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
         kw: dict[str, Any] = {"dtype": torch.float32}
         if cfg.lora.enabled and cfg.lora.qlora:
             kw.update(quantization_config=quantization_config(), device_map={"": ctx.local_rank}, dtype=torch.bfloat16)
-        model = cls.from_pretrained(str(cfg.model), **kw)
+        model = load_model(cfg.model, for_training=True, family="seq2seq" if self.seq2seq else "causal", **kw)
         n_tok = len(self.tokenizer)
         if n_tok > model.get_input_embeddings().weight.shape[0]:
             # Only the format's own tokens (e.g. ChatML's <|im_start|>) get here; run() checks that.

@@ -9,8 +9,13 @@ from pathlib import Path
 from typing import Optional
 
 from minima.core.logs import get_logger, step_line
+from minima.models import counts
 
 log = get_logger("minima.train")
+
+# MFU of the step line: the one FLOP and parameter count (the loop imports them from here)
+flops_per_token = counts.flops_per_token
+non_embedding_params = counts.non_embedding_params
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), matched by substring of the CUDA device name.
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -28,28 +33,6 @@ def device_peak_flops(name: Optional[str] = None) -> Optional[float]:
         if key in name:
             return tflops * 1e12
     return None
-
-
-def flops_per_token(model_config, num_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: ``6N + 12 * L * d * T`` (PaLM appendix B; N excludes the input embedding).
-
-    6N counts the forward+backward matmuls, the second term the attention scores and values.
-    """
-    L = getattr(model_config, "num_hidden_layers", 0) or 0
-    d = getattr(model_config, "hidden_size", 0) or 0
-    return 6.0 * num_params + 12.0 * L * d * seq_len
-
-
-def non_embedding_params(model) -> int:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    emb_ids = {id(p) for p in emb.parameters()} if emb is not None else set()
-    total = 0
-    for p in model.parameters():
-        if id(p) in emb_ids:
-            continue
-        # ZeRO-3 partitions parameters; ds_numel is the full size.
-        total += int(getattr(p, "ds_numel", p.numel()))
-    return total
 
 
 class MetricsLogger:

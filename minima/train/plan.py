@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from minima.core.errors import ConfigError, PlanError
+from minima.models.counts import count_params, flops_per_token, meta_model, non_embedding_params
 
 GiB = 1024**3
 # Dense bf16 peak TFLOP/s and memory (GiB) of known devices.
@@ -108,19 +109,6 @@ def load_config(model_dir: Optional[str], fallback):
 
         return AutoConfig.from_pretrained(model_dir)
     return fallback
-
-
-def meta_model(config):
-    """Instantiate on the meta device: exact parameter shapes, no memory."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def count_params(config) -> int:
-    return sum(p.numel() for p in meta_model(config).parameters())
 
 
 def lora_trainable(config, lora) -> int:
@@ -343,11 +331,6 @@ def kv_cache_bytes(config, batch: int, seq: int, precision: str = "bf16") -> flo
     return 2 * config.num_hidden_layers * kv_heads * head_dim * seq * batch * (4 if precision == "fp32" else 2)
 
 
-def flops_per_token(config, seq: int, n_params: int) -> float:
-    """Training FLOPs per token: 6N + 12 L d T (attention scores and values, forward + backward)."""
-    return 6 * n_params + 12 * config.num_hidden_layers * config.hidden_size * seq
-
-
 def measured_mfu(device: str) -> Optional[float]:
     """MFU recorded in benchmarks/RESULTS.md for this device (a line like `mfu_<device>: 0.41`)."""
     p = Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md"
@@ -405,7 +388,8 @@ class Plan:
                     f"    {k:<{mw}} {v / GiB:9.2f} GiB  {tag}" + (f"; {self.notes[k]}" if k in self.notes else "")
                 )
             lines.append(
-                f"    {'total':<{mw}} {self.total_bytes / GiB:9.2f} GiB  of {self.device_bytes / GiB:.0f} GiB -> {self.verdict()}"
+                f"    {'total':<{mw}} {self.total_bytes / GiB:9.2f} GiB  "
+                f"of {self.device_bytes / GiB:.0f} GiB -> {self.verdict()}"
             )
         return "\n".join(lines)
 
@@ -439,7 +423,6 @@ def plan_stage(cfg, opts: PlanOptions, preset: Optional[str] = None) -> Plan:
     if dev_tflops is None:
         raise ConfigError(f"unknown device '{opts.device}'", fix=f"plan.device= one of {', '.join(DEVICES)}")
     plan = Plan(stage=cfg.stage, device_bytes=(opts.memory_gib or dev_gib) * GiB)
-    world = opts.gpus
     stage = cfg.stage
     if stage in ("adapt", "distill", "sft"):
         if stage == "adapt":  # the big model, continued-pretrained
@@ -466,7 +449,6 @@ def plan_stage(cfg, opts: PlanOptions, preset: Optional[str] = None) -> Plan:
         if cfg.importance == "gradient":
             plan.memory["gradients"] = n * (4 if cfg.dtype == "fp32" else 2)
         plan.rows += [("teacher params", _fmt_n(n)), ("calibration tokens", _fmt_n(cfg.num_samples * cfg.max_length))]
-        world = 1
     elif stage == "evaluate":
         config = load_config(cfg.model, student_fallback)
         n = count_params(config)
@@ -579,7 +561,7 @@ def _train_memory(plan: Plan, cfg, config, opts: PlanOptions, teacher_fallback) 
             loss = "kd"
         elif cached:
             loss = "kd_cached"
-        fpt_teacher = 2 * nt + 4 * tconf.num_hidden_layers * tconf.hidden_size * seq
+        fpt_teacher = flops_per_token(tconf, non_embedding_params(tconf), seq, backward=False)
     plan.memory[
         "runtime (" + ("process heap, code, comm buffers; measured)" if cpu else "CUDA context, cuBLAS/NCCL; typical)")
     ] = RUNTIME_BYTES["cpu" if cpu else "gpu"]
@@ -599,7 +581,8 @@ def _train_memory(plan: Plan, cfg, config, opts: PlanOptions, teacher_fallback) 
     )
     act = activation_bytes(config, cfg.micro_batch_size, seq, cfg.precision, cfg.activation_checkpointing, **act_kw)
     gathered = zero3_gathered_bytes(config, n, e, world, zopt, lora, cfg.activation_checkpointing) if zero >= 3 else 0.0
-    fb_label = f"fwd/bwd: activations + loss (mb {cfg.micro_batch_size} x {seq}{', ckpt' if cfg.activation_checkpointing else ''})"
+    ckpt = ", ckpt" if cfg.activation_checkpointing else ""
+    fb_label = f"fwd/bwd: activations + loss (mb {cfg.micro_batch_size} x {seq}{ckpt})"
     if gathered:
         fb_label = fb_label.replace("loss", "loss + gathered params")
         plan.notes[fb_label] = f"incl. {gathered / GiB:.2f} GiB gathered ZeRO-3 params"
@@ -608,14 +591,15 @@ def _train_memory(plan: Plan, cfg, config, opts: PlanOptions, teacher_fallback) 
         trainable, cfg.precision, zero, world, cpu, gas
     )
 
-    fpt = flops_per_token(config, seq, n) + (fpt_teacher if stage == "distill" else 0)
+    fpt = flops_per_token(config, non_embedding_params(config), seq) + (fpt_teacher if stage == "distill" else 0)
     plan.params, plan.trainable = n, trainable
     plan.rows += [
         ("params", f"{_fmt_n(n)} ({n:,})"),
         ("trainable", f"{_fmt_n(trainable)} ({trainable:,})"),
         (
             "layers / hidden / heads / ffn",
-            f"{config.num_hidden_layers} / {config.hidden_size} / {config.num_attention_heads} / {config.intermediate_size}",
+            f"{config.num_hidden_layers} / {config.hidden_size} / "
+            f"{config.num_attention_heads} / {config.intermediate_size}",
         ),
         ("precision, ZeRO, world", f"{cfg.precision}, ZeRO-{zero}, {world} x {opts.device}"),
         ("attention kernel", attn),
@@ -680,7 +664,7 @@ def check_fits(cfg, opts: Optional[PlanOptions] = None, force: bool = False) -> 
 
 
 def main(argv: list[str]) -> int:
-    from minima.core.config import STAGES
+    from minima.core.config import STAGES, key_values
     from minima.core.registry import stage_config
 
     p = argparse.ArgumentParser(
@@ -697,18 +681,14 @@ def main(argv: list[str]) -> int:
     )
     a = p.parse_intermixed_args(argv)
     opts = PlanOptions()
-    stage_over = []
-    for o in a.overrides:
-        if o.startswith("plan."):
-            k, v = o[5:].split("=", 1)
-            if k not in PlanOptions.__dataclass_fields__:
-                raise ConfigError(
-                    f"unknown plan option '{k}'", fix=f"one of {', '.join(PlanOptions.__dataclass_fields__)}"
-                )
-            typ = type(getattr(PlanOptions(), k)) if getattr(PlanOptions(), k) is not None else float
-            setattr(opts, k, v if typ is str else typ(float(v)) if typ is int else float(v))
-        else:
-            stage_over.append(o)
+    stage_over = [o for o in a.overrides if not o.startswith("plan.")]
+    plan_args = key_values(
+        [o for o in a.overrides if o.startswith("plan.")], [f"plan.{k}" for k in PlanOptions.__dataclass_fields__]
+    )
+    for key, v in plan_args.items():
+        k = key.removeprefix("plan.")
+        typ = type(getattr(PlanOptions(), k)) if getattr(PlanOptions(), k) is not None else float
+        setattr(opts, k, v if typ is str else typ(float(v)) if typ is int else float(v))
     stages = ["adapt", "prune", "distill", "sft", "evaluate"] if a.stage == "pipeline" else [a.stage]
     for s in stages:
         cfg = stage_config(s, a.preset, a.config, stage_over if a.stage != "pipeline" else [])

@@ -75,9 +75,9 @@ class Recipe:
         """Load what the recipe needs besides the model (tokenizer, teacher ...). Default: the tokenizer."""
         src = self.tokenizer_source()
         if src is not None:
-            from transformers import AutoTokenizer
+            from minima.models.loader import load_tokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(str(src))
+            self.tokenizer = load_tokenizer(src)
             pad = self.tokenizer.pad_token_id
             self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
@@ -95,9 +95,9 @@ class Recipe:
 
     def build_model(self, ctx: TrainContext) -> torch.nn.Module:
         """The trainable HF model, loaded in fp32 before the strategy wraps it (the strategy casts for compute)."""
-        from transformers import AutoModelForCausalLM
+        from minima.models.loader import load_model
 
-        model = AutoModelForCausalLM.from_pretrained(str(self.cfg.model), dtype=torch.float32)
+        model = load_model(self.cfg.model, dtype=torch.float32, for_training=True, family="causal")
         if getattr(self.cfg, "activation_checkpointing", False):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False

@@ -92,13 +92,15 @@ class SyntheticRecipe(Recipe):
     def build_model(self, ctx: TrainContext) -> torch.nn.Module:
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from minima.models.loader import load_model
+
         if self.cfg.init == "random":
             mc = AutoConfig.from_pretrained(str(self.cfg.model))
             kw = {"attn_implementation": self.cfg.attn_implementation} if self.cfg.attn_implementation else {}
             torch.manual_seed(self.cfg.seed)
             model = AutoModelForCausalLM.from_config(mc, dtype=torch.float32, **kw)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(self.cfg.model), dtype=torch.float32)
+            model = load_model(self.cfg.model, dtype=torch.float32, for_training=True, family="causal")
         if self.cfg.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
