@@ -224,7 +224,7 @@ def test_concurrent_requests_are_all_served_correctly(client, model_dir):
 
 
 def test_stop_strings_are_held_back_across_tokens():
-    from minima.infer.serve import _Choice
+    from minima.infer.engine import _Choice
 
     class Tok:  # decode = concatenation of pieces
         pieces = {1: "Hel", 2: "lo ", 3: "wor", 4: "ld", 5: "!"}
@@ -254,7 +254,7 @@ def test_model_without_chat_template_falls_back_to_the_minichat_format(model_dir
     from transformers import AutoTokenizer
 
     from minima.data.formats import get_format
-    from minima.infer.serve import Engine
+    from minima.infer.engine import Engine
 
     plain = tmp_path / "plain"
     shutil.copytree(model_dir, plain)
@@ -263,7 +263,7 @@ def test_model_without_chat_template_falls_back_to_the_minichat_format(model_dir
     cfg.pop("chat_template", None)
     (plain / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert not AutoTokenizer.from_pretrained(str(plain)).chat_template
-    engine = Engine(plain)
+    engine = Engine.from_dir(plain)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     assert engine.chat_ids(msgs) == get_format("minichat").encode(engine.tok, msgs, add_generation_prompt=True)[0]
     with pytest.raises(ValueError):
