@@ -66,6 +66,7 @@ class SamplingParams:
         seed: seed of choice 0 (choice ``i`` derives its own); None draws a random one.
         stop: stop strings; the text is cut before them.
         stop_token_ids: token ids that end a sequence besides the model's end-of-sequence ids.
+        ignore_eos: keep decoding past end-of-sequence tokens (fixed-length outputs for benchmarks).
     """
 
     max_new_tokens: int = 256
@@ -75,6 +76,7 @@ class SamplingParams:
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -567,7 +569,7 @@ class Engine:
         rows = []
         for r in reqs:
             seed = r.params.seed if r.params.seed is not None else secrets.randbits(63)
-            stop_ids = self.eos_ids | frozenset(r.params.stop_token_ids)
+            stop_ids = frozenset(r.params.stop_token_ids) | (frozenset() if r.params.ignore_eos else self.eos_ids)
             for k in range(r.params.n):
                 gen = None
                 if r.params.temperature > 0:
