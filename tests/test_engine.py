@@ -197,3 +197,19 @@ def test_encoder_decoder_models_are_refused_clearly(tok):
 
     with pytest.raises(InputError, match="encoder-decoder"):
         Engine(tiny_family_model("t5"), tok)
+
+
+def test_chat_replies_batched_equal_hf_and_the_terminal_chat(tiny_model_dir, monkeypatch, capsys):
+    from minima.infer import chat
+
+    convs = [[{"role": "user", "content": q}] for q in ("What is the sea?", "Name a river.", "你好")]
+    replies = chat.generate_replies(str(tiny_model_dir), convs, max_new_tokens=12)
+    engine = chat._engine(str(tiny_model_dir))
+    refs = [hf_greedy(engine.model, engine.tok, engine.chat_ids(c), 12) for c in convs]
+    assert replies == [engine.tok.decode(r, skip_special_tokens=True).strip() for r in refs]
+    assert chat.generate_reply(str(tiny_model_dir), convs[1], max_new_tokens=12) == replies[1]
+
+    lines = iter(["Name a river.", ""])
+    monkeypatch.setattr("builtins.input", lambda _: next(lines))
+    assert chat.main([f"model={tiny_model_dir}", "max_new_tokens=12"]) == 0
+    assert f"bot> {replies[1]}\n" in capsys.readouterr().out

@@ -360,11 +360,6 @@ class LM:
             self.model, self.tok, max_batch_size=self.batch_size * num_samples, context_length=self.max_length
         )
         finished: queue.Queue = queue.Queue()
-
-        def on_event(event) -> None:
-            if event is None:  # a context is complete (all its samples)
-                finished.put(1)
-
         reqs = {}
         for i in mine:
             params = SamplingParams(
@@ -374,7 +369,7 @@ class LM:
                 seed=seed + i,
                 stop=stops,
             )
-            reqs[i] = engine.submit(enc[i], params, on_event=on_event)
+            reqs[i] = engine.submit(enc[i], params, on_done=finished.put)  # a context's samples are all done
         try:
             for _ in reqs:
                 finished.get()

@@ -71,12 +71,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         messages.append({"role": "user", "content": line})
         prompt = engine.chat_ids(messages)
         print("bot> ", end="", flush=True)
-        parts = []
+        reply = ""
         for event in engine.stream(prompt, _params(engine, prompt, max_new, temperature)):
-            parts.append(event.text)
-            print(event.text, end="", flush=True)
+            delta = event.text if reply else event.text.lstrip()  # the reply starts at its first word
+            reply += delta
+            print(delta, end="", flush=True)
         print(flush=True)
-        messages.append({"role": "assistant", "content": "".join(parts).strip()})
+        messages.append({"role": "assistant", "content": reply.strip()})
     return 0
 
 

@@ -113,16 +113,23 @@ class Event:
 class Request:
     """A submitted generation. ``result()`` waits for it; ``cancel()`` ends it at the next step.
 
-    ``on_event`` (called in the engine's thread) gets every :class:`Event` of every choice, then
-    ``None`` once the request is complete or has failed (``error`` is set then).
+    Both callbacks run in the engine's thread. ``on_event`` gets every :class:`Event` of every
+    choice, then ``None`` once the request is complete or has failed (``error`` is set then);
+    ``on_done`` gets the request once, at that same moment. Without ``on_event`` and stop strings
+    the text is decoded once, at the end.
     """
 
     def __init__(
-        self, prompt: Sequence[int], params: SamplingParams, on_event: Optional[Callable[[Optional[Event]], None]]
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        on_event: Optional[Callable[[Optional[Event]], None]] = None,
+        on_done: Optional[Callable[[Request], None]] = None,
     ):
         self.prompt = [int(t) for t in prompt]
         self.params = params
         self.on_event = on_event
+        self.on_done = on_done
         self.outputs: list[Optional[Completion]] = [None] * params.n
         self.error: Optional[BaseException] = None
         self.cancelled = False
@@ -153,10 +160,11 @@ class Request:
 
     # --- called by the engine's thread ----------------------------------------------------------
     def _emit(self, event: Optional[Event]) -> None:
-        if self.on_event is None:
-            return
         try:
-            self.on_event(event)
+            if self.on_event is not None:
+                self.on_event(event)
+            if event is None and self.on_done is not None:
+                self.on_done(self)
         except Exception:  # a broken listener must not stop the other requests
             log.exception("a generation listener failed; cancelling its request")
             self.cancelled = True
@@ -177,10 +185,14 @@ class Request:
 
 
 class _Choice:
-    """Incremental detokenization of one sequence, with stop strings held back until decided."""
+    """Incremental detokenization of one sequence, with stop strings held back until decided.
 
-    def __init__(self, tok: Any, stop: tuple[str, ...]):
-        self.tok, self.stop = tok, stop
+    With ``incremental=False`` (no stop strings, nobody streaming) tokens are only collected and
+    the text is decoded once, when the sequence finishes.
+    """
+
+    def __init__(self, tok: Any, stop: tuple[str, ...], incremental: bool = True):
+        self.tok, self.stop, self.incremental = tok, stop, incremental or bool(stop)
         self.ids: list[int] = []
         self.text = ""  # text settled so far (cut at the stop strings once one appears)
         self.sent = ""  # what has been handed out as deltas
@@ -189,6 +201,8 @@ class _Choice:
     def push(self, token_id: int) -> str:
         """Add a generated token; the new text that is safe to hand out (may be empty)."""
         self.ids.append(token_id)
+        if not self.incremental:
+            return ""
         text = self.tok.decode(self.ids, skip_special_tokens=True)
         if any(s in text for s in self.stop):
             self.text = cut_at_stop(text, self.stop)
@@ -201,6 +215,8 @@ class _Choice:
     def finish(self, reason: str) -> str:
         """End the sequence; the rest of its text."""
         self.finish_reason = reason
+        if not self.incremental:
+            self.text = self.tok.decode(self.ids, skip_special_tokens=True)
         return self._flush(self.text)
 
     def _flush(self, upto: str) -> str:
@@ -327,7 +343,9 @@ class Engine:
         self._cond = threading.Condition()
         self._queue: collections.deque[Request] = collections.deque()
         self._thread: Optional[threading.Thread] = None
+        self._batch = _Batch()  # the running sequences (owned by the scheduler thread)
         self._running = 0  # requests in the running batch
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.stats = {"forward_calls": 0, "decode_steps": 0, "batched_steps": 0, "peak_batch": 0, "requests": 0}
 
     @classmethod
@@ -398,16 +416,21 @@ class Engine:
         prompt: Sequence[int],
         params: SamplingParams,
         on_event: Optional[Callable[[Optional[Event]], None]] = None,
+        on_done: Optional[Callable[[Request], None]] = None,
     ) -> Request:
         """Queue a prompt (token ids); it joins the running batch at the next step with room.
+
+        ``on_event`` and ``on_done`` are called in the engine's thread (see :class:`Request`).
 
         Raises:
             InputError: the prompt is empty or does not leave room for one new token.
             QueueFull: ``max_queue`` requests are already waiting.
         """
-        req = Request(prompt, params, on_event)
+        req = Request(prompt, params, on_event, on_done)
         if not req.prompt:
             raise InputError("the prompt has no tokens", fix="pass at least one token (e.g. BOS)")
+        if not 0 <= min(req.prompt) <= max(req.prompt) < self.vocab_size:
+            raise InputError(f"prompt token ids must be in [0, {self.vocab_size})")
         if len(req.prompt) >= self.context_length:
             raise InputError(
                 f"a prompt of {len(req.prompt)} tokens leaves no room in the context of {self.context_length}",
@@ -496,12 +519,14 @@ class Engine:
         for r in waiting:
             r.cancel()
             r._fail(MinimaError("the generation engine was closed"))
+        for s in list(self._batch.rows):
+            s.req.cancel()  # its choices end with "cancelled" at the next step
 
     # --- scheduler ----------------------------------------------------------------------------
     def _loop(self) -> None:
         import torch
 
-        batch = _Batch()
+        batch = self._batch
         with torch.inference_mode():
             while True:
                 with self._cond:
@@ -522,7 +547,7 @@ class Engine:
                     failed.update((id(r), r) for r in new)
                     for r in failed.values():
                         r._fail(e)
-                    batch = _Batch()
+                    batch.rows, batch.cache, batch.mask = [], None, None
                 self._running = len({id(s.req) for s in batch.rows})
 
     def _admit(self, batch: _Batch) -> list[Request]:
@@ -575,7 +600,9 @@ class Engine:
                 if r.params.temperature > 0:
                     gen = torch.Generator(device=self.device)
                     gen.manual_seed((seed + k * _SEED_MIX) % (1 << 63))
-                rows.append(_Seq(r, k, gen, _Choice(self.tok, r.params.stop), len(r.prompt), stop_ids))
+                rows.append(
+                    _Seq(r, k, gen, _Choice(self.tok, r.params.stop, r.on_event is not None), len(r.prompt), stop_ids)
+                )
         if any(r.params.n > 1 for r in reqs):
             expand = torch.tensor([i for i, r in enumerate(reqs) for _ in range(r.params.n)], device=self.device)
             cache.batch_select_indices(expand)
@@ -640,7 +667,8 @@ class Engine:
                 if c.finish_reason is None and (len(c.ids) >= p.max_new_tokens or s.pos + 1 >= self.context_length):
                     delta += c.finish("length")
             s.pending = t
-            s.req._emit(Event(s.index, delta, t, c.finish_reason))
+            if s.req.on_event is not None:
+                s.req._emit(Event(s.index, delta, t, c.finish_reason))
             if c.finish_reason is not None:
                 finished.append(offset + j)
                 s.req._finish_choice(s.index, Completion(c.text, c.ids, c.finish_reason))

@@ -356,17 +356,20 @@ def create_app(engine: Engine, cfg: ServeConfig):
         events: asyncio.Queue = asyncio.Queue()
 
         def listener(k: int):
-            # Runs in the engine's thread; a non-streamed reply only needs to know when it is done.
+            # Runs in the engine's thread: streamed replies get every event, the others only the end.
             def on_event(event) -> None:
-                if stream or event is None:
-                    loop.call_soon_threadsafe(events.put_nowait, (k, event))
+                loop.call_soon_threadsafe(events.put_nowait, (k, event))
 
             return on_event
 
         reqs = []
         try:
             for k, prompt in enumerate(prompts):
-                reqs.append(engine.submit(prompt, p, listener(k)))
+                on_event = listener(k)
+                if stream:
+                    reqs.append(engine.submit(prompt, p, on_event=on_event))
+                else:
+                    reqs.append(engine.submit(prompt, p, on_done=lambda _, on_event=on_event: on_event(None)))
         except QueueFull:
             for r in reqs:
                 r.cancel()
