@@ -65,7 +65,8 @@ class SamplingParams:
         n: choices (independent sequences) per prompt.
         seed: seed of choice 0 (choice ``i`` derives its own); None draws a random one.
         stop: stop strings; the text is cut before them.
-        stop_token_ids: token ids that end a sequence besides the model's end-of-sequence ids.
+        stop_token_ids: token ids that end a sequence besides the end-of-sequence ids of the model's
+            generation config and of the tokenizer.
         ignore_eos: keep decoding past end-of-sequence tokens (fixed-length outputs for benchmarks).
     """
 
@@ -102,7 +103,11 @@ class Completion:
 
 @dataclass
 class Event:
-    """One decoding step of one choice: the new text (may be empty while held back) and, at the end, why."""
+    """One decoding step of one choice: the new text (may be empty while held back) and, at the end, why.
+
+    ``token_id`` is the token sampled at this step (an end-of-sequence token included); None when
+    the request was cancelled.
+    """
 
     index: int
     text: str
@@ -345,7 +350,8 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._batch = _Batch()  # the running sequences (owned by the scheduler thread)
         self._running = 0  # requests in the running batch
-        self.vocab_size = model.get_input_embeddings().num_embeddings
+        embeddings = model.get_input_embeddings()
+        self.vocab_size = int(getattr(embeddings, "num_embeddings", 0) or model.config.vocab_size)
         self.stats = {"forward_calls": 0, "decode_steps": 0, "batched_steps": 0, "peak_batch": 0, "requests": 0}
 
     @classmethod
@@ -454,8 +460,10 @@ class Engine:
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(plist) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        reqs = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
+        reqs: list[Request] = []
         try:
+            for p, sp in zip(prompts, plist):
+                reqs.append(self.submit(p, sp))
             return [r.result() for r in reqs]
         finally:
             for r in reqs:
@@ -668,7 +676,7 @@ class Engine:
                     delta += c.finish("length")
             s.pending = t
             if s.req.on_event is not None:
-                s.req._emit(Event(s.index, delta, t, c.finish_reason))
+                s.req._emit(Event(s.index, delta, None if s.req.cancelled else t, c.finish_reason))
             if c.finish_reason is not None:
                 finished.append(offset + j)
                 s.req._finish_choice(s.index, Completion(c.text, c.ids, c.finish_reason))
