@@ -100,15 +100,16 @@ def demo_main(argv: list[str]) -> int:
     if chat_dir:
         held_out = [json.loads(line) for line in (root / "data/eval/demo_mc/test.jsonl").read_text().splitlines()]
         print(f"[demo] example answers from the chat model {chat_dir} to questions it never saw in sft:")
-        for item in [r for r in held_out if r["lang"] == "en"][:2] + [r for r in held_out if r["lang"] == "zh"][:1]:
-            print(
-                f"  User: {item['question']}\n  Assistant: {chat_once(chat_dir, item['question'])}"
-                f"   (gold: {item['choices'][item['gold']]})"
-            )
+        items = [r for r in held_out if r["lang"] == "en"][:2] + [r for r in held_out if r["lang"] == "zh"][:1]
+        replies = chat_replies(chat_dir, [item["question"] for item in items])
+        for item, reply in zip(items, replies):
+            print(f"  User: {item['question']}\n  Assistant: {reply}   (gold: {item['choices'][item['gold']]})")
     return 0
 
 
-def chat_once(model_dir: str, question: str, max_new_tokens: int = 32) -> str:
-    from minima.infer.chat import generate_reply
+def chat_replies(model_dir: str, questions: list[str], max_new_tokens: int = 32) -> list[str]:
+    """The chat model's greedy answer to each question (one user turn each), decoded as one batch."""
+    from minima.infer.chat import generate_replies
 
-    return generate_reply(model_dir, [{"role": "user", "content": question}], max_new_tokens=max_new_tokens)
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+    return generate_replies(model_dir, conversations, max_new_tokens=max_new_tokens)

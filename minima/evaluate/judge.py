@@ -37,7 +37,6 @@ import csv
 import io
 import re
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -103,7 +102,7 @@ class ChatEvalConfig(Closed):
     judge_api_key_env: str = Field("OPENAI_API_KEY", description="Env var with the judge endpoint's key.")
     judge_max_tokens: int = Field(1024, ge=16, description="Judge reply token limit.")
     concurrency: int = Field(
-        4, ge=1, description="Endpoint requests in flight at once (a local model answers one at a time)."
+        4, ge=1, description="Requests in flight at once (a local model decodes them as one batch)."
     )
     max_retries: int = Field(6, ge=0, description="Retries per request on 429/5xx/network errors.")
     backoff: float = Field(2.0, ge=0, description="First retry wait in seconds.")
@@ -141,7 +140,7 @@ def _zbench_csv(path: Path) -> list[tuple[int, dict]]:
     for n, rec in enumerate(reader, start + 2):
         if not rec or not rec[0].strip():
             continue
-        get = lambda *names: next((rec[col[x]] for x in names if x in col and col[x] < len(rec)), "")
+        get = lambda *names, rec=rec: next((rec[col[x]] for x in names if x in col and col[x] < len(rec)), "")
         rows.append(
             (
                 n,
@@ -286,15 +285,13 @@ def endpoint_chat(
 
 
 def local_chat(model_dir: str | Path, max_tokens: int = 1024, temperature: float = 0.0, seed: int = 0) -> Chat:
-    """``messages -> text`` with the model loaded in this process (one request at a time)."""
-    from minima.infer.serve import Engine
+    """``messages -> text`` with the model loaded in this process; calls from several threads decode as one batch."""
+    from minima.infer.engine import Engine
 
-    engine = Engine(model_dir)
-    lock = threading.Lock()
+    engine = Engine.from_dir(model_dir)
 
     def chat(messages: list[dict]) -> str:
-        with lock:
-            return engine.chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        return engine.chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
 
     return chat
 
@@ -470,7 +467,7 @@ _VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 
 
 def parse_score(text: str) -> Optional[float]:
-    """The 1-10 grade in a judge reply (the last ``[[N]]``, else the last ``Grade: N``); None if absent or out of range."""
+    """The 1-10 grade in a judge reply (the last ``[[N]]``, else the last ``Grade: N``); None if absent or invalid."""
     for pattern in (_SCORE_BRACKETS, _SCORE_LABEL):
         found = pattern.findall(text or "")
         if found:
@@ -763,7 +760,7 @@ def run_chat_eval(
         chat = answer_chat
         concurrency = cfg.concurrency
         if chat is None and cfg.model:
-            chat, concurrency = local_chat(cfg.model, cfg.answer_max_tokens, cfg.answer_temperature, cfg.seed), 1
+            chat = local_chat(cfg.model, cfg.answer_max_tokens, cfg.answer_temperature, cfg.seed)
         elif chat is None:
             chat = endpoint_chat(
                 cfg.model_base_url,
@@ -804,7 +801,7 @@ def run_chat_eval(
                 chat,
                 out / "answers" / f"{baseline_id}.jsonl",
                 baseline_id,
-                cfg.concurrency if baseline_chat else 1,
+                cfg.concurrency,
             )
         else:
             baseline = {str(q["question_id"]): q["baseline"] for q in questions}

@@ -341,60 +341,46 @@ class LM:
         seed: int = 0,
         progress: Optional[Callable[[int], None]] = None,
     ) -> list[list[str]]:
-        """Continuations of each context, cut before the first stop string (``num_samples`` per context)."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        """Continuations of each context, cut before the stop strings (``num_samples`` per context).
+
+        Decoded by :class:`minima.infer.engine.Engine` in batches of ``batch_size`` contexts (their
+        samples count too); greedy unless ``do_sample``. Sampled context ``i`` is seeded with
+        ``seed + i``, so its samples do not depend on the batch or the rank that decodes it.
+        """
+        import queue
+
+        from minima.infer.engine import Engine, SamplingParams
 
         keep = max(1, self.max_length - max_new_tokens)  # lm-eval: leave room for the generation
-        enc = [self.tok_encode(c)[-keep:] for c in contexts]
+        enc = [self.tok_encode(c)[-keep:] or [self.prefix_token_id] for c in contexts]
         order = sorted(range(len(enc)), key=lambda i: (-len(enc[i]), i))
         mine = [order[j] for j in self._mine(len(order))]
-        tok = self.tok
-        stops = [s for s in until if s]
-
-        class _Stop(StoppingCriteria):
-            def __init__(self, start: int, rows: int):
-                self.start, self.done = start, torch.zeros(rows, dtype=torch.bool)
-
-            def __call__(self, input_ids, scores, **kw):
-                for r in range(input_ids.shape[0]):
-                    if not self.done[r]:
-                        text = tok.decode(input_ids[r, self.start :], skip_special_tokens=True)
-                        self.done[r] = any(s in text for s in stops)
-                return self.done.clone().to(input_ids.device)
-
-        out: dict[int, list[str]] = {}
-        if do_sample:
-            torch.manual_seed(seed)
-        with torch.inference_mode():
-            for part in _chunks(mine, self.batch_size):
-                ids, mask = self._left_pad([enc[i] for i in part], self.pad_id, self.device)
-                crit = _Stop(ids.shape[1], len(part) * num_samples)
-                kw = (
-                    dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
-                    if do_sample
-                    else dict(do_sample=False)
-                )
-                gen = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=max_new_tokens,
-                    num_return_sequences=num_samples,
-                    stopping_criteria=StoppingCriteriaList([crit]),
-                    pad_token_id=self.pad_id,
-                    **kw,
-                )
-                self.forward_calls += 1
-                for r, i in enumerate(part):
-                    texts = []
-                    for s in range(num_samples):
-                        text = tok.decode(gen[r * num_samples + s, ids.shape[1] :], skip_special_tokens=True)
-                        for stop in stops:
-                            if stop in text:
-                                text = text.split(stop)[0]
-                        texts.append(text)
-                    out[i] = texts
+        stops = tuple(s for s in until if s)
+        engine = Engine(
+            self.model, self.tok, max_batch_size=self.batch_size * num_samples, context_length=self.max_length
+        )
+        finished: queue.Queue = queue.Queue()
+        reqs = {}
+        for i in mine:
+            params = SamplingParams(
+                max_new_tokens=max_new_tokens,
+                temperature=temperature if do_sample else 0.0,
+                n=num_samples,
+                seed=seed + i,
+                stop=stops,
+            )
+            reqs[i] = engine.submit(enc[i], params, on_done=finished.put)  # a context's samples are all done
+        try:
+            for _ in reqs:
+                finished.get()
                 if progress:
-                    progress(len(part))
+                    progress(1)
+            out = {i: [c.text for c in r.result()] for i, r in reqs.items()}
+        finally:
+            for r in reqs.values():
+                r.cancel()
+            engine.close()
+            self.forward_calls += engine.stats["forward_calls"]
         out = self._gather(out)
         return [out[i] for i in range(len(contexts))]
 
