@@ -277,32 +277,43 @@ def test_gguf_tokenizer_and_header(llama_dir, merged_tokenizer_dir, tmp_path):
     assert _field(r, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(cfg["rms_norm_eps"])
 
 
-def test_qwen2_round_trip_keeps_the_neox_layout(merged_tokenizer_dir, tmp_path):
-    """Qwen2 (q/k/v biases, NEOX rope in llama.cpp): exported with its biases, Q/K rows not permuted."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+@pytest.mark.parametrize(
+    "family, arch, permuted",
+    [("qwen2", "qwen2", False), ("mistral", "llama", True)],
+)
+def test_other_families_round_trip(merged_tokenizer_dir, tmp_path, family, arch, permuted):
+    """Qwen2 (q/k/v biases, tied embeddings, NEOX rope in llama.cpp: Q/K rows stay put) and Mistral
+    (llama.cpp's llama architecture: Q/K rows interleaved)."""
+    import transformers as tf
 
-    n = len(AutoTokenizer.from_pretrained(str(merged_tokenizer_dir)))
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
+    n = len(tf.AutoTokenizer.from_pretrained(str(merged_tokenizer_dir)))
+    config_cls, model_cls = {
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+    }[family]
+    cfg = config_cls(
         vocab_size=n,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        tie_word_embeddings=True,
+        tie_word_embeddings=family == "qwen2",
         bos_token_id=1,
         eos_token_id=2,
     )
-    model = Qwen2ForCausalLM(cfg).eval()
+    torch.manual_seed(0)
+    model = model_cls(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_()
-    model_dir = _save_model(model, merged_tokenizer_dir, tmp_path / "qwen")
+    model_dir = _save_model(model, merged_tokenizer_dir, tmp_path / family)
     art = _export(model_dir, tmp_path / "out", dtype="f16")
-    assert _field(_reader(art.path), "general.architecture") == "qwen2"
-    _check_round_trip(model_dir, art.path, "f16", permuted=False)  # tied: no output.weight
+    assert _field(_reader(art.path), "general.architecture") == arch
+    _check_round_trip(model_dir, art.path, "f16", permuted=permuted)
+    has_bias = any(k.endswith(".bias") for k in _hf_tensors(model_dir))
+    assert has_bias == (family == "qwen2")
 
 
 def test_unsupported_inputs_are_refused_before_any_output(tmp_path, llama_dir):
@@ -524,6 +535,42 @@ def test_export_step_is_optional_and_wired_after_sft_and_evaluate(tmp_path):
     assert cfg.resolved_out_dir() == tmp_path / "08_export"
 
 
+FLOW_CALLS: list[tuple[str, dict]] = []
+
+
+def _fake_stage(cfg, force=False):
+    """Any stage, in milliseconds: records which inputs it was given."""
+    fields = ("tokenizer", "model", "records", "teacher", "student", "evaluation")
+    inputs = {f: getattr(cfg, f) for f in fields if getattr(cfg, f, None)}
+    inputs.update({f"models.{k}": v for k, v in (getattr(cfg, "models", None) or {}).items()})
+
+    def body(r):
+        FLOW_CALLS.append((cfg.resolved_out_dir().name, inputs))
+        (r.work_dir / "out.txt").write_text(cfg.stage)
+
+    return run_stage(cfg, inputs, body, force=force)
+
+
+def test_pipeline_runs_export_last_only_when_enabled(tmp_path, monkeypatch, prefect_ready):
+    from flows.pipeline import pipeline
+    from minima.core import registry
+
+    for stage in registry.STAGE_RUNNERS:
+        monkeypatch.setitem(registry.STAGE_RUNNERS, stage, f"{__name__}:_fake_stage")
+    FLOW_CALLS.clear()
+    config = {"run_dir": str(tmp_path / "run")}
+    off = pipeline(config=config)
+    assert "export" not in off and "08_export" not in [c for c, _ in FLOW_CALLS]
+    FLOW_CALLS.clear()
+    on = pipeline(config=config, overrides=["export.enabled=true"])
+    assert [c for c, _ in FLOW_CALLS] == ["08_export"]  # every other step is a cache hit
+    assert FLOW_CALLS[0][1] == {"model": off["sft"]["path"], "evaluation": off["evaluate"]["path"]}
+    assert on["export"]["path"] == str(tmp_path / "run" / "08_export")
+    FLOW_CALLS.clear()
+    pipeline(config=config, overrides=["export.enabled=true"])
+    assert FLOW_CALLS == []  # and then export is cached too
+
+
 # ------------------------------------------------------------------------- llama.cpp (extra)
 PROMPTS = [
     "The capital of France is",
@@ -534,56 +581,62 @@ PROMPTS = [
 ]
 
 
-def test_llama_cpp_runs_the_gguf_like_transformers(tmp_path, demo_data_dir):
-    """With the llama-cpp extra: greedy continuations and tokenization equal transformers'."""
+def _greedy_hf(model, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    out, logits, cur = [], [], torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            last = model(cur).logits[0, -1]
+            logits.append(last)
+            out.append(int(last.argmax()))
+            cur = torch.cat([cur, torch.tensor([[out[-1]]])], dim=1)
+    return out, logits
+
+
+def test_llama_cpp_runs_the_gguf_like_transformers(tmp_path, demo_data_dir, merged_tokenizer_dir):
+    """With the llama-cpp extra: a tiny model trained on the demo corpus with the merged bilingual
+    tokenizer, exported as f16 GGUF. llama.cpp's tokenization of 20 mixed lines and its greedy
+    16-token continuations of 5 prompts must equal transformers' (the model with f16-rounded weights)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="the llama-cpp extra (llama-cpp-python) is not installed")
     from transformers import AutoTokenizer
 
     from minima.data.tokenizers import iter_lines
-    from minima.testing import demo_tokenizer_dir, lm_blocks, train_tiny_lm
+    from minima.testing import lm_blocks, train_tiny_lm
 
-    tok_dir = demo_tokenizer_dir(tmp_path / "tok", demo_data_dir)
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tok = AutoTokenizer.from_pretrained(str(merged_tokenizer_dir))
     text = demo_data_dir / "text"
-    lines = list(iter_lines([text / "pretrain_en.txt", text / "pretrain_zh.txt"]))
-    ids = [i for line in lines[:1500] for i in tok(line)["input_ids"]]
+    en, zh = list(iter_lines([text / "pretrain_en.txt"])), list(iter_lines([text / "pretrain_zh.txt"]))
+    ids = [i for line in en[:800] + zh[:800] for i in tok(line)["input_ids"]]
     model = train_tiny_lm(lm_blocks(ids, 64), len(tok), steps=150, batch_size=16, num_hidden_layers=2)
-    model_dir = _save_model(model, tok_dir, tmp_path / "trained")
+    model_dir = _save_model(model, merged_tokenizer_dir, tmp_path / "trained")
     art = _export(model_dir, tmp_path / "out", dtype="f16")
-    llm = llama_cpp.Llama(str(next(art.path.glob("*.gguf"))), n_ctx=256, n_threads=1, verbose=False)
-    ref = model.half().float().eval()  # the weights as f16 holds them; llama.cpp computes in f32
+    gguf_file = str(next(art.path.glob("*.gguf")))
+    llm = llama_cpp.Llama(gguf_file, n_ctx=256, n_threads=1, logits_all=True, verbose=False)
+    ref = model.half().float().eval()  # the weights as the f16 GGUF holds them
 
-    mixed = (
-        lines[:8]
-        + lines[-8:]
-        + [
-            "Hello 世界! 我们在 2024 年用 Python 3.12 写代码。",
-            "价格是$30，约合￥200元。",
-            "  two leading spaces",
-            "表情🎉很好 emoji",
-        ]
-    )
+    mixed = en[-6:] + zh[-6:] + en[900:902] + zh[900:902]
+    mixed += ["Hello 世界! 我们在 2024 年用 Python 3.12 写代码。", "价格是$30，约合￥200元。", "  two leading spaces"]
+    mixed += ["表情🎉很好 emoji"]
     assert len(mixed) == 20
     for line in mixed:
-        assert (
-            llm.tokenize(line.encode("utf-8"), add_bos=False, special=False)
-            == tok(line, add_special_tokens=False)["input_ids"]
-        ), line
+        got = llm.tokenize(line.encode("utf-8"), add_bos=False, special=False)
+        assert got == tok(line, add_special_tokens=False)["input_ids"], line
 
+    diverged = []
     for prompt in PROMPTS:
         prompt_ids = tok(prompt)["input_ids"]
-        assert llm.tokenize(prompt.encode("utf-8"), add_bos=True) == prompt_ids
-        want, cur = [], torch.tensor([prompt_ids])
-        with torch.no_grad():
-            for _ in range(16):
-                nxt = int(ref(cur).logits[0, -1].argmax())
-                want.append(nxt)
-                cur = torch.cat([cur, torch.tensor([[nxt]])], dim=1)
+        assert llm.tokenize(prompt.encode("utf-8"), add_bos=True) == prompt_ids, prompt
+        want, hf_logits = _greedy_hf(ref, prompt_ids, 16)
         llm.reset()
         llm.eval(prompt_ids)
         got = []
         for _ in range(16):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            got.append(nxt)
-            llm.eval([nxt])
-        assert got == want, prompt
+            got.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([got[-1]])
+        if got != want:
+            # llama.cpp multiplies f16 weights with f16-rounded activations; the only excusable
+            # difference is a near tie at the first diverging step
+            k = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+            margin = float(hf_logits[k][want[k]] - hf_logits[k][got[k]])
+            assert margin < 0.02, (prompt, k, margin, got, want)
+            diverged.append(prompt)
+    assert len(diverged) <= 1, diverged

@@ -131,6 +131,12 @@ def model_spec(model_dir: str | Path) -> ModelSpec:
             where=str(d),
             fix="copy the vocab stage's tokenizer.model into the model dir, or use format=safetensors",
         )
+    window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
+    if window and window < c.max_position_embeddings:
+        log.warning(
+            f"{d}: sliding_window={window} < context {c.max_position_embeddings}; llama.cpp's {arch} "
+            "architecture attends to the whole context, so outputs differ beyond the window"
+        )
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     return ModelSpec(
