@@ -26,6 +26,7 @@ os.environ.setdefault("MINIMA_NO_PROGRESS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.prune import SHAPES as PRUNE_SHAPES  # noqa: E402
 from benchmarks.results import machine, write_section  # noqa: E402
 
 SHAPES = {
@@ -37,14 +38,7 @@ SHAPES = {
         intermediate_size=1376,
         vocab_size=8000,
     ),
-    "1b": dict(
-        hidden_size=2048,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        intermediate_size=5632,
-        vocab_size=32000,
-    ),  # TinyLlama-1.1B
+    "1b": PRUNE_SHAPES["1b"],  # TinyLlama-1.1B
 }
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 
@@ -201,14 +195,14 @@ def main(argv=None) -> int:
             "",
             f"The demo's chat model (`{a.preset}` preset, {lineage['artifacts'][-1]['name']}: "
             f"{mib(src_bytes)} MiB of fp32 safetensors), exported by `minima export` (wall time of the stage: "
-            "conversion, lineage walk, model card):",
+            "conversion, lineage walk, model card; best of 3 runs):",
             "",
             table(["format", "file", "MiB", "seconds"], rows1),
             "",
             "Round trip: every GGUF tensor read back with gguf's reader and dequantised, against the HF fp32 weight "
             "(in llama.cpp's Q/K row order). f32 (norms), f16 and bf16 must equal the weight cast once by torch; "
             "for q8_0 the check is the largest error as a fraction of its block bound "
-            "(max|x|/127 · (1/2 + 127·2⁻¹¹)). Times are the best of 3 runs:",
+            "(max|x|/127 · (1/2 + 127·2⁻¹¹)):",
             "",
             table(["file", "stored type", "tensors", "max abs Δ", "check"], drows),
             "",
