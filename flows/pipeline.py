@@ -1,5 +1,6 @@
 """The minima DAG as a Prefect flow: vocab -> records (lm + chat, concurrently) -> adapt -> prune ->
-distill -> sft -> evaluate, each step's input being the previous steps' artifacts.
+distill -> sft -> evaluate (-> export, when ``export.enabled``), each step's input being the previous
+steps' artifacts.
 
 Run it with ``minima run --config pipeline.yaml``, as a deployment (prefect.yaml), or by calling
 ``pipeline(...)`` from Python.
@@ -17,11 +18,12 @@ from minima.core.artifacts import is_complete
 from minima.core.config import PipelineConfig, build
 from minima.core.errors import ConfigError
 from minima.core.presets import get_preset
-from minima.core.registry import STEPS, default_out_dirs, select_steps
+from minima.core.registry import default_out_dirs, pipeline_steps, select_steps
 from tasks._common import artifact_current
 from tasks.adapt import adapt_task
 from tasks.distill import distill_task
 from tasks.evaluate import evaluate_task
+from tasks.export import export_task
 from tasks.prune import prune_task
 from tasks.records import records_chat_task, records_lm_task
 from tasks.sft import sft_task
@@ -36,6 +38,7 @@ TASKS = {
     "distill": distill_task,
     "sft": sft_task,
     "evaluate": evaluate_task,
+    "export": export_task,
 }
 
 
@@ -64,13 +67,14 @@ def pipeline(
     ``only_stage`` reruns one stage on the existing upstream artifacts, ``force`` reruns all."""
     log = get_run_logger()
     cfg = resolve_config(config, preset, overrides or [])
-    run_keys, forced = select_steps(from_stage, only_stage)
+    steps = pipeline_steps(cfg)
+    run_keys, forced = select_steps(from_stage, only_stage, steps)
     if force:
         forced = set(run_keys)
     payload = cfg.model_dump(mode="json")
     outs = default_out_dirs(cfg)
     futures: dict[str, Any] = {}
-    for step in STEPS:
+    for step in steps:
         if step.key not in run_keys:
             continue
         upstream: dict[str, Any] = {}

@@ -26,7 +26,7 @@ from pydantic import (
 
 from minima.core.errors import ConfigError
 
-STAGES = ("vocab", "records", "adapt", "prune", "distill", "sft", "evaluate")
+STAGES = ("vocab", "records", "adapt", "prune", "distill", "sft", "evaluate", "export")
 STAGE_NUMBER = {name: i + 1 for i, name in enumerate(STAGES)}
 
 
@@ -624,6 +624,64 @@ class EvaluateConfig(StageConfig):
         return self
 
 
+# ------------------------------------------------------------------------------------- export
+class ExportConfig(StageConfig):
+    """Export a model dir as GGUF (llama.cpp, Ollama) or a release dir, with a model card and lineage."""
+
+    stage: ClassVar[str] = "export"
+    enabled: bool = nohash(
+        False, "Pipeline only: run the export step after sft and evaluate (off by default; `minima export` ignores it)."
+    )
+    model: Optional[str] = Field(None, description="HF model directory to export (any stage's model artifact).")
+    format: Literal["gguf", "safetensors"] = Field(
+        "gguf", description="gguf: one .gguf file for llama.cpp / Ollama / LM Studio; safetensors: a release dir."
+    )
+    dtype: Optional[Literal["f16", "bf16", "q8_0"]] = Field(
+        None,
+        description="Weight type. gguf: f16, bf16 or q8_0 (norms stay f32, as llama.cpp expects); safetensors: bf16 "
+        "or f16. Default: f16 for gguf, bf16 for safetensors.",
+    )
+    evaluation: Optional[str] = Field(
+        None,
+        description="Evaluate artifact whose scores go into the model card. Default: an evaluate artifact beside "
+        "the model (same run dir) that evaluated it, if there is one.",
+    )
+    name: Optional[str] = Field(
+        None, description="Model name in the card and GGUF metadata. Default: <run dir name>-<stage of the model>."
+    )
+    base_model: Optional[str] = Field(
+        None,
+        description="Hugging Face id of the original base model for the card's base_model "
+        "(e.g. meta-llama/Llama-2-7b-hf). Default: the name of the first model found in the lineage.",
+    )
+    license: str = Field(
+        "other",
+        description="License id for the card (e.g. llama2, apache-2.0, mit); 'other' when the base model's terms "
+        "govern and you have not named them.",
+    )
+    language: list[str] = Field(default_factory=lambda: ["en", "zh"], description="Card languages (ISO 639-1).")
+    tags: list[str] = Field(
+        default_factory=list, description="Extra card tags (minima, the family and format are always there)."
+    )
+    max_shard_size: str = Field("2GB", description="safetensors: largest shard size (save_pretrained's format).")
+
+    @field_validator("language", "tags", mode="before")
+    @classmethod
+    def _str_list(cls, v):
+        # `tags=a,b` on the command line arrives as one string
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _dtype_fits_format(self):
+        if self.format == "safetensors" and self.dtype == "q8_0":
+            raise ValueError("dtype=q8_0 is a GGUF type; a safetensors release is bf16 or f16 (or use format=gguf)")
+        return self
+
+    def resolved_dtype(self) -> str:
+        """The weight type: the one given, else f16 for gguf and bf16 for safetensors."""
+        return self.dtype or ("f16" if self.format == "gguf" else "bf16")
+
+
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "vocab": VocabConfig,
     "records": RecordsConfig,
@@ -632,6 +690,7 @@ STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "distill": DistillConfig,
     "sft": SftConfig,
     "evaluate": EvaluateConfig,
+    "export": ExportConfig,
 }
 
 
@@ -649,6 +708,9 @@ class PipelineConfig(Closed):
     distill: DistillConfig = Field(default_factory=DistillConfig, description="distill stage")
     sft: SftConfig = Field(default_factory=SftConfig, description="sft stage")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="evaluate stage")
+    export: ExportConfig = Field(
+        default_factory=ExportConfig, description="export stage (optional: runs when export.enabled is true)"
+    )
 
 
 # ------------------------------------------------------------------------------ dict plumbing

@@ -2,17 +2,18 @@
 
 flows/pipeline.py runs these steps as Prefect tasks; this module only knows the DAG:
 
-    base ──> vocab ──> records_lm ──┬──> adapt ──> prune ──> distill ──> sft ──> evaluate
+    base ──> vocab ──> records_lm ──┬──> adapt ──> prune ──> distill ──> sft ──> evaluate ··> export
                   └──> records_chat ┘                                   ↑
                                      (records_chat feeds sft) ──────────┘
 
 Each step is a (stage, key) pair: ``records`` runs twice (``records_lm`` for pretraining text and
-``records_chat`` for chat data), every other step is named after its stage.
+``records_chat`` for chat data), every other step is named after its stage. ``STEPS`` always run;
+an ``OPTIONAL_STEPS`` step (export) runs only when its config says ``enabled: true``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -39,30 +40,46 @@ STEPS: tuple[Step, ...] = (
     Step("sft", "sft", ("distill", "records_chat"), "06_sft"),
     Step("evaluate", "evaluate", ("adapt", "prune", "distill", "sft"), "07_evaluate"),
 )
-STEP = {s.key: s for s in STEPS}
+# Steps that run only when their stage config has ``enabled: true`` (see ``pipeline_steps``).
+OPTIONAL_STEPS: tuple[Step, ...] = (Step("export", "export", ("sft", "evaluate"), "08_export"),)
+ALL_STEPS = STEPS + OPTIONAL_STEPS
+STEP = {s.key: s for s in ALL_STEPS}
 STAGE_TO_STEPS = {}
-for _s in STEPS:
+for _s in ALL_STEPS:
     STAGE_TO_STEPS.setdefault(_s.stage, []).append(_s.key)
 
 
-def downstream(step_key: str) -> list[str]:
-    """The step and everything that (transitively) depends on it, in DAG order."""
+def pipeline_steps(pipeline: PipelineConfig) -> tuple[Step, ...]:
+    """The steps this pipeline config runs: every step of ``STEPS`` plus the enabled optional ones."""
+    return STEPS + tuple(s for s in OPTIONAL_STEPS if getattr(pipeline, s.key).enabled)
+
+
+def downstream(step_key: str, steps: Sequence[Step] = STEPS) -> list[str]:
+    """The step and everything that (transitively) depends on it among ``steps``, in DAG order."""
     out = {step_key}
-    for s in STEPS:
+    for s in steps:
         if any(n in out for n in s.needs):
             out.add(s.key)
-    return [s.key for s in STEPS if s.key in out]
+    return [s.key for s in steps if s.key in out]
 
 
-def select_steps(from_stage: Optional[str] = None, only_stage: Optional[str] = None) -> tuple[set[str], set[str]]:
-    """Steps to run and steps to force. ``from_stage`` forces it and all that follows;
-    ``only_stage`` forces just that stage (its inputs must already exist)."""
+def select_steps(
+    from_stage: Optional[str] = None, only_stage: Optional[str] = None, steps: Sequence[Step] = STEPS
+) -> tuple[set[str], set[str]]:
+    """Steps to run and steps to force, among ``steps``. ``from_stage`` forces it and all that
+    follows; ``only_stage`` forces just that stage (its inputs must already exist)."""
+    active = {s.key for s in steps}
 
     def keys(name: str) -> list[str]:
-        if name in STEP:
-            return [name]
-        if name in STAGE_TO_STEPS:
-            return STAGE_TO_STEPS[name]
+        if name in STEP or name in STAGE_TO_STEPS:
+            ks = [name] if name in STEP else STAGE_TO_STEPS[name]
+            off = [k for k in ks if k not in active]
+            if off:
+                raise ConfigError(
+                    f"step {', '.join(off)} is switched off in this pipeline config",
+                    fix=f"set {off[0]}.enabled=true to run it",
+                )
+            return ks
         import difflib
 
         close = difflib.get_close_matches(name, list(STEP) + list(STAGE_TO_STEPS), n=1)
@@ -72,16 +89,15 @@ def select_steps(from_stage: Optional[str] = None, only_stage: Optional[str] = N
 
     if from_stage and only_stage:
         raise ConfigError("--from-stage and --only-stage cannot be combined", fix="use one of them")
-    all_keys = {s.key for s in STEPS}
     if only_stage:
         ks = set(keys(only_stage))
         return ks, ks
     if from_stage:
         forced: set[str] = set()
         for k in keys(from_stage):
-            forced |= set(downstream(k))
-        return all_keys, forced
-    return all_keys, set()
+            forced |= set(downstream(k, steps))
+        return active, forced
+    return active, set()
 
 
 # How a step's config gets its inputs from upstream artifact dirs.
@@ -102,6 +118,7 @@ WIRING: dict[str, Wiring] = {
     "evaluate": lambda c, up: {
         "models": {"teacher": up["adapt"], "pruned": up["prune"], "distilled": up["distill"], "chat": up["sft"]}
     },
+    "export": lambda c, up: {"model": up["sft"], "evaluation": up["evaluate"]},
 }
 
 
@@ -122,10 +139,10 @@ def step_config(pipeline: PipelineConfig, key: str, upstream: dict[str, str]) ->
 
 
 def default_out_dirs(pipeline: PipelineConfig) -> dict[str, str]:
-    return {s.key: getattr(pipeline, s.key).out_dir or str(Path(pipeline.run_dir) / s.out_name) for s in STEPS}
+    return {s.key: getattr(pipeline, s.key).out_dir or str(Path(pipeline.run_dir) / s.out_name) for s in ALL_STEPS}
 
 
-assert all(STAGE_NUMBER[s.stage] for s in STEPS)
+assert all(STAGE_NUMBER[s.stage] for s in ALL_STEPS)
 
 
 # stage -> "module:function"; function(cfg, force=False) -> Artifact
@@ -137,6 +154,7 @@ STAGE_RUNNERS = {
     "distill": "minima.stages.distill:run",
     "sft": "minima.stages.sft:run",
     "evaluate": "minima.stages.evaluate:run",
+    "export": "minima.stages.export:run",
 }
 # extra command -> ("module:function", help); function(argv: list[str]) -> int
 COMMANDS = {
