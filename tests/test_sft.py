@@ -416,3 +416,51 @@ def test_fsdp_lora_and_t5_match_deepspeed(case, tmp_path, chat_records, tiny_tok
     assert max(float((f[k] - d[k]).abs().max()) for k in f) < 1e-5
     if case == "lora":
         assert not any("lora" in k for k in f)  # merged into a plain dir
+
+
+# ------------------------------------------------------------------ options change what is trained
+def _train_losses(art) -> list[float]:
+    from minima.train.metrics import read_metrics
+
+    return [r["loss"] for r in read_metrics(art.path / "metrics.jsonl") if r.get("split") == "train"]
+
+
+def _label_count(ex: dict, loss_on: str) -> int:
+    """Shifted label tokens of one chat record under ``loss_on``, counted from the record's own mask."""
+    on = (ex["labels"] != -100).tolist()
+    if loss_on == "all":
+        return len(on) - 1
+    if loss_on == "last-turn":
+        last = max(i for i, v in enumerate(on) if v)
+        first = last
+        while first > 0 and on[first - 1]:
+            first -= 1
+        return last - max(first, 1) + 1
+    return sum(on[1:])
+
+
+@pytest.mark.parametrize("loss_on", ["assistant", "all", "last-turn"])
+def test_loss_on_sets_the_trained_tokens(loss_on, tmp_path, chat_records, tiny_tokenizer_dir):
+    """One epoch at micro batch 1: the engine's label-token total equals a count made from the records."""
+    from minima.data.records import RecordDataset
+    from minima.stages import sft
+
+    want = sum(_label_count(ex, loss_on) for ex in RecordDataset(str(chat_records), "train", shuffle_buffer=0))
+    base = _save_family("llama", tmp_path / "base", tiny_tokenizer_dir)
+    art = sft.run(_cfg(tmp_path, base, chat_records, loss_on=loss_on, max_steps=-1, epochs=1, micro_batch_size=1))
+    assert art.metrics["train_tokens"] == want
+
+
+def test_packing_and_neftune_change_training(tmp_path, chat_records, tiny_tokenizer_dir):
+    """Against a same-seed run without the option: packing puts more conversations in each step, NEFTune
+    changes the losses, and a repeat of the plain run is identical (so the differences are the options')."""
+    from minima.stages import sft
+
+    base = _save_family("llama", tmp_path / "base", tiny_tokenizer_dir)
+    runs = {}
+    for name, kw in {"plain": {}, "again": {}, "packed": {"packing": True}, "neftune": {"neftune_alpha": 5.0}}.items():
+        runs[name] = sft.run(_cfg(tmp_path / name, base, chat_records, max_steps=3, micro_batch_size=2, **kw))
+    plain = _train_losses(runs["plain"])
+    assert _train_losses(runs["again"]) == plain
+    assert runs["packed"].metrics["train_tokens"] > 1.5 * runs["plain"].metrics["train_tokens"]
+    assert max(abs(a - b) for a, b in zip(_train_losses(runs["neftune"]), plain)) > 1e-3
