@@ -10,7 +10,7 @@ stage whose out_dir already holds a complete artifact with the same key is skipp
 
 Guards that every stage gets here, in one place:
 
-- **one writer per out_dir**: an exclusive ``flock`` on ``<out_dir>.lock`` (holding the holder's pid,
+- **one writer per out_dir**: an exclusive ``flock`` on ``.<out_dir name>.lock`` beside it (holding the holder's pid,
   host and start time) for the whole stage; a second run stops naming the holder, or waits with
   ``wait=true``; the lock of a run that died is taken over with a warning;
 - **artifacts you can trust**: the manifest lists every file's size and checksum; a cache hit checks
@@ -278,9 +278,9 @@ def _partial_dir(out_dir: Path) -> Path:
 
 # ------------------------------------------------------------------------------ one writer per out_dir
 def lock_path(out_dir: str | os.PathLike) -> Path:
-    """The lock file beside an out_dir: ``<out_dir>.lock``."""
+    """The lock file beside an out_dir: ``.<name>.lock`` (hidden, so input globs never match it)."""
     out_dir = Path(out_dir)
-    return out_dir.with_name(out_dir.name + LOCK_SUFFIX)
+    return out_dir.with_name(f".{out_dir.name}{LOCK_SUFFIX}")
 
 
 def _read_holder(fd: int) -> dict:
@@ -299,7 +299,7 @@ def _holder_text(h: dict) -> str:
 def out_dir_lock(out_dir: str | os.PathLike, wait: bool = False, stage: str = ""):
     """Hold the exclusive lock of ``out_dir`` for the duration of the block.
 
-    The lock is an ``flock`` on ``<out_dir>.lock``, which holds the holder's pid, host and start time.
+    The lock is an ``flock`` on :func:`lock_path`, which holds the holder's pid, host and start time.
     The kernel releases an flock when its holder dies, so a lock file that still names a holder but
     can be locked belongs to a run that died: it is taken over with a warning. A holder that finishes
     removes the file; a run that was waiting on the removed file then locks the new one instead.

@@ -242,7 +242,8 @@ class LaunchConfig(Closed):
     gpus_per_node: int = nohash(8, "slurm: GPUs per node.", ge=1)
     init_timeout_s: int = nohash(
         300,
-        "Hang guard: seconds to wait for all nodes to check in (on master_port + 1) and for any collective; the error names the missing node/rank.",
+        "Hang guard: seconds to wait for all nodes to check in (on master_port + 1) and for any collective; "
+        "the error names the missing node/rank.",
         ge=1,
     )
 
@@ -286,12 +287,15 @@ class TrainConfig(StageConfig):
     eval_tasks: list[str] = Field(
         default_factory=list,
         json_schema_extra={"hash": False},
-        description="Benchmark tasks (minima evaluate names, e.g. [mmlu, ceval]; the JAX recipe's evaluation_datasets) scored at "
+        description="Benchmark tasks (minima evaluate names, e.g. [mmlu, ceval]; the JAX recipe's "
+        "evaluation_datasets) scored at "
         "every dev evaluation (eval_steps and the last step) and logged to metrics.jsonl/TensorBoard as "
         "eval/<task>/<metric>. Empty = off. Chat (judged) tasks are not allowed here.",
     )
     eval_shots: Optional[int] = nohash(
-        None, "Few-shot count of eval_tasks (the JAX recipe's evaluation_shots); None = each task's standard count.", ge=0
+        None,
+        "Few-shot count of eval_tasks (the JAX recipe's evaluation_shots); None = each task's standard count.",
+        ge=0,
     )
     eval_limit: Optional[int] = nohash(
         100,
@@ -519,7 +523,8 @@ class TaskSpec(Closed):
     )
     mode: Optional[Literal["loglikelihood", "letter"]] = Field(
         None,
-        description="Multiple choice scoring: loglikelihood of each choice (lm-eval) or next-token A/B/C/D logits (hendrycks 'Answer: X').",
+        description="Multiple choice scoring: loglikelihood of each choice (lm-eval) or next-token A/B/C/D "
+        "logits (hendrycks 'Answer: X').",
     )
     max_length: Optional[int] = Field(
         None, ge=2, description="perplexity: window in tokens (default: the model's context length)."
@@ -547,8 +552,9 @@ class EvaluateConfig(StageConfig):
     )
     tasks: Union[list[str], dict[str, TaskSpec]] = Field(
         default_factory=lambda: ["mmlu", "arc_easy", "hellaswag", "winogrande"],
-        description="Task names, or name -> overrides. Tasks: mmlu ceval cmmlu arc_easy arc_challenge hellaswag winogrande "
-        "gsm8k bbh drop humaneval perplexity demo_mc; LLM-judged chat tasks (need judge_model): mt_bench belle_eval zbench "
+        description="Task names, or name -> overrides. Tasks: mmlu ceval cmmlu arc_easy arc_challenge hellaswag "
+        "winogrande gsm8k bbh drop humaneval perplexity demo_mc; LLM-judged chat tasks (need judge_model): "
+        "mt_bench belle_eval zbench "
         "vicuna_bench alpaca_eval.",
     )
     shots: Optional[int] = Field(
@@ -601,7 +607,8 @@ class EvaluateConfig(StageConfig):
     )
     baseline_answers: Optional[str] = Field(
         None,
-        description="chat_mode=pairwise: the baseline's answers, a FastChat answer JSONL, or a folder with <task>.jsonl "
+        description="chat_mode=pairwise: the baseline's answers, a FastChat answer JSONL, or a folder with "
+        "<task>.jsonl "
         "per chat task (alpaca_eval files carry their own baseline outputs).",
     )
     chat_max_new_tokens: int = Field(

@@ -34,6 +34,7 @@ from minima.compress.prune import (
 from minima.core.artifacts import Artifact, StageRun, run_stage
 from minima.core.config import PruneConfig
 from minima.core.errors import ConfigError, DataError, InputError
+from minima.data.tokenizers import check_same_tokenizer
 
 
 def calibration_batches(
@@ -164,6 +165,7 @@ def validate_inputs(cfg: PruneConfig, for_dry_run: bool = False):
                         where="PruneConfig.records",
                         fix="build the records with the teacher's tokenizer",
                     )
+            check_same_tokenizer(cfg.records, {"teacher": cfg.teacher}, "prune")
     return tc, shape
 
 
