@@ -377,6 +377,18 @@ def _dir_bytes(path: Path) -> int:
     return total
 
 
+def _newest_file(path: Path) -> Optional[Path]:
+    """The most recently modified file under ``path``: the one being written when a write() failed
+    (a write error carries no file name, only open() does)."""
+    best, best_t = None, -1.0
+    for f in path.rglob("*") if path.is_dir() else ():
+        with contextlib.suppress(OSError):
+            t = f.stat().st_mtime
+            if f.is_file() and t >= best_t:
+                best, best_t = f, t
+    return best
+
+
 def _free_bytes(path: Path) -> Optional[int]:
     for p in (path, *path.parents):
         with contextlib.suppress(OSError):
@@ -391,7 +403,7 @@ def _disk_full_cause(exc: BaseException, where: Path) -> Optional[str]:
     disk in libraries that hide the errno (torch's "basic_ios::clear", a rank's "No space left on
     device" relayed as text), when the file system really is (almost) full.
     """
-    seen, todo = set(), [exc]
+    seen, todo, texts = set(), [exc], []
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
@@ -399,9 +411,9 @@ def _disk_full_cause(exc: BaseException, where: Path) -> Optional[str]:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return str(e.filename or "")
+        texts.append(str(e).lower())
         todo += [e.__cause__, e.__context__]
-    text = str(exc).lower()
-    if any(t in text for t in _DISK_FULL_TEXT):
+    if any(t in text for text in texts for t in _DISK_FULL_TEXT):
         with contextlib.suppress(OSError):
             for p in (where, *where.parents):
                 if p.exists():
@@ -502,6 +514,7 @@ def _run_locked(cfg, out_dir: Path, inputs, body, force: bool, resumable: bool, 
             raise
         free = _free_bytes(work)
         written = _dir_bytes(work)
+        path = path or _newest_file(work)
         need = max(disk_estimate or 0, previous_bytes, written)
         if resumable:
             kept = f"; {work} ({_gb(written)}) is kept for resuming"
