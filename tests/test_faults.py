@@ -88,9 +88,7 @@ def _holder(tmp_path: Path, name: str):
     return p, go
 
 
-def test_case1_second_writer_fails_naming_the_holder_or_waits_and_a_dead_holder_is_taken_over(
-    tmp_path, minima_log
-):
+def test_case1_second_writer_fails_naming_the_holder_or_waits_and_a_dead_holder_is_taken_over(tmp_path, minima_log):
     out = tmp_path / "out"
     holder, go = _holder(tmp_path, "out")
     try:
@@ -122,7 +120,9 @@ def test_case1_second_writer_fails_naming_the_holder_or_waits_and_a_dead_holder_
     killed.wait()
     assert json.loads(lock_path(tmp_path / "k").read_text())["pid"] == killed.pid
     minima_log.clear()
-    a = run_stage(VocabConfig(out_dir=str(tmp_path / "k")), {}, lambda r: (r.work_dir / "b.txt").write_text("ok") and None)
+    a = run_stage(
+        VocabConfig(out_dir=str(tmp_path / "k")), {}, lambda r: (r.work_dir / "b.txt").write_text("ok") and None
+    )
     assert (a.path / "b.txt").read_text() == "ok" and not a.skipped
     assert f"died without releasing it (pid {killed.pid} on" in minima_log.text
 
@@ -161,7 +161,7 @@ def _shard_records(out: Path) -> dict[str, int]:
 def test_case1_two_concurrent_records_runs_publish_a_manifest_that_matches_the_shards(tmp_path, tiny_tokenizer_dir):
     """Two `minima records` into one out_dir: the second stops naming the first, or waits for it."""
     text = tmp_path / "corpus.txt"
-    words = "the quick brown fox jumps over the lazy dog and keeps running far away".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "keeps", "running", "far"]
     text.write_text("\n".join(" ".join(words[(i + j) % len(words)] for j in range(30)) for i in range(10000)))
     out = tmp_path / "rec"
     common = [f"inputs={text}", f"tokenizer={tiny_tokenizer_dir}", f"out_dir={out}", "dev_fraction=0.01"]
