@@ -28,6 +28,7 @@ from minima.core.artifacts import (
     read_manifest,
     replacing_stale,
     sha256_text,
+    verify_files,
 )
 from minima.core.config import PipelineConfig
 from minima.core.errors import MinimaError
@@ -86,14 +87,16 @@ REQUEST_FILE = ".pipeline_request"  # the hash of the step config the pipeline a
 
 
 def artifact_current(pipeline: PipelineConfig, key: str, upstream_paths: dict[str, str]) -> bool:
-    """True when the step's artifact on disk is complete and was built for this step config."""
+    """True when the step's artifact on disk is complete, intact (cfg.verify) and was built for this step config."""
     try:
         cfg = step_config(pipeline, key, upstream_paths)
     except Exception:
         return False
     out = cfg.resolved_out_dir()
     req = out / REQUEST_FILE
-    return is_complete(out) and req.is_file() and req.read_text() == config_hash(cfg)
+    if not (is_complete(out) and req.is_file() and req.read_text() == config_hash(cfg)):
+        return False
+    return verify_files(out, read_manifest(out), cfg.verify) is None  # a damaged one reruns (and is rebuilt)
 
 
 def _retry_transient(task, task_run, state) -> bool:
