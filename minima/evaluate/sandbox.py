@@ -348,8 +348,10 @@ def _run(
         tail = (err or b"").decode("utf-8", "replace").strip().splitlines()[-3:]
         if proc.returncode == 0:
             return ExecResult(True, "passed", "", mode)
-        if proc.returncode < 0 and -proc.returncode in (signal.SIGXCPU, signal.SIGKILL):
-            return ExecResult(False, "timeout", f"killed by signal {-proc.returncode} (CPU limit)", mode)
+        # a signal kills the program directly (-N), or bwrap's child, which bwrap reports as 128 + N
+        sig = -proc.returncode if proc.returncode < 0 else proc.returncode - 128 if mode == "namespace" else 0
+        if sig in (signal.SIGXCPU, signal.SIGKILL):
+            return ExecResult(False, "timeout", f"killed by signal {sig} (CPU limit)", mode)
         return ExecResult(False, "failed", " | ".join(tail)[-500:], mode)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
