@@ -27,6 +27,7 @@ from minima.core.artifacts import (
     read_manifest,
     replacing_stale,
     sha256_text,
+    verify_files,
 )
 from minima.core.config import PipelineConfig
 from minima.core.errors import MinimaError
@@ -82,13 +83,18 @@ def step_cache_key(context: Optional[TaskRunContext], params: dict[str, Any]) ->
 
 
 def artifact_current(pipeline: PipelineConfig, key: str, upstream_paths: dict[str, str]) -> bool:
-    """True when the step's artifact on disk is complete and was built for this step config."""
+    """True when the step's artifact on disk is complete, intact (cfg.verify) and was built for this step config."""
     try:
         cfg = step_config(pipeline, key, upstream_paths)
     except Exception:
         return False
     out = cfg.resolved_out_dir()
-    return is_complete(out) and read_manifest(out).get("config_hash") == config_hash(cfg)
+    if not is_complete(out):
+        return False
+    manifest = read_manifest(out)
+    if manifest.get("config_hash") != config_hash(cfg):
+        return False
+    return verify_files(out, manifest, cfg.verify) is None  # a damaged one reruns (and is rebuilt)
 
 
 def _retry_transient(task, task_run, state) -> bool:

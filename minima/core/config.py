@@ -47,6 +47,15 @@ class StageConfig(Closed):
     out_dir: Optional[str] = nohash(None, "Output artifact directory. Default: <run_dir>/<NN>_<stage>.")
     run_dir: str = nohash("runs/default", "Run directory holding one artifact per stage.")
     seed: int = Field(0, description="Random seed for everything the stage samples.")
+    wait: bool = nohash(
+        False,
+        "When another run is writing the same out_dir: wait for it to finish (true) or stop at once naming it (false).",
+    )
+    verify: Literal["auto", "sizes", "full"] = nohash(
+        "auto",
+        "How a cached artifact is checked before it is reused: sizes (every file's size), full (sizes and "
+        "checksums), auto (full when the artifact holds under 1 GB, sizes above).",
+    )
 
     #: stage name, set by each subclass
     stage: ClassVar[str] = ""
@@ -229,12 +238,14 @@ class LaunchConfig(Closed):
     nnodes: int = nohash(1, "Number of nodes.", ge=1)
     node_rank: int = nohash(0, "This node's rank.", ge=0)
     master_addr: str = nohash("127.0.0.1", "Rendezvous address.")
-    master_port: int = nohash(29500, "Rendezvous port.")
+    master_port: int = nohash(29500, "Rendezvous port (the node check-in uses master_port + 1).", ge=1, le=65534)
     hostfile: Optional[str] = nohash(None, "ssh launcher: DeepSpeed hostfile.")
-    gpus_per_node: int = nohash(8, "slurm: GPUs per node.")
+    gpus_per_node: int = nohash(8, "slurm: GPUs per node.", ge=1)
     init_timeout_s: int = nohash(
         300,
-        "Hang guard: seconds to wait for all nodes to check in (on master_port + 1) and for any collective; the error names the missing node/rank.",
+        "Hang guard: seconds to wait for all nodes to check in (on master_port + 1) and for any collective; "
+        "the error names the missing node/rank.",
+        ge=1,
     )
 
     @model_validator(mode="after")
@@ -266,7 +277,7 @@ class TrainConfig(StageConfig):
     )
     micro_batch_size: int = Field(4, ge=1, description="Sequences per rank per micro step.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro steps per optimizer step.")
-    max_steps: int = Field(-1, description="Optimizer steps; -1 = epochs over the data.")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 = epochs over the data.")
     epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps = -1.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of the peak (cosine).")
@@ -287,8 +298,8 @@ class TrainConfig(StageConfig):
     eval_tasks: list[str] = Field(
         default_factory=list,
         json_schema_extra={"hash": False},
-        description="Benchmark tasks (minima evaluate names, e.g. [mmlu, ceval]; "
-        "the JAX recipe's evaluation_datasets) scored at "
+        description="Benchmark tasks (minima evaluate names, e.g. [mmlu, ceval]; the JAX recipe's "
+        "evaluation_datasets) scored at "
         "every dev evaluation (eval_steps and the last step) and logged to metrics.jsonl/TensorBoard as "
         "eval/<task>/<metric>. Empty = off. Chat (judged) tasks are not allowed here.",
     )
@@ -306,6 +317,20 @@ class TrainConfig(StageConfig):
         None, "eval_tasks: benchmark data root, one folder per task (default ../shared/data/eval when present)."
     )
     launch: LaunchConfig = Field(default_factory=LaunchConfig, description="Launcher settings.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps(cls, v):
+        if v == 0:
+            raise ValueError("max_steps=0 trains nothing; use -1 (epochs over the data) or a positive step count")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"betas={list(v)} must both be in [0, 1)")
+        return v
 
     @field_validator("eval_tasks", mode="before")
     @classmethod
@@ -328,7 +353,7 @@ class AdaptConfig(TrainConfig):
         False, description="Chinese-LLaMA phase 1: train only the embedding/lm_head rows of new tokens."
     )
     new_token_start: Optional[int] = Field(
-        None, description="First new token id (default: read from the vocab artifact's manifest)."
+        None, ge=1, description="First new token id (default: read from the vocab artifact's manifest)."
     )
 
 
@@ -523,8 +548,8 @@ class TaskSpec(Closed):
     )
     mode: Optional[Literal["loglikelihood", "letter"]] = Field(
         None,
-        description="Multiple choice scoring: loglikelihood of each choice (lm-eval) "
-        "or next-token A/B/C/D logits (hendrycks 'Answer: X').",
+        description="Multiple choice scoring: loglikelihood of each choice (lm-eval) or next-token A/B/C/D "
+        "logits (hendrycks 'Answer: X').",
     )
     max_length: Optional[int] = Field(
         None, ge=2, description="perplexity: window in tokens (default: the model's context length)."
@@ -553,8 +578,7 @@ class EvaluateConfig(StageConfig):
     tasks: Union[list[str], dict[str, TaskSpec]] = Field(
         default_factory=lambda: ["mmlu", "arc_easy", "hellaswag", "winogrande"],
         description="Task names, or name -> overrides. Tasks: mmlu ceval cmmlu arc_easy arc_challenge hellaswag "
-        "winogrande "
-        "gsm8k bbh drop humaneval perplexity demo_mc; LLM-judged chat tasks (need judge_model): "
+        "winogrande gsm8k bbh drop humaneval perplexity demo_mc; LLM-judged chat tasks (need judge_model): "
         "mt_bench belle_eval zbench "
         "vicuna_bench alpaca_eval.",
     )
@@ -581,6 +605,11 @@ class EvaluateConfig(StageConfig):
         1234, description="Seed of the few-shot sampler for tasks that draw shots at random (lm-eval's default)."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint (off by default).")
+    allow_unsafe_code: bool = nohash(
+        False,
+        "humaneval: run generated programs even where no namespace sandbox (bubblewrap) works here, with only "
+        "rlimits and a Python audit hook around them (a warning says what is not isolated). Off: such a host refuses.",
+    )
     # LLM-judged chat tasks (mt_bench belle_eval zbench vicuna_bench alpaca_eval; see minima.evaluate.judge)
     judge_base_url: Optional[str] = nohash(
         None,
@@ -603,8 +632,8 @@ class EvaluateConfig(StageConfig):
     )
     baseline_answers: Optional[str] = Field(
         None,
-        description="chat_mode=pairwise: the baseline's answers, a FastChat answer JSONL, or "
-        "a folder with <task>.jsonl "
+        description="chat_mode=pairwise: the baseline's answers, a FastChat answer JSONL, or a folder with "
+        "<task>.jsonl "
         "per chat task (alpaca_eval files carry their own baseline outputs).",
     )
     chat_max_new_tokens: int = Field(

@@ -159,6 +159,9 @@ def validate_inputs(cfg: AdaptConfig) -> None:
             fix=f"rebuild the records with max_length <= {max_pos}",
         )
     _check_tokenizers_agree(model, records)
+    from minima.data.tokenizers import check_same_tokenizer
+
+    check_same_tokenizer(records, model, "adapt")
     total = meta.get("total_tokens")
     full = not isinstance(total, int) or total <= FULL_SCAN_TOKENS
     n = _scan_records(records, vocab, full)

@@ -141,6 +141,11 @@ def validate_inputs(cfg: DistillConfig) -> None:
             fix="point records at the output of `minima records`",
         )
     s_dir = student_dir(cfg)
+    from minima.data.records.reader import check_records_format
+    from minima.data.tokenizers import check_same_tokenizer
+
+    check_records_format(cfg.records, "lm", "distill")
+    check_same_tokenizer(cfg.records, {"teacher": cfg.teacher, "student": s_dir}, "distill")
     student = _model_config(s_dir, "student", "student")
     s_vocab = int(student.get("vocab_size", 0))
     t_vocab: Optional[int] = None

@@ -33,6 +33,7 @@ from minima.compress.prune import (
 from minima.core.artifacts import Artifact, StageRun, run_stage
 from minima.core.config import PruneConfig
 from minima.core.errors import ConfigError, DataError, InputError
+from minima.data.tokenizers import check_same_tokenizer
 from minima.models.counts import count_params
 from minima.models.loader import load_model
 
@@ -165,6 +166,7 @@ def validate_inputs(cfg: PruneConfig, for_dry_run: bool = False):
                         where="PruneConfig.records",
                         fix="build the records with the teacher's tokenizer",
                     )
+            check_same_tokenizer(cfg.records, {"teacher": cfg.teacher}, "prune")
     return tc, shape
 
 

@@ -399,6 +399,9 @@ def validate(cfg: SftConfig, records: Optional[str] = None) -> None:
                 where="sft.format",
                 fix=f"set format={meta['chat_format']}, or rebuild the records with chat_format={cfg.format}",
             )
+    from minima.data.tokenizers import check_same_tokenizer
+
+    check_same_tokenizer(records if not cfg.train_files else None, cfg.model, "sft", extends=True)
     check_qlora(cfg.lora)
     if cfg.strategy == "fsdp" and cfg.lora.qlora:
         raise ConfigError(

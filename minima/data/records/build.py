@@ -42,6 +42,7 @@ from minima.core.logs import get_logger, progress
 from minima.data.records.inputs import Doc, SourceReader, resolve_files
 from minima.data.records.mixing import SourcePlan, choose, dev_count, plan_counts
 from minima.data.records.tfrecord_io import ShardWriter
+from minima.data.tokenizers import load_tokenizer, tokenizer_dir
 
 log = get_logger("minima.data.records")
 
@@ -57,6 +58,8 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 OK, TRUNCATED, DROPPED = 0, 1, 2
+SKIPS_LOGGED = 5  # skipped records named in the log; the manifest names them all
+TINY_DEV_RECORDS = 10  # a dev split below this many records gets a warning: its loss is noise
 
 
 # ------------------------------------------------------------------------------ configuration
@@ -79,33 +82,6 @@ def sources_of(cfg: RecordsConfig) -> list[Source]:
             fix="give each source its own name",
         )
     return list(cfg.inputs)
-
-
-def tokenizer_dir(path: str | os.PathLike) -> Path:
-    """``path``, or the ``tokenizer/`` dir inside it when ``path`` is an artifact holding one there."""
-    p = Path(path)
-    has_files = any((p / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    return p / "tokenizer" if not has_files and (p / "tokenizer").is_dir() else p
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """An HF tokenizer from a dir, with a clear error when it is missing or unloadable."""
-    from transformers import AutoTokenizer
-
-    p = tokenizer_dir(path)
-    if not p.is_dir():
-        raise InputError(
-            f"tokenizer directory not found: {p}",
-            fix="point tokenizer at an HF tokenizer dir (e.g. the vocab stage output)",
-        )
-    try:
-        return AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
-    except Exception as e:
-        raise InputError(
-            f"cannot load the tokenizer ({str(e).splitlines()[0][:200]})",
-            where=str(p),
-            fix="the dir needs tokenizer.json or tokenizer.model + tokenizer_config.json",
-        ) from None
 
 
 def special_ids(tok: Any, cfg: RecordsConfig) -> dict[str, Optional[int]]:
@@ -435,6 +411,23 @@ def write_split(
     return stats
 
 
+def dev_split_warnings(cfg: RecordsConfig, dev: SplitStats, n_docs: int) -> list[str]:
+    """A warning when the dev split is empty although asked for, or too small for a useful dev loss."""
+    if cfg.dev_fraction <= 0:
+        return []
+    if dev.records == 0:
+        return [
+            f"the dev split is empty: dev_fraction={cfg.dev_fraction:g} of {n_docs} documents selects none, "
+            "so training reports no dev loss (raise dev_fraction or add documents)"
+        ]
+    if dev.records < TINY_DEV_RECORDS:
+        return [
+            f"the dev split is tiny: {dev.records} records ({dev.tokens} tokens) from dev_fraction="
+            f"{cfg.dev_fraction:g}; its loss will be noisy (raise dev_fraction or add documents)"
+        ]
+    return []
+
+
 def copy_tokenizer(src: Path, dst: Path) -> None:
     """Copy the tokenizer files (not model weights) so later stages can check vocab agreement."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -506,6 +499,16 @@ def build_records(cfg: RecordsConfig, out_dir: str | os.PathLike, mapper: Option
         with open(out / "skipped.jsonl", "w", encoding="utf-8") as f:
             for row in skipped:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for row in skipped[:SKIPS_LOGGED]:
+            log.warning("records: skipped %s: %s", row["where"], row["reason"])
+        if len(skipped) > SKIPS_LOGGED:
+            log.warning(
+                "records: %d more skipped records are named in the manifest (metrics.skipped_records)",
+                len(skipped) - SKIPS_LOGGED,
+            )
+    warnings = dev_split_warnings(cfg, stats["dev"], len(mixed))
+    for w in warnings:
+        log.warning("records: %s", w)
 
     total_tokens = sum(s.tokens for s in stats.values())
     total_bytes = sum(s.bytes for s in stats.values())
@@ -549,6 +552,8 @@ def build_records(cfg: RecordsConfig, out_dir: str | os.PathLike, mapper: Option
         "dropped_too_long": sum(s.dropped for s in stats.values()),
         "truncated": sum(s.truncated for s in stats.values()),
         "skipped": len(skipped) if skipped is not None else 0,
+        "skipped_records": [f"{r['where']}: {r['reason']}" for r in skipped or []],
+        "warnings": warnings,
         "empty": sum(sd.empty for sd in read),
         "sources": per_source,
         "tokenize_s": round(tokenize_s, 3),

@@ -58,6 +58,30 @@ def read_records_manifest(records_dir: str) -> dict:
     return json.loads(tio.read_text(path)).get("metrics", {})
 
 
+_FORMAT_FIX = {
+    "lm": "build these records with format=lm from pretraining text (chat records and their reply-only "
+    "loss masks are for sft)",
+    "chat": "build these records with format=chat (with a chat_format) from conversations",
+}
+
+
+def check_records_format(records_dir: Optional[str], want: str, what: str, fix: Optional[str] = None) -> None:
+    """Stop ``what`` before it starts when its records are not ``format=want`` (a bare dir passes).
+
+    Raises:
+        ConfigError: naming the records, both formats and the fix.
+    """
+    if not records_dir:
+        return
+    got = read_records_manifest(records_dir).get("format")
+    if got not in (None, want):
+        raise ConfigError(
+            f"{what} trains on format={want} records; {records_dir} holds format={got} records",
+            where="records",
+            fix=fix or _FORMAT_FIX.get(want),
+        )
+
+
 def to_sample(features: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """Record features -> ``input_ids``, ``labels`` (-100 where mask == 0), ``attention_mask``.
 
