@@ -184,6 +184,37 @@ def test_bad_requests_get_openai_shaped_4xx(srv, client, model_dir):
     assert httpx.get(srv.base_url + "/models", headers={"Authorization": f"Bearer {cs.API_KEY}"}).status_code == 200
 
 
+def test_numeric_fields_out_of_range_are_400_never_500(srv, model_dir):
+    name = _name(model_dir)
+    for bad in ({"seed": 2**64}, {"seed": -(2**63) - 1}, {"temperature": float("nan")}, {"top_p": float("inf")}):
+        body = json.dumps(dict({"model": name, "messages": Q, "max_tokens": 2}, **bad))  # json writes NaN, Infinity
+        err = _error(_raw(srv, "/chat/completions", body), 400)
+        assert err["param"] in bad, (bad, err)
+    ok = json.dumps({"model": name, "messages": Q, "max_tokens": 2, "seed": 2**63 - 1, "temperature": 1.0})
+    assert _raw(srv, "/chat/completions", ok).status_code == 200
+
+
+def test_a_huge_body_is_refused_before_parsing_and_does_not_stall_others(srv, model_dir):
+    """A 10 MB body gets 413 from the 1 MB default limit; a small request sent meanwhile answers at once."""
+    import time
+
+    name = _name(model_dir)
+    huge = json.dumps({"model": name, "messages": [{"role": "user", "content": "x " * 5_000_000}]})
+    got: dict = {}
+
+    def send_huge():
+        got["huge"] = _raw(srv, "/chat/completions", huge)
+
+    t = threading.Thread(target=send_huge)
+    t.start()
+    t0 = time.time()
+    small = _raw(srv, "/chat/completions", json.dumps({"model": name, "messages": Q, "max_tokens": 2}))
+    small_s = time.time() - t0
+    t.join(timeout=60)
+    assert small.status_code == 200 and small_s < 10
+    assert _error(got["huge"], 413)["code"] == "request_too_large"
+
+
 def test_api_key_is_required_when_set(srv, model_dir):
     body = json.dumps({"model": _name(model_dir), "messages": Q, "max_tokens": 2})
     assert _error(_raw(srv, "/chat/completions", body, key=None), 401)["code"] == "invalid_api_key"

@@ -66,6 +66,9 @@ class ServeConfig(Closed):
     device: str = Field("auto", description="cuda, cpu or auto.")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
     max_queue: int = Field(64, ge=1, description="Requests waiting beyond this get 429.")
+    max_body_mb: float = Field(
+        1.0, gt=0, description="Largest request body in MB; a larger one gets 413 before it is parsed."
+    )
     max_batch_size: int = Field(8, ge=1, description="Most sequences decoded together (each choice counts).")
     default_max_tokens: int = Field(
         512, ge=1, description="Chat reply limit when the request sets none (capped by the context)."
@@ -141,6 +144,10 @@ def _sampling(body: dict, prompt_len: int, context: int, default_max: int, max_n
     if not 1 <= n <= max_n:
         raise APIError(400, f"'n' must be between 1 and {max_n}; got {n}", param="n", code="invalid_value")
     seed = _typed(body, "seed", (int,), None, "an integer")
+    if seed is not None and not -(2**63) <= seed < 2**63:
+        raise APIError(
+            400, f"'seed' must fit in a signed 64-bit integer; got {seed}", param="seed", code="invalid_value"
+        )
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
@@ -328,8 +335,29 @@ def create_app(engine: Engine, cfg: ServeConfig):
             )
         return model_card()
 
+    limit = int(cfg.max_body_mb * 1_000_000)
+
+    def too_large() -> APIError:
+        return APIError(
+            413,
+            f"the request body is larger than {cfg.max_body_mb:g} MB",
+            code="request_too_large",
+            type="invalid_request_error",
+        )
+
     async def read_body(request: Request) -> dict:
-        raw = await request.body()
+        # The limit holds before anything is parsed: the declared length first, then the bytes received
+        # (a chunked body has no declared length).
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large()
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large()
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -483,8 +511,8 @@ def create_app(engine: Engine, cfg: ServeConfig):
     async def chat_completions(request: Request):
         body = await read_body(request)
         messages = parse_messages(body)
-        try:
-            prompt = engine.chat_ids(messages)
+        try:  # tokenizing a long conversation takes a while: off the event loop, so other clients go on
+            prompt = await asyncio.to_thread(engine.chat_ids, messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages", code="invalid_value") from None
         p = _sampling(body, len(prompt), engine.context_length, cfg.default_max_tokens, cfg.max_n, chat=True)
@@ -493,7 +521,7 @@ def create_app(engine: Engine, cfg: ServeConfig):
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
-        prompts = _parse_prompts(body, engine)
+        prompts = await asyncio.to_thread(_parse_prompts, body, engine)
         longest = max(len(x) for x in prompts)
         p = _sampling(body, longest, engine.context_length, cfg.default_max_tokens, cfg.max_n, chat=False)
         return await run(body, prompts, p, chat=False)
