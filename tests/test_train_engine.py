@@ -353,3 +353,46 @@ def test_mfu_and_step_line(tmp_path, caplog):
     line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 1/10")][0]
     assert "gnorm 0.75" in line and "mfu " in line and "eta " in line and "tok/s 66k" in line
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["grad_norm"] == 0.75
+
+
+class StopAtStepRecipe(SyntheticRecipe):
+    """Fails on its ``stop_at``-th train batch while ``stop_at`` is set (an interrupted run)."""
+
+    stop_at = 0
+    calls = 0
+
+    def compute_loss(self, model, batch, ctx, train):
+        if train and StopAtStepRecipe.stop_at:
+            StopAtStepRecipe.calls += 1
+            if StopAtStepRecipe.calls == StopAtStepRecipe.stop_at:
+                raise TrainingError("interrupted on purpose")
+        return super().compute_loss(model, batch, ctx, train)
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed", "fsdp"])
+def test_damaged_newest_checkpoint_is_set_aside_and_resume_falls_back(model_dir, tmp_path, strategy):
+    """The newest checkpoint loses bytes after its marker was written: the rerun renames it ``.corrupt``,
+    resumes from the one before, and ends bitwise equal to an uninterrupted run; with every checkpoint
+    damaged it starts over, still ending equal."""
+    recipe = f"{__name__}:StopAtStepRecipe"
+    kw = dict(save_steps=2, keep_last=2, max_steps=6, strategy=strategy)
+    StopAtStepRecipe.stop_at = 0
+    _, ref = train_inprocess(base_cfg(model_dir, tmp_path / "ref", **kw), recipe=recipe)
+
+    for damage_all in (False, True):
+        out = tmp_path / f"run{int(damage_all)}"
+        StopAtStepRecipe.stop_at, StopAtStepRecipe.calls = 5, 0  # dies in step 5: checkpoints 2 and 4 exist
+        with pytest.raises(TrainingError):
+            train_inprocess(base_cfg(model_dir, out, **kw), recipe=recipe)
+        ckpts = out.parent / (out.name + ".partial") / "checkpoints"
+        victims = ["step_00000002", "step_00000004"] if damage_all else ["step_00000004"]
+        for name in victims:
+            biggest = max((f for f in (ckpts / name).rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+            with open(biggest, "r+b") as f:
+                f.truncate(biggest.stat().st_size // 2)
+        StopAtStepRecipe.stop_at = 0
+        metrics, got = train_inprocess(base_cfg(model_dir, out, **kw), recipe=recipe)
+        assert metrics["steps"] == 6
+        assert all((got / "checkpoints" / f"{name}.corrupt").is_dir() for name in victims)  # published with it
+        w_ref, w_got = weights(ref), weights(got)
+        assert w_ref.keys() == w_got.keys() and all(torch.equal(w_ref[k], w_got[k]) for k in w_ref)

@@ -234,7 +234,7 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     stream = DataStream(train_ds)
     ckpt = ck.Checkpointer(ctx.work_dir / "checkpoints", ctx.rank, world, cfg.keep_last, _barrier)
     state = LoopState()
-    latest = ck.latest_complete(ckpt.root)
+    latest = ckpt.resume_point()
     resumed_eval: dict = {}
     if latest is not None:
         saved = ckpt.load(strategy, latest)
