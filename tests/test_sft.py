@@ -346,10 +346,10 @@ def test_bad_inputs_are_clear_errors(tmp_path, tiny_tokenizer_dir, chat_records)
         sft.run(SftConfig(train_files=[swapped], **common))
     # A format that is missing from the registry.
     with pytest.raises(ConfigError, match="unknown chat format 'vicuna'"):
-        sft.run(SftConfig(records=str(chat_records), format="vicuna", **common))
+        sft.run(SftConfig(records=str(chat_records), chat_format="vicuna", **common))
     # Records built with another format.
     with pytest.raises(ConfigError, match="chat_format='minichat'"):
-        sft.run(SftConfig(records=str(chat_records), format="alpaca", **common))
+        sft.run(SftConfig(records=str(chat_records), chat_format="alpaca", **common))
     # A LoRA target the model does not have: the message lists its linear modules.
     with pytest.raises(ConfigError, match="query_key_value") as e:
         sft.run(

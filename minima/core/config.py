@@ -452,7 +452,7 @@ class SftConfig(TrainConfig):
     dev_fraction: float = Field(
         0.05, ge=0, lt=1, description="train_files: fraction of conversations held out as the dev split."
     )
-    format: str = Field(
+    chat_format: str = Field(
         "minichat", description="Chat format from the registry: minichat, alpaca, instruction, mc, llama2-chat, chatml."
     )
     loss_on: Literal["assistant", "all", "last-turn"] = Field(

@@ -174,7 +174,7 @@ def minichat_3b() -> PipelineConfig:
             warmup_proportion=0.1,
             max_length=4096,
             loss_on="assistant",
-            format="minichat",
+            chat_format="minichat",
             patience=3,
             activation_checkpointing=True,
         ),

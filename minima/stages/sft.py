@@ -139,7 +139,7 @@ class SftRecipe(Recipe):
 
     def __init__(self, cfg: SftConfig):
         super().__init__(cfg)
-        self.fmt = get_format(cfg.format)
+        self.fmt = get_format(cfg.chat_format)
         self.seq2seq = False
 
     # ------------------------------------------------------------------ model
@@ -365,7 +365,7 @@ def validate(cfg: SftConfig, records: Optional[str] = None) -> None:
     if not cfg.model:
         raise ConfigError("sft needs a model", where="sft.model", fix="set model=DIR (an HF model dir)")
     mcfg = _model_config(cfg.model)
-    fmt = get_format(cfg.format)
+    fmt = get_format(cfg.chat_format)
     records = records or cfg.records
     if not records and not cfg.train_files:
         raise ConfigError(
@@ -393,11 +393,12 @@ def validate(cfg: SftConfig, records: Optional[str] = None) -> None:
                 where="sft.records",
                 fix="build the records with format=chat",
             )
-        if meta.get("chat_format") and meta["chat_format"] != cfg.format:
+        if meta.get("chat_format") and meta["chat_format"] != cfg.chat_format:
             raise ConfigError(
-                f"the records were built with chat_format={meta['chat_format']!r} but sft.format={cfg.format!r}",
-                where="sft.format",
-                fix=f"set format={meta['chat_format']}, or rebuild the records with chat_format={cfg.format}",
+                f"the records were built with chat_format={meta['chat_format']!r} "
+                f"but sft.chat_format={cfg.chat_format!r}",
+                where="sft.chat_format",
+                fix=f"set chat_format={meta['chat_format']}, or rebuild the records with chat_format={cfg.chat_format}",
             )
     from minima.data.tokenizers import check_same_tokenizer
 
@@ -447,7 +448,7 @@ def _vocab_check(cfg: SftConfig, tokenizer_dir: Path, added: tuple[str, ...] = (
 # ----------------------------------------------------------------------------- raw files
 def _format_tokenizer(cfg: SftConfig, base: Path, out: Path) -> Path:
     """The model's tokenizer, plus the format's own special tokens (ChatML) when it lacks them."""
-    fmt = get_format(cfg.format)
+    fmt = get_format(cfg.chat_format)
     need = tuple(getattr(fmt, "added_tokens", ()))
     tok = _load_tokenizer(base)
     missing = [t for t in need if t not in tok.get_added_vocab()]
@@ -463,7 +464,7 @@ def _format_tokenizer(cfg: SftConfig, base: Path, out: Path) -> Path:
 
         shutil.copyfile(base / "tokenizer.model", tmp / "tokenizer.model")
     os.replace(tmp, out)
-    log.info(f"added {missing} to the tokenizer for format {cfg.format} ({out})")
+    log.info(f"added {missing} to the tokenizer for format {cfg.chat_format} ({out})")
     return out
 
 
@@ -478,7 +479,7 @@ def build_records(cfg: SftConfig, force: bool = False) -> Path:
         inputs=sources,
         tokenizer=str(tok_dir),
         format="chat",
-        chat_format=cfg.format,
+        chat_format=cfg.chat_format,
         max_length=cfg.max_length,
         dev_fraction=cfg.dev_fraction,
         seed=cfg.seed,
@@ -521,7 +522,7 @@ def run(cfg: SftConfig, force: bool = False) -> Artifact:
             records = str(out.with_name(out.name + ".records"))
             _wait_for_records(Path(records), cfg.launch.init_timeout_s)
         cfg_run = cfg.model_copy(update={"records": records, "train_files": []})
-    fmt = get_format(cfg.format)
+    fmt = get_format(cfg.chat_format)
     tok_dir = Path(records) / "tokenizer" if (Path(records) / "tokenizer").is_dir() else Path(cfg.model)
     _vocab_check(cfg_run, tok_dir, tuple(getattr(fmt, "added_tokens", ())))
     check_template(fmt, _load_tokenizer(tok_dir))
