@@ -300,7 +300,7 @@ def test_train_files_build_records_and_chatml_tokens(tmp_path, demo_data_dir, ti
     cfg = SftConfig(
         model=str(base),
         train_files=[str(demo_data_dir / "chat" / "demo_chat.json")],
-        format="chatml",
+        chat_format="chatml",
         out_dir=str(tmp_path / "sft"),
         precision="fp32",
         zero_stage=2,
