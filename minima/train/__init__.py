@@ -1,5 +1,7 @@
 """The training engine shared by adapt, distill and sft: one loop, two strategies.
 
+May import minima.infer, minima.models, minima.data and minima.core.
+
 A stage supplies a :class:`Recipe` (importable as ``"module:Class"``) and calls :func:`train_stage`;
 the engine owns launching, the loop, loss normalisation, checkpoints/resume, metrics and export. A
 stage's ``run`` is::
