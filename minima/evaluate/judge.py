@@ -530,32 +530,19 @@ def judge_single(
             messages = single_prompt(q, replies, turn, use_reference)
             meta[key] = (q, turn)
             jobs.append((key, (lambda m=messages: judge(m))))
-    journal = Journal(path)
 
-    def done(key: str, text: str) -> None:
+    def row(key: str, text: str) -> dict:
         q, turn = meta[key]
         score = parse_score(text)
-        row = {
-            "key": key,
-            "mode": "single",
-            "question_id": q["question_id"],
-            "category": q["category"],
-            "turn": turn + 1,
-            "model": model_id,
-            "judge": judge_id,
+        return {
+            **_row_head(key, "single", q, turn, model_id, judge_id),
             "score": score,
             "status": "ok" if score is not None else "unparseable",
             "judgment": text,
             "tstamp": time.time(),
         }
-        journal.write(row)
-        rows[key] = row
 
-    try:
-        _run_jobs(jobs, concurrency, done, f"judge {model_id}")
-    finally:
-        journal.close()
-    return list(rows.values())
+    return _run_journaled(path, rows, jobs, row, concurrency, f"judge {model_id}")
 
 
 def judge_pairwise(
@@ -588,31 +575,48 @@ def judge_pairwise(
                 messages = pair_prompt(q, a, b, turn, use_reference)
                 meta[key] = (q, turn, order)
                 jobs.append((key, (lambda m=messages: judge(m))))
-    journal = Journal(path)
 
-    def done(key: str, text: str) -> None:
+    def row(key: str, text: str) -> dict:
         q, turn, order = meta[key]
         verdict = parse_verdict(text)
-        row = {
-            "key": key,
-            "mode": "pairwise",
-            "question_id": q["question_id"],
-            "category": q["category"],
-            "turn": turn + 1,
-            "model": model_id,
+        return {
+            **_row_head(key, "pairwise", q, turn, model_id, judge_id),
             "baseline": baseline_id,
-            "judge": judge_id,
             "order": order,
             "verdict": verdict,
             "status": "ok" if verdict else "unparseable",
             "judgment": text,
             "tstamp": time.time(),
         }
-        journal.write(row)
-        rows[key] = row
+
+    return _run_journaled(path, rows, jobs, row, concurrency, f"judge {model_id} vs {baseline_id}")
+
+
+def _row_head(key: str, mode: str, q: dict, turn: int, model_id: str, judge_id: str) -> dict:
+    return {
+        "key": key,
+        "mode": mode,
+        "question_id": q["question_id"],
+        "category": q["category"],
+        "turn": turn + 1,
+        "model": model_id,
+        "judge": judge_id,
+    }
+
+
+def _run_journaled(
+    path: Path, rows: dict, jobs: list, make_row: Callable[[str, str], dict], concurrency: int, desc: str
+) -> list[dict]:
+    """Run the judge jobs, appending each finished judgment's row to the journal at ``path`` as it lands."""
+    journal = Journal(path)
+
+    def done(key: str, text: str) -> None:
+        r = make_row(key, text)
+        journal.write(r)
+        rows[key] = r
 
     try:
-        _run_jobs(jobs, concurrency, done, f"judge {model_id} vs {baseline_id}")
+        _run_jobs(jobs, concurrency, done, desc)
     finally:
         journal.close()
     return list(rows.values())
