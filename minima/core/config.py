@@ -224,16 +224,36 @@ class LaunchConfig(Closed):
     launcher: Literal["local", "slurm", "ssh"] = nohash(
         "local", "local: torchrun here; slurm: sbatch; ssh: deepspeed launcher + hostfile."
     )
-    nproc_per_node: int = nohash(1, "Processes per node.", ge=1)
+    nproc_per_node: int = nohash(1, "local: processes per node.", ge=1)
     nnodes: int = nohash(1, "Number of nodes.", ge=1)
     node_rank: int = nohash(0, "This node's rank.", ge=0)
     master_addr: str = nohash("127.0.0.1", "Rendezvous address.")
-    master_port: int = nohash(29500, "Rendezvous port.")
+    master_port: Optional[int] = nohash(
+        None, "Rendezvous port (the hang guard uses +1). Default: derived from the Slurm job id, else 29500."
+    )
     hostfile: Optional[str] = nohash(None, "ssh launcher: DeepSpeed hostfile.")
-    gpus_per_node: int = nohash(8, "slurm: GPUs per node.")
-    init_timeout_s: int = nohash(
-        300,
-        "Hang guard: seconds to wait for all nodes to check in (on master_port + 1) and for any collective; the error names the missing node/rank.",
+    gpus_per_node: int = nohash(8, "slurm/ssh: GPUs (ranks) per node.", ge=1)
+    gpu: Literal["H100-80G", "A100-80G", "A100-40G", "H200"] = nohash(
+        "H100-80G", "slurm/ssh: the nodes' GPU; the pre-launch memory check plans for gpus_per_node x nnodes of it."
+    )
+    join_timeout_s: int = nohash(
+        900,
+        "Hang guard: seconds node 0 waits for every node to check in (on master_port + 1); "
+        "the error names the missing node.",
+        ge=1,
+    )
+    collective_timeout_s: int = nohash(
+        1800,
+        "Seconds any collective may wait (slow weight loads, ZeRO-3 evals, the rank-0 export); "
+        "the error names the rank behind.",
+        ge=1,
+    )
+    partition: Optional[str] = nohash(None, "slurm: --partition.")
+    account: Optional[str] = nohash(None, "slurm: --account.")
+    time: Optional[str] = nohash(None, "slurm: --time limit, e.g. 2-00:00:00.")
+    mem: Optional[str] = nohash(None, "slurm: --mem per node, e.g. 0 (all) or 900G.")
+    cpus_per_task: Optional[int] = nohash(
+        None, "slurm: --cpus-per-task of the one task per node (default: 8 per GPU).", ge=1
     )
 
     @model_validator(mode="after")

@@ -518,7 +518,7 @@ def run(cfg: SftConfig, force: bool = False) -> Artifact:
             records = str(build_records(cfg, force=force))
         else:
             records = str(out.with_name(out.name + ".records"))
-            _wait_for_records(Path(records), cfg.launch.init_timeout_s)
+            _wait_for_records(Path(records), cfg.launch.join_timeout_s)
         cfg_run = cfg.model_copy(update={"records": records, "train_files": []})
     fmt = get_format(cfg.format)
     tok_dir = Path(records) / "tokenizer" if (Path(records) / "tokenizer").is_dir() else Path(cfg.model)

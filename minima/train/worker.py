@@ -41,7 +41,7 @@ def _quiet_logs(strategy: str) -> None:
 
 
 def init_distributed(timeout_s: int, strategy: str = "deepspeed") -> None:
-    """Join the process group (gloo on CPU, nccl on GPU) with the hang-guard timeout.
+    """Join the process group (gloo on CPU, nccl on GPU); ``timeout_s`` bounds every collective.
 
     DeepSpeed joins through its own wrapper (it keeps a handle on the group); FSDP needs only torch.
     """
@@ -78,7 +78,7 @@ def run_spec(spec: dict) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     try:
-        init_distributed(cfg.launch.init_timeout_s, cfg.strategy)
+        init_distributed(cfg.launch.collective_timeout_s, cfg.strategy)
         _quiet_logs(cfg.strategy)
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
@@ -105,8 +105,8 @@ def run_spec(spec: dict) -> dict:
             if world > 1 and not isinstance(e, MinimaError) and guard.is_timeout(e):
                 who = beat.laggards() or "the other ranks did not answer"
                 raise TrainingError(
-                    f"a collective timed out after {cfg.launch.init_timeout_s}s on rank {rank}: {who}",
-                    fix="look at that rank's log for its error; raise launch.init_timeout_s if it was only slow",
+                    f"a collective timed out after {cfg.launch.collective_timeout_s}s on rank {rank}: {who}",
+                    fix="look at that rank's log for its error; raise launch.collective_timeout_s if it was only slow",
                 ) from e
             raise
     except MinimaError as e:
