@@ -124,9 +124,10 @@ def test_plan_ssh_needs_hostfile_and_uses_deepspeed_launcher(tmp_path):
         plan_launch(SyntheticConfig(model="m", launch={"launcher": "ssh"}), env={})
     hf = tmp_path / "hostfile"
     hf.write_text("node1 slots=8\nnode2 slots=8\n")
-    cfg = SyntheticConfig(model="m", launch={"launcher": "ssh", "hostfile": str(hf), "nnodes": 2, "nproc_per_node": 8})
+    cfg = SyntheticConfig(model="m", launch={"launcher": "ssh", "hostfile": str(hf), "nnodes": 2, "gpus_per_node": 8})
     cmd = build_command(plan_launch(cfg, env={}), Path("s.json"), str(hf))
-    assert cmd[:3] == ["deepspeed", "--hostfile", str(hf)] and cmd[-3:] == ["--module", "minima.train.worker", "s.json"]
+    assert cmd[1:6] == ["-u", "-m", "deepspeed.launcher.runner", "--hostfile", str(hf)]  # remote hosts: ssh checked
+    assert cmd[-3:] == ["--module", "minima.train.worker", "s.json"] and cmd[cmd.index("--num_gpus") + 1] == "8"
 
 
 def test_hang_guard_names_the_node_that_did_not_join():
@@ -275,3 +276,25 @@ def test_two_nodes_on_loopback_match_two_processes(setup, two_procs):
     assert (out / "manifest.json").is_file() and not out.with_name("nodes.partial").exists()
     a, b = weights(two_procs), weights(out)
     assert max_diff(a, b) <= 1e-6
+
+
+def test_worker_accepts_the_deepspeed_launchers_local_rank(tmp_path):
+    from minima.train.worker import main, parse_args
+
+    a = parse_args(["--local_rank=3", "spec.json"])
+    assert (a.spec, a.local_rank) == ("spec.json", 3)
+    assert parse_args(["spec.json", "--local-rank", "1"]).local_rank == 1
+    assert main(["a.json", "b.json"]) == 2  # still one spec
+
+
+def test_ssh_launcher_runs_for_real_on_localhost(setup):
+    """launcher=ssh with the hostfile ``localhost slots=1``: the real deepspeed runner and launcher start the
+    worker (appending --local_rank=0) and the run equals the one-process run."""
+    d, one = setup
+    hostfile = d / "hostfile"
+    hostfile.write_text("localhost slots=1\n")
+    out = d / "ssh"
+    launch = {"launcher": "ssh", "hostfile": str(hostfile), "gpus_per_node": 1, "master_port": free_port_pair()}
+    log = _wait(_start(d, _cfg(d / "model", out, launch=launch), "ssh"))
+    assert "deepspeed.launcher.runner --no_ssh_check --hostfile" in log and "--local_rank=0" in log
+    assert max_diff(weights(one), weights(out)) <= 1e-6

@@ -132,11 +132,28 @@ def plan_launch(cfg, env: Mapping[str, str] = os.environ) -> Plan:
     )
 
 
+def _hostfile_is_local(hostfile: str) -> bool:
+    """True when every host of a DeepSpeed hostfile is this machine (the launcher then starts ranks without ssh)."""
+    me = {"localhost", "127.0.0.1", socket.gethostname()}
+    try:
+        lines = Path(hostfile).read_text().splitlines()
+    except OSError:
+        return False
+    hosts = [ln.split()[0] for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    return bool(hosts) and all(h in me for h in hosts)
+
+
 def build_command(plan: Plan, spec_path: Path, hostfile: Optional[str] = None) -> list[str]:
     """The exact command that starts this node's ranks."""
     if plan.launcher == "deepspeed":
+        # The runner's ssh reachability check needs sshd even when the hostfile names only this machine.
+        local_only = ["--no_ssh_check"] if hostfile and _hostfile_is_local(hostfile) else []
         return [
-            "deepspeed",
+            sys.executable,
+            "-u",
+            "-m",
+            "deepspeed.launcher.runner",
+            *local_only,
             "--hostfile",
             str(hostfile),
             "--num_nodes",

@@ -149,13 +149,26 @@ def die_with_parent() -> None:
         pass
 
 
+def parse_args(argv: list[str]):
+    """``SPEC.json`` plus the ``--local_rank=N`` the deepspeed launcher appends to every rank's command."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m minima.train.worker")
+    p.add_argument("spec", help="the launch spec written by minima.train.launch")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    return p.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     die_with_parent()
-    if len(argv) != 1:
-        print("usage: python -m minima.train.worker SPEC.json", file=sys.stderr)
-        return 2
-    spec = json.loads(Path(argv[0]).read_text())
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse printed the usage
+        return int(e.code or 2)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))  # the launcher's env, when set, agrees
+    spec = json.loads(Path(args.spec).read_text())
     from minima.core.errors import MinimaError
 
     try:
