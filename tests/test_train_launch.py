@@ -298,3 +298,19 @@ def test_ssh_launcher_runs_for_real_on_localhost(setup):
     log = _wait(_start(d, _cfg(d / "model", out, launch=launch), "ssh"))
     assert "deepspeed.launcher.runner --no_ssh_check --hostfile" in log and "--local_rank=0" in log
     assert max_diff(weights(one), weights(out)) <= 1e-6
+
+
+def test_node_join_and_collective_timeouts_are_separate_fields(tmp_path):
+    """Node 0 waits launch.join_timeout_s for the other nodes and names the missing one; collectives get
+    launch.collective_timeout_s (30 min by default, not the join timeout)."""
+    from minima.core.config import LaunchConfig
+    from minima.train.launch import run_node
+
+    assert LaunchConfig().collective_timeout_s == 1800
+    port = free_port_pair()
+    launch = {"nnodes": 2, "master_port": port, "join_timeout_s": 2, "collective_timeout_s": 999}
+    cfg = SyntheticConfig(model="m", launch=launch)
+    t0 = time.time()
+    with pytest.raises(TrainingError, match=r"node_rank 1 \(global rank 1\) did not join within 2s"):
+        run_node(cfg, "minima.train.synthetic:SyntheticRecipe", tmp_path / "w", tmp_path / "o", [])
+    assert time.time() - t0 < 15
