@@ -1,52 +1,20 @@
 """launcher=slurm against fake sbatch/sacct/scontrol/srun on PATH that run the job locally
 (no Slurm cluster exists here). The rendered script is the real one; torchrun really runs."""
 
-import os
 import socket
-import stat
 
+import _fake_slurm as fake
 import pytest
 
 from minima.core.config import LaunchConfig
 from minima.core.errors import TrainingError
 from minima.train.slurm import render_sbatch, run_slurm
 
-FAKES = {
-    "sbatch": r"""#!/bin/bash
-script="${@: -1}"
-id=$(( (RANDOM % 90000) + 10000 )); st="$FAKE_SLURM_DIR/$id"
-log=$(sed -n 's/^#SBATCH --output=//p' "$script")
-echo RUNNING > "$st.state"
-( export SLURM_JOB_ID=$id SLURM_JOB_NODELIST=fakenode[1] SLURM_PROCID=0 SLURM_NNODES=1
-  bash "$script" >> "$log" 2>&1; rc=$?
-  echo $rc > "$st.rc"
-  if [ $rc = 0 ]; then echo COMPLETED > "$st.state"; else echo FAILED > "$st.state"; fi ) >/dev/null 2>&1 &
-echo "$id"
-""",
-    "sacct": r"""#!/bin/bash
-while [ $# -gt 0 ]; do case $1 in -j) id=$2; shift;; esac; shift; done
-st="$FAKE_SLURM_DIR/$id"; s=$(cat "$st.state"); rc=$(cat "$st.rc" 2>/dev/null || echo 0)
-echo "$id|$s|$rc:0|fakenode1"
-echo "$id.0|$s|$rc:0|fakenode1"
-""",
-    "scontrol": "#!/bin/bash\necho 127.0.0.1\n",
-    "srun": '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
-    "scancel": "#!/bin/bash\nexit 0\n",
-}
-
 
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch):
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    for name, text in FAKES.items():
-        p = bindir / name
-        p.write_text(text)
-        p.chmod(p.stat().st_mode | stat.S_IEXEC)
-    state = tmp_path / "slurm_state"
-    state.mkdir()
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_SLURM_DIR", str(state))
+    for k, v in fake.install(tmp_path).items():
+        monkeypatch.setenv(k, v)
     return tmp_path
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -182,14 +183,14 @@ def _env() -> dict:
     return env
 
 
-def _start(tmp: Path, cfg: SyntheticConfig, name: str) -> subprocess.Popen:
+def _start(tmp: Path, cfg: SyntheticConfig, name: str, env: Optional[dict] = None) -> subprocess.Popen:
     driver = tmp / "driver.py"
     driver.write_text(DRIVER)
     spec = tmp / f"{name}.json"
     spec.write_text(json.dumps(cfg.model_dump(mode="json")))
     return subprocess.Popen(
         [sys.executable, str(driver), str(spec)],
-        env=_env(),
+        env={**_env(), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -314,3 +315,28 @@ def test_node_join_and_collective_timeouts_are_separate_fields(tmp_path):
     with pytest.raises(TrainingError, match=r"node_rank 1 \(global rank 1\) did not join within 2s"):
         run_node(cfg, "minima.train.synthetic:SyntheticRecipe", tmp_path / "w", tmp_path / "o", [])
     assert time.time() - t0 < 15
+
+
+def test_simulated_slurm_two_nodes_match_torchrun(setup, two_procs, tmp_path):
+    """launcher=slurm from a "login node" with DS_ACCELERATOR=cpu set: the rendered sbatch script runs as
+    2 nodes (fake sbatch/srun/sacct/scontrol, loopback). The job finishes with the losses and weights of
+    a local 2-process torchrun, and no node starts with the launcher's accelerator choice."""
+    import _fake_slurm as fake
+
+    d, _ = setup
+    env = fake.install(tmp_path)
+    out = d / "slurm"
+    launch = {"launcher": "slurm", "nnodes": 2, "gpus_per_node": 1, "master_port": free_port_pair()}
+    # the driver runs with the fakes on PATH and the login node's own DS_ACCELERATOR=cpu
+    env["DS_ACCELERATOR"] = "cpu"
+    log = _wait(_start(d, _cfg(d / "model", out, micro_batch_size=4, launch=launch), "slurm", env))
+    assert "submitted Slurm job" in log and (out / "manifest.json").is_file()
+    accel = fake.node_accelerators(tmp_path)
+    assert len(accel) == 2 and set(accel.values()) == {"unset"}, accel
+    rows = lambda p: [r for r in read_metrics(p / "metrics.jsonl") if r["split"] == "train"]
+    losses = [r["loss"] for r in rows(out)]
+    assert losses == pytest.approx([r["loss"] for r in rows(two_procs)], rel=1e-6)
+    assert max_diff(weights(two_procs), weights(out)) <= 1e-6
+    print(
+        f"simulated Slurm (2 nodes) final loss {losses[-1]:.6f} vs torchrun 2 procs {rows(two_procs)[-1]['loss']:.6f}"
+    )

@@ -184,7 +184,9 @@ def run_slurm(
     launch: LaunchConfig,
     work_dir: Path,
     env: Optional[dict] = None,
-    poll_s: float = 10.0,
+    poll_s: Optional[float] = None,
 ) -> str:
+    """Render, submit and wait for the job; ``poll_s`` defaults to ``$MINIMA_SLURM_POLL_S`` or 10 s."""
+    poll_s = float(os.environ.get("MINIMA_SLURM_POLL_S") or 10.0) if poll_s is None else poll_s
     script = render_sbatch(stage, worker_args, launch, work_dir, env)
     return submit_and_wait(script, Path(work_dir) / f"slurm-{stage}.log", poll_s=poll_s)
