@@ -588,3 +588,20 @@ def test_minima_law_pruned_plus_kd_beats_scratch(law):
     assert kd < 0.5 * scratch
     assert kd <= ce * 1.02
     assert abs(dev["pruned + KD, cached"] - dev["pruned + KD"]) <= 0.03
+
+
+def test_mfu_counts_the_online_teacher(setup):
+    """Distillation's FLOPs per token = the student's 6N + 12LdT plus the teacher's forward 2N + 4LdT."""
+    from transformers import AutoModelForCausalLM
+
+    from minima.stages.distill import DistillRecipe
+    from minima.train.metrics import non_embedding_params
+
+    cfg = _cfg(setup)
+    recipe = DistillRecipe(cfg)
+    assert recipe.extra_flops_per_token(64) == 0.0  # no teacher loaded (e.g. from the logit cache)
+    recipe.teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher).eval()
+    c = recipe.teacher.config
+    n = sum(p.numel() for p in recipe.teacher.parameters()) - recipe.teacher.get_input_embeddings().weight.numel()
+    assert non_embedding_params(recipe.teacher) == n
+    assert recipe.extra_flops_per_token(64) == 2 * n + 4 * c.num_hidden_layers * c.hidden_size * 64

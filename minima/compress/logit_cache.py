@@ -114,6 +114,8 @@ def write_cache(ccfg: DistillCacheConfig, out: Path) -> dict:
 
     device = _device(ccfg.device)
     teacher = load_teacher(ccfg.teacher, device)
+    if ccfg.attn_implementation:
+        teacher.set_attn_implementation(ccfg.attn_implementation)
     vocab = int(teacher.config.vocab_size)
     k = min(ccfg.top_k, vocab) if ccfg.mode == "top_k" else ccfg.top_k
     dtype = np.float16 if ccfg.dtype == "fp16" else np.float32

@@ -218,6 +218,18 @@ class LoraConfig(Closed):
     qlora: bool = Field(False, description="4-bit base weights (needs bitsandbytes and a GPU).")
 
 
+def attn_field() -> Any:
+    """``attn_implementation``: the attention kernel a stage's models run with (a speed setting, not hashed)."""
+    return nohash(
+        None,
+        "Attention kernel: sdpa, flash_attention_2 (needs flash-attn and a GPU) or eager; None = transformers' "
+        "default (sdpa where the family has it).",
+    )
+
+
+AttnImpl = Optional[Literal["sdpa", "flash_attention_2", "eager"]]
+
+
 class LaunchConfig(Closed):
     """How the training subprocess is started."""
 
@@ -322,6 +334,8 @@ class TrainConfig(StageConfig):
         None, "eval_tasks: benchmark data root, one folder per task (default ../shared/data/eval when present)."
     )
     launch: LaunchConfig = Field(default_factory=LaunchConfig, description="Launcher settings.")
+    attn_implementation: AttnImpl = attn_field()
+    compile: bool = nohash(False, "torch.compile each transformer block (GPU; the first steps are slower).")
 
     @field_validator("eval_tasks", mode="before")
     @classmethod
@@ -413,6 +427,7 @@ class DistillCacheConfig(StageConfig):
     batch_size: int = nohash(8, "Records per teacher forward.", ge=1)
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Teacher precision on GPU (CPU runs fp32).")
     device: str = nohash("auto", "cuda, cpu or auto.")
+    attn_implementation: AttnImpl = attn_field()
 
     def resolved_out_dir(self) -> Path:
         if self.out_dir:
@@ -479,6 +494,7 @@ class PruneConfig(StageConfig):
         "fp32", description="Teacher dtype for calibration; the pruned model is saved in it."
     )
     device: str = nohash("auto", "cuda, cpu or auto.")
+    attn_implementation: AttnImpl = attn_field()
     rescale_norms: bool = Field(
         False,
         description="Scale RMSNorm weights by sqrt(D/D') and rms_norm_eps by D/D' so that hidden-channel "
@@ -571,6 +587,7 @@ class EvaluateConfig(StageConfig):
         "auto", description="auto: bf16 on GPU (fp16 where bf16 is unsupported), fp32 on CPU."
     )
     device: str = nohash("auto", "cuda, cuda:N, cpu or auto.")
+    attn_implementation: AttnImpl = attn_field()
     data_dir: Optional[str] = Field(
         None, description="Benchmark data root, one folder per task (default ../shared/data/eval when present)."
     )

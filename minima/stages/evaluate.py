@@ -138,6 +138,8 @@ def _evaluate_all(cfg: EvaluateConfig, models: dict[str, str], data_dir: Optiona
             continue
         log.info(f"evaluating {name} ({path})")
         model, tok = load_model(path, cfg.dtype, cfg.device, cfg.trust_remote_code)
+        if cfg.attn_implementation:
+            model.set_attn_implementation(cfg.attn_implementation)
         s: list[dict] = []
         tasks = evaluate_model(
             model,

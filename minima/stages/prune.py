@@ -229,7 +229,12 @@ def _body(cfg: PruneConfig, run: StageRun) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype, trust_remote_code=False).to(device).eval()
+    attn = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    teacher = (
+        AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype, trust_remote_code=False, **attn)
+        .to(device)
+        .eval()
+    )
     load_s = time.time() - t0
     t = Shape.of(teacher.config)
     shape = resolve_target(teacher.config, cfg)
@@ -274,6 +279,9 @@ def _body(cfg: PruneConfig, run: StageRun) -> dict:
         teacher_gb=round(teacher_bytes / 2**30, 3),
         **_peak_memory(device),
     )
+    del student
+    if device.type == "cuda":  # the next stage of a pipeline process gets the device back
+        torch.cuda.empty_cache()
     log.info(
         "prune: %s",
         {k: metrics[k] for k in ("params_before", "params_after", "calibration_tokens_per_s", "peak_memory_gb")},

@@ -159,6 +159,7 @@ class SftRecipe(Recipe):
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
         from minima.train.lora import apply_lora, check_qlora, quantization_config
+        from minima.train.model_init import load_pretrained
         from minima.train.neftune import attach_neftune
 
         cfg = self.cfg
@@ -167,7 +168,7 @@ class SftRecipe(Recipe):
         kw: dict[str, Any] = {"dtype": torch.float32}
         if cfg.lora.enabled and cfg.lora.qlora:
             kw.update(quantization_config=quantization_config(), device_map={"": ctx.local_rank}, dtype=torch.bfloat16)
-        model = cls.from_pretrained(str(cfg.model), **kw)
+        model = load_pretrained(cfg.model, cfg, ctx, cls, **kw)
         n_tok = len(self.tokenizer)
         if n_tok > model.get_input_embeddings().weight.shape[0]:
             # Only the format's own tokens (e.g. ChatML's <|im_start|>) get here; run() checks that.
@@ -247,11 +248,12 @@ class SftRecipe(Recipe):
                 labels=batch["labels"],
                 use_cache=False,
             )
-            logits, labels = out.logits.float(), batch["labels"]
-            loss_sum = torch.nn.functional.cross_entropy(
-                logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            return LossOut(loss_sum=loss_sum, num_tokens=int((labels != IGNORE_INDEX).sum()))
+            from minima.train.objectives.kd import dense_loss
+            from minima.train.recipe import LM_LOSS_CHUNK
+
+            labels = batch["labels"].reshape(-1)
+            ce, _ = dense_loss(out.logits.reshape(-1, out.logits.shape[-1]), labels, None, chunk=LM_LOSS_CHUNK)
+            return LossOut(loss_sum=ce.sum(), num_tokens=(labels != IGNORE_INDEX).sum())
         if "position_ids" in batch:
             from minima.data.packing import mask_mode, model_inputs
 

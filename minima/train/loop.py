@@ -163,7 +163,7 @@ def evaluate(model, recipe: Recipe, dev_batches: list[dict], ctx: TrainContext) 
             batch["labels"] = torch.full_like(batch["input_ids"], -100)
         out = recipe.compute_loss(model, to_device(batch, ctx.device), ctx, train=False)
         sums[0] += out.loss_sum.detach().double()
-        sums[1] += float(out.num_tokens)
+        sums[1] += out.num_tokens  # a device tensor or an int: no host sync per batch
     _all_reduce(sums)
     model.train()
     loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
@@ -212,6 +212,10 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     ctx.dtype = DTYPES[strategy.precision(cfg, ctx)]
     recipe.setup(ctx)
     model = recipe.build_model(ctx)
+    if getattr(cfg, "compile", False):
+        from minima.train.model_init import compile_blocks
+
+        compile_blocks(model, os.environ.get("MINIMA_COMPILE_BACKEND") or None)
     params = recipe.trainable_parameters(model)
     if not params:
         raise ConfigError(
@@ -277,6 +281,7 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
             seq_len = int(micro[0]["input_ids"].shape[-1])
             hf = strategy.module
             metrics.fpt = flops_per_token(hf.config, fpt_params, seq_len) if hasattr(hf, "config") else 0.0
+            metrics.fpt += recipe.extra_flops_per_token(seq_len)  # e.g. the teacher's forward in distillation
         head = _all_reduce(torch.tensor([sum(counts), local_compute_tokens], dtype=torch.float64, device=ctx.device))
         step_tokens, compute_tokens = int(head[0].item()), int(head[1].item())
         denom = max(step_tokens, 1)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from minima.core.errors import ConfigError, PlanError
+from minima.train.recipe import LM_LOSS_CHUNK
 
 GiB = 1024**3
 # Dense bf16 peak TFLOP/s and memory (GiB) of known devices.
@@ -298,8 +299,8 @@ def loss_bytes(
 ) -> float:
     """Peak bytes of the logits and the loss (forward and backward), b*s tokens over the vocab V.
 
-    - ``ce`` (adapt, sft: ``causal_lm_loss_sum``): the logits (e), their shifted fp32 copy and the
-      fp32 log-softmax that cross entropy saves: V (e + 8) per token.
+    - ``ce`` (adapt, sft: ``causal_lm_loss_sum``, the same vocab-chunked Function with no teacher): the
+      logits (e), their gradient (e) and about three fp32 [tokens, chunk] temporaries (chunk 8192).
     - ``kd`` (distill, online teacher, ``minima.train.objectives.kd.dense_loss``): student logits (e), teacher
       logits, the student's logit gradient (e) and about six fp32 [tokens, chunk] temporaries of the
       fused, vocab-chunked loss (exp, differences, products of one chunk).
@@ -313,7 +314,7 @@ def loss_bytes(
         return tokens * (vocab * (2 * e + teacher_bytes) + 6 * c * 4)
     if loss == "kd_cached":
         return tokens * (vocab * 2 * e + 3 * c * 4 + top_k * (8 + 4 + 4) * 2)
-    return tokens * vocab * (e + 8)
+    return tokens * (vocab * 2 * e + 3 * min(LM_LOSS_CHUNK, vocab) * 4)
 
 
 def activation_bytes(

@@ -85,6 +85,9 @@ def run_spec(spec: dict) -> dict:
             device = torch.device("cuda", local_rank)
         else:
             device = torch.device("cpu")
+        from minima.train.model_init import configure_backends
+
+        configure_backends(device)
         ctx = TrainContext(
             rank=rank,
             world_size=world,
