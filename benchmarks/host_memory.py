@@ -196,10 +196,11 @@ def main() -> None:
 
 Machine: {machine()}. A {n / 1e6:.0f}M-parameter Llama saved in bf16, trained in fp32
 ({full / 2**20:,.0f} MiB), loaded by 2 ranks (torchrun, gloo) through `minima.train.model_init.load_pretrained`
-(+ the strategy's setup for FSDP). Peak private memory (`RssAnon`, sampled every 2 ms) of each rank above its level before the load; the mapped
-checkpoint file's pages are shared page cache and not counted. With W ranks per node a ZeRO-3 rank holds 1/W of
-the model plus the largest module being gathered (here the two 32000 x 1024 embedding tables); FSDP's rank 0 holds the
-loaded model until its shards are sent, the other ranks only their shard.
+(+ the strategy's setup for FSDP). Peak private memory (`RssAnon`, sampled every 2 ms) of each rank above
+its level before the load; the mapped checkpoint file's pages are shared page cache and not counted.
+With W ranks per node a ZeRO-3 rank holds 1/W of the model plus the largest module being gathered (here
+the two 32000 x 1024 embedding tables); FSDP's rank 0 holds the loaded model until its shards are sent,
+the other ranks only their shard.
 
 | arm | rank | peak MiB above baseline | x fp32 model size |
 |---|---|---|---|
