@@ -35,7 +35,6 @@ checks the record's fingerprint, so a cache built from other records fails loudl
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -45,12 +44,14 @@ from minima.compress.logit_cache import (
     CACHE_META,
     CachedRecordDataset,
     _split_files,
+    cache_ranks,
     collate_targets,
+    rank_barrier,
     read_cache_meta,
     shifted_labels,
     write_cache,
 )
-from minima.core.artifacts import Artifact, is_complete, run_stage
+from minima.core.artifacts import Artifact, cache_key, hash_input, is_complete, read_manifest, run_stage
 from minima.core.config import DistillCacheConfig, DistillConfig, build
 from minima.core.errors import ConfigError, InputError
 from minima.core.logs import get_logger
@@ -115,6 +116,7 @@ def cache_config(cfg: DistillConfig) -> DistillCacheConfig:
         batch_size=cfg.micro_batch_size,
         precision=cfg.precision,
         device=cfg.cache_device,
+        attn_implementation=cfg.attn_implementation,
     )
 
 
@@ -229,7 +231,25 @@ def build_cache(ccfg: DistillCacheConfig, force: bool = False) -> Artifact:
             fix="build the records with the teacher's tokenizer",
         )
     inputs = {"teacher": ccfg.teacher, "records": ccfg.records}
-    return run_stage(ccfg, inputs, lambda run: write_cache(ccfg, run.work_dir), force=force, resumable=True)
+    rank, world = cache_ranks()
+    if rank == 0:
+
+        def body(run):
+            rank_barrier(world)  # the work dir exists: the other ranks may start writing their shards
+            return write_cache(ccfg, Path(run.work_dir), rank, world)
+
+        art = run_stage(ccfg, inputs, body, force=force, resumable=True)
+        rank_barrier(world)  # published
+        return art
+    # Other ranks (torchrun): the same cache decision as rank 0, then their shards into its work dir.
+    out = ccfg.resolved_out_dir()
+    key = cache_key(ccfg, {k: hash_input(v) for k, v in inputs.items()})
+    if not force and is_complete(out) and read_manifest(out).get("cache_key") == key:
+        return Artifact(out, read_manifest(out), skipped=True)
+    rank_barrier(world)
+    write_cache(ccfg, out.with_name(out.name + ".partial"), rank, world)
+    rank_barrier(world)
+    return Artifact(out, read_manifest(out))
 
 
 # ------------------------------------------------------------------------------- the recipe
@@ -359,21 +379,13 @@ def _resolved(cfg: DistillConfig) -> DistillConfig:
 
 def run(cfg: DistillConfig, force: bool = False) -> Artifact:
     """Distil ``cfg.teacher`` into ``cfg.student`` on ``cfg.records``; an HF student dir artifact."""
-    from minima.train.launch import in_torchrun, train_stage
+    from minima.train.launch import train_stage
 
     cfg = _resolved(cfg)
     validate_inputs(cfg)
     if cfg.cache_logits and cfg.loss.alpha < 1.0:
         ccfg = cache_config(cfg)
-        cache_out = ccfg.resolved_out_dir()
-        built = is_complete(cache_out) and (cache_out / CACHE_META).is_file()
-        if not built and in_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError(
-                "the logit cache is not built, and a multi-rank job cannot build it",
-                where="cache_dir",
-                fix="run `minima distill-cache` with the same config first",
-            )
-        cache = build_cache(ccfg)
+        cache = build_cache(ccfg)  # under torchrun every rank builds its share of the shards
         data = cfg.model_dump()
         data["cache_dir"] = str(cache.path)
         cfg = DistillConfig.model_validate(data)

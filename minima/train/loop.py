@@ -240,8 +240,11 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     state = LoopState()
     latest = ck.latest_complete(ckpt.root)
     resumed_eval: dict = {}
+    timing = {"save_s": 0.0, "saves": 0, "load_s": None}  # checkpoint I/O, reported with the run's metrics
     if latest is not None:
+        t_load = time.time()
         saved = ckpt.load(strategy, latest)
+        timing["load_s"] = time.time() - t_load
         state = LoopState(**saved["counters"])
         stream.load_state_dict(saved["data"])
         ck.set_rng_state(saved["rng"])
@@ -270,7 +273,11 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     def save(meta: dict) -> Path:
         rs = ck.rank_state(state.step, stream.state_dict(), asdict(state))
         rs["last_eval"] = dict(last_eval)  # so a run resumed at the very end still reports its dev metrics
-        return ckpt.save(strategy, state.step, rs, meta)
+        t_save = time.time()
+        path = ckpt.save(strategy, state.step, rs, meta)
+        timing["save_s"] += time.time() - t_save
+        timing["saves"] += 1
+        return path
 
     while state.step < total and not state.stopped_early:
         t0 = time.time()
@@ -373,6 +380,12 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
         "world_size": world,
         "global_batch": mbs * gas * world,
     }
+    if timing["saves"]:
+        result["checkpoint_save_s"] = round(timing["save_s"] / timing["saves"], 3)
+    if timing["load_s"] is not None:
+        result["resume_load_s"] = round(timing["load_s"], 3)
+    if ctx.device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**30, 3)
     if steps_this_run:
         result["tokens_per_s"] = round(tokens_this_run / wall, 2)
     if last_eval:
