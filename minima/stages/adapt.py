@@ -65,16 +65,17 @@ class AdaptRecipe(Recipe):
             out = model.get_output_embeddings()
             if out is not None and out.weight is not tables[0]:
                 tables.append(out.weight)
+            from minima.train.model_init import full_shape
+
             for w in tables:
                 w.requires_grad_(True)
-                mask = torch.zeros(w.shape[0], 1, dtype=w.dtype)
+                mask = torch.zeros(full_shape(w)[0], 1, dtype=w.dtype)  # full rows, also under ZeRO-3
                 mask[start:] = 1
                 # Rows of the base vocab get a zero gradient; with no weight decay (below) Adam leaves them unchanged.
                 w.register_hook(lambda g, m=mask: g * m.to(device=g.device, dtype=g.dtype))
             self.new_token_start = start
-            log.info(
-                f"train_only_new_embeddings: rows {start}..{tables[0].shape[0] - 1} of {len(tables)} table(s) train"
-            )
+            rows = full_shape(tables[0])[0]
+            log.info(f"train_only_new_embeddings: rows {start}..{rows - 1} of {len(tables)} table(s) train")
         return model
 
     def trainable_parameters(self, model):

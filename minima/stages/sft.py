@@ -159,7 +159,7 @@ class SftRecipe(Recipe):
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
         from minima.train.lora import apply_lora, check_qlora, quantization_config
-        from minima.train.model_init import load_pretrained
+        from minima.train.model_init import full_shape, load_pretrained
         from minima.train.neftune import attach_neftune
 
         cfg = self.cfg
@@ -170,7 +170,7 @@ class SftRecipe(Recipe):
             kw.update(quantization_config=quantization_config(), device_map={"": ctx.local_rank}, dtype=torch.bfloat16)
         model = load_pretrained(cfg.model, cfg, ctx, cls, **kw)
         n_tok = len(self.tokenizer)
-        if n_tok > model.get_input_embeddings().weight.shape[0]:
+        if n_tok > full_shape(model.get_input_embeddings().weight)[0]:
             # Only the format's own tokens (e.g. ChatML's <|im_start|>) get here; run() checks that.
             model.resize_token_embeddings(n_tok, mean_resizing=True)
         if cfg.activation_checkpointing:

@@ -211,7 +211,10 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     # The precision is known before the recipe loads anything (a teacher loads in ctx.dtype).
     ctx.dtype = DTYPES[strategy.precision(cfg, ctx)]
     recipe.setup(ctx)
-    model = recipe.build_model(ctx)
+    from minima.train.model_init import build_context
+
+    with build_context(cfg, ctx, getattr(cfg, "model", None)):
+        model = recipe.build_model(ctx)
     if getattr(cfg, "compile", False):
         from minima.train.model_init import compile_blocks
 

@@ -67,6 +67,19 @@ def zero3_init(cfg, ctx, path: Optional[str] = None):
         del holder
 
 
+def build_context(cfg, ctx, path: Optional[str] = None):
+    """The context the loop builds the recipe's model in: ZeRO-3 stays enabled for the whole build, so
+    what the recipe does after loading (resizing embeddings, LoRA) gathers the partitioned weights."""
+    from contextlib import nullcontext
+
+    return zero3_init(cfg, ctx, path) if zero3_enabled(cfg) else nullcontext()
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also under ZeRO-3 (where the tensor itself is an empty partition)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
 def meta_ranks(cfg, ctx) -> bool:
     """True on the ranks that build the model on the meta device and receive rank 0's weights (FSDP)."""
     return getattr(cfg, "strategy", "") == "fsdp" and ctx.world_size > 1 and ctx.rank != 0
@@ -86,6 +99,10 @@ def load_pretrained(path, cfg, ctx, cls: Any = None, **kw) -> torch.nn.Module:
     if kw.get("quantization_config") is not None or kw.get("device_map") is not None:
         return cls.from_pretrained(str(path), **kw)
     if zero3_enabled(cfg):
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():  # inside build_context: what the recipe does next is ZeRO-3-aware too
+            return cls.from_pretrained(str(path), **kw)
         with zero3_init(cfg, ctx, str(path)):
             return cls.from_pretrained(str(path), **kw)
     if meta_ranks(cfg, ctx):
