@@ -615,3 +615,81 @@ def test_minima_law_pruned_plus_kd_beats_scratch(law):
     assert kd < 0.5 * scratch
     assert kd <= ce * 1.02
     assert abs(dev["pruned + KD, cached"] - dev["pruned + KD"]) <= 0.03
+
+
+def test_mfu_counts_the_online_teacher(setup):
+    """Distillation's FLOPs per token = the student's 6N + 12LdT plus the teacher's forward 2N + 4LdT."""
+    from transformers import AutoModelForCausalLM
+
+    from minima.stages.distill import DistillRecipe
+    from minima.train.metrics import non_embedding_params
+
+    cfg = _cfg(setup)
+    recipe = DistillRecipe(cfg)
+    assert recipe.extra_flops_per_token(64) == 0.0  # no teacher loaded (e.g. from the logit cache)
+    recipe.teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher).eval()
+    c = recipe.teacher.config
+    n = sum(p.numel() for p in recipe.teacher.parameters()) - recipe.teacher.get_input_embeddings().weight.numel()
+    assert non_embedding_params(recipe.teacher) == n
+    assert recipe.extra_flops_per_token(64) == 2 * n + 4 * c.num_hidden_layers * c.hidden_size * 64
+
+
+CACHE_DRIVER = """import json, sys
+from minima.core.config import DistillCacheConfig
+from minima.stages.distill import build_cache
+art = build_cache(DistillCacheConfig.model_validate(json.loads(open(sys.argv[1]).read())))
+print("CACHE", art.path, flush=True)
+"""
+
+
+def test_logit_cache_built_by_two_ranks_equals_one(setup, tmp_path):
+    """torchrun with 2 ranks: each rank runs the teacher over every other shard into rank 0's work dir and
+    rank 0 publishes; every array equals the one-process cache byte for byte."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from minima.core.config import DistillCacheConfig
+    from minima.stages.distill import build_cache
+    from minima.stages.records import run as build_records
+
+    d, teacher, _, _ = setup
+    rec = build_records(
+        RecordsConfig(
+            inputs=str(d / "text.txt"),
+            tokenizer=str(teacher),
+            format="lm",
+            max_length=32,
+            dev_fraction=0.1,
+            shard_size=40,
+            out_dir=str(tmp_path / "records"),
+        )
+    ).path
+    assert len(list((rec / "train").glob("part-*.tfrecord"))) >= 3
+    kw = dict(teacher=str(teacher), records=str(rec), top_k=8, dtype="fp32", batch_size=8, device="cpu")
+    one = build_cache(DistillCacheConfig(out_dir=str(tmp_path / "one"), **kw)).path
+    cfg = DistillCacheConfig(out_dir=str(tmp_path / "two"), **kw)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    (tmp_path / "driver.py").write_text(CACHE_DRIVER)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    env.pop("MINIMA_INPROCESS", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    r = subprocess.run(
+        cmd + [str(tmp_path / "driver.py"), str(tmp_path / "cfg.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    two = tmp_path / "two"
+    assert json.loads((two / "manifest.json").read_text())["metrics"]["cached_records"] > 0
+    a = sorted(p.relative_to(one) for p in one.glob("*/*/*.npy"))
+    assert a == sorted(p.relative_to(two) for p in two.glob("*/*/*.npy")) and len(a) > 10
+    for rel in a:
+        assert np.array_equal(np.load(one / rel), np.load(two / rel)), rel
+    assert (
+        json.loads((one / "cache.json").read_text())["splits"] == json.loads((two / "cache.json").read_text())["splits"]
+    )

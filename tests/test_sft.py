@@ -376,17 +376,115 @@ def test_bad_inputs_are_clear_errors(tmp_path, tiny_tokenizer_dir, chat_records)
 
 
 # -------------------------------------------------------------------------------------- FSDP
-def test_fsdp_two_ranks_on_cpu(tmp_path, chat_records, tiny_tokenizer_dir):
-    """strategy=fsdp: torch FSDP2 over 2 gloo ranks on CPU; the loss falls and the export reloads."""
-    from minima.stages import sft
+SFT_DRIVER = """import json, sys
+from minima.core.config import SftConfig
+from minima.stages import sft
+art = sft.run(SftConfig.model_validate(json.loads(open(sys.argv[1]).read())))
+print("ARTIFACT", art.path, flush=True)
+"""
+
+
+def _free_port_pair() -> int:
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        try:
+            with socket.socket() as s2:
+                s2.bind(("127.0.0.1", p + 1))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+def _start_sft(tmp_path: Path, cfg: SftConfig, name: str, **env):
+    import subprocess
+    import sys
+
+    (tmp_path / "sft_driver.py").write_text(SFT_DRIVER)
+    spec = tmp_path / f"{name}.json"
+    spec.write_text(json.dumps(cfg.model_dump(mode="json")))
+    root = Path(__file__).resolve().parents[1]
+    full = dict(os.environ, OMP_NUM_THREADS="1", MINIMA_NUM_THREADS="1", PYTHONPATH=str(root), **env)
+    full.pop("MINIMA_INPROCESS", None)
+    return subprocess.Popen(
+        [sys.executable, str(tmp_path / "sft_driver.py"), str(spec)],
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _finish(proc, timeout: float = 400) -> str:
+    import signal
+
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+    except Exception:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def test_fsdp_two_ranks_and_two_nodes_with_kill_and_resume(tmp_path, chat_records, tiny_tokenizer_dir):
+    """strategy=fsdp through the one launcher: 2 gloo ranks on one node train (the loss falls, the export
+    reloads); then the same job on two loopback "nodes" (node_rank 0 and 1, one rank each) is SIGKILLed on
+    both nodes after its step-4 checkpoint, restarted, resumes there and exports the 2-rank run's weights."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    from minima.train.metrics import read_metrics
 
     base = _save_family("llama", tmp_path / "base", tiny_tokenizer_dir)
-    cfg = _cfg(tmp_path, base, chat_records, strategy="fsdp", max_steps=6, micro_batch_size=4)
-    cfg.launch.nproc_per_node = 2
-    cfg.launch.master_port = 29500 + os.getpid() % 1000
-    art = sft.run(cfg)
-    assert art.metrics["world_size"] == 2 and art.metrics["strategy"] == "fsdp"
-    assert _dev_loss(art.path, chat_records) < _dev_loss(base, chat_records) - 0.1
+    kw = dict(strategy="fsdp", max_steps=8, micro_batch_size=4, save_steps=2, keep_last=2)
+    one_node = _cfg(tmp_path, base, chat_records, out_dir=str(tmp_path / "one"), **kw)
+    one_node.launch.nproc_per_node = 2
+    one_node.launch.master_port = _free_port_pair()
+    _finish(_start_sft(tmp_path, one_node, "one"))
+    one = tmp_path / "one"
+    metrics = json.loads((one / "manifest.json").read_text())["metrics"]
+    assert metrics["world_size"] == 2 and metrics["strategy"] == "fsdp"
+    assert _dev_loss(one, chat_records) < _dev_loss(base, chat_records) - 0.1
+
+    out = tmp_path / "nodes"
+
+    def start_nodes(tag):
+        port = _free_port_pair()
+        procs = []
+        for r in (1, 0):
+            cfg = _cfg(tmp_path, base, chat_records, out_dir=str(out), **kw)
+            cfg.launch.nnodes, cfg.launch.node_rank, cfg.launch.master_port = 2, r, port
+            procs.append(_start_sft(tmp_path, cfg, f"{tag}{r}", MINIMA_STEP_DELAY_S="0.5"))
+        return procs
+
+    procs = start_nodes("first")
+    marker = out.with_name("nodes.partial") / "checkpoints" / "step_00000004" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.is_file():
+        assert all(p.poll() is None for p in procs), "a node ended before the kill:\n" + procs[0].stdout.read()[-3000:]
+        assert time.time() < deadline, "no step-4 checkpoint within 300 s"
+        time.sleep(0.05)
+    for p in procs:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate(timeout=60)
+    assert not (out / "manifest.json").exists()
+    logs = [_finish(p) for p in start_nodes("again")]
+    assert "resumed from" in logs[1] and "step_00000004" in logs[1]
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    ref = [r for r in read_metrics(one / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in rows if r["step"] > 4] == [5, 6, 7, 8]
+    last = {r["step"]: r["loss"] for r in rows}
+    assert all(abs(last[r["step"]] - r["loss"]) < 1e-5 * abs(r["loss"]) for r in ref)
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
 @pytest.mark.parametrize("case", ["lora", "t5"])

@@ -228,24 +228,57 @@ class LoraConfig(Closed):
     qlora: bool = Field(False, description="4-bit base weights (needs bitsandbytes and a GPU).")
 
 
+def attn_field() -> Any:
+    """``attn_implementation``: the attention kernel a stage's models run with (a speed setting, not hashed)."""
+    return nohash(
+        None,
+        "Attention kernel: sdpa, flash_attention_2 (needs flash-attn and a GPU) or eager; None = transformers' "
+        "default (sdpa where the family has it).",
+    )
+
+
+AttnImpl = Optional[Literal["sdpa", "flash_attention_2", "eager"]]
+
+
 class LaunchConfig(Closed):
     """How the training subprocess is started."""
 
     launcher: Literal["local", "slurm", "ssh"] = nohash(
         "local", "local: torchrun here; slurm: sbatch; ssh: deepspeed launcher + hostfile."
     )
-    nproc_per_node: int = nohash(1, "Processes per node.", ge=1)
+    nproc_per_node: int = nohash(1, "local: processes per node.", ge=1)
     nnodes: int = nohash(1, "Number of nodes.", ge=1)
     node_rank: int = nohash(0, "This node's rank.", ge=0)
     master_addr: str = nohash("127.0.0.1", "Rendezvous address.")
-    master_port: int = nohash(29500, "Rendezvous port (the node check-in uses master_port + 1).", ge=1, le=65534)
-    hostfile: Optional[str] = nohash(None, "ssh launcher: DeepSpeed hostfile.")
-    gpus_per_node: int = nohash(8, "slurm: GPUs per node.", ge=1)
-    init_timeout_s: int = nohash(
-        300,
-        "Hang guard: seconds to wait for all nodes to check in (on master_port + 1) and for any collective; "
-        "the error names the missing node/rank.",
+    master_port: Optional[int] = nohash(
+        None,
+        "Rendezvous port (the hang guard uses +1). Default: derived from the Slurm job id, else 29500.",
         ge=1,
+        le=65534,
+    )
+    hostfile: Optional[str] = nohash(None, "ssh launcher: DeepSpeed hostfile.")
+    gpus_per_node: int = nohash(8, "slurm/ssh: GPUs (ranks) per node.", ge=1)
+    gpu: Literal["H100-80G", "A100-80G", "A100-40G", "H200"] = nohash(
+        "H100-80G", "slurm/ssh: the nodes' GPU; the pre-launch memory check plans for gpus_per_node x nnodes of it."
+    )
+    join_timeout_s: int = nohash(
+        900,
+        "Hang guard: seconds node 0 waits for every node to check in (on master_port + 1); "
+        "the error names the missing node.",
+        ge=1,
+    )
+    collective_timeout_s: int = nohash(
+        1800,
+        "Seconds any collective may wait (slow weight loads, ZeRO-3 evals, the rank-0 export); "
+        "the error names the rank behind.",
+        ge=1,
+    )
+    partition: Optional[str] = nohash(None, "slurm: --partition.")
+    account: Optional[str] = nohash(None, "slurm: --account.")
+    time: Optional[str] = nohash(None, "slurm: --time limit, e.g. 2-00:00:00.")
+    mem: Optional[str] = nohash(None, "slurm: --mem per node, e.g. 0 (all) or 900G.")
+    cpus_per_task: Optional[int] = nohash(
+        None, "slurm: --cpus-per-task of the one task per node (default: 8 per GPU).", ge=1
     )
 
     @model_validator(mode="after")
@@ -317,6 +350,8 @@ class TrainConfig(StageConfig):
         None, "eval_tasks: benchmark data root, one folder per task (default ../shared/data/eval when present)."
     )
     launch: LaunchConfig = Field(default_factory=LaunchConfig, description="Launcher settings.")
+    attn_implementation: AttnImpl = attn_field()
+    compile: bool = nohash(False, "torch.compile each transformer block (GPU; the first steps are slower).")
 
     @field_validator("max_steps")
     @classmethod
@@ -433,6 +468,7 @@ class DistillCacheConfig(StageConfig):
     batch_size: int = nohash(8, "Records per teacher forward.", ge=1)
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Teacher precision on GPU (CPU runs fp32).")
     device: str = nohash("auto", "cuda, cpu or auto.")
+    attn_implementation: AttnImpl = attn_field()
 
     def resolved_out_dir(self) -> Path:
         if self.out_dir:
@@ -499,6 +535,7 @@ class PruneConfig(StageConfig):
         "fp32", description="Teacher dtype for calibration; the pruned model is saved in it."
     )
     device: str = nohash("auto", "cuda, cpu or auto.")
+    attn_implementation: AttnImpl = attn_field()
     rescale_norms: bool = Field(
         False,
         description="Scale RMSNorm weights by sqrt(D/D') and rms_norm_eps by D/D' so that hidden-channel "
@@ -593,6 +630,7 @@ class EvaluateConfig(StageConfig):
         "auto", description="auto: bf16 on GPU (fp16 where bf16 is unsupported), fp32 on CPU."
     )
     device: str = nohash("auto", "cuda, cuda:N, cpu or auto.")
+    attn_implementation: AttnImpl = attn_field()
     data_dir: Optional[str] = Field(
         None, description="Benchmark data root, one folder per task (default ../shared/data/eval when present)."
     )

@@ -27,7 +27,9 @@ class EvalCallback:
     multiples of ``every_n_steps`` return ``{}``. With ``log_dir`` the scores are
     also written to TensorBoard here, on rank 0.
 
-    Every rank must call ``on_eval`` (ZeRO-3 and FSDP forwards are collective); each runs all requests.
+    Every rank must call ``on_eval``. A replicated model (DeepSpeed ZeRO 0-2) splits the requests over
+    the ranks and gathers the scores; a sharded one (ZeRO-3, FSDP: every forward is collective) runs all
+    requests on every rank, generating with ``synced_gpus`` (see :class:`minima.evaluate.lm.LM`).
 
     Args:
         tasks: task names or ``{name: spec}`` as in :func:`evaluate_model` (the JAX instruction-tuning
@@ -87,6 +89,7 @@ class EvalCallback:
                 shots=self.shots,
                 limit=self.limit,
                 batch_size=self.batch_size,
+                distributed=True,
             )
         finally:
             if was_training:

@@ -35,7 +35,6 @@ checks the record's fingerprint, so a cache built from other records fails loudl
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -45,17 +44,19 @@ from minima.compress.logit_cache import (
     CACHE_META,
     CachedRecordDataset,
     _split_files,
+    cache_ranks,
     collate_targets,
+    rank_barrier,
     read_cache_meta,
     shifted_labels,
     write_cache,
 )
-from minima.core.artifacts import Artifact, is_complete, run_stage
+from minima.core.artifacts import Artifact, cache_key, hash_input, is_complete, read_manifest, run_stage
 from minima.core.config import DistillCacheConfig, DistillConfig, build
 from minima.core.errors import ConfigError, InputError
 from minima.core.logs import get_logger
 from minima.data.records import collate
-from minima.models.loader import load_model, load_teacher
+from minima.models.loader import load_teacher
 from minima.train import LossOut, Recipe, TrainContext
 from minima.train.objectives.kd import (
     IGNORE_INDEX,
@@ -109,6 +110,7 @@ def cache_config(cfg: DistillConfig) -> DistillCacheConfig:
         batch_size=cfg.micro_batch_size,
         precision=cfg.precision,
         device=cfg.cache_device,
+        attn_implementation=cfg.attn_implementation,
     )
 
 
@@ -228,7 +230,25 @@ def build_cache(ccfg: DistillCacheConfig, force: bool = False) -> Artifact:
             fix="build the records with the teacher's tokenizer",
         )
     inputs = {"teacher": ccfg.teacher, "records": ccfg.records}
-    return run_stage(ccfg, inputs, lambda run: write_cache(ccfg, run.work_dir), force=force, resumable=True)
+    rank, world = cache_ranks()
+    if rank == 0:
+
+        def body(run):
+            rank_barrier(world)  # the work dir exists: the other ranks may start writing their shards
+            return write_cache(ccfg, Path(run.work_dir), rank, world)
+
+        art = run_stage(ccfg, inputs, body, force=force, resumable=True)
+        rank_barrier(world)  # published
+        return art
+    # Other ranks (torchrun): the same cache decision as rank 0, then their shards into its work dir.
+    out = ccfg.resolved_out_dir()
+    key = cache_key(ccfg, {k: hash_input(v) for k, v in inputs.items()})
+    if not force and is_complete(out) and read_manifest(out).get("cache_key") == key:
+        return Artifact(out, read_manifest(out), skipped=True)
+    rank_barrier(world)
+    write_cache(ccfg, out.with_name(out.name + ".partial"), rank, world)
+    rank_barrier(world)
+    return Artifact(out, read_manifest(out))
 
 
 # ------------------------------------------------------------------------------- the recipe
@@ -264,13 +284,27 @@ class DistillRecipe(Recipe):
             check_cache_matches(self.cache_meta, self.cfg)
         elif needs_teacher_online(self.cfg):
             self.teacher = load_teacher(self.cfg.teacher, ctx.device, self.cfg.teacher_zero3, self.cfg.micro_batch_size)
+            if self.cfg.attn_implementation:
+                getattr(self.teacher, "module", self.teacher).set_attn_implementation(self.cfg.attn_implementation)
 
     def build_model(self, ctx: TrainContext) -> torch.nn.Module:
-        model = load_model(student_dir(self.cfg), dtype=torch.float32, for_training=True, family="causal")
+        from minima.train.model_init import load_pretrained
+
+        model = load_pretrained(student_dir(self.cfg), self.cfg, ctx, dtype=torch.float32)
         if self.cfg.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         return model
+
+    def extra_flops_per_token(self, seq_len: int) -> float:
+        """The online teacher's forward: ``2 N + 4 L d T`` per token (a third of training's 6N + 12LdT)."""
+        if self.teacher is None:
+            return 0.0
+        from minima.train.metrics import non_embedding_params
+
+        t = getattr(self.teacher, "module", self.teacher)
+        c = t.config
+        return 2.0 * non_embedding_params(t) + 4.0 * c.num_hidden_layers * c.hidden_size * seq_len
 
     def build_datasets(self, ctx: TrainContext):
         if self.cache_meta is None:
@@ -298,7 +332,7 @@ class DistillRecipe(Recipe):
         b, n, v = logits.shape
         labels = shifted_labels(batch["labels"]).reshape(-1)
         flat = logits.reshape(b * n, v)
-        num = int((labels != IGNORE_INDEX).sum())
+        num = (labels != IGNORE_INDEX).sum()  # stays on the device: no host sync per micro step
         alpha, kind, T = cfg.loss.alpha, cfg.loss.kd, cfg.loss.temperature
         chunk = self.vocab_chunk(flat.device)
         if not train or alpha >= 1.0:  # dev loss = hard CE; alpha = 1 is plain LM training
@@ -336,20 +370,12 @@ class DistillRecipe(Recipe):
 # ------------------------------------------------------------------------------- entry points
 def run(cfg: DistillConfig, force: bool = False) -> Artifact:
     """Distil ``cfg.teacher`` into ``cfg.student`` on ``cfg.records``; an HF student dir artifact."""
-    from minima.train.launch import in_torchrun, train_stage
+    from minima.train.launch import train_stage
 
     validate_inputs(cfg)
     if cfg.cache_logits and cfg.loss.alpha < 1.0:
         ccfg = cache_config(cfg)
-        cache_out = ccfg.resolved_out_dir()
-        built = is_complete(cache_out) and (cache_out / CACHE_META).is_file()
-        if not built and in_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError(
-                "the logit cache is not built, and a multi-rank job cannot build it",
-                where="cache_dir",
-                fix="run `minima distill-cache` with the same config first",
-            )
-        cache = build_cache(ccfg)
+        cache = build_cache(ccfg)  # under torchrun every rank builds its share of the shards
         data = cfg.model_dump()
         data["cache_dir"] = str(cache.path)
         cfg = DistillConfig.model_validate(data)

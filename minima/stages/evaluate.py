@@ -140,7 +140,10 @@ def _evaluate_all(cfg: EvaluateConfig, models: dict[str, str], data_dir: Optiona
             results["models"][name] = {"path": str(path), "tasks": {}}
             continue
         log.info(f"evaluating {name} ({path})")
-        model, tok = load_model_and_tokenizer(path, cfg.dtype, cfg.device, trust_remote_code=cfg.trust_remote_code)
+        attn = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+        model, tok = load_model_and_tokenizer(
+            path, cfg.dtype, cfg.device, trust_remote_code=cfg.trust_remote_code, **attn
+        )
         s: list[dict] = []
         tasks = evaluate_model(
             model,

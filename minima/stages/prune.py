@@ -232,7 +232,8 @@ def _body(cfg: PruneConfig, run: StageRun) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
-    teacher = load_model(cfg.teacher, dtype=dtype, device=device, family="causal")
+    attn = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    teacher = load_model(cfg.teacher, dtype=dtype, device=device, family="causal", **attn)
     load_s = time.time() - t0
     t = Shape.of(teacher.config)
     shape = resolve_target(teacher.config, cfg)
@@ -277,6 +278,9 @@ def _body(cfg: PruneConfig, run: StageRun) -> dict:
         teacher_gb=round(teacher_bytes / 2**30, 3),
         **_peak_memory(device),
     )
+    del student
+    if device.type == "cuda":  # the next stage of a pipeline process gets the device back
+        torch.cuda.empty_cache()
     log.info(
         "prune: %s",
         {k: metrics[k] for k in ("params_before", "params_after", "calibration_tokens_per_s", "peak_memory_gb")},

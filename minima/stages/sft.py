@@ -156,8 +156,8 @@ class SftRecipe(Recipe):
         self.seq2seq = bool(AutoConfig.from_pretrained(str(self.cfg.model)).is_encoder_decoder)
 
     def build_model(self, ctx: TrainContext) -> torch.nn.Module:
-        from minima.models.loader import load_model
         from minima.train.lora import apply_lora, check_qlora, quantization_config
+        from minima.train.model_init import full_shape, load_pretrained
         from minima.train.neftune import attach_neftune
 
         cfg = self.cfg
@@ -165,9 +165,9 @@ class SftRecipe(Recipe):
         kw: dict[str, Any] = {"dtype": torch.float32}
         if cfg.lora.enabled and cfg.lora.qlora:
             kw.update(quantization_config=quantization_config(), device_map={"": ctx.local_rank}, dtype=torch.bfloat16)
-        model = load_model(cfg.model, for_training=True, family="seq2seq" if self.seq2seq else "causal", **kw)
+        model = load_pretrained(cfg.model, cfg, ctx, "seq2seq" if self.seq2seq else "causal", **kw)
         n_tok = len(self.tokenizer)
-        if n_tok > model.get_input_embeddings().weight.shape[0]:
+        if n_tok > full_shape(model.get_input_embeddings().weight)[0]:
             # Only the format's own tokens (e.g. ChatML's <|im_start|>) get here; run() checks that.
             model.resize_token_embeddings(n_tok, mean_resizing=True)
         if cfg.activation_checkpointing:
@@ -245,11 +245,12 @@ class SftRecipe(Recipe):
                 labels=batch["labels"],
                 use_cache=False,
             )
-            logits, labels = out.logits.float(), batch["labels"]
-            loss_sum = torch.nn.functional.cross_entropy(
-                logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            return LossOut(loss_sum=loss_sum, num_tokens=int((labels != IGNORE_INDEX).sum()))
+            from minima.train.objectives.kd import dense_loss
+            from minima.train.recipe import LM_LOSS_CHUNK
+
+            labels = batch["labels"].reshape(-1)
+            ce, _ = dense_loss(out.logits.reshape(-1, out.logits.shape[-1]), labels, None, chunk=LM_LOSS_CHUNK)
+            return LossOut(loss_sum=ce.sum(), num_tokens=(labels != IGNORE_INDEX).sum())
         if "position_ids" in batch:
             from minima.data.packing import mask_mode, model_inputs
 
@@ -520,7 +521,7 @@ def run(cfg: SftConfig, force: bool = False) -> Artifact:
             records = str(build_records(cfg, force=force))
         else:
             records = str(out.with_name(out.name + ".records"))
-            _wait_for_records(Path(records), cfg.launch.init_timeout_s)
+            _wait_for_records(Path(records), cfg.launch.join_timeout_s)
         cfg_run = cfg.model_copy(update={"records": records, "train_files": []})
     fmt = get_format(cfg.chat_format)
     tok_dir = Path(records) / "tokenizer" if (Path(records) / "tokenizer").is_dir() else Path(cfg.model)

@@ -163,7 +163,7 @@ def evaluate(model, recipe: Recipe, dev_batches: list[dict], ctx: TrainContext) 
             batch["labels"] = torch.full_like(batch["input_ids"], -100)
         out = recipe.compute_loss(model, to_device(batch, ctx.device), ctx, train=False)
         sums[0] += out.loss_sum.detach().double()
-        sums[1] += float(out.num_tokens)
+        sums[1] += out.num_tokens  # a device tensor or an int: no host sync per batch
     _all_reduce(sums)
     model.train()
     loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
@@ -211,7 +211,14 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     # The precision is known before the recipe loads anything (a teacher loads in ctx.dtype).
     ctx.dtype = DTYPES[strategy.precision(cfg, ctx)]
     recipe.setup(ctx)
-    model = recipe.build_model(ctx)
+    from minima.train.model_init import build_context
+
+    with build_context(cfg, ctx, getattr(cfg, "model", None)):
+        model = recipe.build_model(ctx)
+    if getattr(cfg, "compile", False):
+        from minima.train.model_init import compile_blocks
+
+        compile_blocks(model, os.environ.get("MINIMA_COMPILE_BACKEND") or None)
     params = recipe.trainable_parameters(model)
     if not params:
         raise ConfigError(
@@ -236,8 +243,11 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     state = LoopState()
     latest = ckpt.resume_point()
     resumed_eval: dict = {}
+    timing = {"save_s": 0.0, "saves": 0, "load_s": None}  # checkpoint I/O, reported with the run's metrics
     if latest is not None:
+        t_load = time.time()
         saved = ckpt.load(strategy, latest)
+        timing["load_s"] = time.time() - t_load
         state = LoopState(**saved["counters"])
         stream.load_state_dict(saved["data"])
         ck.set_rng_state(saved["rng"])
@@ -266,7 +276,11 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     def save(meta: dict) -> Path:
         rs = ck.rank_state(state.step, stream.state_dict(), asdict(state))
         rs["last_eval"] = dict(last_eval)  # so a run resumed at the very end still reports its dev metrics
-        return ckpt.save(strategy, state.step, rs, meta)
+        t_save = time.time()
+        path = ckpt.save(strategy, state.step, rs, meta)
+        timing["save_s"] += time.time() - t_save
+        timing["saves"] += 1
+        return path
 
     while state.step < total and not state.stopped_early:
         t0 = time.time()
@@ -277,6 +291,7 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
             seq_len = int(micro[0]["input_ids"].shape[-1])
             hf = strategy.module
             metrics.fpt = flops_per_token(hf.config, fpt_params, seq_len) if hasattr(hf, "config") else 0.0
+            metrics.fpt += recipe.extra_flops_per_token(seq_len)  # e.g. the teacher's forward in distillation
         head = _all_reduce(torch.tensor([sum(counts), local_compute_tokens], dtype=torch.float64, device=ctx.device))
         step_tokens, compute_tokens = int(head[0].item()), int(head[1].item())
         denom = max(step_tokens, 1)
@@ -368,6 +383,12 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
         "world_size": world,
         "global_batch": mbs * gas * world,
     }
+    if timing["saves"]:
+        result["checkpoint_save_s"] = round(timing["save_s"] / timing["saves"], 3)
+    if timing["load_s"] is not None:
+        result["resume_load_s"] = round(timing["load_s"], 3)
+    if ctx.device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**30, 3)
     if steps_this_run:
         result["tokens_per_s"] = round(tokens_this_run / wall, 2)
     if last_eval:

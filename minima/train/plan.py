@@ -28,6 +28,7 @@ from typing import Optional
 
 from minima.core.errors import ConfigError, PlanError
 from minima.models.counts import count_params, flops_per_token, meta_model, non_embedding_params
+from minima.train.recipe import LM_LOSS_CHUNK
 
 GiB = 1024**3
 # Dense bf16 peak TFLOP/s and memory (GiB) of known devices.
@@ -61,11 +62,15 @@ class PlanOptions:
     seq: Optional[int] = None  # sequence length (default: the records' max_length, sft's max_length, else the model's)
 
     @classmethod
-    def local(cls, cfg) -> PlanOptions:
-        """This machine as the launcher will use it: its GPU (or, on CPU, its RAM shared by the local ranks)."""
+    def local(cls, cfg, per_node: Optional[int] = None, nnodes: Optional[int] = None) -> PlanOptions:
+        """This machine as the launcher will use it: its GPU (or, on CPU, its RAM shared by the local ranks).
+
+        ``per_node`` / ``nnodes`` default to ``launch.nproc_per_node`` / ``launch.nnodes`` (a Slurm
+        allocation passes its own).
+        """
         launch = getattr(cfg, "launch", None)
-        per_node = launch.nproc_per_node if launch else 1
-        world = per_node * (launch.nnodes if launch else 1)
+        per_node = per_node or (launch.nproc_per_node if launch else 1)
+        world = per_node * (nnodes or (launch.nnodes if launch else 1))
         try:
             import torch
 
@@ -81,6 +86,23 @@ class PlanOptions:
         import psutil
 
         return cls(device="cpu", gpus=world, memory_gib=psutil.virtual_memory().total / GiB / per_node)
+
+    @classmethod
+    def remote(cls, cfg) -> PlanOptions:
+        """The nodes a slurm/ssh job runs on: ``launch.gpus_per_node`` x ``launch.nnodes`` GPUs of ``launch.gpu``."""
+        launch = cfg.launch
+        return cls(device=launch.gpu.lower(), gpus=launch.gpus_per_node * launch.nnodes)
+
+    @classmethod
+    def for_job(cls, cfg, launcher: Optional[str] = None, per_node: Optional[int] = None, nnodes: Optional[int] = None):
+        """What the job will run on: the target GPUs when it goes to Slurm or ssh from here, else this machine.
+
+        ``launcher`` is the resolved launch (``sbatch`` / ``deepspeed`` leave this machine); by default
+        ``cfg.launch.launcher`` decides.
+        """
+        launch = getattr(cfg, "launch", None)
+        remote = launcher in ("sbatch", "deepspeed") if launcher else bool(launch and launch.launcher != "local")
+        return cls.remote(cfg) if remote else cls.local(cfg, per_node, nnodes)
 
 
 # ------------------------------------------------------------------------------------ shapes
@@ -265,8 +287,8 @@ def loss_bytes(
 ) -> float:
     """Peak bytes of the logits and the loss (forward and backward), b*s tokens over the vocab V.
 
-    - ``ce`` (adapt, sft: ``causal_lm_loss_sum``): the logits (e), their shifted fp32 copy and the
-      fp32 log-softmax that cross entropy saves: V (e + 8) per token.
+    - ``ce`` (adapt, sft: ``causal_lm_loss_sum``, the same vocab-chunked Function with no teacher): the
+      logits (e), their gradient (e) and about three fp32 [tokens, chunk] temporaries (chunk 8192).
     - ``kd`` (distill, online teacher, ``minima.train.objectives.kd.dense_loss``): student logits (e), teacher
       logits, the student's logit gradient (e) and about six fp32 [tokens, chunk] temporaries of the
       fused, vocab-chunked loss (exp, differences, products of one chunk).
@@ -280,7 +302,7 @@ def loss_bytes(
         return tokens * (vocab * (2 * e + teacher_bytes) + 6 * c * 4)
     if loss == "kd_cached":
         return tokens * (vocab * 2 * e + 3 * c * 4 + top_k * (8 + 4 + 4) * 2)
-    return tokens * vocab * (e + 8)
+    return tokens * (vocab * 2 * e + 3 * min(LM_LOSS_CHUNK, vocab) * 4)
 
 
 def activation_bytes(
@@ -387,10 +409,8 @@ class Plan:
                 lines.append(
                     f"    {k:<{mw}} {v / GiB:9.2f} GiB  {tag}" + (f"; {self.notes[k]}" if k in self.notes else "")
                 )
-            lines.append(
-                f"    {'total':<{mw}} {self.total_bytes / GiB:9.2f} GiB  "
-                f"of {self.device_bytes / GiB:.0f} GiB -> {self.verdict()}"
-            )
+            total = f"{self.total_bytes / GiB:9.2f} GiB  of {self.device_bytes / GiB:.0f} GiB"
+            lines.append(f"    {'total':<{mw}} {total} -> {self.verdict()}")
         return "\n".join(lines)
 
 
@@ -581,8 +601,8 @@ def _train_memory(plan: Plan, cfg, config, opts: PlanOptions, teacher_fallback) 
     )
     act = activation_bytes(config, cfg.micro_batch_size, seq, cfg.precision, cfg.activation_checkpointing, **act_kw)
     gathered = zero3_gathered_bytes(config, n, e, world, zopt, lora, cfg.activation_checkpointing) if zero >= 3 else 0.0
-    ckpt = ", ckpt" if cfg.activation_checkpointing else ""
-    fb_label = f"fwd/bwd: activations + loss (mb {cfg.micro_batch_size} x {seq}{ckpt})"
+    ckpt_tag = ", ckpt" if cfg.activation_checkpointing else ""
+    fb_label = f"fwd/bwd: activations + loss (mb {cfg.micro_batch_size} x {seq}{ckpt_tag})"
     if gathered:
         fb_label = fb_label.replace("loss", "loss + gathered params")
         plan.notes[fb_label] = f"incl. {gathered / GiB:.2f} GiB gathered ZeRO-3 params"
@@ -654,8 +674,8 @@ def _records_max_length(records: Optional[str]) -> Optional[int]:
 def check_fits(cfg, opts: Optional[PlanOptions] = None, force: bool = False) -> Plan:
     """The engine's pre-launch check: raise PlanError with the table unless it fits (or force).
 
-    ``opts`` defaults to this machine (:meth:`PlanOptions.local`)."""
-    plan = plan_stage(cfg, opts or PlanOptions.local(cfg))
+    ``opts`` defaults to the hardware the job runs on (:meth:`PlanOptions.for_job`)."""
+    plan = plan_stage(cfg, opts or PlanOptions.for_job(cfg))
     if not plan.fits and not force:
         raise PlanError(
             f"the plan says {cfg.stage} will not fit:\n{plan.table()}", fix="follow the suggestions, or pass --force"
@@ -680,7 +700,7 @@ def main(argv: list[str]) -> int:
         help="stage overrides, plus plan.device=h100 plan.gpus=16 plan.tokens=126e9 plan.mfu=0.4",
     )
     a = p.parse_intermixed_args(argv)
-    opts = PlanOptions()
+    given: dict = {}
     stage_over = [o for o in a.overrides if not o.startswith("plan.")]
     plan_args = key_values(
         [o for o in a.overrides if o.startswith("plan.")], [f"plan.{k}" for k in PlanOptions.__dataclass_fields__]
@@ -688,10 +708,15 @@ def main(argv: list[str]) -> int:
     for key, v in plan_args.items():
         k = key.removeprefix("plan.")
         typ = type(getattr(PlanOptions(), k)) if getattr(PlanOptions(), k) is not None else float
-        setattr(opts, k, v if typ is str else typ(float(v)) if typ is int else float(v))
+        given[k] = v if typ is str else typ(float(v)) if typ is int else float(v)
     stages = ["adapt", "prune", "distill", "sft", "evaluate"] if a.stage == "pipeline" else [a.stage]
     for s in stages:
         cfg = stage_config(s, a.preset, a.config, stage_over if a.stage != "pipeline" else [])
+        launch = getattr(cfg, "launch", None)
+        # A job for Slurm or ssh is planned for its nodes (launch.gpu x gpus_per_node x nnodes); plan.* wins.
+        opts = PlanOptions.remote(cfg) if launch is not None and launch.launcher != "local" else PlanOptions()
+        for k, v in given.items():
+            setattr(opts, k, v)
         print(plan_stage(cfg, opts, a.preset).table())
         print()
     return 0

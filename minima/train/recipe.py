@@ -39,7 +39,7 @@ class LossOut:
     """One micro-batch's loss as SUMS; the engine divides by the step's total label tokens."""
 
     loss_sum: torch.Tensor  # sum of per-token losses in this micro-batch (not a mean)
-    num_tokens: int | torch.Tensor  # tokens that carry a label in this micro-batch
+    num_tokens: int | torch.Tensor  # tokens that carry a label (a device tensor: no host sync per micro step)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # extra sums, logged / num_tokens
 
 
@@ -48,14 +48,27 @@ def shifted_label_count(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross entropy over labels != -100, and the number of such tokens."""
-    shift_logits = logits[..., :-1, :].contiguous().float()
-    shift_labels = labels[..., 1:].contiguous()
-    loss_sum = torch.nn.functional.cross_entropy(
-        shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss_sum, int((shift_labels != IGNORE_INDEX).sum())
+#: Vocab columns per chunk of the LM loss: fp32 temporaries stay [tokens, LM_LOSS_CHUNK] whatever the vocab.
+LM_LOSS_CHUNK = 8192
+
+
+def causal_lm_loss_sum(
+    logits: torch.Tensor, labels: torch.Tensor, chunk: int = LM_LOSS_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross entropy over labels != -100, and the number of such tokens (a tensor).
+
+    The logits are read in vocab chunks (:func:`minima.train.objectives.kd.dense_loss`): no fp32 copy of
+    the [batch x seq x vocab] logits, no log-softmax of that size, and one gradient buffer in the logits'
+    dtype. The labels are shifted instead of the logits, so the logits are not copied either. The count
+    stays on the device: reading it would stall the host on every micro step.
+    """
+    from minima.train.objectives.kd import dense_loss
+
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[..., :-1] = labels[..., 1:]
+    flat = shifted.reshape(-1)
+    ce, _ = dense_loss(logits.reshape(-1, logits.shape[-1]), flat, None, chunk=chunk)
+    return ce.sum(), (flat != IGNORE_INDEX).sum()
 
 
 class Recipe:
@@ -95,9 +108,9 @@ class Recipe:
 
     def build_model(self, ctx: TrainContext) -> torch.nn.Module:
         """The trainable HF model, loaded in fp32 before the strategy wraps it (the strategy casts for compute)."""
-        from minima.models.loader import load_model
+        from minima.train.model_init import load_pretrained
 
-        model = load_model(self.cfg.model, dtype=torch.float32, for_training=True, family="causal")
+        model = load_pretrained(self.cfg.model, self.cfg, ctx, dtype=torch.float32)
         if getattr(self.cfg, "activation_checkpointing", False):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -157,6 +170,11 @@ class Recipe:
         out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
         loss_sum, n = causal_lm_loss_sum(out.logits, batch["labels"])
         return LossOut(loss_sum=loss_sum, num_tokens=n)
+
+    def extra_flops_per_token(self, seq_len: int) -> float:
+        """FLOPs per trained token spent outside the trained model's forward and backward (a teacher's
+        forward in distillation), counted in MFU. Default: none."""
+        return 0.0
 
     # ------------------------------------------------------------------ hooks
     def build_callbacks(self, ctx: TrainContext) -> list[Any]:

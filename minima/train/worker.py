@@ -41,7 +41,7 @@ def _quiet_logs(strategy: str) -> None:
 
 
 def init_distributed(timeout_s: int, strategy: str = "deepspeed") -> None:
-    """Join the process group (gloo on CPU, nccl on GPU) with the hang-guard timeout.
+    """Join the process group (gloo on CPU, nccl on GPU); ``timeout_s`` bounds every collective.
 
     DeepSpeed joins through its own wrapper (it keeps a handle on the group); FSDP needs only torch.
     """
@@ -78,13 +78,16 @@ def run_spec(spec: dict) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     try:
-        init_distributed(cfg.launch.init_timeout_s, cfg.strategy)
+        init_distributed(cfg.launch.collective_timeout_s, cfg.strategy)
         _quiet_logs(cfg.strategy)
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
             device = torch.device("cuda", local_rank)
         else:
             device = torch.device("cpu")
+        from minima.train.model_init import configure_backends
+
+        configure_backends(device)
         ctx = TrainContext(
             rank=rank,
             world_size=world,
@@ -105,8 +108,8 @@ def run_spec(spec: dict) -> dict:
             if world > 1 and not isinstance(e, MinimaError) and guard.is_timeout(e):
                 who = beat.laggards() or "the other ranks did not answer"
                 raise TrainingError(
-                    f"a collective timed out after {cfg.launch.init_timeout_s}s on rank {rank}: {who}",
-                    fix="look at that rank's log for its error; raise launch.init_timeout_s if it was only slow",
+                    f"a collective timed out after {cfg.launch.collective_timeout_s}s on rank {rank}: {who}",
+                    fix="look at that rank's log for its error; raise launch.collective_timeout_s if it was only slow",
                 ) from e
             raise
     except MinimaError as e:
@@ -149,13 +152,26 @@ def die_with_parent() -> None:
         pass
 
 
+def parse_args(argv: list[str]):
+    """``SPEC.json`` plus the ``--local_rank=N`` the deepspeed launcher appends to every rank's command."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m minima.train.worker")
+    p.add_argument("spec", help="the launch spec written by minima.train.launch")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    return p.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     die_with_parent()
-    if len(argv) != 1:
-        print("usage: python -m minima.train.worker SPEC.json", file=sys.stderr)
-        return 2
-    spec = json.loads(Path(argv[0]).read_text())
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse printed the usage
+        return int(e.code or 2)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))  # the launcher's env, when set, agrees
+    spec = json.loads(Path(args.spec).read_text())
     from minima.core.errors import MinimaError
 
     try:

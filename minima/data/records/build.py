@@ -361,6 +361,8 @@ class SplitStats:
     shards: int = 0
     truncated: int = 0
     dropped: int = 0
+    min_id: Optional[int] = None
+    max_id: Optional[int] = None
 
 
 def write_split(
@@ -408,6 +410,7 @@ def write_split(
                     stats.tokens += int(b - a)
                     src_tokens[s] += int(b - a)
     stats.records, stats.bytes, stats.shards = writer.num_records, writer.num_bytes, len(writer.files)
+    stats.min_id, stats.max_id = writer.min_id, writer.max_id
     return stats
 
 
@@ -549,6 +552,9 @@ def build_records(cfg: RecordsConfig, out_dir: str | os.PathLike, mapper: Option
         "padding_tokens": {k: s.padding for k, s in stats.items()},
         "bytes": {k: s.bytes for k, s in stats.items()},
         "bytes_per_token": round(total_bytes / total_tokens, 4) if total_tokens else None,
+        # every token id in the shards lies in [min_token_id, max_token_id] (trainers check vocab from this)
+        "min_token_id": min((s.min_id for s in stats.values() if s.min_id is not None), default=None),
+        "max_token_id": max((s.max_id for s in stats.values() if s.max_id is not None), default=None),
         "dropped_too_long": sum(s.dropped for s in stats.values()),
         "truncated": sum(s.truncated for s in stats.values()),
         "skipped": len(skipped) if skipped is not None else 0,

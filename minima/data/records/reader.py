@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Iterator
 from functools import partial
 from typing import IO, Any, Optional
@@ -37,6 +38,10 @@ from minima.core.errors import ConfigError, InputError
 from minima.data.records import tfrecord_io as tio
 
 IGNORE_INDEX = -100
+#: Shard files a reader keeps open at once (least recently used closed first). A shuffle buffer spans a
+#: few neighbouring shards of the stream, so a handful suffices; thousands of shards would exhaust the
+#: process's file descriptors (``ulimit -n``) if every shard stayed open for the epoch.
+MAX_OPEN_SHARDS = 8
 
 
 def split_files(records_dir: str, split: str) -> list[str]:
@@ -203,7 +208,7 @@ class RecordDataset(IterableDataset):
         self.epoch = 0
         self.offset = 0
         self._order_cache: tuple[int, np.ndarray] | None = None
-        self._handles: dict[int, IO[bytes]] = {}
+        self._handles: OrderedDict[int, IO[bytes]] = OrderedDict()
 
     # ---------------------------------------------------------------------------- bookkeeping
     def samples_per_epoch(self) -> int:
@@ -279,7 +284,11 @@ class RecordDataset(IterableDataset):
         offset, size = (int(x) for x in self._entries[record_id])
         f = self._handles.get(fi)
         if f is None:
+            while len(self._handles) >= MAX_OPEN_SHARDS:
+                self._handles.popitem(last=False)[1].close()
             f = self._handles[fi] = tio.open_read(self.files[fi])
+        else:
+            self._handles.move_to_end(fi)
         f.seek(offset)
         where = f"{self.files[fi]} record {record_id - int(self._file_starts[fi])}"
         data = tio.unframe(f.read(size), where, self.verify_crc)
@@ -318,7 +327,7 @@ class RecordDataset(IterableDataset):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_handles"] = {}  # file objects do not cross into DataLoader workers
+        state["_handles"] = OrderedDict()  # file objects do not cross into DataLoader workers
         return state
 
     def __del__(self) -> None:

@@ -37,6 +37,8 @@ class DeepSpeedStrategy(Strategy):
         self.ds_cfg: dict = {}
         self.rank = 0
         self._own_schedule = False
+        self._skeleton: Optional[torch.nn.Module] = None
+        self._ties: list[list[str]] = []
 
     def precision(self, cfg, ctx) -> str:
         probe = resolve_ds_config(cfg, world_size=ctx.world_size, total_steps=1, on_gpu=ctx.device.type == "cuda")
@@ -57,6 +59,11 @@ class DeepSpeedStrategy(Strategy):
         if ctx.rank == 0:
             save_resolved(self.ds_cfg, ctx.work_dir / "ds_config.resolved.json")
         self.stage = zero_stage(self.ds_cfg)
+        if self.stage == 3 and ctx.rank == 0:
+            from minima.train.strategies.fsdp import meta_copy, tied_groups
+
+            # The export fills this structure (no memory: meta parameters) module by module.
+            self._skeleton, self._ties = meta_copy(model), tied_groups(model)
         engine_cfg, schedule = copy.deepcopy(self.ds_cfg), None
         block = engine_cfg.get("scheduler")
         if isinstance(block, dict) and block.get("type") == "WarmupCosineLR":
@@ -113,13 +120,32 @@ class DeepSpeedStrategy(Strategy):
     @contextmanager
     def full_model(self):
         module = self.engine.module
-        if self.stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                yield module if self.rank == 0 else None
-        else:
+        if self.stage != 3:
             yield module if self.rank == 0 else None
+            return
+        from minima.train.strategies.fsdp import fill_skeleton
+
+        state = self.gather_16bit()
+        yield fill_skeleton(self._skeleton, state, self._ties) if state is not None else None
+
+    def gather_16bit(self) -> Optional[dict]:
+        """Collective (ZeRO-3): the model's weights in their training dtype (16-bit on GPU), on rank 0's host.
+
+        One module's parameters are gathered at a time, so no device ever holds the whole model (a 7B
+        model gathered at once takes 13 GiB on every GPU next to its optimizer partition). None off rank 0.
+        """
+        import deepspeed
+
+        state: dict = {}
+        for prefix, mod in self.engine.module.named_modules():
+            params = dict(mod.named_parameters(recurse=False))
+            if not params:
+                continue
+            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+                if self.rank == 0:
+                    for name, p in params.items():
+                        state[f"{prefix}.{name}" if prefix else name] = p.data.detach().to("cpu", copy=True)
+        return state if self.rank == 0 else None
 
     def summary(self) -> dict:
         return {"strategy": self.name, "zero_stage": self.stage, "precision": precision_of(self.ds_cfg)}

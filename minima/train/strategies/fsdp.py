@@ -21,6 +21,7 @@ import torch
 
 from minima.core.errors import ConfigError, TrainingError
 from minima.core.logs import get_logger
+from minima.train.model_init import has_meta_params, materialize_from_rank0
 from minima.train.schedule import WarmupCosine, sync_lr
 from minima.train.strategies.base import DTYPES, Strategy
 
@@ -43,7 +44,9 @@ def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
     """
     memo: dict[int, object] = {}
     for p in model.parameters():
-        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 parameter's own tensor is an empty partition
+        meta = torch.empty(shape, dtype=p.dtype, device="meta")
+        memo[id(p)] = torch.nn.Parameter(meta, requires_grad=p.requires_grad)
     return copy.deepcopy(model, memo)
 
 
@@ -58,6 +61,22 @@ def tied_groups(model: torch.nn.Module) -> list[list[str]]:
 def _set_param(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> None:
     owner, _, attr = name.rpartition(".")
     setattr(model.get_submodule(owner) if owner else model, attr, param)
+
+
+def fill_skeleton(model: torch.nn.Module, state: dict, ties: list[list[str]]) -> torch.nn.Module:
+    """Put a full state dict into a :func:`meta_copy` skeleton (no copy), re-sharing tied parameters."""
+    model.load_state_dict(state, strict=False, assign=True)
+    for group in ties:  # assign=True gives every name its own tensor: share them again
+        first = model.get_parameter(group[0])
+        for name in group[1:]:
+            _set_param(model, name, first)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise TrainingError(
+            f"the gathered state dict lacks {len(left)} parameters (first: {left[0]})",
+            fix="report this model family; meanwhile train it with zero_stage=2 (no sharded weights)",
+        )
+    return model
 
 
 class FSDPStrategy(Strategy):
@@ -103,6 +122,16 @@ class FSDPStrategy(Strategy):
         self._precision = self.precision(cfg, ctx)
         self._ties = tied_groups(model)
         self._skeleton = meta_copy(model) if ctx.rank == 0 else None
+        # More than one rank: only rank 0 holds the weights (the others built the model on the meta device,
+        # minima.train.model_init). It keeps them on the host and shards a meta copy, so no device ever
+        # holds the whole model; materialize_from_rank0 then sends each rank its shard.
+        full_state = None
+        if ctx.world_size > 1:
+            if ctx.rank == 0:
+                full_state = dict(model.state_dict())
+                model = meta_copy(model)
+            elif not has_meta_params(model):
+                model = meta_copy(model)  # a recipe that built real weights everywhere: rank 0's win
 
         dtype = DTYPES[self._precision]
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
@@ -116,6 +145,9 @@ class FSDPStrategy(Strategy):
         for m in units:
             fully_shard(m, **kw)
         fully_shard(model, **kw)
+        if ctx.world_size > 1:
+            materialize_from_rank0(model, full_state, ctx.device)
+            del full_state
         self.model = model
         # fully_shard swapped every parameter for a sharded one: select the trainable ones again by name.
         self.params = [p for n, p in model.named_parameters() if n in wanted]
@@ -185,19 +217,7 @@ class FSDPStrategy(Strategy):
         if self.rank != 0:
             yield None
             return
-        model = self._skeleton
-        model.load_state_dict(state, strict=False, assign=True)
-        for group in self._ties:  # assign=True gives every name its own tensor: share them again
-            first = model.get_parameter(group[0])
-            for name in group[1:]:
-                _set_param(model, name, first)
-        left = [n for n, p in model.named_parameters() if p.is_meta]
-        if left:
-            raise TrainingError(
-                f"the gathered state dict lacks {len(left)} parameters (first: {left[0]})",
-                fix="report this model family; train it with strategy=deepspeed meanwhile",
-            )
-        yield model
+        yield fill_skeleton(self._skeleton, state, self._ties)
 
     def summary(self) -> dict:
         return {"strategy": self.name, "precision": self._precision}
