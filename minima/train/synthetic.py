@@ -91,7 +91,6 @@ class SyntheticRecipe(Recipe):
     def build_model(self, ctx: TrainContext) -> torch.nn.Module:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-
         if self.cfg.init == "random":
             mc = AutoConfig.from_pretrained(str(self.cfg.model))
             kw = {"attn_implementation": self.cfg.attn_implementation} if self.cfg.attn_implementation else {}
