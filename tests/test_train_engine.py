@@ -492,3 +492,16 @@ def test_compile_true_compiles_each_block(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(model_init, "compile_blocks", lambda m, backend=None: seen.append(type(m).__name__))
     train_inprocess(base_cfg(model_dir, tmp_path / "c", compile=True, max_steps=1, seq_len=8, num_examples=16))
     assert seen == ["LlamaForCausalLM"]
+
+
+def test_a_disk_estimate_over_the_free_space_stops_before_launch(model_dir, tmp_path, monkeypatch):
+    """The plan's disk estimate (checkpoints with optimizer state + export) is checked against free space
+    before anything is created; ``--force`` skips the check."""
+    import minima.core.artifacts as artifacts
+    from minima.core.errors import DiskFullError
+
+    monkeypatch.setattr(artifacts, "_free_bytes", lambda path: 1000)
+    cfg = base_cfg(model_dir, tmp_path / "out")
+    with pytest.raises(DiskFullError, match="needs about"):
+        train_inprocess(cfg)
+    assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out").exists()

@@ -390,6 +390,11 @@ def _check_plan(cfg, force: bool, launch_plan: Optional[Plan] = None) -> None:
         plan.device_bytes / 2**30,
         plan.verdict(),
     )
+    if not force:
+        from minima.core.artifacts import check_free_space
+
+        out = cfg.resolved_out_dir()
+        check_free_space(out.parent if out.parent.exists() else Path("."), plan.disk_bytes, cfg.stage)
 
 
 def train_stage(

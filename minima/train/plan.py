@@ -376,6 +376,7 @@ class Plan:
     device_bytes: float = 0.0
     params: int = 0
     trainable: int = 0
+    disk_bytes: float = 0.0  # what the run writes: kept checkpoints with optimizer state, plus the export
     suggestions: list[str] = field(default_factory=list)
 
     @property
@@ -649,6 +650,8 @@ def _train_memory(plan: Plan, cfg, config, opts: PlanOptions, teacher_fallback) 
     plan.rows.append(
         ("checkpoint (weights / +optimizer)", f"{ck / GiB:.2f} GiB / {(ck + trainable * 12) / GiB:.2f} GiB")
     )
+    plan.disk_bytes = (ck + trainable * 12) * (getattr(cfg, "keep_last", 1) + 1) + ck
+    plan.rows.append(("disk for the run", f"{plan.disk_bytes / GiB:.2f} GiB (keep_last + 1 checkpoints, the export)"))
 
     # alternatives for the verdict
     if zero < 3 and world > 1:  # partitioning the remaining model states always helps
