@@ -390,7 +390,7 @@ def _check_plan(cfg, force: bool, launch_plan: Optional[Plan] = None) -> None:
         plan.device_bytes / 2**30,
         plan.verdict(),
     )
-    if not force:
+    if not force and lp.launcher in ("inprocess", "torchrun", "external"):  # a cluster job writes to its own storage
         from minima.core.artifacts import check_free_space
 
         out = cfg.resolved_out_dir()
