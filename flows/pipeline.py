@@ -1,5 +1,6 @@
 """The minima DAG as a Prefect flow: vocab -> records (lm + chat, concurrently) -> adapt -> prune ->
-distill -> sft -> evaluate, each step's input being the previous steps' artifacts.
+distill -> sft [-> dpo, with dpo_enabled and its preference records] -> evaluate, each step's input
+being the previous steps' artifacts.
 
 Run it with ``minima run --config pipeline.yaml``, as a deployment (prefect.yaml), or by calling
 ``pipeline(...)`` from Python.
@@ -17,13 +18,14 @@ from minima.core.artifacts import is_complete
 from minima.core.config import PipelineConfig, build
 from minima.core.errors import ConfigError
 from minima.core.presets import get_preset
-from minima.core.registry import STEPS, default_out_dirs, select_steps
+from minima.core.registry import active_steps, default_out_dirs, select_steps
 from tasks._common import artifact_current
 from tasks.adapt import adapt_task
 from tasks.distill import distill_task
+from tasks.dpo import dpo_task
 from tasks.evaluate import evaluate_task
 from tasks.prune import prune_task
-from tasks.records import records_chat_task, records_lm_task
+from tasks.records import records_chat_task, records_lm_task, records_pref_task
 from tasks.sft import sft_task
 from tasks.vocab import vocab_task
 
@@ -35,6 +37,8 @@ TASKS = {
     "prune": prune_task,
     "distill": distill_task,
     "sft": sft_task,
+    "records_pref": records_pref_task,
+    "dpo": dpo_task,
     "evaluate": evaluate_task,
 }
 
@@ -64,17 +68,19 @@ def pipeline(
     ``only_stage`` reruns one stage on the existing upstream artifacts, ``force`` reruns all."""
     log = get_run_logger()
     cfg = resolve_config(config, preset, overrides or [])
-    run_keys, forced = select_steps(from_stage, only_stage)
+    run_keys, forced = select_steps(from_stage, only_stage, cfg)
     if force:
         forced = set(run_keys)
     payload = cfg.model_dump(mode="json")
     outs = default_out_dirs(cfg)
     futures: dict[str, Any] = {}
-    for step in STEPS:
+    steps = active_steps(cfg)
+    active = {s.key for s in steps}
+    for step in steps:
         if step.key not in run_keys:
             continue
         upstream: dict[str, Any] = {}
-        for need in step.needs:
+        for need in step.inputs(active):
             if need in futures:
                 upstream[need] = futures[need]
             elif is_complete(outs[need]):

@@ -2,12 +2,15 @@
 
 flows/pipeline.py runs these steps as Prefect tasks; this module only knows the DAG:
 
-    base ──> vocab ──> records_lm ──┬──> adapt ──> prune ──> distill ──> sft ──> evaluate
-                  └──> records_chat ┘                                   ↑
-                                     (records_chat feeds sft) ──────────┘
+    base ──> vocab ──> records_lm ──┬──> adapt ──> prune ──> distill ──> sft ─────────────> evaluate
+                  └──> records_chat ┘                                   ↑   └─> records_pref ─> dpo ─┘
+                                     (records_chat feeds sft) ──────────┘       (optional: dpo_enabled)
 
-Each step is a (stage, key) pair: ``records`` runs twice (``records_lm`` for pretraining text and
-``records_chat`` for chat data), every other step is named after its stage.
+Each step is a (stage, key) pair: ``records`` runs for ``records_lm`` (pretraining text),
+``records_chat`` (chat data) and ``records_pref`` (preference pairs), every other step is named after
+its stage. Optional steps (``records_pref``, ``dpo``) run only when ``PipelineConfig.dpo_enabled``; a
+step's ``after`` are optional steps it then also waits for and takes as inputs (evaluate adds the dpo
+model to its comparison).
 """
 
 from __future__ import annotations
@@ -27,9 +30,15 @@ class Step:
     stage: str  # minima stage name
     needs: tuple[str, ...]  # upstream step keys
     out_name: str  # directory name under run_dir
+    optional: bool = False  # runs only when the pipeline enables it (dpo_enabled)
+    after: tuple[str, ...] = ()  # optional upstream steps, needed only when enabled
+
+    def inputs(self, active: set[str]) -> tuple[str, ...]:
+        """Upstream step keys of this step when the steps ``active`` run."""
+        return self.needs + tuple(k for k in self.after if k in active)
 
 
-STEPS: tuple[Step, ...] = (
+ALL_STEPS: tuple[Step, ...] = (
     Step("vocab", "vocab", (), "01_vocab"),
     Step("records_lm", "records", ("vocab",), "02_records_lm"),
     Step("records_chat", "records", ("vocab",), "02_records_chat"),
@@ -37,32 +46,53 @@ STEPS: tuple[Step, ...] = (
     Step("prune", "prune", ("adapt", "records_lm"), "04_prune"),
     Step("distill", "distill", ("adapt", "prune", "records_lm"), "05_distill"),
     Step("sft", "sft", ("distill", "records_chat"), "06_sft"),
-    Step("evaluate", "evaluate", ("adapt", "prune", "distill", "sft"), "07_evaluate"),
+    # Tokenized by the sft model's own tokenizer (a chat format may have added tokens to it).
+    Step("records_pref", "records", ("sft",), "06_records_pref", optional=True),
+    Step("dpo", "dpo", ("sft", "records_pref"), "06_dpo", optional=True),
+    Step("evaluate", "evaluate", ("adapt", "prune", "distill", "sft"), "07_evaluate", after=("dpo",)),
 )
-STEP = {s.key: s for s in STEPS}
+STEPS: tuple[Step, ...] = tuple(s for s in ALL_STEPS if not s.optional)  # the default pipeline
+STEP = {s.key: s for s in ALL_STEPS}
 STAGE_TO_STEPS = {}
-for _s in STEPS:
+for _s in ALL_STEPS:
     STAGE_TO_STEPS.setdefault(_s.stage, []).append(_s.key)
 
 
-def downstream(step_key: str) -> list[str]:
-    """The step and everything that (transitively) depends on it, in DAG order."""
+def active_steps(pipeline: Optional[PipelineConfig] = None) -> list[Step]:
+    """The steps a pipeline runs, in DAG order: every step, the optional ones only with ``dpo_enabled``."""
+    on = bool(pipeline is not None and pipeline.dpo_enabled)
+    return [s for s in ALL_STEPS if on or not s.optional]
+
+
+def downstream(step_key: str, steps: Optional[list[Step]] = None) -> list[str]:
+    """The step and everything among ``steps`` (default: the default pipeline's) that depends on it, in DAG order."""
+    steps = active_steps() if steps is None else steps
+    keys = {s.key for s in steps}
     out = {step_key}
-    for s in STEPS:
-        if any(n in out for n in s.needs):
+    for s in steps:
+        if any(n in out for n in s.inputs(keys)):
             out.add(s.key)
-    return [s.key for s in STEPS if s.key in out]
+    return [s.key for s in steps if s.key in out]
 
 
-def select_steps(from_stage: Optional[str] = None, only_stage: Optional[str] = None) -> tuple[set[str], set[str]]:
+def select_steps(
+    from_stage: Optional[str] = None, only_stage: Optional[str] = None, pipeline: Optional[PipelineConfig] = None
+) -> tuple[set[str], set[str]]:
     """Steps to run and steps to force. ``from_stage`` forces it and all that follows;
-    ``only_stage`` forces just that stage (its inputs must already exist)."""
+    ``only_stage`` forces just that stage (its inputs must already exist). ``pipeline`` says which
+    optional steps are on."""
+    steps = active_steps(pipeline)
 
     def keys(name: str) -> list[str]:
         if name in STEP:
+            if STEP[name] not in steps:
+                raise ConfigError(f"step '{name}' is off in this pipeline", fix="set dpo_enabled=true to run it")
             return [name]
         if name in STAGE_TO_STEPS:
-            return STAGE_TO_STEPS[name]
+            found = [k for k in STAGE_TO_STEPS[name] if STEP[k] in steps]
+            if not found:
+                raise ConfigError(f"stage '{name}' is off in this pipeline", fix="set dpo_enabled=true to run it")
+            return found
         import difflib
 
         close = difflib.get_close_matches(name, list(STEP) + list(STAGE_TO_STEPS), n=1)
@@ -72,14 +102,14 @@ def select_steps(from_stage: Optional[str] = None, only_stage: Optional[str] = N
 
     if from_stage and only_stage:
         raise ConfigError("--from-stage and --only-stage cannot be combined", fix="use one of them")
-    all_keys = {s.key for s in STEPS}
+    all_keys = {s.key for s in steps}
     if only_stage:
         ks = set(keys(only_stage))
         return ks, ks
     if from_stage:
         forced: set[str] = set()
         for k in keys(from_stage):
-            forced |= set(downstream(k))
+            forced |= set(downstream(k, steps))
         return all_keys, forced
     return all_keys, set()
 
@@ -94,8 +124,16 @@ WIRING: dict[str, Wiring] = {
     "prune": lambda c, up: {"teacher": up["adapt"], "records": up["records_lm"]},
     "distill": lambda c, up: {"teacher": up["adapt"], "student": up["prune"], "records": up["records_lm"]},
     "sft": lambda c, up: {"model": up["distill"], "records": up["records_chat"]},
+    "records_pref": lambda c, up: {"tokenizer": up["sft"], "format": "preference"},
+    "dpo": lambda c, up: {"model": up["sft"], "records": up["records_pref"]},
     "evaluate": lambda c, up: {
-        "models": {"teacher": up["adapt"], "pruned": up["prune"], "distilled": up["distill"], "chat": up["sft"]}
+        "models": {
+            "teacher": up["adapt"],
+            "pruned": up["prune"],
+            "distilled": up["distill"],
+            "chat": up["sft"],
+            **({"dpo": up["dpo"]} if "dpo" in up else {}),
+        }
     },
 }
 
@@ -117,10 +155,14 @@ def step_config(pipeline: PipelineConfig, key: str, upstream: dict[str, str]) ->
 
 
 def default_out_dirs(pipeline: PipelineConfig) -> dict[str, str]:
-    return {s.key: getattr(pipeline, s.key).out_dir or str(Path(pipeline.run_dir) / s.out_name) for s in STEPS}
+    """Output dir of each step the pipeline runs."""
+    return {
+        s.key: getattr(pipeline, s.key).out_dir or str(Path(pipeline.run_dir) / s.out_name)
+        for s in active_steps(pipeline)
+    }
 
 
-assert all(STAGE_NUMBER[s.stage] for s in STEPS)
+assert all(STAGE_NUMBER[s.stage] for s in ALL_STEPS)
 
 
 # stage -> "module:function"; function(cfg, force=False) -> Artifact
@@ -131,6 +173,7 @@ STAGE_RUNNERS = {
     "prune": "minima.stages.prune:run",
     "distill": "minima.stages.distill:run",
     "sft": "minima.stages.sft:run",
+    "dpo": "minima.stages.dpo:run",
     "evaluate": "minima.stages.evaluate:run",
 }
 # extra command -> ("module:function", help); function(argv: list[str]) -> int
