@@ -4,9 +4,11 @@ A ``format=preference`` record holds ``prompt``, ``chosen`` + ``chosen_mask`` an
 ``rejected_mask`` (int64 features). :class:`PreferenceDataset` is a :class:`RecordDataset` (same
 order, sharding and exact ``state_dict()`` resume) whose samples carry these fields and ``index``,
 the record's global id in the split. Per-pair side data (precomputed reference log-probs) rides
-along as ``extras``: arrays indexed by that id, each sample carrying its row. :func:`collate_pairs` lays a batch of B pairs out as one forward of 2B rows,
-the chosen rows first: ``prompt + chosen`` and ``prompt + rejected``, right-padded, with labels on
-the responses' masked tokens.
+along as ``extras``: arrays indexed by that id, each sample carrying its row.
+
+:func:`collate_pairs` lays a batch of B pairs out as one forward of 2B rows, the chosen rows first:
+``prompt + chosen`` and ``prompt + rejected``, right-padded, with labels on the responses' masked
+tokens.
 """
 
 from __future__ import annotations
