@@ -11,8 +11,9 @@ asks two loglikelihood requests with the same context: the chosen and the reject
 
 Any two models are comparable on the same file: the contexts and continuations are text, scored the
 lm-eval way. Without a chat template the context is the prompt text (hh-rlhf's transcript up to
-``Assistant:``, or the prompt string); message lists are written as ``User: ...`` / ``Assistant: ...``
-lines. With ``chat_template=true`` a single-turn prompt is wrapped in the model's template.
+``Assistant:``, or the prompt string, with a space before the responses as lm-eval's target
+delimiter); message lists are written as ``User: ...`` / ``Assistant: ...`` lines. With
+``chat_template=true`` a single-turn prompt is wrapped in the model's template.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def pair_doc(pair, where: str) -> Doc:
     """A :class:`~minima.data.preference.Pair` as a doc: query = prompt text, choices = [chosen, rejected]."""
     if pair.text is not None:
         prompt, chosen, rejected = pair.text
+        if prompt and not prompt[-1].isspace() and not (chosen[:1].isspace() or rejected[:1].isspace()):
+            chosen, rejected = " " + chosen, " " + rejected  # lm-eval's target delimiter
     else:
         prompt = _plain(pair.prompt) + "\nAssistant:"
         chosen = " " + _plain(pair.chosen).removeprefix("Assistant: ")
