@@ -523,6 +523,42 @@ def test_precomputed_reference_equals_online_and_resumes(tmp_path, model_dir, ma
     assert np.allclose(np.delete(got, np.s_[16:32], axis=0), np.delete(ref_train, np.s_[16:32], axis=0), rtol=1e-5)
 
 
+def test_ref_zero3_matches_replicated(tmp_path, model_dir, manners_records):
+    """The reference sharded with ZeRO-3 inference gives the replicated copy's rewards."""
+    from minima.stages.dpo import run
+
+    rows = {}
+    for z in (False, True):
+        rows[z] = _rows(run(_cfg(tmp_path / f"z{int(z)}", model_dir, manners_records, ref_zero3=z, max_steps=2)))
+    for a, b in zip(rows[False], rows[True]):
+        for k in ("loss", "rewards/chosen", "rewards/rejected"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7)
+    assert rows[True][-1]["rewards/chosen"] != 0.0
+
+
+def test_two_ranks_precompute_and_train(tmp_path, model_dir, manners_records):
+    """Two gloo ranks under FSDP: each rank computes its parts of the reference pass, rank 0 joins them (equal to
+    one process's), and training counts every pair of the global batch."""
+    import os
+
+    import numpy as np
+
+    from minima.stages import dpo
+    from minima.train.recipe import TrainContext
+
+    cfg = _cfg(tmp_path / "two", model_dir, manners_records, strategy="fsdp", precompute_ref=True, max_steps=2)
+    cfg.launch.nproc_per_node = 2
+    cfg.launch.master_port = 29500 + os.getpid() % 1000
+    art = dpo.run(cfg)
+    assert art.metrics["world_size"] == 2 and art.metrics["train_tokens"] == 2 * 2 * 8
+    ctx = TrainContext(0, 1, 0, torch.device("cpu"), torch.float32, tmp_path / "one", tmp_path / "x", 0)
+    one = dpo.precompute_reference(_cfg(tmp_path / "x", model_dir, manners_records, precompute_ref=True), ctx)
+    for split in ("train", "dev"):
+        two = np.load(art.path / dpo.REF_DIR / f"{split}.npy")
+        assert two.shape == one[split].shape and np.allclose(two, one[split], rtol=1e-5)
+    assert 0.0 <= art.metrics["dev_reward_accuracy"] <= 1.0
+
+
 def test_lora_reference_is_the_base_with_adapters_off(tmp_path, model_dir, manners_records):
     """With LoRA there is no copy: after training, the dev rewards equal beta * (log p_policy - log p_base)
     computed by hand from the merged export and the base dir."""

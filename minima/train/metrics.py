@@ -222,7 +222,7 @@ def plot_loss_curve(metrics_path: Path, png: Path) -> Optional[Path]:
         ax2.set_ylabel("reward margin (chosen - rejected)")
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels)
+    ax.legend(handles, labels, loc="center right" if len(handles) > 2 else "best")
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)

@@ -611,8 +611,8 @@ def _train_memory(plan: Plan, cfg, config, opts: PlanOptions, teacher_fallback) 
         plan.notes[fb_label] = f"incl. {gathered / GiB:.2f} GiB gathered ZeRO-3 params"
     plan.phases[fb_label] = act + gathered + ref_logits
     if ref_logits:
-        note = f"incl. {ref_logits / GiB:.2f} GiB reference logits"
-        plan.notes[fb_label] = f"{plan.notes[fb_label]}, {note}" if fb_label in plan.notes else note
+        note = f"{ref_logits / GiB:.2f} GiB reference logits"
+        plan.notes[fb_label] = f"{plan.notes[fb_label]} and {note}" if fb_label in plan.notes else f"incl. {note}"
     plan.phases[f"optimizer step temporaries ({where})"] = step_transient_bytes(
         trainable, cfg.precision, zero, world, cpu, gas
     )
