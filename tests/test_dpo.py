@@ -148,6 +148,9 @@ def test_three_shapes_give_sft_ids_and_counts(tmp_path, tok, model_dir):
     ]
     _write_jsonl(d / "c_hh.jsonl", hh)
     rec = _records(tmp_path / "rec", str(d), model_dir, dev_fraction=0.0, shuffle=False)
+    pool = _records(tmp_path / "pool", str(d), model_dir, dev_fraction=0.0, shuffle=False, num_workers=2, chunk_size=1)
+    shard = "train/part-00000.tfrecord"
+    assert (rec / shard).read_bytes() == (pool / shard).read_bytes()  # the bytes do not depend on the workers
     meta = json.loads((rec / "manifest.json").read_text())["metrics"]
     assert meta["format"] == "preference" and meta["num_records"]["train"] == 6
     assert meta["truncated"] == 0 and meta["dropped_identical"] == 0 and len(meta["tokenizer_fingerprint"]) == 16

@@ -258,7 +258,8 @@ def precompute_reference(cfg: DpoConfig, ctx: TrainContext) -> dict[str, np.ndar
 
     Every rank computes its share of parts (``REF_PART`` pairs each, stored as
     ``ref_logps/<split>/part-NNNNNNNN.npy`` when done, so a restarted pass skips them); rank 0 then
-    joins them into ``ref_logps/<split>.npy``. The reference model is freed before training starts.
+    joins them into ``ref_logps/<split>.npy`` (kept in the artifact, 8 bytes per pair). The reference
+    model is freed before training starts.
     """
     from minima.models.loader import load_teacher
 
@@ -338,6 +339,7 @@ def _join_parts(part_dir: Path, final: Path) -> None:
     tmp = final.with_name(final.stem + ".tmp.npy")
     np.save(tmp, arr.astype(np.float32))
     os.replace(tmp, final)
+    shutil.rmtree(part_dir, ignore_errors=True)  # the joined file is what a resumed run reads
 
 
 # ----------------------------------------------------------------------------- validation
