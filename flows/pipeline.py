@@ -1,5 +1,5 @@
 """The minima DAG as a Prefect flow: vocab -> records (lm + chat, concurrently) -> adapt -> prune ->
-distill -> sft [-> dpo, with dpo_enabled and its preference records] -> evaluate, each step's input
+distill -> sft [-> records_pref -> dpo, when ``dpo.enabled``] -> evaluate, each step's input
 being the previous steps' artifacts.
 
 Run it with ``minima run --config pipeline.yaml``, as a deployment (prefect.yaml), or by calling
@@ -18,7 +18,7 @@ from minima.core.artifacts import is_complete
 from minima.core.config import PipelineConfig, build
 from minima.core.errors import ConfigError
 from minima.core.presets import get_preset
-from minima.core.registry import active_steps, default_out_dirs, select_steps
+from minima.core.registry import default_out_dirs, pipeline_steps, select_steps
 from tasks._common import artifact_current
 from tasks.adapt import adapt_task
 from tasks.distill import distill_task
@@ -68,13 +68,13 @@ def pipeline(
     ``only_stage`` reruns one stage on the existing upstream artifacts, ``force`` reruns all."""
     log = get_run_logger()
     cfg = resolve_config(config, preset, overrides or [])
-    run_keys, forced = select_steps(from_stage, only_stage, cfg)
+    steps = pipeline_steps(cfg)
+    run_keys, forced = select_steps(from_stage, only_stage, steps)
     if force:
         forced = set(run_keys)
     payload = cfg.model_dump(mode="json")
     outs = default_out_dirs(cfg)
     futures: dict[str, Any] = {}
-    steps = active_steps(cfg)
     active = {s.key for s in steps}
     for step in steps:
         if step.key not in run_keys:

@@ -730,7 +730,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, model_dir, manners_records, tiny_
     with pytest.raises(ConfigError, match="format=preference"):
         run(_cfg(tmp_path / "o", model_dir, chat))
     with pytest.raises(ConfigError, match="chat_format"):
-        run(_cfg(tmp_path / "o", model_dir, manners_records, format="chatml"))
+        run(_cfg(tmp_path / "o", model_dir, manners_records, chat_format="chatml"))
     with pytest.raises(ConfigError, match="ref_zero3"):
         run(_cfg(tmp_path / "o", model_dir, manners_records, strategy="fsdp", ref_zero3=True))
     from transformers import AutoTokenizer

@@ -497,6 +497,11 @@ class DpoConfig(TrainConfig):
     """Preference tuning of a chat model (DPO, IPO, SimPO, ORPO) on preference records."""
 
     stage: ClassVar[str] = "dpo"
+    enabled: bool = nohash(
+        False,
+        "Pipeline only: run records_pref -> dpo after sft, and evaluate the dpo model too (off by default; "
+        "`minima dpo` ignores it).",
+    )
     lr: float = Field(1e-6, gt=0, description="Peak learning rate (TRL's DPO default 1e-6; Zephyr 5e-7).")
     loss: DpoLossConfig = Field(default_factory=DpoLossConfig, description="Preference loss.")
     precompute_ref: bool = Field(
@@ -522,7 +527,9 @@ class DpoConfig(TrainConfig):
     dev_fraction: float = Field(
         0.05, ge=0, lt=1, description="train_files: fraction of pairs held out as the dev split."
     )
-    format: str = Field("minichat", description="Chat format of the model (train_files builds; checked on records).")
+    chat_format: str = Field(
+        "minichat", description="Chat format of the model (train_files builds; checked against the records)."
+    )
     preference_template: Literal["chat", "plain"] = Field(
         "chat", description="train_files: chat (the format's template) or plain text for base models."
     )
@@ -744,14 +751,13 @@ class PipelineConfig(Closed):
     prune: PruneConfig = Field(default_factory=PruneConfig, description="prune stage")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="distill stage")
     sft: SftConfig = Field(default_factory=SftConfig, description="sft stage")
-    dpo_enabled: bool = Field(
-        False, description="Run the optional dpo step after sft (records_pref -> dpo; evaluate then compares it)."
-    )
     records_pref: RecordsConfig = Field(
         default_factory=lambda: RecordsConfig(format="preference", max_length=1024),
-        description="records stage for preference pairs (dpo_enabled)",
+        description="records stage for preference pairs (runs with dpo)",
     )
-    dpo: DpoConfig = Field(default_factory=DpoConfig, description="dpo stage (dpo_enabled)")
+    dpo: DpoConfig = Field(
+        default_factory=DpoConfig, description="dpo stage (optional: runs, after records_pref, when dpo.enabled)"
+    )
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="evaluate stage")
 
 

@@ -4,7 +4,7 @@
 - ``minima-3b``: MiniMA's recipe: LLaMA-2-7B teacher (32 layers, 32 heads, hidden 4096, ffn 11008)
   adapted to Chinese, pruned to 24/24/3072/8192 (~3.02B) and distilled with 0.5 CE + 0.5 soft CE.
 - ``minichat-3b``: MiniChat's instruction tuning of the MiniMA-3B student, and the optional dpo step
-  (``dpo_enabled=true``) with Zephyr-7B-beta's DPO settings (MiniChat-2's are not published).
+  (``dpo.enabled=true``) with Zephyr-7B-beta's DPO settings (MiniChat-2's are not published).
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def minichat_3b() -> PipelineConfig:
             epochs=3,
             betas=(0.9, 0.999),
             weight_decay=0.0,
-            format="minichat",
+            chat_format="minichat",
             max_length=1024,
             max_prompt_length=512,
             activation_checkpointing=True,

@@ -4,18 +4,18 @@ flows/pipeline.py runs these steps as Prefect tasks; this module only knows the 
 
     base ──> vocab ──> records_lm ──┬──> adapt ──> prune ──> distill ──> sft ─────────────> evaluate
                   └──> records_chat ┘                                   ↑   └─> records_pref ─> dpo ─┘
-                                     (records_chat feeds sft) ──────────┘       (optional: dpo_enabled)
+                                     (records_chat feeds sft) ──────────┘       (optional: dpo.enabled)
 
 Each step is a (stage, key) pair: ``records`` runs for ``records_lm`` (pretraining text),
 ``records_chat`` (chat data) and ``records_pref`` (preference pairs), every other step is named after
-its stage. Optional steps (``records_pref``, ``dpo``) run only when ``PipelineConfig.dpo_enabled``; a
-step's ``after`` are optional steps it then also waits for and takes as inputs (evaluate adds the dpo
-model to its comparison).
+its stage. ``STEPS`` always run; an ``OPTIONAL_STEPS`` step (records_pref, dpo) runs only when its
+switch's config says ``enabled: true`` (``dpo.enabled``). A step's ``after`` are optional steps it then
+also waits for and takes as inputs (evaluate adds the dpo model to its comparison).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -30,15 +30,15 @@ class Step:
     stage: str  # minima stage name
     needs: tuple[str, ...]  # upstream step keys
     out_name: str  # directory name under run_dir
-    optional: bool = False  # runs only when the pipeline enables it (dpo_enabled)
-    after: tuple[str, ...] = ()  # optional upstream steps, needed only when enabled
+    switch: Optional[str] = None  # optional steps: the PipelineConfig field whose ``enabled`` turns them on
+    after: tuple[str, ...] = ()  # optional upstream steps: inputs too, when they run
 
-    def inputs(self, active: set[str]) -> tuple[str, ...]:
+    def inputs(self, active: Collection[str]) -> tuple[str, ...]:
         """Upstream step keys of this step when the steps ``active`` run."""
         return self.needs + tuple(k for k in self.after if k in active)
 
 
-ALL_STEPS: tuple[Step, ...] = (
+STEPS: tuple[Step, ...] = (
     Step("vocab", "vocab", (), "01_vocab"),
     Step("records_lm", "records", ("vocab",), "02_records_lm"),
     Step("records_chat", "records", ("vocab",), "02_records_chat"),
@@ -46,27 +46,29 @@ ALL_STEPS: tuple[Step, ...] = (
     Step("prune", "prune", ("adapt", "records_lm"), "04_prune"),
     Step("distill", "distill", ("adapt", "prune", "records_lm"), "05_distill"),
     Step("sft", "sft", ("distill", "records_chat"), "06_sft"),
-    # Tokenized by the sft model's own tokenizer (a chat format may have added tokens to it).
-    Step("records_pref", "records", ("sft",), "06_records_pref", optional=True),
-    Step("dpo", "dpo", ("sft", "records_pref"), "06_dpo", optional=True),
     Step("evaluate", "evaluate", ("adapt", "prune", "distill", "sft"), "07_evaluate", after=("dpo",)),
 )
-STEPS: tuple[Step, ...] = tuple(s for s in ALL_STEPS if not s.optional)  # the default pipeline
+# Steps that run only when ``<switch>.enabled`` is true (see ``pipeline_steps``). The preference records
+# are tokenized by the sft model's own tokenizer (a chat format may have added tokens to it).
+OPTIONAL_STEPS: tuple[Step, ...] = (
+    Step("records_pref", "records", ("sft",), "06_records_pref", switch="dpo"),
+    Step("dpo", "dpo", ("sft", "records_pref"), "06_dpo", switch="dpo"),
+)
+# DAG order: the optional steps run before the steps that take them as inputs (evaluate after dpo).
+ALL_STEPS: tuple[Step, ...] = STEPS[:-1] + OPTIONAL_STEPS + STEPS[-1:]
 STEP = {s.key: s for s in ALL_STEPS}
 STAGE_TO_STEPS = {}
 for _s in ALL_STEPS:
     STAGE_TO_STEPS.setdefault(_s.stage, []).append(_s.key)
 
 
-def active_steps(pipeline: Optional[PipelineConfig] = None) -> list[Step]:
-    """The steps a pipeline runs, in DAG order: every step, the optional ones only with ``dpo_enabled``."""
-    on = bool(pipeline is not None and pipeline.dpo_enabled)
-    return [s for s in ALL_STEPS if on or not s.optional]
+def pipeline_steps(pipeline: PipelineConfig) -> tuple[Step, ...]:
+    """The steps this pipeline config runs, in DAG order: ``STEPS`` plus the switched-on optional ones."""
+    return tuple(s for s in ALL_STEPS if s.switch is None or getattr(pipeline, s.switch).enabled)
 
 
-def downstream(step_key: str, steps: Optional[list[Step]] = None) -> list[str]:
-    """The step and everything among ``steps`` (default: the default pipeline's) that depends on it, in DAG order."""
-    steps = active_steps() if steps is None else steps
+def downstream(step_key: str, steps: Sequence[Step] = STEPS) -> list[str]:
+    """The step and everything that (transitively) depends on it among ``steps``, in DAG order."""
     keys = {s.key for s in steps}
     out = {step_key}
     for s in steps:
@@ -76,23 +78,23 @@ def downstream(step_key: str, steps: Optional[list[Step]] = None) -> list[str]:
 
 
 def select_steps(
-    from_stage: Optional[str] = None, only_stage: Optional[str] = None, pipeline: Optional[PipelineConfig] = None
+    from_stage: Optional[str] = None, only_stage: Optional[str] = None, steps: Sequence[Step] = STEPS
 ) -> tuple[set[str], set[str]]:
-    """Steps to run and steps to force. ``from_stage`` forces it and all that follows;
-    ``only_stage`` forces just that stage (its inputs must already exist). ``pipeline`` says which
-    optional steps are on."""
-    steps = active_steps(pipeline)
+    """Steps to run and steps to force, among ``steps``. ``from_stage`` forces it and all that
+    follows; ``only_stage`` forces just that stage (its inputs must already exist)."""
+    active = {s.key for s in steps}
 
     def keys(name: str) -> list[str]:
-        if name in STEP:
-            if STEP[name] not in steps:
-                raise ConfigError(f"step '{name}' is off in this pipeline", fix="set dpo_enabled=true to run it")
-            return [name]
-        if name in STAGE_TO_STEPS:
-            found = [k for k in STAGE_TO_STEPS[name] if STEP[k] in steps]
-            if not found:
-                raise ConfigError(f"stage '{name}' is off in this pipeline", fix="set dpo_enabled=true to run it")
-            return found
+        if name in STEP or name in STAGE_TO_STEPS:
+            ks = [name] if name in STEP else [k for k in STAGE_TO_STEPS[name] if k in active or STEP[k].switch is None]
+            off = [k for k in ks if k not in active]
+            if off or not ks:
+                switch = STEP[off[0] if off else STAGE_TO_STEPS[name][0]].switch
+                raise ConfigError(
+                    f"step {', '.join(off) or name} is switched off in this pipeline config",
+                    fix=f"set {switch}.enabled=true to run it",
+                )
+            return ks
         import difflib
 
         close = difflib.get_close_matches(name, list(STEP) + list(STAGE_TO_STEPS), n=1)
@@ -102,7 +104,6 @@ def select_steps(
 
     if from_stage and only_stage:
         raise ConfigError("--from-stage and --only-stage cannot be combined", fix="use one of them")
-    all_keys = {s.key for s in steps}
     if only_stage:
         ks = set(keys(only_stage))
         return ks, ks
@@ -110,8 +111,8 @@ def select_steps(
         forced: set[str] = set()
         for k in keys(from_stage):
             forced |= set(downstream(k, steps))
-        return all_keys, forced
-    return all_keys, set()
+        return active, forced
+    return active, set()
 
 
 # How a step's config gets its inputs from upstream artifact dirs.
@@ -142,6 +143,8 @@ def step_config(pipeline: PipelineConfig, key: str, upstream: dict[str, str]) ->
     """The step's stage config with run_dir, out_dir and upstream inputs filled in (validated)."""
     step = STEP[key]
     cfg: StageConfig = getattr(pipeline, key)
+    active = {s.key for s in pipeline_steps(pipeline)}
+    upstream = {k: v for k, v in upstream.items() if k in step.inputs(active)}  # a switched-off step is no input
     missing = [n for n in step.needs if n not in upstream]
     if missing:
         raise ConfigError(f"step {key} needs the artifacts of {', '.join(missing)}", fix="run the earlier stages first")
@@ -155,11 +158,7 @@ def step_config(pipeline: PipelineConfig, key: str, upstream: dict[str, str]) ->
 
 
 def default_out_dirs(pipeline: PipelineConfig) -> dict[str, str]:
-    """Output dir of each step the pipeline runs."""
-    return {
-        s.key: getattr(pipeline, s.key).out_dir or str(Path(pipeline.run_dir) / s.out_name)
-        for s in active_steps(pipeline)
-    }
+    return {s.key: getattr(pipeline, s.key).out_dir or str(Path(pipeline.run_dir) / s.out_name) for s in ALL_STEPS}
 
 
 assert all(STAGE_NUMBER[s.stage] for s in ALL_STEPS)

@@ -402,11 +402,11 @@ def check_records(cfg: DpoConfig, records: str) -> None:
             where="dpo.records",
             fix="build the records with format=preference",
         )
-    if meta.get("chat_format") and meta["chat_format"] != cfg.format:
+    if meta.get("chat_format") and meta["chat_format"] != cfg.chat_format:
         raise ConfigError(
-            f"the records were built with chat_format={meta['chat_format']!r} but dpo.format={cfg.format!r}",
-            where="dpo.format",
-            fix=f"set format={meta['chat_format']}, or rebuild the records with chat_format={cfg.format}",
+            f"the records were built with chat_format={meta['chat_format']!r} but dpo.chat_format={cfg.chat_format!r}",
+            where="dpo.chat_format",
+            fix=f"set chat_format={meta['chat_format']}, or rebuild the records with chat_format={cfg.chat_format}",
         )
     if meta.get("tokenizer_fingerprint") and any((Path(cfg.model) / f).is_file() for f in TOKENIZER_FILES):
         mine = tokenizer_fingerprint(load_tokenizer(cfg.model))
@@ -443,7 +443,7 @@ def build_records(cfg: DpoConfig, force: bool = False) -> Path:
         inputs=sources,
         tokenizer=str(cfg.model),
         format="preference",
-        chat_format=cfg.format,
+        chat_format=cfg.chat_format,
         preference_template=cfg.preference_template,
         max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length,
