@@ -1,6 +1,6 @@
 """The minima DAG as a Prefect flow: vocab -> records (lm + chat, concurrently) -> adapt -> prune ->
-distill -> sft -> evaluate (-> export, when ``export.enabled``), each step's input being the previous
-steps' artifacts.
+distill -> sft [-> records_pref -> dpo, when ``dpo.enabled``] -> evaluate (-> export, when
+``export.enabled``), each step's input being the previous steps' artifacts.
 
 Run it with ``minima run --config pipeline.yaml``, as a deployment (prefect.yaml), or by calling
 ``pipeline(...)`` from Python.
@@ -22,10 +22,11 @@ from minima.core.registry import default_out_dirs, pipeline_steps, select_steps
 from tasks._common import artifact_current
 from tasks.adapt import adapt_task
 from tasks.distill import distill_task
+from tasks.dpo import dpo_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.prune import prune_task
-from tasks.records import records_chat_task, records_lm_task
+from tasks.records import records_chat_task, records_lm_task, records_pref_task
 from tasks.sft import sft_task
 from tasks.vocab import vocab_task
 
@@ -37,6 +38,8 @@ TASKS = {
     "prune": prune_task,
     "distill": distill_task,
     "sft": sft_task,
+    "records_pref": records_pref_task,
+    "dpo": dpo_task,
     "evaluate": evaluate_task,
     "export": export_task,
 }
@@ -74,11 +77,12 @@ def pipeline(
     payload = cfg.model_dump(mode="json")
     outs = default_out_dirs(cfg)
     futures: dict[str, Any] = {}
+    active = {s.key for s in steps}
     for step in steps:
         if step.key not in run_keys:
             continue
         upstream: dict[str, Any] = {}
-        for need in step.needs:
+        for need in step.inputs(active):
             if need in futures:
                 upstream[need] = futures[need]
             elif is_complete(outs[need]):

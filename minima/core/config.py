@@ -26,8 +26,19 @@ from pydantic import (
 
 from minima.core.errors import ConfigError
 
-STAGES = ("vocab", "records", "adapt", "prune", "distill", "sft", "evaluate", "export")
-STAGE_NUMBER = {name: i + 1 for i, name in enumerate(STAGES)}
+STAGES = ("vocab", "records", "adapt", "prune", "distill", "sft", "dpo", "evaluate", "export")
+# dpo refines the sft model and shares its number, so evaluate keeps 07 (runs/x/06_dpo next to 06_sft).
+STAGE_NUMBER = {
+    "vocab": 1,
+    "records": 2,
+    "adapt": 3,
+    "prune": 4,
+    "distill": 5,
+    "sft": 6,
+    "dpo": 6,
+    "evaluate": 7,
+    "export": 8,
+}
 
 
 def nohash(default: Any = None, description: str = "", **kw) -> Any:
@@ -165,11 +176,29 @@ class RecordsConfig(StageConfig):
     stage: ClassVar[str] = "records"
     inputs: Union[str, list[Source], None] = Field(None, description="A glob, or a list of named sources.")
     tokenizer: Optional[str] = Field(None, description="HF tokenizer directory (e.g. the vocab stage output).")
-    format: Literal["lm", "chat"] = Field(
-        "lm", description="lm: packed token records; chat: one conversation per record with a loss mask."
+    format: Literal["lm", "chat", "preference"] = Field(
+        "lm",
+        description="lm: packed token records; chat: one conversation per record with a loss mask; preference: "
+        "one (prompt, chosen, rejected) pair per record for dpo.",
     )
-    chat_format: str = Field("minichat", description="Chat format from the format registry (format=chat).")
-    max_length: int = Field(2048, ge=8, description="Tokens per record (lm) / maximum tokens (chat).")
+    chat_format: str = Field(
+        "minichat", description="Chat format from the format registry (format=chat, and preference with a template)."
+    )
+    max_length: int = Field(
+        2048, ge=8, description="Tokens per record (lm) / maximum tokens (chat) / prompt + response (preference)."
+    )
+    max_prompt_length: int = Field(
+        512,
+        ge=1,
+        description="format=preference: prompt tokens kept (the last ones; a leading BOS stays); the responses are "
+        "then cut to max_length minus the prompt.",
+    )
+    preference_template: Literal["chat", "plain"] = Field(
+        "chat",
+        description="format=preference: chat renders prompt and responses with chat_format as sft does (sft "
+        "models); plain tokenizes the prompt and completion texts as they are, BOS before the prompt and EOS "
+        "after each response (base models).",
+    )
     num_workers: int = nohash(1, "Tokenizer processes. Output bytes do not depend on it.", ge=1)
     shard_size: int = Field(10000, ge=1, description="Records per TFRecord shard.")
     dev_fraction: float = Field(0.01, ge=0, lt=1, description="Fraction of records held out as the dev split.")
@@ -190,6 +219,15 @@ class RecordsConfig(StageConfig):
     chunk_size: int = nohash(
         1024, "Documents per tokenizer batch sent to a worker (output does not depend on it).", ge=1
     )
+
+    @model_validator(mode="after")
+    def _preference_lengths(self):
+        if self.format == "preference" and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length={self.max_prompt_length} leaves no room for the responses in "
+                f"max_length={self.max_length}; make max_prompt_length < max_length"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------- train
@@ -508,6 +546,97 @@ class SftConfig(TrainConfig):
     )
 
 
+class DpoLossConfig(Closed):
+    """Preference loss per pair (meanings and defaults as TRL's DPOTrainer / CPOTrainer / ORPOTrainer)."""
+
+    type: Literal["sigmoid", "ipo", "simpo", "orpo"] = Field(
+        "sigmoid",
+        description="sigmoid: DPO, -log sigmoid(beta * margin of the policy/reference log-ratios); ipo: "
+        "(length-normalised log-ratio margin - 1/(2 beta))^2; simpo: reference-free, -log sigmoid(beta * margin of "
+        "length-normalised log-probs - gamma); orpo: reference-free, sft_weight * NLL(chosen) - beta * log "
+        "sigmoid(log odds ratio).",
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="sigmoid: deviation from the reference (higher = closer); ipo: the regulariser tau; simpo: "
+        "reward scale; orpo: lambda, the weight of the odds-ratio term.",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="sigmoid and simpo: the probability that a preference label is flipped (conservative DPO, "
+        "cDPO): -(1-e) log sigmoid(beta d) - e log sigmoid(-beta d).",
+    )
+    gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin (TRL's simpo_gamma).")
+    sft_weight: float = Field(
+        1.0,
+        ge=0,
+        description="orpo: weight of the SFT term, the per-token NLL of the chosen sequence (prompt included, as TRL).",
+    )
+
+
+class DpoConfig(TrainConfig):
+    """Preference tuning of a chat model (DPO, IPO, SimPO, ORPO) on preference records."""
+
+    stage: ClassVar[str] = "dpo"
+    enabled: bool = nohash(
+        False,
+        "Pipeline only: run records_pref -> dpo after sft, and evaluate the dpo model too (off by default; "
+        "`minima dpo` ignores it).",
+    )
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate (TRL's DPO default 1e-6; Zephyr 5e-7).")
+    loss: DpoLossConfig = Field(default_factory=DpoLossConfig, description="Preference loss.")
+    precompute_ref: bool = Field(
+        False,
+        description="Run the reference model once over the records (a resumable pass, log-probs stored per pair in "
+        "the work dir), so training holds one model. Else a frozen copy runs beside the policy (LoRA: the base with "
+        "the adapters disabled, no copy). Unused by the reference-free simpo and orpo.",
+    )
+    ref_zero3: bool = Field(
+        False,
+        description="Shard the frozen reference with ZeRO-3 inference (strategy=deepspeed), as distill's "
+        "teacher_zero3; else it is replicated on every rank.",
+    )
+    disable_dropout: bool = Field(
+        True, description="Set every dropout to 0 in the policy (and reference), as TRL does by default."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA options (the reference is the base).")
+    train_files: list[str] = Field(
+        default_factory=list,
+        description="Raw preference files or globs (prompt/chosen/rejected, UltraFeedback message lists or raw "
+        "hh-rlhf), built through the records stage into <out_dir>.records, instead of records.",
+    )
+    dev_fraction: float = Field(
+        0.05, ge=0, lt=1, description="train_files: fraction of pairs held out as the dev split."
+    )
+    chat_format: str = Field(
+        "minichat", description="Chat format of the model (train_files builds; checked against the records)."
+    )
+    preference_template: Literal["chat", "plain"] = Field(
+        "chat", description="train_files: chat (the format's template) or plain text for base models."
+    )
+    max_length: int = Field(1024, ge=8, description="train_files: prompt + response tokens per sequence (TRL 1024).")
+    max_prompt_length: int = Field(
+        512, ge=1, description="train_files: prompt tokens kept, from the right (TRL's former default 512)."
+    )
+
+    @model_validator(mode="after")
+    def _dpo_options(self):
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length={self.max_prompt_length} must be < max_length={self.max_length}")
+        if self.precompute_ref and self.loss.type in ("simpo", "orpo"):
+            raise ValueError(f"loss.type={self.loss.type} is reference-free; precompute_ref has nothing to compute")
+        if self.loss.label_smoothing > 0 and self.loss.type not in ("sigmoid", "simpo"):
+            raise ValueError(f"loss.label_smoothing applies to sigmoid and simpo, not {self.loss.type}; set it to 0")
+        return self
+
+    def reference_free(self) -> bool:
+        """simpo and orpo need no reference model."""
+        return self.loss.type in ("simpo", "orpo")
+
+
 # -------------------------------------------------------------------------------------- prune
 class PruneConfig(StageConfig):
     """Structured pruning of a teacher to a target shape."""
@@ -756,6 +885,7 @@ STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "prune": PruneConfig,
     "distill": DistillConfig,
     "sft": SftConfig,
+    "dpo": DpoConfig,
     "evaluate": EvaluateConfig,
     "export": ExportConfig,
 }
@@ -774,6 +904,13 @@ class PipelineConfig(Closed):
     prune: PruneConfig = Field(default_factory=PruneConfig, description="prune stage")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="distill stage")
     sft: SftConfig = Field(default_factory=SftConfig, description="sft stage")
+    records_pref: RecordsConfig = Field(
+        default_factory=lambda: RecordsConfig(format="preference", max_length=1024),
+        description="records stage for preference pairs (runs with dpo)",
+    )
+    dpo: DpoConfig = Field(
+        default_factory=DpoConfig, description="dpo stage (optional: runs, after records_pref, when dpo.enabled)"
+    )
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="evaluate stage")
     export: ExportConfig = Field(
         default_factory=ExportConfig, description="export stage (optional: runs when export.enabled is true)"

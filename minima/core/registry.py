@@ -2,18 +2,21 @@
 
 flows/pipeline.py runs these steps as Prefect tasks; this module only knows the DAG:
 
-    base ──> vocab ──> records_lm ──┬──> adapt ──> prune ──> distill ──> sft ──> evaluate ··> export
-                  └──> records_chat ┘                                   ↑
-                                     (records_chat feeds sft) ──────────┘
+    base ──> vocab ──> records_lm ──┬──> adapt ──> prune ──> distill ──> sft ─────────────> evaluate ··> export
+                  └──> records_chat ┘                                   ↑   └─> records_pref ─> dpo ─┘
+                                     (records_chat feeds sft) ──────────┘       (optional: dpo.enabled,
+                                                                                  export.enabled)
 
-Each step is a (stage, key) pair: ``records`` runs twice (``records_lm`` for pretraining text and
-``records_chat`` for chat data), every other step is named after its stage. ``STEPS`` always run;
-an ``OPTIONAL_STEPS`` step (export) runs only when its config says ``enabled: true``.
+Each step is a (stage, key) pair: ``records`` runs for ``records_lm`` (pretraining text),
+``records_chat`` (chat data) and ``records_pref`` (preference pairs), every other step is named after
+its stage. ``STEPS`` always run; an ``OPTIONAL_STEPS`` step (records_pref, dpo; export) runs only when its
+switch's config says ``enabled: true`` (``dpo.enabled``, ``export.enabled``). A step's ``after`` are optional steps it then
+also waits for and takes as inputs (evaluate adds the dpo model to its comparison).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,6 +31,12 @@ class Step:
     stage: str  # minima stage name
     needs: tuple[str, ...]  # upstream step keys
     out_name: str  # directory name under run_dir
+    switch: Optional[str] = None  # optional steps: the PipelineConfig field whose ``enabled`` turns them on
+    after: tuple[str, ...] = ()  # optional upstream steps: inputs too, when they run
+
+    def inputs(self, active: Collection[str]) -> tuple[str, ...]:
+        """Upstream step keys of this step when the steps ``active`` run."""
+        return self.needs + tuple(k for k in self.after if k in active)
 
 
 STEPS: tuple[Step, ...] = (
@@ -38,11 +47,17 @@ STEPS: tuple[Step, ...] = (
     Step("prune", "prune", ("adapt", "records_lm"), "04_prune"),
     Step("distill", "distill", ("adapt", "prune", "records_lm"), "05_distill"),
     Step("sft", "sft", ("distill", "records_chat"), "06_sft"),
-    Step("evaluate", "evaluate", ("adapt", "prune", "distill", "sft"), "07_evaluate"),
+    Step("evaluate", "evaluate", ("adapt", "prune", "distill", "sft"), "07_evaluate", after=("dpo",)),
 )
-# Steps that run only when their stage config has ``enabled: true`` (see ``pipeline_steps``).
-OPTIONAL_STEPS: tuple[Step, ...] = (Step("export", "export", ("sft", "evaluate"), "08_export"),)
-ALL_STEPS = STEPS + OPTIONAL_STEPS
+# Steps that run only when ``<switch>.enabled`` is true (see ``pipeline_steps``). The preference records
+# are tokenized by the sft model's own tokenizer (a chat format may have added tokens to it).
+OPTIONAL_STEPS: tuple[Step, ...] = (
+    Step("records_pref", "records", ("sft",), "06_records_pref", switch="dpo"),
+    Step("dpo", "dpo", ("sft", "records_pref"), "06_dpo", switch="dpo"),
+    Step("export", "export", ("sft", "evaluate"), "08_export", switch="export", after=("dpo",)),
+)
+# DAG order: an optional step runs before the steps that take it as input (evaluate after dpo), after its own.
+ALL_STEPS: tuple[Step, ...] = STEPS[:-1] + OPTIONAL_STEPS[:2] + STEPS[-1:] + OPTIONAL_STEPS[2:]
 STEP = {s.key: s for s in ALL_STEPS}
 STAGE_TO_STEPS = {}
 for _s in ALL_STEPS:
@@ -50,15 +65,16 @@ for _s in ALL_STEPS:
 
 
 def pipeline_steps(pipeline: PipelineConfig) -> tuple[Step, ...]:
-    """The steps this pipeline config runs: every step of ``STEPS`` plus the enabled optional ones."""
-    return STEPS + tuple(s for s in OPTIONAL_STEPS if getattr(pipeline, s.key).enabled)
+    """The steps this pipeline config runs, in DAG order: ``STEPS`` plus the switched-on optional ones."""
+    return tuple(s for s in ALL_STEPS if s.switch is None or getattr(pipeline, s.switch).enabled)
 
 
 def downstream(step_key: str, steps: Sequence[Step] = STEPS) -> list[str]:
     """The step and everything that (transitively) depends on it among ``steps``, in DAG order."""
+    keys = {s.key for s in steps}
     out = {step_key}
     for s in steps:
-        if any(n in out for n in s.needs):
+        if any(n in out for n in s.inputs(keys)):
             out.add(s.key)
     return [s.key for s in steps if s.key in out]
 
@@ -72,12 +88,13 @@ def select_steps(
 
     def keys(name: str) -> list[str]:
         if name in STEP or name in STAGE_TO_STEPS:
-            ks = [name] if name in STEP else STAGE_TO_STEPS[name]
+            ks = [name] if name in STEP else [k for k in STAGE_TO_STEPS[name] if k in active or STEP[k].switch is None]
             off = [k for k in ks if k not in active]
-            if off:
+            if off or not ks:
+                switch = STEP[off[0] if off else STAGE_TO_STEPS[name][0]].switch
                 raise ConfigError(
-                    f"step {', '.join(off)} is switched off in this pipeline config",
-                    fix=f"set {off[0]}.enabled=true to run it",
+                    f"step {', '.join(off) or name} is switched off in this pipeline config",
+                    fix=f"set {switch}.enabled=true to run it",
                 )
             return ks
         import difflib
@@ -115,10 +132,18 @@ WIRING: dict[str, Wiring] = {
         "records": up["records_lm"],
     },
     "sft": lambda c, up: {"model": up["distill"], "records": up["records_chat"]},
+    "records_pref": lambda c, up: {"tokenizer": up["sft"], "format": "preference"},
+    "dpo": lambda c, up: {"model": up["sft"], "records": up["records_pref"]},
     "evaluate": lambda c, up: {
-        "models": {"teacher": up["adapt"], "pruned": up["prune"], "distilled": up["distill"], "chat": up["sft"]}
+        "models": {
+            "teacher": up["adapt"],
+            "pruned": up["prune"],
+            "distilled": up["distill"],
+            "chat": up["sft"],
+            **({"dpo": up["dpo"]} if "dpo" in up else {}),
+        }
     },
-    "export": lambda c, up: {"model": up["sft"], "evaluation": up["evaluate"]},
+    "export": lambda c, up: {"model": up.get("dpo", up["sft"]), "evaluation": up["evaluate"]},
 }
 
 
@@ -126,6 +151,8 @@ def step_config(pipeline: PipelineConfig, key: str, upstream: dict[str, str]) ->
     """The step's stage config with run_dir, out_dir and upstream inputs filled in (validated)."""
     step = STEP[key]
     cfg: StageConfig = getattr(pipeline, key)
+    active = {s.key for s in pipeline_steps(pipeline)}
+    upstream = {k: v for k, v in upstream.items() if k in step.inputs(active)}  # a switched-off step is no input
     missing = [n for n in step.needs if n not in upstream]
     if missing:
         raise ConfigError(f"step {key} needs the artifacts of {', '.join(missing)}", fix="run the earlier stages first")
@@ -153,6 +180,7 @@ STAGE_RUNNERS = {
     "prune": "minima.stages.prune:run",
     "distill": "minima.stages.distill:run",
     "sft": "minima.stages.sft:run",
+    "dpo": "minima.stages.dpo:run",
     "evaluate": "minima.stages.evaluate:run",
     "export": "minima.stages.export:run",
 }

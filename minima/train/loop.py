@@ -142,12 +142,14 @@ def total_steps_for(cfg, recipe: Recipe, world_size: int) -> int:
 # ------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def evaluate(model, recipe: Recipe, dev_batches: list[dict], ctx: TrainContext) -> dict:
-    """Token-weighted dev loss and perplexity over every rank's dev shard."""
+    """Token-weighted dev loss and perplexity over every rank's dev shard, plus the recipe's dev metrics
+    (``compute_loss``'s metrics summed like the loss, see :meth:`Recipe.dev_metrics`)."""
     model.eval()
     # Sharded forwards (ZeRO-3, FSDP) are collective: every rank runs as many as the rank with the most batches,
     # padding with a batch whose labels are all masked (it adds nothing to the sums).
     n = _all_reduce(torch.tensor([len(dev_batches)], device=ctx.device), op=_max_op())[0].item()
     sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    names: list[str] = []
     for i in range(int(n)):
         if i < len(dev_batches):
             batch = dev_batches[i]
@@ -162,16 +164,24 @@ def evaluate(model, recipe: Recipe, dev_batches: list[dict], ctx: TrainContext) 
             )
             batch["labels"] = torch.full_like(batch["input_ids"], -100)
         out = recipe.compute_loss(model, to_device(batch, ctx.device), ctx, train=False)
+        if i == 0 and out.metrics:
+            names = sorted(out.metrics)
+            sums = torch.cat([sums, torch.zeros(len(names), dtype=torch.float64, device=ctx.device)])
         sums[0] += out.loss_sum.detach().double()
         sums[1] += out.num_tokens  # a device tensor or an int: no host sync per batch
+        for j, k in enumerate(names):
+            sums[2 + j] += out.metrics[k].detach().double()
     _all_reduce(sums)
     model.train()
     loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
-    return {
+    res = {
         "dev_loss": loss,
         "dev_ppl": math.exp(min(loss, 50.0)) if math.isfinite(loss) else float("nan"),
         "dev_tokens": int(sums[1].item()),
     }
+    if names:
+        res.update(recipe.dev_metrics({k: (sums[2 + j] / sums[1]).item() for j, k in enumerate(names)}))
+    return res
 
 
 def _max_op():
@@ -244,6 +254,7 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     latest = ckpt.resume_point()
     resumed_eval: dict = {}
     timing = {"save_s": 0.0, "saves": 0, "load_s": None}  # checkpoint I/O, reported with the run's metrics
+    initial_eval: dict = {}  # dev metrics before the first step (Recipe.eval_at_start)
     if latest is not None:
         t_load = time.time()
         saved = ckpt.load(strategy, latest)
@@ -252,6 +263,7 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
         stream.load_state_dict(saved["data"])
         ck.set_rng_state(saved["rng"])
         resumed_eval = dict(saved.get("last_eval") or {})
+        initial_eval = dict(saved.get("initial_eval") or {})
         if state.best_step >= 0:
             ckpt.protected.add(state.best_step)
         log.info(f"resumed from {latest} (step {state.step}/{total})")
@@ -276,11 +288,17 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     def save(meta: dict) -> Path:
         rs = ck.rank_state(state.step, stream.state_dict(), asdict(state))
         rs["last_eval"] = dict(last_eval)  # so a run resumed at the very end still reports its dev metrics
+        rs["initial_eval"] = dict(initial_eval)
         t_save = time.time()
         path = ckpt.save(strategy, state.step, rs, meta)
         timing["save_s"] += time.time() - t_save
         timing["saves"] += 1
         return path
+
+    if dev_ds is not None and recipe.eval_at_start and state.step == 0:
+        dev_batches = _dev_batches(recipe, dev_ds, mbs)
+        initial_eval = evaluate(wrapped, recipe, dev_batches, ctx)
+        metrics.eval_step(0, initial_eval)
 
     while state.step < total and not state.stopped_early:
         t0 = time.time()
@@ -393,6 +411,7 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
         result["tokens_per_s"] = round(tokens_this_run / wall, 2)
     if last_eval:
         result.update({k: v for k, v in last_eval.items() if isinstance(v, (int, float))})
+    result.update({f"{k}_initial": v for k, v in initial_eval.items() if isinstance(v, (int, float))})
     if state.best_step >= 0:
         result.update(best_dev_loss=state.best_loss, best_step=state.best_step)
     wrapped = strategy = None  # free the model and optimizer before returning (in-process runs go on)

@@ -167,10 +167,19 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss_curve(metrics_path: Path, png: Path) -> Optional[Path]:
-    """Train loss (and dev loss when present) against the step, as a PNG."""
+    """Train loss (and dev loss when present) against the step, as a PNG; preference runs add the reward
+    margin (``rewards/margins``, train and dev) on a second axis."""
     recs = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in recs if r.get("split") == "train" and _finite(r.get("loss"))]
     dev = [(r["step"], r["dev_loss"]) for r in recs if r.get("split") == "dev" and _finite(r.get("dev_loss"))]
+    margins = {
+        split: [
+            (r["step"], r["rewards/margins"])
+            for r in recs
+            if r.get("split") == split and _finite(r.get("rewards/margins"))
+        ]
+        for split in ("train", "dev")
+    }
     if not train and not dev:
         return None
     import matplotlib
@@ -186,7 +195,17 @@ def plot_loss_curve(metrics_path: Path, png: Path) -> Optional[Path]:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if margins["train"] or margins["dev"]:
+        ax.set_ylabel("loss")
+        ax2 = ax.twinx()
+        for split, style in (("train", "-"), ("dev", "s--")):
+            if margins[split]:
+                ax2.plot(*zip(*margins[split]), style, color="tab:green", lw=1, label=f"{split} reward margin")
+        ax2.set_ylabel("reward margin (chosen - rejected)")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="center right" if len(handles) > 2 else "best")
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)

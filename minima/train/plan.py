@@ -6,7 +6,9 @@ shapes), so planning a 7B costs nothing. Per GPU, for the resolved stage config:
 - parameters, total and trainable (LoRA counted);
 - model states under ZeRO 0/1/2/3 at the planned world size (weights, gradients, optimizer);
 - activations for micro_batch x seq, with and without activation checkpointing;
-- the teacher (distill, online) or the logit cache (cached); the KV cache (evaluate);
+- the teacher (distill, online) or the logit cache (cached); dpo's reference model (a frozen copy,
+  or nothing with ``precompute_ref`` or LoRA) and its 2 x micro_batch rows per forward; the KV cache
+  (evaluate);
 - FLOPs per token (6N + 12 L d T, plus the teacher's forward for distill) and the time at an MFU;
 - record-shard and checkpoint sizes.
 
@@ -445,7 +447,7 @@ def plan_stage(cfg, opts: PlanOptions, preset: Optional[str] = None) -> Plan:
         raise ConfigError(f"unknown device '{opts.device}'", fix=f"plan.device= one of {', '.join(DEVICES)}")
     plan = Plan(stage=cfg.stage, device_bytes=(opts.memory_gib or dev_gib) * GiB)
     stage = cfg.stage
-    if stage in ("adapt", "distill", "sft"):
+    if stage in ("adapt", "distill", "sft", "dpo"):
         if stage == "adapt":  # the big model, continued-pretrained
             config = load_config(cfg.model, teacher_fallback)
         elif stage == "distill":
@@ -532,9 +534,12 @@ def _train_memory(plan: Plan, cfg, config, opts: PlanOptions, teacher_fallback) 
     cpu = opts.device == "cpu"
     dev_tflops = DEVICES[opts.device][0]
     n = count_params(config)
-    lora = cfg.lora if stage == "sft" and cfg.lora.enabled else None
+    lora = cfg.lora if stage in ("sft", "dpo") and cfg.lora.enabled else None
     trainable = lora_trainable(config, lora) if lora else n
-    if stage == "sft":
+    if stage == "dpo":  # chosen and rejected rows of a pair go through one forward
+        seq = _records_max_length(cfg.records) or cfg.max_length
+        cfg = cfg.model_copy(update={"micro_batch_size": 2 * cfg.micro_batch_size})
+    elif stage == "sft":
         seq = cfg.max_length
     else:
         seq = _records_max_length(cfg.records) or config.max_position_embeddings
@@ -583,6 +588,7 @@ def _train_memory(plan: Plan, cfg, config, opts: PlanOptions, teacher_fallback) 
         elif cached:
             loss = "kd_cached"
         fpt_teacher = flops_per_token(tconf, non_embedding_params(tconf), seq, backward=False)
+    ref_logits = _dpo_reference(plan, cfg, config, n, world, cpu, seq, zopt) if stage == "dpo" else 0.0
     plan.memory[
         "runtime (" + ("process heap, code, comm buffers; measured)" if cpu else "CUDA context, cuBLAS/NCCL; typical)")
     ] = RUNTIME_BYTES["cpu" if cpu else "gpu"]
@@ -607,12 +613,17 @@ def _train_memory(plan: Plan, cfg, config, opts: PlanOptions, teacher_fallback) 
     if gathered:
         fb_label = fb_label.replace("loss", "loss + gathered params")
         plan.notes[fb_label] = f"incl. {gathered / GiB:.2f} GiB gathered ZeRO-3 params"
-    plan.phases[fb_label] = act + gathered
+    plan.phases[fb_label] = act + gathered + ref_logits
+    if ref_logits:
+        note = f"{ref_logits / GiB:.2f} GiB reference logits"
+        plan.notes[fb_label] = f"{plan.notes[fb_label]} and {note}" if fb_label in plan.notes else f"incl. {note}"
     plan.phases[f"optimizer step temporaries ({where})"] = step_transient_bytes(
         trainable, cfg.precision, zero, world, cpu, gas
     )
 
     fpt = flops_per_token(config, non_embedding_params(config), seq) + (fpt_teacher if stage == "distill" else 0)
+    if stage == "dpo" and not (cfg.reference_free() or cfg.precompute_ref):  # the reference's forward
+        fpt += flops_per_token(config, non_embedding_params(config), seq, backward=False)
     plan.params, plan.trainable = n, trainable
     plan.rows += [
         ("params", f"{_fmt_n(n)} ({n:,})"),
@@ -665,6 +676,39 @@ def _train_memory(plan: Plan, cfg, config, opts: PlanOptions, teacher_fallback) 
             if sum(plan.memory.values()) + max([a2, *others]) <= plan.device_bytes:
                 plan.suggestions.append(f"micro_batch_size<={mb}")
                 break
+
+
+def _dpo_reference(plan: Plan, cfg, config, n: int, world: int, cpu: bool, seq: int, zopt: dict) -> float:
+    """dpo's reference model: its weights (a frozen copy), or nothing; returns its logits' bytes in the forward.
+
+    The frozen copy is loaded like distill's teacher (bf16 on GPU, fp32 on CPU), replicated or ZeRO-3
+    sharded (``ref_zero3``). With ``precompute_ref`` (or LoRA, whose reference is the base with the
+    adapters off) training holds no second model; the table shows both so the choice is visible.
+    """
+    ref_b = 4 if cpu else 2
+    copy = n * ref_b / (world if cfg.ref_zero3 else 1)
+    if cfg.ref_zero3 and world > 1:
+        copy += ref_b * min(n, float(zopt.get("stage3_max_live_parameters", MAX_LIVE_PARAMETERS)))
+    rows = cfg.micro_batch_size * seq  # cfg here already counts both rows of each pair
+    logits = rows * config.vocab_size * ref_b
+    if cfg.reference_free():
+        plan.rows.append(("reference model", f"none ({cfg.loss.type} is reference-free)"))
+        return 0.0
+    plan.rows.append(
+        (
+            "reference model",
+            f"frozen copy {copy / GiB:.2f} GiB per GPU (+{logits / GiB:.2f} GiB logits in the forward); "
+            f"precompute_ref=true: 0 GiB (one pass over the records first); LoRA: 0 GiB (adapters disabled)",
+        )
+    )
+    if cfg.precompute_ref:
+        return 0.0
+    if cfg.lora.enabled:  # the policy's own forward with adapters off: its logits, no weights
+        return logits
+    label = "reference weights (" + ("fp32" if cpu else "bf16") + (", ZeRO-3)" if cfg.ref_zero3 else ", replicated)")
+    plan.memory[label] = copy
+    plan.notes[label] = "(0 with precompute_ref=true)"
+    return logits
 
 
 def _records_max_length(records: Optional[str]) -> Optional[int]:

@@ -78,6 +78,9 @@ class Recipe:
     Hooks are called on every rank unless stated otherwise.
     """
 
+    #: evaluate on the dev split before the first step too (its metrics are reported as ``<name>_initial``)
+    eval_at_start: bool = False
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.tokenizer = None
@@ -177,6 +180,11 @@ class Recipe:
         return 0.0
 
     # ------------------------------------------------------------------ hooks
+    def dev_metrics(self, means: dict[str, float]) -> dict[str, float]:
+        """Dev metrics beyond the loss from ``compute_loss``'s metrics, each summed over the dev split and
+        divided by its count like the loss. Default: those means under their own names."""
+        return dict(means)
+
     def build_callbacks(self, ctx: TrainContext) -> list[Any]:
         """Objects with ``on_eval(step, model, ctx) -> dict | None`` run after each dev evaluation."""
         return []

@@ -12,7 +12,11 @@ Steps, each deterministic for a given config and inputs:
 4. write: ``lm`` packs ``[BOS] doc [EOS]`` streams into records of exactly ``max_length`` tokens
    (documents cross record boundaries; the last record of a split is padded with ``pad_id`` and
    carries a ``mask`` of 1 on real tokens, so nothing is dropped); ``chat`` writes one conversation
-   per record with its loss ``mask``, truncated at an exchange boundary (or dropped) when too long.
+   per record with its loss ``mask``, truncated at an exchange boundary (or dropped) when too long;
+   ``preference`` writes one pair per record: ``prompt``, ``chosen`` + ``chosen_mask``, ``rejected`` +
+   ``rejected_mask`` (:mod:`minima.data.preference`: prompt cut from the left to ``max_prompt_length``,
+   then the responses to ``max_length``; pairs left without a trained token, or with chosen ==
+   rejected, are dropped and counted).
 
 The artifact is published atomically by :func:`minima.core.artifacts.run_stage`: an error leaves no
 output directory behind, and a rerun with the same tokenizer, input files (stats) and config is
@@ -119,6 +123,8 @@ class SourceDocs:
 
 
 def _doc_chars(payload: Any) -> int:
+    if hasattr(payload, "chars"):  # a preference Pair
+        return payload.chars()
     return len(payload) if isinstance(payload, str) else sum(len(m["content"]) for m in payload)
 
 
@@ -161,11 +167,14 @@ _FORK_LOCK = threading.Lock()
 def _make_worker(tok: Any, cfg_fields: dict, payloads: Optional[dict]) -> dict:
     from minima.data.formats import get_format
 
+    templated = cfg_fields["fmt"] == "chat" or (
+        cfg_fields["fmt"] == "preference" and cfg_fields.get("preference_template") == "chat"
+    )
     return dict(
         cfg_fields,
         tok=tok,
         payloads=payloads,
-        chat=get_format(cfg_fields["chat_format"]) if cfg_fields["fmt"] == "chat" else None,
+        chat=get_format(cfg_fields["chat_format"]) if templated else None,
     )
 
 
@@ -212,6 +221,8 @@ def _tokenize_task(task: tuple, w: Optional[dict] = None) -> tuple:
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
         return flat, lengths
+    if w["fmt"] == "preference":
+        return _tokenize_pairs(payloads, w)
     if w["lowercase"]:
         payloads = [[{"role": m["role"], "content": m["content"].lower()} for m in msgs] for msgs in payloads]
     ids_out: list[int] = []
@@ -241,6 +252,43 @@ def _tokenize_task(task: tuple, w: Optional[dict] = None) -> tuple:
     )
 
 
+def _lower_pair(pair):
+    from minima.data.preference import Pair
+
+    def low(msgs):
+        return [{**m, "content": m["content"].lower()} for m in msgs]
+
+    text = tuple(t.lower() for t in pair.text) if pair.text is not None else None
+    return Pair(low(pair.prompt), low(pair.chosen), low(pair.rejected), text)
+
+
+def _tokenize_pairs(pairs: list, w: dict) -> tuple:
+    """Preference pairs -> flat ``prompt, chosen, chosen_mask, rejected, rejected_mask`` arrays, the three
+    lengths per pair and its status (dropped pairs have length 0)."""
+    from minima.data.preference import DROPPED, IDENTICAL, encode_pairs, truncate_pair
+
+    tok = w["tok"]
+    if w["lowercase"]:
+        pairs = [_lower_pair(p) for p in pairs]
+    bos = tok.bos_token_id
+    parts: list[list[int]] = [[], [], [], [], []]
+    lengths, status = [], []
+    for enc in encode_pairs(tok, w["chat"], pairs, bos, tok.eos_token_id):
+        enc, st = truncate_pair(enc, w["max_length"], w["max_prompt_length"], bos)
+        if st in (DROPPED, IDENTICAL):
+            enc = ([], [], [], [], [])
+        for k in range(5):
+            parts[k] += enc[k]
+        lengths.append((len(enc[0]), len(enc[1]), len(enc[3])))
+        status.append(st)
+    dt = (np.int32, np.int32, np.int8, np.int32, np.int8)
+    return (
+        *(np.asarray(p, dtype=t) for p, t in zip(parts, dt)),
+        np.asarray(lengths, dtype=np.int64).reshape(-1, 3),
+        np.asarray(status, dtype=np.int8),
+    )
+
+
 class Tokenizing:
     """Ordered tokenization of each split's documents, in this process or a process pool.
 
@@ -257,6 +305,8 @@ class Tokenizing:
             lowercase=cfg.lowercase,
             max_length=cfg.max_length,
             overflow=cfg.overflow,
+            max_prompt_length=cfg.max_prompt_length,
+            preference_template=cfg.preference_template,
         )
         self.fields, self.mapper = fields, mapper
         self.pool = None
@@ -363,6 +413,7 @@ class SplitStats:
     dropped: int = 0
     min_id: Optional[int] = None
     max_id: Optional[int] = None
+    identical: int = 0
 
 
 def write_split(
@@ -392,6 +443,8 @@ def write_split(
                 pos += len(lengths)
             packer.finish()
             stats.tokens, stats.padding = packer.tokens, packer.padding
+        elif cfg.format == "preference":
+            _write_pairs(tokenizing.run(name), writer, stats, src, pos, src_tokens, src_dropped, src_truncated)
         else:
             for flat, mask, lengths, status in tokenizing.run(name):
                 offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -431,12 +484,57 @@ def dev_split_warnings(cfg: RecordsConfig, dev: SplitStats, n_docs: int) -> list
     return []
 
 
+def _write_pairs(chunks, writer, stats, src, pos, src_tokens, src_dropped, src_truncated) -> None:
+    """Write tokenized preference chunks (see :func:`_tokenize_pairs`), one pair per record."""
+    from minima.data.preference import DROPPED, IDENTICAL, TRUNCATED
+
+    for prompt, chosen, c_mask, rejected, r_mask, lengths, status in chunks:
+        off = np.zeros(3, dtype=np.int64)
+        for k in range(len(status)):
+            s = src[pos]
+            pos += 1
+            lp, lc, lr = (int(x) for x in lengths[k])
+            a = off.copy()
+            off += lengths[k]
+            if status[k] in (DROPPED, IDENTICAL):
+                stats.dropped += int(status[k] == DROPPED)
+                stats.identical += int(status[k] == IDENTICAL)
+                src_dropped[s] += 1
+                continue
+            if status[k] == TRUNCATED:
+                stats.truncated += 1
+                src_truncated[s] += 1
+            writer.write(
+                {
+                    "prompt": prompt[a[0] : a[0] + lp],
+                    "chosen": chosen[a[1] : a[1] + lc],
+                    "chosen_mask": c_mask[a[1] : a[1] + lc],
+                    "rejected": rejected[a[2] : a[2] + lr],
+                    "rejected_mask": r_mask[a[2] : a[2] + lr],
+                }
+            )
+            stats.tokens += lp + lc + lr
+            src_tokens[s] += lp + lc + lr
+
+
 def copy_tokenizer(src: Path, dst: Path) -> None:
     """Copy the tokenizer files (not model weights) so later stages can check vocab agreement."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.iterdir()):
         if f.is_file() and (f.name in TOKENIZER_FILES or f.suffix == ".model"):
             shutil.copyfile(f, dst / f.name)
+
+
+def _preference_metrics(cfg: RecordsConfig, tok: Any, stats: dict) -> dict:
+    from minima.data.preference import tokenizer_fingerprint
+
+    return {
+        "chat_format": cfg.chat_format if cfg.preference_template == "chat" else None,
+        "preference_template": cfg.preference_template,
+        "max_prompt_length": cfg.max_prompt_length,
+        "dropped_identical": sum(s.identical for s in stats.values()),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+    }
 
 
 # -------------------------------------------------------------------------------------- build
@@ -449,7 +547,7 @@ def build_records(cfg: RecordsConfig, out_dir: str | os.PathLike, mapper: Option
     sources = sources_of(cfg)
     tok = load_tokenizer(cfg.tokenizer)
     ids = special_ids(tok, cfg)
-    if cfg.format == "chat":
+    if cfg.format == "chat" or (cfg.format == "preference" and cfg.preference_template == "chat"):
         from minima.data.formats import get_format
 
         get_format(cfg.chat_format).encode(
@@ -458,6 +556,15 @@ def build_records(cfg: RecordsConfig, out_dir: str | os.PathLike, mapper: Option
 
     skipped: Optional[list] = [] if cfg.on_error == "skip" else None
     read = read_sources(cfg, sources, skipped)
+    if cfg.format == "preference" and cfg.preference_template == "plain":
+        for sd in read:
+            bad = next((d for d in sd.docs if d.payload.text is None), None)
+            if bad is not None:
+                raise ConfigError(
+                    "preference_template=plain tokenizes text, and this pair is made of message lists",
+                    where=bad.where,
+                    fix="use preference_template=chat (the chat format renders the messages)",
+                )
     plans = [SourcePlan(sd.source.name, len(sd.docs), sd.source.size, sd.source.weight) for sd in read]
     counts = plan_counts(plans)
     mixed: list[tuple[int, Doc]] = []
@@ -557,6 +664,7 @@ def build_records(cfg: RecordsConfig, out_dir: str | os.PathLike, mapper: Option
         "max_token_id": max((s.max_id for s in stats.values() if s.max_id is not None), default=None),
         "dropped_too_long": sum(s.dropped for s in stats.values()),
         "truncated": sum(s.truncated for s in stats.values()),
+        **(_preference_metrics(cfg, tok, stats) if cfg.format == "preference" else {}),
         "skipped": len(skipped) if skipped is not None else 0,
         "skipped_records": [f"{r['where']}: {r['reason']}" for r in skipped or []],
         "warnings": warnings,

@@ -9,7 +9,9 @@ Files are read by :mod:`minima.core.io` (by extension):
 - ``.parquet`` and ``.csv`` (with a header row).
 
 For ``format=lm`` a record's text is ``record[text_key]``; for ``format=chat`` the whole record is a
-conversation in one of the shapes :func:`minima.data.formats.normalise_conversation` knows.
+conversation in one of the shapes :func:`minima.data.formats.normalise_conversation` knows; for
+``format=preference`` a pair in one of the shapes of :mod:`minima.data.preference` (the file's first
+record fixes the file's shape).
 Malformed records raise :class:`DataError` naming ``file:line`` (or ``file:row N``), or, with
 ``on_error="skip"``, are reported to ``on_skip`` and left out.
 """
@@ -115,6 +117,9 @@ class SourceReader:
 
     def _from_record(self, rec: Any, where: str, first: bool) -> Iterator[Doc]:
         """A parsed record -> a Doc (validating the text field or the conversation shape)."""
+        if self.fmt == "preference":
+            yield from self._preference(rec, where, first)
+            return
         if self.fmt == "chat":
             try:
                 msgs = normalise_conversation(rec, self.shape)
@@ -157,15 +162,34 @@ class SourceReader:
             return
         yield from self._emit(text, where)
 
+    def _preference(self, rec: Any, where: str, first: bool) -> Iterator[Doc]:
+        """A preference record -> a Doc holding a :class:`~minima.data.preference.Pair`; the shape is the file's
+        first record's."""
+        from minima.data.preference import detect_shape, normalise_pair
+
+        if first:
+            try:
+                self.pair_shape = detect_shape(rec)
+            except ValueError as e:
+                raise ConfigError(
+                    str(e), where=where, fix="format=preference reads prompt/chosen/rejected records"
+                ) from None
+        try:
+            pair = normalise_pair(rec, self.pair_shape)
+        except ValueError as e:
+            self._bad(where, f"bad preference pair: {e}", "fix or remove the record, or set on_error=skip")
+            return
+        yield from self._emit(pair, where)
+
     # ------------------------------------------------------------------------------- readers
     def read(self, path: Path) -> Iterator[Doc]:
         """Documents of one file, in file order."""
         self.stats.files += 1
         suffix = _suffix(path)
         if suffix == ".txt":
-            if self.fmt == "chat":
+            if self.fmt != "lm":
                 raise ConfigError(
-                    f"format=chat cannot read plain text: {path}", fix="use json/jsonl chat files, or format=lm"
+                    f"format={self.fmt} cannot read plain text: {path}", fix="use json/jsonl files, or format=lm"
                 )
             yield from self._read_txt(path)
         elif suffix in (".jsonl", ".json"):

@@ -93,6 +93,8 @@ def to_sample(features: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     Trailing mask-0 tokens are padding (an ``lm`` split's last record) and get attention 0; a chat
     record always ends on a trained end-of-turn token, so its attention mask is all ones.
     """
+    if "indices" not in features:  # other record kinds (preference pairs) keep their features by name
+        return {k: torch.from_numpy(v) for k, v in features.items()}
     ids = torch.from_numpy(features["indices"])
     mask = features.get("mask")
     if mask is None:
