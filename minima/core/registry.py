@@ -9,9 +9,10 @@ flows/pipeline.py runs these steps as Prefect tasks; this module only knows the 
 
 Each step is a (stage, key) pair: ``records`` runs for ``records_lm`` (pretraining text),
 ``records_chat`` (chat data) and ``records_pref`` (preference pairs), every other step is named after
-its stage. ``STEPS`` always run; an ``OPTIONAL_STEPS`` step (records_pref, dpo; export) runs only when its
-switch's config says ``enabled: true`` (``dpo.enabled``, ``export.enabled``). A step's ``after`` are optional steps it then
-also waits for and takes as inputs (evaluate adds the dpo model to its comparison).
+its stage. ``STEPS`` always run; an ``OPTIONAL_STEPS`` step (records_pref, dpo; export) runs only when
+its switch's config says ``enabled: true`` (``dpo.enabled``, ``export.enabled``). A step's ``after`` are
+optional steps it then also waits for and takes as inputs (evaluate adds the dpo model to its
+comparison; export exports the dpo model when there is one).
 """
 
 from __future__ import annotations
