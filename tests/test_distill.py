@@ -663,4 +663,6 @@ def test_logit_cache_built_by_two_ranks_equals_one(setup, tmp_path):
     assert a == sorted(p.relative_to(two) for p in two.glob("*/*/*.npy")) and len(a) > 10
     for rel in a:
         assert np.array_equal(np.load(one / rel), np.load(two / rel)), rel
-    assert json.loads((one / "cache.json").read_text())["splits"] == json.loads((two / "cache.json").read_text())["splits"]
+    assert (
+        json.loads((one / "cache.json").read_text())["splits"] == json.loads((two / "cache.json").read_text())["splits"]
+    )
