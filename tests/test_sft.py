@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _loopback import free_port_pair
 
 from minima.core.config import LoraConfig, SftConfig
 from minima.core.errors import ConfigError, DataError, InputError
@@ -384,22 +385,6 @@ print("ARTIFACT", art.path, flush=True)
 """
 
 
-def _free_port_pair() -> int:
-    import socket
-
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", p + 1))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
-
-
 def _start_sft(tmp_path: Path, cfg: SftConfig, name: str, **env):
     import subprocess
     import sys
@@ -447,7 +432,7 @@ def test_fsdp_two_ranks_and_two_nodes_with_kill_and_resume(tmp_path, chat_record
     kw = dict(strategy="fsdp", max_steps=8, micro_batch_size=4, save_steps=2, keep_last=2)
     one_node = _cfg(tmp_path, base, chat_records, out_dir=str(tmp_path / "one"), **kw)
     one_node.launch.nproc_per_node = 2
-    one_node.launch.master_port = _free_port_pair()
+    one_node.launch.master_port = free_port_pair()
     _finish(_start_sft(tmp_path, one_node, "one"))
     one = tmp_path / "one"
     metrics = json.loads((one / "manifest.json").read_text())["metrics"]
@@ -457,7 +442,7 @@ def test_fsdp_two_ranks_and_two_nodes_with_kill_and_resume(tmp_path, chat_record
     out = tmp_path / "nodes"
 
     def start_nodes(tag):
-        port = _free_port_pair()
+        port = free_port_pair()
         procs = []
         for r in (1, 0):
             cfg = _cfg(tmp_path, base, chat_records, out_dir=str(out), **kw)

@@ -3,7 +3,7 @@
 
 import socket
 
-import _fake_slurm as fake
+import _loopback as fake
 import pytest
 
 from minima.core.config import LaunchConfig

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from typing import Optional
 
 import pytest
 import torch
+from _loopback import free_port_pair
 
 from minima.core.errors import ConfigError, TrainingError
 from minima.train.launch import build_command, plan_launch
@@ -30,21 +30,6 @@ cfg = SyntheticConfig.model_validate(json.loads(open(sys.argv[1]).read()))
 art = train_stage(cfg, {}, "minima.train.synthetic:SyntheticRecipe")
 print("ARTIFACT", art.path, art.skipped, flush=True)
 """
-
-
-def free_port_pair() -> int:
-    """A port P with P and P + 1 free (P: rendezvous, P + 1: the hang-guard store)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", p + 1))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
 
 
 def weights(d: Path) -> dict[str, torch.Tensor]:
@@ -321,7 +306,7 @@ def test_simulated_slurm_two_nodes_match_torchrun(setup, two_procs, tmp_path):
     """launcher=slurm from a "login node" with DS_ACCELERATOR=cpu set: the rendered sbatch script runs as
     2 nodes (fake sbatch/srun/sacct/scontrol, loopback). The job finishes with the losses and weights of
     a local 2-process torchrun, and no node starts with the launcher's accelerator choice."""
-    import _fake_slurm as fake
+    import _loopback as fake
 
     d, _ = setup
     env = fake.install(tmp_path)

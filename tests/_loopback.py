@@ -1,4 +1,6 @@
-"""Fake ``sbatch``, ``srun``, ``sacct``, ``scontrol`` and ``scancel`` that run a job on this machine.
+"""Clusters on loopback for tests: free port pairs, and fake Slurm commands that run a job on this machine.
+
+``sbatch``, ``srun``, ``sacct``, ``scontrol`` and ``scancel`` (:func:`install`):
 
 ``sbatch`` runs the script in the background with the job's ``SLURM_*`` variables (as many nodes as
 ``#SBATCH --nodes`` asks, all on loopback) and appends to its ``--output`` log; ``srun`` starts its
@@ -10,8 +12,25 @@ command once per node with that node's ``SLURM_PROCID``/``SLURM_NODEID`` and rec
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from pathlib import Path
+
+
+def free_port_pair() -> int:
+    """A port P with P and P + 1 free (P: rendezvous, P + 1: the hang-guard store)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        try:
+            with socket.socket() as s2:
+                s2.bind(("127.0.0.1", p + 1))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
 
 FAKES = {
     "sbatch": r"""#!/bin/bash
