@@ -146,14 +146,18 @@ def materialize_from_rank0(model: torch.nn.Module, full_state: Optional[dict], d
     )
 
 
+def block_classes(model: torch.nn.Module) -> set[str]:
+    """Class names of the model's transformer blocks (``_no_split_modules``), seen through a peft wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(getattr(base, "_no_split_modules", None) or [])
+
+
 def compile_blocks(model: torch.nn.Module, backend: Optional[str] = None) -> int:
     """``torch.compile`` each transformer block in place (``compile=true``); returns how many.
 
     Blocks, not the whole model: every block has the same graph (compiled once), and the sharding
     hooks of FSDP2 / ZeRO-3 between blocks stay outside the compiled regions.
     """
-    from minima.train.strategies.fsdp import block_classes
-
     names = block_classes(model)
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     for m in blocks:

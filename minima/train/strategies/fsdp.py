@@ -21,7 +21,7 @@ import torch
 
 from minima.core.errors import ConfigError, TrainingError
 from minima.core.logs import get_logger
-from minima.train.model_init import has_meta_params, materialize_from_rank0
+from minima.train.model_init import block_classes, has_meta_params, materialize_from_rank0
 from minima.train.schedule import WarmupCosine, sync_lr
 from minima.train.strategies.base import DTYPES, Strategy
 
@@ -29,12 +29,6 @@ log = get_logger("minima.train")
 
 DCP_DIR = "dcp"
 SCHEDULER_FILE = "scheduler.pt"
-
-
-def block_classes(model: torch.nn.Module) -> set[str]:
-    """Class names of the model's transformer blocks (``_no_split_modules``), seen through a peft wrapper."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return set(getattr(base, "_no_split_modules", None) or [])
 
 
 def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
