@@ -245,12 +245,11 @@ class SftRecipe(Recipe):
                 labels=batch["labels"],
                 use_cache=False,
             )
-            from minima.train.objectives.kd import dense_loss
-            from minima.train.recipe import LM_LOSS_CHUNK
-
             labels = batch["labels"].reshape(-1)
-            ce, _ = dense_loss(out.logits.reshape(-1, out.logits.shape[-1]), labels, None, chunk=LM_LOSS_CHUNK)
-            return LossOut(loss_sum=ce.sum(), num_tokens=(labels != IGNORE_INDEX).sum())
+            loss_sum = torch.nn.functional.cross_entropy(
+                out.logits.reshape(-1, out.logits.shape[-1]).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            return LossOut(loss_sum=loss_sum, num_tokens=(labels != IGNORE_INDEX).sum())
         if "position_ids" in batch:
             from minima.data.packing import mask_mode, model_inputs
 
