@@ -18,7 +18,8 @@ MMLU_QUESTION = (
 MMLU_README = (
     "### QUESTION:\n"
     + MMLU_QUESTION
-    + "\n\n### CHOICES:\n(0): Ten hours. (1): Nine hours. (2): Seven hours. (3): Eight hours.\n\n### ANSWER:\nNine hours."
+    + "\n\n### CHOICES:\n(0): Ten hours. (1): Nine hours. (2): Seven hours. (3): Eight hours."
+    + "\n\n### ANSWER:\nNine hours."
 )
 WINOGRANDE_SENTENCE = (
     "While packing for hunting Chris made sure to bring his bag and not his knife because the _ was nonessential."
