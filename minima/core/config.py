@@ -140,6 +140,16 @@ class Source(Closed):
     shape: Literal["auto", "minichat", "sharegpt", "alpaca", "messages", "mc"] = Field(
         "auto", description="format=chat: the records' conversation shape (auto = detect per record)."
     )
+    loader: Optional[str] = Field(
+        None,
+        description="format=chat: a named raw-dataset loader (arc, mmlu, winogrande, gsm8k, cot-collection, "
+        "openorca-mc, dolly, firefly, gpt4all, cot, oig); default: the one the source's name selects, if any.",
+    )
+    columns: Optional[dict[str, str]] = Field(
+        None,
+        description="format=chat: raw column names for prompt/query/response/history/system, or messages with "
+        "role_tag/content_tag/user_tag/assistant_tag/system_tag.",
+    )
 
     @model_validator(mode="after")
     def _size_or_weight(self):
