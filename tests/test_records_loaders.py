@@ -286,3 +286,27 @@ def test_loader_needs_chat_format(tmp_path, tiny_tokenizer_dir):
     )
     with pytest.raises(ConfigError, match="format=chat"):
         run(cfg)
+
+
+def test_readme_mixing_and_columns_examples_run(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """The README's named-dataset and columns commands build on ../shared/data as written."""
+    import shlex
+
+    from minima.cli import main
+
+    shared("eval/arc")
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    cmds = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("minima records format=chat chat_format=")]
+    cmds = [c for c in cmds if "../shared/data" in c]
+    assert len(cmds) == 2, cmds
+    monkeypatch.chdir(root)
+    for i, cmd in enumerate(cmds):
+        args = shlex.split(cmd)[1:]
+        args = [a for a in args if not a.startswith(("tokenizer=", "out_dir="))]
+        args += [f"tokenizer={tiny_tokenizer_dir}", f"out_dir={tmp_path / f'r{i}'}"]
+        assert main(args) == 0, cmd
+    mix = json.loads((tmp_path / "r0" / "manifest.json").read_text())["metrics"]
+    assert mix["source_names"] == ["arc", "mmlu", "gsm8k", "winogrande"]
+    assert [mix["sources"][n]["docs_after"] for n in mix["source_names"]] == [1000, 29, 200, 100]  # all, 10% of 285
+    assert main(["analyze", f"records={tmp_path / 'r0'}"]) == 0

@@ -93,7 +93,8 @@ def collect(cfg: AnalyzeConfig) -> tuple[dict[str, list[dict]], dict]:
                 bucket.append(feats)
     if not found:
         raise InputError(f"no records in {cfg.records}", where=cfg.records, fix="build them with `minima records`")
-    return groups, manifest
+    order = {n: i for i, n in enumerate(names)}
+    return dict(sorted(groups.items(), key=lambda kv: order.get(kv[0], len(order)))), manifest
 
 
 def length_stats(records: list[dict], chat: bool) -> dict[str, Any]:
