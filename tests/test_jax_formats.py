@@ -57,6 +57,10 @@ def test_free_question_and_instruction_layouts():
     inst = get_format("instruction").segments(msgs)
     text = "".join(s.piece for g in inst for s in g if not isinstance(s.piece, Special))
     assert text == "### INSTRUCTION:\nWhat is 2+3?\n\n### RESPONSE:\n5"
+    alpaca = normalise_conversation({"instruction": "Translate.", "input": "water", "output": "水"})
+    inst = get_format("instruction").segments(alpaca)
+    text = "".join(s.piece for g in inst for s in g if not isinstance(s.piece, Special))
+    assert text == "### INSTRUCTION:\nTranslate.\n\n### INPUT:\nwater\n\n### RESPONSE:\n水"
 
 
 def test_tokens_decode_to_the_readme_bytes(tiny_tokenizer_dir):

@@ -557,19 +557,37 @@ class AlpacaFormat(MessageFormat):
 
 @register("instruction")
 class InstructionFormat(MessageFormat):
-    """``<s>``[system] then ``### INSTRUCTION:`` q ``### RESPONSE:`` a ``</s>`` per exchange.
+    """``<s>``[system] then ``### INSTRUCTION:`` q [``### INPUT:`` x] ``### RESPONSE:`` a ``</s>`` per exchange.
 
-    The layout of the JAX instruction-tuning recipe.
+    The layout of the JAX instruction-tuning recipe: ``### INSTRUCTION:\n{q}\n\n### RESPONSE:\n{a}``, with
+    ``\n\n### INPUT:\n{x}`` after the instruction when an Alpaca record has an input.
     """
 
     def header(self, system: str) -> list[Seg]:
         return [Seg(BOS)] + ([Seg(system, content=True)] if system else [])
 
     def user_segments(self, msg, system, first):
-        return [Seg("### INSTRUCTION:\n"), Seg(msg["content"], content=True), Seg("\n\n### RESPONSE:\n")]
+        instruction, extra = _split_alpaca(msg)
+        segs = [Seg("### INSTRUCTION:\n"), Seg(instruction, content=True)]
+        if extra:
+            segs += [Seg("\n\n### INPUT:\n"), Seg(extra, content=True)]
+        return segs + [Seg("\n\n### RESPONSE:\n")]
 
     def jinja_parts(self, j):
-        user = j.lit("### INSTRUCTION:\n") + j.var("m['content']") + j.lit("\n\n### RESPONSE:\n")
+        user = (
+            "{%- set extra = m.get('input') or '' -%}"
+            "{%- set instr = m['content'] -%}"
+            "{%- if extra and instr.endswith('\\n' + extra) -%}"
+            "{%- set instr = instr[:(instr|length) - (extra|length) - 1] -%}"
+            "{%- endif -%}"
+            + j.lit("### INSTRUCTION:\n")
+            + j.var("instr")
+            + "{%- if extra -%}"
+            + j.lit("\n\n### INPUT:\n")
+            + j.var("extra")
+            + "{%- endif -%}"
+            + j.lit("\n\n### RESPONSE:\n")
+        )
         return j.bos + j.var("system"), user, j.reply(self.end_of_turn)
 
 
