@@ -310,3 +310,18 @@ def test_readme_mixing_and_columns_examples_run(tmp_path, tiny_tokenizer_dir, mo
     assert mix["source_names"] == ["arc", "mmlu", "gsm8k", "winogrande"]
     assert [mix["sources"][n]["docs_after"] for n in mix["source_names"]] == [1000, 29, 200, 100]  # all, 10% of 285
     assert main(["analyze", f"records={tmp_path / 'r0'}"]) == 0
+
+
+def test_mc_loader_read_as_instruction(tmp_path):
+    path = shared("eval/mmlu/dev/abstract_algebra_dev.csv")
+    msgs = [d.payload for d in SourceReader("chat", shape="instruction", loader=LOADERS["mmlu"]).read(path)]
+    assert msgs[0] == [
+        {
+            "role": "user",
+            "content": "Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.\n\n(0): 0 (1): 1 (2): 2 (3): 3",
+        },
+        {"role": "assistant", "content": "1"},
+    ]
+    wino = jsonl(tmp_path / "w.jsonl", [{"sentence": "A _ B.", "option1": "x", "option2": "y", "answer": "2"}])
+    msgs = [d.payload for d in SourceReader("chat", shape="instruction", loader=LOADERS["winogrande"]).read(wino)]
+    assert msgs[0][0] == {"role": "user", "content": "A _ B.\n\n(0): x (1): y"} and msgs[0][1]["content"] == "y"

@@ -137,8 +137,10 @@ class Source(Closed):
         None, gt=0, description="Ratio-mixing weight (instead of size): share of the mixed documents."
     )
     text_key: Optional[str] = Field(None, description="Override of the stage's text_key for this source.")
-    shape: Literal["auto", "minichat", "sharegpt", "alpaca", "messages", "mc"] = Field(
-        "auto", description="format=chat: the records' conversation shape (auto = detect per record)."
+    shape: Literal["auto", "minichat", "sharegpt", "alpaca", "messages", "mc", "instruction"] = Field(
+        "auto",
+        description="format=chat: the records' conversation shape (auto = detect per record); with a loader, "
+        "instruction writes an mc record's choices into the user text instead of the mc prompt layout.",
     )
     loader: Optional[str] = Field(
         None,

@@ -12,7 +12,8 @@ Steps, each deterministic for a given config and inputs:
 4. write: ``lm`` packs ``[BOS] doc [EOS]`` streams into records of exactly ``max_length`` tokens
    (documents cross record boundaries; the last record of a split is padded with ``pad_id`` and
    carries a ``mask`` of 1 on real tokens, so nothing is dropped); ``chat`` writes one conversation
-   per record with its loss ``mask`` and its ``source`` (index into the manifest's ``source_names``), truncated at an exchange boundary (or dropped) when too long;
+   per record with its loss ``mask`` and its ``source`` (index into the manifest's ``source_names``),
+   truncated at an exchange boundary (or dropped) when too long;
    ``preference`` writes one pair per record: ``prompt``, ``chosen`` + ``chosen_mask``, ``rejected`` +
    ``rejected_mask`` (:mod:`minima.data.preference`: prompt cut from the left to ``max_prompt_length``,
    then the responses to ``max_length``; pairs left without a trained token, or with chosen ==
@@ -140,7 +141,14 @@ def _loader_of(cfg: RecordsConfig, s: Source) -> Optional[Loader]:
                 fix="set format=chat (chat_format=mc writes the JAX recipe's prompts)",
             )
         return None
-    return source_loader(s.name, s.loader, s.columns, where)
+    loader = source_loader(s.name, s.loader, s.columns, where)
+    if loader is None and s.shape == "instruction":
+        raise ConfigError(
+            f"source {s.name!r}: shape=instruction applies to a named loader's records",
+            where=where,
+            fix="set the source's loader (arc, mmlu, winogrande, ...) or use another shape",
+        )
+    return loader
 
 
 def read_sources(cfg: RecordsConfig, sources: list[Source], skipped: Optional[list]) -> list[SourceDocs]:

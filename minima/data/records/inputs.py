@@ -27,7 +27,7 @@ from typing import Any, Optional
 from minima.core import io
 from minima.core.errors import ConfigError, DataError, InputError
 from minima.data.formats import normalise_conversation, split_messages
-from minima.data.records.loaders import Loader
+from minima.data.records.loaders import Loader, as_instruction
 
 SUFFIXES = tuple(io.KINDS)  # .txt .jsonl .json .csv .parquet
 
@@ -127,6 +127,8 @@ class SourceReader:
         if self.fmt == "chat" and self.loader is not None:
             try:
                 msgs = self.loader.to_messages(rec)
+                if self.shape == "instruction":
+                    msgs = as_instruction(msgs)
                 split_messages(msgs)
             except (ValueError, TypeError, KeyError, IndexError) as e:
                 reason = f"{self.loader.name}: {e}"

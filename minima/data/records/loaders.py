@@ -39,6 +39,8 @@ The MC loaders also read the generic ``{"question", "choices", "gold"}`` records
 kept as the Alpaca ``input``; history is a list of ``[user, assistant]`` pairs before the prompt), or
 ``{messages, role_tag, content_tag, user_tag, assistant_tag, system_tag}`` for message lists.
 A record without a mapped column raises ``ValueError`` naming the column; the reader adds ``file:line``.
+A source with ``shape: instruction`` reads the mc loaders' records in the instruction shape (see
+:func:`as_instruction`).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from minima.core.errors import ConfigError
-from minima.data.formats import CHOICE_LABELS, Message, mc_messages
+from minima.data.formats import CHOICE_LABELS, Message, mc_choices_text, mc_messages
 
 ToMessages = Callable[[Any], list[Message]]
 
@@ -196,6 +198,18 @@ def oig(rec: Any) -> list[Message]:
         raise ValueError("column 'text' must hold '<human>: ...' and '<bot>: ...' turns")
     roles = {"human": "user", "bot": "assistant"}
     return [{"role": roles[tag], "content": body.strip()} for tag, body in zip(parts[1::2], parts[2::2])]
+
+
+def as_instruction(msgs: list[Message]) -> list[Message]:
+    """An mc conversation in the instruction shape: the choices (or options) join the user text as
+    ``(0): a (1): b``, after a blank line; the reply stays the answer text."""
+    out = []
+    for m in msgs:
+        opts = m.get("choices") or m.get("options")
+        if m.get("role") == "user" and opts:
+            m = {"role": "user", "content": m["content"] + "\n\n" + mc_choices_text([str(c) for c in opts])}
+        out.append(m)
+    return out
 
 
 # ----------------------------------------------------------------------------------- columns
