@@ -215,6 +215,7 @@ def test_loader_selection_by_name():
     assert loader_named("winogrande_xl").name == "winogrande"
     assert loader_named("cot-collection").name == "cot-collection" and loader_named("cot_alpaca").name == "cot"
     assert loader_named("orca") is None and loader_named("archive") is None
+    assert source_loader("gsm8k", "none", None, "w") is None
     with pytest.raises(ConfigError, match="unknown loader"):
         source_loader("s", "nope", None, "w")
 

@@ -145,7 +145,8 @@ class Source(Closed):
     loader: Optional[str] = Field(
         None,
         description="format=chat: a named raw-dataset loader (arc, mmlu, winogrande, gsm8k, cot-collection, "
-        "openorca-mc, dolly, firefly, gpt4all, cot, oig); default: the one the source's name selects, if any.",
+        "openorca-mc, dolly, firefly, gpt4all, cot, oig); default: the one the source's name selects, if any "
+        "(none: no loader).",
     )
     columns: Optional[dict[str, str]] = Field(
         None,

@@ -1,8 +1,8 @@
 """Named dataset loaders and column mappings: raw records of public datasets -> conversations.
 
 A records source picks a loader with ``loader:`` (or by its ``name`` when that is a loader's name, or
-starts with one followed by ``-`` or ``_``: ``arc-easy``, ``winogrande_xl``), or maps its columns with
-``columns:``. Every loader turns one raw record into a normalised conversation (see
+starts with one followed by ``-`` or ``_``: ``arc-easy``, ``winogrande_xl``; ``loader: none`` turns that
+off), or maps its columns with ``columns:``. Every loader turns one raw record into a normalised conversation (see
 :mod:`minima.data.formats`), in one of two shapes:
 
 - **mc**: the user message carries ``choices`` (or Winogrande's two ``options``) and the reply is the
@@ -326,10 +326,14 @@ def source_loader(name: str, loader: Optional[str], columns: Optional[dict[str, 
             raise ConfigError("give a source loader or columns, not both", where=where, fix="drop one of them")
         check_columns(columns, where)
         return Loader(f"columns:{name}", "instruction", columns_loader(dict(columns)))
+    if loader == "none":  # a source whose name is a loader's but whose records are already conversations
+        return None
     if loader:
         if loader not in LOADERS:
             raise ConfigError(
-                f"unknown loader {loader!r}", where=where, fix=f"use one of {', '.join(sorted(LOADERS))}, or columns"
+                f"unknown loader {loader!r}",
+                where=where,
+                fix=f"use one of {', '.join(sorted(LOADERS))}, none, or columns",
             )
         return LOADERS[loader]
     return loader_named(name)
