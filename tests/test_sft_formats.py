@@ -36,6 +36,14 @@ CONVS = {
     "mc_choices": normalise_conversation(
         {"question": "What color is the sky?", "choices": ["red", "blue", "green"], "gold": 1}
     ),
+    "winogrande_options": [
+        {
+            "role": "user",
+            "content": "The cup fell off the table because the _ was tilted.",
+            "options": ["cup", "table"],
+        },
+        {"role": "assistant", "content": "table"},
+    ],
 }
 
 
@@ -111,9 +119,9 @@ def test_format_specific_text(tokenizers):
     no_input = get_format("alpaca").render(CONVS["single"], tokenizer=tok)
     assert "### Input:" not in no_input and "### Response:" in no_input
     mc = get_format("mc").render(CONVS["mc_choices"], tokenizer=tok)
-    assert (
-        "### QUESTION" in mc and "A. red\nB. blue\nC. green" in mc and "### ANSWER" in mc and mc.count("B. blue") == 2
-    )
+    assert "### QUESTION:" in mc and "(0): red (1): blue (2): green" in mc and "### ANSWER:" in mc
+    wino = get_format("mc").render(CONVS["winogrande_options"], tokenizer=tok)
+    assert "### SENTENCE:" in wino and "### OPTION1:" in wino and "### OPTION2:" in wino
     inst = get_format("instruction").render(CONVS["single"], tokenizer=tok)
     assert "### INSTRUCTION:" in inst and "### RESPONSE:" in inst
     l2 = get_format("llama2-chat").render(CONVS["multi_system_zh"], tokenizer=tok)

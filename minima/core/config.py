@@ -137,8 +137,21 @@ class Source(Closed):
         None, gt=0, description="Ratio-mixing weight (instead of size): share of the mixed documents."
     )
     text_key: Optional[str] = Field(None, description="Override of the stage's text_key for this source.")
-    shape: Literal["auto", "minichat", "sharegpt", "alpaca", "messages", "mc"] = Field(
-        "auto", description="format=chat: the records' conversation shape (auto = detect per record)."
+    shape: Literal["auto", "minichat", "sharegpt", "alpaca", "messages", "mc", "instruction"] = Field(
+        "auto",
+        description="format=chat: the records' conversation shape (auto = detect per record); with a loader, "
+        "instruction writes an mc record's choices into the user text instead of the mc prompt layout.",
+    )
+    loader: Optional[str] = Field(
+        None,
+        description="format=chat: a named raw-dataset loader (arc, mmlu, winogrande, gsm8k, cot-collection, "
+        "openorca-mc, dolly, firefly, gpt4all, cot, oig); default: the one the source's name selects, if any "
+        "(none: no loader).",
+    )
+    columns: Optional[dict[str, str]] = Field(
+        None,
+        description="format=chat: raw column names for prompt/query/response/history/system, or messages with "
+        "role_tag/content_tag/user_tag/assistant_tag/system_tag.",
     )
 
     @model_validator(mode="after")

@@ -202,6 +202,7 @@ COMMANDS = {
     ),
     "distill-cache": ("minima.stages.distill:cache_main", "run the teacher once and cache sparse logits"),
     "demo-data": ("minima.data.demo:main", "write the built-in bilingual demo corpus and tokenizers"),
+    "analyze": ("minima.stages.analyze:main", "per-source token counts, length ratios and loss of a records build"),
 }
 
 

@@ -39,7 +39,7 @@ Source shapes understood by :func:`normalise_conversation`:
 - ``alpaca``: ``{"instruction": ..., "input": ..., "output": ...}`` (input optional);
 - ``messages``: ``{"messages": [{"role", "content"}, ...]}`` or the bare list (OpenAI style).
 - ``mc``: ``{"question", "choices": [...], "gold": index|letter|text}`` (multiple choice; the reply
-  is ``"B. choice"``).
+  is the text of the right choice).
 """
 
 from __future__ import annotations
@@ -557,62 +557,122 @@ class AlpacaFormat(MessageFormat):
 
 @register("instruction")
 class InstructionFormat(MessageFormat):
-    """``<s>``[system] then ``### INSTRUCTION:`` q ``### RESPONSE:`` a ``</s>`` per exchange.
+    """``<s>``[system] then ``### INSTRUCTION:`` q [``### INPUT:`` x] ``### RESPONSE:`` a ``</s>`` per exchange.
 
-    The layout of the JAX instruction-tuning recipe.
+    The layout of the JAX instruction-tuning recipe: ``### INSTRUCTION:\n{q}\n\n### RESPONSE:\n{a}``, with
+    ``\n\n### INPUT:\n{x}`` after the instruction when an Alpaca record has an input.
     """
 
     def header(self, system: str) -> list[Seg]:
         return [Seg(BOS)] + ([Seg(system, content=True)] if system else [])
 
     def user_segments(self, msg, system, first):
-        return [Seg("### INSTRUCTION:\n"), Seg(msg["content"], content=True), Seg("\n\n### RESPONSE:\n")]
+        instruction, extra = _split_alpaca(msg)
+        segs = [Seg("### INSTRUCTION:\n"), Seg(instruction, content=True)]
+        if extra:
+            segs += [Seg("\n\n### INPUT:\n"), Seg(extra, content=True)]
+        return segs + [Seg("\n\n### RESPONSE:\n")]
 
     def jinja_parts(self, j):
-        user = j.lit("### INSTRUCTION:\n") + j.var("m['content']") + j.lit("\n\n### RESPONSE:\n")
+        user = (
+            "{%- set extra = m.get('input') or '' -%}"
+            "{%- set instr = m['content'] -%}"
+            "{%- if extra and instr.endswith('\\n' + extra) -%}"
+            "{%- set instr = instr[:(instr|length) - (extra|length) - 1] -%}"
+            "{%- endif -%}"
+            + j.lit("### INSTRUCTION:\n")
+            + j.var("instr")
+            + "{%- if extra -%}"
+            + j.lit("\n\n### INPUT:\n")
+            + j.var("extra")
+            + "{%- endif -%}"
+            + j.lit("\n\n### RESPONSE:\n")
+        )
         return j.bos + j.var("system"), user, j.reply(self.end_of_turn)
 
 
 def mc_choices_text(choices: list[str]) -> str:
-    """``A. first\\nB. second ...`` -- the CHOICES block of the mc format."""
-    return "\n".join(f"{CHOICE_LABELS[i]}. {c}" for i, c in enumerate(choices))
+    """``(0): first (1): second ...`` -- the CHOICES block of the mc format (the JAX recipe's layout)."""
+    return " ".join(f"({i}): {c}" for i, c in enumerate(choices))
 
 
 def mc_answer_text(choices: list[str], gold: int) -> str:
-    """The reply an mc record trains on: ``B. second``."""
-    return f"{CHOICE_LABELS[gold]}. {choices[gold]}"
+    """The reply an mc record trains on: the text of the right choice."""
+    return choices[gold]
+
+
+def jax_prompt(msg: Message) -> str:
+    """The exact prompt text the ``mc`` format writes for a user message, up to where the reply starts.
+
+    - with ``choices``: ``### QUESTION:\\n{q}\\n\\n### CHOICES:\\n(0): a (1): b\\n\\n### ANSWER:\\n``;
+    - with two ``options`` (Winogrande): ``### SENTENCE:\\n{s}\\n\\n### OPTION1:\\n{o1}\\n\\n### OPTION2:\\n{o2}``
+      ``\\n\\n### ANSWER:\\n``;
+    - otherwise (a free question, e.g. GSM8K): ``### QUESTION:\\n{q}\\n\\n### ANSWER:\\n``.
+
+    The reply follows it verbatim. The tokens are those of the pieces, each tokenized on its own.
+    """
+    return "".join(s.piece for s in MCFormat().user_segments(msg, "", True) if not isinstance(s.piece, Special))
 
 
 @register("mc")
 class MCFormat(MessageFormat):
-    """Multiple choice: ``### QUESTION`` q ``### CHOICES`` A. .. B. .. ``### ANSWER`` a ``</s>``.
+    """The prompt layout of the JAX instruction-tuning recipe for multiple choice, Winogrande and QA.
 
-    The layout of the JAX instruction-tuning recipe. The choices come from the user message's
-    ``choices`` list (the ``mc`` source shape); a user message without one is a free question (no
-    CHOICES block).
+    ``<s>``[system] then per exchange :func:`jax_prompt` (``### QUESTION:`` / ``### CHOICES:`` with
+    ``(0): ...`` options / ``### ANSWER:``; Winogrande's ``### SENTENCE:`` / ``### OPTION1:`` /
+    ``### OPTION2:``), the reply (the answer text) and ``</s>``. Sections are separated by a blank line and
+    each heading is followed by a newline. The choices come from the user message's ``choices`` list (the
+    ``mc`` source shape), the Winogrande options from its ``options`` pair.
     """
 
     def header(self, system: str) -> list[Seg]:
         return [Seg(BOS)] + ([Seg(system, content=True)] if system else [])
 
     def user_segments(self, msg, system, first):
-        segs = [Seg("### QUESTION\n"), Seg(msg["content"], content=True)]
+        options = msg.get("options")
+        if options:
+            if len(options) != 2:
+                raise ValueError(f"a Winogrande message needs 2 options, got {len(options)}")
+            return [
+                Seg("### SENTENCE:\n"),
+                Seg(msg["content"], content=True),
+                Seg("\n\n### OPTION1:\n"),
+                Seg(str(options[0]), content=True),
+                Seg("\n\n### OPTION2:\n"),
+                Seg(str(options[1]), content=True),
+                Seg("\n\n### ANSWER:\n"),
+            ]
+        segs = [Seg("### QUESTION:\n"), Seg(msg["content"], content=True)]
         if msg.get("choices"):
-            segs += [Seg("\n### CHOICES\n"), Seg(mc_choices_text([str(c) for c in msg["choices"]]), content=True)]
-        return segs + [Seg("\n### ANSWER\n")]
+            segs += [Seg("\n\n### CHOICES:\n"), Seg(mc_choices_text([str(c) for c in msg["choices"]]), content=True)]
+        return segs + [Seg("\n\n### ANSWER:\n")]
 
     def jinja_parts(self, j):
-        user = (
-            j.lit("### QUESTION\n")
+        winogrande = (
+            j.lit("### SENTENCE:\n")
+            + j.var("m['content']")
+            + j.lit("\n\n### OPTION1:\n")
+            + j.var("(m['options'][0]|string)")
+            + j.lit("\n\n### OPTION2:\n")
+            + j.var("(m['options'][1]|string)")
+        )
+        question = (
+            j.lit("### QUESTION:\n")
             + j.var("m['content']")
             + "{%- if m.get('choices') -%}{%- set ns = namespace(text='') -%}"
-            + "{%- for c in m['choices'] -%}{%- set ns.text = ns.text + ('' if loop.first else '\\n') + '"
-            + CHOICE_LABELS
-            + "'[loop.index0] + '. ' + (c|string) -%}{%- endfor -%}"
-            + j.lit("\n### CHOICES\n")
+            + "{%- for c in m['choices'] -%}{%- set ns.text = ns.text + ('' if loop.first else ' ') + '(' "
+            + "+ (loop.index0|string) + '): ' + (c|string) -%}{%- endfor -%}"
+            + j.lit("\n\n### CHOICES:\n")
             + j.var("ns.text")
             + "{%- endif -%}"
-            + j.lit("\n### ANSWER\n")
+        )
+        user = (
+            "{%- if m.get('options') -%}"
+            + winogrande
+            + "{%- else -%}"
+            + question
+            + "{%- endif -%}"
+            + j.lit("\n\n### ANSWER:\n")
         )
         return j.bos + j.var("system"), user, j.reply(self.end_of_turn)
 

@@ -12,7 +12,8 @@ Steps, each deterministic for a given config and inputs:
 4. write: ``lm`` packs ``[BOS] doc [EOS]`` streams into records of exactly ``max_length`` tokens
    (documents cross record boundaries; the last record of a split is padded with ``pad_id`` and
    carries a ``mask`` of 1 on real tokens, so nothing is dropped); ``chat`` writes one conversation
-   per record with its loss ``mask``, truncated at an exchange boundary (or dropped) when too long;
+   per record with its loss ``mask`` and its ``source`` (index into the manifest's ``source_names``),
+   truncated at an exchange boundary (or dropped) when too long;
    ``preference`` writes one pair per record: ``prompt``, ``chosen`` + ``chosen_mask``, ``rejected`` +
    ``rejected_mask`` (:mod:`minima.data.preference`: prompt cut from the left to ``max_prompt_length``,
    then the responses to ``max_length``; pairs left without a trained token, or with chosen ==
@@ -44,6 +45,7 @@ from minima.core.config import RecordsConfig, Source
 from minima.core.errors import ConfigError, InputError
 from minima.core.logs import get_logger, progress
 from minima.data.records.inputs import Doc, SourceReader, resolve_files
+from minima.data.records.loaders import Loader, source_loader
 from minima.data.records.mixing import SourcePlan, choose, dev_count, plan_counts
 from minima.data.records.tfrecord_io import ShardWriter
 from minima.data.tokenizers import load_tokenizer, tokenizer_dir
@@ -128,6 +130,27 @@ def _doc_chars(payload: Any) -> int:
     return len(payload) if isinstance(payload, str) else sum(len(m["content"]) for m in payload)
 
 
+def _loader_of(cfg: RecordsConfig, s: Source) -> Optional[Loader]:
+    """The source's raw-dataset loader (format=chat only; a name that matches one selects it)."""
+    where = f"inputs[{s.name}]"
+    if cfg.format != "chat":
+        if s.loader or s.columns:
+            raise ConfigError(
+                f"source {s.name!r} sets loader/columns, which make conversations: they need format=chat",
+                where=where,
+                fix="set format=chat (chat_format=mc writes the JAX recipe's prompts)",
+            )
+        return None
+    loader = source_loader(s.name, s.loader, s.columns, where)
+    if loader is None and s.shape == "instruction":
+        raise ConfigError(
+            f"source {s.name!r}: shape=instruction applies to a named loader's records",
+            where=where,
+            fix="set the source's loader (arc, mmlu, winogrande, ...) or use another shape",
+        )
+    return loader
+
+
 def read_sources(cfg: RecordsConfig, sources: list[Source], skipped: Optional[list]) -> list[SourceDocs]:
     """Every source's documents, in file order (skips go to ``skipped`` when it is a list)."""
     out = []
@@ -137,7 +160,12 @@ def read_sources(cfg: RecordsConfig, sources: list[Source], skipped: Optional[li
             skipped.append({"source": _name, "where": where, "reason": reason})
 
         reader = SourceReader(
-            cfg.format, s.text_key or cfg.text_key, cfg.txt_document, s.shape, on_skip if skipped is not None else None
+            cfg.format,
+            s.text_key or cfg.text_key,
+            cfg.txt_document,
+            s.shape,
+            on_skip if skipped is not None else None,
+            loader=_loader_of(cfg, s),
         )
         docs: list[Doc] = []
         for path in resolve_files(s.path):
@@ -459,7 +487,8 @@ def write_split(
                         stats.truncated += 1
                         src_truncated[s] += 1
                     a, b = offsets[k], offsets[k + 1]
-                    writer.write({"indices": flat[a:b], "mask": mask[a:b]})
+                    # ``source``: the record's source, an index into the manifest's ``source_names``.
+                    writer.write({"indices": flat[a:b], "mask": mask[a:b], "source": src[pos - 1 : pos]})
                     stats.tokens += int(b - a)
                     src_tokens[s] += int(b - a)
     stats.records, stats.bytes, stats.shards = writer.num_records, writer.num_bytes, len(writer.files)
@@ -670,6 +699,7 @@ def build_records(cfg: RecordsConfig, out_dir: str | os.PathLike, mapper: Option
         "warnings": warnings,
         "empty": sum(sd.empty for sd in read),
         "sources": per_source,
+        "source_names": [sd.source.name for sd in read],
         "tokenize_s": round(tokenize_s, 3),
         "tokens_per_s": round(total_tokens / tokenize_s) if tokenize_s > 0 else None,
         "build_s": round(time.time() - t0, 3),

@@ -9,7 +9,8 @@ Files are read by :mod:`minima.core.io` (by extension):
 - ``.parquet`` and ``.csv`` (with a header row).
 
 For ``format=lm`` a record's text is ``record[text_key]``; for ``format=chat`` the whole record is a
-conversation in one of the shapes :func:`minima.data.formats.normalise_conversation` knows; for
+conversation in one of the shapes :func:`minima.data.formats.normalise_conversation` knows, or a raw
+record that a named loader or a ``columns`` mapping turns into one (:mod:`minima.data.records.loaders`); for
 ``format=preference`` a pair in one of the shapes of :mod:`minima.data.preference` (the file's first
 record fixes the file's shape).
 Malformed records raise :class:`DataError` naming ``file:line`` (or ``file:row N``), or, with
@@ -25,7 +26,8 @@ from typing import Any, Optional
 
 from minima.core import io
 from minima.core.errors import ConfigError, DataError, InputError
-from minima.data.formats import normalise_conversation
+from minima.data.formats import normalise_conversation, split_messages
+from minima.data.records.loaders import Loader, as_instruction
 
 SUFFIXES = tuple(io.KINDS)  # .txt .jsonl .json .csv .parquet
 
@@ -87,6 +89,7 @@ class SourceReader:
         txt_document: ``"line"`` or ``"file"`` for .txt inputs.
         shape: chat: the conversation shape (``"auto"`` detects it per record).
         on_skip: called with (where, reason) for a malformed record; None raises DataError.
+        loader: chat: a named loader or columns mapping that turns each raw record into a conversation.
     """
 
     def __init__(
@@ -96,9 +99,10 @@ class SourceReader:
         txt_document: str = "line",
         shape: str = "auto",
         on_skip: Optional[SkipFn] = None,
+        loader: Optional[Loader] = None,
     ):
         self.fmt, self.text_key, self.txt_document, self.shape = fmt, text_key, txt_document, shape
-        self.on_skip = on_skip
+        self.on_skip, self.loader = on_skip, loader
         self.stats = ReadStats()
 
     # ------------------------------------------------------------------------------- helpers
@@ -119,6 +123,24 @@ class SourceReader:
         """A parsed record -> a Doc (validating the text field or the conversation shape)."""
         if self.fmt == "preference":
             yield from self._preference(rec, where, first)
+            return
+        if self.fmt == "chat" and self.loader is not None:
+            try:
+                msgs = self.loader.to_messages(rec)
+                if self.shape == "instruction":
+                    msgs = as_instruction(msgs)
+                split_messages(msgs)
+            except (ValueError, TypeError, KeyError, IndexError) as e:
+                reason = f"{self.loader.name}: {e}"
+                if first and "missing column" in str(e):  # the wrong loader or mapping for these files
+                    raise ConfigError(
+                        reason,
+                        where=where,
+                        fix=f"check that the files hold {self.loader.name} records, or set the source's loader/columns",
+                    ) from None
+                self._bad(where, reason, "fix or remove the record, or set on_error=skip")
+                return
+            yield from self._emit(msgs, where)
             return
         if self.fmt == "chat":
             try:
@@ -227,7 +249,8 @@ class SourceReader:
 
     def _read_table(self, path: Path, kind: str) -> Iterator[Doc]:
         if kind == "csv":
-            rows = ((f"{path}:{n}", row) for n, row in io.iter_csv(path, on_error=self._skip_or_raise))
+            header = self.loader.csv_header if self.loader is not None else True
+            rows = ((f"{path}:{n}", row) for n, row in io.iter_csv(path, header, on_error=self._skip_or_raise))
         else:
             rows = ((f"{path}:row {n - 1}", row) for n, row in io.iter_parquet(path))
         for i, (where, row) in enumerate(rows):
