@@ -59,9 +59,11 @@ def demo_config(root: Path) -> dict:
         "evaluate": {
             "tasks": {
                 "demo_mc": {"path": str(data / "eval/demo_mc")},
-                "perplexity": {"path": str(data / "text"), "max_length": 128},
+                "demo_qa": {"path": str(data / "eval/demo_qa")},
+                # the held-out text no stage trains on, in windows of the trained context
+                "perplexity": {"path": str(data / "heldout"), "max_length": 128},
             }
-        },  # the trained context
+        },
     }
 
 

@@ -1,5 +1,6 @@
 """The minima DAG as a Prefect flow: vocab -> records (lm + chat, concurrently) -> adapt -> prune ->
-distill -> sft -> evaluate, each step's input being the previous steps' artifacts.
+distill -> sft -> evaluate, each step's input being the previous steps' artifacts. With ``scratch=true``
+the scratch arm (prune_scratch -> distill_scratch) runs beside prune -> distill and is evaluated too.
 
 Run it with ``minima run --config pipeline.yaml``, as a deployment (prefect.yaml), or by calling
 ``pipeline(...)`` from Python.
@@ -17,12 +18,12 @@ from minima.core.artifacts import is_complete
 from minima.core.config import PipelineConfig, build
 from minima.core.errors import ConfigError
 from minima.core.presets import get_preset
-from minima.core.registry import STEPS, default_out_dirs, select_steps
+from minima.core.registry import STEPS, active_steps, default_out_dirs, select_steps, step_needs
 from tasks._common import artifact_current
 from tasks.adapt import adapt_task
-from tasks.distill import distill_task
+from tasks.distill import distill_scratch_task, distill_task
 from tasks.evaluate import evaluate_task
-from tasks.prune import prune_task
+from tasks.prune import prune_scratch_task, prune_task
 from tasks.records import records_chat_task, records_lm_task
 from tasks.sft import sft_task
 from tasks.vocab import vocab_task
@@ -33,7 +34,9 @@ TASKS = {
     "records_chat": records_chat_task,
     "adapt": adapt_task,
     "prune": prune_task,
+    "prune_scratch": prune_scratch_task,
     "distill": distill_task,
+    "distill_scratch": distill_scratch_task,
     "sft": sft_task,
     "evaluate": evaluate_task,
 }
@@ -64,7 +67,8 @@ def pipeline(
     ``only_stage`` reruns one stage on the existing upstream artifacts, ``force`` reruns all."""
     log = get_run_logger()
     cfg = resolve_config(config, preset, overrides or [])
-    run_keys, forced = select_steps(from_stage, only_stage)
+    active = active_steps(cfg)
+    run_keys, forced = select_steps(from_stage, only_stage, active)
     if force:
         forced = set(run_keys)
     payload = cfg.model_dump(mode="json")
@@ -74,7 +78,7 @@ def pipeline(
         if step.key not in run_keys:
             continue
         upstream: dict[str, Any] = {}
-        for need in step.needs:
+        for need in step_needs(step.key, active):
             if need in futures:
                 upstream[need] = futures[need]
             elif is_complete(outs[need]):

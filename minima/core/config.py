@@ -233,7 +233,8 @@ class LaunchConfig(Closed):
     gpus_per_node: int = nohash(8, "slurm: GPUs per node.")
     init_timeout_s: int = nohash(
         300,
-        "Hang guard: seconds to wait for all nodes to check in (on master_port + 1) and for any collective; the error names the missing node/rank.",
+        "Hang guard: seconds to wait for all nodes to check in (on master_port + 1) and for any collective; "
+        "the error names the missing node/rank.",
     )
 
     @model_validator(mode="after")
@@ -276,12 +277,14 @@ class TrainConfig(StageConfig):
     eval_tasks: list[str] = Field(
         default_factory=list,
         json_schema_extra={"hash": False},
-        description="Benchmark tasks (minima evaluate names, e.g. [mmlu, ceval]; the JAX recipe's evaluation_datasets) scored at "
-        "every dev evaluation (eval_steps and the last step) and logged to metrics.jsonl/TensorBoard as "
-        "eval/<task>/<metric>. Empty = off. Chat (judged) tasks are not allowed here.",
+        description="Benchmark tasks (minima evaluate names, e.g. [mmlu, ceval]; the JAX recipe's "
+        "evaluation_datasets) scored at every dev evaluation (eval_steps and the last step) and logged to "
+        "metrics.jsonl/TensorBoard as eval/<task>/<metric>. Empty = off. Chat (judged) tasks are not allowed here.",
     )
     eval_shots: Optional[int] = nohash(
-        None, "Few-shot count of eval_tasks (the JAX recipe's evaluation_shots); None = each task's standard count.", ge=0
+        None,
+        "Few-shot count of eval_tasks (the JAX recipe's evaluation_shots); None = each task's standard count.",
+        ge=0,
     )
     eval_limit: Optional[int] = nohash(
         100,
@@ -437,6 +440,11 @@ class PruneConfig(StageConfig):
     importance: Literal["activation", "gradient", "magnitude", "random"] = Field(
         "activation", description="Width importance score."
     )
+    init: Literal["pruned", "random"] = Field(
+        "pruned",
+        description="pruned: the student keeps the teacher's most important weights; random: the same shape and "
+        "tokenizer with freshly initialised weights (seeded), the from-scratch baseline. No calibration runs.",
+    )
     keep_layers: Optional[list[int]] = Field(None, description="Explicit layer indices to keep (MiniMA: 4..27).")
     layer_importance: Literal["block-influence", "drop_last"] = Field(
         "block-influence", description="How layers are chosen when keep_layers is not given."
@@ -495,7 +503,8 @@ class TaskSpec(Closed):
     )
     mode: Optional[Literal["loglikelihood", "letter"]] = Field(
         None,
-        description="Multiple choice scoring: loglikelihood of each choice (lm-eval) or next-token A/B/C/D logits (hendrycks 'Answer: X').",
+        description="Multiple choice scoring: loglikelihood of each choice (lm-eval) or next-token A/B/C/D logits "
+        "(hendrycks 'Answer: X').",
     )
     max_length: Optional[int] = Field(
         None, ge=2, description="perplexity: window in tokens (default: the model's context length)."
@@ -523,9 +532,9 @@ class EvaluateConfig(StageConfig):
     )
     tasks: Union[list[str], dict[str, TaskSpec]] = Field(
         default_factory=lambda: ["mmlu", "arc_easy", "hellaswag", "winogrande"],
-        description="Task names, or name -> overrides. Tasks: mmlu ceval cmmlu arc_easy arc_challenge hellaswag winogrande "
-        "gsm8k bbh drop humaneval perplexity demo_mc; LLM-judged chat tasks (need judge_model): mt_bench belle_eval zbench "
-        "vicuna_bench alpaca_eval.",
+        description="Task names, or name -> overrides. Tasks: mmlu ceval cmmlu arc_easy arc_challenge hellaswag "
+        "winogrande gsm8k bbh drop humaneval perplexity demo_mc demo_qa; LLM-judged chat tasks (need judge_model): "
+        "mt_bench belle_eval zbench vicuna_bench alpaca_eval.",
     )
     shots: Optional[int] = Field(
         None,
@@ -545,6 +554,11 @@ class EvaluateConfig(StageConfig):
         "loglikelihood", description="Default multiple choice scoring for mmlu/ceval/cmmlu (see TaskSpec.mode)."
     )
     chat_template: bool = Field(False, description="Wrap prompts in the model's chat template.")
+    chat_models: list[str] = Field(
+        default_factory=list,
+        description="Names in models that are chat models: their prompts are wrapped in their chat template "
+        "(chat_template=true for them only), the others are prompted as base models.",
+    )
     max_new_tokens: int = Field(256, ge=1, description="Generation tasks: token limit.")
     fewshot_seed: int = Field(
         1234, description="Seed of the few-shot sampler for tasks that draw shots at random (lm-eval's default)."
@@ -572,8 +586,8 @@ class EvaluateConfig(StageConfig):
     )
     baseline_answers: Optional[str] = Field(
         None,
-        description="chat_mode=pairwise: the baseline's answers, a FastChat answer JSONL, or a folder with <task>.jsonl "
-        "per chat task (alpaca_eval files carry their own baseline outputs).",
+        description="chat_mode=pairwise: the baseline's answers, a FastChat answer JSONL, or a folder with "
+        "<task>.jsonl per chat task (alpaca_eval files carry their own baseline outputs).",
     )
     chat_max_new_tokens: int = Field(
         1024, ge=1, description="Chat tasks: the evaluated model's reply token limit per turn."
@@ -589,6 +603,9 @@ class EvaluateConfig(StageConfig):
     def _one_model(self):
         if self.model and self.models:
             raise ValueError("set either model or models, not both")
+        unknown = sorted(set(self.chat_models) - set(self.models))
+        if unknown:
+            raise ValueError(f"chat_models {unknown} are not names in models ({', '.join(self.models) or 'none'})")
         return self
 
 
@@ -617,6 +634,11 @@ class PipelineConfig(Closed):
     distill: DistillConfig = Field(default_factory=DistillConfig, description="distill stage")
     sft: SftConfig = Field(default_factory=SftConfig, description="sft stage")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="evaluate stage")
+    scratch: bool = Field(
+        False,
+        description="Also run the scratch arm: the student's shape randomly initialised (prune init=random) and "
+        "distilled with the distill config on the same records for the same steps, evaluated as 'scratch'.",
+    )
 
 
 # ------------------------------------------------------------------------------ dict plumbing

@@ -94,7 +94,8 @@ def tiny() -> PipelineConfig:
     cfg.sft = _with(
         cfg.sft, **dict(train, lr=5e-4, max_steps=-1, epochs=3, warmup_proportion=0.1, max_length=128, patience=2)
     )
-    cfg.evaluate = _with(cfg.evaluate, **dict(tasks=["demo_mc", "perplexity"], batch_size=16))
+    cfg.evaluate = _with(cfg.evaluate, **dict(tasks=["demo_mc", "demo_qa", "perplexity"], batch_size=16))
+    cfg.scratch = True  # the from-scratch student beside the pruned one
     return cfg
 
 
@@ -108,6 +109,7 @@ def micro() -> PipelineConfig:
     cfg.distill = _with(cfg.distill, **short)
     cfg.sft = _with(cfg.sft, **dict(short, epochs=1, patience=0))
     cfg.evaluate = _with(cfg.evaluate, limit=20)
+    cfg.scratch = False
     return cfg
 
 

@@ -1,14 +1,20 @@
 """Built-in bilingual demo data, generated deterministically (no download, no ../shared needed).
 
 The corpus is a small templated world, English and Chinese, that a tiny model learns in minutes:
-capitals of countries, colours of things, word translations and one-digit arithmetic. From it come
+capitals of countries, colours of things, word translations and one-digit arithmetic. Its facts are
+split 75/25 into chat-train and held-out facts. From it come
 
-- pretraining text (one document per line, ``text/pretrain_en.txt`` and ``text/pretrain_zh.txt``),
+- pretraining text (one document per line, ``text/pretrain_en.txt`` and ``text/pretrain_zh.txt``):
+  every fact stated in several paraphrases, and question-answer lines about the chat-train facts only,
+- a held-out text split drawn the same way that no stage trains on (``heldout/heldout_{en,zh}.txt``),
+  for perplexity,
 - chat conversations in the MiniChat JSON shape (``chat/demo_chat.json``: a list of conversations,
-  each a list of ``{"User": .., "Assistant": ..}`` turns),
+  each a list of ``{"User": .., "Assistant": ..}`` turns) about the chat-train facts,
 - multiple-choice questions with gold answers (``eval/demo_mc/{dev,test}.jsonl``: question, the
-  answer sentence's ``prefix`` up to the answer, choices, gold), asked about held-out facts that appear
-  only in the pretraining text, so sft must generalise,
+  answer sentence's ``prefix`` up to the answer, choices, gold) and free-answer questions
+  (``eval/demo_qa/{dev,test}.jsonl``: question, gold answer, reference reply), the test split asked
+  about held-out facts: their statements are in the pretraining text, but no question about them is
+  ever trained on, so answering them needs knowledge the model can extract, not a memorised reply,
 - two SentencePiece models trained on the corpus: an English BPE "base" (LLaMA settings,
   byte_fallback) and a Chinese unigram "extra", so the vocab stage runs without any download.
 
@@ -209,13 +215,28 @@ def facts() -> list[Fact]:
     return out
 
 
+# A question and its answer as one line of text (the shape of QA text in pretraining mixes), and the
+# separator between the sentences of a document, per language.
+QA_LINE = {"en": "Question: {q} Answer: {a}", "zh": "问题：{q}回答：{a}"}
+SEP = {"en": " ", "zh": ""}
+
+
+def qa_prompt(question: str, lang: str) -> str:
+    """The QA line of ``question`` up to its answer: the completion prompt of a base model."""
+    return QA_LINE[lang].format(q=question, a="").rstrip()
+
+
 @dataclass
 class DemoCorpus:
     pretrain_en: list[str]
     pretrain_zh: list[str]
+    heldout_en: list[str]
+    heldout_zh: list[str]
     chat: list[list[dict]]
     mc_dev: list[dict]
     mc_test: list[dict]
+    qa_dev: list[dict]
+    qa_test: list[dict]
 
 
 def _mc(fact: Fact, lang: str, rng: random.Random) -> dict:
@@ -235,31 +256,68 @@ def _mc(fact: Fact, lang: str, rng: random.Random) -> dict:
     }
 
 
-def generate(seed: int = 0, docs_per_lang: int = 1500) -> DemoCorpus:
-    """Build the corpus. Facts are split 75/25 into chat-train / held-out; all appear in pretraining text."""
+def _qa(fact: Fact, lang: str) -> dict:
+    """A free-answer item: the question, the gold answer and the reference reply sentence."""
+    en = lang == "en"
+    return {
+        "question": fact.q_en if en else fact.q_zh,
+        "answer": fact.answer_en if en else fact.answer_zh,
+        "reply": fact.a_en if en else fact.a_zh,
+        "lang": lang,
+        "kind": fact.kind,
+    }
+
+
+def generate(seed: int = 0, docs_per_lang: int = 1500, qa_fraction: float = 0.3, heldout_docs: int = 150) -> DemoCorpus:
+    """Build the corpus.
+
+    Facts are split 75/25 into chat-train / held-out. Every fact is stated in the pretraining text (in
+    several paraphrases); a ``qa_fraction`` of the sentences are question-answer lines about chat-train
+    facts, as web text mixes QA pages into prose. A held-out fact's question is never seen in training:
+    neither in pretraining nor in chat data. ``heldout_docs`` documents per language, drawn like the
+    pretraining ones but never trained on, are the held-out text split (perplexity).
+    """
     rng = random.Random(seed)
     all_facts = facts()
     order = list(range(len(all_facts)))
     rng.shuffle(order)
     n_test = len(order) // 4
     test_ids = set(order[:n_test])
+    train_facts = [f for i, f in enumerate(all_facts) if i not in test_ids]
+    train_keys = {(f.kind, f.key) for f in train_facts}
+
+    def sentence(f: Fact, lang: str) -> str:
+        if (f.kind, f.key) in train_keys and rng.random() < qa_fraction:
+            q, a = (f.q_en, f.a_en) if lang == "en" else (f.q_zh, f.a_zh)
+            return QA_LINE[lang].format(q=q, a=a)
+        return rng.choice(f.en if lang == "en" else f.zh)
+
+    def doc(lang: str) -> str:
+        return SEP[lang].join(sentence(f, lang) for f in rng.sample(all_facts, rng.randint(3, 7)))
 
     def docs(lang: str) -> list[str]:
-        out = []
-        for _ in range(docs_per_lang):
-            k = rng.randint(3, 7)
-            sents = [rng.choice(f.en if lang == "en" else f.zh) for f in rng.sample(all_facts, k)]
-            out.append(" ".join(sents) if lang == "en" else "".join(sents))
-        # Every fact appears at least twice in each language, whatever the sampling did.
+        out = [doc(lang) for _ in range(docs_per_lang)]
+        # Every statement appears at least once in each language, and every chat-train fact's QA line.
         for f in all_facts:
-            for s in f.en if lang == "en" else f.zh:
-                out.append(s)
+            out += f.en if lang == "en" else f.zh
+        for f in train_facts:
+            q, a = (f.q_en, f.a_en) if lang == "en" else (f.q_zh, f.a_zh)
+            out.append(QA_LINE[lang].format(q=q, a=a))
         rng.shuffle(out)
         return out
 
     pretrain_en, pretrain_zh = docs("en"), docs("zh")
+
+    def heldout(lang: str, seen: list[str]) -> list[str]:
+        seen_set, out = set(seen), []
+        while len(out) < heldout_docs:
+            d = doc(lang)
+            if d not in seen_set:
+                out.append(d)
+        return out
+
+    heldout_en, heldout_zh = heldout("en", pretrain_en), heldout("zh", pretrain_zh)
     chat: list[list[dict]] = []
-    train_facts = [f for i, f in enumerate(all_facts) if i not in test_ids]
     for f in train_facts:
         chat.append([{"User": f.q_en, "Assistant": f.a_en}])
         chat.append([{"User": f.q_zh, "Assistant": f.a_zh}])
@@ -276,12 +334,18 @@ def generate(seed: int = 0, docs_per_lang: int = 1500) -> DemoCorpus:
     mc_test = [_mc(all_facts[i], lang, rng) for i in sorted(test_ids) for lang in ("en", "zh")]
     dev_pick = rng.sample(train_facts, min(20, len(train_facts)))
     mc_dev = [_mc(f, rng.choice(["en", "zh"]), rng) for f in dev_pick]
-    return DemoCorpus(pretrain_en, pretrain_zh, chat, mc_dev, mc_test)
+    qa_test = [_qa(all_facts[i], lang) for lang in ("en", "zh") for i in sorted(test_ids)]
+    qa_dev = [_qa(f, lang) for lang in ("en", "zh") for f in dev_pick]
+    return DemoCorpus(pretrain_en, pretrain_zh, heldout_en, heldout_zh, chat, mc_dev, mc_test, qa_dev, qa_test)
 
 
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def write(out_dir: str | Path, seed: int = 0, docs_per_lang: int = 1500, tokenizers: bool = True) -> dict[str, Path]:
@@ -291,15 +355,19 @@ def write(out_dir: str | Path, seed: int = 0, docs_per_lang: int = 1500, tokeniz
     paths = {
         "pretrain_en": out / "text" / "pretrain_en.txt",
         "pretrain_zh": out / "text" / "pretrain_zh.txt",
+        "heldout_en": out / "heldout" / "heldout_en.txt",
+        "heldout_zh": out / "heldout" / "heldout_zh.txt",
         "chat": out / "chat" / "demo_chat.json",
         "mc_dev": out / "eval" / "demo_mc" / "dev.jsonl",
         "mc_test": out / "eval" / "demo_mc" / "test.jsonl",
+        "qa_dev": out / "eval" / "demo_qa" / "dev.jsonl",
+        "qa_test": out / "eval" / "demo_qa" / "test.jsonl",
     }
-    _write(paths["pretrain_en"], "\n".join(c.pretrain_en) + "\n")
-    _write(paths["pretrain_zh"], "\n".join(c.pretrain_zh) + "\n")
+    for name in ("pretrain_en", "pretrain_zh", "heldout_en", "heldout_zh"):
+        _write(paths[name], "\n".join(getattr(c, name)) + "\n")
     _write(paths["chat"], json.dumps(c.chat, ensure_ascii=False, indent=1) + "\n")
-    _write(paths["mc_dev"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in c.mc_dev))
-    _write(paths["mc_test"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in c.mc_test))
+    for name in ("mc_dev", "mc_test", "qa_dev", "qa_test"):
+        _write(paths[name], _jsonl(getattr(c, name)))
     if tokenizers:
         paths["base_sp"] = out / "tokenizers" / "base_en.model"
         paths["extra_sp"] = out / "tokenizers" / "extra_zh.model"
