@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -90,24 +91,68 @@ def demo_main(argv: list[str]) -> int:
     p.add_argument("--force", action="store_true", help="rebuild every stage")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     a = p.parse_intermixed_args(argv)
+    # One thread per process unless the caller says otherwise: the two distillation arms then share 2 cores,
+    # and the numbers do not depend on how many cores the machine has.
+    for var in ("OMP_NUM_THREADS", "MINIMA_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["MINIMA_NUM_THREADS"]))
+    from minima.stages.report import cpu_seconds, write_report
+
     root = Path(a.run_dir)
-    t0 = time.time()
+    t0, cpu0 = time.time(), cpu_seconds()
     print(f"[demo] preparing built-in data and a tiny base model under {root}", flush=True)
     prepare_demo(root)
     from flows.pipeline import pipeline
 
     results = pipeline(config=demo_config(root), preset="tiny", overrides=a.overrides, force=a.force)
-    print(f"[demo] finished in {time.time() - t0:.0f}s; report: {root / 'report.md'} and {root / 'report.html'}")
+    wall, cpu = time.time() - t0, cpu_seconds() - cpu0
+    timing = [{"what": "minima demo (data, all stages, evaluation)", "wall_s": wall, "cpu_s": cpu}]
+    report = write_report(root, results, timing=timing)
+    print(f"[demo] finished in {wall:.0f}s wall, {cpu:.0f}s CPU", flush=True)
+    print_results(results)
     chat_dir = results.get("sft", {}).get("path")
     if chat_dir:
-        held_out = [json.loads(line) for line in (root / "data/eval/demo_mc/test.jsonl").read_text().splitlines()]
-        print(f"[demo] example answers from the chat model {chat_dir} to questions it never saw in sft:")
-        for item in [r for r in held_out if r["lang"] == "en"][:2] + [r for r in held_out if r["lang"] == "zh"][:1]:
-            print(
-                f"  User: {item['question']}\n  Assistant: {chat_once(chat_dir, item['question'])}"
-                f"   (gold: {item['choices'][item['gold']]})"
-            )
+        items = held_out_questions(root)
+        print_answers(chat_dir, items, demo_answers(chat_dir, [it["question"] for it in items]))
+    print(f"[demo] report: {Path(report['html']).resolve()}")
     return 0
+
+
+def print_results(results: dict) -> None:
+    """The evaluation table of the report (one column per model)."""
+    from minima.stages.report import _table, eval_rows
+
+    ev = results.get("evaluate", {}).get("path")
+    headers, rows = eval_rows(Path(ev)) if ev else ([], [])
+    if rows:
+        print("[demo] evaluation (perplexity on held-out text; demo_mc and demo_qa on held-out facts):")
+        print(_table(headers, rows))
+
+
+def held_out_questions(root: Path, per_lang: int = 5) -> list[dict]:
+    """The first ``per_lang`` demo_qa test questions in each language (never asked in any training data)."""
+    rows = [json.loads(line) for line in (root / "data/eval/demo_qa/test.jsonl").read_text().splitlines()]
+    return [r for lang in ("en", "zh") for r in [r for r in rows if r["lang"] == lang][:per_lang]]
+
+
+def demo_answers(chat_dir: str, questions: list[str]) -> list[str]:
+    """The chat model's replies to ``questions`` (one user turn each, greedy)."""
+    return [chat_once(chat_dir, q) for q in questions]
+
+
+def print_answers(chat_dir: str, items: list[dict], answers: list[str]) -> None:
+    """Each held-out question, the chat model's answer and ✓/✗ by demo_qa's exact match."""
+    from minima.evaluate.tasks.demo_qa import is_correct
+
+    print(f"[demo] the chat model {chat_dir} on held-out questions it never saw in training:")
+    right = 0
+    for item, answer in zip(items, answers):
+        ok = is_correct(item["question"], item["answer"], answer)
+        right += ok
+        print(f"  {'✓' if ok else '✗'} User: {item['question']}\n    Assistant: {answer}   (gold: {item['answer']})")
+    print(f"[demo] {right}/{len(items)} right")
 
 
 def chat_once(model_dir: str, question: str, max_new_tokens: int = 32) -> str:

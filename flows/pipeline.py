@@ -8,6 +8,7 @@ Run it with ``minima run --config pipeline.yaml``, as a deployment (prefect.yaml
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -65,6 +66,9 @@ def pipeline(
 ) -> dict[str, Any]:
     """Run the DAG. Finished steps are cache hits; ``from_stage`` reruns it and what follows,
     ``only_stage`` reruns one stage on the existing upstream artifacts, ``force`` reruns all."""
+    from minima.stages.report import cpu_seconds
+
+    t0, cpu0 = time.time(), cpu_seconds()
     log = get_run_logger()
     cfg = resolve_config(config, preset, overrides or [])
     active = active_steps(cfg)
@@ -96,14 +100,16 @@ def pipeline(
     for k, r in results.items():
         r["state"] = states[k]
         log.info("%-12s %-8s %s%s", k, states[k], r["path"], " (artifact reused)" if r.get("skipped") else "")
-    _publish_report(cfg, results)
+    _publish_report(
+        cfg, results, [{"what": "pipeline flow", "wall_s": time.time() - t0, "cpu_s": cpu_seconds() - cpu0}]
+    )
     return results
 
 
-def _publish_report(cfg: PipelineConfig, results: dict[str, dict]) -> None:
+def _publish_report(cfg: PipelineConfig, results: dict[str, dict], timing: list[dict]) -> None:
     """Write runs/<id>/report.md (+ html) and attach the tables to the flow run as Prefect artifacts."""
     from minima.stages.report import write_report
 
-    report = write_report(Path(cfg.run_dir), results)
+    report = write_report(Path(cfg.run_dir), results, timing=timing)
     md = Path(report["markdown"]).read_text()
     create_markdown_artifact(key="minima-report", markdown=md, description=f"minima pipeline report for {cfg.run_dir}")

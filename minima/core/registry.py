@@ -156,10 +156,11 @@ def step_config(pipeline: PipelineConfig, key: str, upstream: dict[str, str]) ->
     """The step's stage config with run_dir, out_dir and upstream inputs filled in (validated)."""
     step = STEP[key]
     cfg: StageConfig = getattr(pipeline, step.config_key)
-    missing = [n for n in step_needs(key, active_steps(pipeline)) if n not in upstream]
+    needs = step_needs(key, active_steps(pipeline))
+    missing = [n for n in needs if n not in upstream]
     if missing:
         raise ConfigError(f"step {key} needs the artifacts of {', '.join(missing)}", fix="run the earlier stages first")
-    changes = dict(WIRING[key](cfg, upstream))
+    changes = dict(WIRING[key](cfg, {n: upstream[n] for n in needs}))
     changes["run_dir"] = pipeline.run_dir
     changes["out_dir"] = step_out_dir(pipeline, key)
     data = cfg.model_dump()

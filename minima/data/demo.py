@@ -120,6 +120,8 @@ class Fact:
     pool_zh: list[str] = field(default_factory=list)
     stem_en: str = ""  # the answer sentence up to the answer ("The capital of France is")
     stem_zh: str = ""
+    subject_en: str = ""  # what the fact is about, as the question names it ("France")
+    subject_zh: str = ""
 
 
 def facts() -> list[Fact]:
@@ -147,6 +149,8 @@ def facts() -> list[Fact]:
                 caps_zh,
                 f"The capital of {country} is",
                 f"{country_zh}的首都是",
+                country,
+                country_zh,
             )
         )
     colors = sorted({c[1] for c in COLORS})
@@ -168,6 +172,8 @@ def facts() -> list[Fact]:
                 colors_zh,
                 f"The {thing} is",
                 f"{thing_zh}是",
+                thing,
+                thing_zh,
             )
         )
     words_en = [w[0] for w in WORDS]
@@ -189,6 +195,8 @@ def facts() -> list[Fact]:
                 words_en,
                 f"In Chinese, {en} is",
                 f"{zh}的英文是",
+                en,
+                zh,
             )
         )
     for a in range(1, 10):
@@ -210,6 +218,8 @@ def facts() -> list[Fact]:
                     [str(i) for i in range(2, 19)],
                     f"{a} plus {b} equals",
                     f"{a}加{b}等于",
+                    f"{a} plus {b}",
+                    f"{a}加{b}",
                 )
             )
     return out
@@ -219,6 +229,7 @@ def facts() -> list[Fact]:
 # separator between the sentences of a document, per language.
 QA_LINE = {"en": "Question: {q} Answer: {a}", "zh": "问题：{q}回答：{a}"}
 SEP = {"en": " ", "zh": ""}
+HEADER = {"en": "{s}: ", "zh": "{s}："}  # a statement under its subject, as glossaries and encyclopedias write
 
 
 def qa_prompt(question: str, lang: str) -> str:
@@ -268,7 +279,14 @@ def _qa(fact: Fact, lang: str) -> dict:
     }
 
 
-def generate(seed: int = 0, docs_per_lang: int = 1500, qa_fraction: float = 0.3, heldout_docs: int = 150) -> DemoCorpus:
+def generate(
+    seed: int = 0,
+    docs_per_lang: int = 1500,
+    qa_fraction: float = 0.3,
+    heldout_docs: int = 150,
+    header_fraction: float = 0.0,
+    short_answers: bool = False,
+) -> DemoCorpus:
     """Build the corpus.
 
     Facts are split 75/25 into chat-train / held-out. Every fact is stated in the pretraining text (in
@@ -285,12 +303,18 @@ def generate(seed: int = 0, docs_per_lang: int = 1500, qa_fraction: float = 0.3,
     test_ids = set(order[:n_test])
     train_facts = [f for i, f in enumerate(all_facts) if i not in test_ids]
     train_keys = {(f.kind, f.key) for f in train_facts}
+    if short_answers:
+        for f in all_facts:
+            f.a_en, f.a_zh = f"{f.answer_en}.", f"{f.answer_zh}。"
 
     def sentence(f: Fact, lang: str) -> str:
         if (f.kind, f.key) in train_keys and rng.random() < qa_fraction:
             q, a = (f.q_en, f.a_en) if lang == "en" else (f.q_zh, f.a_zh)
             return QA_LINE[lang].format(q=q, a=a)
-        return rng.choice(f.en if lang == "en" else f.zh)
+        text = rng.choice(f.en if lang == "en" else f.zh)
+        if rng.random() < header_fraction:
+            text = HEADER[lang].format(s=f.subject_en if lang == "en" else f.subject_zh) + text
+        return text
 
     def doc(lang: str) -> str:
         return SEP[lang].join(sentence(f, lang) for f in rng.sample(all_facts, rng.randint(3, 7)))
@@ -348,10 +372,15 @@ def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def write(out_dir: str | Path, seed: int = 0, docs_per_lang: int = 1500, tokenizers: bool = True) -> dict[str, Path]:
-    """Write the demo corpus (and tokenizers) under ``out_dir``; returns the paths by name."""
+def write(
+    out_dir: str | Path, seed: int = 0, docs_per_lang: int = 1500, tokenizers: bool = True, **world
+) -> dict[str, Path]:
+    """Write the demo corpus (and tokenizers) under ``out_dir``; returns the paths by name.
+
+    ``world``: further :func:`generate` arguments.
+    """
     out = Path(out_dir)
-    c = generate(seed, docs_per_lang)
+    c = generate(seed, docs_per_lang, **world)
     paths = {
         "pretrain_en": out / "text" / "pretrain_en.txt",
         "pretrain_zh": out / "text" / "pretrain_zh.txt",

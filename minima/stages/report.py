@@ -5,9 +5,28 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from minima.core.artifacts import atomic_write_text, is_complete, read_manifest
+from minima.core.registry import MODEL_LABELS
+
+# What a score is, one line per task, under the evaluation table.
+TASK_NOTES = {
+    "perplexity": "perplexity: token perplexity and bits per byte of the perplexity texts (in the demo, the held-out "
+    "text split that no stage trains on); lower is better.",
+    "demo_mc": "demo_mc: 4-way multiple choice about held-out facts, each choice scored by loglikelihood after the "
+    "answer's stem.",
+    "demo_qa": "demo_qa: free answers to held-out questions, greedy, exact match of the gold answer "
+    "(base models: a 3-shot QA prompt; chat models: the bare question in their chat template).",
+}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished subprocesses (training runs), user + system."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _fmt(v: Any) -> str:
@@ -29,7 +48,8 @@ def _scalar_metrics(m: dict, keys: list[str]) -> list[list[Any]]:
 
 
 def eval_rows(evaluate_dir: Path) -> tuple[list[str], list[list[Any]]]:
-    """(headers, rows) of the evaluate artifact's scores: one row per task/metric, one column per model."""
+    """(headers, rows) of the evaluate artifact's scores: one row per task/metric, one column per model
+    (named by what it is: pruned+distilled, scratch+distilled, ...)."""
     res_file = evaluate_dir / "results.json"
     if not res_file.is_file():
         return [], []
@@ -44,11 +64,46 @@ def eval_rows(evaluate_dir: Path) -> tuple[list[str], list[list[Any]]]:
             for metric, value in scores.items():
                 if isinstance(value, (int, float)) and not metric.endswith("stderr") and not isinstance(value, bool):
                     rows.setdefault((task, metric), {})[name] = value
-    return ["task", "metric", *names], [[t, m, *[vals.get(n, "") for n in names]] for (t, m), vals in rows.items()]
+    headers = ["task", "metric", *[MODEL_LABELS.get(n, n) for n in names]]
+    return headers, [[t, m, *[vals.get(n, "") for n in names]] for (t, m), vals in rows.items()]
 
 
-def write_report(run_dir: Path, results: dict[str, dict]) -> dict[str, str]:
-    """Write report.md and report.html under run_dir; returns their paths."""
+def curve_caption(stage: str, config: dict) -> str:
+    """One line saying what each curve of a stage's loss plot is."""
+    ce = "left: train CE per optimizer step (thin) and its running mean, dev CE on the held-out records (dots)"
+    if stage == "distill":
+        loss = config.get("loss") or {}
+        alpha, kd, temp = loss.get("alpha", 0.0), loss.get("kd", "forward_kl"), loss.get("temperature", 1.0)
+        return (
+            f"{ce}, both against the data's next token; right: the KD term ({kd} between teacher and student at "
+            f"T={temp}), the objective being {alpha:g} CE + {1 - alpha:g} T^2 KD, so it falls to ~0 as the "
+            "student matches the teacher. Bottom axis: optimizer steps; top: training tokens."
+        )
+    what = "assistant-reply tokens" if stage == "sft" else "text tokens"
+    return f"{ce}, over {what}. Bottom axis: optimizer steps; top: training tokens."
+
+
+def qa_examples(evaluate_dir: Path, model: str = "chat", per_lang: int = 5) -> list[dict]:
+    """The first ``per_lang`` demo_qa items of ``model`` per language from samples.jsonl (question, reply, ok)."""
+    path = Path(evaluate_dir) / "samples.jsonl"
+    if not path.is_file():
+        return []
+    out: dict[str, list[dict]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        s = json.loads(line)
+        if s.get("model") == model and s.get("task") == "demo_qa":
+            items = out.setdefault(s.get("lang", ""), [])
+            if len(items) < per_lang:
+                items.append(s)
+    return [s for lang in sorted(out) for s in out[lang]]
+
+
+def write_report(run_dir: Path, results: dict[str, dict], timing: Optional[list[dict]] = None) -> dict[str, str]:
+    """Write report.md and report.html under run_dir; returns their paths.
+
+    ``timing``: rows ``{"what", "wall_s", "cpu_s"}`` (e.g. the pipeline flow, the whole demo command), shown in
+    a Time section with the machine's CPU count.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     md = [f"# minima pipeline report: `{run_dir}`", ""]
@@ -136,11 +191,12 @@ def write_report(run_dir: Path, results: dict[str, dict]) -> dict[str, str]:
         if isinstance(prune.get("kept_layers"), list):
             md += [f"Kept layers: {prune['kept_layers']}", ""]
     curves = []
-    for key in ("adapt", "distill", "sft"):
+    for key in ("adapt", "distill", "distill_scratch", "sft"):
         p = results.get(key, {}).get("path")
         if not p:
             continue
-        m = manifest(key).get("metrics", {})
+        man = manifest(key)
+        m = man.get("metrics", {})
         md_rows = _scalar_metrics(
             m, ["final_loss", "dev_loss", "dev_ppl", "best_dev_loss", "steps", "tokens", "tokens_per_s", "mfu"]
         )
@@ -150,14 +206,46 @@ def write_report(run_dir: Path, results: dict[str, dict]) -> dict[str, str]:
             dest = run_dir / "report_files" / f"{key}_{png.name}"
             dest.parent.mkdir(exist_ok=True)
             shutil.copyfile(png, dest)
-            curves.append((key, dest.relative_to(run_dir)))
+            curves.append((key, dest.relative_to(run_dir), curve_caption(man.get("stage", key), man.get("config", {}))))
     if curves:
-        md += ["## Loss curves", ""] + [f"![{k}]({rel.as_posix()})" for k, rel in curves] + [""]
+        md += ["## Loss curves", ""]
+        for k, rel, caption in curves:
+            md += [f"**{k}**: {caption}", "", f"![{k}]({rel.as_posix()})", ""]
     ev = results.get("evaluate", {}).get("path")
     if ev:
         headers, rows = eval_rows(Path(ev))
         if rows:
-            md += ["## Evaluation (teacher vs pruned vs distilled vs chat)", "", _table(headers, rows), ""]
+            tasks = dict.fromkeys(r[0] for r in rows)
+            md += ["## Evaluation", "", _table(headers, rows), ""]
+            md += [f"- {TASK_NOTES[t]}" for t in tasks if t in TASK_NOTES] + [""]
+        examples = qa_examples(Path(ev))
+        if examples:
+            md += [
+                "## Held-out questions (chat model)",
+                "",
+                _table(
+                    ["", "question", "reply", "gold"],
+                    [
+                        ["✓" if s["exact_match"] else "✗", s["question"], s["generation"].strip(), s["gold"]]
+                        for s in examples
+                    ],
+                ),
+                "",
+            ]
+    if timing:
+        import os
+
+        md += [
+            "## Time",
+            "",
+            _table(
+                ["", "wall (s)", "CPU (s, this process and its finished subprocesses)"],
+                [[t["what"], f"{t['wall_s']:.0f}", f"{t['cpu_s']:.0f}"] for t in timing],
+            ),
+            "",
+            f"On {os.cpu_count()} CPU cores; on a loaded machine the wall time grows, the CPU time much less.",
+            "",
+        ]
     text = "\n".join(md)
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
     atomic_write_text(md_path, text)

@@ -99,7 +99,8 @@ class DemoQA(GenerateUntilTask):
 
     def score_generation(self, doc, generation):
         ok = is_correct(doc.query, doc.gold, generation)
-        return {"exact_match": float(ok)}, {"gold": doc.gold, "lang": doc.subject, "kind": doc.raw.get("kind")}
+        record = {"question": doc.query, "gold": doc.gold, "lang": doc.subject, "kind": doc.raw.get("kind")}
+        return {"exact_match": float(ok)}, record
 
     def metric_names(self, settings):
         return ("exact_match",)
