@@ -62,7 +62,7 @@ def test_select_steps():
 
 def test_cache_from_stage_changed_field_and_failure(tmp_path, fake_stages, prefect_ready):
     r1 = _run(tmp_path)
-    assert sorted(CALLS) == sorted(s.out_name for s in STEPS)  # every stage built once
+    assert sorted(CALLS) == sorted(s.out_name for s in STEPS if not s.switch)  # every stage built once
     assert all(r["state"] == "Completed" for r in r1.values())
 
     CALLS.clear()

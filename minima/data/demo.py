@@ -104,30 +104,41 @@ def _zh_number(n: int) -> str:
 
 @dataclass
 class Fact:
-    """One fact in both languages, with question/answer forms and distractor pool."""
+    """One fact in both languages: its statements (paraphrases), its question, its answer, the answer's
+    distractor pool and the statement's stem up to the answer."""
 
     kind: str
     key: str
     en: list[str]
     zh: list[str]
     q_en: str
-    a_en: str
     q_zh: str
-    a_zh: str
     answer_en: str
     answer_zh: str
     pool_en: list[str] = field(default_factory=list)
     pool_zh: list[str] = field(default_factory=list)
     stem_en: str = ""  # the answer sentence up to the answer ("The capital of France is")
     stem_zh: str = ""
-    subject_en: str = ""  # what the fact is about, as the question names it ("France")
-    subject_zh: str = ""
+
+    def statements(self, lang: str) -> list[str]:
+        return self.en if lang == "en" else [space_latin(x) for x in self.zh]
+
+    def question(self, lang: str) -> str:
+        return self.q_en if lang == "en" else self.q_zh
+
+    def answer(self, lang: str) -> str:
+        return self.answer_en if lang == "en" else self.answer_zh
+
+    def reply(self, lang: str) -> str:
+        """The answer as a chat reply: the answer itself, as a sentence."""
+        return f"{self.answer_en}." if lang == "en" else f"{self.answer_zh}。"
 
 
 def facts() -> list[Fact]:
+    """Every fact of the world. A question is phrased like one of its statements ("What is the capital of
+    France?" / "The capital of France is Paris."), as questions about a fact usually are."""
     out: list[Fact] = []
-    caps = [c[1] for c in COUNTRIES]
-    caps_zh = [c[3] for c in COUNTRIES]
+    caps, caps_zh = [c[1] for c in COUNTRIES], [c[3] for c in COUNTRIES]
     for country, cap, country_zh, cap_zh in COUNTRIES:
         out.append(
             Fact(
@@ -138,67 +149,62 @@ def facts() -> list[Fact]:
                     f"{cap} is the capital of {country}.",
                     f"{country} has its capital in {cap}.",
                 ],
-                [f"{country_zh}的首都是{cap_zh}。", f"{cap_zh}是{country_zh}的首都。"],
+                [
+                    f"{country_zh}的首都是{cap_zh}。",
+                    f"{cap_zh}是{country_zh}的首都。",
+                    f"{country_zh}以{cap_zh}为首都。",
+                ],
                 f"What is the capital of {country}?",
-                f"The capital of {country} is {cap}.",
                 f"{country_zh}的首都是哪里？",
-                f"{country_zh}的首都是{cap_zh}。",
                 cap,
                 cap_zh,
                 caps,
                 caps_zh,
                 f"The capital of {country} is",
                 f"{country_zh}的首都是",
-                country,
-                country_zh,
             )
         )
-    colors = sorted({c[1] for c in COLORS})
-    colors_zh = sorted({c[3] for c in COLORS})
+    colors, colors_zh = sorted({c[1] for c in COLORS}), sorted({c[3] for c in COLORS})
     for thing, color, thing_zh, color_zh in COLORS:
         out.append(
             Fact(
                 "color",
                 thing,
-                [f"The color of the {thing} is {color}.", f"The {thing} is {color}."],
-                [f"{thing_zh}的颜色是{color_zh}。", f"{thing_zh}是{color_zh}的。"],
-                f"What color is the {thing}?",
-                f"The {thing} is {color}.",
-                f"{thing_zh}是什么颜色的？",
-                f"{thing_zh}是{color_zh}的。",
+                [
+                    f"The color of the {thing} is {color}.",
+                    f"The {thing} is {color}.",
+                    f"The {thing} has a {color} color.",
+                ],
+                [f"{thing_zh}的颜色是{color_zh}。", f"{thing_zh}是{color_zh}的。", f"{color_zh}是{thing_zh}的颜色。"],
+                f"What is the color of the {thing}?",
+                f"{thing_zh}的颜色是什么？",
                 color,
                 color_zh,
                 colors,
                 colors_zh,
-                f"The {thing} is",
-                f"{thing_zh}是",
-                thing,
-                thing_zh,
+                f"The color of the {thing} is",
+                f"{thing_zh}的颜色是",
             )
         )
-    words_en = [w[0] for w in WORDS]
-    words_zh = [w[1] for w in WORDS]
+    words_en, words_zh = [w[0] for w in WORDS], [w[1] for w in WORDS]
     for en, zh in WORDS:
         out.append(
             Fact(
                 "word",
                 en,
-                [f"In Chinese, {en} is {zh}.", f"The Chinese word for {en} is {zh}."],
-                [f"{zh}的英文是{en}。", f"{en}的中文是{zh}。"],
-                f"What is {en} in Chinese?",
-                f"In Chinese, {en} is {zh}.",
+                [f"The Chinese word for {en} is {zh}.", f"In Chinese, {en} is {zh}.", f"{zh} means {en}."],
+                [f"{zh}的英文是{en}。", f"{en}的中文是{zh}。", f"{zh}在英文里是{en}。"],
+                f"What is the Chinese word for {en}?",
                 f"{zh}的英文是什么？",
-                f"{zh}的英文是{en}。",
                 zh,
                 en,
                 words_zh,
                 words_en,
-                f"In Chinese, {en} is",
+                f"The Chinese word for {en} is",
                 f"{zh}的英文是",
-                en,
-                zh,
             )
         )
+    numbers = [str(i) for i in range(2, 19)]
     for a in range(1, 10):
         for b in range(1, 10):
             c = a + b
@@ -209,27 +215,39 @@ def facts() -> list[Fact]:
                     [f"{a} plus {b} equals {c}.", f"{a} + {b} = {c}."],
                     [f"{_zh_number(a)}加{_zh_number(b)}等于{_zh_number(c)}。", f"{a}加{b}等于{c}。"],
                     f"What is {a} plus {b}?",
-                    f"{a} plus {b} equals {c}.",
                     f"{a}加{b}等于几？",
-                    f"{a}加{b}等于{c}。",
                     str(c),
                     str(c),
-                    [str(i) for i in range(2, 19)],
-                    [str(i) for i in range(2, 19)],
+                    numbers,
+                    numbers,
                     f"{a} plus {b} equals",
                     f"{a}加{b}等于",
-                    f"{a} plus {b}",
-                    f"{a}加{b}",
                 )
             )
     return out
 
 
-# A question and its answer as one line of text (the shape of QA text in pretraining mixes), and the
-# separator between the sentences of a document, per language.
+def space_latin(text: str) -> str:
+    """Chinese text with a space between a Latin word and the Chinese characters or punctuation before it, and
+    the characters after it, as Chinese typography often sets them: the word is then the same tokens as in
+    English text ("鱼的英文是 fish。")."""
+    import re
+
+    text = re.sub(r"(?<=[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef])(?=[A-Za-z])", " ", text)
+    return re.sub(r"(?<=[A-Za-z])(?=[\u4e00-\u9fff])", " ", text)
+
+
+# Question-answer text as the pretraining mix holds it: QA lines, and chat transcripts in MiniChat's turn
+# tags. The separator between the sentences of a document, per language.
 QA_LINE = {"en": "Question: {q} Answer: {a}", "zh": "问题：{q}回答：{a}"}
+DIALOGUE = "[|User|] {q} [|Assistant|] {a}"
 SEP = {"en": " ", "zh": ""}
-HEADER = {"en": "{s}: ", "zh": "{s}："}  # a statement under its subject, as glossaries and encyclopedias write
+
+
+def qa_text(question: str, reply: str, lang: str, dialogue: bool = False) -> str:
+    """A question and its reply as one line of QA text (a QA line, or a chat transcript)."""
+    text = (DIALOGUE if dialogue else QA_LINE[lang]).format(q=question, a=reply)
+    return text if lang == "en" else space_latin(text)
 
 
 def qa_prompt(question: str, lang: str) -> str:
@@ -251,15 +269,13 @@ class DemoCorpus:
 
 
 def _mc(fact: Fact, lang: str, rng: random.Random) -> dict:
-    answer = fact.answer_en if lang == "en" else fact.answer_zh
+    answer = fact.answer(lang)
     pool = sorted(set(fact.pool_en if lang == "en" else fact.pool_zh) - {answer})
     choices = rng.sample(pool, 3) + [answer]
     rng.shuffle(choices)
-    q = fact.q_en if lang == "en" else fact.q_zh
-    prefix = fact.stem_en if lang == "en" else fact.stem_zh
     return {
-        "question": q,
-        "prefix": prefix,
+        "question": fact.question(lang),
+        "prefix": fact.stem_en if lang == "en" else fact.stem_zh,
         "choices": choices,
         "gold": choices.index(answer),
         "lang": lang,
@@ -268,12 +284,11 @@ def _mc(fact: Fact, lang: str, rng: random.Random) -> dict:
 
 
 def _qa(fact: Fact, lang: str) -> dict:
-    """A free-answer item: the question, the gold answer and the reference reply sentence."""
-    en = lang == "en"
+    """A free-answer item: the question, the gold answer and the reference reply."""
     return {
-        "question": fact.q_en if en else fact.q_zh,
-        "answer": fact.answer_en if en else fact.answer_zh,
-        "reply": fact.a_en if en else fact.a_zh,
+        "question": fact.question(lang),
+        "answer": fact.answer(lang),
+        "reply": fact.reply(lang),
         "lang": lang,
         "kind": fact.kind,
     }
@@ -282,18 +297,17 @@ def _qa(fact: Fact, lang: str) -> dict:
 def generate(
     seed: int = 0,
     docs_per_lang: int = 1500,
-    qa_fraction: float = 0.3,
+    qa_fraction: float = 0.1,
+    dialogue_fraction: float = 0.5,
     heldout_docs: int = 150,
-    header_fraction: float = 0.0,
-    short_answers: bool = False,
 ) -> DemoCorpus:
     """Build the corpus.
 
-    Facts are split 75/25 into chat-train / held-out. Every fact is stated in the pretraining text (in
-    several paraphrases); a ``qa_fraction`` of the sentences are question-answer lines about chat-train
-    facts, as web text mixes QA pages into prose. A held-out fact's question is never seen in training:
-    neither in pretraining nor in chat data. ``heldout_docs`` documents per language, drawn like the
-    pretraining ones but never trained on, are the held-out text split (perplexity).
+    Facts are split 75/25 into chat-train / held-out. Every fact is stated in the pretraining text, in
+    several paraphrases. A ``qa_fraction`` of the sentences about chat-train facts are QA text instead, a
+    ``dialogue_fraction`` of it as chat transcripts, as web text mixes QA pages and chat logs into prose.
+    A held-out fact's question is never in any training data. ``heldout_docs`` documents per language,
+    drawn like the pretraining ones but never trained on, are the held-out text split (perplexity).
     """
     rng = random.Random(seed)
     all_facts = facts()
@@ -303,30 +317,24 @@ def generate(
     test_ids = set(order[:n_test])
     train_facts = [f for i, f in enumerate(all_facts) if i not in test_ids]
     train_keys = {(f.kind, f.key) for f in train_facts}
-    if short_answers:
-        for f in all_facts:
-            f.a_en, f.a_zh = f"{f.answer_en}.", f"{f.answer_zh}。"
 
     def sentence(f: Fact, lang: str) -> str:
         if (f.kind, f.key) in train_keys and rng.random() < qa_fraction:
-            q, a = (f.q_en, f.a_en) if lang == "en" else (f.q_zh, f.a_zh)
-            return QA_LINE[lang].format(q=q, a=a)
-        text = rng.choice(f.en if lang == "en" else f.zh)
-        if rng.random() < header_fraction:
-            text = HEADER[lang].format(s=f.subject_en if lang == "en" else f.subject_zh) + text
-        return text
+            return qa_text(f.question(lang), f.reply(lang), lang, dialogue=rng.random() < dialogue_fraction)
+        return rng.choice(f.statements(lang))
 
     def doc(lang: str) -> str:
-        return SEP[lang].join(sentence(f, lang) for f in rng.sample(all_facts, rng.randint(3, 7)))
+        text = SEP[lang].join(sentence(f, lang) for f in rng.sample(all_facts, rng.randint(3, 7)))
+        return text if lang == "en" else space_latin(text)
 
     def docs(lang: str) -> list[str]:
         out = [doc(lang) for _ in range(docs_per_lang)]
-        # Every statement appears at least once in each language, and every chat-train fact's QA line.
+        # Every statement appears at least once in each language, and every chat-train fact's QA text.
         for f in all_facts:
-            out += f.en if lang == "en" else f.zh
+            out += f.statements(lang)
         for f in train_facts:
-            q, a = (f.q_en, f.a_en) if lang == "en" else (f.q_zh, f.a_zh)
-            out.append(QA_LINE[lang].format(q=q, a=a))
+            out.append(qa_text(f.question(lang), f.reply(lang), lang))
+            out.append(qa_text(f.question(lang), f.reply(lang), lang, dialogue=True))
         rng.shuffle(out)
         return out
 
@@ -343,17 +351,12 @@ def generate(
     heldout_en, heldout_zh = heldout("en", pretrain_en), heldout("zh", pretrain_zh)
     chat: list[list[dict]] = []
     for f in train_facts:
-        chat.append([{"User": f.q_en, "Assistant": f.a_en}])
-        chat.append([{"User": f.q_zh, "Assistant": f.a_zh}])
+        for lang in ("en", "zh"):
+            chat.append([{"User": f.question(lang), "Assistant": f.reply(lang)}])
     for _ in range(len(train_facts) // 2):  # some multi-turn conversations
         a, b = rng.sample(train_facts, 2)
         lang = rng.choice(["en", "zh"])
-        chat.append(
-            [
-                {"User": a.q_en if lang == "en" else a.q_zh, "Assistant": a.a_en if lang == "en" else a.a_zh},
-                {"User": b.q_en if lang == "en" else b.q_zh, "Assistant": b.a_en if lang == "en" else b.a_zh},
-            ]
-        )
+        chat.append([{"User": x.question(lang), "Assistant": x.reply(lang)} for x in (a, b)])
     rng.shuffle(chat)
     mc_test = [_mc(all_facts[i], lang, rng) for i in sorted(test_ids) for lang in ("en", "zh")]
     dev_pick = rng.sample(train_facts, min(20, len(train_facts)))
@@ -401,8 +404,28 @@ def write(
         paths["base_sp"] = out / "tokenizers" / "base_en.model"
         paths["extra_sp"] = out / "tokenizers" / "extra_zh.model"
         train_sentencepiece(c.pretrain_en, paths["base_sp"], vocab_size=1000, model_type="bpe", byte_fallback=True)
-        train_sentencepiece(c.pretrain_zh, paths["extra_sp"], vocab_size=800, model_type="unigram", byte_fallback=False)
+        train_sentencepiece(
+            segment_zh(c.pretrain_zh),
+            paths["extra_sp"],
+            vocab_size=800,
+            model_type="unigram",
+            byte_fallback=False,
+            add_dummy_prefix=False,
+        )
     return paths
+
+
+def segment_zh(lines: list[str]) -> list[str]:
+    """Chinese lines cut before and after every name, answer and number of the world, as a word segmenter
+    would: a tokenizer trained on the pieces has no piece that glues an answer to the word before it
+    ("是蓝色"), so an answer is the same tokens in a statement and after a question."""
+    import re
+
+    words = {w for f in facts() if f.kind != "add" for w in (f.answer_zh, *f.pool_zh)}
+    words |= {c[2] for c in COUNTRIES} | {c[2] for c in COLORS} | {w[1] for w in WORDS}
+    words |= {_zh_number(n) for n in range(19)}
+    pattern = re.compile("(" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + ")")
+    return [seg.strip() for line in lines for seg in pattern.split(line) if seg.strip()]
 
 
 def train_sentencepiece(
@@ -411,6 +434,7 @@ def train_sentencepiece(
     vocab_size: int,
     model_type: str = "bpe",
     byte_fallback: bool = True,
+    add_dummy_prefix: bool = True,
 ) -> Path:
     """Train a SentencePiece model with LLaMA's settings (unk/bos/eos = 0/1/2, no pad, split digits)."""
     import sentencepiece as spm
@@ -425,7 +449,7 @@ def train_sentencepiece(
         split_digits=True,
         character_coverage=1.0 if not byte_fallback else 0.9995,
         normalization_rule_name="identity" if byte_fallback else "nmt_nfkc",
-        add_dummy_prefix=True,
+        add_dummy_prefix=add_dummy_prefix,
         remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,
         unk_id=0,

@@ -2,9 +2,9 @@
 
 Every stage is asked the same questions, each in the form it was trained for:
 
-- a base model (no chat template) gets a few-shot completion prompt in the pretraining text's QA shape,
-  ``Question: q1 Answer: a1 Question: q Answer:`` (``问题：q1回答：a1问题：q回答：`` in Chinese), the shots
-  drawn from the dev split in the question's language;
+- a base model (no chat template) gets a few-shot completion prompt in the QA-line shape of the demo
+  corpus, ``Question: q1 Answer: a1 Question: q Answer:`` (``问题：q1回答：a1问题：q回答：`` in Chinese), the
+  shots drawn from the dev split in the question's language;
 - a chat model (``chat_template``) gets the bare question as one user turn of its chat template.
 
 The greedy reply is cut at its first sentence and scored by exact match: right when the gold answer occurs
@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import re
 
+from minima.data.demo import SEP, qa_prompt, qa_text
 from minima.evaluate import metrics as M
 from minima.evaluate.tasks.base import GenerateUntilTask, Instance
 from minima.evaluate.tasks.loading import Doc, Schema
 from minima.evaluate.tasks.registry import register_task
 
 LANGS = ("en", "zh")
-QA_LINE = {"en": "Question: {q} Answer: {a}", "zh": "问题：{q}回答：{a}"}
-SEP = {"en": " ", "zh": ""}
 MAX_NEW_TOKENS = 32  # one answer sentence; the evaluate max_new_tokens caps it further
 
 
@@ -75,12 +74,11 @@ class DemoQA(GenerateUntilTask):
     until = ["\n", "Question:", "问题：", "</s>"]
 
     def fewshot_text(self, doc):
-        return QA_LINE[doc.subject].format(q=doc.query, a=doc.target)
+        return qa_text(doc.query, doc.target, doc.subject)
 
     def build_context(self, doc, shots, subject):
         sep = SEP[doc.subject]
-        prompt = QA_LINE[doc.subject].format(q=doc.query, a="").rstrip()
-        return "".join(self.fewshot_text(s) + sep for s in shots) + prompt
+        return "".join(self.fewshot_text(s) + sep for s in shots) + qa_prompt(doc.query, doc.subject)
 
     def instances(self, data, settings):
         out = []
