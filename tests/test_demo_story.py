@@ -218,7 +218,11 @@ def test_held_out_questions_and_text_are_never_trained_on(demo_data_dir):
         assert r["reply"] in text  # but the fact is stated in the pretraining text
         assert r["answer"] in r["reply"]
     assert all(r["question"] in asked for r in dev)  # shots come from chat-train facts
+    from minima.data import demo
+
+    c = demo.generate()  # the fixture's corpus (seed 0)
     for lang in ("en", "zh"):
         train_docs = set((demo_data_dir / "text" / f"pretrain_{lang}.txt").read_text().splitlines())
-        held = (demo_data_dir / "heldout" / f"heldout_{lang}.txt").read_text().splitlines()
+        held = getattr(c, f"heldout_{lang}")
         assert len(held) >= 100 and not train_docs & set(held)
+        assert (demo_data_dir / "heldout" / f"heldout_{lang}.txt").read_text() == demo.SEP[lang].join(held)

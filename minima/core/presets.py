@@ -73,7 +73,7 @@ def tiny() -> PipelineConfig:
         eval_steps=100,
         save_steps=100,
     )
-    cfg.adapt = _with(cfg.adapt, **train)
+    cfg.adapt = _with(cfg.adapt, **dict(train, max_steps=800))
     s = TINY_STUDENT
     cfg.prune = _with(
         cfg.prune,
@@ -90,9 +90,9 @@ def tiny() -> PipelineConfig:
             layer_importance="block-influence",
         ),
     )
-    cfg.distill = _with(cfg.distill, **dict(train, max_steps=300))
+    cfg.distill = _with(cfg.distill, **dict(train, max_steps=250))
     cfg.sft = _with(
-        cfg.sft, **dict(train, lr=5e-4, max_steps=-1, epochs=3, warmup_proportion=0.1, max_length=128, patience=2)
+        cfg.sft, **dict(train, lr=5e-4, max_steps=-1, epochs=6, warmup_proportion=0.1, max_length=128, patience=2)
     )
     cfg.evaluate = _with(cfg.evaluate, **dict(tasks=["demo_mc", "demo_qa", "perplexity"], batch_size=16))
     cfg.scratch = True  # the from-scratch student beside the pruned one

@@ -5,9 +5,10 @@ capitals of countries, colours of things, word translations and one-digit arithm
 split 75/25 into chat-train and held-out facts. From it come
 
 - pretraining text (one document per line, ``text/pretrain_en.txt`` and ``text/pretrain_zh.txt``):
-  every fact stated in several paraphrases, and question-answer lines about the chat-train facts only,
-- a held-out text split drawn the same way that no stage trains on (``heldout/heldout_{en,zh}.txt``),
-  for perplexity,
+  every fact stated in several paraphrases, and, about the chat-train facts only, some QA text: QA lines
+  (``Question: .. Answer: ..``) and chat transcripts in MiniChat's turn tags,
+- a held-out text split drawn the same way that no stage trains on (``heldout/heldout_{en,zh}.txt``, its
+  documents as one running text), for perplexity,
 - chat conversations in the MiniChat JSON shape (``chat/demo_chat.json``: a list of conversations,
   each a list of ``{"User": .., "Assistant": ..}`` turns) about the chat-train facts,
 - multiple-choice questions with gold answers (``eval/demo_mc/{dev,test}.jsonl``: question, the
@@ -16,7 +17,13 @@ split 75/25 into chat-train and held-out facts. From it come
   about held-out facts: their statements are in the pretraining text, but no question about them is
   ever trained on, so answering them needs knowledge the model can extract, not a memorised reply,
 - two SentencePiece models trained on the corpus: an English BPE "base" (LLaMA settings,
-  byte_fallback) and a Chinese unigram "extra", so the vocab stage runs without any download.
+  byte_fallback) and a Chinese unigram "extra" trained on word-segmented text.
+
+What makes held-out answers learnable by a model this small: questions are phrased like a statement of
+their fact; QA text is a small part of the mix (much of it and the model memorises the QA pairs instead
+of learning to answer from what it knows); part of it is chat-shaped, so the chat template is no new
+world for the model after sft; and an answer is the same tokens after a question as in a statement
+(segmented Chinese tokenizer, Latin words set off by spaces in Chinese text).
 
 Same seed -> same bytes.
 """
@@ -130,7 +137,9 @@ class Fact:
         return self.answer_en if lang == "en" else self.answer_zh
 
     def reply(self, lang: str) -> str:
-        """The answer as a chat reply: the answer itself, as a sentence."""
+        """The answer as a chat reply: the sum as its whole equation ("3 plus 5 equals 8."), else the answer."""
+        if self.kind == "add":
+            return f"{self.stem_en} {self.answer_en}." if lang == "en" else f"{self.stem_zh}{self.answer_zh}。"
         return f"{self.answer_en}." if lang == "en" else f"{self.answer_zh}。"
 
 
@@ -395,8 +404,12 @@ def write(
         "qa_dev": out / "eval" / "demo_qa" / "dev.jsonl",
         "qa_test": out / "eval" / "demo_qa" / "test.jsonl",
     }
-    for name in ("pretrain_en", "pretrain_zh", "heldout_en", "heldout_zh"):
+    for name in ("pretrain_en", "pretrain_zh"):
         _write(paths[name], "\n".join(getattr(c, name)) + "\n")
+    # The held-out documents as one running text (no newline: the models never see one, documents are
+    # separated by an end-of-text token in training), scored in windows of the trained context.
+    for lang in ("en", "zh"):
+        _write(paths[f"heldout_{lang}"], SEP[lang].join(getattr(c, f"heldout_{lang}")))
     _write(paths["chat"], json.dumps(c.chat, ensure_ascii=False, indent=1) + "\n")
     for name in ("mc_dev", "mc_test", "qa_dev", "qa_test"):
         _write(paths[name], _jsonl(getattr(c, name)))
