@@ -137,9 +137,10 @@ class Fact:
         return self.answer_en if lang == "en" else self.answer_zh
 
     def reply(self, lang: str) -> str:
-        """The answer as a chat reply: the sum as its whole equation ("3 plus 5 equals 8."), else the answer."""
-        if self.kind == "add":
-            return f"{self.stem_en} {self.answer_en}." if lang == "en" else f"{self.stem_zh}{self.answer_zh}。"
+        """The answer as a chat reply: the answer itself, as a sentence; an English sum as its equation
+        ("3 plus 5 equals 8.", as English says it; Chinese answers 几 with the number)."""
+        if self.kind == "add" and lang == "en":
+            return f"{self.stem_en} {self.answer_en}."
         return f"{self.answer_en}." if lang == "en" else f"{self.answer_zh}。"
 
 
@@ -306,7 +307,7 @@ def _qa(fact: Fact, lang: str) -> dict:
 def generate(
     seed: int = 0,
     docs_per_lang: int = 1500,
-    qa_fraction: float = 0.1,
+    qa_fraction: float | dict = 0.1,
     dialogue_fraction: float = 0.5,
     heldout_docs: int = 150,
 ) -> DemoCorpus:
@@ -327,8 +328,10 @@ def generate(
     train_facts = [f for i, f in enumerate(all_facts) if i not in test_ids]
     train_keys = {(f.kind, f.key) for f in train_facts}
 
+    qa_share = qa_fraction if isinstance(qa_fraction, dict) else {"en": qa_fraction, "zh": qa_fraction}
+
     def sentence(f: Fact, lang: str) -> str:
-        if (f.kind, f.key) in train_keys and rng.random() < qa_fraction:
+        if (f.kind, f.key) in train_keys and rng.random() < qa_share[lang]:
             return qa_text(f.question(lang), f.reply(lang), lang, dialogue=rng.random() < dialogue_fraction)
         return rng.choice(f.statements(lang))
 
