@@ -17,7 +17,7 @@ split 75/25 into chat-train and held-out facts. From it come
   about held-out facts: their statements are in the pretraining text, but no question about them is
   ever trained on, so answering them needs knowledge the model can extract, not a memorised reply,
 - two SentencePiece models trained on the corpus: an English BPE "base" (LLaMA settings,
-  byte_fallback) and a Chinese unigram "extra" trained on word-segmented text.
+  byte_fallback) and a Chinese BPE "extra" trained on word-segmented text.
 
 What makes held-out answers learnable by a model this small: questions are phrased like a statement of
 their fact; QA text is a small part of the mix (much of it and the model memorises the QA pairs instead
@@ -424,7 +424,7 @@ def write(
             segment_zh(c.pretrain_zh),
             paths["extra_sp"],
             vocab_size=800,
-            model_type="unigram",
+            model_type="bpe",
             byte_fallback=False,
             add_dummy_prefix=False,
         )
