@@ -122,13 +122,13 @@ def demo_main(argv: list[str]) -> int:
 
 def print_results(results: dict) -> None:
     """The evaluation table of the report (one column per model)."""
-    from minima.stages.report import _table, eval_rows
+    from minima.stages.report import eval_rows, md_table
 
     ev = results.get("evaluate", {}).get("path")
     headers, rows = eval_rows(Path(ev)) if ev else ([], [])
     if rows:
         print("[demo] evaluation (perplexity on held-out text; demo_mc and demo_qa on held-out facts):")
-        print(_table(headers, rows))
+        print(md_table(headers, rows))
 
 
 def held_out_questions(root: Path, per_lang: int = 5) -> list[dict]:

@@ -37,7 +37,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
+def md_table(headers: list[str], rows: list[list[Any]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
@@ -119,7 +119,7 @@ def write_report(run_dir: Path, results: dict[str, dict], timing: Optional[list[
                 f"`{r['path']}`",
             ]
         )
-    md += [_table(["step", "prefect state", "artifact", "build time (s)", "path"], rows), ""]
+    md += [md_table(["step", "prefect state", "artifact", "build time (s)", "path"], rows), ""]
 
     def manifest(key: str) -> dict:
         p = results.get(key, {}).get("path")
@@ -130,7 +130,7 @@ def write_report(run_dir: Path, results: dict[str, dict], timing: Optional[list[
         md += [
             "## Tokenizer",
             "",
-            _table(
+            md_table(
                 ["metric", "value"],
                 _scalar_metrics(
                     vocab,
@@ -157,7 +157,7 @@ def write_report(run_dir: Path, results: dict[str, dict], timing: Optional[list[
             md += [
                 f"## Records ({key})",
                 "",
-                _table(
+                md_table(
                     ["metric", "value"],
                     _scalar_metrics(m, ["format", "max_length", "num_tokens", "bytes_per_token", "dropped", "skipped"])
                     + [[f"num_records.{k}", v] for k, v in (m.get("num_records") or {}).items()],
@@ -169,7 +169,7 @@ def write_report(run_dir: Path, results: dict[str, dict], timing: Optional[list[
         md += [
             "## Pruning",
             "",
-            _table(
+            md_table(
                 ["metric", "value"],
                 _scalar_metrics(
                     prune,
@@ -201,7 +201,7 @@ def write_report(run_dir: Path, results: dict[str, dict], timing: Optional[list[
             m, ["final_loss", "dev_loss", "dev_ppl", "best_dev_loss", "steps", "tokens", "tokens_per_s", "mfu"]
         )
         if md_rows:
-            md += [f"## Training: {key}", "", _table(["metric", "value"], md_rows), ""]
+            md += [f"## Training: {key}", "", md_table(["metric", "value"], md_rows), ""]
         for png in sorted(Path(p).glob("*.png")):
             dest = run_dir / "report_files" / f"{key}_{png.name}"
             dest.parent.mkdir(exist_ok=True)
@@ -216,14 +216,14 @@ def write_report(run_dir: Path, results: dict[str, dict], timing: Optional[list[
         headers, rows = eval_rows(Path(ev))
         if rows:
             tasks = dict.fromkeys(r[0] for r in rows)
-            md += ["## Evaluation", "", _table(headers, rows), ""]
+            md += ["## Evaluation", "", md_table(headers, rows), ""]
             md += [f"- {TASK_NOTES[t]}" for t in tasks if t in TASK_NOTES] + [""]
         examples = qa_examples(Path(ev))
         if examples:
             md += [
                 "## Held-out questions (chat model)",
                 "",
-                _table(
+                md_table(
                     ["", "question", "reply", "gold"],
                     [
                         ["✓" if s["exact_match"] else "✗", s["question"], s["generation"].strip(), s["gold"]]
@@ -238,7 +238,7 @@ def write_report(run_dir: Path, results: dict[str, dict], timing: Optional[list[
         md += [
             "## Time",
             "",
-            _table(
+            md_table(
                 ["", "wall (s)", "CPU (s, this process and its finished subprocesses)"],
                 [[t["what"], f"{t['wall_s']:.0f}", f"{t['cpu_s']:.0f}"] for t in timing],
             ),
