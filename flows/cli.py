@@ -132,9 +132,11 @@ def print_results(results: dict) -> None:
 
 
 def held_out_questions(root: Path, per_lang: int = 5) -> list[dict]:
-    """The first ``per_lang`` demo_qa test questions in each language (never asked in any training data)."""
+    """``per_lang`` demo_qa test questions per language, one kind after another (never asked in training)."""
+    from minima.stages.report import pick_examples
+
     rows = [json.loads(line) for line in (root / "data/eval/demo_qa/test.jsonl").read_text().splitlines()]
-    return [r for lang in ("en", "zh") for r in [r for r in rows if r["lang"] == lang][:per_lang]]
+    return pick_examples(rows, per_lang)
 
 
 def demo_answers(chat_dir: str, questions: list[str]) -> list[str]:

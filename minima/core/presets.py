@@ -73,7 +73,7 @@ def tiny() -> PipelineConfig:
         eval_steps=100,
         save_steps=100,
     )
-    cfg.adapt = _with(cfg.adapt, **dict(train, max_steps=800))
+    cfg.adapt = _with(cfg.adapt, **dict(train, max_steps=800, eval_steps=200, save_steps=400))
     s = TINY_STUDENT
     cfg.prune = _with(
         cfg.prune,
@@ -90,7 +90,7 @@ def tiny() -> PipelineConfig:
             layer_importance="block-influence",
         ),
     )
-    cfg.distill = _with(cfg.distill, **dict(train, max_steps=250))
+    cfg.distill = _with(cfg.distill, **dict(train, max_steps=250, eval_steps=50, save_steps=250))
     cfg.sft = _with(
         cfg.sft, **dict(train, lr=5e-4, max_steps=-1, epochs=6, warmup_proportion=0.1, max_length=128, patience=2)
     )

@@ -70,32 +70,45 @@ def eval_rows(evaluate_dir: Path) -> tuple[list[str], list[list[Any]]]:
 
 def curve_caption(stage: str, config: dict) -> str:
     """One line saying what each curve of a stage's loss plot is."""
-    ce = "left: train CE per optimizer step (thin) and its running mean, dev CE on the held-out records (dots)"
+    ce = "left: train CE per optimizer step (thin) and its running mean, dev CE on the records' dev split (dots)"
     if stage == "distill":
         loss = config.get("loss") or {}
         alpha, kd, temp = loss.get("alpha", 0.0), loss.get("kd", "forward_kl"), loss.get("temperature", 1.0)
+        objective = "the KD term alone" if alpha == 0 else f"{alpha:g} CE + {1 - alpha:g} T^2 KD"
         return (
             f"{ce}, both against the data's next token; right: the KD term ({kd} between teacher and student at "
-            f"T={temp}), the objective being {alpha:g} CE + {1 - alpha:g} T^2 KD, so it falls to ~0 as the "
-            "student matches the teacher. Bottom axis: optimizer steps; top: training tokens."
+            f"T={temp:g}), which falls to ~0 as the student matches the teacher; the objective is {objective}. "
+            "Bottom axis: optimizer steps; top: training tokens."
         )
     what = "assistant-reply tokens" if stage == "sft" else "text tokens"
     return f"{ce}, over {what}. Bottom axis: optimizer steps; top: training tokens."
 
 
+def pick_examples(items: list[dict], per_lang: int = 5) -> list[dict]:
+    """``per_lang`` items per language, taking each kind in turn (file order within a kind), so the examples
+    show every kind of question rather than the first few of one."""
+    out = []
+    for lang in sorted({it.get("lang", "") for it in items}):
+        kinds: dict[str, list[dict]] = {}
+        for it in items:
+            if it.get("lang", "") == lang:
+                kinds.setdefault(it.get("kind", ""), []).append(it)
+        queues, picked = list(kinds.values()), []
+        while len(picked) < per_lang and any(queues):
+            for q in queues:
+                if q and len(picked) < per_lang:
+                    picked.append(q.pop(0))
+        out += picked
+    return out
+
+
 def qa_examples(evaluate_dir: Path, model: str = "chat", per_lang: int = 5) -> list[dict]:
-    """The first ``per_lang`` demo_qa items of ``model`` per language from samples.jsonl (question, reply, ok)."""
+    """Some demo_qa items of ``model`` from samples.jsonl (question, reply, ok): see :func:`pick_examples`."""
     path = Path(evaluate_dir) / "samples.jsonl"
     if not path.is_file():
         return []
-    out: dict[str, list[dict]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        s = json.loads(line)
-        if s.get("model") == model and s.get("task") == "demo_qa":
-            items = out.setdefault(s.get("lang", ""), [])
-            if len(items) < per_lang:
-                items.append(s)
-    return [s for lang in sorted(out) for s in out[lang]]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return pick_examples([s for s in rows if s.get("model") == model and s.get("task") == "demo_qa"], per_lang)
 
 
 def write_report(run_dir: Path, results: dict[str, dict], timing: Optional[list[dict]] = None) -> dict[str, str]:
