@@ -57,6 +57,8 @@ def demo_config(root: Path) -> dict:
             ]
         },
         "records_chat": {"inputs": [{"name": "chat", "path": str(data / "chat/demo_chat.json")}]},
+        # one CPU process per run: ZeRO partitions nothing there, and its bookkeeping costs a fifth of a step
+        **{stage: {"zero_stage": 0} for stage in ("adapt", "distill", "sft")},
         "evaluate": {
             "tasks": {
                 "demo_mc": {"path": str(data / "eval/demo_mc")},
