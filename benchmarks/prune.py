@@ -133,7 +133,8 @@ def main(argv=None) -> int:
     import torch
 
     from minima.compress.importance import calibrate
-    from minima.compress.prune import count_params, prune_model
+    from minima.compress.prune import prune_model
+    from minima.models.counts import count_params
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")

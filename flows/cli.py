@@ -141,9 +141,12 @@ def held_out_questions(root: Path, per_lang: int = 5) -> list[dict]:
     return pick_examples(rows, per_lang)
 
 
-def demo_answers(chat_dir: str, questions: list[str]) -> list[str]:
-    """The chat model's replies to ``questions`` (one user turn each, greedy)."""
-    return [chat_once(chat_dir, q) for q in questions]
+def demo_answers(chat_dir: str, questions: list[str], max_new_tokens: int = 32) -> list[str]:
+    """The chat model's greedy answer to each question (one user turn each), decoded as one batch."""
+    from minima.infer.chat import generate_replies
+
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+    return generate_replies(chat_dir, conversations, max_new_tokens=max_new_tokens)
 
 
 def print_answers(chat_dir: str, items: list[dict], answers: list[str]) -> None:
@@ -157,9 +160,3 @@ def print_answers(chat_dir: str, items: list[dict], answers: list[str]) -> None:
         right += ok
         print(f"  {'✓' if ok else '✗'} User: {item['question']}\n    Assistant: {answer}   (gold: {item['answer']})")
     print(f"[demo] {right}/{len(items)} right")
-
-
-def chat_once(model_dir: str, question: str, max_new_tokens: int = 32) -> str:
-    from minima.infer.chat import generate_reply
-
-    return generate_reply(model_dir, [{"role": "user", "content": question}], max_new_tokens=max_new_tokens)

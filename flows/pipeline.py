@@ -1,6 +1,7 @@
 """The minima DAG as a Prefect flow: vocab -> records (lm + chat, concurrently) -> adapt -> prune ->
-distill -> sft -> evaluate, each step's input being the previous steps' artifacts. With ``scratch=true``
-the scratch arm (prune_scratch -> distill_scratch) runs beside prune -> distill and is evaluated too.
+distill -> sft [-> records_pref -> dpo, when ``dpo.enabled``] -> evaluate (-> export, when
+``export.enabled``), each step's input being the previous steps' artifacts. With ``scratch=true`` the scratch
+arm (prune_scratch -> distill_scratch) runs beside prune -> distill and is evaluated too.
 
 Run it with ``minima run --config pipeline.yaml``, as a deployment (prefect.yaml), or by calling
 ``pipeline(...)`` from Python.
@@ -19,13 +20,15 @@ from minima.core.artifacts import is_complete
 from minima.core.config import PipelineConfig, build
 from minima.core.errors import ConfigError
 from minima.core.presets import get_preset
-from minima.core.registry import STEPS, active_steps, default_out_dirs, select_steps, step_needs
+from minima.core.registry import default_out_dirs, pipeline_steps, select_steps
 from tasks._common import artifact_current
 from tasks.adapt import adapt_task
 from tasks.distill import distill_scratch_task, distill_task
+from tasks.dpo import dpo_task
 from tasks.evaluate import evaluate_task
+from tasks.export import export_task
 from tasks.prune import prune_scratch_task, prune_task
-from tasks.records import records_chat_task, records_lm_task
+from tasks.records import records_chat_task, records_lm_task, records_pref_task
 from tasks.sft import sft_task
 from tasks.vocab import vocab_task
 
@@ -39,7 +42,10 @@ TASKS = {
     "distill": distill_task,
     "distill_scratch": distill_scratch_task,
     "sft": sft_task,
+    "records_pref": records_pref_task,
+    "dpo": dpo_task,
     "evaluate": evaluate_task,
+    "export": export_task,
 }
 
 
@@ -71,18 +77,19 @@ def pipeline(
     t0, cpu0 = time.time(), cpu_seconds()
     log = get_run_logger()
     cfg = resolve_config(config, preset, overrides or [])
-    active = active_steps(cfg)
-    run_keys, forced = select_steps(from_stage, only_stage, active)
+    steps = pipeline_steps(cfg)
+    run_keys, forced = select_steps(from_stage, only_stage, steps)
     if force:
         forced = set(run_keys)
     payload = cfg.model_dump(mode="json")
     outs = default_out_dirs(cfg)
     futures: dict[str, Any] = {}
-    for step in STEPS:
+    active = {s.key for s in steps}
+    for step in steps:
         if step.key not in run_keys:
             continue
         upstream: dict[str, Any] = {}
-        for need in step_needs(step.key, active):
+        for need in step.inputs(active):
             if need in futures:
                 upstream[need] = futures[need]
             elif is_complete(outs[need]):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent setup: creates .venv, installs torch first (CPU wheel where one is served), then
-# minima with its dev and dask extras. A second run only checks that everything is in place.
+# minima with its dev, dask and evaluate (sandbox) extras. A second run only checks that everything is in place.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,6 +19,6 @@ fi
 "$VPY" -m pip install -q "torch==2.13.0"
 # deepspeed is an sdist that imports torch at build time: build it against the venv's torch.
 DS_BUILD_OPS=0 "$VPY" -m pip install -q --no-build-isolation "deepspeed==0.19.8"
-"$VPY" -m pip install -q -e ".[dev,dask]"
+"$VPY" -m pip install -q -e ".[dev,dask,evaluate]"
 echo "$want" > "$stamp"
 echo "setup: done ($("$VPY" -c 'import torch, transformers, deepspeed; print(f"torch {torch.__version__}, transformers {transformers.__version__}, deepspeed {deepspeed.__version__}")'))"

@@ -21,13 +21,13 @@ from prefect.context import TaskRunContext
 
 from minima.core.artifacts import (
     Artifact,
-    atomic_write_text,
     canonical_json,
     config_hash,
     is_complete,
     read_manifest,
     replacing_stale,
     sha256_text,
+    verify_files,
 )
 from minima.core.config import PipelineConfig
 from minima.core.errors import MinimaError
@@ -82,18 +82,19 @@ def step_cache_key(context: Optional[TaskRunContext], params: dict[str, Any]) ->
     )
 
 
-REQUEST_FILE = ".pipeline_request"  # the hash of the step config the pipeline asked for (stages may resolve it further)
-
-
 def artifact_current(pipeline: PipelineConfig, key: str, upstream_paths: dict[str, str]) -> bool:
-    """True when the step's artifact on disk is complete and was built for this step config."""
+    """True when the step's artifact on disk is complete, intact (cfg.verify) and was built for this step config."""
     try:
         cfg = step_config(pipeline, key, upstream_paths)
     except Exception:
         return False
     out = cfg.resolved_out_dir()
-    req = out / REQUEST_FILE
-    return is_complete(out) and req.is_file() and req.read_text() == config_hash(cfg)
+    if not is_complete(out):
+        return False
+    manifest = read_manifest(out)
+    if manifest.get("config_hash") != config_hash(cfg):
+        return False
+    return verify_files(out, manifest, cfg.verify) is None  # a damaged one reruns (and is rebuilt)
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -109,8 +110,6 @@ def run_step(pipeline: dict, key: str, upstream: dict[str, Any], force: bool = F
     module, fn = STAGE_RUNNERS[STEP[key].stage].split(":")
     with replacing_stale():
         artifact: Artifact = getattr(importlib.import_module(module), fn)(cfg, force=force)
-    # A stage may resolve its config further (distill fills model=student), so remember what was asked.
-    atomic_write_text(artifact.path / REQUEST_FILE, config_hash(cfg))
     return {
         "key": key,
         "stage": STEP[key].stage,

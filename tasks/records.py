@@ -4,3 +4,4 @@ from tasks._common import make_task
 
 records_lm_task = make_task("records_lm")
 records_chat_task = make_task("records_chat")
+records_pref_task = make_task("records_pref")

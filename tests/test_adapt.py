@@ -230,7 +230,7 @@ def test_bad_input_fails_before_training(inputs, tmp_path, tiny_tokenizer_dir):
     small_dir = tmp_path / "small"
     tiny_llama(500, **SHAPE).save_pretrained(str(small_dir))
     _expect(DataError, "1000 tokens but the model's vocab is 500", model=str(small_dir), records=str(rec), **common)
-    # an id out of range that the manifest does not reveal: found by the scan, naming file and record
+    # an id out of range below the tokenizer's size: the manifest's id range reveals it without reading a shard
     rec2 = tmp_path / "rec2"
     import shutil
 
@@ -239,6 +239,16 @@ def test_bad_input_fails_before_training(inputs, tmp_path, tiny_tokenizer_dir):
     m["metrics"]["vocab_size"] = 400
     (rec2 / "manifest.json").write_text(json.dumps(m))
     tiny_llama(400, **SHAPE).save_pretrained(str(tmp_path / "m400"))
+    _expect(
+        DataError,
+        r"manifest.json \(min_token_id=\d+, max_token_id=",
+        model=str(tmp_path / "m400"),
+        records=str(rec2),
+        **common,
+    )
+    # records without the range in their manifest: found by the scan, naming file and record
+    del m["metrics"]["max_token_id"], m["metrics"]["min_token_id"]
+    (rec2 / "manifest.json").write_text(json.dumps(m))
     _expect(DataError, r"part-\d+\.tfrecord record \d+", model=str(tmp_path / "m400"), records=str(rec2), **common)
     # tokenizer and model disagree: the model dir's tokenizer has an extra token the records' lacks
     from transformers import AutoTokenizer
@@ -270,3 +280,52 @@ def test_cli_reports_bad_input_as_one_line(inputs, tmp_path, capsys):
     rc = run_cli_inprocess(["adapt", f"model={model}", f"records={tmp_path / 'missing'}", f"out_dir={tmp_path / 'o'}"])
     err = capsys.readouterr().err
     assert rc == 2 and "records not found" in err and "hint:" in err
+
+
+def test_manifest_keeps_the_token_id_range(inputs):
+    from minima.data.records import tfrecord_io as tio
+
+    _, _, rec = inputs
+    ids = []
+    for f in sorted(Path(rec).glob("*/part-*.tfrecord")):
+        with open(f, "rb") as fh:
+            ids += [tio.decode_example(e, str(f))["indices"] for e in tio.iter_entries(fh, str(f))]
+    m = json.loads((Path(rec) / "manifest.json").read_text())["metrics"]
+    assert m["min_token_id"] == min(int(x.min()) for x in ids) and m["max_token_id"] == max(int(x.max()) for x in ids)
+
+
+def _many_shards(root: Path, n: int) -> Path:
+    import numpy as np
+
+    from minima.data.records.tfrecord_io import ShardWriter
+
+    with ShardWriter(root / "train", 1) as w:
+        for i in range(n):
+            w.write({"indices": np.arange(i % 50, i % 50 + 8)})
+    (root / "dev").mkdir()
+    (root / "manifest.json").write_text(json.dumps({"metrics": {"format": "lm", "total_tokens": 10**11}}))
+    return root
+
+
+def test_prelaunch_scan_time_does_not_grow_with_shards(tmp_path):
+    """A 126B-token corpus has ~3,000 shards: without a manifest id range the scan reads a fixed sample (at
+    most SAMPLE_SHARDS shards, SAMPLE_RECORDS records) whatever the count; with one it reads no shard."""
+    import time
+
+    from minima.stages import adapt
+
+    timings = {}
+    for n in (300, 3000):
+        rec = _many_shards(tmp_path / f"r{n}", n)
+        t0 = time.perf_counter()
+        scanned, shards = adapt._scan_records(rec, 1000, full=False)
+        timings[n] = time.perf_counter() - t0
+        assert shards == adapt.SAMPLE_SHARDS and scanned == shards  # one record per shard here
+    print(f"pre-launch scan: 300 shards {timings[300]:.3f}s, 3000 shards {timings[3000]:.3f}s")
+    assert timings[3000] < 1.0 + 3 * timings[300]
+    with pytest.raises(DataError, match=r"part-\d+\.tfrecord record 0"):
+        adapt._scan_records(rec, 40, full=False)  # ids reach 57: the sample still sees bad ids
+    meta = {"min_token_id": 0, "max_token_id": 57}
+    assert adapt._check_id_range(meta, rec, 58) and not adapt._check_id_range({}, rec, 58)
+    with pytest.raises(DataError, match="token id 57"):
+        adapt._check_id_range(meta, rec, 57)

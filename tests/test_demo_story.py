@@ -8,8 +8,14 @@ import pytest
 
 from minima.core import registry
 from minima.core.config import EvaluateConfig, PipelineConfig, PruneConfig
+from minima.core.errors import ConfigError
 from minima.core.presets import get_preset
-from minima.core.registry import active_steps, select_steps, step_config, step_out_dir
+from minima.core.registry import pipeline_steps, select_steps, step_config, step_out_dir
+
+
+def active_steps(cfg: PipelineConfig) -> list[str]:
+    return [s.key for s in pipeline_steps(cfg)]
+
 
 # ------------------------------------------------------------------------------ the scratch arm in the DAG
 
@@ -18,12 +24,14 @@ def test_scratch_arm_is_on_in_the_demo_preset_only():
     assert {"prune_scratch", "distill_scratch"} <= set(active_steps(get_preset("tiny")))
     for cfg in (get_preset("micro"), get_preset("minima-3b"), PipelineConfig()):
         assert not {"prune_scratch", "distill_scratch"} & set(active_steps(cfg))
-    off = active_steps(PipelineConfig())
-    assert select_steps(from_stage="distill", active=off) == (set(off), {"distill", "sft", "evaluate"})
-    on = active_steps(PipelineConfig(scratch=True))
-    assert select_steps(from_stage="distill", active=on)[1] == {"distill", "sft", "evaluate"}
-    assert select_steps(from_stage="prune_scratch", active=on)[1] == {"prune_scratch", "distill_scratch", "evaluate"}
-    assert select_steps(only_stage="prune_scratch", active=off) == (set(), set())
+    off = pipeline_steps(PipelineConfig())
+    keys = {s.key for s in off}
+    assert select_steps(from_stage="distill", steps=off) == (keys, {"distill", "sft", "evaluate"})
+    on = pipeline_steps(PipelineConfig(scratch=True))
+    assert select_steps(from_stage="distill", steps=on)[1] == {"distill", "sft", "evaluate"}
+    assert select_steps(from_stage="prune_scratch", steps=on)[1] == {"prune_scratch", "distill_scratch", "evaluate"}
+    with pytest.raises(ConfigError, match="scratch=true"):
+        select_steps(only_stage="prune_scratch", steps=off)
 
 
 def test_scratch_steps_share_the_prune_and_distill_configs(tmp_path):

@@ -177,6 +177,33 @@ def test_bad_configs_rejected(setup, tmp_path):
     assert not any((tmp_path / x).exists() for x in "abc")
 
 
+def test_student_fills_model_before_the_config_is_hashed(setup, tmp_path, capsys):
+    """`student=X` means model=X as soon as the config is built: `minima config` prints both, and the
+    artifact's manifest holds the very config (and hash) the command line builds, which is what the
+    Prefect cache key is computed from."""
+    import yaml
+
+    from minima.cli import main
+    from minima.core.artifacts import config_hash
+    from minima.core.config import build
+
+    d, teacher, student, rec = setup
+    argv = [f"teacher={teacher}", f"student={student}", f"records={rec}", "precision=fp32", "zero_stage=0"]
+    argv += ["micro_batch_size=4", "max_steps=1", f"out_dir={tmp_path / 'out'}"]
+    assert main(["config", "distill", *argv]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"] == printed["student"] == str(student)
+
+    with pytest.raises(ConfigError, match="disagree"):
+        build(DistillConfig, overrides=[f"student={student}", f"model={teacher}"])
+
+    assert main(["distill", *argv]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    requested = build(DistillConfig, overrides=argv)
+    assert manifest["config"] == requested.model_dump(mode="json")
+    assert manifest["config_hash"] == config_hash(requested) == config_hash(DistillConfig(**manifest["config"]))
+
+
 def test_minima_3b_preset_is_minimas_recipe():
     from minima.core.presets import minima_3b
 
@@ -352,6 +379,59 @@ def test_teacher_zero3_matches_replicated(setup, tmp_path):
         art = run(_cfg(setup, teacher_zero3=z, max_steps=1, out_dir=str(tmp_path / f"z{int(z)}")))
         kd[z] = [r for r in read_metrics(art.path / "metrics.jsonl") if r.get("split") == "train"][0]["kd"]
     assert kd[True] == pytest.approx(kd[False], rel=1e-5)
+
+
+def _dev_ce(model_dir: Path, records: Path) -> float:
+    """Mean next-token CE of an HF dir on the records' dev split (plain HF forward)."""
+    from transformers import AutoModelForCausalLM
+
+    from minima.data.records import RecordDataset
+    from minima.train import causal_lm_loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for ex in RecordDataset(str(records), "dev", shuffle_buffer=0):
+            s, k = causal_lm_loss_sum(model(input_ids=ex["input_ids"][None]).logits, ex["labels"][None])
+            tot, n = tot + s.item(), n + k
+    return tot / n
+
+
+def test_fsdp_matches_deepspeed(setup, tmp_path):
+    """KD + CE with an online teacher under strategy=fsdp: DeepSpeed's losses, and the student's dev CE falls."""
+    from minima.stages.distill import run, validate_inputs
+    from minima.train.metrics import read_metrics
+
+    d, teacher, student, rec = setup
+    rows, dev = {}, {}
+    for strategy in ("deepspeed", "fsdp"):
+        # MiniMA's alpha 0.5: the tiny teacher is random, so the falling CE comes from the hard-label term.
+        cfg = _cfg(
+            setup,
+            strategy=strategy,
+            loss={"alpha": 0.5},
+            max_steps=8,
+            eval_steps=4,
+            lr=1e-2,
+            warmup_proportion=0.0,
+            out_dir=str(tmp_path / strategy),
+        )
+        art = run(cfg)
+        assert art.metrics["strategy"] == strategy
+        rows[strategy] = [r for r in read_metrics(art.path / "metrics.jsonl") if r["split"] == "train"]
+        dev[strategy] = [r["dev_loss"] for r in read_metrics(art.path / "metrics.jsonl") if r["split"] == "dev"]
+    for a, b in zip(rows["fsdp"], rows["deepspeed"]):
+        assert a["lr"] == b["lr"]
+        for key in ("loss", "kd", "ce"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5)
+    assert len(dev["fsdp"]) == 2 and dev["fsdp"] == pytest.approx(dev["deepspeed"], rel=1e-5)
+    before, after = _dev_ce(student, rec), _dev_ce(tmp_path / "fsdp", rec)
+    print(f"distill fsdp: student dev CE {before:.4f} -> {after:.4f}; dev loss {dev['fsdp']} vs {dev['deepspeed']}")
+    assert after == pytest.approx(dev["fsdp"][-1], rel=1e-4)  # the export is the trained student
+    assert after < before - 0.1
+    # The DeepSpeed-sharded teacher cannot sit beside an FSDP student: refused before any work.
+    with pytest.raises(ConfigError, match="teacher_zero3"):
+        validate_inputs(_cfg(setup, strategy="fsdp", teacher_zero3=True))
 
 
 # ------------------------------------------------------------------------------ the quality bar
@@ -535,3 +615,81 @@ def test_minima_law_pruned_plus_kd_beats_scratch(law):
     assert kd < 0.5 * scratch
     assert kd <= ce * 1.02
     assert abs(dev["pruned + KD, cached"] - dev["pruned + KD"]) <= 0.03
+
+
+def test_mfu_counts_the_online_teacher(setup):
+    """Distillation's FLOPs per token = the student's 6N + 12LdT plus the teacher's forward 2N + 4LdT."""
+    from transformers import AutoModelForCausalLM
+
+    from minima.stages.distill import DistillRecipe
+    from minima.train.metrics import non_embedding_params
+
+    cfg = _cfg(setup)
+    recipe = DistillRecipe(cfg)
+    assert recipe.extra_flops_per_token(64) == 0.0  # no teacher loaded (e.g. from the logit cache)
+    recipe.teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher).eval()
+    c = recipe.teacher.config
+    n = sum(p.numel() for p in recipe.teacher.parameters()) - recipe.teacher.get_input_embeddings().weight.numel()
+    assert non_embedding_params(recipe.teacher) == n
+    assert recipe.extra_flops_per_token(64) == 2 * n + 4 * c.num_hidden_layers * c.hidden_size * 64
+
+
+CACHE_DRIVER = """import json, sys
+from minima.core.config import DistillCacheConfig
+from minima.stages.distill import build_cache
+art = build_cache(DistillCacheConfig.model_validate(json.loads(open(sys.argv[1]).read())))
+print("CACHE", art.path, flush=True)
+"""
+
+
+def test_logit_cache_built_by_two_ranks_equals_one(setup, tmp_path):
+    """torchrun with 2 ranks: each rank runs the teacher over every other shard into rank 0's work dir and
+    rank 0 publishes; every array equals the one-process cache byte for byte."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from minima.core.config import DistillCacheConfig
+    from minima.stages.distill import build_cache
+    from minima.stages.records import run as build_records
+
+    d, teacher, _, _ = setup
+    rec = build_records(
+        RecordsConfig(
+            inputs=str(d / "text.txt"),
+            tokenizer=str(teacher),
+            format="lm",
+            max_length=32,
+            dev_fraction=0.1,
+            shard_size=40,
+            out_dir=str(tmp_path / "records"),
+        )
+    ).path
+    assert len(list((rec / "train").glob("part-*.tfrecord"))) >= 3
+    kw = dict(teacher=str(teacher), records=str(rec), top_k=8, dtype="fp32", batch_size=8, device="cpu")
+    one = build_cache(DistillCacheConfig(out_dir=str(tmp_path / "one"), **kw)).path
+    cfg = DistillCacheConfig(out_dir=str(tmp_path / "two"), **kw)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    (tmp_path / "driver.py").write_text(CACHE_DRIVER)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    env.pop("MINIMA_INPROCESS", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    r = subprocess.run(
+        cmd + [str(tmp_path / "driver.py"), str(tmp_path / "cfg.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    two = tmp_path / "two"
+    assert json.loads((two / "manifest.json").read_text())["metrics"]["cached_records"] > 0
+    a = sorted(p.relative_to(one) for p in one.glob("*/*/*.npy"))
+    assert a == sorted(p.relative_to(two) for p in two.glob("*/*/*.npy")) and len(a) > 10
+    for rel in a:
+        assert np.array_equal(np.load(one / rel), np.load(two / rel)), rel
+    assert (
+        json.loads((one / "cache.json").read_text())["splits"] == json.loads((two / "cache.json").read_text())["splits"]
+    )

@@ -348,10 +348,12 @@ def test_sandbox_namespace_layer_alone_blocks_writes_and_network(tmp_path):
     from minima.evaluate.sandbox import namespaces_available, run_program
 
     if not namespaces_available():
-        pytest.skip("unshare -rmn does not work on this machine")
-    target = tmp_path / "x"
+        pytest.skip("bubblewrap cannot create namespaces on this machine")
+    target = tmp_path / "x"  # the host's /tmp is not in the sandbox at all
     w = run_program(f"open({str(target)!r}, 'w').write('x')", timeout_s=5, isolation="namespace", audit_hook=False)
-    assert not w.passed and "Read-only file system" in w.detail and not target.exists()
+    assert not w.passed and "No such file or directory" in w.detail and not target.exists()
+    r = run_program("open('/x', 'w').write('x')", timeout_s=5, isolation="namespace", audit_hook=False)
+    assert not r.passed and "Read-only file system" in r.detail
     n = run_program(
         "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)",
         timeout_s=5,
@@ -754,3 +756,56 @@ def test_chat_template_wraps_prompts(model, tok, demo_data_dir, monkeypatch):
     assert ctx.startswith("<|user|>Question: ") and ctx.count("Question:") == 2
     assert ctx.endswith(f"\nAnswer: {first['prefix']}<|end|><|assistant|>")
     assert not cont.startswith(" ")
+
+
+def test_perplexity_builds_one_row_of_logits_at_a_time(model, tok):
+    """rolling_nll never materialises [batch, window, vocab] logits (nor their fp32 log-softmax): the head
+    runs on one window's scored rows at a time; the value is checked against HF in the test above."""
+    from minima.evaluate.lm import LM
+
+    lm = LM(model, tok, batch_size=4)
+    assert lm.split_head
+    shapes = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    try:
+        text = " ".join(f"The sky is blue and the grass is green number {i}." for i in range(30))
+        lm.rolling_nll(lm.tok_encode(text), window=48, stride=24)
+    finally:
+        hook.remove()
+    assert shapes and all(len(s) == 2 and s[0] <= 48 for s in shapes), shapes
+
+
+def test_sharded_models_run_every_request_and_generate_in_sync(model, tok, monkeypatch):
+    """Under ZeRO-3 / FSDP every forward is collective: the requests are not split over ranks and generation
+    passes synced_gpus (a rank that finishes first keeps stepping); a replicated model splits the requests."""
+    from minima.evaluate import lm as lm_mod
+
+    monkeypatch.setattr(lm_mod, "dist_info", lambda: (1, 2))
+    replicated = lm_mod.LM(model, tok, batch_size=2, distributed=True)
+    assert (replicated.rank, replicated.world, replicated.synced_gpus) == (1, 2, False)
+    p = next(model.parameters())
+    monkeypatch.setattr(p, "ds_id", 0, raising=False)  # what a ZeRO-3 partitioned parameter carries
+    sharded = lm_mod.LM(model, tok, batch_size=2, distributed=True)
+    assert (sharded.rank, sharded.world, sharded.synced_gpus) == (0, 1, True)
+    seen = {}
+    real = model.generate
+
+    def spy(**kw):
+        seen.update(kw)
+        kw.pop("synced_gpus", None)  # no process group here
+        return real(**kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    out = sharded.generate_until(["The sky is", "Grass is"], until=["\n"], max_new_tokens=3)
+    assert len(out) == 2 and seen.get("synced_gpus") is True
+    monkeypatch.delattr(p, "ds_id")
+
+
+def test_training_callback_splits_requests_over_ranks(monkeypatch):
+    from minima.evaluate import callback
+
+    seen = {}
+    monkeypatch.setattr(callback, "evaluate_model", lambda *a, **kw: seen.update(kw) or {"t": {"acc": 1.0}})
+    got = callback.EvalCallback(["t"], tokenizer=object()).on_eval(1, torch.nn.Linear(1, 1), None)
+    assert got == {"eval/t/acc": 1.0} and seen["distributed"] is True

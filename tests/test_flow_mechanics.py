@@ -106,3 +106,40 @@ def test_forked_children_exit_cleanly_after_a_flow(prefect_ready):
     p.start()
     p.join()
     assert p.exitcode == 0
+
+
+def test_optional_dpo_step(tmp_path, fake_stages, prefect_ready):
+    """dpo.enabled adds records_pref -> dpo after sft; evaluate then compares the dpo model; from/only/force work."""
+    import pytest
+
+    from minima.core.artifacts import read_manifest
+    from minima.core.errors import ConfigError
+    from minima.core.registry import ALL_STEPS
+
+    on = ["dpo.enabled=true"]
+    r = _run(tmp_path, overrides=on)
+    assert set(r) == {s.key for s in ALL_STEPS if s.switch in (None, "dpo")} and {"06_records_pref", "06_dpo"} <= set(
+        CALLS
+    )
+    inputs = read_manifest(tmp_path / "run/07_evaluate")["inputs"]
+    assert inputs["models.dpo"]["path"] == str(tmp_path / "run/06_dpo")
+    assert read_manifest(tmp_path / "run/06_records_pref")["inputs"]["tokenizer"]["path"] == str(
+        tmp_path / "run/06_sft"
+    )
+    CALLS.clear()
+    _run(tmp_path, overrides=on, from_stage="dpo")
+    assert CALLS == ["06_dpo", "07_evaluate"]
+    CALLS.clear()
+    _run(tmp_path, overrides=[*on, "dpo.loss.beta=0.2"])
+    assert CALLS == ["06_dpo", "07_evaluate"]
+    CALLS.clear()
+    _run(tmp_path, overrides=on, only_stage="dpo", force=True)
+    assert CALLS == ["06_dpo"]
+    CALLS.clear()
+    _run(tmp_path)  # off again: evaluate goes back to comparing the default models
+    assert CALLS == ["07_evaluate"] and "models.dpo" not in read_manifest(tmp_path / "run/07_evaluate")["inputs"]
+    with pytest.raises(ConfigError, match="dpo.enabled"):
+        select_steps(only_stage="dpo")
+    with pytest.raises(ConfigError, match="dpo.enabled"):
+        select_steps(from_stage="records_pref")
+    assert select_steps(only_stage="records")[0] == {"records_lm", "records_chat"}

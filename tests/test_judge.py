@@ -124,7 +124,8 @@ def test_question_formats(tmp_path):
     }
     z = tmp_path / "common.samples.csv"
     z.write_text(
-        'common.samples\nPrompt,任务类型,参考回答,GPT3.5,GPT4\n谁是蝙蝠侠,`事实问答`,,a,b\n"第一行\n第二行",`分类` `情绪感知`,正面,c,d\n',
+        "common.samples\nPrompt,任务类型,参考回答,GPT3.5,GPT4\n"
+        '谁是蝙蝠侠,`事实问答`,,a,b\n"第一行\n第二行",`分类` `情绪感知`,正面,c,d\n',
         encoding="utf-8",
     )
     zq = load_questions(z)

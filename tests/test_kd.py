@@ -262,3 +262,28 @@ def test_sparse_errors_and_masking():
     assert ce[1] == 0 and kd[1] == 0 and ce[0] > 0 and kd[0] > 0
     with pytest.raises(ValueError, match="unknown KD loss"):
         dense_loss(s, labels, t, "kl")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_lm_loss_equals_dense_cross_entropy(dtype):
+    """The LM loss (vocab-chunked, labels shifted instead of logits) equals F.cross_entropy over the shifted
+    fp32 logits, value and gradient; its token count stays a tensor (no host sync per micro step)."""
+    from minima.train.recipe import causal_lm_loss_sum
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 9, 50, generator=g).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, 50, (3, 9), generator=g)
+    labels[0, :4] = -100
+    labels[2, -2:] = -100
+    loss, n = causal_lm_loss_sum(logits, labels, chunk=16)
+    (grad,) = torch.autograd.grad(loss, logits)
+    ref_logits = logits.detach().float().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(
+        ref_logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
+    assert isinstance(n, torch.Tensor) and int(n) == int((labels[:, 1:] != -100).sum())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(loss.float(), ref, **tol)
+    assert grad.dtype == dtype  # one gradient buffer in the logits' dtype, no fp32 copy of the logits
+    torch.testing.assert_close(grad.float(), ref_grad.to(dtype).float(), **tol)

@@ -131,3 +131,16 @@ def test_unpackable_family_is_an_error():
     with pytest.raises(ConfigError, match="packing=true"):
         check_packable(tiny_family_model("bloom", 100).config)
     check_packable(tiny_llama(100, **SMALL).config)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_training_inputs_have_no_dense_mask(attn):
+    """Packed SFT passes position_ids only (flash varlen on GPU): no [B, 1, L, L] float mask for any
+    attention implementation; test_packed_logits_equal_unpacked checks varlen's logits."""
+    from minima.data.packing import mask_mode
+
+    model = tiny_llama(200, seed=1, **SMALL)
+    model.set_attn_implementation(attn)
+    batch = collate_packed(list(pack(_docs(), max_length=24)), pad_id=0)
+    kw = model_inputs(batch, mask_mode(model))
+    assert "attention_mask" not in kw and kw["position_ids"].shape == batch["input_ids"].shape

@@ -11,9 +11,9 @@ import torch
 
 from minima.core.presets import LLAMA2_7B, MINIMA_3B, TINY_STUDENT, TINY_TEACHER
 from minima.core.registry import stage_config
+from minima.models.counts import count_params
 from minima.train.plan import (
     PlanOptions,
-    count_params,
     layer_activation_bytes,
     llama_config,
     lora_trainable,
@@ -206,3 +206,46 @@ def test_engine_refuses_a_job_that_does_not_fit(tiny_model_dir, tmp_path):
     _check_plan(cfg, force=True)  # forced: a warning-free pass, the launch would go ahead
     _check_plan(cfg.model_copy(update={"micro_batch_size": 2}), force=False)  # a tiny job fits
     assert not (tmp_path / "o").exists()
+
+
+def _fake_ram(monkeypatch, gib: float) -> None:
+    import psutil
+
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(total=int(gib * 2**30)))
+
+
+def test_remote_job_is_planned_for_its_gpus_not_this_host(tmp_path, monkeypatch):
+    """A 4-node Slurm adapt of a 7B from a 24 GiB login node without a GPU: planned for 32 H100s, it fits;
+    the same job run locally is checked against the host's RAM and refused; launch.gpu sets the memory."""
+    from minima.core.config import AdaptConfig
+    from minima.core.errors import PlanError
+    from minima.train.launch import _check_plan
+
+    _fake_ram(monkeypatch, 24)
+    model = tmp_path / "llama7b"
+    llama_config(LLAMA2_7B, 49216).save_pretrained(str(model))  # config.json only: planned on the meta device
+    kw = dict(model=str(model), out_dir=str(tmp_path / "o"), zero_stage=3, activation_checkpointing=True)
+    kw["micro_batch_size"] = 1
+    slurm = AdaptConfig(**kw, launch={"launcher": "slurm", "nnodes": 4, "gpus_per_node": 8})
+    _check_plan(slurm, force=False)  # 32 x H100-80G: fits
+    with pytest.raises(PlanError, match="of 24 GiB"):
+        _check_plan(AdaptConfig(**kw), force=False)  # local: the host's 24 GiB
+    one = AdaptConfig(**kw, launch={"launcher": "slurm", "nnodes": 1, "gpus_per_node": 1, "gpu": "A100-40G"})
+    with pytest.raises(PlanError, match="of 40 GiB"):
+        _check_plan(one, force=False)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=8\nb slots=8\n")
+    ssh = AdaptConfig(**kw, launch={"launcher": "ssh", "hostfile": str(hostfile), "nnodes": 2, "gpus_per_node": 8})
+    _check_plan(ssh, force=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_plan_cli_uses_the_launch_block_for_slurm_jobs(capsys):
+    from minima.cli import main
+
+    assert main(["plan", "adapt", "--preset", "minima-3b", "launch.launcher=slurm", "launch.nnodes=4"]) == 0
+    assert "32 x h100-80g" in capsys.readouterr().out
+    args = ["launch.launcher=slurm", "launch.nnodes=2", "launch.gpu=A100-40G", "plan.gpus=4"]
+    assert main(["plan", "adapt", "--preset", "minima-3b", *args]) == 0
+    assert "4 x a100-40g" in capsys.readouterr().out  # plan.* wins over the launch block

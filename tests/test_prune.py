@@ -14,12 +14,12 @@ from minima.compress.importance import calibrate
 from minima.compress.prune import (
     PruneConfig,
     Shape,
-    count_params,
     prune_model,
     resolve_target,
 )
 from minima.core.errors import ConfigError, InputError
 from minima.core.presets import TINY_STUDENT, minima_3b
+from minima.models.counts import count_params
 from minima.testing import lm_blocks, perplexity, tiny_llama, train_tiny_lm
 
 VOCAB = 256  # byte-level ids: real text with no tokenizer to train

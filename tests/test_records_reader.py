@@ -199,3 +199,40 @@ def test_tensorflow_reads_our_records(tmp_path, demo_data_dir, tiny_tokenizer_di
     ]
     ours = [s["input_ids"].tolist() for s in RecordDataset(str(art.path), shuffle_buffer=0)]
     assert got == ours and len(got) == art.metrics["num_records"]["train"]
+
+
+FD_LIMITED = """import resource, sys
+import numpy as np
+from minima.data.records import RecordDataset
+from minima.data.records.tfrecord_io import ShardWriter
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+d = sys.argv[1]
+with ShardWriter(d + "/train", 1) as w:
+    for i in range(1200):
+        w.write({"indices": np.arange(i, i + 4)})
+seen = []
+for rank in range(2):
+    ds = RecordDataset(d, "train", rank=rank, world_size=2, seed=0, shuffle_buffer=64)
+    seen += [int(s["input_ids"][0]) for s in ds]
+assert sorted(seen) == list(range(1200)), len(seen)
+print("OK", len(seen))
+"""
+
+
+def test_thousands_of_shards_under_a_low_file_limit(tmp_path):
+    """1200 one-record shards read in a shuffled epoch under ``ulimit -n 256`` (a fresh process): the reader
+    keeps only a few shards open instead of every shard it has touched."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    r = subprocess.run(
+        [sys.executable, "-c", FD_LIMITED, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0 and "OK 1200" in r.stdout, r.stderr[-2000:]
+    from minima.data.records.reader import MAX_OPEN_SHARDS
+
+    assert MAX_OPEN_SHARDS < 64

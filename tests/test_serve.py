@@ -184,6 +184,37 @@ def test_bad_requests_get_openai_shaped_4xx(srv, client, model_dir):
     assert httpx.get(srv.base_url + "/models", headers={"Authorization": f"Bearer {cs.API_KEY}"}).status_code == 200
 
 
+def test_numeric_fields_out_of_range_are_400_never_500(srv, model_dir):
+    name = _name(model_dir)
+    for bad in ({"seed": 2**64}, {"seed": -(2**63) - 1}, {"temperature": float("nan")}, {"top_p": float("inf")}):
+        body = json.dumps(dict({"model": name, "messages": Q, "max_tokens": 2}, **bad))  # json writes NaN, Infinity
+        err = _error(_raw(srv, "/chat/completions", body), 400)
+        assert err["param"] in bad, (bad, err)
+    ok = json.dumps({"model": name, "messages": Q, "max_tokens": 2, "seed": 2**63 - 1, "temperature": 1.0})
+    assert _raw(srv, "/chat/completions", ok).status_code == 200
+
+
+def test_a_huge_body_is_refused_before_parsing_and_does_not_stall_others(srv, model_dir):
+    """A 10 MB body gets 413 from the 1 MB default limit; a small request sent meanwhile answers at once."""
+    import time
+
+    name = _name(model_dir)
+    huge = json.dumps({"model": name, "messages": [{"role": "user", "content": "x " * 5_000_000}]})
+    got: dict = {}
+
+    def send_huge():
+        got["huge"] = _raw(srv, "/chat/completions", huge)
+
+    t = threading.Thread(target=send_huge)
+    t.start()
+    t0 = time.time()
+    small = _raw(srv, "/chat/completions", json.dumps({"model": name, "messages": Q, "max_tokens": 2}))
+    small_s = time.time() - t0
+    t.join(timeout=60)
+    assert small.status_code == 200 and small_s < 10
+    assert _error(got["huge"], 413)["code"] == "request_too_large"
+
+
 def test_api_key_is_required_when_set(srv, model_dir):
     body = json.dumps({"model": _name(model_dir), "messages": Q, "max_tokens": 2})
     assert _error(_raw(srv, "/chat/completions", body, key=None), 401)["code"] == "invalid_api_key"
@@ -194,15 +225,23 @@ def test_api_key_is_required_when_set(srv, model_dir):
     assert httpx.get(srv.base_url.rsplit("/v1", 1)[0] + "/health").status_code == 200  # health needs no key
 
 
-def test_concurrent_requests_are_all_served_correctly(client, model_dir):
+def _stats(srv) -> dict:
+    return httpx.get(srv.base_url.rsplit("/v1", 1)[0] + "/health").json()["stats"]
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_solo_text(srv, client, model_dir):
     prompts = [[{"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"}] for i in range(3)]
-    kw = dict(model=_name(model_dir), max_tokens=12, temperature=0)
-    sequential = [client.chat.completions.create(messages=p, **kw).choices[0].message.content for p in prompts]
+    kw = dict(model=_name(model_dir), max_tokens=48, temperature=0)
+    solo = [client.chat.completions.create(messages=p, **kw) for p in prompts]
+    sequential = [r.choices[0].message.content for r in solo]
     results: dict[int, str] = {}
     errors: list[BaseException] = []
+    start = threading.Barrier(6)
+    before = _stats(srv)
 
     def ask(i: int) -> None:
         try:
+            start.wait()
             stream = i % 2 == 1
             if stream:
                 results[i] = "".join(
@@ -220,11 +259,16 @@ def test_concurrent_requests_are_all_served_correctly(client, model_dir):
     for t in threads:
         t.join(120)
     assert not errors and len(results) == 6
-    assert all(results[i] == sequential[i % 3] for i in range(6))  # queued requests do not mix
+    assert all(results[i] == sequential[i % 3] for i in range(6))  # batched requests do not mix
+    after = _stats(srv)
+    assert after["requests"] - before["requests"] == 6
+    assert after["batched_steps"] > before["batched_steps"]  # decode steps that ran several requests at once
+    # One request after another takes one forward pass per generated token; batched, fewer.
+    assert after["forward_calls"] - before["forward_calls"] < sum(solo[i % 3].usage.completion_tokens for i in range(6))
 
 
 def test_stop_strings_are_held_back_across_tokens():
-    from minima.infer.serve import _Choice
+    from minima.infer.engine import _Choice
 
     class Tok:  # decode = concatenation of pieces
         pieces = {1: "Hel", 2: "lo ", 3: "wor", 4: "ld", 5: "!"}
@@ -254,7 +298,7 @@ def test_model_without_chat_template_falls_back_to_the_minichat_format(model_dir
     from transformers import AutoTokenizer
 
     from minima.data.formats import get_format
-    from minima.infer.serve import Engine
+    from minima.infer.engine import Engine
 
     plain = tmp_path / "plain"
     shutil.copytree(model_dir, plain)
@@ -263,7 +307,7 @@ def test_model_without_chat_template_falls_back_to_the_minichat_format(model_dir
     cfg.pop("chat_template", None)
     (plain / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert not AutoTokenizer.from_pretrained(str(plain)).chat_template
-    engine = Engine(plain)
+    engine = Engine.from_dir(plain)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     assert engine.chat_ids(msgs) == get_format("minichat").encode(engine.tok, msgs, add_generation_prompt=True)[0]
     with pytest.raises(ValueError):

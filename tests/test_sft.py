@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _loopback import free_port_pair
 
 from minima.core.config import LoraConfig, SftConfig
 from minima.core.errors import ConfigError, DataError, InputError
@@ -300,7 +301,7 @@ def test_train_files_build_records_and_chatml_tokens(tmp_path, demo_data_dir, ti
     cfg = SftConfig(
         model=str(base),
         train_files=[str(demo_data_dir / "chat" / "demo_chat.json")],
-        format="chatml",
+        chat_format="chatml",
         out_dir=str(tmp_path / "sft"),
         precision="fp32",
         zero_stage=2,
@@ -346,10 +347,10 @@ def test_bad_inputs_are_clear_errors(tmp_path, tiny_tokenizer_dir, chat_records)
         sft.run(SftConfig(train_files=[swapped], **common))
     # A format that is missing from the registry.
     with pytest.raises(ConfigError, match="unknown chat format 'vicuna'"):
-        sft.run(SftConfig(records=str(chat_records), format="vicuna", **common))
+        sft.run(SftConfig(records=str(chat_records), chat_format="vicuna", **common))
     # Records built with another format.
     with pytest.raises(ConfigError, match="chat_format='minichat'"):
-        sft.run(SftConfig(records=str(chat_records), format="alpaca", **common))
+        sft.run(SftConfig(records=str(chat_records), chat_format="alpaca", **common))
     # A LoRA target the model does not have: the message lists its linear modules.
     with pytest.raises(ConfigError, match="query_key_value") as e:
         sft.run(
@@ -376,14 +377,173 @@ def test_bad_inputs_are_clear_errors(tmp_path, tiny_tokenizer_dir, chat_records)
 
 
 # -------------------------------------------------------------------------------------- FSDP
-def test_fsdp_two_ranks_on_cpu(tmp_path, chat_records, tiny_tokenizer_dir):
-    """strategy=fsdp: torch FSDP2 over 2 gloo ranks on CPU; the loss falls and the export reloads."""
+SFT_DRIVER = """import json, sys
+from minima.core.config import SftConfig
+from minima.stages import sft
+art = sft.run(SftConfig.model_validate(json.loads(open(sys.argv[1]).read())))
+print("ARTIFACT", art.path, flush=True)
+"""
+
+
+def _start_sft(tmp_path: Path, cfg: SftConfig, name: str, **env):
+    import subprocess
+    import sys
+
+    (tmp_path / "sft_driver.py").write_text(SFT_DRIVER)
+    spec = tmp_path / f"{name}.json"
+    spec.write_text(json.dumps(cfg.model_dump(mode="json")))
+    root = Path(__file__).resolve().parents[1]
+    full = dict(os.environ, OMP_NUM_THREADS="1", MINIMA_NUM_THREADS="1", PYTHONPATH=str(root), **env)
+    full.pop("MINIMA_INPROCESS", None)
+    return subprocess.Popen(
+        [sys.executable, str(tmp_path / "sft_driver.py"), str(spec)],
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _finish(proc, timeout: float = 400) -> str:
+    import signal
+
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+    except Exception:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def test_fsdp_two_ranks_and_two_nodes_with_kill_and_resume(tmp_path, chat_records, tiny_tokenizer_dir):
+    """strategy=fsdp through the one launcher: 2 gloo ranks on one node train (the loss falls, the export
+    reloads); then the same job on two loopback "nodes" (node_rank 0 and 1, one rank each) is SIGKILLed on
+    both nodes after its step-4 checkpoint, restarted, resumes there and exports the 2-rank run's weights."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    from minima.train.metrics import read_metrics
+
+    base = _save_family("llama", tmp_path / "base", tiny_tokenizer_dir)
+    kw = dict(strategy="fsdp", max_steps=8, micro_batch_size=4, save_steps=2, keep_last=2)
+    one_node = _cfg(tmp_path, base, chat_records, out_dir=str(tmp_path / "one"), **kw)
+    one_node.launch.nproc_per_node = 2
+    one_node.launch.master_port = free_port_pair()
+    _finish(_start_sft(tmp_path, one_node, "one"))
+    one = tmp_path / "one"
+    metrics = json.loads((one / "manifest.json").read_text())["metrics"]
+    assert metrics["world_size"] == 2 and metrics["strategy"] == "fsdp"
+    assert _dev_loss(one, chat_records) < _dev_loss(base, chat_records) - 0.1
+
+    out = tmp_path / "nodes"
+
+    def start_nodes(tag):
+        port = free_port_pair()
+        procs = []
+        for r in (1, 0):
+            cfg = _cfg(tmp_path, base, chat_records, out_dir=str(out), **kw)
+            cfg.launch.nnodes, cfg.launch.node_rank, cfg.launch.master_port = 2, r, port
+            procs.append(_start_sft(tmp_path, cfg, f"{tag}{r}", MINIMA_STEP_DELAY_S="0.5"))
+        return procs
+
+    procs = start_nodes("first")
+    marker = out.with_name("nodes.partial") / "checkpoints" / "step_00000004" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.is_file():
+        assert all(p.poll() is None for p in procs), "a node ended before the kill:\n" + procs[0].stdout.read()[-3000:]
+        assert time.time() < deadline, "no step-4 checkpoint within 300 s"
+        time.sleep(0.05)
+    for p in procs:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate(timeout=60)
+    assert not (out / "manifest.json").exists()
+    logs = [_finish(p) for p in start_nodes("again")]
+    assert "resumed from" in logs[1] and "step_00000004" in logs[1]
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    ref = [r for r in read_metrics(one / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in rows if r["step"] > 4] == [5, 6, 7, 8]
+    last = {r["step"]: r["loss"] for r in rows}
+    assert all(abs(last[r["step"]] - r["loss"]) < 1e-5 * abs(r["loss"]) for r in ref)
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["lora", "t5"])
+def test_fsdp_lora_and_t5_match_deepspeed(case, tmp_path, chat_records, tiny_tokenizer_dir):
+    """One rank, fp32: LoRA (merged export) and seq2seq T5 (tied embeddings) train under FSDP exactly as
+    under DeepSpeed: the same losses and lrs, and the same exported weights."""
+    from safetensors.torch import load_file
+
+    from minima.stages import sft
+    from minima.train.metrics import read_metrics
+
+    base = _save_family("t5" if case == "t5" else "llama", tmp_path / "base", tiny_tokenizer_dir)
+    rows, exported = {}, {}
+    for strategy in ("deepspeed", "fsdp"):
+        kw = dict(strategy=strategy, zero_stage=0, max_steps=4, out_dir=str(tmp_path / strategy))
+        if case == "lora":
+            kw["lora"] = LoraConfig(enabled=True, merge=True)
+        art = sft.run(_cfg(tmp_path, base, chat_records, **kw))
+        assert art.metrics["strategy"] == strategy
+        rows[strategy] = [r for r in read_metrics(art.path / "metrics.jsonl") if r["split"] == "train"]
+        exported[strategy] = load_file(str(art.path / "model.safetensors"))
+    for a, b in zip(rows["fsdp"], rows["deepspeed"]):
+        assert a["lr"] == b["lr"] and abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"])
+    assert rows["fsdp"][-1]["loss"] < rows["fsdp"][0]["loss"]
+    f, d = exported["fsdp"], exported["deepspeed"]
+    assert f.keys() == d.keys()
+    assert max(float((f[k] - d[k]).abs().max()) for k in f) < 1e-5
+    if case == "lora":
+        assert not any("lora" in k for k in f)  # merged into a plain dir
+
+
+# ------------------------------------------------------------------ options change what is trained
+def _train_losses(art) -> list[float]:
+    from minima.train.metrics import read_metrics
+
+    return [r["loss"] for r in read_metrics(art.path / "metrics.jsonl") if r.get("split") == "train"]
+
+
+def _label_count(ex: dict, loss_on: str) -> int:
+    """Shifted label tokens of one chat record under ``loss_on``, counted from the record's own mask."""
+    on = (ex["labels"] != -100).tolist()
+    if loss_on == "all":
+        return len(on) - 1
+    if loss_on == "last-turn":
+        last = max(i for i, v in enumerate(on) if v)
+        first = last
+        while first > 0 and on[first - 1]:
+            first -= 1
+        return last - max(first, 1) + 1
+    return sum(on[1:])
+
+
+@pytest.mark.parametrize("loss_on", ["assistant", "all", "last-turn"])
+def test_loss_on_sets_the_trained_tokens(loss_on, tmp_path, chat_records, tiny_tokenizer_dir):
+    """One epoch at micro batch 1: the engine's label-token total equals a count made from the records."""
+    from minima.data.records import RecordDataset
+    from minima.stages import sft
+
+    want = sum(_label_count(ex, loss_on) for ex in RecordDataset(str(chat_records), "train", shuffle_buffer=0))
+    base = _save_family("llama", tmp_path / "base", tiny_tokenizer_dir)
+    art = sft.run(_cfg(tmp_path, base, chat_records, loss_on=loss_on, max_steps=-1, epochs=1, micro_batch_size=1))
+    assert art.metrics["train_tokens"] == want
+
+
+def test_packing_and_neftune_change_training(tmp_path, chat_records, tiny_tokenizer_dir):
+    """Against a same-seed run without the option: packing puts more conversations in each step, NEFTune
+    changes the losses, and a repeat of the plain run is identical (so the differences are the options')."""
     from minima.stages import sft
 
     base = _save_family("llama", tmp_path / "base", tiny_tokenizer_dir)
-    cfg = _cfg(tmp_path, base, chat_records, strategy="fsdp", max_steps=6, micro_batch_size=4)
-    cfg.launch.nproc_per_node = 2
-    cfg.launch.master_port = 29500 + os.getpid() % 1000
-    art = sft.run(cfg)
-    assert art.metrics["world_size"] == 2 and art.metrics["strategy"] == "fsdp"
-    assert _dev_loss(art.path, chat_records) < _dev_loss(base, chat_records) - 0.1
+    runs = {}
+    for name, kw in {"plain": {}, "again": {}, "packed": {"packing": True}, "neftune": {"neftune_alpha": 5.0}}.items():
+        runs[name] = sft.run(_cfg(tmp_path / name, base, chat_records, max_steps=3, micro_batch_size=2, **kw))
+    plain = _train_losses(runs["plain"])
+    assert _train_losses(runs["again"]) == plain
+    assert runs["packed"].metrics["train_tokens"] > 1.5 * runs["plain"].metrics["train_tokens"]
+    assert max(abs(a - b) for a, b in zip(_train_losses(runs["neftune"]), plain)) > 1e-3

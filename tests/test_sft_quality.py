@@ -114,7 +114,7 @@ def test_sft_answers_held_out_questions_better(tmp_path, demo_data_dir, tiny_tok
             model=str(base),
             train_files=[str(train_file)],
             out_dir=str(tmp_path / "sft"),
-            format="minichat",
+            chat_format="minichat",
             precision="fp32",
             zero_stage=2,
             micro_batch_size=16,

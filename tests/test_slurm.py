@@ -1,52 +1,20 @@
 """launcher=slurm against fake sbatch/sacct/scontrol/srun on PATH that run the job locally
 (no Slurm cluster exists here). The rendered script is the real one; torchrun really runs."""
 
-import os
 import socket
-import stat
 
+import _loopback as fake
 import pytest
 
 from minima.core.config import LaunchConfig
 from minima.core.errors import TrainingError
 from minima.train.slurm import render_sbatch, run_slurm
 
-FAKES = {
-    "sbatch": r"""#!/bin/bash
-script="${@: -1}"
-id=$(( (RANDOM % 90000) + 10000 )); st="$FAKE_SLURM_DIR/$id"
-log=$(sed -n 's/^#SBATCH --output=//p' "$script")
-echo RUNNING > "$st.state"
-( export SLURM_JOB_ID=$id SLURM_JOB_NODELIST=fakenode[1] SLURM_PROCID=0 SLURM_NNODES=1
-  bash "$script" >> "$log" 2>&1; rc=$?
-  echo $rc > "$st.rc"
-  if [ $rc = 0 ]; then echo COMPLETED > "$st.state"; else echo FAILED > "$st.state"; fi ) >/dev/null 2>&1 &
-echo "$id"
-""",
-    "sacct": r"""#!/bin/bash
-while [ $# -gt 0 ]; do case $1 in -j) id=$2; shift;; esac; shift; done
-st="$FAKE_SLURM_DIR/$id"; s=$(cat "$st.state"); rc=$(cat "$st.rc" 2>/dev/null || echo 0)
-echo "$id|$s|$rc:0|fakenode1"
-echo "$id.0|$s|$rc:0|fakenode1"
-""",
-    "scontrol": "#!/bin/bash\necho 127.0.0.1\n",
-    "srun": '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
-    "scancel": "#!/bin/bash\nexit 0\n",
-}
-
 
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch):
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    for name, text in FAKES.items():
-        p = bindir / name
-        p.write_text(text)
-        p.chmod(p.stat().st_mode | stat.S_IEXEC)
-    state = tmp_path / "slurm_state"
-    state.mkdir()
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_SLURM_DIR", str(state))
+    for k, v in fake.install(tmp_path).items():
+        monkeypatch.setenv(k, v)
     return tmp_path
 
 
@@ -80,6 +48,48 @@ def test_render_uses_slurm_rank_and_master(tmp_path):
     assert "#SBATCH --nodes=4" in text and "#SBATCH --gpus-per-node=8" in text
     assert '--node_rank "$SLURM_PROCID"' in text and "scontrol show hostnames" in text
     assert "--nnodes 4 --nproc_per_node 8" in text and "minima.train.worker cfg.json" in text
+
+
+def test_sbatch_fields_and_derived_port(tmp_path):
+    launch = LaunchConfig(
+        launcher="slurm", nnodes=2, gpus_per_node=4, partition="gpu", account="proj", time="1-00:00:00", mem="0"
+    )
+    text = render_sbatch("adapt", ["-m", "minima.train.worker", "s.json"], launch, tmp_path).read_text()
+    for line in ("--cpus-per-task=32", "--partition=gpu", "--account=proj", "--time=1-00:00:00", "--mem=0"):
+        assert f"#SBATCH {line}\n" in text
+    # no fixed port: two jobs on one node must not collide, and every node of a job agrees on it
+    assert "export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))" in text
+    bare = render_sbatch("sft", ["x"], LaunchConfig(launcher="slurm", master_port=1234, cpus_per_task=6), tmp_path)
+    text = bare.read_text()
+    assert "MASTER_PORT=1234" in text and "--cpus-per-task=6" in text and "--partition" not in text
+
+
+def test_login_node_accelerator_does_not_reach_the_script(fake_slurm, tmp_path, monkeypatch):
+    """On a CPU login node the launcher picks DS_ACCELERATOR=cpu for itself; the sbatch script must
+    neither export it nor pass on the inherited value (sbatch copies the submitting environment)."""
+    from minima.train.launch import run_node
+    from minima.train.synthetic import SyntheticConfig
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    (fake_slurm / "bin" / "sbatch").write_text("#!/bin/bash\necho 'no queue' >&2\nexit 1\n")
+    cfg = SyntheticConfig(model="m", launch={"launcher": "slurm", "nnodes": 4, "gpus_per_node": 8})
+    with pytest.raises(TrainingError, match="sbatch failed"):
+        run_node(cfg, "minima.train.synthetic:SyntheticRecipe", tmp_path / "w", tmp_path / "o", [])
+    text = (tmp_path / "w" / "scripts" / "slurm" / "adapt.sbatch").read_text()
+    assert "DS_ACCELERATOR=" not in text and "unset DS_ACCELERATOR" in text
+    assert "export PYTHONPATH=" in text  # the source checkout still reaches the nodes
+
+
+def test_log_poller_skips_earlier_attempts(fake_slurm, capsys):
+    worker = fake_slurm / "worker.py"
+    worker.write_text(WORKER)
+    work = fake_slurm / "work"
+    work.mkdir()
+    (work / "slurm-adapt.log").write_text("attempt 1 output\n")  # --open-mode=append keeps it
+    launch = LaunchConfig(launcher="slurm", nnodes=1, gpus_per_node=1, master_port=_port())
+    run_slurm("adapt", [str(worker), str(fake_slurm / "o.txt"), "0"], launch, work, poll_s=0.5)
+    out = capsys.readouterr().out
+    assert "worker says hello" in out and "attempt 1 output" not in out
 
 
 def test_fake_slurm_job_runs_and_streams_log(fake_slurm, capsys):

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
+from _loopback import free_port_pair
 
 from minima.core.errors import ConfigError, TrainingError
 from minima.train.launch import build_command, plan_launch
@@ -29,21 +30,6 @@ cfg = SyntheticConfig.model_validate(json.loads(open(sys.argv[1]).read()))
 art = train_stage(cfg, {}, "minima.train.synthetic:SyntheticRecipe")
 print("ARTIFACT", art.path, art.skipped, flush=True)
 """
-
-
-def free_port_pair() -> int:
-    """A port P with P and P + 1 free (P: rendezvous, P + 1: the hang-guard store)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", p + 1))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
 
 
 def weights(d: Path) -> dict[str, torch.Tensor]:
@@ -124,9 +110,10 @@ def test_plan_ssh_needs_hostfile_and_uses_deepspeed_launcher(tmp_path):
         plan_launch(SyntheticConfig(model="m", launch={"launcher": "ssh"}), env={})
     hf = tmp_path / "hostfile"
     hf.write_text("node1 slots=8\nnode2 slots=8\n")
-    cfg = SyntheticConfig(model="m", launch={"launcher": "ssh", "hostfile": str(hf), "nnodes": 2, "nproc_per_node": 8})
+    cfg = SyntheticConfig(model="m", launch={"launcher": "ssh", "hostfile": str(hf), "nnodes": 2, "gpus_per_node": 8})
     cmd = build_command(plan_launch(cfg, env={}), Path("s.json"), str(hf))
-    assert cmd[:3] == ["deepspeed", "--hostfile", str(hf)] and cmd[-3:] == ["--module", "minima.train.worker", "s.json"]
+    assert cmd[1:6] == ["-u", "-m", "deepspeed.launcher.runner", "--hostfile", str(hf)]  # remote hosts: ssh checked
+    assert cmd[-3:] == ["--module", "minima.train.worker", "s.json"] and cmd[cmd.index("--num_gpus") + 1] == "8"
 
 
 def test_hang_guard_names_the_node_that_did_not_join():
@@ -181,14 +168,14 @@ def _env() -> dict:
     return env
 
 
-def _start(tmp: Path, cfg: SyntheticConfig, name: str) -> subprocess.Popen:
+def _start(tmp: Path, cfg: SyntheticConfig, name: str, env: Optional[dict] = None) -> subprocess.Popen:
     driver = tmp / "driver.py"
     driver.write_text(DRIVER)
     spec = tmp / f"{name}.json"
     spec.write_text(json.dumps(cfg.model_dump(mode="json")))
     return subprocess.Popen(
         [sys.executable, str(driver), str(spec)],
-        env=_env(),
+        env={**_env(), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -213,23 +200,18 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("launch")
     tiny_llama(128, seed=0, **SHAPE).save_pretrained(str(d / "model"))
     # One process, micro-batch 8 (in-process: no subprocess start-up cost).
-    from minima.core.artifacts import StageRun
-    from minima.train import run_training
+    from minima.train import train_stage
 
     cfg = _cfg(d / "model", d / "one")
-    work = d / "one.partial"
-    work.mkdir()
     env = {"MINIMA_INPROCESS": "1", "MINIMA_NUM_THREADS": "1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        run_training(
-            cfg, "minima.train.synthetic:SyntheticRecipe", StageRun(work_dir=work, out_dir=d / "one", config=cfg)
-        )
+        art = train_stage(cfg, {}, "minima.train.synthetic:SyntheticRecipe")
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    return d, work
+    return d, art.path
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +262,66 @@ def test_two_nodes_on_loopback_match_two_processes(setup, two_procs):
     assert (out / "manifest.json").is_file() and not out.with_name("nodes.partial").exists()
     a, b = weights(two_procs), weights(out)
     assert max_diff(a, b) <= 1e-6
+
+
+def test_worker_accepts_the_deepspeed_launchers_local_rank(tmp_path):
+    from minima.train.worker import main, parse_args
+
+    a = parse_args(["--local_rank=3", "spec.json"])
+    assert (a.spec, a.local_rank) == ("spec.json", 3)
+    assert parse_args(["spec.json", "--local-rank", "1"]).local_rank == 1
+    assert main(["a.json", "b.json"]) == 2  # still one spec
+
+
+def test_ssh_launcher_runs_for_real_on_localhost(setup):
+    """launcher=ssh with the hostfile ``localhost slots=1``: the real deepspeed runner and launcher start the
+    worker (appending --local_rank=0) and the run equals the one-process run."""
+    d, one = setup
+    hostfile = d / "hostfile"
+    hostfile.write_text("localhost slots=1\n")
+    out = d / "ssh"
+    launch = {"launcher": "ssh", "hostfile": str(hostfile), "gpus_per_node": 1, "master_port": free_port_pair()}
+    log = _wait(_start(d, _cfg(d / "model", out, launch=launch), "ssh"))
+    assert "deepspeed.launcher.runner --no_ssh_check --hostfile" in log and "--local_rank=0" in log
+    assert max_diff(weights(one), weights(out)) <= 1e-6
+
+
+def test_node_join_and_collective_timeouts_are_separate_fields(tmp_path):
+    """Node 0 waits launch.join_timeout_s for the other nodes and names the missing one; collectives get
+    launch.collective_timeout_s (30 min by default, not the join timeout)."""
+    from minima.core.config import LaunchConfig
+    from minima.train.launch import run_node
+
+    assert LaunchConfig().collective_timeout_s == 1800
+    port = free_port_pair()
+    launch = {"nnodes": 2, "master_port": port, "join_timeout_s": 2, "collective_timeout_s": 999}
+    cfg = SyntheticConfig(model="m", launch=launch)
+    t0 = time.time()
+    with pytest.raises(TrainingError, match=r"node_rank 1 \(global rank 1\) did not join within 2s"):
+        run_node(cfg, "minima.train.synthetic:SyntheticRecipe", tmp_path / "w", tmp_path / "o", [])
+    assert time.time() - t0 < 15
+
+
+def test_simulated_slurm_two_nodes_match_torchrun(setup, two_procs, tmp_path):
+    """launcher=slurm from a "login node" with DS_ACCELERATOR=cpu set: the rendered sbatch script runs as
+    2 nodes (fake sbatch/srun/sacct/scontrol, loopback). The job finishes with the losses and weights of
+    a local 2-process torchrun, and no node starts with the launcher's accelerator choice."""
+    import _loopback as fake
+
+    d, _ = setup
+    env = fake.install(tmp_path)
+    out = d / "slurm"
+    launch = {"launcher": "slurm", "nnodes": 2, "gpus_per_node": 1, "master_port": free_port_pair()}
+    # the driver runs with the fakes on PATH and the login node's own DS_ACCELERATOR=cpu
+    env["DS_ACCELERATOR"] = "cpu"
+    log = _wait(_start(d, _cfg(d / "model", out, micro_batch_size=4, launch=launch), "slurm", env))
+    assert "submitted Slurm job" in log and (out / "manifest.json").is_file()
+    accel = fake.node_accelerators(tmp_path)
+    assert len(accel) == 2 and set(accel.values()) == {"unset"}, accel
+    rows = lambda p: [r for r in read_metrics(p / "metrics.jsonl") if r["split"] == "train"]
+    losses = [r["loss"] for r in rows(out)]
+    assert losses == pytest.approx([r["loss"] for r in rows(two_procs)], rel=1e-6)
+    assert max_diff(weights(two_procs), weights(out)) <= 1e-6
+    print(
+        f"simulated Slurm (2 nodes) final loss {losses[-1]:.6f} vs torchrun 2 procs {rows(two_procs)[-1]['loss']:.6f}"
+    )

@@ -108,12 +108,66 @@ class _ShardWriter:
         (self.dir / "done.json").write_text(json.dumps(meta))
 
 
-def write_cache(ccfg: DistillCacheConfig, out: Path) -> dict:
-    """Run the teacher over every record of every split and write the sparse targets into ``out``."""
+def cache_ranks() -> tuple[int, int]:
+    """(rank, world size) of this cache build: the process group's, joined here when torchrun started us."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _host_targets(t: SparseTargets):
+    """Start copying top-k targets to (pinned) host memory without waiting; returns (targets, event)."""
+    if t.ids.device.type != "cuda":
+        return t, None
+
+    def copy(x):
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        return host.copy_(x, non_blocking=True)
+
+    host = SparseTargets(t.mode, copy(t.ids), copy(t.values), copy(t.rest), None, t.temperature)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _flush(writer: _ShardWriter, pending) -> None:
+    """Write a batch of top-k targets once its host copy has landed."""
+    if pending is not None:
+        t, event, first, rows, seq = pending
+        if event is not None:
+            event.synchronize()
+        for i in range(rows):
+            writer.put(first + i, t, lo=i * seq)
+
+
+def write_cache(ccfg: DistillCacheConfig, out: Path, rank: int = 0, world: int = 1) -> dict:
+    """Run the teacher over every record of every split and write the sparse targets into ``out``.
+
+    With ``world`` ranks (torchrun; every rank calls this with the same ``out``, on a shared file system)
+    rank r takes shards r, r + world, ...; each shard is its own directory with a ``done.json``, so an
+    interrupted build resumes shard by shard. Top-k targets are copied to the host asynchronously: a
+    batch is written while the next one runs on the GPU.
+    """
     from minima.data.records.tfrecord_io import read_index
 
     device = _device(ccfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     teacher = load_teacher(ccfg.teacher, device)
+    if ccfg.attn_implementation:
+        teacher.set_attn_implementation(ccfg.attn_implementation)
     vocab = int(teacher.config.vocab_size)
     k = min(ccfg.top_k, vocab) if ccfg.mode == "top_k" else ccfg.top_k
     dtype = np.float16 if ccfg.dtype == "fp16" else np.float32
@@ -138,10 +192,10 @@ def write_cache(ccfg: DistillCacheConfig, out: Path) -> dict:
         ds = RecordDataset(ccfg.records, split, shuffle_buffer=0)
         meta["splits"][split] = [Path(f).name.rsplit(".", 1)[0] for f in files]
         start = 0
-        for f in files:
+        for j, f in enumerate(files):
             n = len(read_index(f))
             shard = out / split / Path(f).name.rsplit(".", 1)[0]
-            if (shard / "done.json").is_file():  # finished before an interruption
+            if j % world != rank or (shard / "done.json").is_file():  # another rank's, or finished before
                 start += n
                 continue
             # pass 1 sizes the arrays (reading records is cheap next to the teacher), pass 2 fills them
@@ -152,6 +206,7 @@ def write_cache(ccfg: DistillCacheConfig, out: Path) -> dict:
                 prints.append(fingerprint(ids.numpy()))
             w = _ShardWriter(shard, lengths, prints, ccfg.mode, k, dtype)
             bs = ccfg.batch_size
+            pending = None  # the previous batch's top-k targets, on their way to the host
             for b0 in progress(
                 range(0, n, bs), desc=f"teacher {split}/{shard.name}", total=math.ceil(n / bs), unit="batch"
             ):
@@ -165,16 +220,21 @@ def write_cache(ccfg: DistillCacheConfig, out: Path) -> dict:
                 if ccfg.mode == "top_k":  # one top-k over the whole batch; padding rows are skipped on write
                     seq = logits.shape[1]
                     t = top_k_targets(logits.reshape(-1, logits.shape[-1]), k, ccfg.temperature)
-                    t = SparseTargets(t.mode, t.ids.cpu(), t.values.cpu(), t.rest.cpu(), None, t.temperature)
-                    for i in range(logits.shape[0]):
-                        w.put(b0 + i, t, lo=i * seq)
+                    host, event = _host_targets(t)
+                    _flush(w, pending)  # the previous batch, copied while this one ran
+                    pending = (host, event, b0, logits.shape[0], seq)
                     continue
                 for i in range(logits.shape[0]):  # sampled: one generator per record, so batching does not matter
                     rows = logits[i, : lengths[b0 + i]]
                     gen = torch.Generator(device=rows.device).manual_seed(ccfg.seed * 1_000_003 + start + b0 + i)
                     w.put(b0 + i, sampled_targets(rows, k, ccfg.temperature, ccfg.proposal_power, gen))
+            _flush(w, pending)
             w.close({"records": n, "positions": int(w.offsets[-1])})
             start += n
+    rank_barrier(world)  # every rank's shards are written
+    if rank != 0:
+        return {}
+    for split in meta["splits"]:
         for d in (out / split).iterdir():
             totals["cache_bytes"] += sum(x.stat().st_size for x in d.iterdir())
             totals["cached_positions"] += int(np.load(d / "offsets.npy")[-1])

@@ -36,6 +36,7 @@ from minima.compress.importance import Importance, calibrate
 from minima.core.config import PruneConfig
 from minima.core.errors import ConfigError, InputError
 from minima.core.logs import get_logger
+from minima.models.counts import count_params
 
 log = get_logger("prune")
 DIMS = ("num_layers", "num_heads", "num_key_value_heads", "intermediate_size", "hidden_size")
@@ -190,15 +191,6 @@ def format_params(n: int) -> str:
         if n >= div:
             return f"{n / div:.2f}{unit}" if unit == "B" else f"{n / div:.1f}{unit}"
     return str(n)
-
-
-def count_params(config) -> int:
-    """Parameters of a LlamaForCausalLM with this config, built on the meta device (no memory)."""
-    from transformers import LlamaForCausalLM
-
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    return sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------------------------- plan
@@ -429,7 +421,8 @@ def prune_model(
     """
     if getattr(teacher_model.config, "model_type", None) != "llama":
         raise InputError(
-            f"the teacher is a {getattr(teacher_model.config, 'model_type', '?')!r} model; prune handles LLaMA-architecture models",
+            f"the teacher is a {getattr(teacher_model.config, 'model_type', '?')!r} model; "
+            "prune handles LLaMA-architecture models",
             fix="convert the teacher to LlamaForCausalLM first",
         )
     t = Shape.of(teacher_model.config)

@@ -11,6 +11,7 @@ build it, how it is launched) and is left out of the cache key.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
@@ -25,8 +26,19 @@ from pydantic import (
 
 from minima.core.errors import ConfigError
 
-STAGES = ("vocab", "records", "adapt", "prune", "distill", "sft", "evaluate")
-STAGE_NUMBER = {name: i + 1 for i, name in enumerate(STAGES)}
+STAGES = ("vocab", "records", "adapt", "prune", "distill", "sft", "dpo", "evaluate", "export")
+# dpo refines the sft model and shares its number, so evaluate keeps 07 (runs/x/06_dpo next to 06_sft).
+STAGE_NUMBER = {
+    "vocab": 1,
+    "records": 2,
+    "adapt": 3,
+    "prune": 4,
+    "distill": 5,
+    "sft": 6,
+    "dpo": 6,
+    "evaluate": 7,
+    "export": 8,
+}
 
 
 def nohash(default: Any = None, description: str = "", **kw) -> Any:
@@ -46,6 +58,15 @@ class StageConfig(Closed):
     out_dir: Optional[str] = nohash(None, "Output artifact directory. Default: <run_dir>/<NN>_<stage>.")
     run_dir: str = nohash("runs/default", "Run directory holding one artifact per stage.")
     seed: int = Field(0, description="Random seed for everything the stage samples.")
+    wait: bool = nohash(
+        False,
+        "When another run is writing the same out_dir: wait for it to finish (true) or stop at once naming it (false).",
+    )
+    verify: Literal["auto", "sizes", "full"] = nohash(
+        "auto",
+        "How a cached artifact is checked before it is reused: sizes (every file's size), full (sizes and "
+        "checksums), auto (full when the artifact holds under 1 GB, sizes above).",
+    )
 
     #: stage name, set by each subclass
     stage: ClassVar[str] = ""
@@ -155,11 +176,29 @@ class RecordsConfig(StageConfig):
     stage: ClassVar[str] = "records"
     inputs: Union[str, list[Source], None] = Field(None, description="A glob, or a list of named sources.")
     tokenizer: Optional[str] = Field(None, description="HF tokenizer directory (e.g. the vocab stage output).")
-    format: Literal["lm", "chat"] = Field(
-        "lm", description="lm: packed token records; chat: one conversation per record with a loss mask."
+    format: Literal["lm", "chat", "preference"] = Field(
+        "lm",
+        description="lm: packed token records; chat: one conversation per record with a loss mask; preference: "
+        "one (prompt, chosen, rejected) pair per record for dpo.",
     )
-    chat_format: str = Field("minichat", description="Chat format from the format registry (format=chat).")
-    max_length: int = Field(2048, ge=8, description="Tokens per record (lm) / maximum tokens (chat).")
+    chat_format: str = Field(
+        "minichat", description="Chat format from the format registry (format=chat, and preference with a template)."
+    )
+    max_length: int = Field(
+        2048, ge=8, description="Tokens per record (lm) / maximum tokens (chat) / prompt + response (preference)."
+    )
+    max_prompt_length: int = Field(
+        512,
+        ge=1,
+        description="format=preference: prompt tokens kept (the last ones; a leading BOS stays); the responses are "
+        "then cut to max_length minus the prompt.",
+    )
+    preference_template: Literal["chat", "plain"] = Field(
+        "chat",
+        description="format=preference: chat renders prompt and responses with chat_format as sft does (sft "
+        "models); plain tokenizes the prompt and completion texts as they are, BOS before the prompt and EOS "
+        "after each response (base models).",
+    )
     num_workers: int = nohash(1, "Tokenizer processes. Output bytes do not depend on it.", ge=1)
     shard_size: int = Field(10000, ge=1, description="Records per TFRecord shard.")
     dev_fraction: float = Field(0.01, ge=0, lt=1, description="Fraction of records held out as the dev split.")
@@ -180,6 +219,15 @@ class RecordsConfig(StageConfig):
     chunk_size: int = nohash(
         1024, "Documents per tokenizer batch sent to a worker (output does not depend on it).", ge=1
     )
+
+    @model_validator(mode="after")
+    def _preference_lengths(self):
+        if self.format == "preference" and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length={self.max_prompt_length} leaves no room for the responses in "
+                f"max_length={self.max_length}; make max_prompt_length < max_length"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------- train
@@ -218,23 +266,57 @@ class LoraConfig(Closed):
     qlora: bool = Field(False, description="4-bit base weights (needs bitsandbytes and a GPU).")
 
 
+def attn_field() -> Any:
+    """``attn_implementation``: the attention kernel a stage's models run with (a speed setting, not hashed)."""
+    return nohash(
+        None,
+        "Attention kernel: sdpa, flash_attention_2 (needs flash-attn and a GPU) or eager; None = transformers' "
+        "default (sdpa where the family has it).",
+    )
+
+
+AttnImpl = Optional[Literal["sdpa", "flash_attention_2", "eager"]]
+
+
 class LaunchConfig(Closed):
     """How the training subprocess is started."""
 
     launcher: Literal["local", "slurm", "ssh"] = nohash(
         "local", "local: torchrun here; slurm: sbatch; ssh: deepspeed launcher + hostfile."
     )
-    nproc_per_node: int = nohash(1, "Processes per node.", ge=1)
+    nproc_per_node: int = nohash(1, "local: processes per node.", ge=1)
     nnodes: int = nohash(1, "Number of nodes.", ge=1)
     node_rank: int = nohash(0, "This node's rank.", ge=0)
     master_addr: str = nohash("127.0.0.1", "Rendezvous address.")
-    master_port: int = nohash(29500, "Rendezvous port.")
+    master_port: Optional[int] = nohash(
+        None,
+        "Rendezvous port (the hang guard uses +1). Default: derived from the Slurm job id, else 29500.",
+        ge=1,
+        le=65534,
+    )
     hostfile: Optional[str] = nohash(None, "ssh launcher: DeepSpeed hostfile.")
-    gpus_per_node: int = nohash(8, "slurm: GPUs per node.")
-    init_timeout_s: int = nohash(
-        300,
-        "Hang guard: seconds to wait for all nodes to check in (on master_port + 1) and for any collective; "
-        "the error names the missing node/rank.",
+    gpus_per_node: int = nohash(8, "slurm/ssh: GPUs (ranks) per node.", ge=1)
+    gpu: Literal["H100-80G", "A100-80G", "A100-40G", "H200"] = nohash(
+        "H100-80G", "slurm/ssh: the nodes' GPU; the pre-launch memory check plans for gpus_per_node x nnodes of it."
+    )
+    join_timeout_s: int = nohash(
+        900,
+        "Hang guard: seconds node 0 waits for every node to check in (on master_port + 1); "
+        "the error names the missing node.",
+        ge=1,
+    )
+    collective_timeout_s: int = nohash(
+        1800,
+        "Seconds any collective may wait (slow weight loads, ZeRO-3 evals, the rank-0 export); "
+        "the error names the rank behind.",
+        ge=1,
+    )
+    partition: Optional[str] = nohash(None, "slurm: --partition.")
+    account: Optional[str] = nohash(None, "slurm: --account.")
+    time: Optional[str] = nohash(None, "slurm: --time limit, e.g. 2-00:00:00.")
+    mem: Optional[str] = nohash(None, "slurm: --mem per node, e.g. 0 (all) or 900G.")
+    cpus_per_task: Optional[int] = nohash(
+        None, "slurm: --cpus-per-task of the one task per node (default: 8 per GPU).", ge=1
     )
 
     @model_validator(mode="after")
@@ -249,14 +331,24 @@ class TrainConfig(StageConfig):
 
     model: Optional[str] = Field(None, description="HF model directory to start from.")
     records: Optional[str] = Field(None, description="Records artifact directory (train/ and dev/ splits).")
-    ds_config: str = Field("ds_config.json", description="DeepSpeed config; 'auto' fields are filled from this config.")
-    zero_stage: Optional[int] = Field(None, ge=0, le=3, description="Override the ds_config ZeRO stage.")
+    strategy: Literal["deepspeed", "fsdp"] = Field(
+        "deepspeed",
+        description="deepspeed: DeepSpeed ZeRO (ds_config, zero_stage); fsdp: torch FSDP2, each transformer block "
+        "sharded over all ranks (bf16 or fp32; ds_config and zero_stage unused). Same loop, schedule and checkpoints.",
+    )
+    ds_config: str = Field(
+        "ds_config.json",
+        description="DeepSpeed config (strategy=deepspeed); 'auto' fields are filled from this config.",
+    )
+    zero_stage: Optional[int] = Field(
+        None, ge=0, le=3, description="Override the ds_config ZeRO stage (strategy=deepspeed)."
+    )
     precision: Literal["bf16", "fp16", "fp32"] = Field(
         "bf16", description="Training precision (CPU runs use fp32 unless bf16 is asked for)."
     )
     micro_batch_size: int = Field(4, ge=1, description="Sequences per rank per micro step.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro steps per optimizer step.")
-    max_steps: int = Field(-1, description="Optimizer steps; -1 = epochs over the data.")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 = epochs over the data.")
     epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps = -1.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of the peak (cosine).")
@@ -295,12 +387,34 @@ class TrainConfig(StageConfig):
         None, "eval_tasks: benchmark data root, one folder per task (default ../shared/data/eval when present)."
     )
     launch: LaunchConfig = Field(default_factory=LaunchConfig, description="Launcher settings.")
+    attn_implementation: AttnImpl = attn_field()
+    compile: bool = nohash(False, "torch.compile each transformer block (GPU; the first steps are slower).")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps(cls, v):
+        if v == 0:
+            raise ValueError("max_steps=0 trains nothing; use -1 (epochs over the data) or a positive step count")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"betas={list(v)} must both be in [0, 1)")
+        return v
 
     @field_validator("eval_tasks", mode="before")
     @classmethod
     def _eval_tasks(cls, v):
         # `eval_tasks=mmlu,ceval` on the command line arrives as one string
         return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _strategy_precision(self):
+        if self.strategy == "fsdp" and self.precision == "fp16":
+            raise ValueError("strategy=fsdp trains in bf16 or fp32; use precision=bf16, or strategy=deepspeed for fp16")
+        return self
 
 
 class AdaptConfig(TrainConfig):
@@ -311,7 +425,7 @@ class AdaptConfig(TrainConfig):
         False, description="Chinese-LLaMA phase 1: train only the embedding/lm_head rows of new tokens."
     )
     new_token_start: Optional[int] = Field(
-        None, description="First new token id (default: read from the vocab artifact's manifest)."
+        None, ge=1, description="First new token id (default: read from the vocab artifact's manifest)."
     )
 
 
@@ -361,6 +475,17 @@ class DistillConfig(TrainConfig):
     )
     cache_device: str = nohash("auto", "distill-cache: cuda, cpu or auto.")
 
+    @model_validator(mode="after")
+    def _student_is_model(self):
+        # The engine trains ``model``; distill calls it the student. Both name the same dir, so the
+        # config is complete (and hashed) the same way whichever one was set.
+        if self.student and self.model and Path(self.student).resolve() != Path(self.model).resolve():
+            raise ValueError(f"student={self.student} and model={self.model} disagree; set only student")
+        if self.student != self.model:
+            # a plain write: validate_assignment would run this validator again
+            self.__dict__["student"] = self.__dict__["model"] = self.student or self.model
+        return self
+
 
 class DistillCacheConfig(StageConfig):
     """The logit cache: the teacher run once over the records, sparse targets stored per position.
@@ -380,6 +505,7 @@ class DistillCacheConfig(StageConfig):
     batch_size: int = nohash(8, "Records per teacher forward.", ge=1)
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Teacher precision on GPU (CPU runs fp32).")
     device: str = nohash("auto", "cuda, cpu or auto.")
+    attn_implementation: AttnImpl = attn_field()
 
     def resolved_out_dir(self) -> Path:
         if self.out_dir:
@@ -399,7 +525,7 @@ class SftConfig(TrainConfig):
     dev_fraction: float = Field(
         0.05, ge=0, lt=1, description="train_files: fraction of conversations held out as the dev split."
     )
-    format: str = Field(
+    chat_format: str = Field(
         "minichat", description="Chat format from the registry: minichat, alpaca, instruction, mc, llama2-chat, chatml."
     )
     loss_on: Literal["assistant", "all", "last-turn"] = Field(
@@ -414,12 +540,100 @@ class SftConfig(TrainConfig):
     packing: bool = Field(
         False, description="Pack several conversations per sequence (per-document positions, no cross-attention)."
     )
-    strategy: Literal["deepspeed", "fsdp"] = Field(
-        "deepspeed", description="deepspeed: the shared engine (ZeRO); fsdp: torch FSDP2."
-    )
     max_length: int = Field(
         2048, ge=8, description="Max tokens per conversation (train_files builds) and per packed sequence."
     )
+
+
+class DpoLossConfig(Closed):
+    """Preference loss per pair (meanings and defaults as TRL's DPOTrainer / CPOTrainer / ORPOTrainer)."""
+
+    type: Literal["sigmoid", "ipo", "simpo", "orpo"] = Field(
+        "sigmoid",
+        description="sigmoid: DPO, -log sigmoid(beta * margin of the policy/reference log-ratios); ipo: "
+        "(length-normalised log-ratio margin - 1/(2 beta))^2; simpo: reference-free, -log sigmoid(beta * margin of "
+        "length-normalised log-probs - gamma); orpo: reference-free, sft_weight * NLL(chosen) - beta * log "
+        "sigmoid(log odds ratio).",
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="sigmoid: deviation from the reference (higher = closer); ipo: the regulariser tau; simpo: "
+        "reward scale; orpo: lambda, the weight of the odds-ratio term.",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="sigmoid and simpo: the probability that a preference label is flipped (conservative DPO, "
+        "cDPO): -(1-e) log sigmoid(beta d) - e log sigmoid(-beta d).",
+    )
+    gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin (TRL's simpo_gamma).")
+    sft_weight: float = Field(
+        1.0,
+        ge=0,
+        description="orpo: weight of the SFT term, the per-token NLL of the chosen sequence (prompt included, as TRL).",
+    )
+
+
+class DpoConfig(TrainConfig):
+    """Preference tuning of a chat model (DPO, IPO, SimPO, ORPO) on preference records."""
+
+    stage: ClassVar[str] = "dpo"
+    enabled: bool = nohash(
+        False,
+        "Pipeline only: run records_pref -> dpo after sft, and evaluate the dpo model too (off by default; "
+        "`minima dpo` ignores it).",
+    )
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate (TRL's DPO default 1e-6; Zephyr 5e-7).")
+    loss: DpoLossConfig = Field(default_factory=DpoLossConfig, description="Preference loss.")
+    precompute_ref: bool = Field(
+        False,
+        description="Run the reference model once over the records (a resumable pass, log-probs stored per pair in "
+        "the work dir), so training holds one model. Else a frozen copy runs beside the policy (LoRA: the base with "
+        "the adapters disabled, no copy). Unused by the reference-free simpo and orpo.",
+    )
+    ref_zero3: bool = Field(
+        False,
+        description="Shard the frozen reference with ZeRO-3 inference (strategy=deepspeed), as distill's "
+        "teacher_zero3; else it is replicated on every rank.",
+    )
+    disable_dropout: bool = Field(
+        True, description="Set every dropout to 0 in the policy (and reference), as TRL does by default."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA options (the reference is the base).")
+    train_files: list[str] = Field(
+        default_factory=list,
+        description="Raw preference files or globs (prompt/chosen/rejected, UltraFeedback message lists or raw "
+        "hh-rlhf), built through the records stage into <out_dir>.records, instead of records.",
+    )
+    dev_fraction: float = Field(
+        0.05, ge=0, lt=1, description="train_files: fraction of pairs held out as the dev split."
+    )
+    chat_format: str = Field(
+        "minichat", description="Chat format of the model (train_files builds; checked against the records)."
+    )
+    preference_template: Literal["chat", "plain"] = Field(
+        "chat", description="train_files: chat (the format's template) or plain text for base models."
+    )
+    max_length: int = Field(1024, ge=8, description="train_files: prompt + response tokens per sequence (TRL 1024).")
+    max_prompt_length: int = Field(
+        512, ge=1, description="train_files: prompt tokens kept, from the right (TRL's former default 512)."
+    )
+
+    @model_validator(mode="after")
+    def _dpo_options(self):
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length={self.max_prompt_length} must be < max_length={self.max_length}")
+        if self.precompute_ref and self.loss.type in ("simpo", "orpo"):
+            raise ValueError(f"loss.type={self.loss.type} is reference-free; precompute_ref has nothing to compute")
+        if self.loss.label_smoothing > 0 and self.loss.type not in ("sigmoid", "simpo"):
+            raise ValueError(f"loss.label_smoothing applies to sigmoid and simpo, not {self.loss.type}; set it to 0")
+        return self
+
+    def reference_free(self) -> bool:
+        """simpo and orpo need no reference model."""
+        return self.loss.type in ("simpo", "orpo")
 
 
 # -------------------------------------------------------------------------------------- prune
@@ -454,6 +668,7 @@ class PruneConfig(StageConfig):
         "fp32", description="Teacher dtype for calibration; the pruned model is saved in it."
     )
     device: str = nohash("auto", "cuda, cpu or auto.")
+    attn_implementation: AttnImpl = attn_field()
     rescale_norms: bool = Field(
         False,
         description="Scale RMSNorm weights by sqrt(D/D') and rms_norm_eps by D/D' so that hidden-channel "
@@ -503,8 +718,8 @@ class TaskSpec(Closed):
     )
     mode: Optional[Literal["loglikelihood", "letter"]] = Field(
         None,
-        description="Multiple choice scoring: loglikelihood of each choice (lm-eval) or next-token A/B/C/D logits "
-        "(hendrycks 'Answer: X').",
+        description="Multiple choice scoring: loglikelihood of each choice (lm-eval) or next-token A/B/C/D "
+        "logits (hendrycks 'Answer: X').",
     )
     max_length: Optional[int] = Field(
         None, ge=2, description="perplexity: window in tokens (default: the model's context length)."
@@ -547,6 +762,7 @@ class EvaluateConfig(StageConfig):
         "auto", description="auto: bf16 on GPU (fp16 where bf16 is unsupported), fp32 on CPU."
     )
     device: str = nohash("auto", "cuda, cuda:N, cpu or auto.")
+    attn_implementation: AttnImpl = attn_field()
     data_dir: Optional[str] = Field(
         None, description="Benchmark data root, one folder per task (default ../shared/data/eval when present)."
     )
@@ -564,6 +780,11 @@ class EvaluateConfig(StageConfig):
         1234, description="Seed of the few-shot sampler for tasks that draw shots at random (lm-eval's default)."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint (off by default).")
+    allow_unsafe_code: bool = nohash(
+        False,
+        "humaneval: run generated programs even where no namespace sandbox (bubblewrap) works here, with only "
+        "rlimits and a Python audit hook around them (a warning says what is not isolated). Off: such a host refuses.",
+    )
     # LLM-judged chat tasks (mt_bench belle_eval zbench vicuna_bench alpaca_eval; see minima.evaluate.judge)
     judge_base_url: Optional[str] = nohash(
         None,
@@ -609,6 +830,64 @@ class EvaluateConfig(StageConfig):
         return self
 
 
+# ------------------------------------------------------------------------------------- export
+class ExportConfig(StageConfig):
+    """Export a model dir as GGUF (llama.cpp, Ollama) or a release dir, with a model card and lineage."""
+
+    stage: ClassVar[str] = "export"
+    enabled: bool = nohash(
+        False, "Pipeline only: run the export step after sft and evaluate (off by default; `minima export` ignores it)."
+    )
+    model: Optional[str] = Field(None, description="HF model directory to export (any stage's model artifact).")
+    format: Literal["gguf", "safetensors"] = Field(
+        "gguf", description="gguf: one .gguf file for llama.cpp / Ollama / LM Studio; safetensors: a release dir."
+    )
+    dtype: Optional[Literal["f16", "bf16", "q8_0"]] = Field(
+        None,
+        description="Weight type. gguf: f16, bf16 or q8_0 (norms stay f32, as llama.cpp expects); safetensors: bf16 "
+        "or f16. Default: f16 for gguf, bf16 for safetensors.",
+    )
+    evaluation: Optional[str] = Field(
+        None,
+        description="Evaluate artifact whose scores go into the model card. Default: an evaluate artifact beside "
+        "the model (same run dir) that evaluated it, if there is one.",
+    )
+    name: Optional[str] = Field(
+        None, description="Model name in the card and GGUF metadata. Default: <run dir name>-<stage of the model>."
+    )
+    base_model: Optional[str] = Field(
+        None,
+        description="Hugging Face id of the original base model for the card's base_model "
+        "(e.g. meta-llama/Llama-2-7b-hf). Default: the name of the first model found in the lineage.",
+    )
+    license: str = Field(
+        "other",
+        description="License id for the card (e.g. llama2, apache-2.0, mit); 'other' when the base model's terms "
+        "govern and you have not named them.",
+    )
+    language: list[str] = Field(default_factory=lambda: ["en", "zh"], description="Card languages (ISO 639-1).")
+    tags: list[str] = Field(
+        default_factory=list, description="Extra card tags (minima, the family and format are always there)."
+    )
+    max_shard_size: str = Field("2GB", description="safetensors: largest shard size (save_pretrained's format).")
+
+    @field_validator("language", "tags", mode="before")
+    @classmethod
+    def _str_list(cls, v):
+        # `tags=a,b` on the command line arrives as one string
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _dtype_fits_format(self):
+        if self.format == "safetensors" and self.dtype == "q8_0":
+            raise ValueError("dtype=q8_0 is a GGUF type; a safetensors release is bf16 or f16 (or use format=gguf)")
+        return self
+
+    def resolved_dtype(self) -> str:
+        """The weight type: the one given, else f16 for gguf and bf16 for safetensors."""
+        return self.dtype or ("f16" if self.format == "gguf" else "bf16")
+
+
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "vocab": VocabConfig,
     "records": RecordsConfig,
@@ -616,7 +895,9 @@ STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "prune": PruneConfig,
     "distill": DistillConfig,
     "sft": SftConfig,
+    "dpo": DpoConfig,
     "evaluate": EvaluateConfig,
+    "export": ExportConfig,
 }
 
 
@@ -633,7 +914,17 @@ class PipelineConfig(Closed):
     prune: PruneConfig = Field(default_factory=PruneConfig, description="prune stage")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="distill stage")
     sft: SftConfig = Field(default_factory=SftConfig, description="sft stage")
+    records_pref: RecordsConfig = Field(
+        default_factory=lambda: RecordsConfig(format="preference", max_length=1024),
+        description="records stage for preference pairs (runs with dpo)",
+    )
+    dpo: DpoConfig = Field(
+        default_factory=DpoConfig, description="dpo stage (optional: runs, after records_pref, when dpo.enabled)"
+    )
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="evaluate stage")
+    export: ExportConfig = Field(
+        default_factory=ExportConfig, description="export stage (optional: runs when export.enabled is true)"
+    )
     scratch: bool = Field(
         False,
         description="Also run the scratch arm: the student's shape randomly initialised (prune init=random) and "
@@ -701,6 +992,32 @@ def _wants_str(annotation) -> bool:
     return bool(args) and all(a in (str, Path) for a in args)
 
 
+def split_key_value(item: str) -> tuple[str, str]:
+    """``key=value`` -> ``(key, raw value)``, the value split at the first ``=``; ConfigError without one."""
+    if "=" not in item:
+        raise ConfigError(f"argument {item!r} is not key=value", fix="write e.g. lr=3e-4 or loss.temperature=2")
+    key, raw = item.split("=", 1)
+    return key.strip(), raw
+
+
+def key_values(argv: Optional[list[str]], keys: Optional[Collection[str]] = None) -> dict[str, str]:
+    """``key=value`` words -> ``{key: raw value}`` (a later key wins); a key not in ``keys`` is a ConfigError.
+
+    For commands whose options are a few plain strings; configs with typed fields go through
+    :func:`command_config`.
+    """
+    out: dict[str, str] = {}
+    for item in argv or []:
+        key, raw = split_key_value(item)
+        if keys is not None and key not in keys:
+            close = difflib.get_close_matches(key, list(keys), n=1)
+            raise ConfigError(
+                f"unknown key '{key}'", fix=f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(keys)}"
+            )
+        out[key] = raw
+    return out
+
+
 def parse_override(model: type[BaseModel], item: str) -> tuple[list[str], Any]:
     """Parse ``a.b.c=value`` against ``model``: check the key exists, coerce the value.
 
@@ -709,10 +1026,8 @@ def parse_override(model: type[BaseModel], item: str) -> tuple[list[str], Any]:
     """
     import yaml
 
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not key=value", fix="write e.g. lr=3e-4 or loss.temperature=2")
-    key, raw = item.split("=", 1)
-    path = key.strip().split(".")
+    key, raw = split_key_value(item)
+    path = key.split(".")
     try:
         ann = _field_annotation(model, path)
     except KeyError as e:

@@ -45,3 +45,19 @@ class TrainingError(MinimaError):
 
 class PlanError(MinimaError):
     """A plan says the job will not fit."""
+
+
+class LockError(ArtifactError):
+    """Another run holds the lock of the same output directory."""
+
+
+class DiskFullError(ArtifactError):
+    """The disk filled up while a stage was writing (ENOSPC), or will not hold the stage's output."""
+
+
+class SandboxError(MinimaError):
+    """Generated code cannot be run in an isolated sandbox here, and unsafe execution was not allowed."""
+
+
+class TokenizerMismatchError(InputError):
+    """Two artifacts that must share a tokenizer (token ids) were built with different ones."""

@@ -3,7 +3,8 @@
 - ``tiny``: the CPU demo scale (hidden 128, 4 layers -> 3 layers / hidden 96), minutes on 2 cores.
 - ``minima-3b``: MiniMA's recipe: LLaMA-2-7B teacher (32 layers, 32 heads, hidden 4096, ffn 11008)
   adapted to Chinese, pruned to 24/24/3072/8192 (~3.02B) and distilled with 0.5 CE + 0.5 soft CE.
-- ``minichat-3b``: MiniChat's instruction tuning of the MiniMA-3B student.
+- ``minichat-3b``: MiniChat's instruction tuning of the MiniMA-3B student, and the optional dpo step
+  (``dpo.enabled=true``) with Zephyr-7B-beta's DPO settings (MiniChat-2's are not published).
 """
 
 from __future__ import annotations
@@ -96,6 +97,23 @@ def tiny() -> PipelineConfig:
     )
     cfg.evaluate = _with(cfg.evaluate, **dict(tasks=["demo_mc", "demo_qa", "perplexity"], batch_size=16))
     cfg.scratch = True  # the from-scratch student beside the pruned one
+    cfg.records_pref = _with(
+        cfg.records_pref,
+        **dict(format="preference", max_length=128, max_prompt_length=64, shard_size=2000, dev_fraction=0.2),
+    )
+    cfg.dpo = _with(
+        cfg.dpo,
+        **dict(
+            train,
+            lr=5e-4,
+            max_steps=60,
+            eval_steps=20,
+            save_steps=20,
+            warmup_proportion=0.1,
+            max_length=128,
+            max_prompt_length=64,
+        ),
+    )
     return cfg
 
 
@@ -108,6 +126,7 @@ def micro() -> PipelineConfig:
     cfg.prune = _with(cfg.prune, num_samples=16, batch_size=8)
     cfg.distill = _with(cfg.distill, **short)
     cfg.sft = _with(cfg.sft, **dict(short, epochs=1, patience=0))
+    cfg.dpo = _with(cfg.dpo, **short)
     cfg.evaluate = _with(cfg.evaluate, limit=20)
     cfg.scratch = False
     return cfg
@@ -156,7 +175,8 @@ def minima_3b() -> PipelineConfig:
         cfg.distill,
         **dict(big, lr=3e-4, gradient_accumulation_steps=8, loss={"alpha": 0.5, "kd": "soft_ce", "temperature": 1.0}),
     )
-    cfg.sft = minichat_3b().sft
+    chat = minichat_3b()
+    cfg.sft, cfg.records_pref, cfg.dpo = chat.sft, chat.records_pref, chat.dpo
     cfg.evaluate = _with(cfg.evaluate, **dict(tasks=["mmlu", "ceval", "cmmlu", "gsm8k"], shots=5, batch_size=32))
     return cfg
 
@@ -176,12 +196,40 @@ def minichat_3b() -> PipelineConfig:
             warmup_proportion=0.1,
             max_length=4096,
             loss_on="assistant",
-            format="minichat",
+            chat_format="minichat",
             patience=3,
             activation_checkpointing=True,
         ),
     )
     cfg.records_chat = _with(cfg.records_chat, **dict(format="chat", chat_format="minichat", max_length=4096))
+    # DPO after sft (MiniChat-2's last step). MiniChat-2's model card says only that DPO was used, so these are
+    # Zephyr-7B-beta's published settings: beta 0.1, lr 5e-7, 10% warmup, 3 epochs, batch 32 (2 x 2 x 8 GPUs),
+    # Adam betas (0.9, 0.999), no weight decay, decay to 0 (linear there, cosine here); max length 1024, prompt 512.
+    cfg.records_pref = _with(
+        cfg.records_pref,
+        **dict(format="preference", chat_format="minichat", max_length=1024, max_prompt_length=512),
+    )
+    cfg.dpo = _with(
+        cfg.dpo,
+        **dict(
+            precision="bf16",
+            zero_stage=3,
+            ref_zero3=True,
+            micro_batch_size=2,
+            gradient_accumulation_steps=2,
+            lr=5e-7,
+            min_lr_ratio=0.0,
+            warmup_proportion=0.1,
+            epochs=3,
+            betas=(0.9, 0.999),
+            weight_decay=0.0,
+            chat_format="minichat",
+            max_length=1024,
+            max_prompt_length=512,
+            activation_checkpointing=True,
+            loss={"type": "sigmoid", "beta": 0.1},
+        ),
+    )
     cfg.evaluate = _with(cfg.evaluate, **dict(tasks=["mmlu", "ceval", "cmmlu", "gsm8k"], shots=5, chat_template=True))
     return cfg
 

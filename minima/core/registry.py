@@ -2,21 +2,28 @@
 
 flows/pipeline.py runs these steps as Prefect tasks; this module only knows the DAG:
 
-    base ──> vocab ──> records_lm ──┬──> adapt ──> prune ──> distill ──> sft ──> evaluate
-                  └──> records_chat ┘      │                            ↑          ↑
-                                           └──> prune_scratch ──> distill_scratch ─┘
-                                     (records_chat feeds sft)
+    base ──> vocab ──> records_lm ──┬──> adapt ──> prune ──> distill ──> sft ─────────────> evaluate ··> export
+                  └──> records_chat ┘      │                            ↑   └─> records_pref ─> dpo ─┘  ↑
+                                           │ (records_chat feeds sft) ──┘       (optional: dpo.enabled,  │
+                                           │                                     export.enabled)       │
+                                           └──> prune_scratch ──> distill_scratch ─────────────────────┘
+                                                (optional: scratch=true)
 
-Each step is a (stage, key) pair: ``records`` runs twice (``records_lm`` for pretraining text and
-``records_chat`` for chat data); ``prune_scratch`` and ``distill_scratch`` are the optional scratch arm
-(``PipelineConfig.scratch``): the student's shape with random weights (prune ``init=random``), distilled
-with the distill config on the same records for the same steps, the baseline a pruned student must beat.
-Every other step is named after its stage.
+Each step is a (stage, key) pair: ``records`` runs for ``records_lm`` (pretraining text),
+``records_chat`` (chat data) and ``records_pref`` (preference pairs), every other step is named after
+its stage. ``STEPS`` always run; an ``OPTIONAL_STEPS`` step (records_pref, dpo; export; the scratch arm)
+runs only when its switch is on (``dpo.enabled``, ``export.enabled``, ``scratch``). A step's ``after`` are
+optional steps it then also waits for and takes as inputs (evaluate adds the dpo model and the scratch
+student to its comparison; export exports the dpo model when there is one).
+
+The scratch arm (``prune_scratch`` -> ``distill_scratch``) is the baseline a pruned student must beat:
+the student's shape with random weights (prune ``init=random``), distilled with the distill config on the
+same records for the same steps. Its steps share the prune and distill configs (``Step.config``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -29,14 +36,19 @@ from minima.core.errors import ConfigError
 class Step:
     key: str  # step name
     stage: str  # minima stage name
-    needs: tuple[str, ...]  # upstream step keys (those whose step is switched off are left out)
+    needs: tuple[str, ...]  # upstream step keys
     out_name: str  # directory name under run_dir
-    config: str = ""  # PipelineConfig field holding the step's config; "" = key. A shared config's out_dir is not used.
-    switch: str = ""  # PipelineConfig bool field that turns the step on; "" = always on
+    switch: Optional[str] = None  # optional steps: the PipelineConfig field (a bool, or a config's ``enabled``)
+    after: tuple[str, ...] = ()  # optional upstream steps: inputs too, when they run
+    config: str = ""  # PipelineConfig field holding the step's config; "" = key. A shared config's out_dir is unused.
 
     @property
     def config_key(self) -> str:
         return self.config or self.key
+
+    def inputs(self, active: Collection[str]) -> tuple[str, ...]:
+        """Upstream step keys of this step when the steps ``active`` run."""
+        return self.needs + tuple(k for k in self.after if k in active)
 
 
 STEPS: tuple[Step, ...] = (
@@ -45,55 +57,97 @@ STEPS: tuple[Step, ...] = (
     Step("records_chat", "records", ("vocab",), "02_records_chat"),
     Step("adapt", "adapt", ("vocab", "records_lm"), "03_adapt"),
     Step("prune", "prune", ("adapt", "records_lm"), "04_prune"),
-    Step("prune_scratch", "prune", ("adapt",), "04_prune_scratch", config="prune", switch="scratch"),
     Step("distill", "distill", ("adapt", "prune", "records_lm"), "05_distill"),
+    Step("sft", "sft", ("distill", "records_chat"), "06_sft"),
+    Step("evaluate", "evaluate", ("adapt", "prune", "distill", "sft"), "07_evaluate", after=("dpo", "distill_scratch")),
+)
+# Steps that run only when ``<switch>.enabled`` is true (see ``pipeline_steps``). The preference records
+# are tokenized by the sft model's own tokenizer (a chat format may have added tokens to it).
+OPTIONAL_STEPS: tuple[Step, ...] = (
+    Step("records_pref", "records", ("sft",), "06_records_pref", switch="dpo"),
+    Step("dpo", "dpo", ("sft", "records_pref"), "06_dpo", switch="dpo"),
+    Step("export", "export", ("sft", "evaluate"), "08_export", switch="export", after=("dpo",)),
+    Step("prune_scratch", "prune", ("adapt",), "04_prune_scratch", switch="scratch", config="prune"),
     Step(
         "distill_scratch",
         "distill",
         ("adapt", "prune_scratch", "records_lm"),
         "05_distill_scratch",
-        config="distill",
         switch="scratch",
+        config="distill",
     ),
-    Step("sft", "sft", ("distill", "records_chat"), "06_sft"),
-    Step("evaluate", "evaluate", ("adapt", "prune", "distill", "distill_scratch", "sft"), "07_evaluate"),
 )
-STEP = {s.key: s for s in STEPS}
+_ORDER = (
+    "vocab",
+    "records_lm",
+    "records_chat",
+    "adapt",
+    "prune",
+    "prune_scratch",
+    "distill",
+    "distill_scratch",
+    "sft",
+    "records_pref",
+    "dpo",
+    "evaluate",
+    "export",
+)
+# DAG order: an optional step runs before the steps that take it as input (evaluate after dpo), after its own.
+ALL_STEPS: tuple[Step, ...] = tuple(sorted(STEPS + OPTIONAL_STEPS, key=lambda s: _ORDER.index(s.key)))
+STEP = {s.key: s for s in ALL_STEPS}
 STAGE_TO_STEPS = {}
-for _s in STEPS:
+for _s in ALL_STEPS:
     STAGE_TO_STEPS.setdefault(_s.stage, []).append(_s.key)
 
 
-def active_steps(pipeline: Optional[PipelineConfig] = None) -> list[str]:
-    """Keys of the steps this pipeline runs, in DAG order (all of them when no pipeline is given)."""
-    return [s.key for s in STEPS if pipeline is None or not s.switch or getattr(pipeline, s.switch)]
+def switched_on(pipeline: PipelineConfig, switch: Optional[str]) -> bool:
+    """Whether ``switch`` (a bool field, or a config with ``enabled``) is on; no switch is always on."""
+    if switch is None:
+        return True
+    value = getattr(pipeline, switch)
+    return value if isinstance(value, bool) else value.enabled
 
 
-def step_needs(key: str, active: Optional[list[str]] = None) -> tuple[str, ...]:
-    """The step's upstream steps among the active ones."""
-    return tuple(n for n in STEP[key].needs if active is None or n in active)
+def switch_name(switch: str) -> str:
+    """The key=value override that turns ``switch`` on."""
+    return (
+        f"{switch}=true" if isinstance(PipelineConfig.model_fields[switch].default, bool) else f"{switch}.enabled=true"
+    )
 
 
-def downstream(step_key: str) -> list[str]:
-    """The step and everything that (transitively) depends on it, in DAG order."""
+def pipeline_steps(pipeline: PipelineConfig) -> tuple[Step, ...]:
+    """The steps this pipeline config runs, in DAG order: ``STEPS`` plus the switched-on optional ones."""
+    return tuple(s for s in ALL_STEPS if switched_on(pipeline, s.switch))
+
+
+def downstream(step_key: str, steps: Sequence[Step] = STEPS) -> list[str]:
+    """The step and everything that (transitively) depends on it among ``steps``, in DAG order."""
+    keys = {s.key for s in steps}
     out = {step_key}
-    for s in STEPS:
-        if any(n in out for n in s.needs):
+    for s in steps:
+        if any(n in out for n in s.inputs(keys)):
             out.add(s.key)
-    return [s.key for s in STEPS if s.key in out]
+    return [s.key for s in steps if s.key in out]
 
 
 def select_steps(
-    from_stage: Optional[str] = None, only_stage: Optional[str] = None, active: Optional[list[str]] = None
+    from_stage: Optional[str] = None, only_stage: Optional[str] = None, steps: Sequence[Step] = STEPS
 ) -> tuple[set[str], set[str]]:
-    """Steps to run and steps to force, among the ``active`` ones (default all). ``from_stage`` forces it and
-    all that follows; ``only_stage`` forces just that stage (its inputs must already exist)."""
+    """Steps to run and steps to force, among ``steps``. ``from_stage`` forces it and all that
+    follows; ``only_stage`` forces just that stage (its inputs must already exist)."""
+    active = {s.key for s in steps}
 
     def keys(name: str) -> list[str]:
-        if name in STEP:
-            return [name]
-        if name in STAGE_TO_STEPS:
-            return STAGE_TO_STEPS[name]
+        if name in STEP or name in STAGE_TO_STEPS:
+            ks = [name] if name in STEP else [k for k in STAGE_TO_STEPS[name] if k in active or STEP[k].switch is None]
+            off = [k for k in ks if k not in active]
+            if off or not ks:
+                switch = STEP[off[0] if off else STAGE_TO_STEPS[name][0]].switch
+                raise ConfigError(
+                    f"step {', '.join(off) or name} is switched off in this pipeline config",
+                    fix=f"set {switch_name(switch)} to run it",
+                )
+            return ks
         import difflib
 
         close = difflib.get_close_matches(name, list(STEP) + list(STAGE_TO_STEPS), n=1)
@@ -103,16 +157,15 @@ def select_steps(
 
     if from_stage and only_stage:
         raise ConfigError("--from-stage and --only-stage cannot be combined", fix="use one of them")
-    all_keys = set(active_steps()) if active is None else set(active)
     if only_stage:
-        ks = set(keys(only_stage)) & all_keys
+        ks = set(keys(only_stage))
         return ks, ks
     if from_stage:
         forced: set[str] = set()
         for k in keys(from_stage):
-            forced |= set(downstream(k))
-        return all_keys, forced & all_keys
-    return all_keys, set()
+            forced |= set(downstream(k, steps))
+        return active, forced
+    return active, set()
 
 
 # How a step's config gets its inputs from upstream artifact dirs.
@@ -124,13 +177,21 @@ WIRING: dict[str, Wiring] = {
     "adapt": lambda c, up: {"model": up["vocab"], "records": up["records_lm"]},
     "prune": lambda c, up: {"teacher": up["adapt"], "records": up["records_lm"]},
     "prune_scratch": lambda c, up: {"teacher": up["adapt"], "records": None, "init": "random"},
-    "distill": lambda c, up: {"teacher": up["adapt"], "student": up["prune"], "records": up["records_lm"]},
+    "distill": lambda c, up: {
+        "teacher": up["adapt"],
+        "student": up["prune"],
+        "model": up["prune"],  # the same dir: a student set in the pipeline config must not disagree
+        "records": up["records_lm"],
+    },
     "distill_scratch": lambda c, up: {
         "teacher": up["adapt"],
         "student": up["prune_scratch"],
+        "model": up["prune_scratch"],
         "records": up["records_lm"],
     },
     "sft": lambda c, up: {"model": up["distill"], "records": up["records_chat"]},
+    "records_pref": lambda c, up: {"tokenizer": up["sft"], "format": "preference"},
+    "dpo": lambda c, up: {"model": up["sft"], "records": up["records_pref"]},
     "evaluate": lambda c, up: {
         "models": {
             "teacher": up["adapt"],
@@ -138,9 +199,12 @@ WIRING: dict[str, Wiring] = {
             "distilled": up["distill"],
             **({"scratch": up["distill_scratch"]} if "distill_scratch" in up else {}),
             "chat": up["sft"],
+            **({"dpo": up["dpo"]} if "dpo" in up else {}),
         },
-        "chat_models": c.chat_models or ["chat"],  # asked through its chat template, the others as base models
+        # asked through their chat templates, the others as base models
+        "chat_models": c.chat_models or ["chat", *(["dpo"] if "dpo" in up else [])],
     },
+    "export": lambda c, up: {"model": up.get("dpo", up["sft"]), "evaluation": up["evaluate"]},
 }
 # What each evaluated model is, for reports.
 MODEL_LABELS = {
@@ -149,6 +213,7 @@ MODEL_LABELS = {
     "distilled": "pruned+distilled",
     "scratch": "scratch+distilled",
     "chat": "chat",
+    "dpo": "chat+dpo",
 }
 
 
@@ -156,11 +221,12 @@ def step_config(pipeline: PipelineConfig, key: str, upstream: dict[str, str]) ->
     """The step's stage config with run_dir, out_dir and upstream inputs filled in (validated)."""
     step = STEP[key]
     cfg: StageConfig = getattr(pipeline, step.config_key)
-    needs = step_needs(key, active_steps(pipeline))
-    missing = [n for n in needs if n not in upstream]
+    active = {s.key for s in pipeline_steps(pipeline)}
+    upstream = {k: v for k, v in upstream.items() if k in step.inputs(active)}  # a switched-off step is no input
+    missing = [n for n in step.needs if n not in upstream]
     if missing:
         raise ConfigError(f"step {key} needs the artifacts of {', '.join(missing)}", fix="run the earlier stages first")
-    changes = dict(WIRING[key](cfg, {n: upstream[n] for n in needs}))
+    changes = dict(WIRING[key](cfg, upstream))
     changes["run_dir"] = pipeline.run_dir
     changes["out_dir"] = step_out_dir(pipeline, key)
     data = cfg.model_dump()
@@ -176,10 +242,10 @@ def step_out_dir(pipeline: PipelineConfig, key: str) -> str:
 
 
 def default_out_dirs(pipeline: PipelineConfig) -> dict[str, str]:
-    return {s.key: step_out_dir(pipeline, s.key) for s in STEPS}
+    return {s.key: step_out_dir(pipeline, s.key) for s in ALL_STEPS}
 
 
-assert all(STAGE_NUMBER[s.stage] for s in STEPS)
+assert all(STAGE_NUMBER[s.stage] for s in ALL_STEPS)
 
 
 # stage -> "module:function"; function(cfg, force=False) -> Artifact
@@ -190,7 +256,9 @@ STAGE_RUNNERS = {
     "prune": "minima.stages.prune:run",
     "distill": "minima.stages.distill:run",
     "sft": "minima.stages.sft:run",
+    "dpo": "minima.stages.dpo:run",
     "evaluate": "minima.stages.evaluate:run",
+    "export": "minima.stages.export:run",
 }
 # extra command -> ("module:function", help); function(argv: list[str]) -> int
 COMMANDS = {

@@ -37,6 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from pydantic import Field
+
+from minima.core.config import Closed, command_config
+
 COUNTRIES = [  # (country, capital, country_zh, capital_zh)
     ("France", "Paris", "法国", "巴黎"),
     ("Germany", "Berlin", "德国", "柏林"),
@@ -482,10 +486,19 @@ def train_sentencepiece(
     return out
 
 
+class DemoDataConfig(Closed):
+    """Options of ``minima demo-data``."""
+
+    out_dir: str = Field("runs/demo/data", description="Directory to write the corpus and tokenizers into.")
+    seed: int = Field(0, description="Seed of the generated documents.")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """``minima demo-data out_dir=DIR [seed=0]``: write the demo corpus and tokenizers."""
-    args = dict(a.split("=", 1) for a in (argv or []) if "=" in a)
-    paths = write(args.get("out_dir", "runs/demo/data"), seed=int(args.get("seed", 0)))
+    cfg = command_config(DemoDataConfig, argv, main.__doc__ or "")
+    if cfg is None:  # --help
+        return 0
+    paths = write(cfg.out_dir, seed=cfg.seed)
     for name, p in paths.items():
         print(f"{name}: {p}")
     return 0

@@ -3,11 +3,11 @@
 Each packed sequence carries per-document ``position_ids`` (restarting at 0 for every conversation)
 and a document id per token. Attention is made block-diagonal in one of two ways:
 
+- ``mask="varlen"`` (what training uses): no attention mask, only ``position_ids``; transformers then
+  finds the document boundaries itself (flash-attention's varlen kernel on GPU, a block mask for
+  SDPA and eager), and no dense ``L x L`` mask is built here;
 - ``mask="4d"``: an explicit additive ``(B, 1, L, L)`` mask, causal inside each document and -inf
-  across documents (works with eager and SDPA attention on any device);
-- ``mask="varlen"``: no attention mask, only ``position_ids``; transformers then finds the document
-  boundaries itself (flash-attention's varlen kernel on GPU, a block mask elsewhere), which costs no
-  ``L x L`` memory.
+  across documents (a reference for tests).
 
 Only models whose positions come from ``position_ids`` (rotary: LLaMA, Mistral, Qwen2 ...) can be
 packed; ALiBi (Bloom) and learned-from-mask positions (OPT) would leak across documents.
@@ -134,9 +134,13 @@ def model_inputs(batch: dict, mode: str = "4d", dtype=None) -> dict:
 
 
 def mask_mode(model) -> str:
-    """varlen for flash attention (no L x L memory), else the explicit 4-D mask."""
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    return "varlen" if impl.startswith("flash") else "4d"
+    """``varlen`` for every attention implementation: no dense (B, 1, L, L) mask is built here.
+
+    From ``position_ids`` alone transformers runs flash-attention's varlen kernel, and gives SDPA and
+    eager the block-diagonal mask they need (tests/test_packing.py checks the logits for both); a dense
+    float mask handed to SDPA would also keep it off its fastest kernels.
+    """
+    return "varlen"
 
 
 class PackedDataset(torch.utils.data.IterableDataset):

@@ -25,13 +25,18 @@ LLaMA's whitespace runs (Chinese-LLaMA's literal score-0 merge) cannot match exa
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Union
 
-from minima.core.errors import InputError
+from minima.core.errors import InputError, TokenizerMismatchError
+from minima.core.logs import get_logger
+
+log = get_logger("minima.data.tokenizers")
 
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -252,3 +257,162 @@ def iter_lines(paths: Iterable[str | Path]) -> Iterable[str]:
                 line = line.rstrip("\r\n")
                 if line.strip():
                     yield line
+
+
+# ------------------------------------------------------------------------------ loading
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def tokenizer_dir(path: str | os.PathLike) -> Path:
+    """``path``, or the ``tokenizer/`` dir inside it when ``path`` is an artifact holding one there."""
+    p = Path(path)
+    has_files = any((p / n).is_file() for n in TOKENIZER_MARKERS)
+    return p / "tokenizer" if not has_files and (p / "tokenizer").is_dir() else p
+
+
+def has_tokenizer(path: str | os.PathLike | None) -> bool:
+    """Whether ``path`` (or its ``tokenizer/`` dir) holds tokenizer files."""
+    if path is None:
+        return False
+    d = tokenizer_dir(path)
+    return d.is_dir() and any((d / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The HF tokenizer of a dir (or of an artifact's ``tokenizer/`` dir), with one clear error.
+
+    Raises:
+        InputError: the dir is missing (``tokenizer directory not found``) or its files cannot be
+            read as a tokenizer (``tokenizer at PATH is unreadable: ...``), e.g. a truncated
+            ``tokenizer.json``.
+    """
+    from transformers import AutoTokenizer
+
+    p = tokenizer_dir(path)
+    if not p.is_dir():
+        raise InputError(
+            f"tokenizer directory not found: {p}",
+            fix="point tokenizer at an HF tokenizer dir (e.g. the vocab stage output)",
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
+    except Exception as e:  # tokenizers/tiktoken/sentencepiece/json each raise their own kind
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        raise InputError(
+            f"tokenizer at {p} is unreadable: {detail}",
+            where=str(p),
+            fix="restore the tokenizer files (tokenizer.json, or tokenizer.model + tokenizer_config.json) "
+            "from the stage that wrote them",
+        ) from None
+
+
+# ------------------------------------------------------------------------------ identity
+def _identity(tok: Any) -> dict:
+    """What makes token ids mean the same thing: the id -> piece map and the special tokens."""
+    vocab = tok.get_vocab()
+    pieces: list[Optional[str]] = [None] * (max(vocab.values()) + 1 if vocab else 0)
+    for piece, i in vocab.items():
+        pieces[i] = piece
+    decoder = getattr(tok, "added_tokens_decoder", {}) or {}
+    added_special = sorted((int(i), str(t)) for i, t in decoder.items() if getattr(t, "special", False))
+    special = {name: getattr(tok, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    return {"pieces": pieces, "special": {k: str(v) if v is not None else None for k, v in special.items()},
+            "added_special": added_special}  # fmt: skip
+
+
+def tokenizer_fingerprint(tokenizer_or_dir: Any) -> str:
+    """A short hash of a tokenizer's id -> piece map and special tokens (bos/eos/pad/unk, added specials).
+
+    It is not a hash of the files: a copy of the same tokenizer, a ``tokenizer.json`` written by
+    another library version, or another chat template give the same fingerprint; moving one piece to
+    another id, or changing a special token, gives another.
+    """
+    tok = load_tokenizer(tokenizer_or_dir) if isinstance(tokenizer_or_dir, (str, os.PathLike)) else tokenizer_or_dir
+    text = json.dumps(_identity(tok), ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return "tok-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _manifest(path: Path) -> dict:
+    try:
+        return json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def fingerprint_of(path: str | os.PathLike | None) -> Optional[str]:
+    """The tokenizer fingerprint of an artifact or dir: recorded in its manifest, else computed from
+    its tokenizer files; None when it has neither."""
+    if path is None or not Path(path).is_dir():
+        return None
+    recorded = _manifest(Path(path)).get("tokenizer_fingerprint")
+    if recorded:
+        return recorded
+    return tokenizer_fingerprint(path) if has_tokenizer(path) else None
+
+
+def artifact_fingerprint(work_dir: Path, inputs: Mapping[str, Optional[str]]) -> Optional[str]:
+    """The fingerprint a new artifact records: its own tokenizer's, else the one its inputs agree on
+    (a logit cache holds the ids of its records without a tokenizer copy)."""
+    if has_tokenizer(work_dir):
+        return tokenizer_fingerprint(work_dir)
+    seen = set()
+    for v in inputs.values():
+        if v is not None and Path(v).is_dir():
+            fp = _manifest(Path(v)).get("tokenizer_fingerprint")
+            if fp:
+                seen.add(fp)
+    return seen.pop() if len(seen) == 1 else None
+
+
+def _extends(base: Any, ext: Any) -> bool:
+    """Whether ``ext`` is ``base`` plus tokens appended after its last id (e.g. a chat format's specials)."""
+    a, b = _identity(base), _identity(ext)
+    n = len(a["pieces"])
+    return b["pieces"][:n] == a["pieces"] and all(
+        b["special"][k] == a["special"][k] for k in ("bos_token", "eos_token", "unk_token")
+    )
+
+
+PathLike = Union[str, os.PathLike]
+
+
+def check_same_tokenizer(
+    a_path: Optional[PathLike],
+    b_path: Union[Optional[PathLike], Mapping[str, Optional[PathLike]]],
+    what: str,
+    *,
+    a_name: str = "records",
+    extends: bool = False,
+) -> None:
+    """Stop before ``what`` starts when two artifacts hold ids of different tokenizers.
+
+    Args:
+        a_path: the first artifact or dir (usually the records).
+        b_path: the second (a model dir), or several by name (``{"teacher": t, "student": s}``).
+        what: the stage or step that needs them to agree (for the message).
+        a_name: what ``a_path`` is (for the message).
+        extends: accept a ``b`` whose tokenizer is ``a``'s with tokens appended (sft's records built
+            with a chat format's extra special tokens on top of the model's tokenizer).
+
+    A side without a recorded fingerprint or tokenizer files is not checked (nothing to compare).
+
+    Raises:
+        TokenizerMismatchError: naming both fingerprints and both paths.
+    """
+    others = dict(b_path) if isinstance(b_path, Mapping) else {"model": b_path}
+    fa = fingerprint_of(a_path)
+    if fa is None:
+        return
+    for name, path in others.items():
+        fb = fingerprint_of(path)
+        if fb is None or fb == fa:
+            continue
+        if extends and _extends(load_tokenizer(path), load_tokenizer(a_path)):
+            continue
+        raise TokenizerMismatchError(
+            f"{what}: the {a_name} tokenizer {fa} ({a_path}) is not the {name} tokenizer {fb} ({path}); "
+            "the same ids would mean different pieces",
+            where=str(a_path),
+            fix=f"build the {a_name} with the {name}'s tokenizer (tokenizer={path}), or use the {name} "
+            f"whose tokenizer built them",
+        )

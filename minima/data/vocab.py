@@ -263,12 +263,12 @@ def _new_rows(old, n_new: int, init: str, std: float, groups: Optional[list[list
     return rows.to(old.dtype)
 
 
-def resize_model(model_dir: str, out_dir: Path, base, merged: MergeResult, init: str, seed: int) -> dict:
-    """Save a copy of ``model_dir`` with ``merged.size`` embedding / lm_head rows into ``out_dir``."""
+def resize_model(model, out_dir: Path, base, merged: MergeResult, init: str, seed: int) -> dict:
+    """Save a copy of the base ``model`` (as loaded by minima.models) with ``merged.size`` embedding /
+    lm_head rows into ``out_dir``."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=False)
+    model_dir = str(getattr(model, "name_or_path", "") or "base_model")
     n_old, n = merged.base_size, merged.size
     emb_in = model.get_input_embeddings().weight.detach().clone()
     out_layer = model.get_output_embeddings()

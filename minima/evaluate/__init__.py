@@ -1,15 +1,13 @@
-"""Stage evaluate: benchmarks with lm-eval's numbers, computed faster, from local files.
+"""Evaluation: the runner, one file per task family (prompt + scoring), metrics, the sandbox, the judge.
 
-- ``run(cfg, force=False)``: the stage (``minima evaluate model=DIR tasks=[mmlu,gsm8k] ...``) writing
-  ``results.json``, ``samples.jsonl`` and ``report.md``.
-- ``compare_main(argv)``: ``minima evaluate compare A B``.
+May import minima.compress, minima.train, minima.infer, minima.models, minima.data and minima.core;
+the stage that writes results.json lives in :mod:`minima.stages.evaluate`.
+
 - ``evaluate_model(model, tokenizer, tasks, ...)``: in-process scores, no files (pipeline, notebooks).
+- ``compare_main(argv)``: ``minima evaluate compare A B``.
 - ``EvalCallback(tasks, shots, every_n_steps)``: ``on_eval(step, model, ctx)`` during training;
   ``training_callbacks(cfg)`` turns a train config's ``eval_tasks`` into ``train_stage(callbacks=...)``.
-
-Tasks: mmlu ceval cmmlu arc_easy arc_challenge hellaswag winogrande demo_mc (multiple choice),
-gsm8k bbh drop humaneval (generation), perplexity (rolling windows over text files); mt_bench belle_eval
-zbench vicuna_bench alpaca_eval (LLM-judged chat, stage only; see ``chat.py``).
+- ``TASKS``: the task registry (:mod:`minima.evaluate.tasks`); ``sandbox.run_program`` runs generated code.
 """
 
 from __future__ import annotations

@@ -22,15 +22,18 @@ class EvalCallback:
     """Evaluate a task subset every ``every_n_steps`` during training and return the scores.
 
     The training engine calls ``on_eval(step, model, ctx)`` after each dev evaluation (``model`` may be a
-    DeepSpeed engine; ``ctx`` the engine's TrainContext) and logs the returned
+    training strategy's module; ``ctx`` the loop's TrainContext) and logs the returned
     ``{"eval/<task>/<metric>": value}`` with its dev metrics (JSONL + TensorBoard). Steps that are not
-    multiples of ``every_n_steps`` return ``{}``. With ``log_dir`` (or a ``ctx.tb_writer``) the scores are
+    multiples of ``every_n_steps`` return ``{}``. With ``log_dir`` the scores are
     also written to TensorBoard here, on rank 0.
 
-    Every rank must call ``on_eval`` (ZeRO-3 forwards are collective); each runs all requests.
+    Every rank must call ``on_eval``. A replicated model (DeepSpeed ZeRO 0-2) splits the requests over
+    the ranks and gathers the scores; a sharded one (ZeRO-3, FSDP: every forward is collective) runs all
+    requests on every rank, generating with ``synced_gpus`` (see :class:`minima.evaluate.lm.LM`).
 
     Args:
-        tasks: task names or ``{name: spec}`` as in :func:`evaluate_model` (the JAX instruction-tuning recipe's ``evaluation_datasets``).
+        tasks: task names or ``{name: spec}`` as in :func:`evaluate_model` (the JAX instruction-tuning
+            recipe's ``evaluation_datasets``).
         shots: few-shot count (that recipe's ``evaluation_shots``); None = each task's default.
         every_n_steps: run on steps divisible by this (0 = on every call).
         tokenizer: the model's tokenizer, or a directory to load it from (default: ``ctx.tokenizer``, or
@@ -86,6 +89,7 @@ class EvalCallback:
                 shots=self.shots,
                 limit=self.limit,
                 batch_size=self.batch_size,
+                distributed=True,
             )
         finally:
             if was_training:
@@ -98,7 +102,7 @@ class EvalCallback:
         }
         self.history.append((step, flat))
         if getattr(ctx, "rank", int(os.environ.get("RANK", "0"))) == 0:
-            writer = getattr(ctx, "tb_writer", None) or self._tb()
+            writer = self._tb()
             if writer is not None:
                 for k, v in flat.items():
                     writer.add_scalar(k, v, step)
@@ -151,12 +155,6 @@ def training_callbacks(cfg) -> list[str]:
     tasks = list(getattr(cfg, "eval_tasks", None) or [])
     if not tasks:
         return []
-    if getattr(cfg, "strategy", "deepspeed") == "fsdp":
-        raise ConfigError(
-            "eval_tasks run inside the DeepSpeed engine, and strategy=fsdp has no callbacks",
-            where="eval_tasks",
-            fix="use strategy=deepspeed, or evaluate the exported model afterwards with `minima evaluate`",
-        )
     data_dir = Path(cfg.eval_data_dir) if getattr(cfg, "eval_data_dir", None) else default_data_dir()
     if getattr(cfg, "eval_data_dir", None) and not data_dir.is_dir():
         raise InputError(

@@ -16,7 +16,6 @@ Each task's result in results.json: ``score`` (mean 1-10 grade, single mode) or 
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -114,7 +113,8 @@ def validate_chat(cfg: EvaluateConfig, data_dir: Optional[Path]) -> dict[str, Pa
         raise ConfigError(
             f"chat tasks ({', '.join(names)}) need a judge",
             where="judge_model",
-            fix="set judge_model=NAME and judge_base_url=http://HOST:PORT/v1 (any OpenAI-compatible endpoint, e.g. `minima serve`)",
+            fix="set judge_model=NAME and judge_base_url=http://HOST:PORT/v1 "
+            "(any OpenAI-compatible endpoint, e.g. `minima serve`)",
         )
     if not (cfg.judge_base_url or os.environ.get("OPENAI_BASE_URL")):
         raise ConfigError(
@@ -156,13 +156,11 @@ def _categories(spec) -> list[str]:
 
 
 def _engine_chat(engine, cfg: EvaluateConfig):
-    lock = threading.Lock()  # the judge's worker threads share one in-process model
-
+    # The judge's worker threads call this at once; the engine decodes their conversations as one batch.
     def chat(messages: list[dict]) -> str:
-        with lock:
-            return engine.chat(
-                messages, max_tokens=cfg.chat_max_new_tokens, temperature=cfg.chat_temperature, seed=cfg.seed
-            )
+        return engine.chat(
+            messages, max_tokens=cfg.chat_max_new_tokens, temperature=cfg.chat_temperature, seed=cfg.seed
+        )
 
     return chat
 
@@ -184,7 +182,7 @@ def run_chat_tasks(
     """Answer and judge every chat task for every model into ``work_dir/chat``; ``{model: {task: result}}``."""
     from minima.core.io import read_journal
     from minima.evaluate.judge import ChatEvalConfig, run_chat_eval
-    from minima.infer.serve import Engine
+    from minima.infer.engine import Engine
 
     out: dict[str, dict] = {}
     for name, path in models.items():
@@ -198,7 +196,9 @@ def run_chat_tasks(
             answers_done = (task_dir / "answers").is_dir() and any((task_dir / "answers").iterdir())
             if engine is None:
                 log.info(f"chat tasks: loading {name} ({path}) to answer")
-                engine = Engine(path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+                engine = Engine.from_dir(
+                    path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
+                )
             base = baseline_file(cfg, task_name) if cfg.chat_mode == "pairwise" else None
             ccfg = ChatEvalConfig(
                 questions=str(qfile),
@@ -218,9 +218,8 @@ def run_chat_tasks(
                 out_dir=str(task_dir),
                 seed=cfg.seed,
             )
-            log.info(
-                f"{task_name}: {name} judged by {cfg.judge_model} ({cfg.chat_mode}){' - resuming' if answers_done else ''}"
-            )
+            resuming = " - resuming" if answers_done else ""
+            log.info(f"{task_name}: {name} judged by {cfg.judge_model} ({cfg.chat_mode}){resuming}")
             res = run_chat_eval(ccfg, answer_chat=_engine_chat(engine, cfg))
             rows = read_journal(Path(res["judgments_file"]))
             metric, count = ("score", "judged") if cfg.chat_mode == "single" else ("win_rate", "pairs")
@@ -246,5 +245,7 @@ def run_chat_tasks(
             if cfg.chat_mode == "pairwise":
                 entry["info"]["baseline"] = res.get("baseline")
             out[name][task_name] = entry
+        if engine is not None:
+            engine.close()
         del engine
     return out

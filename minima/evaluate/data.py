@@ -1,19 +1,20 @@
 """Reading benchmark files: JSON/JSONL/CSV/parquet rows with their line numbers, and split discovery.
 
-Every reader yields ``(line, row)`` so that a bad record is reported as ``file:line``. A task's files
-are found by their schema (see ``tasks/loading.py``), not by a fixed name; the split of a file comes from its
-path (``dev``, ``val``/``validation``, ``test``, ``train`` as a folder or a name token).
+The readers are thin layers over :mod:`minima.core.io` that add the benchmark layouts (BIG-Bench
+``examples``, DROP's ``{id: row}``) and require object rows. Every reader yields ``(line, row)`` so
+that a bad record is reported as ``file:line``. A task's files are found by their schema (see
+``tasks/loading.py``), not by a fixed name; the split of a file comes from its path (``dev``,
+``val``/``validation``, ``test``, ``train`` as a folder or a name token).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
+from minima.core import io
 from minima.core.errors import DataError, InputError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -53,39 +54,28 @@ def list_files(root: Path, suffixes=DATA_SUFFIXES, max_depth: int = 3) -> list[P
     return out
 
 
+def _one_object_per_line(where: str, reason: str, fix: str) -> None:
+    raise DataError(reason, where=where, fix=f"{fix}; each line must be one JSON object")
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """Rows of a JSON Lines file; a bad line raises DataError naming ``file:line``."""
-    with open(path, encoding="utf-8-sig") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"invalid JSON: {e.msg} (column {e.colno})",
-                    where=f"{path}:{i}",
-                    fix="fix or remove the line; each line must be one JSON object",
-                ) from None
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"expected a JSON object, got {type(row).__name__}",
-                    where=f"{path}:{i}",
-                    fix="each line must be one JSON object",
-                )
-            yield i, row
+    for i, row in io.iter_jsonl(path, _one_object_per_line):
+        if not isinstance(row, dict):
+            raise DataError(
+                f"expected a JSON object, got {type(row).__name__}",
+                where=f"{path}:{i}",
+                fix="each line must be one JSON object",
+            )
+        yield i, row
 
 
 def read_json(path: Path) -> Iterator[tuple[int, dict]]:
     """Rows of a ``.json`` file: a list of objects, an object of objects, or JSON Lines under a .json name."""
-    text = Path(path).read_text(encoding="utf-8-sig")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.lineno > 1 and text.lstrip().startswith("{"):  # JSON Lines named .json (e.g. BELLE's eval set)
-            yield from read_jsonl(path)
-            return
-        raise DataError(f"invalid JSON: {e.msg}", where=f"{path}:{e.lineno}", fix="fix the JSON syntax") from None
+    if io.is_json_lines(path):  # e.g. BELLE's eval set
+        yield from read_jsonl(path)
+        return
+    data = io.read_json(path)
     if isinstance(data, dict) and "examples" in data and isinstance(data["examples"], list):  # BIG-Bench layout
         data = data["examples"]
     if isinstance(data, dict):  # {id: row} (original DROP) -> rows with their key
@@ -100,31 +90,12 @@ def read_json(path: Path) -> Iterator[tuple[int, dict]]:
 
 def read_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
     """Raw CSV rows (lists of strings) with the line each starts on; a malformed row raises DataError."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, strict=True)
-        start = 1
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                raise DataError(
-                    f"malformed CSV: {e}",
-                    where=f"{path}:{start}",
-                    fix="check the quoting of this row (a field with a comma or newline must be quoted)",
-                ) from None
-            if row:
-                yield start, row
-            start = reader.line_num + 1
+    return io.iter_csv(path, header=False)
 
 
 def read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
-    import pandas as pd
-
-    df = pd.read_parquet(path)
-    for i, row in enumerate(df.to_dict(orient="records"), 1):
-        yield i, {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
+    """Rows of a parquet file, numbered from 1."""
+    return io.iter_parquet(path)
 
 
 def read_rows(path: Path) -> Iterator[tuple[int, dict]]:

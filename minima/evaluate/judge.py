@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -50,7 +48,7 @@ from pydantic import Field, field_validator
 
 from minima.core.config import Closed, command_config
 from minima.core.errors import ConfigError, DataError, InputError
-from minima.core.io import Journal, read_journal, str_list, write_json_atomic
+from minima.core.io import Journal, read_journal, read_rows, str_list, write_json_atomic
 from minima.core.logs import get_logger
 from minima.infer.api_client import Client
 
@@ -104,7 +102,7 @@ class ChatEvalConfig(Closed):
     judge_api_key_env: str = Field("OPENAI_API_KEY", description="Env var with the judge endpoint's key.")
     judge_max_tokens: int = Field(1024, ge=16, description="Judge reply token limit.")
     concurrency: int = Field(
-        4, ge=1, description="Endpoint requests in flight at once (a local model answers one at a time)."
+        4, ge=1, description="Requests in flight at once (a local model decodes them as one batch)."
     )
     max_retries: int = Field(6, ge=0, description="Retries per request on 429/5xx/network errors.")
     backoff: float = Field(2.0, ge=0, description="First retry wait in seconds.")
@@ -122,22 +120,8 @@ def _norm_category(value: Any) -> str:
 
 
 def _read_rows(path: Path) -> list[tuple[int, Any]]:
-    text = path.read_text(encoding="utf-8-sig")
-    if text.lstrip().startswith("["):
-        try:
-            return [(i + 1, r) for i, r in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON ({e.msg})", where=f"{path}:{e.lineno}") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"invalid JSON line ({e.msg})", where=f"{path}:{n}", fix="one JSON object per line (JSONL)"
-                ) from None
-    return rows
+    """Rows of a JSON array or JSON Lines file (whatever its suffix), numbered by record or line."""
+    return read_rows(path, kind="json")
 
 
 def _zbench_csv(path: Path) -> list[tuple[int, dict]]:
@@ -156,7 +140,7 @@ def _zbench_csv(path: Path) -> list[tuple[int, dict]]:
     for n, rec in enumerate(reader, start + 2):
         if not rec or not rec[0].strip():
             continue
-        get = lambda *names: next((rec[col[x]] for x in names if x in col and col[x] < len(rec)), "")
+        get = lambda *names, rec=rec: next((rec[col[x]] for x in names if x in col and col[x] < len(rec)), "")
         rows.append(
             (
                 n,
@@ -301,15 +285,13 @@ def endpoint_chat(
 
 
 def local_chat(model_dir: str | Path, max_tokens: int = 1024, temperature: float = 0.0, seed: int = 0) -> Chat:
-    """``messages -> text`` with the model loaded in this process (one request at a time)."""
-    from minima.infer.serve import Engine
+    """``messages -> text`` with the model loaded in this process; calls from several threads decode as one batch."""
+    from minima.infer.engine import Engine
 
-    engine = Engine(model_dir)
-    lock = threading.Lock()
+    engine = Engine.from_dir(model_dir)
 
     def chat(messages: list[dict]) -> str:
-        with lock:
-            return engine.chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        return engine.chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
 
     return chat
 
@@ -485,7 +467,7 @@ _VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 
 
 def parse_score(text: str) -> Optional[float]:
-    """The 1-10 grade in a judge reply (the last ``[[N]]``, else the last ``Grade: N``); None if absent or out of range."""
+    """The 1-10 grade in a judge reply (the last ``[[N]]``, else the last ``Grade: N``); None if absent or invalid."""
     for pattern in (_SCORE_BRACKETS, _SCORE_LABEL):
         found = pattern.findall(text or "")
         if found:
@@ -548,32 +530,19 @@ def judge_single(
             messages = single_prompt(q, replies, turn, use_reference)
             meta[key] = (q, turn)
             jobs.append((key, (lambda m=messages: judge(m))))
-    journal = Journal(path)
 
-    def done(key: str, text: str) -> None:
+    def row(key: str, text: str) -> dict:
         q, turn = meta[key]
         score = parse_score(text)
-        row = {
-            "key": key,
-            "mode": "single",
-            "question_id": q["question_id"],
-            "category": q["category"],
-            "turn": turn + 1,
-            "model": model_id,
-            "judge": judge_id,
+        return {
+            **_row_head(key, "single", q, turn, model_id, judge_id),
             "score": score,
             "status": "ok" if score is not None else "unparseable",
             "judgment": text,
             "tstamp": time.time(),
         }
-        journal.write(row)
-        rows[key] = row
 
-    try:
-        _run_jobs(jobs, concurrency, done, f"judge {model_id}")
-    finally:
-        journal.close()
-    return list(rows.values())
+    return _run_journaled(path, rows, jobs, row, concurrency, f"judge {model_id}")
 
 
 def judge_pairwise(
@@ -606,31 +575,48 @@ def judge_pairwise(
                 messages = pair_prompt(q, a, b, turn, use_reference)
                 meta[key] = (q, turn, order)
                 jobs.append((key, (lambda m=messages: judge(m))))
-    journal = Journal(path)
 
-    def done(key: str, text: str) -> None:
+    def row(key: str, text: str) -> dict:
         q, turn, order = meta[key]
         verdict = parse_verdict(text)
-        row = {
-            "key": key,
-            "mode": "pairwise",
-            "question_id": q["question_id"],
-            "category": q["category"],
-            "turn": turn + 1,
-            "model": model_id,
+        return {
+            **_row_head(key, "pairwise", q, turn, model_id, judge_id),
             "baseline": baseline_id,
-            "judge": judge_id,
             "order": order,
             "verdict": verdict,
             "status": "ok" if verdict else "unparseable",
             "judgment": text,
             "tstamp": time.time(),
         }
-        journal.write(row)
-        rows[key] = row
+
+    return _run_journaled(path, rows, jobs, row, concurrency, f"judge {model_id} vs {baseline_id}")
+
+
+def _row_head(key: str, mode: str, q: dict, turn: int, model_id: str, judge_id: str) -> dict:
+    return {
+        "key": key,
+        "mode": mode,
+        "question_id": q["question_id"],
+        "category": q["category"],
+        "turn": turn + 1,
+        "model": model_id,
+        "judge": judge_id,
+    }
+
+
+def _run_journaled(
+    path: Path, rows: dict, jobs: list, make_row: Callable[[str, str], dict], concurrency: int, desc: str
+) -> list[dict]:
+    """Run the judge jobs, appending each finished judgment's row to the journal at ``path`` as it lands."""
+    journal = Journal(path)
+
+    def done(key: str, text: str) -> None:
+        r = make_row(key, text)
+        journal.write(r)
+        rows[key] = r
 
     try:
-        _run_jobs(jobs, concurrency, done, f"judge {model_id} vs {baseline_id}")
+        _run_jobs(jobs, concurrency, done, desc)
     finally:
         journal.close()
     return list(rows.values())
@@ -778,7 +764,7 @@ def run_chat_eval(
         chat = answer_chat
         concurrency = cfg.concurrency
         if chat is None and cfg.model:
-            chat, concurrency = local_chat(cfg.model, cfg.answer_max_tokens, cfg.answer_temperature, cfg.seed), 1
+            chat = local_chat(cfg.model, cfg.answer_max_tokens, cfg.answer_temperature, cfg.seed)
         elif chat is None:
             chat = endpoint_chat(
                 cfg.model_base_url,
@@ -819,7 +805,7 @@ def run_chat_eval(
                 chat,
                 out / "answers" / f"{baseline_id}.jsonl",
                 baseline_id,
-                cfg.concurrency if baseline_chat else 1,
+                cfg.concurrency,
             )
         else:
             baseline = {str(q["question_id"]): q["baseline"] for q in questions}

@@ -47,6 +47,20 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def is_sharded(model) -> bool:
+    """Whether the model's parameters are sharded over the ranks (DeepSpeed ZeRO-3 partitions, FSDP2 DTensors).
+
+    Every forward of such a model is a collective: all ranks must run the same forwards, in step.
+    """
+    from torch.distributed.tensor import DTensor
+
+    return any(hasattr(p, "ds_id") or isinstance(p, DTensor) for p in model.parameters())
+
+
+#: Vocab columns per chunk when scoring whole windows (perplexity): fp32 temporaries stay [tokens, chunk].
+SCORE_CHUNK = 8192
+
+
 def _chunks(seq: Sequence, n: int) -> Iterable[Sequence]:
     for i in range(0, len(seq), n):
         yield seq[i : i + n]
@@ -60,7 +74,9 @@ class LM:
         tokenizer: its tokenizer.
         batch_size: contexts per forward pass (each with all its continuations).
         max_length: context window; default from the model config like lm-eval.
-        distributed: split requests across ``torch.distributed`` ranks and gather the results.
+        distributed: split requests across ``torch.distributed`` ranks and gather the results. A model
+            sharded over the ranks (ZeRO-3, FSDP) runs every request on every rank instead, since its
+            forwards are collective, and generates with ``synced_gpus`` so no rank stops before the others.
     """
 
     def __init__(
@@ -78,7 +94,10 @@ class LM:
         params = inspect.signature(model.forward).parameters
         self.cache_ok = "past_key_values" in params and not getattr(model.config, "is_encoder_decoder", False)
         self.keep_ok = "logits_to_keep" in params
-        self.rank, self.world = dist_info() if distributed else (0, 1)
+        self.sharded = is_sharded(model)
+        group = dist_info()[1]
+        self.rank, self.world = dist_info() if distributed and not self.sharded else (0, 1)
+        self.synced_gpus = self.sharded and group > 1
         self.forward_calls = 0
         self.split_head = self.cache_ok and self._probe_split_head()
 
@@ -341,13 +360,62 @@ class LM:
         seed: int = 0,
         progress: Optional[Callable[[int], None]] = None,
     ) -> list[list[str]]:
-        """Continuations of each context, cut before the first stop string (``num_samples`` per context)."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        """Continuations of each context, cut before the stop strings (``num_samples`` per context).
+
+        Decoded by :class:`minima.infer.engine.Engine` in batches of ``batch_size`` contexts (their
+        samples count too); greedy unless ``do_sample``. Sampled context ``i`` is seeded with
+        ``seed + i``, so its samples do not depend on the batch or the rank that decodes it.
+        """
+        import queue
+
+        from minima.infer.engine import Engine, SamplingParams
 
         keep = max(1, self.max_length - max_new_tokens)  # lm-eval: leave room for the generation
-        enc = [self.tok_encode(c)[-keep:] for c in contexts]
+        enc = [self.tok_encode(c)[-keep:] or [self.prefix_token_id] for c in contexts]
         order = sorted(range(len(enc)), key=lambda i: (-len(enc[i]), i))
         mine = [order[j] for j in self._mine(len(order))]
+        if self.synced_gpus:
+            out = self._generate_synced(
+                enc, mine, until, max_new_tokens, do_sample, temperature, num_samples, seed, progress
+            )
+            out = self._gather(out)
+            return [out[i] for i in range(len(contexts))]
+        stops = tuple(s for s in until if s)
+        engine = Engine(
+            self.model, self.tok, max_batch_size=self.batch_size * num_samples, context_length=self.max_length
+        )
+        finished: queue.Queue = queue.Queue()
+        reqs = {}
+        for i in mine:
+            params = SamplingParams(
+                max_new_tokens=max_new_tokens,
+                temperature=temperature if do_sample else 0.0,
+                n=num_samples,
+                seed=seed + i,
+                stop=stops,
+            )
+            reqs[i] = engine.submit(enc[i], params, on_done=finished.put)  # a context's samples are all done
+        try:
+            for _ in reqs:
+                finished.get()
+                if progress:
+                    progress(1)
+            out = {i: [c.text for c in r.result()] for i, r in reqs.items()}
+        finally:
+            for r in reqs.values():
+                r.cancel()
+            engine.close()
+            self.forward_calls += engine.stats["forward_calls"]
+        out = self._gather(out)
+        return [out[i] for i in range(len(contexts))]
+
+    def _generate_synced(
+        self, enc, mine, until, max_new_tokens, do_sample, temperature, num_samples, seed, progress
+    ) -> dict[int, list[str]]:
+        """HF ``generate`` with ``synced_gpus``, for a model sharded over the ranks (ZeRO-3): every rank
+        keeps stepping until all are done, which the engine's independent batches cannot promise."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
         tok = self.tok
         stops = [s for s in until if s]
 
@@ -374,6 +442,8 @@ class LM:
                     if do_sample
                     else dict(do_sample=False)
                 )
+                if self.synced_gpus:  # ranks stop at different steps; each keeps stepping until all are done
+                    kw["synced_gpus"] = True
                 gen = self.model.generate(
                     input_ids=ids,
                     attention_mask=mask,
@@ -395,10 +465,37 @@ class LM:
                     out[i] = texts
                 if progress:
                     progress(len(part))
-        out = self._gather(out)
-        return [out[i] for i in range(len(contexts))]
+        return out
 
     # ------------------------------------------------------------------ perplexity
+    def _window_nll(self, ids: torch.Tensor, part: list[tuple[int, int, int]], t: torch.Tensor) -> list[float]:
+        """Summed NLL of each window's scored tokens, one row of logits at a time, in vocab chunks.
+
+        No [batch, window, vocab] fp32 log-softmax (65 GB at 32 x 4096 x 49216): with a split head only
+        one row's logits exist at once, and the loss reads them ``SCORE_CHUNK`` columns at a time.
+        """
+        from minima.train.objectives.kd import dense_loss
+
+        if self.split_head:
+            self.forward_calls += 1
+            hidden = self.model.base_model(input_ids=ids).last_hidden_state
+            head = self.model.get_output_embeddings()
+
+            def row_logits(r, a, z):
+                return head(hidden[r, a:z])
+        else:
+            logits = self._forward(input_ids=ids).logits
+
+            def row_logits(r, a, z):
+                return logits[r, a:z]
+
+        out = []
+        for r, (b, e, s) in enumerate(part):
+            tgt = t[s:e].to(ids.device)
+            ce, _ = dense_loss(row_logits(r, s - b - 1, e - b - 1), tgt, None, chunk=SCORE_CHUNK)
+            out.append(float(ce.double().sum()))
+        return out
+
     def rolling_nll(
         self, tokens: Sequence[int], window: Optional[int] = None, stride: Optional[int] = None
     ) -> tuple[float, int]:
@@ -435,13 +532,9 @@ class LM:
                 ids = torch.full((len(part), w), self.pad_id, dtype=torch.long)
                 for r, (b, e, _) in enumerate(part):
                     ids[r, : e - b] = t[b:e]
-                logits = self._forward(input_ids=ids.to(self.device)).logits
-                lps = torch.log_softmax(logits.float(), dim=-1)
-                for r, (b, e, s) in enumerate(part):
-                    tgt = t[s:e].to(self.device)
-                    lp = lps[r, s - b - 1 : e - b - 1].gather(1, tgt[:, None])
-                    total -= float(lp.sum())
-                    count += e - s
+                for r, nll in enumerate(self._window_nll(ids.to(self.device), part, t)):
+                    total += nll
+                    count += part[r][1] - part[r][2]
         if self.world > 1:
             parts: list = [None] * self.world
             torch.distributed.all_gather_object(parts, (total, count))

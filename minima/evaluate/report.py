@@ -148,7 +148,8 @@ def _chat_sections(models: dict, names: list[str], all_tasks: list[str]) -> list
         how = (
             "mean grade 1-10 per judgment; unparseable judgments left out"
             if single
-            else "win rate against the baseline, each pair judged in both orders; ties and order-dependent verdicts count "
+            else "win rate against the baseline, each pair judged in both orders; "
+            "ties and order-dependent verdicts count "
             "half, unparseable pairs left out"
         )
         out += [
@@ -169,7 +170,8 @@ def _chat_sections(models: dict, names: list[str], all_tasks: list[str]) -> list
                 value = e.get("mean") if single else e.get("win_rate")
                 bad = e.get("unparseable") if single else e.get("error")
                 row.append(
-                    f"{fmt('score' if single else 'win_rate', value)} (n {e.get('judged') if single else e.get('pairs')}, "
+                    f"{fmt('score' if single else 'win_rate', value)} "
+                    f"(n {e.get('judged') if single else e.get('pairs')}, "
                     f"unparseable {bad})"
                 )
             rows.append(row)

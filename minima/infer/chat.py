@@ -1,4 +1,9 @@
-"""``minima chat model=DIR``: an interactive terminal chat using the model's chat template."""
+"""``minima chat model=DIR``: an interactive terminal chat, and chat replies for programs.
+
+Prompts use the model's chat template (the minichat format when the tokenizer has none) and replies
+come from :class:`minima.infer.engine.Engine`: streamed to the terminal token by token, or, for
+:func:`generate_replies`, decoded for several conversations at once as one batch.
+"""
 
 from __future__ import annotations
 
@@ -6,62 +11,50 @@ import sys
 from functools import lru_cache
 from typing import Optional
 
+from minima.core.config import key_values
 from minima.core.errors import InputError
+from minima.infer.engine import Engine, SamplingParams
 
 
 @lru_cache(maxsize=2)
-def _load(model_dir: str):
-    from pathlib import Path
+def _engine(model_dir: str) -> Engine:
+    return Engine.from_dir(model_dir)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (Path(model_dir) / "config.json").is_file():
+def _params(engine: Engine, prompt: list[int], max_new_tokens: int, temperature: float) -> SamplingParams:
+    room = engine.context_length - len(prompt)
+    if room < 1:
         raise InputError(
-            f"no model at {model_dir} (config.json missing)", fix="pass model=DIR of an HF model directory"
+            f"the conversation ({len(prompt)} tokens) fills the model's context of {engine.context_length}",
+            fix="start over (/reset) or use a shorter message",
         )
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    return tok, model
-
-
-def prompt_ids(tok, messages: list[dict]) -> list[int]:
-    """Token ids of the conversation so far plus the assistant prefix."""
-    if getattr(tok, "chat_template", None):
-        out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
-    # No template (a base model): a plain MiniChat-style prompt.
-    text = "".join(
-        f"[|{'User' if m['role'] == 'user' else 'Assistant'}|] {m['content']}"
-        + ("" if m["role"] == "user" else tok.eos_token)
-        for m in messages
+    return SamplingParams(
+        max_new_tokens=min(max_new_tokens, room), temperature=temperature, seed=None if temperature > 0 else 0
     )
-    return tok(text + "[|Assistant|]").input_ids
+
+
+def generate_replies(
+    model_dir: str, conversations: list[list[dict]], max_new_tokens: int = 128, temperature: float = 0.0
+) -> list[str]:
+    """The assistant's next reply to each conversation, decoded together (whitespace stripped)."""
+    engine = _engine(str(model_dir))
+    prompts = [engine.chat_ids(messages) for messages in conversations]
+    params = [_params(engine, p, max_new_tokens, temperature) for p in prompts]
+    return [out[0].text.strip() for out in engine.generate(prompts, params)]
 
 
 def generate_reply(model_dir: str, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0) -> str:
-    import torch
-
-    tok, model = _load(str(model_dir))
-    ids = torch.tensor([prompt_ids(tok, messages)])
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_p=None,
-            top_k=None,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id or tok.eos_token_id,
-        )
-    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    """The assistant's next reply to one conversation (greedy at temperature 0)."""
+    return generate_replies(model_dir, [messages], max_new_tokens, temperature)[0]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = dict(a.split("=", 1) for a in (argv or []) if "=" in a)
+    """``minima chat model=DIR [system=...] [max_new_tokens=128] [temperature=0]``."""
+    args = key_values(argv, ("model", "system", "max_new_tokens", "temperature"))
     if "model" not in args:
         raise InputError("minima chat needs model=DIR", fix="e.g. minima chat model=runs/demo/06_sft")
+    engine = _engine(args["model"])
+    max_new, temperature = int(args.get("max_new_tokens", 128)), float(args.get("temperature", 0))
     messages: list[dict] = []
     if args.get("system"):
         messages.append({"role": "system", "content": args["system"]})
@@ -77,11 +70,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             messages = messages[:1] if messages and messages[0]["role"] == "system" else []
             continue
         messages.append({"role": "user", "content": line})
-        reply = generate_reply(
-            args["model"], messages, int(args.get("max_new_tokens", 128)), float(args.get("temperature", 0))
-        )
-        messages.append({"role": "assistant", "content": reply})
-        print(f"bot> {reply}", flush=True)
+        prompt = engine.chat_ids(messages)
+        print("bot> ", end="", flush=True)
+        reply = ""
+        for event in engine.stream(prompt, _params(engine, prompt, max_new, temperature)):
+            delta = event.text if reply else event.text.lstrip()  # the reply starts at its first word
+            reply += delta
+            print(delta, end="", flush=True)
+        print(flush=True)
+        messages.append({"role": "assistant", "content": reply.strip()})
     return 0
 
 

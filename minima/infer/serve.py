@@ -5,10 +5,12 @@ streaming), ``POST /v1/completions`` and ``GET /health``. Parameters: temperatur
 max_tokens (``max_completion_tokens``), stop, n, seed, stream, stream_options.include_usage.
 Bad requests get OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}``.
 
-One worker thread owns the model and serves requests first come, first served from a bounded queue
-(a full queue answers 429); the ``n`` choices of one request are decoded together as a batch.
-Streaming and non-streaming replies come from the same token loop, so under greedy decoding the
-streamed deltas join to exactly the non-streamed text.
+This module is the HTTP layer only: it parses and validates requests and streams the replies.
+Generation is :class:`minima.infer.engine.Engine`'s: concurrent requests (and the ``n`` choices and
+prompts of one request) are decoded together in one batch of up to ``max_batch_size`` sequences,
+new requests join it at the next step and finished ones leave it. Requests beyond ``max_queue``
+waiting get 429. Streaming and non-streaming replies come from the same token loop, so under greedy
+decoding the streamed deltas join to exactly the non-streamed text.
 
 The server binds to loopback unless told otherwise and, when a key is set (``api_key=`` or the
 ``MINIMA_API_KEY`` environment variable), answers 401 to any request without ``Authorization:
@@ -20,23 +22,20 @@ import hmac
 import ipaddress
 import json
 import os
-import queue
 import secrets
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import Field
 
 from minima.core.config import Closed, command_config
-from minima.core.errors import ConfigError, InputError, MinimaError
+from minima.core.errors import ConfigError, MinimaError
 from minima.core.logs import get_logger
+from minima.infer.engine import Engine, QueueFull, SamplingParams
 
 log = get_logger("minima.infer.serve")
 
@@ -61,12 +60,16 @@ class ServeConfig(Closed):
     )
     chat_format: Optional[str] = Field(
         None,
-        description="Render chats with this minima.data.formats registry format instead of the tokenizer's chat template "
-        "(default: the tokenizer's template, else minichat).",
+        description="Render chats with this minima.data.formats registry format instead of the tokenizer's "
+        "chat template (default: the tokenizer's template, else minichat).",
     )
     device: str = Field("auto", description="cuda, cpu or auto.")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
     max_queue: int = Field(64, ge=1, description="Requests waiting beyond this get 429.")
+    max_body_mb: float = Field(
+        1.0, gt=0, description="Largest request body in MB; a larger one gets 413 before it is parsed."
+    )
+    max_batch_size: int = Field(8, ge=1, description="Most sequences decoded together (each choice counts).")
     default_max_tokens: int = Field(
         512, ge=1, description="Chat reply limit when the request sets none (capped by the context)."
     )
@@ -103,276 +106,6 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-# ------------------------------------------------------------------------------------ engine
-@dataclass
-class Sampling:
-    """Decoding parameters of one request (already validated)."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stop: tuple[str, ...] = ()
-    seed: Optional[int] = None
-
-
-@dataclass
-class _Choice:
-    """Incremental detokenization of one sequence, with stop strings held back until decided."""
-
-    tok: Any
-    stop: tuple[str, ...]
-    ids: list = field(default_factory=list)
-    text: str = ""  # text settled so far (cut at a stop string once one appears)
-    sent: str = ""  # what has been handed out as deltas
-    finish_reason: Optional[str] = None
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text = text[:cut]
-            return self.finish("stop")
-        self.text = text
-        safe = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence (byte fallback) is not text yet
-        hold = max((k for s in self.stop for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
-        return self._flush(safe[: len(safe) - hold])
-
-    def finish(self, reason: str) -> str:
-        self.finish_reason = reason
-        return self._flush(self.text)
-
-    def _flush(self, upto: str) -> str:
-        # Deltas only ever extend what was sent; joined they are the reply text.
-        if len(upto) > len(self.sent) and upto.startswith(self.sent):
-            delta, self.sent = upto[len(self.sent) :], upto
-            return delta
-        return ""
-
-
-class Engine:
-    """A causal LM and its tokenizer, with a batched token loop for the n choices of one prompt.
-
-    Args:
-        model_dir: HF model directory.
-        device: cuda, cpu or auto.
-        dtype: auto, bf16, fp16 or fp32.
-        chat_format: registry format for chats (None: the tokenizer's chat template, else minichat).
-        trust_remote_code: allow model code from the checkpoint.
-    """
-
-    def __init__(
-        self,
-        model_dir: str | Path,
-        device: str = "auto",
-        dtype: str = "auto",
-        chat_format: Optional[str] = None,
-        trust_remote_code: bool = False,
-    ):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        path = Path(model_dir)
-        if not (path / "config.json").is_file():
-            raise InputError(
-                f"no model at {path} (config.json missing)", fix="pass model=DIR of a Hugging Face model directory"
-            )
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = "bf16" if device.startswith("cuda") else "fp32"
-        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-        self.device = torch.device(device)
-        self.tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
-        self.model.to(self.device).eval()
-        self.context_length = self._context_length()
-        self.eos_ids = self._eos_ids()
-        self.last_completion_tokens = 0  # tokens generated by the latest stream() (all choices)
-        self.format = None
-        if chat_format or not getattr(self.tok, "chat_template", None):
-            from minima.data.formats import get_format
-
-            name = chat_format or "minichat"
-            if not chat_format:
-                log.warning("%s has no chat template; rendering chats with the '%s' format", path, name)
-            self.format = get_format(name)
-
-    def _context_length(self) -> int:
-        cfg = self.model.config
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(cfg, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        value = getattr(self.tok, "model_max_length", 0)
-        return value if 0 < value < 1_000_000 else 2048
-
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        gen = getattr(self.model, "generation_config", None)
-        for value in (getattr(gen, "eos_token_id", None), self.tok.eos_token_id):
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(int(v) for v in value)
-        return ids
-
-    # --- prompts ------------------------------------------------------------------------------
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        """Prompt ids of a conversation plus the assistant prefix (ValueError on a bad conversation)."""
-        if self.format is not None:
-            return self.format.encode(self.tok, messages, add_generation_prompt=True)[0]
-        from jinja2 import TemplateError
-
-        try:
-            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except TemplateError as e:
-            raise ValueError(f"the chat template rejected the messages: {e}") from None
-        return list(self.tok(text, add_special_tokens=False)["input_ids"])
-
-    def text_ids(self, text: str) -> list[int]:
-        """Prompt ids of a plain completion prompt (with BOS as the tokenizer adds it)."""
-        return list(self.tok(text)["input_ids"])
-
-    # --- decoding -----------------------------------------------------------------------------
-    def stream(
-        self, prompt: list[int], p: Sampling, cancelled: Callable[[], bool] = lambda: False
-    ) -> Iterator[list[tuple[int, str, Optional[str]]]]:
-        """Decode ``p.n`` choices of one prompt; yields per step ``[(choice, text_delta, finish_reason)]``."""
-        import torch
-
-        choices = [_Choice(self.tok, p.stop) for _ in range(p.n)]
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
-        ids = torch.tensor([prompt] * p.n, dtype=torch.long, device=self.device)
-        past = None
-        with torch.inference_mode():
-            for step in range(p.max_tokens):
-                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                nxt = _sample(out.logits[:, -1, :].float(), p.temperature, p.top_p, gen)
-                events = []
-                for i, (c, t) in enumerate(zip(choices, nxt.tolist())):
-                    if c.finish_reason is not None:
-                        continue
-                    delta = c.finish("stop") if t in self.eos_ids else c.push(t)
-                    if c.finish_reason is None and step == p.max_tokens - 1:
-                        delta += c.finish("length")
-                    events.append((i, delta, c.finish_reason))
-                yield events
-                if all(c.finish_reason is not None for c in choices) or cancelled():
-                    break
-                ids = nxt[:, None]
-        self.last_completion_tokens = sum(len(c.ids) for c in choices)
-
-    def generate(self, prompt: list[int], p: Sampling) -> list[tuple[str, str]]:
-        """``[(text, finish_reason)]`` for the n choices (no streaming)."""
-        texts = [""] * p.n
-        reasons = ["length"] * p.n
-        for events in self.stream(prompt, p):
-            for i, delta, reason in events:
-                texts[i] += delta
-                if reason:
-                    reasons[i] = reason
-        return list(zip(texts, reasons))
-
-    def chat(
-        self,
-        messages: list[dict],
-        max_tokens: int = 512,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: Optional[int] = 0,
-        stop: tuple[str, ...] = (),
-    ) -> str:
-        """One reply to a conversation, in process (no HTTP).
-
-        A conversation too long for the context loses its oldest tokens, keeping room for
-        ``min(max_tokens, context / 4)`` new ones; the reply is cut at the context's end.
-        """
-        prompt = self.chat_ids(messages)
-        reserve = max(1, min(max_tokens, self.context_length // 4))
-        if len(prompt) + reserve > self.context_length:
-            log.warning(
-                "a conversation of %d tokens does not fit the context of %d: keeping its last %d tokens",
-                len(prompt),
-                self.context_length,
-                self.context_length - reserve,
-            )
-            prompt = prompt[len(prompt) + reserve - self.context_length :]
-        room = self.context_length - len(prompt)
-        p = Sampling(
-            max_tokens=min(max_tokens, room), temperature=temperature, top_p=top_p, stop=tuple(stop), seed=seed
-        )
-        return self.generate(prompt, p)[0][0]
-
-
-def _sample(logits, temperature: float, top_p: float, gen):
-    """Greedy at temperature 0, else nucleus sampling with the request's generator."""
-    import torch
-
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Drop tokens once the mass before them already reaches top_p; the top token always stays.
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs.to(gen.device), 1, generator=gen).squeeze(-1).to(logits.device)
-
-
-# ------------------------------------------------------------------------------- worker queue
-class _Job:
-    def __init__(self, prompts: list[list[int]], params: Sampling, loop: asyncio.AbstractEventLoop):
-        self.prompts, self.params, self.loop = prompts, params, loop
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = False
-
-    def put(self, item: tuple) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-
-
-class Worker(threading.Thread):
-    """The one thread that runs the model: jobs are served in arrival order."""
-
-    def __init__(self, engine: Engine, max_queue: int):
-        super().__init__(name="minima-serve-worker", daemon=True)
-        self.engine = engine
-        self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
-
-    def submit(self, job: _Job) -> None:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise APIError(
-                429,
-                "the server is busy: too many queued requests, retry later",
-                type="rate_limit_exceeded",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": "1"},
-            ) from None
-
-    def run(self) -> None:
-        while True:
-            job = self.jobs.get()
-            try:
-                for k, prompt in enumerate(job.prompts):
-                    if job.cancelled:
-                        break
-                    for events in self.engine.stream(prompt, job.params, lambda: job.cancelled):
-                        job.put(("events", k, events))
-                    job.put(("usage", k, (len(prompt), self.engine.last_completion_tokens)))
-                job.put(("done", None, None))
-            except Exception as e:
-                log.exception("generation failed")
-                job.put(("error", None, e))
-
-
 # ------------------------------------------------------------------------------- validation
 def _typed(body: dict, key: str, types: tuple, default: Any = None, what: str = "") -> Any:
     value = body.get(key, default)
@@ -383,7 +116,7 @@ def _typed(body: dict, key: str, types: tuple, default: Any = None, what: str = 
     return value
 
 
-def _sampling(body: dict, prompt_len: int, context: int, default_max: int, max_n: int, *, chat: bool) -> Sampling:
+def _sampling(body: dict, prompt_len: int, context: int, default_max: int, max_n: int, *, chat: bool) -> SamplingParams:
     unsupported = {
         "logprobs": body.get("logprobs") not in (None, False, 0),
         "top_logprobs": body.get("top_logprobs") is not None,
@@ -411,6 +144,10 @@ def _sampling(body: dict, prompt_len: int, context: int, default_max: int, max_n
     if not 1 <= n <= max_n:
         raise APIError(400, f"'n' must be between 1 and {max_n}; got {n}", param="n", code="invalid_value")
     seed = _typed(body, "seed", (int,), None, "an integer")
+    if seed is not None and not -(2**63) <= seed < 2**63:
+        raise APIError(
+            400, f"'seed' must fit in a signed 64-bit integer; got {seed}", param="seed", code="invalid_value"
+        )
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
@@ -436,7 +173,9 @@ def _sampling(body: dict, prompt_len: int, context: int, default_max: int, max_n
             param="messages" if chat and max_tokens is None else key,
             code="context_length_exceeded",
         )
-    return Sampling(max_tokens=wanted, temperature=temperature, top_p=top_p, n=n, stop=tuple(stops), seed=seed)
+    return SamplingParams(
+        max_new_tokens=wanted, temperature=temperature, top_p=top_p, n=n, stop=tuple(stops), seed=seed
+    )
 
 
 def parse_messages(body: dict) -> list[dict]:
@@ -522,15 +261,14 @@ def _parse_prompts(body: dict, engine: Engine) -> list[list[int]]:
 
 # --------------------------------------------------------------------------------------- app
 def create_app(engine: Engine, cfg: ServeConfig):
-    """The FastAPI app serving ``engine`` (the worker thread starts with the app)."""
+    """The FastAPI app serving ``engine`` (requests beyond ``cfg.max_queue`` waiting get 429)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     name = cfg.served_name or Path(cfg.model).resolve().name
     key = cfg.api_key or os.environ.get("MINIMA_API_KEY") or None
-    worker = Worker(engine, cfg.max_queue)
-    worker.start()
+    engine.max_queue = cfg.max_queue
     created = int(time.time())
     app = FastAPI(title="minima serve", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -574,7 +312,13 @@ def create_app(engine: Engine, cfg: ServeConfig):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "queued": worker.jobs.qsize()}
+        return {
+            "status": "ok",
+            "model": name,
+            "queued": engine.queued(),
+            "running": engine.running(),
+            "stats": dict(engine.stats),
+        }
 
     @app.get("/v1/models")
     async def models():
@@ -591,8 +335,29 @@ def create_app(engine: Engine, cfg: ServeConfig):
             )
         return model_card()
 
+    limit = int(cfg.max_body_mb * 1_000_000)
+
+    def too_large() -> APIError:
+        return APIError(
+            413,
+            f"the request body is larger than {cfg.max_body_mb:g} MB",
+            code="request_too_large",
+            type="invalid_request_error",
+        )
+
     async def read_body(request: Request) -> dict:
-        raw = await request.body()
+        # The limit holds before anything is parsed: the declared length first, then the bytes received
+        # (a chunked body has no declared length).
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large()
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large()
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -611,47 +376,82 @@ def create_app(engine: Engine, cfg: ServeConfig):
             raise APIError(400, "'stream' must be a boolean", param="stream", code="invalid_type")
         return body
 
-    async def run(request: Request, body: dict, prompts: list[list[int]], p: Sampling, chat: bool):
+    async def run(body: dict, prompts: list[list[int]], p: SamplingParams, chat: bool):
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         obj = "chat.completion" if chat else "text_completion"
-        job = _Job(prompts, p, asyncio.get_running_loop())
-        worker.submit(job)
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        stream = bool(body.get("stream"))
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
 
-        def count(value) -> None:
-            usage["prompt_tokens"] += value[0]
-            usage["completion_tokens"] += value[1]
+        def listener(k: int):
+            # Runs in the engine's thread: streamed replies get every event, the others only the end.
+            def on_event(event) -> None:
+                loop.call_soon_threadsafe(events.put_nowait, (k, event))
+
+            return on_event
+
+        reqs = []
+        try:
+            for k, prompt in enumerate(prompts):
+                on_event = listener(k)
+                if stream:
+                    reqs.append(engine.submit(prompt, p, on_event=on_event))
+                else:
+                    reqs.append(engine.submit(prompt, p, on_done=lambda _, on_event=on_event: on_event(None)))
+        except QueueFull:
+            for r in reqs:
+                r.cancel()
+            raise APIError(
+                429,
+                "the server is busy: too many queued requests, retry later",
+                type="rate_limit_exceeded",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            ) from None
+
+        def cancel_all() -> None:
+            for r in reqs:
+                r.cancel()  # a client that went away stops the decoding
 
         def usage_dict() -> dict:
-            return dict(usage, total_tokens=usage["prompt_tokens"] + usage["completion_tokens"])
+            prompt_tokens = sum(len(x) for x in prompts)
+            completion_tokens = sum(r.completion_tokens for r in reqs)
+            return {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            }
 
-        if not body.get("stream"):
-            texts = [""] * (len(prompts) * p.n)
-            reasons = ["length"] * len(texts)
+        def failure(r) -> APIError:
+            e = r.error
+            return APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
+
+        if not stream:
             try:
-                while True:
-                    kind, k, value = await job.events.get()
-                    if kind == "error":
-                        raise value
-                    if kind == "done":
-                        break
-                    if kind == "usage":
-                        count(value)
-                        continue
-                    for i, delta, reason in value:
-                        texts[k * p.n + i] += delta
-                        reasons[k * p.n + i] = reason or reasons[k * p.n + i]
+                left = len(reqs)
+                while left:
+                    _, event = await events.get()
+                    left -= event is None
             finally:
-                job.cancelled = True
+                cancel_all()
+            for r in reqs:
+                if r.error is not None:
+                    raise failure(r)
+            outs = [c for r in reqs for c in r.outputs]
             if chat:
                 choices = [
-                    {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
-                    for i, (t, r) in enumerate(zip(texts, reasons))
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": c.text},
+                        "logprobs": None,
+                        "finish_reason": c.finish_reason,
+                    }
+                    for i, c in enumerate(outs)
                 ]
             else:
                 choices = [
-                    {"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                    for i, (t, r) in enumerate(zip(texts, reasons))
+                    {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                    for i, c in enumerate(outs)
                 ]
             return {
                 "id": rid,
@@ -685,50 +485,46 @@ def create_app(engine: Engine, cfg: ServeConfig):
                 return {"index": index, "delta": d, "logprobs": None, "finish_reason": reason}
             return {"index": index, "text": delta or "", "logprobs": None, "finish_reason": reason}
 
-        async def events():
+        async def sse():
             try:
                 if chat:
                     yield chunk([piece(i, None, None, first=True) for i in range(len(prompts) * p.n)])
-                while True:
-                    kind, k, value = await job.events.get()
-                    if kind == "error":
-                        err = APIError(500, f"generation failed: {type(value).__name__}: {value}", type="server_error")
-                        yield f"data: {json.dumps(err.body())}\n\n"
-                        return
-                    if kind == "done":
-                        break
-                    if kind == "usage":
-                        count(value)
-                        continue
-                    out = [piece(k * p.n + i, d, r) for i, d, r in value if d or r]
-                    if out:
-                        yield chunk(out)
+                left = len(reqs)
+                while left:
+                    k, event = await events.get()
+                    if event is None:
+                        left -= 1
+                        if reqs[k].error is not None:
+                            yield f"data: {json.dumps(failure(reqs[k]).body())}\n\n"
+                            return
+                    elif event.text or event.finish_reason:
+                        yield chunk([piece(k * p.n + event.index, event.text, event.finish_reason)])
                 if include_usage:
                     yield chunk([], with_usage=True)
                 yield "data: [DONE]\n\n"
             finally:
-                job.cancelled = True  # a client that went away stops the decoding
+                cancel_all()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
         messages = parse_messages(body)
-        try:
-            prompt = engine.chat_ids(messages)
+        try:  # tokenizing a long conversation takes a while: off the event loop, so other clients go on
+            prompt = await asyncio.to_thread(engine.chat_ids, messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages", code="invalid_value") from None
         p = _sampling(body, len(prompt), engine.context_length, cfg.default_max_tokens, cfg.max_n, chat=True)
-        return await run(request, body, [prompt], p, chat=True)
+        return await run(body, [prompt], p, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
-        prompts = _parse_prompts(body, engine)
+        prompts = await asyncio.to_thread(_parse_prompts, body, engine)
         longest = max(len(x) for x in prompts)
         p = _sampling(body, longest, engine.context_length, cfg.default_max_tokens, cfg.max_n, chat=False)
-        return await run(request, body, prompts, p, chat=False)
+        return await run(body, prompts, p, chat=False)
 
     return app
 
@@ -776,7 +572,15 @@ def serve(cfg: ServeConfig) -> None:
             cfg.host,
             "" if key else " and has no API key (set api_key= or MINIMA_API_KEY)",
         )
-    engine = Engine(cfg.model, cfg.device, cfg.dtype, cfg.chat_format, cfg.trust_remote_code)
+    engine = Engine.from_dir(
+        cfg.model,
+        cfg.device,
+        cfg.dtype,
+        cfg.trust_remote_code,
+        chat_format=cfg.chat_format,
+        max_batch_size=cfg.max_batch_size,
+        max_queue=cfg.max_queue,
+    )
     app = create_app(engine, cfg)
     sock = _bind(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
@@ -851,10 +655,9 @@ def launch(
     import tempfile
 
     log_file = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="minima-serve-", suffix=".log")[1])
-    out = open(log_file, "w")
     cmd = [sys.executable, "-m", "minima.cli", "serve", f"model={model_dir}", f"host={host}", "port=0", *args]
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, text=True)
-    out.close()
+    with open(log_file, "w") as out:  # the child keeps its own handle
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, text=True)
     deadline = time.time() + timeout
     while time.time() < deadline:
         text = log_file.read_text(errors="replace")

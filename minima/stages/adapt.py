@@ -27,12 +27,16 @@ from minima.train import Recipe, TrainContext, train_stage
 log = get_logger("minima.stages.adapt")
 
 RECIPE = "minima.stages.adapt:AdaptRecipe"
-FULL_SCAN_TOKENS = 20_000_000  # above this, validation scans a sample of every shard (see validate_inputs)
-SAMPLE_RECORDS_PER_SHARD = 1000
+FULL_SCAN_TOKENS = 20_000_000  # above this, validation reads a fixed-size sample (see validate_inputs)
+SAMPLE_RECORDS = 4096  # records read by a sampled scan, whatever the number of shards
+SAMPLE_SHARDS = 64  # shards a sampled scan opens (evenly spaced over the train and dev splits)
 
 
 def resolve_new_token_start(cfg: AdaptConfig) -> int:
-    """``cfg.new_token_start``, else the vocab artifact's ``new_token_start`` metric (model dir, then records' tokenizer)."""
+    """``cfg.new_token_start``, else the vocab artifact's ``new_token_start`` metric.
+
+    The vocab manifest is looked for in the model dir, then the records' tokenizer copy.
+    """
     if cfg.new_token_start is not None:
         return cfg.new_token_start
     for d in (cfg.model, str(Path(cfg.records or "") / "tokenizer"), cfg.records):
@@ -61,16 +65,17 @@ class AdaptRecipe(Recipe):
             out = model.get_output_embeddings()
             if out is not None and out.weight is not tables[0]:
                 tables.append(out.weight)
+            from minima.train.model_init import full_shape
+
             for w in tables:
                 w.requires_grad_(True)
-                mask = torch.zeros(w.shape[0], 1, dtype=w.dtype)
+                mask = torch.zeros(full_shape(w)[0], 1, dtype=w.dtype)  # full rows, also under ZeRO-3
                 mask[start:] = 1
                 # Rows of the base vocab get a zero gradient; with no weight decay (below) Adam leaves them unchanged.
                 w.register_hook(lambda g, m=mask: g * m.to(device=g.device, dtype=g.dtype))
             self.new_token_start = start
-            log.info(
-                f"train_only_new_embeddings: rows {start}..{tables[0].shape[0] - 1} of {len(tables)} table(s) train"
-            )
+            rows = full_shape(tables[0])[0]
+            log.info(f"train_only_new_embeddings: rows {start}..{rows - 1} of {len(tables)} table(s) train")
         return model
 
     def trainable_parameters(self, model):
@@ -86,16 +91,27 @@ def _model_vocab(model_dir: Path) -> tuple[int, Optional[int]]:
     return int(text["vocab_size"]), text.get("max_position_embeddings")
 
 
-def _scan_records(records: Path, vocab: int, full: bool) -> int:
-    """Check every scanned token id is in [0, vocab); returns the number of records scanned."""
+def _scan_records(records: Path, vocab: int, full: bool) -> tuple[int, int]:
+    """Check every scanned token id is in [0, vocab); returns (records scanned, shards opened).
+
+    ``full`` reads everything (small corpora). Otherwise at most :data:`SAMPLE_SHARDS` evenly spaced
+    shards and :data:`SAMPLE_RECORDS` records in all are read, so the time does not grow with the shard count.
+    """
+    import numpy as np
+
     from minima.data.records import tfrecord_io as tio
 
     files = sorted((records / "train").glob("part-*.tfrecord")) + sorted((records / "dev").glob("part-*.tfrecord"))
+    quota = None
+    if not full and files:
+        picks = np.unique(np.linspace(0, len(files) - 1, min(SAMPLE_SHARDS, len(files))).round().astype(int))
+        files = [files[i] for i in picks]
+        quota = max(1, SAMPLE_RECORDS // len(files))
     scanned = 0
     for f in progress(files, desc="validate records", unit="shard"):
         with open(f, "rb") as fh:
             for i, entry in enumerate(tio.iter_entries(fh, str(f))):
-                if not full and i >= SAMPLE_RECORDS_PER_SHARD:
+                if quota is not None and i >= quota:
                     break
                 ids = tio.decode_example(entry, f"{f} record {i}")["indices"]
                 scanned += 1
@@ -104,9 +120,26 @@ def _scan_records(records: Path, vocab: int, full: bool) -> int:
                     raise DataError(
                         f"token id {bad} is outside the model's vocab (size {vocab})",
                         where=f"{f} record {i}",
-                        fix="build the records with the tokenizer of this model (the vocab stage's output), or resize the model",
+                        fix="build the records with the tokenizer of this model (the vocab stage's output), "
+                        "or resize the model",
                     )
-    return scanned
+    return scanned, len(files)
+
+
+def _check_id_range(meta: dict, records: Path, vocab: int) -> bool:
+    """Check the id range the records build wrote in its manifest; False when the manifest has none."""
+    lo, hi = meta.get("min_token_id"), meta.get("max_token_id")
+    if not (isinstance(lo, int) and isinstance(hi, int)):
+        return False
+    if hi >= vocab or lo < 0:
+        bad = hi if hi >= vocab else lo
+        raise DataError(
+            f"the records hold token id {bad}, outside the model's vocab (size {vocab})",
+            where=f"{records / 'manifest.json'} (min_token_id={lo}, max_token_id={hi})",
+            fix="build the records with the tokenizer of this model (the vocab stage's output), or resize the model",
+        )
+    log.info(f"validated the records' token ids from their manifest: [{lo}, {hi}] < {vocab}")
+    return True
 
 
 def validate_inputs(cfg: AdaptConfig) -> None:
@@ -147,9 +180,11 @@ def validate_inputs(cfg: AdaptConfig) -> None:
     rec_vocab = meta.get("vocab_size")
     if isinstance(rec_vocab, int) and rec_vocab > vocab:
         raise DataError(
-            f"the records' tokenizer has {rec_vocab} tokens but the model's vocab is {vocab} ({rec_vocab - vocab} ids would be out of range)",
+            f"the records' tokenizer has {rec_vocab} tokens but the model's vocab is {vocab} "
+            f"({rec_vocab - vocab} ids would be out of range)",
             where=str(records),
-            fix="resize the model with the vocab stage (base_model=...), or build the records with the model's tokenizer",
+            fix="resize the model with the vocab stage (base_model=...), "
+            "or build the records with the model's tokenizer",
         )
     max_len = meta.get("max_length")
     if isinstance(max_len, int) and max_pos and max_len > max_pos:
@@ -159,12 +194,14 @@ def validate_inputs(cfg: AdaptConfig) -> None:
             fix=f"rebuild the records with max_length <= {max_pos}",
         )
     _check_tokenizers_agree(model, records)
-    total = meta.get("total_tokens")
-    full = not isinstance(total, int) or total <= FULL_SCAN_TOKENS
-    n = _scan_records(records, vocab, full)
-    log.info(
-        f"validated {n} records ({'all' if full else f'first {SAMPLE_RECORDS_PER_SHARD} of each shard'}): ids < {vocab}"
-    )
+    from minima.data.tokenizers import check_same_tokenizer
+
+    check_same_tokenizer(records, model, "adapt")
+    if not _check_id_range(meta, records, vocab):  # records built before the manifest kept the range: read them
+        total = meta.get("total_tokens")
+        full = not isinstance(total, int) or total <= FULL_SCAN_TOKENS
+        n, shards = _scan_records(records, vocab, full)
+        log.info(f"validated {n} records ({'all' if full else 'a sample'}) of {shards} shards: ids < {vocab}")
     if cfg.train_only_new_embeddings:
         start = resolve_new_token_start(cfg)
         if not 0 < start < vocab:
@@ -187,7 +224,8 @@ def _check_tokenizers_agree(model: Path, records: Path) -> None:
         diff = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])
         piece, idx = diff[0] if diff else ("?", -1)
         raise DataError(
-            f"the model's tokenizer ({len(a)} tokens) differs from the records' ({len(b)} tokens), first at id {idx} ({piece!r})",
+            f"the model's tokenizer ({len(a)} tokens) differs from the records' ({len(b)} tokens), "
+            f"first at id {idx} ({piece!r})",
             where=f"{model} vs {tok_dir}",
             fix="build the records with this model's tokenizer (records tokenizer=<model dir>)",
         )

@@ -35,7 +35,6 @@ checks the record's fingerprint, so a cache built from other records fails loudl
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -45,12 +44,14 @@ from minima.compress.logit_cache import (
     CACHE_META,
     CachedRecordDataset,
     _split_files,
+    cache_ranks,
     collate_targets,
+    rank_barrier,
     read_cache_meta,
     shifted_labels,
     write_cache,
 )
-from minima.core.artifacts import Artifact, is_complete, run_stage
+from minima.core.artifacts import Artifact, cache_key, hash_input, is_complete, read_manifest, run_stage
 from minima.core.config import DistillCacheConfig, DistillConfig, build
 from minima.core.errors import ConfigError, InputError
 from minima.core.logs import get_logger
@@ -82,14 +83,8 @@ def _model_config(path: str, role: str, field: str) -> dict:
 
 
 def student_dir(cfg: DistillConfig) -> str:
-    """The student: ``student``, else ``model`` (the engine's generic field); both set must agree."""
-    if cfg.student and cfg.model and Path(cfg.student).resolve() != Path(cfg.model).resolve():
-        raise ConfigError(
-            f"student={cfg.student} and model={cfg.model} disagree",
-            where="student",
-            fix="set only student (model is the same thing for distill)",
-        )
-    s = cfg.student or cfg.model
+    """The student dir (the config keeps ``student`` and the engine's ``model`` equal)."""
+    s = cfg.student
     if not s:
         raise ConfigError("distill needs a student model dir", where="student", fix="set student=<prune output dir>")
     return s
@@ -115,6 +110,7 @@ def cache_config(cfg: DistillConfig) -> DistillCacheConfig:
         batch_size=cfg.micro_batch_size,
         precision=cfg.precision,
         device=cfg.cache_device,
+        attn_implementation=cfg.attn_implementation,
     )
 
 
@@ -131,6 +127,12 @@ def validate_inputs(cfg: DistillConfig) -> None:
             where="loss.kd",
             fix="reverse_kl and jsd need the teacher's probability of the student's samples: use top_k or online",
         )
+    if cfg.teacher_zero3 and cfg.strategy == "fsdp" and needs_teacher_online(cfg):
+        raise ConfigError(
+            "teacher_zero3 shards the teacher with DeepSpeed, and this run uses strategy=fsdp",
+            where="teacher_zero3",
+            fix="set teacher_zero3=false (the teacher is replicated), cache_logits=true, or strategy=deepspeed",
+        )
     if not cfg.records:
         raise ConfigError("distill needs records", where="records", fix="set records=<records artifact dir>")
     rec = Path(cfg.records)
@@ -141,6 +143,11 @@ def validate_inputs(cfg: DistillConfig) -> None:
             fix="point records at the output of `minima records`",
         )
     s_dir = student_dir(cfg)
+    from minima.data.records.reader import check_records_format
+    from minima.data.tokenizers import check_same_tokenizer
+
+    check_records_format(cfg.records, "lm", "distill")
+    check_same_tokenizer(cfg.records, {"teacher": cfg.teacher, "student": s_dir}, "distill")
     student = _model_config(s_dir, "student", "student")
     s_vocab = int(student.get("vocab_size", 0))
     t_vocab: Optional[int] = None
@@ -161,9 +168,11 @@ def validate_inputs(cfg: DistillConfig) -> None:
         check_cache_matches(meta, cfg)
     if t_vocab is not None and t_vocab != s_vocab:
         raise InputError(
-            f"teacher vocab_size {t_vocab} != student vocab_size {s_vocab}: KD compares distributions over the same tokens",
+            f"teacher vocab_size {t_vocab} != student vocab_size {s_vocab}: "
+            "KD compares distributions over the same tokens",
             where=t_where,
-            fix="distill a student pruned from this teacher (prune keeps the vocab), or resize both with `minima vocab`",
+            fix="distill a student pruned from this teacher (prune keeps the vocab), "
+            "or resize both with `minima vocab`",
         )
     from minima.data.records import read_records_manifest
 
@@ -221,7 +230,25 @@ def build_cache(ccfg: DistillCacheConfig, force: bool = False) -> Artifact:
             fix="build the records with the teacher's tokenizer",
         )
     inputs = {"teacher": ccfg.teacher, "records": ccfg.records}
-    return run_stage(ccfg, inputs, lambda run: write_cache(ccfg, run.work_dir), force=force, resumable=True)
+    rank, world = cache_ranks()
+    if rank == 0:
+
+        def body(run):
+            rank_barrier(world)  # the work dir exists: the other ranks may start writing their shards
+            return write_cache(ccfg, Path(run.work_dir), rank, world)
+
+        art = run_stage(ccfg, inputs, body, force=force, resumable=True)
+        rank_barrier(world)  # published
+        return art
+    # Other ranks (torchrun): the same cache decision as rank 0, then their shards into its work dir.
+    out = ccfg.resolved_out_dir()
+    key = cache_key(ccfg, {k: hash_input(v) for k, v in inputs.items()})
+    if not force and is_complete(out) and read_manifest(out).get("cache_key") == key:
+        return Artifact(out, read_manifest(out), skipped=True)
+    rank_barrier(world)
+    write_cache(ccfg, out.with_name(out.name + ".partial"), rank, world)
+    rank_barrier(world)
+    return Artifact(out, read_manifest(out))
 
 
 # ------------------------------------------------------------------------------- the recipe
@@ -257,15 +284,27 @@ class DistillRecipe(Recipe):
             check_cache_matches(self.cache_meta, self.cfg)
         elif needs_teacher_online(self.cfg):
             self.teacher = load_teacher(self.cfg.teacher, ctx.device, self.cfg.teacher_zero3, self.cfg.micro_batch_size)
+            if self.cfg.attn_implementation:
+                getattr(self.teacher, "module", self.teacher).set_attn_implementation(self.cfg.attn_implementation)
 
     def build_model(self, ctx: TrainContext) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
+        from minima.train.model_init import load_pretrained
 
-        model = AutoModelForCausalLM.from_pretrained(student_dir(self.cfg), dtype=torch.float32)
+        model = load_pretrained(student_dir(self.cfg), self.cfg, ctx, dtype=torch.float32)
         if self.cfg.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         return model
+
+    def extra_flops_per_token(self, seq_len: int) -> float:
+        """The online teacher's forward: ``2 N + 4 L d T`` per token (a third of training's 6N + 12LdT)."""
+        if self.teacher is None:
+            return 0.0
+        from minima.train.metrics import non_embedding_params
+
+        t = getattr(self.teacher, "module", self.teacher)
+        c = t.config
+        return 2.0 * non_embedding_params(t) + 4.0 * c.num_hidden_layers * c.hidden_size * seq_len
 
     def build_datasets(self, ctx: TrainContext):
         if self.cache_meta is None:
@@ -293,7 +332,7 @@ class DistillRecipe(Recipe):
         b, n, v = logits.shape
         labels = shifted_labels(batch["labels"]).reshape(-1)
         flat = logits.reshape(b * n, v)
-        num = int((labels != IGNORE_INDEX).sum())
+        num = (labels != IGNORE_INDEX).sum()  # stays on the device: no host sync per micro step
         alpha, kind, T = cfg.loss.alpha, cfg.loss.kd, cfg.loss.temperature
         chunk = self.vocab_chunk(flat.device)
         if not train or alpha >= 1.0:  # dev loss = hard CE; alpha = 1 is plain LM training
@@ -329,31 +368,14 @@ class DistillRecipe(Recipe):
 
 
 # ------------------------------------------------------------------------------- entry points
-def _resolved(cfg: DistillConfig) -> DistillConfig:
-    """Fill student from model (or model from student) so both names mean the same dir."""
-    s = student_dir(cfg)
-    data = cfg.model_dump()
-    data.update(student=s, model=s)
-    return DistillConfig.model_validate(data)
-
-
 def run(cfg: DistillConfig, force: bool = False) -> Artifact:
     """Distil ``cfg.teacher`` into ``cfg.student`` on ``cfg.records``; an HF student dir artifact."""
-    from minima.train.launch import in_torchrun, train_stage
+    from minima.train.launch import train_stage
 
-    cfg = _resolved(cfg)
     validate_inputs(cfg)
     if cfg.cache_logits and cfg.loss.alpha < 1.0:
         ccfg = cache_config(cfg)
-        cache_out = ccfg.resolved_out_dir()
-        if not (is_complete(cache_out) and (cache_out / CACHE_META).is_file()):
-            if in_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise ConfigError(
-                    "the logit cache is not built, and a multi-rank job cannot build it",
-                    where="cache_dir",
-                    fix="run `minima distill-cache` with the same config first",
-                )
-        cache = build_cache(ccfg)
+        cache = build_cache(ccfg)  # under torchrun every rank builds its share of the shards
         data = cfg.model_dump()
         data["cache_dir"] = str(cache.path)
         cfg = DistillConfig.model_validate(data)

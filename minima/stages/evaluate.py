@@ -34,8 +34,9 @@ from minima.core.logs import get_logger
 from minima.evaluate.chat import chat_names, run_chat_tasks, validate_chat
 from minima.evaluate.core import default_data_dir, evaluate_model, task_names
 from minima.evaluate.report import _jsonable, render_report
+from minima.evaluate.sandbox import allowing_unsafe_code, require_isolation
 from minima.evaluate.tasks import TASKS, get_task, task_root
-from minima.models.loader import load_model
+from minima.models.loader import load_model_and_tokenizer
 
 log = get_logger("minima.evaluate")
 
@@ -85,6 +86,8 @@ def validate_inputs(cfg: EvaluateConfig) -> tuple[dict[str, str], Optional[Path]
         if t.kind not in ("loglikelihood_rolling", "chat"):
             task_root(t, data_dir, spec.path if spec else None)
     validate_chat(cfg, data_dir)
+    if "humaneval" in names:
+        require_isolation(cfg.allow_unsafe_code)  # refuse before any model loads where code cannot be isolated
     return models, data_dir
 
 
@@ -137,7 +140,10 @@ def _evaluate_all(cfg: EvaluateConfig, models: dict[str, str], data_dir: Optiona
             results["models"][name] = {"path": str(path), "tasks": {}}
             continue
         log.info(f"evaluating {name} ({path})")
-        model, tok = load_model(path, cfg.dtype, cfg.device, cfg.trust_remote_code)
+        attn = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+        model, tok = load_model_and_tokenizer(
+            path, cfg.dtype, cfg.device, trust_remote_code=cfg.trust_remote_code, **attn
+        )
         s: list[dict] = []
         tasks = evaluate_model(
             model,
@@ -193,6 +199,11 @@ def _write_outputs(work: Path, results: dict, samples: list[dict]) -> dict:
 
 def run(cfg: EvaluateConfig, force: bool = False) -> Artifact:
     """Evaluate ``cfg.model`` (or every model of ``cfg.models``) and publish the artifact."""
+    with allowing_unsafe_code(cfg.allow_unsafe_code):
+        return _run(cfg, force)
+
+
+def _run(cfg: EvaluateConfig, force: bool) -> Artifact:
     models, data_dir = validate_inputs(cfg)
     inputs = task_inputs(cfg, models, data_dir)
     rank, world = _init_distributed()

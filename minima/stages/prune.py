@@ -23,7 +23,6 @@ from minima.compress.prune import (
     DTYPES,
     TOKENIZER_FILES,
     Shape,
-    count_params,
     format_params,
     head_dim,
     log,
@@ -35,6 +34,9 @@ from minima.compress.prune import (
 from minima.core.artifacts import Artifact, StageRun, run_stage
 from minima.core.config import PruneConfig
 from minima.core.errors import ConfigError, DataError, InputError
+from minima.data.tokenizers import check_same_tokenizer
+from minima.models.counts import count_params
+from minima.models.loader import load_model
 
 
 def calibration_batches(
@@ -165,6 +167,7 @@ def validate_inputs(cfg: PruneConfig, for_dry_run: bool = False):
                         where="PruneConfig.records",
                         fix="build the records with the teacher's tokenizer",
                     )
+            check_same_tokenizer(cfg.records, {"teacher": cfg.teacher}, "prune")
     return tc, shape
 
 
@@ -231,7 +234,6 @@ def random_student(teacher_config, shape: Shape, seed: int, dtype: torch.dtype):
 
 
 def _body(cfg: PruneConfig, run: StageRun) -> dict:
-    from transformers import AutoModelForCausalLM
 
     if cfg.init == "random":
         return _random_body(cfg, run)
@@ -241,7 +243,8 @@ def _body(cfg: PruneConfig, run: StageRun) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype, trust_remote_code=False).to(device).eval()
+    attn = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    teacher = load_model(cfg.teacher, dtype=dtype, device=device, family="causal", **attn)
     load_s = time.time() - t0
     t = Shape.of(teacher.config)
     shape = resolve_target(teacher.config, cfg)
@@ -280,6 +283,9 @@ def _body(cfg: PruneConfig, run: StageRun) -> dict:
         teacher_gb=round(teacher_bytes / 2**30, 3),
         **_peak_memory(device),
     )
+    del student
+    if device.type == "cuda":  # the next stage of a pipeline process gets the device back
+        torch.cuda.empty_cache()
     log.info(
         "prune: %s",
         {k: metrics[k] for k in ("params_before", "params_after", "calibration_tokens_per_s", "peak_memory_gb")},

@@ -12,8 +12,9 @@ from typing import Optional
 from minima.core.artifacts import Artifact, run_stage
 from minima.core.config import RecordsConfig
 from minima.core.errors import ConfigError, InputError
-from minima.data.records.build import ChunkMapper, build_records, sources_of
+from minima.data.records.build import ChunkMapper, build_records, sources_of, special_ids
 from minima.data.records.inputs import resolve_files
+from minima.data.tokenizers import load_tokenizer
 
 
 def run(cfg: RecordsConfig, force: bool = False, mapper: Optional[ChunkMapper] = None) -> Artifact:
@@ -31,6 +32,7 @@ def run(cfg: RecordsConfig, force: bool = False, mapper: Optional[ChunkMapper] =
             f"tokenizer directory not found: {cfg.tokenizer}",
             fix="point tokenizer at an HF tokenizer dir (e.g. the vocab stage output)",
         )
+    special_ids(load_tokenizer(cfg.tokenizer), cfg)  # an unreadable tokenizer or one without EOS stops here
     if cfg.format == "chat":
         from minima.data.formats import get_format
 

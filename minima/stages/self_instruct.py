@@ -25,7 +25,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -41,7 +40,7 @@ from pydantic import Field, field_validator
 
 from minima.core.config import Closed, command_config
 from minima.core.errors import ConfigError, DataError, InputError
-from minima.core.io import Journal, read_journal, str_list, write_json_atomic
+from minima.core.io import Journal, read_journal, read_rows, str_list, write_json_atomic
 from minima.core.logs import get_logger
 from minima.infer.api_client import Client, Reply
 
@@ -246,23 +245,7 @@ def load_seed_tasks(paths: Iterable[str | Path]) -> list[dict]:
             raise InputError(
                 f"seed task file not found: {p}", where="seed_tasks", fix="pass seed_tasks=[a.jsonl, b.json]"
             )
-        text = p.read_text(encoding="utf-8")
-        stripped = text.lstrip()
-        if stripped.startswith("["):
-            try:
-                rows = [(i + 1, r) for i, r in enumerate(json.loads(text))]
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON ({e.msg})", where=f"{p}:{e.lineno}") from None
-        else:
-            rows = []
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append((n, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise DataError(
-                            f"invalid JSON line ({e.msg})", where=f"{p}:{n}", fix="one JSON object per line"
-                        ) from None
+        rows = read_rows(p, kind="json")  # a JSON array or JSON Lines, whatever the suffix
         for n, r in rows:
             if not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
                 raise DataError(
@@ -311,7 +294,8 @@ _PROMPTS = {
         "- 用词要有变化，不要每条指令都用同一个动词开头。\n"
         "- 任务必须只靠文字就能完成：不涉及图片、音频、视频、文件、网页链接，也不要求在现实世界中采取行动。\n"
         "- 指令用中文书写，每条一到两句话，可以是问题，也可以是要求。\n"
-        "- 只有任务需要处理具体材料（一段文字、一个列表、一张表格、一段代码）时才写输入，输入要具体、完整；否则写<无输入>。\n"
+        "- 只有任务需要处理具体材料（一段文字、一个列表、一张表格、一段代码）时才写输入，"
+        "输入要具体、完整；否则写<无输入>。\n"
         "- 输出是对任务的优质回答，完整但不啰嗦。\n\n"
         "每个任务都严格使用以下格式，并在每个任务后另起一行写###：\n"
         "N. 指令：...\nN. 输入：\n...\nN. 输出：\n...\n###\n\n"
@@ -620,7 +604,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     res = run_self_instruct(cfg)
     print(
-        f"self-instruct: {res.accepted}/{res.target} tasks -> {res.out} ({res.requests} requests this run; rejected {res.rejected or 'none'})"
+        f"self-instruct: {res.accepted}/{res.target} tasks -> {res.out} "
+        f"({res.requests} requests this run; rejected {res.rejected or 'none'})"
     )
     if not res.complete:
         print(

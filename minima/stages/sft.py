@@ -1,4 +1,4 @@
-"""Stage sft: chat instruction tuning (MiniChat), on the shared engine or torch FSDP.
+"""Stage sft: chat instruction tuning (MiniChat) on the shared training loop.
 
 ``minima sft model=DIR records=DIR`` (or ``train_files=[a.json, ...]``, built through the records
 stage first) trains on chat records with labels on the assistant replies (``loss_on``), optional
@@ -8,26 +8,22 @@ the format's Jinja chat template and whose generation_config stops at the format
 token. Causal LMs (LLaMA, Bloom, OPT/Galactica ...) and seq2seq T5 (the prompt goes to the encoder,
 each reply is a target) are supported.
 
-``strategy=deepspeed`` (default) runs :class:`SftRecipe` on :mod:`minima.train` (ZeRO, resume,
-patience on dev loss with the best checkpoint exported). ``strategy=fsdp`` runs the same recipe in
-a small torch FSDP2 loop (seeds 000/002 train this way); it evaluates, early-stops and exports the
-same way but keeps no mid-run checkpoints, so an interrupted FSDP run starts over.
+:class:`SftRecipe` runs on :mod:`minima.train` under either strategy (``strategy=deepspeed``, ZeRO,
+or ``strategy=fsdp``, torch FSDP2), with the same resume, dev evaluation, patience (the best
+checkpoint exported) and callbacks. QLoRA needs ``strategy=deepspeed``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from minima.core.artifacts import Artifact, run_stage
+from minima.core.artifacts import Artifact
 from minima.core.config import RecordsConfig, SftConfig, Source
 from minima.core.errors import ConfigError, InputError, TrainingError
 from minima.core.logs import get_logger
@@ -137,19 +133,13 @@ def pad_stack(seqs: list[torch.Tensor], value: int) -> torch.Tensor:
     return out
 
 
-def _hf_config(model):
-    """The HF config under a DeepSpeed engine / FSDP / peft wrapper."""
-    m = getattr(model, "module", model)
-    return m.config
-
-
 # ----------------------------------------------------------------------------------- recipe
 class SftRecipe(Recipe):
     """Chat SFT on chat records: loss_on relabelling, packing, seq2seq, LoRA, NEFTune, chat export."""
 
     def __init__(self, cfg: SftConfig):
         super().__init__(cfg)
-        self.fmt = get_format(cfg.format)
+        self.fmt = get_format(cfg.chat_format)
         self.seq2seq = False
 
     # ------------------------------------------------------------------ model
@@ -166,20 +156,18 @@ class SftRecipe(Recipe):
         self.seq2seq = bool(AutoConfig.from_pretrained(str(self.cfg.model)).is_encoder_decoder)
 
     def build_model(self, ctx: TrainContext) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
         from minima.train.lora import apply_lora, check_qlora, quantization_config
+        from minima.train.model_init import full_shape, load_pretrained
         from minima.train.neftune import attach_neftune
 
         cfg = self.cfg
         check_qlora(cfg.lora)
-        cls = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
         kw: dict[str, Any] = {"dtype": torch.float32}
         if cfg.lora.enabled and cfg.lora.qlora:
             kw.update(quantization_config=quantization_config(), device_map={"": ctx.local_rank}, dtype=torch.bfloat16)
-        model = cls.from_pretrained(str(cfg.model), **kw)
+        model = load_pretrained(cfg.model, cfg, ctx, "seq2seq" if self.seq2seq else "causal", **kw)
         n_tok = len(self.tokenizer)
-        if n_tok > model.get_input_embeddings().weight.shape[0]:
+        if n_tok > full_shape(model.get_input_embeddings().weight)[0]:
             # Only the format's own tokens (e.g. ChatML's <|im_start|>) get here; run() checks that.
             model.resize_token_embeddings(n_tok, mean_resizing=True)
         if cfg.activation_checkpointing:
@@ -257,11 +245,11 @@ class SftRecipe(Recipe):
                 labels=batch["labels"],
                 use_cache=False,
             )
-            logits, labels = out.logits.float(), batch["labels"]
+            labels = batch["labels"].reshape(-1)
             loss_sum = torch.nn.functional.cross_entropy(
-                logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+                out.logits.reshape(-1, out.logits.shape[-1]).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum"
             )
-            return LossOut(loss_sum=loss_sum, num_tokens=int((labels != IGNORE_INDEX).sum()))
+            return LossOut(loss_sum=loss_sum, num_tokens=(labels != IGNORE_INDEX).sum())
         if "position_ids" in batch:
             from minima.data.packing import mask_mode, model_inputs
 
@@ -377,7 +365,7 @@ def validate(cfg: SftConfig, records: Optional[str] = None) -> None:
     if not cfg.model:
         raise ConfigError("sft needs a model", where="sft.model", fix="set model=DIR (an HF model dir)")
     mcfg = _model_config(cfg.model)
-    fmt = get_format(cfg.format)
+    fmt = get_format(cfg.chat_format)
     records = records or cfg.records
     if not records and not cfg.train_files:
         raise ConfigError(
@@ -405,12 +393,16 @@ def validate(cfg: SftConfig, records: Optional[str] = None) -> None:
                 where="sft.records",
                 fix="build the records with format=chat",
             )
-        if meta.get("chat_format") and meta["chat_format"] != cfg.format:
+        if meta.get("chat_format") and meta["chat_format"] != cfg.chat_format:
             raise ConfigError(
-                f"the records were built with chat_format={meta['chat_format']!r} but sft.format={cfg.format!r}",
-                where="sft.format",
-                fix=f"set format={meta['chat_format']}, or rebuild the records with chat_format={cfg.format}",
+                f"the records were built with chat_format={meta['chat_format']!r} "
+                f"but sft.chat_format={cfg.chat_format!r}",
+                where="sft.chat_format",
+                fix=f"set chat_format={meta['chat_format']}, or rebuild the records with chat_format={cfg.chat_format}",
             )
+    from minima.data.tokenizers import check_same_tokenizer
+
+    check_same_tokenizer(records if not cfg.train_files else None, cfg.model, "sft", extends=True)
     check_qlora(cfg.lora)
     if cfg.strategy == "fsdp" and cfg.lora.qlora:
         raise ConfigError(
@@ -456,7 +448,7 @@ def _vocab_check(cfg: SftConfig, tokenizer_dir: Path, added: tuple[str, ...] = (
 # ----------------------------------------------------------------------------- raw files
 def _format_tokenizer(cfg: SftConfig, base: Path, out: Path) -> Path:
     """The model's tokenizer, plus the format's own special tokens (ChatML) when it lacks them."""
-    fmt = get_format(cfg.format)
+    fmt = get_format(cfg.chat_format)
     need = tuple(getattr(fmt, "added_tokens", ()))
     tok = _load_tokenizer(base)
     missing = [t for t in need if t not in tok.get_added_vocab()]
@@ -472,7 +464,7 @@ def _format_tokenizer(cfg: SftConfig, base: Path, out: Path) -> Path:
 
         shutil.copyfile(base / "tokenizer.model", tmp / "tokenizer.model")
     os.replace(tmp, out)
-    log.info(f"added {missing} to the tokenizer for format {cfg.format} ({out})")
+    log.info(f"added {missing} to the tokenizer for format {cfg.chat_format} ({out})")
     return out
 
 
@@ -487,7 +479,7 @@ def build_records(cfg: SftConfig, force: bool = False) -> Path:
         inputs=sources,
         tokenizer=str(tok_dir),
         format="chat",
-        chat_format=cfg.format,
+        chat_format=cfg.chat_format,
         max_length=cfg.max_length,
         dev_fraction=cfg.dev_fraction,
         seed=cfg.seed,
@@ -520,12 +512,6 @@ def run(cfg: SftConfig, force: bool = False) -> Artifact:
 
     validate(cfg)
     plan = plan_launch(cfg)
-    if cfg.strategy == "fsdp" and plan.launcher == "external":
-        raise ConfigError(
-            "strategy=fsdp starts its own torchrun; do not launch `minima sft` under torchrun",
-            where="sft.strategy",
-            fix="run `minima sft strategy=fsdp launch.nproc_per_node=N` directly",
-        )
     records = cfg.records
     cfg_run = cfg
     if cfg.train_files:
@@ -534,9 +520,9 @@ def run(cfg: SftConfig, force: bool = False) -> Artifact:
             records = str(build_records(cfg, force=force))
         else:
             records = str(out.with_name(out.name + ".records"))
-            _wait_for_records(Path(records), cfg.launch.init_timeout_s)
+            _wait_for_records(Path(records), cfg.launch.join_timeout_s)
         cfg_run = cfg.model_copy(update={"records": records, "train_files": []})
-    fmt = get_format(cfg.format)
+    fmt = get_format(cfg.chat_format)
     tok_dir = Path(records) / "tokenizer" if (Path(records) / "tokenizer").is_dir() else Path(cfg.model)
     _vocab_check(cfg_run, tok_dir, tuple(getattr(fmt, "added_tokens", ())))
     check_template(fmt, _load_tokenizer(tok_dir))
@@ -546,270 +532,4 @@ def run(cfg: SftConfig, force: bool = False) -> Artifact:
     )
 
     callbacks = training_callbacks(cfg_run)
-    if cfg.strategy == "fsdp":
-        return run_stage(cfg_run, inputs, body=lambda r: run_fsdp(cfg_run, r), force=force, resumable=False)
     return train_stage(cfg_run, inputs, RECIPE, force=force, callbacks=callbacks)
-
-
-# ----------------------------------------------------------------------------------- FSDP
-def run_fsdp(cfg: SftConfig, run) -> dict:
-    """Launch the FSDP loop: in this process for one rank (tests), else torchrun."""
-    work, out = Path(run.work_dir), Path(run.out_dir)
-    spec = {"config": cfg.model_dump(mode="json"), "work_dir": str(work), "out_dir": str(out)}
-    lc = cfg.launch
-    world = lc.nproc_per_node * lc.nnodes
-    if world == 1 and os.environ.get("MINIMA_INPROCESS") == "1":
-        return _fsdp_inprocess(spec)
-    spec_path = work / "fsdp_spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(lc.nproc_per_node),
-        "--nnodes",
-        str(lc.nnodes),
-        "--node_rank",
-        str(lc.node_rank),
-        "--master_addr",
-        lc.master_addr,
-        "--master_port",
-        str(lc.master_port),
-        "-m",
-        "minima.stages.sft",
-        str(spec_path),
-    ]
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    log.info("launch (fsdp): " + " ".join(cmd))
-    rc = subprocess.call(cmd, env=env)
-    res = work / "train_result.json"
-    if rc != 0 or not res.is_file():
-        raise TrainingError(f"FSDP training exited with code {rc}", fix="read the traceback above")
-    return json.loads(res.read_text())
-
-
-def _fsdp_inprocess(spec: dict) -> dict:
-    import socket
-
-    import torch.distributed as dist
-
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-    try:
-        return fsdp_train(spec)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _lr_lambda(cfg, total: int):
-    warm = int(cfg.warmup_proportion * total)
-
-    def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, total - warm)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return f
-
-
-def _shard(model, mesh, dtype=torch.float32) -> None:
-    """FSDP2: each transformer block is a unit, then the root (embeddings, head); bf16 compute on GPU."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    block_names = set(getattr(getattr(model, "get_base_model", lambda: model)(), "_no_split_modules", None) or [])
-    for m in model.modules():
-        if type(m).__name__ in block_names:
-            fully_shard(m, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-
-
-def _full_state(model) -> dict:
-    """The whole (unsharded) state dict on CPU, on rank 0 (a collective)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-    )
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def fsdp_train(spec: dict) -> dict:
-    """One rank of the FSDP2 loop (same recipe, token-exact loss normalisation as the engine)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from minima.core.logs import step_line
-    from minima.train.loop import (
-        DataStream,
-        _dev_batches,
-        evaluate,
-        to_device,
-        total_steps_for,
-    )
-
-    cfg = SftConfig.model_validate(spec["config"])
-    work, out = Path(spec["work_dir"]), Path(spec["out_dir"])
-    cuda = torch.cuda.is_available()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dtype = torch.bfloat16 if (cfg.precision == "bf16" and cuda) else torch.float32
-    ctx = TrainContext(
-        rank=rank,
-        world_size=world,
-        local_rank=local,
-        device=device,
-        dtype=torch.float32,
-        work_dir=work,
-        out_dir=out,
-        seed=cfg.seed,
-    )
-    torch.manual_seed(cfg.seed + rank)
-    recipe = SftRecipe(cfg)
-    recipe.setup(ctx)
-    ctx.dtype = dtype
-    model = recipe.build_model(ctx).to(device)
-    mesh = init_device_mesh(device.type, (world,))
-    _shard(model, mesh, dtype)
-    params = recipe.trainable_parameters(model)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    total = total_steps_for(cfg, recipe, world)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
-    train_ds, dev_ds = recipe.build_datasets(ctx)
-    if cfg.patience and dev_ds is None:
-        raise ConfigError(
-            f"patience={cfg.patience} needs a dev split, and the records have none",
-            where="patience",
-            fix="build records with dev_fraction > 0, or set patience=0",
-        )
-    stream = DataStream(train_ds)
-    dev_batches = None
-    best_loss, best_step, bad, best_state = math.inf, -1, 0, None
-    last_eval: dict = {}
-    step, tokens, stopped = 0, 0, False
-    t_start = time.time()
-    model.train()
-    metrics_path = work / "metrics.jsonl"
-    mf = open(metrics_path, "a") if rank == 0 else None
-    while step < total and not stopped:
-        t0 = time.time()
-        micro = [
-            recipe.collate([stream.next() for _ in range(cfg.micro_batch_size)])
-            for _ in range(cfg.gradient_accumulation_steps)
-        ]
-        counts = torch.tensor([float(sum(recipe.count_tokens(b) for b in micro))], dtype=torch.float64, device=device)
-        dist.all_reduce(counts)
-        denom = max(int(counts.item()), 1)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for b in micro:
-            o = recipe.compute_loss(model, to_device(b, device), ctx, train=True)
-            # FSDP averages gradients over ranks; * world undoes it so the step's gradient is
-            # d(sum of every rank's token losses) / (all label tokens of the step).
-            (o.loss_sum * (world / denom)).backward()
-            loss_sum += o.loss_sum.detach().double()
-        dist.all_reduce(loss_sum)
-        loss = (loss_sum / denom).item()
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"loss is {loss} at step {step + 1}/{total}", fix=f"lower lr (now {cfg.lr:g}) or check the data"
-            )
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        tokens += denom
-        if rank == 0:
-            dt = time.time() - t0
-            rec = {
-                "step": step,
-                "loss": loss,
-                "lr": lr,
-                "tokens": denom,
-                "grad_norm": float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-                if gnorm is not None
-                else None,
-            }
-            mf.write(json.dumps(rec) + "\n")
-            if step % cfg.log_steps == 0 or step == total:
-                log.info(step_line(step, total, loss, lr, denom / max(dt, 1e-9), eta_s=(total - step) * dt))
-        final = step == total
-        if dev_ds is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or final):
-            if dev_batches is None:
-                dev_batches = _dev_batches(recipe, dev_ds, cfg.micro_batch_size)
-            last_eval = evaluate(model, recipe, dev_batches, ctx)
-            if rank == 0:
-                mf.write(json.dumps({"step": step, **last_eval}) + "\n")
-                log.info(f"eval step {step}: dev loss {last_eval['dev_loss']:.4g}")
-            if last_eval["dev_loss"] < best_loss:
-                best_loss, best_step, bad = last_eval["dev_loss"], step, 0
-                if cfg.patience:
-                    best_state = _full_state(model)
-            else:
-                bad += 1
-                if cfg.patience and bad >= cfg.patience:
-                    stopped = True
-                    if rank == 0:
-                        log.info(f"early stop at step {step} (best dev loss {best_loss:.4g} at step {best_step})")
-    wall = time.time() - t_start
-    state = best_state if (cfg.patience and best_state is not None) else _full_state(model)
-    if rank == 0:
-        mf.close()
-        # Export from an unsharded copy of the model with the chosen weights.
-        plain = recipe.build_model(ctx)
-        plain.load_state_dict(state, strict=True)
-        recipe.export(plain, work, ctx)
-    dist.barrier()
-    result = {
-        "steps": step,
-        "total_steps": total,
-        "train_tokens": tokens,
-        "stopped_early": stopped,
-        "strategy": "fsdp",
-        "world_size": world,
-        "global_batch": cfg.micro_batch_size * cfg.gradient_accumulation_steps * world,
-        "tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
-    }
-    result.update({k: v for k, v in last_eval.items() if isinstance(v, (int, float))})
-    if best_step >= 0:
-        result.update(best_dev_loss=best_loss, best_step=best_step)
-    if rank == 0:
-        (work / "train_result.json").write_text(json.dumps(result, indent=2))
-    return result
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m minima.stages.sft SPEC.json``: one FSDP rank (started by torchrun)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    spec = json.loads(Path(argv[0]).read_text())
-    try:
-        fsdp_train(spec)
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

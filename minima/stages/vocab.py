@@ -29,6 +29,7 @@ from minima.data.vocab import (
     report,
     resize_model,
 )
+from minima.models.loader import load_model
 
 
 def _base_tokenizer_config(path: str) -> dict:
@@ -177,7 +178,8 @@ def run(cfg: VocabConfig, force: bool = False) -> Artifact:
             100 * mode_rep["english_changed_fraction"],
         )
         if cfg.base_model:
-            metrics.update(resize_model(cfg.base_model, r.work_dir, base, merged, cfg.embedding_init, cfg.seed))
+            model = load_model(cfg.base_model, dtype="saved", device="cpu", family="causal")
+            metrics.update(resize_model(model, r.work_dir, base, merged, cfg.embedding_init, cfg.seed))
         return metrics
 
     partial = cfg.resolved_out_dir().with_name(cfg.resolved_out_dir().name + ".partial")

@@ -1,36 +1,38 @@
-"""The DeepSpeed training engine shared by adapt, distill and sft.
+"""The training engine shared by adapt, distill and sft: one loop, two strategies.
 
-A stage supplies a :class:`Recipe` (importable as ``"module:Class"``); the engine owns launching,
-the loop, loss normalisation, checkpoints/resume, metrics and export. A stage's ``run`` is::
+May import minima.infer, minima.models, minima.data and minima.core.
+
+A stage supplies a :class:`Recipe` (importable as ``"module:Class"``) and calls :func:`train_stage`;
+the engine owns launching, the loop, loss normalisation, checkpoints/resume, metrics and export. A
+stage's ``run`` is::
 
     def run(cfg, force=False):
-        return run_stage(cfg, inputs, body=lambda r: run_training(cfg, "minima.stages.adapt:AdaptRecipe", r),
-                         force=force, resumable=True)
+        return train_stage(cfg, {"model": cfg.model, "records": cfg.records}, "minima.stages.adapt:AdaptRecipe",
+                           force=force)
 
-Contract (see ``recipe.py``), with these additions to the agreed API:
+Pieces:
 
-- ``Recipe.count_tokens(batch)``: the label tokens of a micro-batch, counted *before* the forward
-  (default: ``labels[:, 1:] != -100``). The engine needs the whole optimizer step's token count up
-  front to divide each micro-batch's ``loss_sum`` by it (exact under gradient accumulation and across
-  ranks); it checks that ``LossOut.num_tokens`` agrees. A recipe whose loss counts other tokens
-  overrides both together.
-- ``Recipe.build_callbacks(ctx)`` returns the callbacks (objects with ``on_eval(step, model, ctx)``,
-  optionally returning a dict of metrics to log); ``run_training(..., callbacks=["mod:factory"])``
-  adds more: each ``factory(cfg)`` is called inside every rank.
-- ``Recipe.num_train_examples()`` sizes epochs when ``max_steps = -1`` (default: the records manifest).
-- ``Recipe.export`` runs on rank 0 only, with ZeRO-3 parameters gathered.
-- ``TrainContext.is_rank0``.
-- ``train_stage(cfg, inputs, recipe, force=, callbacks=, validate=)`` (in ``launch.py``): the whole
-  ``run`` of a training stage. Node 0 calls ``run_stage`` as above; on other nodes of a multi-node job
-  (and non-zero ranks under an external torchrun) it only runs the ranks, so nothing races on the
-  artifact. Prefer it to calling ``run_stage`` directly.
-- ``minima.train.synthetic``: ``SyntheticConfig``/``SyntheticRecipe`` (generated, learnable token
-  sequences) for engine tests and benchmarks.
+- :mod:`~minima.train.recipe`: the Recipe hooks (model, data, ``compute_loss`` returning loss
+  *sums*, ``count_tokens`` counted before the forward so each micro-batch can be divided by the
+  whole step's label tokens, ``build_callbacks`` with ``on_eval(step, model, ctx)``, ``export`` on
+  rank 0 with the whole model gathered).
+- :mod:`~minima.train.loop`: the loop (exact token-weighted loss under accumulation and across
+  ranks, NaN/inf abort, dev evaluation, patience with the best checkpoint exported, callbacks,
+  metrics.jsonl / TensorBoard / loss plot, MFU, heartbeat).
+- :mod:`~minima.train.strategies`: ``strategy=deepspeed`` (ZeRO 0-3 from ``ds_config``) or
+  ``strategy=fsdp`` (torch FSDP2); the backend behind setup / backward / step / save / load / export.
+- :mod:`~minima.train.schedule`: the one lr schedule (warmup, then cosine to ``min_lr_ratio``).
+- :mod:`~minima.train.checkpoint`: checkpoint directories with a ``COMPLETE`` marker and per-rank
+  RNG/data state; resume is automatic from the newest complete one and exact.
+- :mod:`~minima.train.launch` / :mod:`~minima.train.worker`: torchrun, in-process, Slurm or the
+  DeepSpeed ssh launcher start the same worker for both strategies.
+- :mod:`~minima.train.synthetic`: ``SyntheticConfig``/``SyntheticRecipe`` (generated, learnable
+  token sequences) for engine tests and benchmarks.
 
 Layout of a run (``<out_dir>.partial`` while training, ``out_dir`` once published): the HF model
-files at the top, ``checkpoints/step_NNNNNNNN/`` (DeepSpeed state + per-rank RNG/reader state +
+files at the top, ``checkpoints/step_NNNNNNNN/`` (strategy state + per-rank RNG/reader state +
 ``COMPLETE`` marker, newest ``keep_last`` kept, plus the best one with ``patience``),
-``metrics.jsonl``, ``tensorboard/``, ``loss_curve.png``, ``ds_config.resolved.json``.
+``metrics.jsonl``, ``tensorboard/``, ``loss_curve.png`` and, under DeepSpeed, ``ds_config.resolved.json``.
 
 Environment knobs: ``MINIMA_NUM_THREADS`` (torch threads per rank), ``MINIMA_DS_LOG_LEVEL``
 (DeepSpeed's logger, default WARNING), ``MINIMA_STEP_DELAY_S`` (tests: sleep after each step).
@@ -58,30 +60,24 @@ __all__ = [
     "TrainContext",
     "causal_lm_loss_sum",
     "shifted_label_count",
-    "run_training",
     "train_stage",
 ]
 
 
 def train_stage(cfg, inputs, recipe: str, *, force: bool = False, callbacks=(), validate=None):
-    """A training stage's ``run`` (see ``launch.train_stage``)."""
-    from minima.train.launch import train_stage as _train_stage
-
-    return _train_stage(cfg, inputs, recipe, force=force, callbacks=list(callbacks), validate=validate)
-
-
-def run_training(cfg, recipe: str, run, callbacks: list[str] | None = None) -> dict:
-    """Train ``recipe`` with ``cfg`` into ``run.work_dir`` and export the HF model there.
+    """A training stage's ``run``: train ``recipe`` with ``cfg`` and publish the artifact (see ``launch.train_stage``).
 
     Args:
         cfg: the stage config (a TrainConfig subclass).
+        inputs: name -> input path (their hashes go into the cache key).
         recipe: ``"module:Class"`` of the Recipe subclass (imported inside each rank).
-        run: the StageRun from ``run_stage`` (work_dir = ``<out_dir>.partial``, kept for resume).
-        callbacks: optional ``"module:factory"`` strings; ``factory(cfg)`` returns an ``on_eval`` object.
+        force: rebuild even if a matching artifact exists.
+        callbacks: ``"module:factory"`` strings; ``factory(cfg)`` returns an object with ``on_eval``.
+        validate: optional no-argument check run on node 0 before anything is created or launched.
 
     Returns:
-        Metrics for the manifest (final/best dev loss, steps, tokens, tokens/s, ...).
+        The Artifact; its metrics hold final/best dev loss, steps, tokens, tokens/s, strategy ...
     """
-    from minima.train.launch import launch_training
+    from minima.train.launch import train_stage as _train_stage
 
-    return launch_training(cfg, recipe, run, callbacks=callbacks or [])
+    return _train_stage(cfg, inputs, recipe, force=force, callbacks=list(callbacks), validate=validate)

@@ -1,7 +1,9 @@
 """Resolve a DeepSpeed config: read the user's file, fill its ``"auto"`` fields from the stage config.
 
 Only fields whose value is the string ``"auto"`` are filled, so a user's explicit value always wins.
-The resolved dict is what DeepSpeed gets, and it is saved next to the outputs.
+The resolved dict is saved next to the outputs. A ``WarmupCosineLR`` scheduler block is run by
+minima's own schedule (:mod:`minima.train.schedule`, the same numbers, shared with FSDP); any other
+scheduler type is left to DeepSpeed. Used by ``strategy=deepspeed`` only.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from minima.core.errors import ConfigError, InputError
+from minima.train.schedule import WarmupCosine
 
 # The built-in default, identical to the repo's ds_config.json (a test checks), used when the
 # default name "ds_config.json" is not found in the working directory (e.g. an installed package).
@@ -138,11 +141,8 @@ def resolve_ds_config(
     _fill(opt, "torch_adam", True)
 
     sch = ds.get("scheduler", {}).get("params", {})
-    _fill(sch, "total_num_steps", total_steps)
-    _fill(sch, "warmup_num_steps", max(1, round(cfg.warmup_proportion * total_steps)))
-    _fill(sch, "cos_min_ratio", cfg.min_lr_ratio)
-    # DeepSpeed always warms up for >= 2 steps from warmup_min_ratio; starting at the peak is "no warmup".
-    _fill(sch, "warmup_min_ratio", 0.0 if cfg.warmup_proportion > 0 else 1.0)
+    for key, value in WarmupCosine.from_config(cfg, total_steps).ds_params().items():
+        _fill(sch, key, value)
     for k in ("warmup_max_lr", "warmup_min_lr"):  # WarmupLR / WarmupDecayLR spellings
         _fill(sch, k, cfg.lr if k == "warmup_max_lr" else 0.0)
 

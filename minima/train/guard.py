@@ -4,8 +4,8 @@ Two places can hang in a multi-process job:
 
 - Start-up: torchrun's rendezvous waits for every node. Before starting torchrun, each node's
   launcher checks in on a small TCP store hosted by node 0's launcher on ``master_port + 1``; node 0
-  waits at most ``init_timeout_s`` and then names the node ranks that never checked in.
-- Training: process-group collectives time out after ``init_timeout_s``. Every rank writes its step
+  waits at most ``launch.join_timeout_s`` and then names the node ranks that never checked in.
+- Training: process-group collectives time out after ``launch.collective_timeout_s``. Every rank writes its step
   to the process group's store after each step, so the timeout error names the ranks that fell behind.
 """
 

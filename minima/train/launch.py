@@ -10,7 +10,7 @@ Where the topology comes from, first match wins:
    sbatch script through :mod:`minima.train.slurm`; ``ssh`` uses the deepspeed launcher and a hostfile).
 
 Node 0 owns the artifact (``run_stage``); other nodes only run their ranks into the same directory
-(a shared file system, as DeepSpeed's checkpoints need anyway).
+(a shared file system, as the checkpoints of either strategy need anyway).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Optional
 
 from minima.core.errors import ConfigError, MinimaError, TrainingError
 from minima.core.logs import get_logger
+from minima.train.slurm import slurm_port
 
 log = get_logger("minima.train")
 
@@ -72,6 +73,9 @@ def _slurm_master(env: Mapping[str, str]) -> str:
     return first or "127.0.0.1"
 
 
+DEFAULT_PORT = 29500
+
+
 def in_torchrun(env: Mapping[str, str] = os.environ) -> bool:
     return "TORCHELASTIC_RUN_ID" in env or all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
 
@@ -88,7 +92,7 @@ def plan_launch(cfg, env: Mapping[str, str] = os.environ) -> Plan:
             max(1, world // max(local_world, 1)),
             int(env.get("GROUP_RANK", "0")),
             env.get("MASTER_ADDR", lc.master_addr),
-            int(env.get("MASTER_PORT", lc.master_port)),
+            int(env.get("MASTER_PORT") or lc.master_port or DEFAULT_PORT),
             "torchrun",
         )
     if lc.launcher in ("local", "slurm") and "SLURM_JOB_ID" in env and "SLURM_NNODES" in env:
@@ -101,12 +105,12 @@ def plan_launch(cfg, env: Mapping[str, str] = os.environ) -> Plan:
             int(env["SLURM_NNODES"]),
             int(env.get("SLURM_NODEID", "0")),
             _slurm_master(env),
-            lc.master_port,
+            slurm_port(lc, env["SLURM_JOB_ID"]),
             "slurm",
         )
     if lc.launcher == "slurm":
         # Outside an allocation: render an sbatch script and submit it (minima.train.slurm).
-        return Plan("sbatch", lc.gpus_per_node, lc.nnodes, 0, lc.master_addr, lc.master_port, "config")
+        return Plan("sbatch", lc.gpus_per_node, lc.nnodes, 0, lc.master_addr, lc.master_port or 0, "config")
     if lc.launcher == "ssh":
         if not lc.hostfile or not Path(lc.hostfile).is_file():
             raise ConfigError(
@@ -114,7 +118,8 @@ def plan_launch(cfg, env: Mapping[str, str] = os.environ) -> Plan:
                 where="launch.hostfile",
                 fix="write 'host slots=N' lines to a file and set launch.hostfile",
             )
-        return Plan("deepspeed", lc.nproc_per_node, lc.nnodes, 0, lc.master_addr, lc.master_port, "config")
+        port = lc.master_port or DEFAULT_PORT
+        return Plan("deepspeed", lc.gpus_per_node, lc.nnodes, 0, lc.master_addr, port, "config")
     inproc = os.environ.get("MINIMA_INPROCESS") == "1" and lc.nproc_per_node == 1 and lc.nnodes == 1
     return Plan(
         "inprocess" if inproc else "torchrun",
@@ -122,16 +127,33 @@ def plan_launch(cfg, env: Mapping[str, str] = os.environ) -> Plan:
         lc.nnodes,
         lc.node_rank,
         lc.master_addr,
-        lc.master_port,
+        lc.master_port or DEFAULT_PORT,
         "config",
     )
+
+
+def _hostfile_is_local(hostfile: str) -> bool:
+    """True when every host of a DeepSpeed hostfile is this machine (the launcher then starts ranks without ssh)."""
+    me = {"localhost", "127.0.0.1", socket.gethostname()}
+    try:
+        lines = Path(hostfile).read_text().splitlines()
+    except OSError:
+        return False
+    hosts = [ln.split()[0] for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    return bool(hosts) and all(h in me for h in hosts)
 
 
 def build_command(plan: Plan, spec_path: Path, hostfile: Optional[str] = None) -> list[str]:
     """The exact command that starts this node's ranks."""
     if plan.launcher == "deepspeed":
+        # The runner's ssh reachability check needs sshd even when the hostfile names only this machine.
+        local_only = ["--no_ssh_check"] if hostfile and _hostfile_is_local(hostfile) else []
         return [
-            "deepspeed",
+            sys.executable,
+            "-u",
+            "-m",
+            "deepspeed.launcher.runner",
+            *local_only,
             "--hostfile",
             str(hostfile),
             "--num_nodes",
@@ -183,11 +205,25 @@ def make_spec(cfg, recipe: str, work_dir: Path, out_dir: Path, callbacks: list[s
     }
 
 
-def _child_env() -> dict:
+#: Launchers whose ranks run on other machines (Slurm's nodes, the hostfile's hosts).
+REMOTE_LAUNCHERS = ("sbatch", "deepspeed")
+#: Accelerator choices this machine made for itself; a rank picks its own on its node (worker.run_spec).
+LAUNCHER_ONLY_ENV = ("DS_ACCELERATOR",)
+
+
+def _child_env(plan: Optional[Plan] = None) -> dict:
+    """The environment of the launcher subprocess.
+
+    Local ranks on a machine without CUDA get ``DS_ACCELERATOR=cpu``. Ranks on other machines (Slurm,
+    ssh) must not inherit what this machine (often a login node without a GPU) chose, so it is dropped.
+    """
     import torch
 
     env = dict(os.environ)
-    if not torch.cuda.is_available():
+    if plan is not None and plan.launcher in REMOTE_LAUNCHERS:
+        for k in LAUNCHER_ONLY_ENV:
+            env.pop(k, None)
+    elif not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     # The package may be run from a source checkout that is not installed.
     root = str(Path(__file__).resolve().parents[2])
@@ -274,7 +310,7 @@ def run_node(
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec, indent=2))
     cmd = build_command(plan, spec_path, cfg.launch.hostfile)
-    env = _child_env()
+    env = _child_env(plan)
     prefix = "DS_ACCELERATOR=cpu " if env.get("DS_ACCELERATOR") == "cpu" else ""
     log.info(f"launch ({plan.source}, node {plan.node_rank}/{plan.nnodes}): {prefix}{shlex.join(cmd)}")
     print(f"launch: {prefix}{shlex.join(cmd)}", flush=True)
@@ -288,7 +324,7 @@ def run_node(
             plan.nnodes,
             plan.node_rank,
             plan.nproc_per_node,
-            cfg.launch.init_timeout_s,
+            cfg.launch.join_timeout_s,
         )
     try:
         if plan.launcher == "sbatch":
@@ -300,7 +336,7 @@ def run_node(
                     ["-m", "minima.train.worker", str(spec_path)],
                     cfg.launch,
                     work_dir,
-                    env={k: env[k] for k in ("DS_ACCELERATOR", "PYTHONPATH") if k in env},
+                    env={k: env[k] for k in ("PYTHONPATH",) if k in env},
                 )
                 rc = 0
             except TrainingError:
@@ -330,13 +366,19 @@ def launch_training(cfg, recipe: str, run, callbacks: list[str] = ()) -> dict:
     return result or {}
 
 
-def _check_plan(cfg, force: bool) -> None:
-    """Stop before launch when `minima plan` says the job will not fit (``--force`` overrides)."""
-    from minima.core.errors import PlanError
-    from minima.train.plan import check_fits
+def _check_plan(cfg, force: bool, launch_plan: Optional[Plan] = None) -> None:
+    """Stop before launch when `minima plan` says the job will not fit (``--force`` overrides).
 
+    A job sent to Slurm or ssh is planned for its nodes (``launch.gpu`` x ``gpus_per_node`` x
+    ``nnodes``); only a local run is checked against this machine.
+    """
+    from minima.core.errors import PlanError
+    from minima.train.plan import PlanOptions, check_fits
+
+    lp = launch_plan or plan_launch(cfg)
+    opts = PlanOptions.for_job(cfg, lp.launcher, lp.nproc_per_node, lp.nnodes)
     try:
-        plan = check_fits(cfg, force=force)
+        plan = check_fits(cfg, opts, force=force)
     except PlanError:
         raise
     except Exception as e:  # a model family the planner does not model (e.g. seq2seq): launch anyway
@@ -348,6 +390,11 @@ def _check_plan(cfg, force: bool) -> None:
         plan.device_bytes / 2**30,
         plan.verdict(),
     )
+    if not force and lp.launcher in ("inprocess", "torchrun", "external"):  # a cluster job writes to its own storage
+        from minima.core.artifacts import check_free_space
+
+        out = cfg.resolved_out_dir()
+        check_free_space(out.parent if out.parent.exists() else Path("."), plan.disk_bytes, cfg.stage)
 
 
 def train_stage(
@@ -364,7 +411,7 @@ def train_stage(
     Args:
         cfg: the stage config. inputs: name -> path (cache key). recipe: ``"module:Class"``.
         force: rebuild even if a matching artifact exists.
-        callbacks: ``"module:factory"`` strings (see ``run_training``).
+        callbacks: ``"module:factory"`` strings; ``factory(cfg)`` returns an ``on_eval`` object.
         validate: optional no-argument callable run on node 0 before anything is created or launched.
     """
     from minima.core.artifacts import (
@@ -385,7 +432,7 @@ def train_stage(
         if validate is not None and not cached:
             validate()
         if not cached:
-            _check_plan(cfg, force)
+            _check_plan(cfg, force, plan)
         return run_stage(
             cfg, inputs, lambda run: launch_training(cfg, recipe, run, callbacks), force=force, resumable=True
         )

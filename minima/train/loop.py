@@ -1,11 +1,15 @@
-"""The training loop shared by every training stage (runs inside each rank).
+"""The training loop shared by every training stage and strategy (runs inside each rank).
+
+The loop draws data, normalises the loss, evaluates, checkpoints and exports; the distributed
+backend (DeepSpeed or FSDP2) sits behind a :class:`~minima.train.strategies.Strategy`, so this file
+names neither.
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches on every rank. The step's
-micro-batches are drawn first so the engine knows the step's total label-token count T (summed over
+micro-batches are drawn first so the loop knows the step's total label-token count T (summed over
 micro-batches and ranks); each micro-batch then back-propagates ``loss_sum * world_size / T``.
-DeepSpeed averages gradients over ranks (the ``world_size`` factor undoes that) and is told not to
-divide by the accumulation steps, so the gradient is exactly d(sum of token losses / T) — the same
-as one big batch, however it is split (MiniMA's scripts scaled by the accumulation twice).
+Both strategies average gradients over ranks (the ``world_size`` factor undoes that) and neither
+divides by the accumulation steps, so the gradient is exactly d(sum of token losses / T): the same
+as one big batch, however it is split.
 """
 
 from __future__ import annotations
@@ -24,12 +28,6 @@ import torch
 from minima.core.errors import ConfigError, TrainingError
 from minima.core.logs import get_logger
 from minima.train import checkpoint as ck
-from minima.train.ds_config import (
-    precision_of,
-    resolve_ds_config,
-    save_resolved,
-    zero_stage,
-)
 from minima.train.metrics import (
     MetricsLogger,
     device_peak_flops,
@@ -38,6 +36,8 @@ from minima.train.metrics import (
     plot_loss_curve,
 )
 from minima.train.recipe import Recipe, TrainContext
+from minima.train.strategies import get_strategy
+from minima.train.strategies.base import DTYPES
 
 log = get_logger("minima.train")
 
@@ -122,12 +122,6 @@ def _batch_hash(batches: list[dict]) -> str:
     return h.hexdigest()[:12]
 
 
-def _as_float(x) -> Optional[float]:
-    if x is None:
-        return None
-    return float(x.item() if isinstance(x, torch.Tensor) else x)
-
-
 def total_steps_for(cfg, recipe: Recipe, world_size: int) -> int:
     """Optimizer steps of the run: ``max_steps``, or ``epochs`` over the train records."""
     if cfg.max_steps > 0:
@@ -147,13 +141,15 @@ def total_steps_for(cfg, recipe: Recipe, world_size: int) -> int:
 
 # ------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def evaluate(engine, recipe: Recipe, dev_batches: list[dict], ctx: TrainContext) -> dict:
-    """Token-weighted dev loss and perplexity over every rank's dev shard."""
-    engine.eval()
-    # ZeRO-3 forwards are collective: every rank runs as many as the rank with the most batches,
+def evaluate(model, recipe: Recipe, dev_batches: list[dict], ctx: TrainContext) -> dict:
+    """Token-weighted dev loss and perplexity over every rank's dev shard, plus the recipe's dev metrics
+    (``compute_loss``'s metrics summed like the loss, see :meth:`Recipe.dev_metrics`)."""
+    model.eval()
+    # Sharded forwards (ZeRO-3, FSDP) are collective: every rank runs as many as the rank with the most batches,
     # padding with a batch whose labels are all masked (it adds nothing to the sums).
     n = _all_reduce(torch.tensor([len(dev_batches)], device=ctx.device), op=_max_op())[0].item()
     sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    names: list[str] = []
     for i in range(int(n)):
         if i < len(dev_batches):
             batch = dev_batches[i]
@@ -167,17 +163,25 @@ def evaluate(engine, recipe: Recipe, dev_batches: list[dict], ctx: TrainContext)
                 }
             )
             batch["labels"] = torch.full_like(batch["input_ids"], -100)
-        out = recipe.compute_loss(engine, to_device(batch, ctx.device), ctx, train=False)
+        out = recipe.compute_loss(model, to_device(batch, ctx.device), ctx, train=False)
+        if i == 0 and out.metrics:
+            names = sorted(out.metrics)
+            sums = torch.cat([sums, torch.zeros(len(names), dtype=torch.float64, device=ctx.device)])
         sums[0] += out.loss_sum.detach().double()
-        sums[1] += float(out.num_tokens)
+        sums[1] += out.num_tokens  # a device tensor or an int: no host sync per batch
+        for j, k in enumerate(names):
+            sums[2 + j] += out.metrics[k].detach().double()
     _all_reduce(sums)
-    engine.train()
+    model.train()
     loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
-    return {
+    res = {
         "dev_loss": loss,
         "dev_ppl": math.exp(min(loss, 50.0)) if math.isfinite(loss) else float("nan"),
         "dev_tokens": int(sums[1].item()),
     }
+    if names:
+        res.update(recipe.dev_metrics({k: (sums[2 + j] / sums[1]).item() for j, k in enumerate(names)}))
+    return res
 
 
 def _max_op():
@@ -201,31 +205,30 @@ def _dev_batches(recipe: Recipe, dev_ds, mbs: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ export
-def export_model(engine, recipe: Recipe, out_dir: Path, ctx: TrainContext, stage: int) -> None:
-    """Rank 0 writes the HF dir; under ZeRO-3 the parameters are gathered first (a collective)."""
-    module = engine.module
-    if stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            if ctx.rank == 0:
-                recipe.export(module, out_dir, ctx)
-    elif ctx.rank == 0:
-        recipe.export(module, out_dir, ctx)
+def export_model(strategy, recipe: Recipe, out_dir: Path, ctx: TrainContext) -> None:
+    """Rank 0 writes the HF dir from the whole model (gathered from its shards: a collective)."""
+    with strategy.full_model() as model:
+        if model is not None:
+            recipe.export(model, out_dir, ctx)
     _barrier()
 
 
 # ------------------------------------------------------------------------------ the loop
 def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), heartbeat=None) -> dict:
-    """Train, checkpoint, evaluate and export. Returns the run's metrics (same on every rank)."""
-    import deepspeed
-
+    """Train, checkpoint, evaluate and export with ``cfg.strategy``. Returns the run's metrics (same on every rank)."""
+    strategy = get_strategy(cfg.strategy)
     torch.manual_seed(cfg.seed + ctx.rank)
     # The precision is known before the recipe loads anything (a teacher loads in ctx.dtype).
-    probe = resolve_ds_config(cfg, world_size=ctx.world_size, total_steps=1, on_gpu=ctx.device.type == "cuda")
-    ctx.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision_of(probe)]
+    ctx.dtype = DTYPES[strategy.precision(cfg, ctx)]
     recipe.setup(ctx)
-    model = recipe.build_model(ctx)
+    from minima.train.model_init import build_context
+
+    with build_context(cfg, ctx, getattr(cfg, "model", None)):
+        model = recipe.build_model(ctx)
+    if getattr(cfg, "compile", False):
+        from minima.train.model_init import compile_blocks
+
+        compile_blocks(model, os.environ.get("MINIMA_COMPILE_BACKEND") or None)
     params = recipe.trainable_parameters(model)
     if not params:
         raise ConfigError(
@@ -240,34 +243,27 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
         )
 
     total = total_steps_for(cfg, recipe, ctx.world_size)
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    ds_cfg = resolve_ds_config(
-        cfg, world_size=ctx.world_size, total_steps=total, on_gpu=ctx.device.type == "cuda", hidden_size=hidden
-    )
-    if ctx.rank == 0:
-        save_resolved(ds_cfg, ctx.work_dir / "ds_config.resolved.json")
-    stage = zero_stage(ds_cfg)
-
     fpt_params = non_embedding_params(model)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)
-    engine.train()
-    if engine.lr_scheduler is not None and getattr(engine.lr_scheduler, "last_batch_iteration", 0) == -1:
-        # DeepSpeed's warmup schedulers start at iteration -1 (lr 0) and then 0 (lr 0 again); one
-        # step here makes step 1 use iteration 0, as HF schedules do. A resume overwrites it.
-        engine.lr_scheduler.step()
+    wrapped = strategy.setup(model, params, cfg, total, ctx)
+    del model, params  # the strategy holds them (possibly re-sharded): use wrapped / strategy.module
 
     mbs, gas, world = cfg.micro_batch_size, cfg.gradient_accumulation_steps, ctx.world_size
     stream = DataStream(train_ds)
     ckpt = ck.Checkpointer(ctx.work_dir / "checkpoints", ctx.rank, world, cfg.keep_last, _barrier)
     state = LoopState()
-    latest = ck.latest_complete(ckpt.root)
+    latest = ckpt.resume_point()
     resumed_eval: dict = {}
+    timing = {"save_s": 0.0, "saves": 0, "load_s": None}  # checkpoint I/O, reported with the run's metrics
+    initial_eval: dict = {}  # dev metrics before the first step (Recipe.eval_at_start)
     if latest is not None:
-        saved = ckpt.load(engine, latest)
+        t_load = time.time()
+        saved = ckpt.load(strategy, latest)
+        timing["load_s"] = time.time() - t_load
         state = LoopState(**saved["counters"])
         stream.load_state_dict(saved["data"])
         ck.set_rng_state(saved["rng"])
         resumed_eval = dict(saved.get("last_eval") or {})
+        initial_eval = dict(saved.get("initial_eval") or {})
         if state.best_step >= 0:
             ckpt.protected.add(state.best_step)
         log.info(f"resumed from {latest} (step {state.step}/{total})")
@@ -292,7 +288,17 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     def save(meta: dict) -> Path:
         rs = ck.rank_state(state.step, stream.state_dict(), asdict(state))
         rs["last_eval"] = dict(last_eval)  # so a run resumed at the very end still reports its dev metrics
-        return ckpt.save(engine, state.step, rs, meta)
+        rs["initial_eval"] = dict(initial_eval)
+        t_save = time.time()
+        path = ckpt.save(strategy, state.step, rs, meta)
+        timing["save_s"] += time.time() - t_save
+        timing["saves"] += 1
+        return path
+
+    if dev_ds is not None and recipe.eval_at_start and state.step == 0:
+        dev_batches = _dev_batches(recipe, dev_ds, mbs)
+        initial_eval = evaluate(wrapped, recipe, dev_batches, ctx)
+        metrics.eval_step(0, initial_eval)
 
     while state.step < total and not state.stopped_early:
         t0 = time.time()
@@ -301,17 +307,17 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
         local_compute_tokens = sum(int(b["input_ids"].numel()) for b in micro)
         if not seq_len:
             seq_len = int(micro[0]["input_ids"].shape[-1])
-            metrics.fpt = (
-                flops_per_token(engine.module.config, fpt_params, seq_len) if hasattr(engine.module, "config") else 0.0
-            )
+            hf = strategy.module
+            metrics.fpt = flops_per_token(hf.config, fpt_params, seq_len) if hasattr(hf, "config") else 0.0
+            metrics.fpt += recipe.extra_flops_per_token(seq_len)  # e.g. the teacher's forward in distillation
         head = _all_reduce(torch.tensor([sum(counts), local_compute_tokens], dtype=torch.float64, device=ctx.device))
         step_tokens, compute_tokens = int(head[0].item()), int(head[1].item())
         denom = max(step_tokens, 1)
         sums: Optional[torch.Tensor] = None
         names: list[str] = []
-        lr = engine.get_lr()[0]
+        lr = strategy.lr
         for i, batch in enumerate(micro):
-            out = recipe.compute_loss(engine, to_device(batch, ctx.device), ctx, train=True)
+            out = recipe.compute_loss(wrapped, to_device(batch, ctx.device), ctx, train=True)
             if not checked_counts and int(out.num_tokens) != counts[i]:
                 raise TrainingError(
                     f"compute_loss counted {int(out.num_tokens)} label tokens but count_tokens said {counts[i]}",
@@ -321,12 +327,10 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
             if sums is None:
                 names = sorted(out.metrics)
                 sums = torch.zeros(1 + len(names), dtype=torch.float64, device=ctx.device)
-            engine.backward(out.loss_sum * (world / denom), scale_wrt_gas=False)
+            strategy.backward(out.loss_sum * (world / denom))
             sums[0] += out.loss_sum.detach().double()
             for j, k in enumerate(names):
                 sums[1 + j] += out.metrics[k].detach().double()
-            if i < gas - 1:
-                engine.step()  # a no-op inside the accumulation window
         checked_counts = True
         _all_reduce(sums)
         loss = (sums[0] / denom).item()
@@ -337,7 +341,7 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
                 fix=f"last good checkpoint: {last or 'none yet'}; lower lr (now {cfg.lr:g}) or check this step's data; "
                 "a rerun resumes from that checkpoint",
             )
-        engine.step()
+        grad_norm = strategy.step()
         state.step += 1
         state.tokens += step_tokens
         steps_this_run += 1
@@ -345,7 +349,6 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
         if heartbeat is not None:
             heartbeat.beat(state.step)
         extra = {k: (sums[1 + j] / denom).item() for j, k in enumerate(names)}
-        grad_norm = _as_float(engine.get_global_grad_norm())
         hash_ = _batch_hash(micro) if ctx.rank == 0 else None
         metrics.train_step(state.step, loss, lr, grad_norm, compute_tokens, time.time() - t0, extra, hash_)
         if step_delay:
@@ -356,9 +359,9 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
         if dev_ds is not None and ((cfg.eval_steps and state.step % cfg.eval_steps == 0) or final):
             if dev_batches is None:
                 dev_batches = _dev_batches(recipe, dev_ds, mbs)
-            last_eval = evaluate(engine, recipe, dev_batches, ctx)
+            last_eval = evaluate(wrapped, recipe, dev_batches, ctx)
             for cb in callbacks:
-                got = cb.on_eval(state.step, engine.module, ctx)
+                got = cb.on_eval(state.step, strategy.module, ctx)
                 if isinstance(got, dict):
                     last_eval.update(got)
             metrics.eval_step(state.step, last_eval)
@@ -382,9 +385,9 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
     wall = time.time() - t_train
     if cfg.patience and state.best_step >= 0 and state.best_step != state.step:
         log.info(f"exporting the best checkpoint (step {state.best_step}, dev loss {state.best_loss:.4g})")
-        # A full load (not module-only): under ZeRO-3 the weights live in the optimizer's partitions.
-        ckpt.load(engine, ckpt.root / ck.tag_of(state.best_step))
-    export_model(engine, recipe, ctx.work_dir, ctx, stage)
+        # The whole state, not the weights alone: sharded strategies keep the master weights with the optimizer.
+        ckpt.load(strategy, ckpt.root / ck.tag_of(state.best_step))
+    export_model(strategy, recipe, ctx.work_dir, ctx)
     metrics.close()
     if ctx.rank == 0:
         plot_loss_curve(metrics.path, metrics.png)
@@ -394,17 +397,23 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
         "total_steps": total,
         "train_tokens": state.tokens,
         "stopped_early": state.stopped_early,
-        "zero_stage": stage,
-        "precision": precision_of(ds_cfg),
+        **strategy.summary(),
         "world_size": world,
         "global_batch": mbs * gas * world,
     }
+    if timing["saves"]:
+        result["checkpoint_save_s"] = round(timing["save_s"] / timing["saves"], 3)
+    if timing["load_s"] is not None:
+        result["resume_load_s"] = round(timing["load_s"], 3)
+    if ctx.device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**30, 3)
     if steps_this_run:
         result["tokens_per_s"] = round(tokens_this_run / wall, 2)
     if last_eval:
         result.update({k: v for k, v in last_eval.items() if isinstance(v, (int, float))})
+    result.update({f"{k}_initial": v for k, v in initial_eval.items() if isinstance(v, (int, float))})
     if state.best_step >= 0:
         result.update(best_dev_loss=state.best_loss, best_step=state.best_step)
-    del engine, model
+    wrapped = strategy = None  # free the model and optimizer before returning (in-process runs go on)
     gc.collect()
     return result

@@ -185,14 +185,13 @@ def export_lora(
 def load_adapter(adapter_dir: str | Path, base_dir: Optional[str | Path] = None):
     """Load an adapter dir on its base model (the one recorded in adapter_config.json by default)."""
     from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from minima.models.loader import load_model
 
     adapter_dir = Path(adapter_dir)
     if base_dir is None:
         base_dir = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    is_s2s = AutoConfig.from_pretrained(str(base_dir)).is_encoder_decoder
-    cls = AutoModelForSeq2SeqLM if is_s2s else AutoModelForCausalLM
-    base = cls.from_pretrained(str(base_dir))
+    base = load_model(base_dir, dtype="saved", for_training=True)  # the family follows the base config
     return PeftModel.from_pretrained(base, str(adapter_dir))
 
 

@@ -9,8 +9,13 @@ from pathlib import Path
 from typing import Optional
 
 from minima.core.logs import get_logger, step_line
+from minima.models import counts
 
 log = get_logger("minima.train")
+
+# MFU of the step line: the one FLOP and parameter count (the loop imports them from here)
+flops_per_token = counts.flops_per_token
+non_embedding_params = counts.non_embedding_params
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), matched by substring of the CUDA device name.
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -28,28 +33,6 @@ def device_peak_flops(name: Optional[str] = None) -> Optional[float]:
         if key in name:
             return tflops * 1e12
     return None
-
-
-def flops_per_token(model_config, num_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: ``6N + 12 * L * d * T`` (PaLM appendix B; N excludes the input embedding).
-
-    6N counts the forward+backward matmuls, the second term the attention scores and values.
-    """
-    L = getattr(model_config, "num_hidden_layers", 0) or 0
-    d = getattr(model_config, "hidden_size", 0) or 0
-    return 6.0 * num_params + 12.0 * L * d * seq_len
-
-
-def non_embedding_params(model) -> int:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    emb_ids = {id(p) for p in emb.parameters()} if emb is not None else set()
-    total = 0
-    for p in model.parameters():
-        if id(p) in emb_ids:
-            continue
-        # ZeRO-3 partitions parameters; ds_numel is the full size.
-        total += int(getattr(p, "ds_numel", p.numel()))
-    return total
 
 
 class MetricsLogger:
@@ -204,11 +187,15 @@ def loss_series(recs: list[dict]) -> dict:
     them, and ``tokens`` (step, tokens seen by the end of the step).
 
     Train CE is the record's ``ce`` when the objective logs it apart, else ``loss`` when the record has no
-    other loss term (adapt, sft). Dev CE is ``dev_loss``.
+    other loss term (adapt, sft). Dev CE is ``dev_loss``. Preference runs (records with ``rewards/margins``)
+    have no CE: ``train_ce``/``dev_ce`` then hold the preference loss, ``preference`` is true and ``margins``
+    holds the reward margin per split. Names with a ``/`` (rewards/..., eval/...) are never loss terms.
     """
     train = [r for r in recs if r.get("split") == "train" and _finite(r.get("loss"))]
     dev = [(r["step"], r["dev_loss"]) for r in recs if r.get("split") == "dev" and _finite(r.get("dev_loss"))]
-    names = sorted({k for r in train for k, v in r.items() if k not in _NOT_TERMS and k != "ce" and _finite(v)})
+    names = sorted(
+        {k for r in train for k, v in r.items() if k not in _NOT_TERMS and k != "ce" and "/" not in k and _finite(v)}
+    )
     terms = {t: [(r["step"], r[t]) for r in train if _finite(r.get(t))] for t in names}
     if any("ce" in r for r in train):
         train_ce = [(r["step"], r["ce"]) for r in train if _finite(r.get("ce"))]
@@ -220,15 +207,32 @@ def loss_series(recs: list[dict]) -> dict:
     for r in train:
         seen += float(r.get("tokens") or 0)
         tokens.append((r["step"], seen))
-    return {"train_ce": train_ce, "dev_ce": dev, "terms": terms, "objective": objective, "tokens": tokens}
+    margins = {
+        split: [
+            (r["step"], r["rewards/margins"])
+            for r in recs
+            if r.get("split") == split and _finite(r.get("rewards/margins"))
+        ]
+        for split in ("train", "dev")
+    }
+    return {
+        "train_ce": train_ce,
+        "dev_ce": dev,
+        "terms": terms,
+        "objective": objective,
+        "tokens": tokens,
+        "preference": bool(margins["train"] or margins["dev"]),
+        "margins": margins,
+    }
 
 
 def plot_loss_curve(metrics_path: Path, png: Path) -> Optional[Path]:
     """Like beside like, as a PNG (see :func:`loss_series`): train CE with dev CE on one axis; any other loss
-    term (e.g. the KD term of distillation, which is not a cross entropy) on its own panel. x: optimizer step,
-    and training tokens on the top axis."""
+    term (e.g. the KD term of distillation, which is not a cross entropy) on its own panel; preference runs
+    plot their loss (train and dev) beside the reward margin (train and dev). x: optimizer step, and training
+    tokens on the top axis."""
     c = loss_series(read_metrics(metrics_path))
-    train_ce, dev, terms = c["train_ce"], c["dev_ce"], c["terms"]
+    train_ce, dev, terms, pref = c["train_ce"], c["dev_ce"], c["terms"], c["preference"]
     if not train_ce and not dev and not terms:
         return None
     import matplotlib
@@ -254,11 +258,18 @@ def plot_loss_curve(metrics_path: Path, png: Path) -> Optional[Path]:
         )
 
     ax = axes[0]
+    what = "preference loss" if pref else "CE"
     if train_ce:
-        curve(ax, train_ce, "train CE", "tab:blue")
+        curve(ax, train_ce, f"train {what}", "tab:blue")
     if dev:
-        ax.plot(*zip(*dev), "o-", label="dev CE", lw=1.5, color="tab:orange")
-    ax.set_ylabel("next-token cross entropy (nats/token)")
+        ax.plot(*zip(*dev), "o-", label=f"dev {what}", lw=1.5, color="tab:orange")
+    ax.set_ylabel("preference loss" if pref else "next-token cross entropy (nats/token)")
+    if pref:
+        if c["margins"]["train"]:
+            curve(axes[1], c["margins"]["train"], "train reward margin", "tab:green")
+        if c["margins"]["dev"]:
+            axes[1].plot(*zip(*c["margins"]["dev"]), "s--", color="tab:red", lw=1.5, label="dev reward margin")
+        axes[1].set_ylabel("reward margin (chosen - rejected)")
     if terms:
         colors = iter(["tab:green", "tab:purple", "tab:red", "tab:brown", "tab:gray"])
         for t, pts in terms.items():

@@ -6,7 +6,9 @@ shapes), so planning a 7B costs nothing. Per GPU, for the resolved stage config:
 - parameters, total and trainable (LoRA counted);
 - model states under ZeRO 0/1/2/3 at the planned world size (weights, gradients, optimizer);
 - activations for micro_batch x seq, with and without activation checkpointing;
-- the teacher (distill, online) or the logit cache (cached); the KV cache (evaluate);
+- the teacher (distill, online) or the logit cache (cached); dpo's reference model (a frozen copy,
+  or nothing with ``precompute_ref`` or LoRA) and its 2 x micro_batch rows per forward; the KV cache
+  (evaluate);
 - FLOPs per token (6N + 12 L d T, plus the teacher's forward for distill) and the time at an MFU;
 - record-shard and checkpoint sizes.
 
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Optional
 
 from minima.core.errors import ConfigError, PlanError
+from minima.models.counts import count_params, flops_per_token, meta_model, non_embedding_params
+from minima.train.recipe import LM_LOSS_CHUNK
 
 GiB = 1024**3
 # Dense bf16 peak TFLOP/s and memory (GiB) of known devices.
@@ -60,11 +64,15 @@ class PlanOptions:
     seq: Optional[int] = None  # sequence length (default: the records' max_length, sft's max_length, else the model's)
 
     @classmethod
-    def local(cls, cfg) -> PlanOptions:
-        """This machine as the launcher will use it: its GPU (or, on CPU, its RAM shared by the local ranks)."""
+    def local(cls, cfg, per_node: Optional[int] = None, nnodes: Optional[int] = None) -> PlanOptions:
+        """This machine as the launcher will use it: its GPU (or, on CPU, its RAM shared by the local ranks).
+
+        ``per_node`` / ``nnodes`` default to ``launch.nproc_per_node`` / ``launch.nnodes`` (a Slurm
+        allocation passes its own).
+        """
         launch = getattr(cfg, "launch", None)
-        per_node = launch.nproc_per_node if launch else 1
-        world = per_node * (launch.nnodes if launch else 1)
+        per_node = per_node or (launch.nproc_per_node if launch else 1)
+        world = per_node * (nnodes or (launch.nnodes if launch else 1))
         try:
             import torch
 
@@ -80,6 +88,23 @@ class PlanOptions:
         import psutil
 
         return cls(device="cpu", gpus=world, memory_gib=psutil.virtual_memory().total / GiB / per_node)
+
+    @classmethod
+    def remote(cls, cfg) -> PlanOptions:
+        """The nodes a slurm/ssh job runs on: ``launch.gpus_per_node`` x ``launch.nnodes`` GPUs of ``launch.gpu``."""
+        launch = cfg.launch
+        return cls(device=launch.gpu.lower(), gpus=launch.gpus_per_node * launch.nnodes)
+
+    @classmethod
+    def for_job(cls, cfg, launcher: Optional[str] = None, per_node: Optional[int] = None, nnodes: Optional[int] = None):
+        """What the job will run on: the target GPUs when it goes to Slurm or ssh from here, else this machine.
+
+        ``launcher`` is the resolved launch (``sbatch`` / ``deepspeed`` leave this machine); by default
+        ``cfg.launch.launcher`` decides.
+        """
+        launch = getattr(cfg, "launch", None)
+        remote = launcher in ("sbatch", "deepspeed") if launcher else bool(launch and launch.launcher != "local")
+        return cls.remote(cfg) if remote else cls.local(cfg, per_node, nnodes)
 
 
 # ------------------------------------------------------------------------------------ shapes
@@ -108,19 +133,6 @@ def load_config(model_dir: Optional[str], fallback):
 
         return AutoConfig.from_pretrained(model_dir)
     return fallback
-
-
-def meta_model(config):
-    """Instantiate on the meta device: exact parameter shapes, no memory."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def count_params(config) -> int:
-    return sum(p.numel() for p in meta_model(config).parameters())
 
 
 def lora_trainable(config, lora) -> int:
@@ -277,8 +289,8 @@ def loss_bytes(
 ) -> float:
     """Peak bytes of the logits and the loss (forward and backward), b*s tokens over the vocab V.
 
-    - ``ce`` (adapt, sft: ``causal_lm_loss_sum``): the logits (e), their shifted fp32 copy and the
-      fp32 log-softmax that cross entropy saves: V (e + 8) per token.
+    - ``ce`` (adapt, sft: ``causal_lm_loss_sum``, the same vocab-chunked Function with no teacher): the
+      logits (e), their gradient (e) and about three fp32 [tokens, chunk] temporaries (chunk 8192).
     - ``kd`` (distill, online teacher, ``minima.train.objectives.kd.dense_loss``): student logits (e), teacher
       logits, the student's logit gradient (e) and about six fp32 [tokens, chunk] temporaries of the
       fused, vocab-chunked loss (exp, differences, products of one chunk).
@@ -292,7 +304,7 @@ def loss_bytes(
         return tokens * (vocab * (2 * e + teacher_bytes) + 6 * c * 4)
     if loss == "kd_cached":
         return tokens * (vocab * 2 * e + 3 * c * 4 + top_k * (8 + 4 + 4) * 2)
-    return tokens * vocab * (e + 8)
+    return tokens * (vocab * 2 * e + 3 * min(LM_LOSS_CHUNK, vocab) * 4)
 
 
 def activation_bytes(
@@ -343,11 +355,6 @@ def kv_cache_bytes(config, batch: int, seq: int, precision: str = "bf16") -> flo
     return 2 * config.num_hidden_layers * kv_heads * head_dim * seq * batch * (4 if precision == "fp32" else 2)
 
 
-def flops_per_token(config, seq: int, n_params: int) -> float:
-    """Training FLOPs per token: 6N + 12 L d T (attention scores and values, forward + backward)."""
-    return 6 * n_params + 12 * config.num_hidden_layers * config.hidden_size * seq
-
-
 def measured_mfu(device: str) -> Optional[float]:
     """MFU recorded in benchmarks/RESULTS.md for this device (a line like `mfu_<device>: 0.41`)."""
     p = Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md"
@@ -371,6 +378,7 @@ class Plan:
     device_bytes: float = 0.0
     params: int = 0
     trainable: int = 0
+    disk_bytes: float = 0.0  # what the run writes: kept checkpoints with optimizer state, plus the export
     suggestions: list[str] = field(default_factory=list)
 
     @property
@@ -404,9 +412,8 @@ class Plan:
                 lines.append(
                     f"    {k:<{mw}} {v / GiB:9.2f} GiB  {tag}" + (f"; {self.notes[k]}" if k in self.notes else "")
                 )
-            lines.append(
-                f"    {'total':<{mw}} {self.total_bytes / GiB:9.2f} GiB  of {self.device_bytes / GiB:.0f} GiB -> {self.verdict()}"
-            )
+            total = f"{self.total_bytes / GiB:9.2f} GiB  of {self.device_bytes / GiB:.0f} GiB"
+            lines.append(f"    {'total':<{mw}} {total} -> {self.verdict()}")
         return "\n".join(lines)
 
 
@@ -439,9 +446,8 @@ def plan_stage(cfg, opts: PlanOptions, preset: Optional[str] = None) -> Plan:
     if dev_tflops is None:
         raise ConfigError(f"unknown device '{opts.device}'", fix=f"plan.device= one of {', '.join(DEVICES)}")
     plan = Plan(stage=cfg.stage, device_bytes=(opts.memory_gib or dev_gib) * GiB)
-    world = opts.gpus
     stage = cfg.stage
-    if stage in ("adapt", "distill", "sft"):
+    if stage in ("adapt", "distill", "sft", "dpo"):
         if stage == "adapt":  # the big model, continued-pretrained
             config = load_config(cfg.model, teacher_fallback)
         elif stage == "distill":
@@ -466,7 +472,6 @@ def plan_stage(cfg, opts: PlanOptions, preset: Optional[str] = None) -> Plan:
         if cfg.importance == "gradient":
             plan.memory["gradients"] = n * (4 if cfg.dtype == "fp32" else 2)
         plan.rows += [("teacher params", _fmt_n(n)), ("calibration tokens", _fmt_n(cfg.num_samples * cfg.max_length))]
-        world = 1
     elif stage == "evaluate":
         config = load_config(cfg.model, student_fallback)
         n = count_params(config)
@@ -529,9 +534,12 @@ def _train_memory(plan: Plan, cfg, config, opts: PlanOptions, teacher_fallback) 
     cpu = opts.device == "cpu"
     dev_tflops = DEVICES[opts.device][0]
     n = count_params(config)
-    lora = cfg.lora if stage == "sft" and cfg.lora.enabled else None
+    lora = cfg.lora if stage in ("sft", "dpo") and cfg.lora.enabled else None
     trainable = lora_trainable(config, lora) if lora else n
-    if stage == "sft":
+    if stage == "dpo":  # chosen and rejected rows of a pair go through one forward
+        seq = _records_max_length(cfg.records) or cfg.max_length
+        cfg = cfg.model_copy(update={"micro_batch_size": 2 * cfg.micro_batch_size})
+    elif stage == "sft":
         seq = cfg.max_length
     else:
         seq = _records_max_length(cfg.records) or config.max_position_embeddings
@@ -579,7 +587,8 @@ def _train_memory(plan: Plan, cfg, config, opts: PlanOptions, teacher_fallback) 
             loss = "kd"
         elif cached:
             loss = "kd_cached"
-        fpt_teacher = 2 * nt + 4 * tconf.num_hidden_layers * tconf.hidden_size * seq
+        fpt_teacher = flops_per_token(tconf, non_embedding_params(tconf), seq, backward=False)
+    ref_logits = _dpo_reference(plan, cfg, config, n, world, cpu, seq, zopt) if stage == "dpo" else 0.0
     plan.memory[
         "runtime (" + ("process heap, code, comm buffers; measured)" if cpu else "CUDA context, cuBLAS/NCCL; typical)")
     ] = RUNTIME_BYTES["cpu" if cpu else "gpu"]
@@ -599,23 +608,30 @@ def _train_memory(plan: Plan, cfg, config, opts: PlanOptions, teacher_fallback) 
     )
     act = activation_bytes(config, cfg.micro_batch_size, seq, cfg.precision, cfg.activation_checkpointing, **act_kw)
     gathered = zero3_gathered_bytes(config, n, e, world, zopt, lora, cfg.activation_checkpointing) if zero >= 3 else 0.0
-    fb_label = f"fwd/bwd: activations + loss (mb {cfg.micro_batch_size} x {seq}{', ckpt' if cfg.activation_checkpointing else ''})"
+    ckpt_tag = ", ckpt" if cfg.activation_checkpointing else ""
+    fb_label = f"fwd/bwd: activations + loss (mb {cfg.micro_batch_size} x {seq}{ckpt_tag})"
     if gathered:
         fb_label = fb_label.replace("loss", "loss + gathered params")
         plan.notes[fb_label] = f"incl. {gathered / GiB:.2f} GiB gathered ZeRO-3 params"
-    plan.phases[fb_label] = act + gathered
+    plan.phases[fb_label] = act + gathered + ref_logits
+    if ref_logits:
+        note = f"{ref_logits / GiB:.2f} GiB reference logits"
+        plan.notes[fb_label] = f"{plan.notes[fb_label]} and {note}" if fb_label in plan.notes else f"incl. {note}"
     plan.phases[f"optimizer step temporaries ({where})"] = step_transient_bytes(
         trainable, cfg.precision, zero, world, cpu, gas
     )
 
-    fpt = flops_per_token(config, seq, n) + (fpt_teacher if stage == "distill" else 0)
+    fpt = flops_per_token(config, non_embedding_params(config), seq) + (fpt_teacher if stage == "distill" else 0)
+    if stage == "dpo" and not (cfg.reference_free() or cfg.precompute_ref):  # the reference's forward
+        fpt += flops_per_token(config, non_embedding_params(config), seq, backward=False)
     plan.params, plan.trainable = n, trainable
     plan.rows += [
         ("params", f"{_fmt_n(n)} ({n:,})"),
         ("trainable", f"{_fmt_n(trainable)} ({trainable:,})"),
         (
             "layers / hidden / heads / ffn",
-            f"{config.num_hidden_layers} / {config.hidden_size} / {config.num_attention_heads} / {config.intermediate_size}",
+            f"{config.num_hidden_layers} / {config.hidden_size} / "
+            f"{config.num_attention_heads} / {config.intermediate_size}",
         ),
         ("precision, ZeRO, world", f"{cfg.precision}, ZeRO-{zero}, {world} x {opts.device}"),
         ("attention kernel", attn),
@@ -645,6 +661,8 @@ def _train_memory(plan: Plan, cfg, config, opts: PlanOptions, teacher_fallback) 
     plan.rows.append(
         ("checkpoint (weights / +optimizer)", f"{ck / GiB:.2f} GiB / {(ck + trainable * 12) / GiB:.2f} GiB")
     )
+    plan.disk_bytes = (ck + trainable * 12) * (getattr(cfg, "keep_last", 1) + 1) + ck
+    plan.rows.append(("disk for the run", f"{plan.disk_bytes / GiB:.2f} GiB (keep_last + 1 checkpoints, the export)"))
 
     # alternatives for the verdict
     if zero < 3 and world > 1:  # partitioning the remaining model states always helps
@@ -660,6 +678,39 @@ def _train_memory(plan: Plan, cfg, config, opts: PlanOptions, teacher_fallback) 
                 break
 
 
+def _dpo_reference(plan: Plan, cfg, config, n: int, world: int, cpu: bool, seq: int, zopt: dict) -> float:
+    """dpo's reference model: its weights (a frozen copy), or nothing; returns its logits' bytes in the forward.
+
+    The frozen copy is loaded like distill's teacher (bf16 on GPU, fp32 on CPU), replicated or ZeRO-3
+    sharded (``ref_zero3``). With ``precompute_ref`` (or LoRA, whose reference is the base with the
+    adapters off) training holds no second model; the table shows both so the choice is visible.
+    """
+    ref_b = 4 if cpu else 2
+    copy = n * ref_b / (world if cfg.ref_zero3 else 1)
+    if cfg.ref_zero3 and world > 1:
+        copy += ref_b * min(n, float(zopt.get("stage3_max_live_parameters", MAX_LIVE_PARAMETERS)))
+    rows = cfg.micro_batch_size * seq  # cfg here already counts both rows of each pair
+    logits = rows * config.vocab_size * ref_b
+    if cfg.reference_free():
+        plan.rows.append(("reference model", f"none ({cfg.loss.type} is reference-free)"))
+        return 0.0
+    plan.rows.append(
+        (
+            "reference model",
+            f"frozen copy {copy / GiB:.2f} GiB per GPU (+{logits / GiB:.2f} GiB logits in the forward); "
+            f"precompute_ref=true: 0 GiB (one pass over the records first); LoRA: 0 GiB (adapters disabled)",
+        )
+    )
+    if cfg.precompute_ref:
+        return 0.0
+    if cfg.lora.enabled:  # the policy's own forward with adapters off: its logits, no weights
+        return logits
+    label = "reference weights (" + ("fp32" if cpu else "bf16") + (", ZeRO-3)" if cfg.ref_zero3 else ", replicated)")
+    plan.memory[label] = copy
+    plan.notes[label] = "(0 with precompute_ref=true)"
+    return logits
+
+
 def _records_max_length(records: Optional[str]) -> Optional[int]:
     if records and (Path(records) / "manifest.json").is_file():
         m = json.loads((Path(records) / "manifest.json").read_text())
@@ -670,8 +721,8 @@ def _records_max_length(records: Optional[str]) -> Optional[int]:
 def check_fits(cfg, opts: Optional[PlanOptions] = None, force: bool = False) -> Plan:
     """The engine's pre-launch check: raise PlanError with the table unless it fits (or force).
 
-    ``opts`` defaults to this machine (:meth:`PlanOptions.local`)."""
-    plan = plan_stage(cfg, opts or PlanOptions.local(cfg))
+    ``opts`` defaults to the hardware the job runs on (:meth:`PlanOptions.for_job`)."""
+    plan = plan_stage(cfg, opts or PlanOptions.for_job(cfg))
     if not plan.fits and not force:
         raise PlanError(
             f"the plan says {cfg.stage} will not fit:\n{plan.table()}", fix="follow the suggestions, or pass --force"
@@ -680,7 +731,7 @@ def check_fits(cfg, opts: Optional[PlanOptions] = None, force: bool = False) -> 
 
 
 def main(argv: list[str]) -> int:
-    from minima.core.config import STAGES
+    from minima.core.config import STAGES, key_values
     from minima.core.registry import stage_config
 
     p = argparse.ArgumentParser(
@@ -696,22 +747,23 @@ def main(argv: list[str]) -> int:
         help="stage overrides, plus plan.device=h100 plan.gpus=16 plan.tokens=126e9 plan.mfu=0.4",
     )
     a = p.parse_intermixed_args(argv)
-    opts = PlanOptions()
-    stage_over = []
-    for o in a.overrides:
-        if o.startswith("plan."):
-            k, v = o[5:].split("=", 1)
-            if k not in PlanOptions.__dataclass_fields__:
-                raise ConfigError(
-                    f"unknown plan option '{k}'", fix=f"one of {', '.join(PlanOptions.__dataclass_fields__)}"
-                )
-            typ = type(getattr(PlanOptions(), k)) if getattr(PlanOptions(), k) is not None else float
-            setattr(opts, k, v if typ is str else typ(float(v)) if typ is int else float(v))
-        else:
-            stage_over.append(o)
+    given: dict = {}
+    stage_over = [o for o in a.overrides if not o.startswith("plan.")]
+    plan_args = key_values(
+        [o for o in a.overrides if o.startswith("plan.")], [f"plan.{k}" for k in PlanOptions.__dataclass_fields__]
+    )
+    for key, v in plan_args.items():
+        k = key.removeprefix("plan.")
+        typ = type(getattr(PlanOptions(), k)) if getattr(PlanOptions(), k) is not None else float
+        given[k] = v if typ is str else typ(float(v)) if typ is int else float(v)
     stages = ["adapt", "prune", "distill", "sft", "evaluate"] if a.stage == "pipeline" else [a.stage]
     for s in stages:
         cfg = stage_config(s, a.preset, a.config, stage_over if a.stage != "pipeline" else [])
+        launch = getattr(cfg, "launch", None)
+        # A job for Slurm or ssh is planned for its nodes (launch.gpu x gpus_per_node x nnodes); plan.* wins.
+        opts = PlanOptions.remote(cfg) if launch is not None and launch.launcher != "local" else PlanOptions()
+        for k, v in given.items():
+            setattr(opts, k, v)
         print(plan_stage(cfg, opts, a.preset).table())
         print()
     return 0

@@ -39,7 +39,7 @@ class LossOut:
     """One micro-batch's loss as SUMS; the engine divides by the step's total label tokens."""
 
     loss_sum: torch.Tensor  # sum of per-token losses in this micro-batch (not a mean)
-    num_tokens: int | torch.Tensor  # tokens that carry a label in this micro-batch
+    num_tokens: int | torch.Tensor  # tokens that carry a label (a device tensor: no host sync per micro step)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # extra sums, logged / num_tokens
 
 
@@ -48,14 +48,27 @@ def shifted_label_count(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross entropy over labels != -100, and the number of such tokens."""
-    shift_logits = logits[..., :-1, :].contiguous().float()
-    shift_labels = labels[..., 1:].contiguous()
-    loss_sum = torch.nn.functional.cross_entropy(
-        shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+#: Vocab columns per chunk of the LM loss: fp32 temporaries stay [tokens, LM_LOSS_CHUNK] whatever the vocab.
+LM_LOSS_CHUNK = 8192
+
+
+def causal_lm_loss_sum(
+    logits: torch.Tensor, labels: torch.Tensor, chunk: int = LM_LOSS_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross entropy over labels != -100, and the number of such tokens (a tensor).
+
+    The labels are shifted instead of the logits, so the logits are not copied; the count stays on the
+    device (reading it would stall the host on every micro step). ``chunk`` is kept for callers; the
+    vocab-chunked kernel is not used here because sft trained measurably worse with it
+    (tests/test_sft_quality.py), so the fp32 cross entropy runs over the whole vocab.
+    """
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[..., :-1] = labels[..., 1:]
+    flat = shifted.reshape(-1)
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss_sum, int((shift_labels != IGNORE_INDEX).sum())
+    return loss, (flat != IGNORE_INDEX).sum()
 
 
 class Recipe:
@@ -64,6 +77,9 @@ class Recipe:
     Subclasses override what differs (distill: a teacher and a KD loss; sft: chat records, LoRA).
     Hooks are called on every rank unless stated otherwise.
     """
+
+    #: evaluate on the dev split before the first step too (its metrics are reported as ``<name>_initial``)
+    eval_at_start: bool = False
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -75,9 +91,9 @@ class Recipe:
         """Load what the recipe needs besides the model (tokenizer, teacher ...). Default: the tokenizer."""
         src = self.tokenizer_source()
         if src is not None:
-            from transformers import AutoTokenizer
+            from minima.models.loader import load_tokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(str(src))
+            self.tokenizer = load_tokenizer(src)
             pad = self.tokenizer.pad_token_id
             self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
@@ -94,10 +110,10 @@ class Recipe:
         return None
 
     def build_model(self, ctx: TrainContext) -> torch.nn.Module:
-        """The trainable HF model (before deepspeed.initialize), loaded in fp32 (DeepSpeed casts)."""
-        from transformers import AutoModelForCausalLM
+        """The trainable HF model, loaded in fp32 before the strategy wraps it (the strategy casts for compute)."""
+        from minima.train.model_init import load_pretrained
 
-        model = AutoModelForCausalLM.from_pretrained(str(self.cfg.model), dtype=torch.float32)
+        model = load_pretrained(self.cfg.model, self.cfg, ctx, dtype=torch.float32)
         if getattr(self.cfg, "activation_checkpointing", False):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -158,13 +174,23 @@ class Recipe:
         loss_sum, n = causal_lm_loss_sum(out.logits, batch["labels"])
         return LossOut(loss_sum=loss_sum, num_tokens=n)
 
+    def extra_flops_per_token(self, seq_len: int) -> float:
+        """FLOPs per trained token spent outside the trained model's forward and backward (a teacher's
+        forward in distillation), counted in MFU. Default: none."""
+        return 0.0
+
     # ------------------------------------------------------------------ hooks
+    def dev_metrics(self, means: dict[str, float]) -> dict[str, float]:
+        """Dev metrics beyond the loss from ``compute_loss``'s metrics, each summed over the dev split and
+        divided by its count like the loss. Default: those means under their own names."""
+        return dict(means)
+
     def build_callbacks(self, ctx: TrainContext) -> list[Any]:
         """Objects with ``on_eval(step, model, ctx) -> dict | None`` run after each dev evaluation."""
         return []
 
     def export(self, model, out_dir: Path, ctx: TrainContext) -> None:
-        """Write the final HF dir (rank 0 only; ZeRO-3 params are already gathered).
+        """Write the final HF dir (rank 0 only; the strategy hands over the whole model, gathered from its shards).
 
         Default: safetensors shards + config + generation_config + the tokenizer.
         """

@@ -37,17 +37,33 @@ TEMPLATE = """#!/bin/bash
 #SBATCH --nodes={nnodes}
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node={gpus}
-#SBATCH --output={log}
+#SBATCH --cpus-per-task={cpus}
+{extra}#SBATCH --output={log}
 #SBATCH --open-mode=append
 # Rendered by minima ({stage}). One torchrun per node; ranks and master come from Slurm.
 set -euo pipefail
 cd {cwd}
+# The submitting host's accelerator choice is not the nodes': each rank picks its own.
+unset {node_decides}
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT={port}
 {env}
 srun --kill-on-bad-exit=1 bash -c '{python} -m torch.distributed.run --nnodes {nnodes} --nproc_per_node {gpus} \\
   --node_rank "$SLURM_PROCID" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" {worker}'
 """
+
+#: Variables the submitting host may have set for itself that must not reach the nodes.
+NODE_DECIDES = ("DS_ACCELERATOR",)
+#: A port derived from the job id: concurrent jobs sharing a node do not collide, and every node agrees.
+DERIVED_PORT = "$(( 20000 + SLURM_JOB_ID % 20000 ))"
+DEFAULT_CPUS_PER_GPU = 8
+
+
+def slurm_port(launch: LaunchConfig, job_id: Optional[str] = None) -> int:
+    """The rendezvous port of a Slurm job: ``launch.master_port`` if set, else derived from the job id."""
+    if launch.master_port is not None:
+        return int(launch.master_port)
+    return 20000 + int(job_id or 0) % 20000
 
 
 def render_sbatch(
@@ -56,15 +72,29 @@ def render_sbatch(
     """Write the sbatch script for ``python -m torch.distributed.run ... <worker_args>``; returns its path."""
     out = Path(work_dir) / "scripts" / "slurm" / f"{stage}.sbatch"
     out.parent.mkdir(parents=True, exist_ok=True)
-    exports = "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in sorted((env or {}).items()))
+    env = {k: v for k, v in (env or {}).items() if k not in NODE_DECIDES}
+    exports = "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in sorted(env.items()))
+    extra = "".join(
+        f"#SBATCH --{flag}={value}\n"
+        for flag, value in (
+            ("partition", launch.partition),
+            ("account", launch.account),
+            ("time", launch.time),
+            ("mem", launch.mem),
+        )
+        if value not in (None, "")
+    )
     text = TEMPLATE.format(
         job_name=f"minima-{stage}",
         nnodes=launch.nnodes,
         gpus=launch.gpus_per_node,
+        cpus=launch.cpus_per_task or DEFAULT_CPUS_PER_GPU * launch.gpus_per_node,
+        extra=extra,
         log=Path(work_dir) / f"slurm-{stage}.log",
         stage=stage,
         cwd=shlex.quote(os.getcwd()),
-        port=launch.master_port,
+        node_decides=" ".join(NODE_DECIDES),
+        port=DERIVED_PORT if launch.master_port is None else int(launch.master_port),
         env=exports,
         python=shlex.quote(sys.executable),
         worker=" ".join(shlex.quote(a) for a in worker_args).replace("'", "'\\''"),
@@ -101,6 +131,8 @@ def submit_and_wait(
     Raises:
         TrainingError: the job did not complete, naming the failing step and node.
     """
+    # --open-mode=append keeps earlier attempts' output in the log: stream only what this job adds.
+    pos = log.stat().st_size if log.is_file() else 0
     r = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         raise TrainingError(
@@ -110,7 +142,7 @@ def submit_and_wait(
         )
     job_id = r.stdout.strip().split(";")[0].split()[-1]
     print(f"minima: submitted Slurm job {job_id} ({script})", flush=True)
-    pos, t0 = 0, time.time()
+    t0 = time.time()
     while True:
         if log.is_file():
             with open(log, errors="replace") as f:
@@ -152,7 +184,9 @@ def run_slurm(
     launch: LaunchConfig,
     work_dir: Path,
     env: Optional[dict] = None,
-    poll_s: float = 10.0,
+    poll_s: Optional[float] = None,
 ) -> str:
+    """Render, submit and wait for the job; ``poll_s`` defaults to ``$MINIMA_SLURM_POLL_S`` or 10 s."""
+    poll_s = float(os.environ.get("MINIMA_SLURM_POLL_S") or 10.0) if poll_s is None else poll_s
     script = render_sbatch(stage, worker_args, launch, work_dir, env)
     return submit_and_wait(script, Path(work_dir) / f"slurm-{stage}.log", poll_s=poll_s)

@@ -27,7 +27,6 @@ class SyntheticConfig(TrainConfig):
     variable_length: bool = Field(True, description="Random lengths in [seq_len/2, seq_len] and a masked prefix.")
     init: Literal["pretrained", "random"] = Field("pretrained", description="random: build from config.json with seed.")
     vocab_size: Optional[int] = Field(None, description="Token ids drawn below this (default: the model's vocab).")
-    attn_implementation: Optional[str] = Field(None, description="e.g. sdpa / flash_attention_2 (random init only).")
 
 
 class SyntheticDataset(torch.utils.data.IterableDataset):
@@ -98,7 +97,9 @@ class SyntheticRecipe(Recipe):
             torch.manual_seed(self.cfg.seed)
             model = AutoModelForCausalLM.from_config(mc, dtype=torch.float32, **kw)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(self.cfg.model), dtype=torch.float32)
+            from minima.train.model_init import load_pretrained
+
+            model = load_pretrained(self.cfg.model, self.cfg, ctx, dtype=torch.float32)
         if self.cfg.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False

@@ -27,29 +27,36 @@ def import_obj(target: str):
     return obj
 
 
-def _quiet_deepspeed() -> None:
+def _quiet_logs(strategy: str) -> None:
     import logging
 
-    try:
-        from deepspeed.utils import logger as ds_logger
+    if strategy == "deepspeed":
+        try:
+            from deepspeed.utils import logger as ds_logger
 
-        ds_logger.setLevel(os.environ.get("MINIMA_DS_LOG_LEVEL", "WARNING"))
-    except Exception:
-        pass
+            ds_logger.setLevel(os.environ.get("MINIMA_DS_LOG_LEVEL", "WARNING"))
+        except Exception:
+            pass
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
 
 
-def init_distributed(timeout_s: int) -> None:
-    """Join the process group (gloo on CPU, nccl on GPU) with the hang-guard timeout."""
+def init_distributed(timeout_s: int, strategy: str = "deepspeed") -> None:
+    """Join the process group (gloo on CPU, nccl on GPU); ``timeout_s`` bounds every collective.
+
+    DeepSpeed joins through its own wrapper (it keeps a handle on the group); FSDP needs only torch.
+    """
     import torch
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    import deepspeed
-
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
+    if strategy == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
+    else:
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
 def run_spec(spec: dict) -> dict:
@@ -60,24 +67,27 @@ def run_spec(spec: dict) -> dict:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if os.environ.get("MINIMA_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["MINIMA_NUM_THREADS"]))
-    _quiet_deepspeed()
     from minima.core.errors import MinimaError, TrainingError
     from minima.train import guard, loop
     from minima.train.recipe import TrainContext
 
     cfg = import_obj(spec["config_class"]).model_validate(spec["config"])
+    _quiet_logs(cfg.strategy)
     work_dir, out_dir = Path(spec["work_dir"]), Path(spec["out_dir"])
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     try:
-        init_distributed(cfg.launch.init_timeout_s)
-        _quiet_deepspeed()
+        init_distributed(cfg.launch.collective_timeout_s, cfg.strategy)
+        _quiet_logs(cfg.strategy)
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
             device = torch.device("cuda", local_rank)
         else:
             device = torch.device("cpu")
+        from minima.train.model_init import configure_backends
+
+        configure_backends(device)
         ctx = TrainContext(
             rank=rank,
             world_size=world,
@@ -98,8 +108,8 @@ def run_spec(spec: dict) -> dict:
             if world > 1 and not isinstance(e, MinimaError) and guard.is_timeout(e):
                 who = beat.laggards() or "the other ranks did not answer"
                 raise TrainingError(
-                    f"a collective timed out after {cfg.launch.init_timeout_s}s on rank {rank}: {who}",
-                    fix="look at that rank's log for its error; raise launch.init_timeout_s if it was only slow",
+                    f"a collective timed out after {cfg.launch.collective_timeout_s}s on rank {rank}: {who}",
+                    fix="look at that rank's log for its error; raise launch.collective_timeout_s if it was only slow",
                 ) from e
             raise
     except MinimaError as e:
@@ -142,13 +152,26 @@ def die_with_parent() -> None:
         pass
 
 
+def parse_args(argv: list[str]):
+    """``SPEC.json`` plus the ``--local_rank=N`` the deepspeed launcher appends to every rank's command."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m minima.train.worker")
+    p.add_argument("spec", help="the launch spec written by minima.train.launch")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    return p.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     die_with_parent()
-    if len(argv) != 1:
-        print("usage: python -m minima.train.worker SPEC.json", file=sys.stderr)
-        return 2
-    spec = json.loads(Path(argv[0]).read_text())
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse printed the usage
+        return int(e.code or 2)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))  # the launcher's env, when set, agrees
+    spec = json.loads(Path(args.spec).read_text())
     from minima.core.errors import MinimaError
 
     try:

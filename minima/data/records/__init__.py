@@ -1,5 +1,7 @@
 """Records: tokenize text/chat sources once into TFRecord shards, and stream them back for training.
 
+Part of minima.data: may import minima.core only.
+
 - ``minima records`` (:func:`minima.stages.records.run`) builds an artifact:
   ``train/part-NNNNN.tfrecord`` (+ ``.index``), ``dev/...``, a ``tokenizer/`` copy, and a manifest
   with per-source counts, token totals, drops/skips and bytes per token.

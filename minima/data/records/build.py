@@ -12,7 +12,11 @@ Steps, each deterministic for a given config and inputs:
 4. write: ``lm`` packs ``[BOS] doc [EOS]`` streams into records of exactly ``max_length`` tokens
    (documents cross record boundaries; the last record of a split is padded with ``pad_id`` and
    carries a ``mask`` of 1 on real tokens, so nothing is dropped); ``chat`` writes one conversation
-   per record with its loss ``mask``, truncated at an exchange boundary (or dropped) when too long.
+   per record with its loss ``mask``, truncated at an exchange boundary (or dropped) when too long;
+   ``preference`` writes one pair per record: ``prompt``, ``chosen`` + ``chosen_mask``, ``rejected`` +
+   ``rejected_mask`` (:mod:`minima.data.preference`: prompt cut from the left to ``max_prompt_length``,
+   then the responses to ``max_length``; pairs left without a trained token, or with chosen ==
+   rejected, are dropped and counted).
 
 The artifact is published atomically by :func:`minima.core.artifacts.run_stage`: an error leaves no
 output directory behind, and a rerun with the same tokenizer, input files (stats) and config is
@@ -42,6 +46,7 @@ from minima.core.logs import get_logger, progress
 from minima.data.records.inputs import Doc, SourceReader, resolve_files
 from minima.data.records.mixing import SourcePlan, choose, dev_count, plan_counts
 from minima.data.records.tfrecord_io import ShardWriter
+from minima.data.tokenizers import load_tokenizer, tokenizer_dir
 
 log = get_logger("minima.data.records")
 
@@ -57,6 +62,8 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 OK, TRUNCATED, DROPPED = 0, 1, 2
+SKIPS_LOGGED = 5  # skipped records named in the log; the manifest names them all
+TINY_DEV_RECORDS = 10  # a dev split below this many records gets a warning: its loss is noise
 
 
 # ------------------------------------------------------------------------------ configuration
@@ -79,33 +86,6 @@ def sources_of(cfg: RecordsConfig) -> list[Source]:
             fix="give each source its own name",
         )
     return list(cfg.inputs)
-
-
-def tokenizer_dir(path: str | os.PathLike) -> Path:
-    """``path``, or the ``tokenizer/`` dir inside it when ``path`` is an artifact holding one there."""
-    p = Path(path)
-    has_files = any((p / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    return p / "tokenizer" if not has_files and (p / "tokenizer").is_dir() else p
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """An HF tokenizer from a dir, with a clear error when it is missing or unloadable."""
-    from transformers import AutoTokenizer
-
-    p = tokenizer_dir(path)
-    if not p.is_dir():
-        raise InputError(
-            f"tokenizer directory not found: {p}",
-            fix="point tokenizer at an HF tokenizer dir (e.g. the vocab stage output)",
-        )
-    try:
-        return AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
-    except Exception as e:
-        raise InputError(
-            f"cannot load the tokenizer ({str(e).splitlines()[0][:200]})",
-            where=str(p),
-            fix="the dir needs tokenizer.json or tokenizer.model + tokenizer_config.json",
-        ) from None
 
 
 def special_ids(tok: Any, cfg: RecordsConfig) -> dict[str, Optional[int]]:
@@ -143,6 +123,8 @@ class SourceDocs:
 
 
 def _doc_chars(payload: Any) -> int:
+    if hasattr(payload, "chars"):  # a preference Pair
+        return payload.chars()
     return len(payload) if isinstance(payload, str) else sum(len(m["content"]) for m in payload)
 
 
@@ -185,11 +167,14 @@ _FORK_LOCK = threading.Lock()
 def _make_worker(tok: Any, cfg_fields: dict, payloads: Optional[dict]) -> dict:
     from minima.data.formats import get_format
 
+    templated = cfg_fields["fmt"] == "chat" or (
+        cfg_fields["fmt"] == "preference" and cfg_fields.get("preference_template") == "chat"
+    )
     return dict(
         cfg_fields,
         tok=tok,
         payloads=payloads,
-        chat=get_format(cfg_fields["chat_format"]) if cfg_fields["fmt"] == "chat" else None,
+        chat=get_format(cfg_fields["chat_format"]) if templated else None,
     )
 
 
@@ -236,6 +221,8 @@ def _tokenize_task(task: tuple, w: Optional[dict] = None) -> tuple:
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
         return flat, lengths
+    if w["fmt"] == "preference":
+        return _tokenize_pairs(payloads, w)
     if w["lowercase"]:
         payloads = [[{"role": m["role"], "content": m["content"].lower()} for m in msgs] for msgs in payloads]
     ids_out: list[int] = []
@@ -265,6 +252,43 @@ def _tokenize_task(task: tuple, w: Optional[dict] = None) -> tuple:
     )
 
 
+def _lower_pair(pair):
+    from minima.data.preference import Pair
+
+    def low(msgs):
+        return [{**m, "content": m["content"].lower()} for m in msgs]
+
+    text = tuple(t.lower() for t in pair.text) if pair.text is not None else None
+    return Pair(low(pair.prompt), low(pair.chosen), low(pair.rejected), text)
+
+
+def _tokenize_pairs(pairs: list, w: dict) -> tuple:
+    """Preference pairs -> flat ``prompt, chosen, chosen_mask, rejected, rejected_mask`` arrays, the three
+    lengths per pair and its status (dropped pairs have length 0)."""
+    from minima.data.preference import DROPPED, IDENTICAL, encode_pairs, truncate_pair
+
+    tok = w["tok"]
+    if w["lowercase"]:
+        pairs = [_lower_pair(p) for p in pairs]
+    bos = tok.bos_token_id
+    parts: list[list[int]] = [[], [], [], [], []]
+    lengths, status = [], []
+    for enc in encode_pairs(tok, w["chat"], pairs, bos, tok.eos_token_id):
+        enc, st = truncate_pair(enc, w["max_length"], w["max_prompt_length"], bos)
+        if st in (DROPPED, IDENTICAL):
+            enc = ([], [], [], [], [])
+        for k in range(5):
+            parts[k] += enc[k]
+        lengths.append((len(enc[0]), len(enc[1]), len(enc[3])))
+        status.append(st)
+    dt = (np.int32, np.int32, np.int8, np.int32, np.int8)
+    return (
+        *(np.asarray(p, dtype=t) for p, t in zip(parts, dt)),
+        np.asarray(lengths, dtype=np.int64).reshape(-1, 3),
+        np.asarray(status, dtype=np.int8),
+    )
+
+
 class Tokenizing:
     """Ordered tokenization of each split's documents, in this process or a process pool.
 
@@ -281,6 +305,8 @@ class Tokenizing:
             lowercase=cfg.lowercase,
             max_length=cfg.max_length,
             overflow=cfg.overflow,
+            max_prompt_length=cfg.max_prompt_length,
+            preference_template=cfg.preference_template,
         )
         self.fields, self.mapper = fields, mapper
         self.pool = None
@@ -385,6 +411,9 @@ class SplitStats:
     shards: int = 0
     truncated: int = 0
     dropped: int = 0
+    min_id: Optional[int] = None
+    max_id: Optional[int] = None
+    identical: int = 0
 
 
 def write_split(
@@ -414,6 +443,8 @@ def write_split(
                 pos += len(lengths)
             packer.finish()
             stats.tokens, stats.padding = packer.tokens, packer.padding
+        elif cfg.format == "preference":
+            _write_pairs(tokenizing.run(name), writer, stats, src, pos, src_tokens, src_dropped, src_truncated)
         else:
             for flat, mask, lengths, status in tokenizing.run(name):
                 offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -432,7 +463,58 @@ def write_split(
                     stats.tokens += int(b - a)
                     src_tokens[s] += int(b - a)
     stats.records, stats.bytes, stats.shards = writer.num_records, writer.num_bytes, len(writer.files)
+    stats.min_id, stats.max_id = writer.min_id, writer.max_id
     return stats
+
+
+def dev_split_warnings(cfg: RecordsConfig, dev: SplitStats, n_docs: int) -> list[str]:
+    """A warning when the dev split is empty although asked for, or too small for a useful dev loss."""
+    if cfg.dev_fraction <= 0:
+        return []
+    if dev.records == 0:
+        return [
+            f"the dev split is empty: dev_fraction={cfg.dev_fraction:g} of {n_docs} documents selects none, "
+            "so training reports no dev loss (raise dev_fraction or add documents)"
+        ]
+    if dev.records < TINY_DEV_RECORDS:
+        return [
+            f"the dev split is tiny: {dev.records} records ({dev.tokens} tokens) from dev_fraction="
+            f"{cfg.dev_fraction:g}; its loss will be noisy (raise dev_fraction or add documents)"
+        ]
+    return []
+
+
+def _write_pairs(chunks, writer, stats, src, pos, src_tokens, src_dropped, src_truncated) -> None:
+    """Write tokenized preference chunks (see :func:`_tokenize_pairs`), one pair per record."""
+    from minima.data.preference import DROPPED, IDENTICAL, TRUNCATED
+
+    for prompt, chosen, c_mask, rejected, r_mask, lengths, status in chunks:
+        off = np.zeros(3, dtype=np.int64)
+        for k in range(len(status)):
+            s = src[pos]
+            pos += 1
+            lp, lc, lr = (int(x) for x in lengths[k])
+            a = off.copy()
+            off += lengths[k]
+            if status[k] in (DROPPED, IDENTICAL):
+                stats.dropped += int(status[k] == DROPPED)
+                stats.identical += int(status[k] == IDENTICAL)
+                src_dropped[s] += 1
+                continue
+            if status[k] == TRUNCATED:
+                stats.truncated += 1
+                src_truncated[s] += 1
+            writer.write(
+                {
+                    "prompt": prompt[a[0] : a[0] + lp],
+                    "chosen": chosen[a[1] : a[1] + lc],
+                    "chosen_mask": c_mask[a[1] : a[1] + lc],
+                    "rejected": rejected[a[2] : a[2] + lr],
+                    "rejected_mask": r_mask[a[2] : a[2] + lr],
+                }
+            )
+            stats.tokens += lp + lc + lr
+            src_tokens[s] += lp + lc + lr
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
@@ -441,6 +523,18 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
     for f in sorted(src.iterdir()):
         if f.is_file() and (f.name in TOKENIZER_FILES or f.suffix == ".model"):
             shutil.copyfile(f, dst / f.name)
+
+
+def _preference_metrics(cfg: RecordsConfig, tok: Any, stats: dict) -> dict:
+    from minima.data.preference import tokenizer_fingerprint
+
+    return {
+        "chat_format": cfg.chat_format if cfg.preference_template == "chat" else None,
+        "preference_template": cfg.preference_template,
+        "max_prompt_length": cfg.max_prompt_length,
+        "dropped_identical": sum(s.identical for s in stats.values()),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+    }
 
 
 # -------------------------------------------------------------------------------------- build
@@ -453,7 +547,7 @@ def build_records(cfg: RecordsConfig, out_dir: str | os.PathLike, mapper: Option
     sources = sources_of(cfg)
     tok = load_tokenizer(cfg.tokenizer)
     ids = special_ids(tok, cfg)
-    if cfg.format == "chat":
+    if cfg.format == "chat" or (cfg.format == "preference" and cfg.preference_template == "chat"):
         from minima.data.formats import get_format
 
         get_format(cfg.chat_format).encode(
@@ -462,6 +556,15 @@ def build_records(cfg: RecordsConfig, out_dir: str | os.PathLike, mapper: Option
 
     skipped: Optional[list] = [] if cfg.on_error == "skip" else None
     read = read_sources(cfg, sources, skipped)
+    if cfg.format == "preference" and cfg.preference_template == "plain":
+        for sd in read:
+            bad = next((d for d in sd.docs if d.payload.text is None), None)
+            if bad is not None:
+                raise ConfigError(
+                    "preference_template=plain tokenizes text, and this pair is made of message lists",
+                    where=bad.where,
+                    fix="use preference_template=chat (the chat format renders the messages)",
+                )
     plans = [SourcePlan(sd.source.name, len(sd.docs), sd.source.size, sd.source.weight) for sd in read]
     counts = plan_counts(plans)
     mixed: list[tuple[int, Doc]] = []
@@ -506,6 +609,16 @@ def build_records(cfg: RecordsConfig, out_dir: str | os.PathLike, mapper: Option
         with open(out / "skipped.jsonl", "w", encoding="utf-8") as f:
             for row in skipped:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for row in skipped[:SKIPS_LOGGED]:
+            log.warning("records: skipped %s: %s", row["where"], row["reason"])
+        if len(skipped) > SKIPS_LOGGED:
+            log.warning(
+                "records: %d more skipped records are named in the manifest (metrics.skipped_records)",
+                len(skipped) - SKIPS_LOGGED,
+            )
+    warnings = dev_split_warnings(cfg, stats["dev"], len(mixed))
+    for w in warnings:
+        log.warning("records: %s", w)
 
     total_tokens = sum(s.tokens for s in stats.values())
     total_bytes = sum(s.bytes for s in stats.values())
@@ -546,9 +659,15 @@ def build_records(cfg: RecordsConfig, out_dir: str | os.PathLike, mapper: Option
         "padding_tokens": {k: s.padding for k, s in stats.items()},
         "bytes": {k: s.bytes for k, s in stats.items()},
         "bytes_per_token": round(total_bytes / total_tokens, 4) if total_tokens else None,
+        # every token id in the shards lies in [min_token_id, max_token_id] (trainers check vocab from this)
+        "min_token_id": min((s.min_id for s in stats.values() if s.min_id is not None), default=None),
+        "max_token_id": max((s.max_id for s in stats.values() if s.max_id is not None), default=None),
         "dropped_too_long": sum(s.dropped for s in stats.values()),
         "truncated": sum(s.truncated for s in stats.values()),
+        **(_preference_metrics(cfg, tok, stats) if cfg.format == "preference" else {}),
         "skipped": len(skipped) if skipped is not None else 0,
+        "skipped_records": [f"{r['where']}: {r['reason']}" for r in skipped or []],
+        "warnings": warnings,
         "empty": sum(sd.empty for sd in read),
         "sources": per_source,
         "tokenize_s": round(tokenize_s, 3),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Iterator
 from functools import partial
 from typing import IO, Any, Optional
@@ -37,6 +38,10 @@ from minima.core.errors import ConfigError, InputError
 from minima.data.records import tfrecord_io as tio
 
 IGNORE_INDEX = -100
+#: Shard files a reader keeps open at once (least recently used closed first). A shuffle buffer spans a
+#: few neighbouring shards of the stream, so a handful suffices; thousands of shards would exhaust the
+#: process's file descriptors (``ulimit -n``) if every shard stayed open for the epoch.
+MAX_OPEN_SHARDS = 8
 
 
 def split_files(records_dir: str, split: str) -> list[str]:
@@ -58,12 +63,38 @@ def read_records_manifest(records_dir: str) -> dict:
     return json.loads(tio.read_text(path)).get("metrics", {})
 
 
+_FORMAT_FIX = {
+    "lm": "build these records with format=lm from pretraining text (chat records and their reply-only "
+    "loss masks are for sft)",
+    "chat": "build these records with format=chat (with a chat_format) from conversations",
+}
+
+
+def check_records_format(records_dir: Optional[str], want: str, what: str, fix: Optional[str] = None) -> None:
+    """Stop ``what`` before it starts when its records are not ``format=want`` (a bare dir passes).
+
+    Raises:
+        ConfigError: naming the records, both formats and the fix.
+    """
+    if not records_dir:
+        return
+    got = read_records_manifest(records_dir).get("format")
+    if got not in (None, want):
+        raise ConfigError(
+            f"{what} trains on format={want} records; {records_dir} holds format={got} records",
+            where="records",
+            fix=fix or _FORMAT_FIX.get(want),
+        )
+
+
 def to_sample(features: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """Record features -> ``input_ids``, ``labels`` (-100 where mask == 0), ``attention_mask``.
 
     Trailing mask-0 tokens are padding (an ``lm`` split's last record) and get attention 0; a chat
     record always ends on a trained end-of-turn token, so its attention mask is all ones.
     """
+    if "indices" not in features:  # other record kinds (preference pairs) keep their features by name
+        return {k: torch.from_numpy(v) for k, v in features.items()}
     ids = torch.from_numpy(features["indices"])
     mask = features.get("mask")
     if mask is None:
@@ -179,7 +210,7 @@ class RecordDataset(IterableDataset):
         self.epoch = 0
         self.offset = 0
         self._order_cache: tuple[int, np.ndarray] | None = None
-        self._handles: dict[int, IO[bytes]] = {}
+        self._handles: OrderedDict[int, IO[bytes]] = OrderedDict()
 
     # ---------------------------------------------------------------------------- bookkeeping
     def samples_per_epoch(self) -> int:
@@ -255,7 +286,11 @@ class RecordDataset(IterableDataset):
         offset, size = (int(x) for x in self._entries[record_id])
         f = self._handles.get(fi)
         if f is None:
+            while len(self._handles) >= MAX_OPEN_SHARDS:
+                self._handles.popitem(last=False)[1].close()
             f = self._handles[fi] = tio.open_read(self.files[fi])
+        else:
+            self._handles.move_to_end(fi)
         f.seek(offset)
         where = f"{self.files[fi]} record {record_id - int(self._file_starts[fi])}"
         data = tio.unframe(f.read(size), where, self.verify_crc)
@@ -294,7 +329,7 @@ class RecordDataset(IterableDataset):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_handles"] = {}  # file objects do not cross into DataLoader workers
+        state["_handles"] = OrderedDict()  # file objects do not cross into DataLoader workers
         return state
 
     def __del__(self) -> None:

@@ -213,6 +213,10 @@ class ShardWriter:
         self._f: IO[bytes] | None = None
         self._index: list[str] = []
         self._offset = 0
+        # Range of the token ids written ("indices"), kept in the manifest so a trainer can check its vocab
+        # without reading the shards.
+        self.min_id: int | None = None
+        self.max_id: int | None = None
 
     def _open(self) -> None:
         path = os.path.join(self.out_dir, f"part-{len(self.files):05d}.tfrecord")
@@ -234,6 +238,11 @@ class ShardWriter:
         if self._f is None or len(self._index) >= self.shard_size:
             self._close()
             self._open()
+        ids = features.get("indices")
+        if ids is not None and len(ids):
+            lo, hi = int(np.min(ids)), int(np.max(ids))
+            self.min_id = lo if self.min_id is None else min(self.min_id, lo)
+            self.max_id = hi if self.max_id is None else max(self.max_id, hi)
         entry = frame(encode_example(features))
         self._f.write(entry)
         self._index.append(f"{self._offset} {len(entry)}\n")
