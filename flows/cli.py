@@ -57,14 +57,19 @@ def demo_config(root: Path) -> dict:
             ]
         },
         "records_chat": {"inputs": [{"name": "chat", "path": str(data / "chat/demo_chat.json")}]},
+        # preference pairs about the chat-train facts: the dpo stage after sft
+        "records_pref": {"inputs": [{"name": "pref", "path": str(data / "preference/train.jsonl")}]},
+        "dpo": {"enabled": True},
         # one CPU process per run: ZeRO partitions nothing there, and its bookkeeping costs a fifth of a step
-        **{stage: {"zero_stage": 0} for stage in ("adapt", "distill", "sft")},
+        **{stage: {"zero_stage": 0} for stage in ("adapt", "distill", "sft", "dpo")},
         "evaluate": {
             "tasks": {
                 "demo_mc": {"path": str(data / "eval/demo_mc")},
                 "demo_qa": {"path": str(data / "eval/demo_qa")},
                 # the held-out text no stage trains on, in windows of the trained context
                 "perplexity": {"path": str(data / "heldout"), "max_length": 128},
+                # pairs about the held-out facts: does the model prefer the right answer?
+                "preference": {"path": str(data / "preference/held_out.jsonl")},
             }
         },
     }
@@ -73,12 +78,15 @@ def demo_config(root: Path) -> dict:
 def prepare_demo(root: Path, seed: int = 0) -> None:
     """Built-in data, its two SentencePiece models and a tiny random 'big' base model (idempotent)."""
     from minima.data import demo as demo_data
+    from minima.data.demo_preference import write_preference_pairs
     from minima.data.tokenizers import save_sp_tokenizer
     from minima.testing import save_tiny_model
 
     data = root / "data"
     if not (data / "tokenizers/extra_zh.model").is_file():
         demo_data.write(data, seed=seed)
+    if not (data / "preference/held_out.jsonl").is_file():
+        write_preference_pairs(data, seed=seed)
     base = root / "00_base"
     if not (base / "config.json").is_file():
         tok = save_sp_tokenizer(data / "tokenizers/base_en.model", root / ".base_tokenizer")

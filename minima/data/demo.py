@@ -383,8 +383,10 @@ def generate(
 
 
 def _write(path: Path, text: str) -> None:
+    from minima.core.artifacts import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    atomic_write_text(path, text)
 
 
 def _jsonl(rows: list[dict]) -> str:

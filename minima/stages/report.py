@@ -18,6 +18,8 @@ TASK_NOTES = {
     "answer's stem.",
     "demo_qa": "demo_qa: free answers to held-out questions, greedy, exact match of the gold answer "
     "(base models: a 3-shot QA prompt; chat models: the bare question in their chat template).",
+    "preference": "preference: pairs about held-out facts (the right answer against a wrong one of the same kind); "
+    "acc is the share where the model gives the right one the higher loglikelihood, margin the mean log-ratio.",
 }
 
 
@@ -78,6 +80,12 @@ def curve_caption(stage: str, config: dict) -> str:
         return (
             f"{ce}, both against the data's next token; right: the KD term ({kd} between teacher and student at "
             f"T={temp:g}), which falls to ~0 as the student matches the teacher; the objective is {objective}. "
+            "Bottom axis: optimizer steps; top: training tokens."
+        )
+    if stage == "dpo":
+        return (
+            "left: the preference loss per optimizer step (thin) and its running mean, train and dev; right: the "
+            "reward margin (beta x the log-ratio to the reference, chosen minus rejected), train and dev. "
             "Bottom axis: optimizer steps; top: training tokens."
         )
     what = "assistant-reply tokens" if stage == "sft" else "text tokens"
@@ -204,14 +212,26 @@ def write_report(run_dir: Path, results: dict[str, dict], timing: Optional[list[
         if isinstance(prune.get("kept_layers"), list):
             md += [f"Kept layers: {prune['kept_layers']}", ""]
     curves = []
-    for key in ("adapt", "distill", "distill_scratch", "sft"):
+    for key in ("adapt", "distill", "distill_scratch", "sft", "dpo"):
         p = results.get(key, {}).get("path")
         if not p:
             continue
         man = manifest(key)
         m = man.get("metrics", {})
         md_rows = _scalar_metrics(
-            m, ["final_loss", "dev_loss", "dev_ppl", "best_dev_loss", "steps", "tokens", "tokens_per_s", "mfu"]
+            m,
+            [
+                "final_loss",
+                "dev_loss",
+                "dev_ppl",
+                "best_dev_loss",
+                "dev_reward_accuracy_initial",
+                "dev_reward_accuracy",
+                "steps",
+                "tokens",
+                "tokens_per_s",
+                "mfu",
+            ],
         )
         if md_rows:
             md += [f"## Training: {key}", "", md_table(["metric", "value"], md_rows), ""]
