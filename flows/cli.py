@@ -59,9 +59,9 @@ def demo_config(root: Path) -> dict:
         "records_chat": {"inputs": [{"name": "chat", "path": str(data / "chat/demo_chat.json")}]},
         # preference pairs about the chat-train facts: the dpo stage after sft
         "records_pref": {"inputs": [{"name": "pref", "path": str(data / "preference/train.jsonl")}]},
-        "dpo": {"enabled": True},
         # one CPU process per run: ZeRO partitions nothing there, and its bookkeeping costs a fifth of a step
-        **{stage: {"zero_stage": 0} for stage in ("adapt", "distill", "sft", "dpo")},
+        **{stage: {"zero_stage": 0} for stage in ("adapt", "distill", "sft")},
+        "dpo": {"enabled": True, "zero_stage": 0},
         "evaluate": {
             "tasks": {
                 "demo_mc": {"path": str(data / "eval/demo_mc")},

@@ -149,7 +149,27 @@ def test_plot_draws_a_kd_panel_beside_the_ce_panel(tmp_path, monkeypatch):
     assert plot_loss_curve(m, tmp_path / "a.png").is_file()
     m.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ("kd", "ce")}) + "\n" for r in recs))
     assert plot_loss_curve(m, tmp_path / "b.png").is_file()
-    assert [a[:2] for a, _ in made] == [(1, 2), (1, 1)]
+    pref = [
+        {"split": "train", "step": s, "loss": 0.7 / s, "rewards/margins": 0.1 * s, "rewards/chosen": -0.1, "tokens": 8}
+        for s in range(1, 9)
+    ] + [{"split": "dev", "step": 8, "dev_loss": 0.2, "rewards/margins": 0.6}]
+    m.write_text("".join(json.dumps(r) + "\n" for r in pref))
+    assert plot_loss_curve(m, tmp_path / "c.png").is_file()
+    assert [a[:2] for a, _ in made] == [(1, 2), (1, 1), (1, 2)]
+
+
+def test_preference_runs_plot_the_loss_beside_the_reward_margin():
+    from minima.train.metrics import loss_series
+
+    recs = [
+        {"split": "train", "step": 1, "loss": 0.69, "rewards/margins": 0.0, "logps/chosen": -3.0, "tokens": 10},
+        {"split": "train", "step": 2, "loss": 0.5, "rewards/margins": 0.4, "logps/chosen": -2.0, "tokens": 10},
+        {"split": "dev", "step": 2, "dev_loss": 0.55, "rewards/margins": 0.3},
+    ]
+    c = loss_series(recs)
+    assert c["preference"] and c["terms"] == {}  # rewards/..., logps/... are no loss terms
+    assert c["train_ce"] == [(1, 0.69), (2, 0.5)] and c["dev_ce"] == [(2, 0.55)]
+    assert c["margins"] == {"train": [(1, 0.0), (2, 0.4)], "dev": [(2, 0.3)]}
 
 
 # ------------------------------------------------------------------------------ report

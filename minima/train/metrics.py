@@ -242,7 +242,8 @@ def plot_loss_curve(metrics_path: Path, png: Path) -> Optional[Path]:
     import numpy as np
     from matplotlib.ticker import EngFormatter, MaxNLocator
 
-    fig, axes = plt.subplots(1, 2 if terms else 1, figsize=(12 if terms else 7, 4), dpi=100, squeeze=False)
+    two = bool(terms) or pref
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(12 if two else 7, 4), dpi=100, squeeze=False)
     axes = list(axes[0])
     window = max(1, len(c["tokens"]) // 50)
 
