@@ -105,7 +105,7 @@ def tiny() -> PipelineConfig:
         cfg.dpo,
         **dict(
             train,
-            lr=5e-4,
+            lr=5e-5,  # at 5e-4 the demo's chat model loses held-out answers (demo_qa 0.84 -> 0.71)
             max_steps=60,
             eval_steps=20,
             save_steps=20,
