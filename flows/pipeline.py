@@ -1,6 +1,7 @@
 """The minima DAG as a Prefect flow: vocab -> records (lm + chat, concurrently) -> adapt -> prune ->
 distill -> sft [-> records_pref -> dpo, when ``dpo.enabled``] -> evaluate (-> export, when
-``export.enabled``), each step's input being the previous steps' artifacts.
+``export.enabled``), each step's input being the previous steps' artifacts. With ``scratch=true`` the scratch
+arm (prune_scratch -> distill_scratch) runs beside prune -> distill and is evaluated too.
 
 Run it with ``minima run --config pipeline.yaml``, as a deployment (prefect.yaml), or by calling
 ``pipeline(...)`` from Python.
@@ -8,6 +9,7 @@ Run it with ``minima run --config pipeline.yaml``, as a deployment (prefect.yaml
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,11 +23,11 @@ from minima.core.presets import get_preset
 from minima.core.registry import default_out_dirs, pipeline_steps, select_steps
 from tasks._common import artifact_current
 from tasks.adapt import adapt_task
-from tasks.distill import distill_task
+from tasks.distill import distill_scratch_task, distill_task
 from tasks.dpo import dpo_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
-from tasks.prune import prune_task
+from tasks.prune import prune_scratch_task, prune_task
 from tasks.records import records_chat_task, records_lm_task, records_pref_task
 from tasks.sft import sft_task
 from tasks.vocab import vocab_task
@@ -36,7 +38,9 @@ TASKS = {
     "records_chat": records_chat_task,
     "adapt": adapt_task,
     "prune": prune_task,
+    "prune_scratch": prune_scratch_task,
     "distill": distill_task,
+    "distill_scratch": distill_scratch_task,
     "sft": sft_task,
     "records_pref": records_pref_task,
     "dpo": dpo_task,
@@ -68,6 +72,9 @@ def pipeline(
 ) -> dict[str, Any]:
     """Run the DAG. Finished steps are cache hits; ``from_stage`` reruns it and what follows,
     ``only_stage`` reruns one stage on the existing upstream artifacts, ``force`` reruns all."""
+    from minima.stages.report import cpu_seconds
+
+    t0, cpu0 = time.time(), cpu_seconds()
     log = get_run_logger()
     cfg = resolve_config(config, preset, overrides or [])
     steps = pipeline_steps(cfg)
@@ -100,14 +107,16 @@ def pipeline(
     for k, r in results.items():
         r["state"] = states[k]
         log.info("%-12s %-8s %s%s", k, states[k], r["path"], " (artifact reused)" if r.get("skipped") else "")
-    _publish_report(cfg, results)
+    _publish_report(
+        cfg, results, [{"what": "pipeline flow", "wall_s": time.time() - t0, "cpu_s": cpu_seconds() - cpu0}]
+    )
     return results
 
 
-def _publish_report(cfg: PipelineConfig, results: dict[str, dict]) -> None:
+def _publish_report(cfg: PipelineConfig, results: dict[str, dict], timing: list[dict]) -> None:
     """Write runs/<id>/report.md (+ html) and attach the tables to the flow run as Prefect artifacts."""
     from minima.stages.report import write_report
 
-    report = write_report(Path(cfg.run_dir), results)
+    report = write_report(Path(cfg.run_dir), results, timing=timing)
     md = Path(report["markdown"]).read_text()
     create_markdown_artifact(key="minima-report", markdown=md, description=f"minima pipeline report for {cfg.run_dir}")

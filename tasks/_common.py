@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from typing import Any, Optional
 
 from prefect import task
@@ -104,10 +105,35 @@ def _retry_transient(task, task_run, state) -> bool:
     return isinstance(exc, TRANSIENT)
 
 
+_IMPORT_LOCK = threading.Lock()
+# transformers resolves these names lazily, importing a submodule on first use; two task threads doing that
+# at once can see a half-imported module ("cannot import name 'AutoTokenizer'"). Resolved once, under a lock.
+_LAZY_NAMES = (
+    "AutoConfig",
+    "AutoTokenizer",
+    "AutoModelForCausalLM",
+    "AutoModelForSeq2SeqLM",
+    "PreTrainedTokenizerFast",
+    "GenerationConfig",
+)
+
+
+def warm_imports() -> None:
+    """Import the stage modules' heavy dependencies in one thread at a time (idempotent, cheap when done)."""
+    with _IMPORT_LOCK:
+        import transformers
+
+        for name in _LAZY_NAMES:
+            getattr(transformers, name)
+
+
 def run_step(pipeline: dict, key: str, upstream: dict[str, Any], force: bool = False) -> dict:
     """Run one pipeline step in this process (the training stages launch their own subprocesses)."""
     cfg = step_config(PipelineConfig.model_validate(pipeline), key, _upstream_paths(upstream))
     module, fn = STAGE_RUNNERS[STEP[key].stage].split(":")
+    warm_imports()
+    with _IMPORT_LOCK:
+        importlib.import_module(module)
     with replacing_stale():
         artifact: Artifact = getattr(importlib.import_module(module), fn)(cfg, force=force)
     return {

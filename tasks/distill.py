@@ -3,3 +3,4 @@
 from tasks._common import make_task
 
 distill_task = make_task("distill")
+distill_scratch_task = make_task("distill_scratch")  # the scratch baseline, same distill config

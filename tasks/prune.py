@@ -3,3 +3,4 @@
 from tasks._common import make_task
 
 prune_task = make_task("prune")
+prune_scratch_task = make_task("prune_scratch")  # init=random: the scratch baseline

@@ -735,14 +735,19 @@ def test_torchrun_splits_requests_and_matches_one_process(tmp_path, tiny_model_d
     assert [s["pred"] for s in s1] == [s["pred"] for s in s2]
 
 
-def test_chat_template_wraps_prompts(model, tok, demo_data_dir, monkeypatch):
-    """chat_template=true: one user turn with the generation prompt, continuations without the leading space."""
+def test_chat_template_wraps_prompts(model, tok, demo_data_dir, monkeypatch, tmp_path):
+    """chat_template=true: one user turn with the generation prompt, continuations without the leading space
+    (demo_mc: the question is the user turn and the answer's stem starts the reply)."""
     import copy
 
     from minima.evaluate import evaluate_model
     from minima.evaluate.lm import LM
 
-    tasks = {"demo_mc": {"path": str(demo_data_dir / "eval/demo_mc"), "limit": 2, "shots": 1}}
+    arc = _jsonl(
+        tmp_path / "arc/test.jsonl",
+        [{"query": f"Question: q{i}?", "choices": ["a", "b", "c"], "gold": i % 3} for i in range(3)],
+    )
+    tasks = {"arc_easy": {"path": str(arc), "limit": 2, "shots": 1}}
     with pytest.raises(InputError, match="no chat template"):
         evaluate_model(model, tok, tasks, chat_template=True)
     chat_tok = copy.deepcopy(tok)
@@ -752,10 +757,16 @@ def test_chat_template_wraps_prompts(model, tok, demo_data_dir, monkeypatch):
     monkeypatch.setattr(LM, "loglikelihood", lambda self, reqs, progress=None: seen.extend(reqs) or real(self, reqs))
     evaluate_model(model, chat_tok, tasks, chat_template=True)
     ctx, cont = seen[0]
-    first = json.loads((demo_data_dir / "eval/demo_mc/test.jsonl").read_text().splitlines()[0])
     assert ctx.startswith("<|user|>Question: ") and ctx.count("Question:") == 2
-    assert ctx.endswith(f"\nAnswer: {first['prefix']}<|end|><|assistant|>")
+    assert ctx.endswith("\nAnswer:<|end|><|assistant|>")
     assert not cont.startswith(" ")
+    seen.clear()
+    mc = {"demo_mc": {"path": str(demo_data_dir / "eval/demo_mc"), "limit": 1}}
+    evaluate_model(model, chat_tok, mc, chat_template=True)
+    first = json.loads((demo_data_dir / "eval/demo_mc/test.jsonl").read_text().splitlines()[0])
+    ctx, cont = seen[0]
+    assert ctx == f"<|user|>{first['question']}<|end|><|assistant|> {first['prefix']}"
+    assert cont == f" {first['choices'][0]}"
 
 
 def test_perplexity_builds_one_row_of_logits_at_a_time(model, tok):

@@ -383,9 +383,8 @@ class TrainConfig(StageConfig):
         default_factory=list,
         json_schema_extra={"hash": False},
         description="Benchmark tasks (minima evaluate names, e.g. [mmlu, ceval]; the JAX recipe's "
-        "evaluation_datasets) scored at "
-        "every dev evaluation (eval_steps and the last step) and logged to metrics.jsonl/TensorBoard as "
-        "eval/<task>/<metric>. Empty = off. Chat (judged) tasks are not allowed here.",
+        "evaluation_datasets) scored at every dev evaluation (eval_steps and the last step) and logged to "
+        "metrics.jsonl/TensorBoard as eval/<task>/<metric>. Empty = off. Chat (judged) tasks are not allowed here.",
     )
     eval_shots: Optional[int] = nohash(
         None,
@@ -668,6 +667,11 @@ class PruneConfig(StageConfig):
     importance: Literal["activation", "gradient", "magnitude", "random"] = Field(
         "activation", description="Width importance score."
     )
+    init: Literal["pruned", "random"] = Field(
+        "pruned",
+        description="pruned: the student keeps the teacher's most important weights; random: the same shape and "
+        "tokenizer with freshly initialised weights (seeded), the from-scratch baseline. No calibration runs.",
+    )
     keep_layers: Optional[list[int]] = Field(None, description="Explicit layer indices to keep (MiniMA: 4..27).")
     layer_importance: Literal["block-influence", "drop_last"] = Field(
         "block-influence", description="How layers are chosen when keep_layers is not given."
@@ -757,9 +761,8 @@ class EvaluateConfig(StageConfig):
     tasks: Union[list[str], dict[str, TaskSpec]] = Field(
         default_factory=lambda: ["mmlu", "arc_easy", "hellaswag", "winogrande"],
         description="Task names, or name -> overrides. Tasks: mmlu ceval cmmlu arc_easy arc_challenge hellaswag "
-        "winogrande gsm8k bbh drop humaneval perplexity demo_mc; LLM-judged chat tasks (need judge_model): "
-        "mt_bench belle_eval zbench "
-        "vicuna_bench alpaca_eval.",
+        "winogrande gsm8k bbh drop humaneval perplexity demo_mc demo_qa; LLM-judged chat tasks (need judge_model): "
+        "mt_bench belle_eval zbench vicuna_bench alpaca_eval.",
     )
     shots: Optional[int] = Field(
         None,
@@ -780,6 +783,11 @@ class EvaluateConfig(StageConfig):
         "loglikelihood", description="Default multiple choice scoring for mmlu/ceval/cmmlu (see TaskSpec.mode)."
     )
     chat_template: bool = Field(False, description="Wrap prompts in the model's chat template.")
+    chat_models: list[str] = Field(
+        default_factory=list,
+        description="Names in models that are chat models: their prompts are wrapped in their chat template "
+        "(chat_template=true for them only), the others are prompted as base models.",
+    )
     max_new_tokens: int = Field(256, ge=1, description="Generation tasks: token limit.")
     fewshot_seed: int = Field(
         1234, description="Seed of the few-shot sampler for tasks that draw shots at random (lm-eval's default)."
@@ -813,8 +821,7 @@ class EvaluateConfig(StageConfig):
     baseline_answers: Optional[str] = Field(
         None,
         description="chat_mode=pairwise: the baseline's answers, a FastChat answer JSONL, or a folder with "
-        "<task>.jsonl "
-        "per chat task (alpaca_eval files carry their own baseline outputs).",
+        "<task>.jsonl per chat task (alpaca_eval files carry their own baseline outputs).",
     )
     chat_max_new_tokens: int = Field(
         1024, ge=1, description="Chat tasks: the evaluated model's reply token limit per turn."
@@ -830,6 +837,9 @@ class EvaluateConfig(StageConfig):
     def _one_model(self):
         if self.model and self.models:
             raise ValueError("set either model or models, not both")
+        unknown = sorted(set(self.chat_models) - set(self.models))
+        if unknown:
+            raise ValueError(f"chat_models {unknown} are not names in models ({', '.join(self.models) or 'none'})")
         return self
 
 
@@ -927,6 +937,11 @@ class PipelineConfig(Closed):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="evaluate stage")
     export: ExportConfig = Field(
         default_factory=ExportConfig, description="export stage (optional: runs when export.enabled is true)"
+    )
+    scratch: bool = Field(
+        False,
+        description="Also run the scratch arm: the student's shape randomly initialised (prune init=random) and "
+        "distilled with the distill config on the same records for the same steps, evaluated as 'scratch'.",
     )
 
 

@@ -3,16 +3,22 @@
 flows/pipeline.py runs these steps as Prefect tasks; this module only knows the DAG:
 
     base ──> vocab ──> records_lm ──┬──> adapt ──> prune ──> distill ──> sft ─────────────> evaluate ··> export
-                  └──> records_chat ┘                                   ↑   └─> records_pref ─> dpo ─┘
-                                     (records_chat feeds sft) ──────────┘       (optional: dpo.enabled,
-                                                                                  export.enabled)
+                  └──> records_chat ┘      │                            ↑   └─> records_pref ─> dpo ─┘  ↑
+                                           │ (records_chat feeds sft) ──┘       (optional: dpo.enabled,  │
+                                           │                                     export.enabled)       │
+                                           └──> prune_scratch ──> distill_scratch ─────────────────────┘
+                                                (optional: scratch=true)
 
 Each step is a (stage, key) pair: ``records`` runs for ``records_lm`` (pretraining text),
 ``records_chat`` (chat data) and ``records_pref`` (preference pairs), every other step is named after
-its stage. ``STEPS`` always run; an ``OPTIONAL_STEPS`` step (records_pref, dpo; export) runs only when
-its switch's config says ``enabled: true`` (``dpo.enabled``, ``export.enabled``). A step's ``after`` are
-optional steps it then also waits for and takes as inputs (evaluate adds the dpo model to its
-comparison; export exports the dpo model when there is one).
+its stage. ``STEPS`` always run; an ``OPTIONAL_STEPS`` step (records_pref, dpo; export; the scratch arm)
+runs only when its switch is on (``dpo.enabled``, ``export.enabled``, ``scratch``). A step's ``after`` are
+optional steps it then also waits for and takes as inputs (evaluate adds the dpo model and the scratch
+student to its comparison; export exports the dpo model when there is one).
+
+The scratch arm (``prune_scratch`` -> ``distill_scratch``) is the baseline a pruned student must beat:
+the student's shape with random weights (prune ``init=random``), distilled with the distill config on the
+same records for the same steps. Its steps share the prune and distill configs (``Step.config``).
 """
 
 from __future__ import annotations
@@ -28,12 +34,17 @@ from minima.core.errors import ConfigError
 
 @dataclass(frozen=True)
 class Step:
-    key: str  # PipelineConfig field
+    key: str  # step name
     stage: str  # minima stage name
     needs: tuple[str, ...]  # upstream step keys
     out_name: str  # directory name under run_dir
-    switch: Optional[str] = None  # optional steps: the PipelineConfig field whose ``enabled`` turns them on
+    switch: Optional[str] = None  # optional steps: the PipelineConfig field (a bool, or a config's ``enabled``)
     after: tuple[str, ...] = ()  # optional upstream steps: inputs too, when they run
+    config: str = ""  # PipelineConfig field holding the step's config; "" = key. A shared config's out_dir is unused.
+
+    @property
+    def config_key(self) -> str:
+        return self.config or self.key
 
     def inputs(self, active: Collection[str]) -> tuple[str, ...]:
         """Upstream step keys of this step when the steps ``active`` run."""
@@ -48,7 +59,7 @@ STEPS: tuple[Step, ...] = (
     Step("prune", "prune", ("adapt", "records_lm"), "04_prune"),
     Step("distill", "distill", ("adapt", "prune", "records_lm"), "05_distill"),
     Step("sft", "sft", ("distill", "records_chat"), "06_sft"),
-    Step("evaluate", "evaluate", ("adapt", "prune", "distill", "sft"), "07_evaluate", after=("dpo",)),
+    Step("evaluate", "evaluate", ("adapt", "prune", "distill", "sft"), "07_evaluate", after=("dpo", "distill_scratch")),
 )
 # Steps that run only when ``<switch>.enabled`` is true (see ``pipeline_steps``). The preference records
 # are tokenized by the sft model's own tokenizer (a chat format may have added tokens to it).
@@ -56,18 +67,57 @@ OPTIONAL_STEPS: tuple[Step, ...] = (
     Step("records_pref", "records", ("sft",), "06_records_pref", switch="dpo"),
     Step("dpo", "dpo", ("sft", "records_pref"), "06_dpo", switch="dpo"),
     Step("export", "export", ("sft", "evaluate"), "08_export", switch="export", after=("dpo",)),
+    Step("prune_scratch", "prune", ("adapt",), "04_prune_scratch", switch="scratch", config="prune"),
+    Step(
+        "distill_scratch",
+        "distill",
+        ("adapt", "prune_scratch", "records_lm"),
+        "05_distill_scratch",
+        switch="scratch",
+        config="distill",
+    ),
+)
+_ORDER = (
+    "vocab",
+    "records_lm",
+    "records_chat",
+    "adapt",
+    "prune",
+    "prune_scratch",
+    "distill",
+    "distill_scratch",
+    "sft",
+    "records_pref",
+    "dpo",
+    "evaluate",
+    "export",
 )
 # DAG order: an optional step runs before the steps that take it as input (evaluate after dpo), after its own.
-ALL_STEPS: tuple[Step, ...] = STEPS[:-1] + OPTIONAL_STEPS[:2] + STEPS[-1:] + OPTIONAL_STEPS[2:]
+ALL_STEPS: tuple[Step, ...] = tuple(sorted(STEPS + OPTIONAL_STEPS, key=lambda s: _ORDER.index(s.key)))
 STEP = {s.key: s for s in ALL_STEPS}
 STAGE_TO_STEPS = {}
 for _s in ALL_STEPS:
     STAGE_TO_STEPS.setdefault(_s.stage, []).append(_s.key)
 
 
+def switched_on(pipeline: PipelineConfig, switch: Optional[str]) -> bool:
+    """Whether ``switch`` (a bool field, or a config with ``enabled``) is on; no switch is always on."""
+    if switch is None:
+        return True
+    value = getattr(pipeline, switch)
+    return value if isinstance(value, bool) else value.enabled
+
+
+def switch_name(switch: str) -> str:
+    """The key=value override that turns ``switch`` on."""
+    return (
+        f"{switch}=true" if isinstance(PipelineConfig.model_fields[switch].default, bool) else f"{switch}.enabled=true"
+    )
+
+
 def pipeline_steps(pipeline: PipelineConfig) -> tuple[Step, ...]:
     """The steps this pipeline config runs, in DAG order: ``STEPS`` plus the switched-on optional ones."""
-    return tuple(s for s in ALL_STEPS if s.switch is None or getattr(pipeline, s.switch).enabled)
+    return tuple(s for s in ALL_STEPS if switched_on(pipeline, s.switch))
 
 
 def downstream(step_key: str, steps: Sequence[Step] = STEPS) -> list[str]:
@@ -95,7 +145,7 @@ def select_steps(
                 switch = STEP[off[0] if off else STAGE_TO_STEPS[name][0]].switch
                 raise ConfigError(
                     f"step {', '.join(off) or name} is switched off in this pipeline config",
-                    fix=f"set {switch}.enabled=true to run it",
+                    fix=f"set {switch_name(switch)} to run it",
                 )
             return ks
         import difflib
@@ -126,10 +176,17 @@ WIRING: dict[str, Wiring] = {
     "records_chat": lambda c, up: {"tokenizer": up["vocab"], "format": "chat"},
     "adapt": lambda c, up: {"model": up["vocab"], "records": up["records_lm"]},
     "prune": lambda c, up: {"teacher": up["adapt"], "records": up["records_lm"]},
+    "prune_scratch": lambda c, up: {"teacher": up["adapt"], "records": None, "init": "random"},
     "distill": lambda c, up: {
         "teacher": up["adapt"],
         "student": up["prune"],
         "model": up["prune"],  # the same dir: a student set in the pipeline config must not disagree
+        "records": up["records_lm"],
+    },
+    "distill_scratch": lambda c, up: {
+        "teacher": up["adapt"],
+        "student": up["prune_scratch"],
+        "model": up["prune_scratch"],
         "records": up["records_lm"],
     },
     "sft": lambda c, up: {"model": up["distill"], "records": up["records_chat"]},
@@ -140,18 +197,30 @@ WIRING: dict[str, Wiring] = {
             "teacher": up["adapt"],
             "pruned": up["prune"],
             "distilled": up["distill"],
+            **({"scratch": up["distill_scratch"]} if "distill_scratch" in up else {}),
             "chat": up["sft"],
             **({"dpo": up["dpo"]} if "dpo" in up else {}),
-        }
+        },
+        # asked through their chat templates, the others as base models
+        "chat_models": c.chat_models or ["chat", *(["dpo"] if "dpo" in up else [])],
     },
     "export": lambda c, up: {"model": up.get("dpo", up["sft"]), "evaluation": up["evaluate"]},
+}
+# What each evaluated model is, for reports.
+MODEL_LABELS = {
+    "teacher": "teacher",
+    "pruned": "pruned",
+    "distilled": "pruned+distilled",
+    "scratch": "scratch+distilled",
+    "chat": "chat",
+    "dpo": "chat+dpo",
 }
 
 
 def step_config(pipeline: PipelineConfig, key: str, upstream: dict[str, str]) -> StageConfig:
     """The step's stage config with run_dir, out_dir and upstream inputs filled in (validated)."""
     step = STEP[key]
-    cfg: StageConfig = getattr(pipeline, key)
+    cfg: StageConfig = getattr(pipeline, step.config_key)
     active = {s.key for s in pipeline_steps(pipeline)}
     upstream = {k: v for k, v in upstream.items() if k in step.inputs(active)}  # a switched-off step is no input
     missing = [n for n in step.needs if n not in upstream]
@@ -159,15 +228,21 @@ def step_config(pipeline: PipelineConfig, key: str, upstream: dict[str, str]) ->
         raise ConfigError(f"step {key} needs the artifacts of {', '.join(missing)}", fix="run the earlier stages first")
     changes = dict(WIRING[key](cfg, upstream))
     changes["run_dir"] = pipeline.run_dir
-    if not cfg.out_dir:
-        changes["out_dir"] = str(Path(pipeline.run_dir) / step.out_name)
+    changes["out_dir"] = step_out_dir(pipeline, key)
     data = cfg.model_dump()
     data.update(changes)
     return type(cfg).model_validate(data)
 
 
+def step_out_dir(pipeline: PipelineConfig, key: str) -> str:
+    """The step's artifact dir: its config's out_dir, else <run_dir>/<out_name> (always for a shared config)."""
+    step = STEP[key]
+    own = None if step.config else getattr(pipeline, key).out_dir
+    return own or str(Path(pipeline.run_dir) / step.out_name)
+
+
 def default_out_dirs(pipeline: PipelineConfig) -> dict[str, str]:
-    return {s.key: getattr(pipeline, s.key).out_dir or str(Path(pipeline.run_dir) / s.out_name) for s in ALL_STEPS}
+    return {s.key: step_out_dir(pipeline, s.key) for s in ALL_STEPS}
 
 
 assert all(STAGE_NUMBER[s.stage] for s in ALL_STEPS)

@@ -1,16 +1,29 @@
 """Built-in bilingual demo data, generated deterministically (no download, no ../shared needed).
 
 The corpus is a small templated world, English and Chinese, that a tiny model learns in minutes:
-capitals of countries, colours of things, word translations and one-digit arithmetic. From it come
+capitals of countries, colours of things, word translations and one-digit arithmetic. Its facts are
+split 75/25 into chat-train and held-out facts. From it come
 
-- pretraining text (one document per line, ``text/pretrain_en.txt`` and ``text/pretrain_zh.txt``),
+- pretraining text (one document per line, ``text/pretrain_en.txt`` and ``text/pretrain_zh.txt``):
+  every fact stated in several paraphrases, and, about the chat-train facts only, some QA text: QA lines
+  (``Question: .. Answer: ..``) and chat transcripts in MiniChat's turn tags,
+- a held-out text split drawn the same way that no stage trains on (``heldout/heldout_{en,zh}.txt``, its
+  documents as one running text), for perplexity,
 - chat conversations in the MiniChat JSON shape (``chat/demo_chat.json``: a list of conversations,
-  each a list of ``{"User": .., "Assistant": ..}`` turns),
+  each a list of ``{"User": .., "Assistant": ..}`` turns) about the chat-train facts,
 - multiple-choice questions with gold answers (``eval/demo_mc/{dev,test}.jsonl``: question, the
-  answer sentence's ``prefix`` up to the answer, choices, gold), asked about held-out facts that appear
-  only in the pretraining text, so sft must generalise,
+  answer sentence's ``prefix`` up to the answer, choices, gold) and free-answer questions
+  (``eval/demo_qa/{dev,test}.jsonl``: question, gold answer, reference reply), the test split asked
+  about held-out facts: their statements are in the pretraining text, but no question about them is
+  ever trained on, so answering them needs knowledge the model can extract, not a memorised reply,
 - two SentencePiece models trained on the corpus: an English BPE "base" (LLaMA settings,
-  byte_fallback) and a Chinese unigram "extra", so the vocab stage runs without any download.
+  byte_fallback) and a Chinese BPE "extra" trained on word-segmented text.
+
+What makes held-out answers learnable by a model this small: questions are phrased like a statement of
+their fact; QA text is a small part of the mix (much of it and the model memorises the QA pairs instead
+of learning to answer from what it knows); part of it is chat-shaped, so the chat template is no new
+world for the model after sft; and an answer is the same tokens after a question as in a statement
+(segmented Chinese tokenizer, Latin words set off by spaces in Chinese text).
 
 Same seed -> same bytes.
 """
@@ -102,16 +115,15 @@ def _zh_number(n: int) -> str:
 
 @dataclass
 class Fact:
-    """One fact in both languages, with question/answer forms and distractor pool."""
+    """One fact in both languages: its statements (paraphrases), its question, its answer, the answer's
+    distractor pool and the statement's stem up to the answer."""
 
     kind: str
     key: str
     en: list[str]
     zh: list[str]
     q_en: str
-    a_en: str
     q_zh: str
-    a_zh: str
     answer_en: str
     answer_zh: str
     pool_en: list[str] = field(default_factory=list)
@@ -119,11 +131,28 @@ class Fact:
     stem_en: str = ""  # the answer sentence up to the answer ("The capital of France is")
     stem_zh: str = ""
 
+    def statements(self, lang: str) -> list[str]:
+        return self.en if lang == "en" else [space_latin(x) for x in self.zh]
+
+    def question(self, lang: str) -> str:
+        return self.q_en if lang == "en" else self.q_zh
+
+    def answer(self, lang: str) -> str:
+        return self.answer_en if lang == "en" else self.answer_zh
+
+    def reply(self, lang: str) -> str:
+        """The answer as a chat reply: the answer itself, as a sentence; an English sum as its equation
+        ("3 plus 5 equals 8.", as English says it; Chinese answers 几 with the number)."""
+        if self.kind == "add" and lang == "en":
+            return f"{self.stem_en} {self.answer_en}."
+        return f"{self.answer_en}." if lang == "en" else f"{self.answer_zh}。"
+
 
 def facts() -> list[Fact]:
+    """Every fact of the world. A question is phrased like one of its statements ("What is the capital of
+    France?" / "The capital of France is Paris."), as questions about a fact usually are."""
     out: list[Fact] = []
-    caps = [c[1] for c in COUNTRIES]
-    caps_zh = [c[3] for c in COUNTRIES]
+    caps, caps_zh = [c[1] for c in COUNTRIES], [c[3] for c in COUNTRIES]
     for country, cap, country_zh, cap_zh in COUNTRIES:
         out.append(
             Fact(
@@ -134,11 +163,13 @@ def facts() -> list[Fact]:
                     f"{cap} is the capital of {country}.",
                     f"{country} has its capital in {cap}.",
                 ],
-                [f"{country_zh}的首都是{cap_zh}。", f"{cap_zh}是{country_zh}的首都。"],
+                [
+                    f"{country_zh}的首都是{cap_zh}。",
+                    f"{cap_zh}是{country_zh}的首都。",
+                    f"{country_zh}以{cap_zh}为首都。",
+                ],
                 f"What is the capital of {country}?",
-                f"The capital of {country} is {cap}.",
                 f"{country_zh}的首都是哪里？",
-                f"{country_zh}的首都是{cap_zh}。",
                 cap,
                 cap_zh,
                 caps,
@@ -147,48 +178,47 @@ def facts() -> list[Fact]:
                 f"{country_zh}的首都是",
             )
         )
-    colors = sorted({c[1] for c in COLORS})
-    colors_zh = sorted({c[3] for c in COLORS})
+    colors, colors_zh = sorted({c[1] for c in COLORS}), sorted({c[3] for c in COLORS})
     for thing, color, thing_zh, color_zh in COLORS:
         out.append(
             Fact(
                 "color",
                 thing,
-                [f"The color of the {thing} is {color}.", f"The {thing} is {color}."],
-                [f"{thing_zh}的颜色是{color_zh}。", f"{thing_zh}是{color_zh}的。"],
-                f"What color is the {thing}?",
-                f"The {thing} is {color}.",
-                f"{thing_zh}是什么颜色的？",
-                f"{thing_zh}是{color_zh}的。",
+                [
+                    f"The color of the {thing} is {color}.",
+                    f"The {thing} is {color}.",
+                    f"The {thing} has a {color} color.",
+                ],
+                [f"{thing_zh}的颜色是{color_zh}。", f"{thing_zh}是{color_zh}的。", f"{color_zh}是{thing_zh}的颜色。"],
+                f"What is the color of the {thing}?",
+                f"{thing_zh}的颜色是什么？",
                 color,
                 color_zh,
                 colors,
                 colors_zh,
-                f"The {thing} is",
-                f"{thing_zh}是",
+                f"The color of the {thing} is",
+                f"{thing_zh}的颜色是",
             )
         )
-    words_en = [w[0] for w in WORDS]
-    words_zh = [w[1] for w in WORDS]
+    words_en, words_zh = [w[0] for w in WORDS], [w[1] for w in WORDS]
     for en, zh in WORDS:
         out.append(
             Fact(
                 "word",
                 en,
-                [f"In Chinese, {en} is {zh}.", f"The Chinese word for {en} is {zh}."],
-                [f"{zh}的英文是{en}。", f"{en}的中文是{zh}。"],
-                f"What is {en} in Chinese?",
-                f"In Chinese, {en} is {zh}.",
+                [f"The Chinese word for {en} is {zh}.", f"In Chinese, {en} is {zh}.", f"{zh} means {en}."],
+                [f"{zh}的英文是{en}。", f"{en}的中文是{zh}。", f"{zh}在英文里是{en}。"],
+                f"What is the Chinese word for {en}?",
                 f"{zh}的英文是什么？",
-                f"{zh}的英文是{en}。",
                 zh,
                 en,
                 words_zh,
                 words_en,
-                f"In Chinese, {en} is",
+                f"The Chinese word for {en} is",
                 f"{zh}的英文是",
             )
         )
+    numbers = [str(i) for i in range(2, 19)]
     for a in range(1, 10):
         for b in range(1, 10):
             c = a + b
@@ -199,13 +229,11 @@ def facts() -> list[Fact]:
                     [f"{a} plus {b} equals {c}.", f"{a} + {b} = {c}."],
                     [f"{_zh_number(a)}加{_zh_number(b)}等于{_zh_number(c)}。", f"{a}加{b}等于{c}。"],
                     f"What is {a} plus {b}?",
-                    f"{a} plus {b} equals {c}.",
                     f"{a}加{b}等于几？",
-                    f"{a}加{b}等于{c}。",
                     str(c),
                     str(c),
-                    [str(i) for i in range(2, 19)],
-                    [str(i) for i in range(2, 19)],
+                    numbers,
+                    numbers,
                     f"{a} plus {b} equals",
                     f"{a}加{b}等于",
                 )
@@ -213,25 +241,55 @@ def facts() -> list[Fact]:
     return out
 
 
+def space_latin(text: str) -> str:
+    """Chinese text with a space between a Latin word and the Chinese characters or punctuation before it, and
+    the characters after it, as Chinese typography often sets them: the word is then the same tokens as in
+    English text ("鱼的英文是 fish。")."""
+    import re
+
+    text = re.sub(r"(?<=[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef])(?=[A-Za-z])", " ", text)
+    return re.sub(r"(?<=[A-Za-z])(?=[\u4e00-\u9fff])", " ", text)
+
+
+# Question-answer text as the pretraining mix holds it: QA lines, and chat transcripts in MiniChat's turn
+# tags. The separator between the sentences of a document, per language.
+QA_LINE = {"en": "Question: {q} Answer: {a}", "zh": "问题：{q}回答：{a}"}
+DIALOGUE = "[|User|] {q} [|Assistant|] {a}"
+SEP = {"en": " ", "zh": ""}
+
+
+def qa_text(question: str, reply: str, lang: str, dialogue: bool = False) -> str:
+    """A question and its reply as one line of QA text (a QA line, or a chat transcript)."""
+    text = (DIALOGUE if dialogue else QA_LINE[lang]).format(q=question, a=reply)
+    return text if lang == "en" else space_latin(text)
+
+
+def qa_prompt(question: str, lang: str) -> str:
+    """The QA line of ``question`` up to its answer: the completion prompt of a base model."""
+    return QA_LINE[lang].format(q=question, a="").rstrip()
+
+
 @dataclass
 class DemoCorpus:
     pretrain_en: list[str]
     pretrain_zh: list[str]
+    heldout_en: list[str]
+    heldout_zh: list[str]
     chat: list[list[dict]]
     mc_dev: list[dict]
     mc_test: list[dict]
+    qa_dev: list[dict]
+    qa_test: list[dict]
 
 
 def _mc(fact: Fact, lang: str, rng: random.Random) -> dict:
-    answer = fact.answer_en if lang == "en" else fact.answer_zh
+    answer = fact.answer(lang)
     pool = sorted(set(fact.pool_en if lang == "en" else fact.pool_zh) - {answer})
     choices = rng.sample(pool, 3) + [answer]
     rng.shuffle(choices)
-    q = fact.q_en if lang == "en" else fact.q_zh
-    prefix = fact.stem_en if lang == "en" else fact.stem_zh
     return {
-        "question": q,
-        "prefix": prefix,
+        "question": fact.question(lang),
+        "prefix": fact.stem_en if lang == "en" else fact.stem_zh,
         "choices": choices,
         "gold": choices.index(answer),
         "lang": lang,
@@ -239,77 +297,157 @@ def _mc(fact: Fact, lang: str, rng: random.Random) -> dict:
     }
 
 
-def generate(seed: int = 0, docs_per_lang: int = 1500) -> DemoCorpus:
-    """Build the corpus. Facts are split 75/25 into chat-train / held-out; all appear in pretraining text."""
+def _qa(fact: Fact, lang: str) -> dict:
+    """A free-answer item: the question, the gold answer and the reference reply."""
+    return {
+        "question": fact.question(lang),
+        "answer": fact.answer(lang),
+        "reply": fact.reply(lang),
+        "lang": lang,
+        "kind": fact.kind,
+    }
+
+
+def generate(
+    seed: int = 0,
+    docs_per_lang: int = 1500,
+    qa_fraction: float | dict = 0.1,
+    dialogue_fraction: float = 0.5,
+    heldout_docs: int = 150,
+) -> DemoCorpus:
+    """Build the corpus.
+
+    Facts are split 75/25 into chat-train / held-out. Every fact is stated in the pretraining text, in
+    several paraphrases. A ``qa_fraction`` of the sentences about chat-train facts are QA text instead, a
+    ``dialogue_fraction`` of it as chat transcripts, as web text mixes QA pages and chat logs into prose.
+    A held-out fact's question is never in any training data. ``heldout_docs`` documents per language,
+    drawn like the pretraining ones but never trained on, are the held-out text split (perplexity).
+    """
     rng = random.Random(seed)
     all_facts = facts()
     order = list(range(len(all_facts)))
     rng.shuffle(order)
     n_test = len(order) // 4
     test_ids = set(order[:n_test])
+    train_facts = [f for i, f in enumerate(all_facts) if i not in test_ids]
+    train_keys = {(f.kind, f.key) for f in train_facts}
+
+    qa_share = qa_fraction if isinstance(qa_fraction, dict) else {"en": qa_fraction, "zh": qa_fraction}
+
+    def sentence(f: Fact, lang: str) -> str:
+        if (f.kind, f.key) in train_keys and rng.random() < qa_share[lang]:
+            return qa_text(f.question(lang), f.reply(lang), lang, dialogue=rng.random() < dialogue_fraction)
+        return rng.choice(f.statements(lang))
+
+    def doc(lang: str) -> str:
+        text = SEP[lang].join(sentence(f, lang) for f in rng.sample(all_facts, rng.randint(3, 7)))
+        return text if lang == "en" else space_latin(text)
 
     def docs(lang: str) -> list[str]:
-        out = []
-        for _ in range(docs_per_lang):
-            k = rng.randint(3, 7)
-            sents = [rng.choice(f.en if lang == "en" else f.zh) for f in rng.sample(all_facts, k)]
-            out.append(" ".join(sents) if lang == "en" else "".join(sents))
-        # Every fact appears at least twice in each language, whatever the sampling did.
+        out = [doc(lang) for _ in range(docs_per_lang)]
+        # Every statement appears at least once in each language, and every chat-train fact's QA text.
         for f in all_facts:
-            for s in f.en if lang == "en" else f.zh:
-                out.append(s)
+            out += f.statements(lang)
+        for f in train_facts:
+            out.append(qa_text(f.question(lang), f.reply(lang), lang))
+            out.append(qa_text(f.question(lang), f.reply(lang), lang, dialogue=True))
         rng.shuffle(out)
         return out
 
     pretrain_en, pretrain_zh = docs("en"), docs("zh")
+
+    def heldout(lang: str, seen: list[str]) -> list[str]:
+        seen_set, out = set(seen), []
+        while len(out) < heldout_docs:
+            d = doc(lang)
+            if d not in seen_set:
+                out.append(d)
+        return out
+
+    heldout_en, heldout_zh = heldout("en", pretrain_en), heldout("zh", pretrain_zh)
     chat: list[list[dict]] = []
-    train_facts = [f for i, f in enumerate(all_facts) if i not in test_ids]
     for f in train_facts:
-        chat.append([{"User": f.q_en, "Assistant": f.a_en}])
-        chat.append([{"User": f.q_zh, "Assistant": f.a_zh}])
+        for lang in ("en", "zh"):
+            chat.append([{"User": f.question(lang), "Assistant": f.reply(lang)}])
     for _ in range(len(train_facts) // 2):  # some multi-turn conversations
         a, b = rng.sample(train_facts, 2)
         lang = rng.choice(["en", "zh"])
-        chat.append(
-            [
-                {"User": a.q_en if lang == "en" else a.q_zh, "Assistant": a.a_en if lang == "en" else a.a_zh},
-                {"User": b.q_en if lang == "en" else b.q_zh, "Assistant": b.a_en if lang == "en" else b.a_zh},
-            ]
-        )
+        chat.append([{"User": x.question(lang), "Assistant": x.reply(lang)} for x in (a, b)])
     rng.shuffle(chat)
     mc_test = [_mc(all_facts[i], lang, rng) for i in sorted(test_ids) for lang in ("en", "zh")]
     dev_pick = rng.sample(train_facts, min(20, len(train_facts)))
     mc_dev = [_mc(f, rng.choice(["en", "zh"]), rng) for f in dev_pick]
-    return DemoCorpus(pretrain_en, pretrain_zh, chat, mc_dev, mc_test)
+    qa_test = [_qa(all_facts[i], lang) for lang in ("en", "zh") for i in sorted(test_ids)]
+    qa_dev = [_qa(f, lang) for lang in ("en", "zh") for f in dev_pick]
+    return DemoCorpus(pretrain_en, pretrain_zh, heldout_en, heldout_zh, chat, mc_dev, mc_test, qa_dev, qa_test)
 
 
 def _write(path: Path, text: str) -> None:
+    from minima.core.artifacts import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    atomic_write_text(path, text)
 
 
-def write(out_dir: str | Path, seed: int = 0, docs_per_lang: int = 1500, tokenizers: bool = True) -> dict[str, Path]:
-    """Write the demo corpus (and tokenizers) under ``out_dir``; returns the paths by name."""
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def write(
+    out_dir: str | Path, seed: int = 0, docs_per_lang: int = 1500, tokenizers: bool = True, **world
+) -> dict[str, Path]:
+    """Write the demo corpus (and tokenizers) under ``out_dir``; returns the paths by name.
+
+    ``world``: further :func:`generate` arguments.
+    """
     out = Path(out_dir)
-    c = generate(seed, docs_per_lang)
+    c = generate(seed, docs_per_lang, **world)
     paths = {
         "pretrain_en": out / "text" / "pretrain_en.txt",
         "pretrain_zh": out / "text" / "pretrain_zh.txt",
+        "heldout_en": out / "heldout" / "heldout_en.txt",
+        "heldout_zh": out / "heldout" / "heldout_zh.txt",
         "chat": out / "chat" / "demo_chat.json",
         "mc_dev": out / "eval" / "demo_mc" / "dev.jsonl",
         "mc_test": out / "eval" / "demo_mc" / "test.jsonl",
+        "qa_dev": out / "eval" / "demo_qa" / "dev.jsonl",
+        "qa_test": out / "eval" / "demo_qa" / "test.jsonl",
     }
-    _write(paths["pretrain_en"], "\n".join(c.pretrain_en) + "\n")
-    _write(paths["pretrain_zh"], "\n".join(c.pretrain_zh) + "\n")
+    for name in ("pretrain_en", "pretrain_zh"):
+        _write(paths[name], "\n".join(getattr(c, name)) + "\n")
+    # The held-out documents as one running text (no newline: the models never see one, documents are
+    # separated by an end-of-text token in training), scored in windows of the trained context.
+    for lang in ("en", "zh"):
+        _write(paths[f"heldout_{lang}"], SEP[lang].join(getattr(c, f"heldout_{lang}")))
     _write(paths["chat"], json.dumps(c.chat, ensure_ascii=False, indent=1) + "\n")
-    _write(paths["mc_dev"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in c.mc_dev))
-    _write(paths["mc_test"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in c.mc_test))
+    for name in ("mc_dev", "mc_test", "qa_dev", "qa_test"):
+        _write(paths[name], _jsonl(getattr(c, name)))
     if tokenizers:
         paths["base_sp"] = out / "tokenizers" / "base_en.model"
         paths["extra_sp"] = out / "tokenizers" / "extra_zh.model"
         train_sentencepiece(c.pretrain_en, paths["base_sp"], vocab_size=1000, model_type="bpe", byte_fallback=True)
-        train_sentencepiece(c.pretrain_zh, paths["extra_sp"], vocab_size=800, model_type="unigram", byte_fallback=False)
+        train_sentencepiece(
+            segment_zh(c.pretrain_zh),
+            paths["extra_sp"],
+            vocab_size=800,
+            model_type="bpe",
+            byte_fallback=False,
+            add_dummy_prefix=False,
+        )
     return paths
+
+
+def segment_zh(lines: list[str]) -> list[str]:
+    """Chinese lines cut before and after every name, answer and number of the world, as a word segmenter
+    would: a tokenizer trained on the pieces has no piece that glues an answer to the word before it
+    ("是蓝色"), so an answer is the same tokens in a statement and after a question."""
+    import re
+
+    words = {w for f in facts() if f.kind != "add" for w in (f.answer_zh, *f.pool_zh)}
+    words |= {c[2] for c in COUNTRIES} | {c[2] for c in COLORS} | {w[1] for w in WORDS}
+    words |= {_zh_number(n) for n in range(19)}
+    pattern = re.compile("(" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + ")")
+    return [seg.strip() for line in lines for seg in pattern.split(line) if seg.strip()]
 
 
 def train_sentencepiece(
@@ -318,6 +456,7 @@ def train_sentencepiece(
     vocab_size: int,
     model_type: str = "bpe",
     byte_fallback: bool = True,
+    add_dummy_prefix: bool = True,
 ) -> Path:
     """Train a SentencePiece model with LLaMA's settings (unk/bos/eos = 0/1/2, no pad, split digits)."""
     import sentencepiece as spm
@@ -332,7 +471,7 @@ def train_sentencepiece(
         split_digits=True,
         character_coverage=1.0 if not byte_fallback else 0.9995,
         normalization_rule_name="identity" if byte_fallback else "nmt_nfkc",
-        add_dummy_prefix=True,
+        add_dummy_prefix=add_dummy_prefix,
         remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,
         unk_id=0,

@@ -1,8 +1,8 @@
 """Preference pairs from the demo world (:mod:`minima.data.demo`) for the dpo stage.
 
-Each pair asks a fact's question; the chosen reply is the right answer sentence and the rejected one
-the same sentence with a wrong answer from the fact's own pool (a fluent wrong fact): "The capital of
-France is Paris." against "The capital of France is Rome.". Pairs are written in the
+Each pair asks a fact's question; the chosen reply is the fact's chat reply and the rejected one the
+same reply with a wrong answer from the fact's own pool (a fluent wrong fact): "Paris." against
+"Rome.", "3 plus 5 equals 8." against "3 plus 5 equals 9.". Pairs are written in the
 ``{"prompt", "chosen", "rejected"}`` shape that ``minima records format=preference`` reads, with
 ``lang``, ``kind`` and ``key`` beside them.
 
@@ -17,6 +17,7 @@ import json
 import random
 from pathlib import Path
 
+from minima.core.artifacts import atomic_write_text
 from minima.data.demo import Fact, facts
 
 
@@ -29,14 +30,12 @@ def held_out_facts(seed: int = 0) -> set[int]:
 
 
 def wrong_answer(fact: Fact, lang: str, rng: random.Random) -> str:
-    """The fact's answer sentence with a wrong answer from its pool in place of the right one."""
-    answer, stem = (fact.answer_en, fact.stem_en) if lang == "en" else (fact.answer_zh, fact.stem_zh)
-    sentence = fact.a_en if lang == "en" else fact.a_zh
+    """The fact's chat reply with a wrong answer from its pool in place of the right one."""
+    answer = fact.answer(lang)
     pool = sorted(set(fact.pool_en if lang == "en" else fact.pool_zh) - {answer})
-    rest = sentence[len(stem) :] if sentence.startswith(stem) else sentence
-    head = sentence[: len(sentence) - len(rest)]
-    wrong = rng.choice(pool)
-    return head + rest.replace(answer, wrong, 1)
+    reply = fact.reply(lang)
+    at = reply.rfind(answer)  # the answer ends the reply ("3 plus 5 equals 8.", "Paris.")
+    return reply[:at] + rng.choice(pool) + reply[at + len(answer) :]
 
 
 def preference_pairs(
@@ -59,7 +58,7 @@ def preference_pairs(
         if (split == "train" and i in held) or (split == "held_out" and i not in held):
             continue
         for lang in langs:
-            q, a = (f.q_en, f.a_en) if lang == "en" else (f.q_zh, f.a_zh)
+            q, a = f.question(lang), f.reply(lang)
             seen: set[str] = set()
             for _ in range(per_fact):
                 bad = wrong_answer(f, lang, rng)
@@ -78,6 +77,6 @@ def write_preference_pairs(out_dir: str | Path, seed: int = 0, per_fact: int = 2
     for split, n in (("train", per_fact), ("held_out", 1)):
         p = out / f"{split}.jsonl"
         rows = preference_pairs(seed, split, n)
-        p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        atomic_write_text(p, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         paths[split] = p
     return paths

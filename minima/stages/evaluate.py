@@ -154,7 +154,7 @@ def _evaluate_all(cfg: EvaluateConfig, models: dict[str, str], data_dir: Optiona
             limit=cfg.limit,
             batch_size=cfg.batch_size,
             mode=cfg.mode,
-            chat_template=cfg.chat_template,
+            chat_template=cfg.chat_template or name in cfg.chat_models,
             max_new_tokens=cfg.max_new_tokens,
             fewshot_seed=cfg.fewshot_seed,
             seed=cfg.seed,
@@ -173,6 +173,7 @@ def _evaluate_all(cfg: EvaluateConfig, models: dict[str, str], data_dir: Optiona
         "shots": cfg.shots,
         "limit": cfg.limit,
         "chat_template": cfg.chat_template,
+        "chat_models": list(cfg.chat_models),
         "seconds": round(time.time() - t0, 2),
         "created": time.strftime("%Y-%m-%d %H:%M"),
     }

@@ -1,8 +1,9 @@
 """Stage prune: load the teacher, stream calibration records, prune to the target shape, save the student.
 
 ``minima prune teacher=DIR records=DIR num_layers=... hidden_size=...`` (or ``dry_run=true``, which
-counts the target's parameters on the meta device and loads no weights). The pruning itself lives
-in :mod:`minima.compress.prune`.
+counts the target's parameters on the meta device and loads no weights). ``init=random`` writes the
+target shape with fresh weights instead: the from-scratch baseline a pruned student is compared with.
+The pruning itself lives in :mod:`minima.compress.prune`.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def _needs_data(cfg: PruneConfig, teacher: Shape, shape: Shape) -> bool:
     drops = (
         cfg.keep_layers is None and shape.num_layers < teacher.num_layers and cfg.layer_importance == "block-influence"
     )
-    return cfg.importance in ("activation", "gradient") or drops
+    return cfg.init == "pruned" and (cfg.importance in ("activation", "gradient") or drops)
 
 
 def validate_inputs(cfg: PruneConfig, for_dry_run: bool = False):
@@ -224,8 +225,18 @@ def _peak_memory(device: torch.device) -> dict:
     }
 
 
+def random_student(teacher_config, shape: Shape, seed: int, dtype: torch.dtype):
+    """A model of the target shape with freshly initialised weights: the student trained from scratch."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(student_config(teacher_config, shape), dtype=dtype)
+
+
 def _body(cfg: PruneConfig, run: StageRun) -> dict:
-    from transformers import GenerationConfig
+
+    if cfg.init == "random":
+        return _random_body(cfg, run)
 
     device = _device(cfg)
     dtype = DTYPES[cfg.dtype]
@@ -261,13 +272,7 @@ def _body(cfg: PruneConfig, run: StageRun) -> dict:
     teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
     del teacher
     out = run.work_dir
-    student.save_pretrained(str(out))
-    src = Path(cfg.teacher)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
-    if not (out / "generation_config.json").is_file():
-        GenerationConfig.from_model_config(student.config).save_pretrained(str(out))
+    _save_student(cfg, student, out)
     (out / "importance.json").write_text(json.dumps(report.to_json()))
     plot_importance(report, out / "importance.png")
     metrics = report.metrics()
@@ -285,6 +290,36 @@ def _body(cfg: PruneConfig, run: StageRun) -> dict:
         "prune: %s",
         {k: metrics[k] for k in ("params_before", "params_after", "calibration_tokens_per_s", "peak_memory_gb")},
     )
+    return metrics
+
+
+def _save_student(cfg: PruneConfig, student, out: Path) -> None:
+    """The student's weights, the teacher's tokenizer files and a generation config."""
+    from transformers import GenerationConfig
+
+    student.save_pretrained(str(out))
+    src = Path(cfg.teacher)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    if not (out / "generation_config.json").is_file():
+        GenerationConfig.from_model_config(student.config).save_pretrained(str(out))
+
+
+def _random_body(cfg: PruneConfig, run: StageRun) -> dict:
+    """init=random: the target shape from the teacher's config, random weights, the teacher's tokenizer."""
+    tc, shape = validate_inputs(cfg)
+    student = random_student(tc, shape, cfg.seed, DTYPES[cfg.dtype])
+    _save_student(cfg, student, run.work_dir)
+    metrics = {
+        "init": "random",
+        "params_before": count_params(tc),
+        "params_after": sum(p.numel() for p in student.parameters()),
+        "teacher_shape": asdict(Shape.of(tc)),
+        "target_shape": asdict(shape),
+        "dtype": cfg.dtype,
+    }
+    log.info("prune: init=random, %s params of shape %s", format_params(metrics["params_after"]), shape.describe())
     return metrics
 
 

@@ -5,9 +5,30 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from minima.core.artifacts import atomic_write_text, is_complete, read_manifest
+from minima.core.registry import MODEL_LABELS
+
+# What a score is, one line per task, under the evaluation table.
+TASK_NOTES = {
+    "perplexity": "perplexity: token perplexity and bits per byte of the perplexity texts (in the demo, the held-out "
+    "text split that no stage trains on); lower is better.",
+    "demo_mc": "demo_mc: 4-way multiple choice about held-out facts, each choice scored by loglikelihood after the "
+    "answer's stem.",
+    "demo_qa": "demo_qa: free answers to held-out questions, greedy, exact match of the gold answer "
+    "(base models: a 3-shot QA prompt; chat models: the bare question in their chat template).",
+    "preference": "preference: pairs about held-out facts (the right answer against a wrong one of the same kind); "
+    "acc is the share where the model gives the right one the higher loglikelihood, margin the mean log-ratio.",
+}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished subprocesses (training runs), user + system."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _fmt(v: Any) -> str:
@@ -18,7 +39,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
+def md_table(headers: list[str], rows: list[list[Any]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
@@ -29,7 +50,8 @@ def _scalar_metrics(m: dict, keys: list[str]) -> list[list[Any]]:
 
 
 def eval_rows(evaluate_dir: Path) -> tuple[list[str], list[list[Any]]]:
-    """(headers, rows) of the evaluate artifact's scores: one row per task/metric, one column per model."""
+    """(headers, rows) of the evaluate artifact's scores: one row per task/metric, one column per model
+    (named by what it is: pruned+distilled, scratch+distilled, ...)."""
     res_file = evaluate_dir / "results.json"
     if not res_file.is_file():
         return [], []
@@ -44,11 +66,65 @@ def eval_rows(evaluate_dir: Path) -> tuple[list[str], list[list[Any]]]:
             for metric, value in scores.items():
                 if isinstance(value, (int, float)) and not metric.endswith("stderr") and not isinstance(value, bool):
                     rows.setdefault((task, metric), {})[name] = value
-    return ["task", "metric", *names], [[t, m, *[vals.get(n, "") for n in names]] for (t, m), vals in rows.items()]
+    headers = ["task", "metric", *[MODEL_LABELS.get(n, n) for n in names]]
+    return headers, [[t, m, *[vals.get(n, "") for n in names]] for (t, m), vals in rows.items()]
 
 
-def write_report(run_dir: Path, results: dict[str, dict]) -> dict[str, str]:
-    """Write report.md and report.html under run_dir; returns their paths."""
+def curve_caption(stage: str, config: dict) -> str:
+    """One line saying what each curve of a stage's loss plot is."""
+    ce = "left: train CE per optimizer step (thin) and its running mean, dev CE on the records' dev split (dots)"
+    if stage == "distill":
+        loss = config.get("loss") or {}
+        alpha, kd, temp = loss.get("alpha", 0.0), loss.get("kd", "forward_kl"), loss.get("temperature", 1.0)
+        objective = "the KD term alone" if alpha == 0 else f"{alpha:g} CE + {1 - alpha:g} T^2 KD"
+        return (
+            f"{ce}, both against the data's next token; right: the KD term ({kd} between teacher and student at "
+            f"T={temp:g}), which falls to ~0 as the student matches the teacher; the objective is {objective}. "
+            "Bottom axis: optimizer steps; top: training tokens."
+        )
+    if stage == "dpo":
+        return (
+            "left: the preference loss per optimizer step (thin) and its running mean, train and dev; right: the "
+            "reward margin (beta x the log-ratio to the reference, chosen minus rejected), train and dev. "
+            "Bottom axis: optimizer steps; top: training tokens."
+        )
+    what = "assistant-reply tokens" if stage == "sft" else "text tokens"
+    return f"{ce}, over {what}. Bottom axis: optimizer steps; top: training tokens."
+
+
+def pick_examples(items: list[dict], per_lang: int = 5) -> list[dict]:
+    """``per_lang`` items per language, taking each kind in turn (file order within a kind), so the examples
+    show every kind of question rather than the first few of one."""
+    out = []
+    for lang in sorted({it.get("lang", "") for it in items}):
+        kinds: dict[str, list[dict]] = {}
+        for it in items:
+            if it.get("lang", "") == lang:
+                kinds.setdefault(it.get("kind", ""), []).append(it)
+        queues, picked = list(kinds.values()), []
+        while len(picked) < per_lang and any(queues):
+            for q in queues:
+                if q and len(picked) < per_lang:
+                    picked.append(q.pop(0))
+        out += picked
+    return out
+
+
+def qa_examples(evaluate_dir: Path, model: str = "chat", per_lang: int = 5) -> list[dict]:
+    """Some demo_qa items of ``model`` from samples.jsonl (question, reply, ok): see :func:`pick_examples`."""
+    path = Path(evaluate_dir) / "samples.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return pick_examples([s for s in rows if s.get("model") == model and s.get("task") == "demo_qa"], per_lang)
+
+
+def write_report(run_dir: Path, results: dict[str, dict], timing: Optional[list[dict]] = None) -> dict[str, str]:
+    """Write report.md and report.html under run_dir; returns their paths.
+
+    ``timing``: rows ``{"what", "wall_s", "cpu_s"}`` (e.g. the pipeline flow, the whole demo command), shown in
+    a Time section with the machine's CPU count.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     md = [f"# minima pipeline report: `{run_dir}`", ""]
@@ -64,7 +140,7 @@ def write_report(run_dir: Path, results: dict[str, dict]) -> dict[str, str]:
                 f"`{r['path']}`",
             ]
         )
-    md += [_table(["step", "prefect state", "artifact", "build time (s)", "path"], rows), ""]
+    md += [md_table(["step", "prefect state", "artifact", "build time (s)", "path"], rows), ""]
 
     def manifest(key: str) -> dict:
         p = results.get(key, {}).get("path")
@@ -75,7 +151,7 @@ def write_report(run_dir: Path, results: dict[str, dict]) -> dict[str, str]:
         md += [
             "## Tokenizer",
             "",
-            _table(
+            md_table(
                 ["metric", "value"],
                 _scalar_metrics(
                     vocab,
@@ -102,7 +178,7 @@ def write_report(run_dir: Path, results: dict[str, dict]) -> dict[str, str]:
             md += [
                 f"## Records ({key})",
                 "",
-                _table(
+                md_table(
                     ["metric", "value"],
                     _scalar_metrics(m, ["format", "max_length", "num_tokens", "bytes_per_token", "dropped", "skipped"])
                     + [[f"num_records.{k}", v] for k, v in (m.get("num_records") or {}).items()],
@@ -114,7 +190,7 @@ def write_report(run_dir: Path, results: dict[str, dict]) -> dict[str, str]:
         md += [
             "## Pruning",
             "",
-            _table(
+            md_table(
                 ["metric", "value"],
                 _scalar_metrics(
                     prune,
@@ -136,28 +212,73 @@ def write_report(run_dir: Path, results: dict[str, dict]) -> dict[str, str]:
         if isinstance(prune.get("kept_layers"), list):
             md += [f"Kept layers: {prune['kept_layers']}", ""]
     curves = []
-    for key in ("adapt", "distill", "sft"):
+    for key in ("adapt", "distill", "distill_scratch", "sft", "dpo"):
         p = results.get(key, {}).get("path")
         if not p:
             continue
-        m = manifest(key).get("metrics", {})
+        man = manifest(key)
+        m = man.get("metrics", {})
         md_rows = _scalar_metrics(
-            m, ["final_loss", "dev_loss", "dev_ppl", "best_dev_loss", "steps", "tokens", "tokens_per_s", "mfu"]
+            m,
+            [
+                "final_loss",
+                "dev_loss",
+                "dev_ppl",
+                "best_dev_loss",
+                "dev_reward_accuracy_initial",
+                "dev_reward_accuracy",
+                "steps",
+                "tokens",
+                "tokens_per_s",
+                "mfu",
+            ],
         )
         if md_rows:
-            md += [f"## Training: {key}", "", _table(["metric", "value"], md_rows), ""]
+            md += [f"## Training: {key}", "", md_table(["metric", "value"], md_rows), ""]
         for png in sorted(Path(p).glob("*.png")):
             dest = run_dir / "report_files" / f"{key}_{png.name}"
             dest.parent.mkdir(exist_ok=True)
             shutil.copyfile(png, dest)
-            curves.append((key, dest.relative_to(run_dir)))
+            curves.append((key, dest.relative_to(run_dir), curve_caption(man.get("stage", key), man.get("config", {}))))
     if curves:
-        md += ["## Loss curves", ""] + [f"![{k}]({rel.as_posix()})" for k, rel in curves] + [""]
+        md += ["## Loss curves", ""]
+        for k, rel, caption in curves:
+            md += [f"**{k}**: {caption}", "", f"![{k}]({rel.as_posix()})", ""]
     ev = results.get("evaluate", {}).get("path")
     if ev:
         headers, rows = eval_rows(Path(ev))
         if rows:
-            md += ["## Evaluation (teacher vs pruned vs distilled vs chat)", "", _table(headers, rows), ""]
+            tasks = dict.fromkeys(r[0] for r in rows)
+            md += ["## Evaluation", "", md_table(headers, rows), ""]
+            md += [f"- {TASK_NOTES[t]}" for t in tasks if t in TASK_NOTES] + [""]
+        examples = qa_examples(Path(ev))
+        if examples:
+            md += [
+                "## Held-out questions (chat model)",
+                "",
+                md_table(
+                    ["", "question", "reply", "gold"],
+                    [
+                        ["✓" if s["exact_match"] else "✗", s["question"], s["generation"].strip(), s["gold"]]
+                        for s in examples
+                    ],
+                ),
+                "",
+            ]
+    if timing:
+        import os
+
+        md += [
+            "## Time",
+            "",
+            md_table(
+                ["", "wall (s)", "CPU (s, this process and its finished subprocesses)"],
+                [[t["what"], f"{t['wall_s']:.0f}", f"{t['cpu_s']:.0f}"] for t in timing],
+            ),
+            "",
+            f"On {os.cpu_count()} CPU cores; on a loaded machine the wall time grows, the CPU time much less.",
+            "",
+        ]
     text = "\n".join(md)
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
     atomic_write_text(md_path, text)

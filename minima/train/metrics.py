@@ -166,12 +166,47 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def plot_loss_curve(metrics_path: Path, png: Path) -> Optional[Path]:
-    """Train loss (and dev loss when present) against the step, as a PNG; preference runs add the reward
-    margin (``rewards/margins``, train and dev) on a second axis."""
-    recs = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in recs if r.get("split") == "train" and _finite(r.get("loss"))]
+# Train-record fields that are bookkeeping, not loss terms.
+_NOT_TERMS = {"split", "step", "loss", "lr", "grad_norm", "tokens", "tok_s", "step_time", "time", "mfu", "batch_hash"}
+
+
+def _smooth(ys: list[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` points (the first points average what they have)."""
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= window:
+            acc -= ys[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def loss_series(recs: list[dict]) -> dict:
+    """The curves of a metrics.jsonl, like with like: ``train_ce`` and ``dev_ce`` as (step, value) lists,
+    ``terms`` the other loss terms by name (e.g. ``kd``), ``objective`` the optimised loss when it is none of
+    them, and ``tokens`` (step, tokens seen by the end of the step).
+
+    Train CE is the record's ``ce`` when the objective logs it apart, else ``loss`` when the record has no
+    other loss term (adapt, sft). Dev CE is ``dev_loss``. Preference runs (records with ``rewards/margins``)
+    have no CE: ``train_ce``/``dev_ce`` then hold the preference loss, ``preference`` is true and ``margins``
+    holds the reward margin per split. Names with a ``/`` (rewards/..., eval/...) are never loss terms.
+    """
+    train = [r for r in recs if r.get("split") == "train" and _finite(r.get("loss"))]
     dev = [(r["step"], r["dev_loss"]) for r in recs if r.get("split") == "dev" and _finite(r.get("dev_loss"))]
+    names = sorted(
+        {k for r in train for k, v in r.items() if k not in _NOT_TERMS and k != "ce" and "/" not in k and _finite(v)}
+    )
+    terms = {t: [(r["step"], r[t]) for r in train if _finite(r.get(t))] for t in names}
+    if any("ce" in r for r in train):
+        train_ce = [(r["step"], r["ce"]) for r in train if _finite(r.get("ce"))]
+    else:
+        train_ce = [] if terms else [(r["step"], r["loss"]) for r in train]
+    same = [t for t in names if all(r["loss"] == r.get(t) for r in train)]
+    objective = [] if (same or not terms) else [(r["step"], r["loss"]) for r in train]
+    seen, tokens = 0.0, []
+    for r in train:
+        seen += float(r.get("tokens") or 0)
+        tokens.append((r["step"], seen))
     margins = {
         split: [
             (r["step"], r["rewards/margins"])
@@ -180,32 +215,86 @@ def plot_loss_curve(metrics_path: Path, png: Path) -> Optional[Path]:
         ]
         for split in ("train", "dev")
     }
-    if not train and not dev:
+    return {
+        "train_ce": train_ce,
+        "dev_ce": dev,
+        "terms": terms,
+        "objective": objective,
+        "tokens": tokens,
+        "preference": bool(margins["train"] or margins["dev"]),
+        "margins": margins,
+    }
+
+
+def plot_loss_curve(metrics_path: Path, png: Path) -> Optional[Path]:
+    """Like beside like, as a PNG (see :func:`loss_series`): train CE with dev CE on one axis; any other loss
+    term (e.g. the KD term of distillation, which is not a cross entropy) on its own panel; preference runs
+    plot their loss (train and dev) beside the reward margin (train and dev). x: optimizer step, and training
+    tokens on the top axis."""
+    c = loss_series(read_metrics(metrics_path))
+    train_ce, dev, terms, pref = c["train_ce"], c["dev_ce"], c["terms"], c["preference"]
+    if not train_ce and not dev and not terms:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import EngFormatter, MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
+    two = bool(terms) or pref
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(12 if two else 7, 4), dpi=100, squeeze=False)
+    axes = list(axes[0])
+    window = max(1, len(c["tokens"]) // 50)
+
+    def curve(ax, pts, label, color):
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, lw=0.6, alpha=0.35, color=color)
+        ax.plot(
+            xs,
+            _smooth(list(ys), window),
+            lw=1.5,
+            color=color,
+            label=f"{label} ({window}-step mean)" if window > 1 else label,
+        )
+
+    ax = axes[0]
+    what = "preference loss" if pref else "CE"
+    if train_ce:
+        curve(ax, train_ce, f"train {what}", "tab:blue")
     if dev:
-        ax.plot(*zip(*dev), "o-", label="dev loss", lw=1.5)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if margins["train"] or margins["dev"]:
-        ax.set_ylabel("loss")
-        ax2 = ax.twinx()
-        for split, style in (("train", "-"), ("dev", "s--")):
-            if margins[split]:
-                ax2.plot(*zip(*margins[split]), style, color="tab:green", lw=1, label=f"{split} reward margin")
-        ax2.set_ylabel("reward margin (chosen - rejected)")
-        h2, l2 = ax2.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="center right" if len(handles) > 2 else "best")
+        ax.plot(*zip(*dev), "o-", label=f"dev {what}", lw=1.5, color="tab:orange")
+    ax.set_ylabel("preference loss" if pref else "next-token cross entropy (nats/token)")
+    if pref:
+        if c["margins"]["train"]:
+            curve(axes[1], c["margins"]["train"], "train reward margin", "tab:green")
+        if c["margins"]["dev"]:
+            axes[1].plot(*zip(*c["margins"]["dev"]), "s--", color="tab:red", lw=1.5, label="dev reward margin")
+        axes[1].set_ylabel("reward margin (chosen - rejected)")
+    if terms:
+        colors = iter(["tab:green", "tab:purple", "tab:red", "tab:brown", "tab:gray"])
+        for t, pts in terms.items():
+            curve(axes[1], pts, f"train {t}", next(colors, None))
+        if c["objective"]:
+            curve(axes[1], c["objective"], "train objective", "black")
+        axes[1].set_ylabel("other loss terms (nats/token)")
+    # tokens seen by the end of each step, from step 0 and extended linearly past the last one
+    steps = np.array([0.0] + [s for s, _ in c["tokens"]], dtype=float)
+    seen = np.array([0.0] + [t for _, t in c["tokens"]], dtype=float)
+    if len(steps) > 1:
+        steps, seen = np.append(steps, steps[-1] * 10), np.append(seen, seen[-1] * 10)
+    for a in axes:
+        a.set_xlabel("optimizer step")
+        a.grid(alpha=0.3)
+        a.legend()
+        if len(steps) > 2 and seen[-1] > 0:
+            top = a.secondary_xaxis(
+                "top",
+                functions=(lambda x: np.interp(x, steps, seen), lambda t: np.interp(t, seen, steps)),
+            )
+            top.set_xlabel("training tokens")
+            top.xaxis.set_major_locator(MaxNLocator(6))
+            top.xaxis.set_major_formatter(EngFormatter(sep=""))
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)

@@ -11,7 +11,7 @@ from __future__ import annotations
 # isort: off
 # Each family registers its tasks on import; this order is the order of TASKS.
 from minima.evaluate.tasks import mmlu, arc, hellaswag, winogrande, demo_mc  # noqa: F401
-from minima.evaluate.tasks import gsm8k, bbh, drop, humaneval, perplexity, chat  # noqa: F401
+from minima.evaluate.tasks import gsm8k, bbh, drop, humaneval, demo_qa, perplexity, chat  # noqa: F401
 from minima.evaluate.tasks import preference  # noqa: F401
 
 # isort: on

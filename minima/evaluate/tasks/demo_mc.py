@@ -5,7 +5,7 @@ Prompt: ``Question: {question}\\nAnswer:`` plus the answer sentence's stem when 
 
 from __future__ import annotations
 
-from minima.evaluate.tasks.base import MultipleChoiceTask
+from minima.evaluate.tasks.base import Instance, MultipleChoiceTask
 from minima.evaluate.tasks.loading import Doc, Schema, gold_index
 from minima.evaluate.tasks.registry import register_task
 
@@ -36,6 +36,20 @@ class DemoMC(MultipleChoiceTask):
             when=lambda row: isinstance(row["choices"], list),
         ),
     )
+
+    def instances(self, data, settings):
+        if not settings.chat_template:
+            return super().instances(data, settings)
+        out = []  # a chat model: the question as its user turn, the stem as the start of its reply
+        for subject, docs in data.eval.items():
+            for doc in docs:
+                stem = doc.raw.get("prefix") or ""
+                ctx = settings.render(str(doc.raw["question"])) + (f" {stem}" if stem else "")
+                out.append(Instance(subject, doc, self.requests(doc, ctx, settings)))
+        return out
+
+    def target_delimiter(self, settings):
+        return " "  # the context ends in the stem, never in a chat template's tag
 
 
 register_task(DemoMC())
