@@ -351,7 +351,17 @@ class TrainConfig(StageConfig):
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 = epochs over the data.")
     epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps = -1.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of the peak (cosine).")
+    lr_schedule: Literal["cosine", "linear", "constant", "wsd"] = Field(
+        "cosine",
+        description="After warmup: cosine or linear decay to min_lr_ratio, constant, or wsd (warmup-stable-decay: "
+        "the peak until the last decay_proportion of steps, then linear to min_lr_ratio). Same under both strategies.",
+    )
+    decay_proportion: float = Field(
+        0.1, gt=0, le=1, description="lr_schedule=wsd: the share of all steps spent decaying at the end."
+    )
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="Final lr as a fraction of the peak (cosine, linear and wsd)."
+    )
     warmup_proportion: float = Field(0.01, ge=0, lt=1, description="Warmup steps as a fraction of all steps.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
