@@ -384,10 +384,10 @@ class TrainConfig(StageConfig):
         "every dev evaluation (eval_steps and the last step) and logged to metrics.jsonl/TensorBoard as "
         "eval/<task>/<metric>. Empty = off. Chat (judged) tasks are not allowed here.",
     )
-    eval_shots: Optional[int] = nohash(
+    eval_shots: Optional[Union[int, dict[str, int]]] = nohash(
         None,
-        "Few-shot count of eval_tasks (the JAX recipe's evaluation_shots); None = each task's standard count.",
-        ge=0,
+        "Few-shot count of eval_tasks (the JAX recipe's evaluation_shots): one int for every task, or per task "
+        "({mmlu: 5, gsm8k: 8}; a task left out gets its standard count); None = each task's standard count.",
     )
     eval_limit: Optional[int] = nohash(
         100,
@@ -420,6 +420,22 @@ class TrainConfig(StageConfig):
     def _eval_tasks(cls, v):
         # `eval_tasks=mmlu,ceval` on the command line arrives as one string
         return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+    @field_validator("eval_shots")
+    @classmethod
+    def _eval_shots(cls, v):
+        counts = v.values() if isinstance(v, dict) else [] if v is None else [v]
+        if any(n < 0 for n in counts):
+            raise ValueError(f"eval_shots={v} must be >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _eval_shots_tasks(self):
+        if isinstance(self.eval_shots, dict):
+            unknown = sorted(set(self.eval_shots) - set(self.eval_tasks))
+            if unknown:
+                raise ValueError(f"eval_shots names {', '.join(unknown)}, which eval_tasks does not list")
+        return self
 
     @model_validator(mode="after")
     def _strategy_precision(self):
