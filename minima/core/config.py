@@ -368,6 +368,11 @@ class TrainConfig(StageConfig):
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clip (0 = off).")
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward.")
     eval_steps: int = nohash(0, "Dev loss every N steps (0 = only at the end).", ge=0)
+    eval_per_epoch: bool = nohash(
+        False,
+        "Dev loss also at the end of every epoch (the step where the k-th pass over the train records ends), "
+        "so patience counts epochs (MiniChat's num_patience_epochs).",
+    )
     save_steps: int = nohash(0, "Checkpoint every N steps (0 = only at the end).", ge=0)
     keep_last: int = nohash(2, "Checkpoints kept.", ge=1)
     patience: int = Field(
