@@ -69,3 +69,23 @@ def test_both_strategies_run_the_hand_computed_lrs(model_dir, tmp_path, strategy
     rows = train_rows(d)
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert [r["lr"] for r in rows] == pytest.approx([3e-3 * r for r in HAND_8[kind]], rel=1e-12, abs=1e-15)
+
+
+def test_eval_per_epoch_evaluates_at_each_epoch_end(model_dir, tmp_path):  # noqa: F811
+    """36 records, 8 per step, 3 epochs: passes end at steps ceil(4.5)=5, 9 and ceil(13.5)=14 (the last)."""
+    cfg = cfg_for(
+        model_dir,
+        tmp_path / "out",
+        "fsdp",
+        max_steps=-1,
+        epochs=3,
+        num_examples=36,
+        dev_examples=8,
+        eval_per_epoch=True,
+        patience=2,
+    )
+    _, d = train_inprocess(cfg)
+    from minima.train.metrics import read_metrics
+
+    dev = [r["step"] for r in read_metrics(d / "metrics.jsonl") if r["split"] == "dev"]
+    assert dev == [5, 9, 14]
