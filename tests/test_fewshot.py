@@ -123,3 +123,4 @@ def test_cmmlu_dev_only_falls_back_with_one_warning(warnings_seen):
         used = _shots_in(inst, task, data)
         assert len(used) == 4 and all(d.raw != inst.doc.raw for d in used)
     assert len(warnings_seen) == 1 and "cmmlu" in warnings_seen[0] and "cmmlu/agronomy" in warnings_seen[0]
+    assert data.info()["fewshot_short"] == dict.fromkeys(data.eval, 4)  # results.json says what was used

@@ -26,6 +26,10 @@ def test_readme_evaluate_example_runs_on_bundled_data(tmp_path, tiny_model_dir, 
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     per_task = {t: sum(s["task"] == t for s in samples) for t in ("mmlu", "ceval", "cmmlu", "gsm8k")}
     assert per_task == {"mmlu": 57, "ceval": 52, "cmmlu": 67, "gsm8k": 1}
+    (scores,) = [m["tasks"] for m in res["models"].values()]
+    # the shots CMMLU's items really got (its pool is the dev split less the item)
+    assert set(scores["cmmlu"]["info"]["fewshot_short"].values()) == {4}
+    assert "fewshot_short" not in scores["mmlu"]["info"] and scores["mmlu"]["info"]["fewshot_split"] == "dev"
 
 
 # ------------------------------------------------------------------------------ scripts/0N_*.sh

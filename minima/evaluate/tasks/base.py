@@ -216,6 +216,7 @@ class Task:
                 out.append(Instance(subject, doc, self.requests(doc, ctx, settings)))
             if sampler.short:
                 short[subject] = sampler.short[1]
+        data.fewshot_short = short
         if short:
             self.warn_short(data, settings.shots, short)
         return out
