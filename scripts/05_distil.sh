@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# 05_distil: the distill stage with the minima-3b preset (MiniMA's recipe). Change only the paths (env vars or
-# trailing key=value arguments); multi-node: set NNODES / NODE_RANK / MASTER_ADDR on each node.
+# 05_distil: the distill stage with the minima-3b preset (MiniMA's recipe); PRESET=tiny runs it at CPU demo
+# scale. Change only the paths (env vars or trailing key=value arguments).
+# Multi-node: set NNODES / NODE_RANK / MASTER_ADDR on each node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MINIMA=${MINIMA:-.venv/bin/minima}
-exec "$MINIMA" distill --preset minima-3b teacher="${TEACHER:-runs/minima-3b/03_adapt}" student="${STUDENT:-runs/minima-3b/04_prune}" records="${RECORDS:-runs/minima-3b/02_records_lm}" launch.nnodes="${NNODES:-1}" launch.node_rank="${NODE_RANK:-0}" launch.nproc_per_node="${NPROC:-8}" launch.master_addr="${MASTER_ADDR:-127.0.0.1}" "$@"
+PRESET=${PRESET:-minima-3b}
+if [ "$PRESET" = tiny ]; then NPROC=${NPROC:-1}; fi
+exec "$MINIMA" distill --preset "$PRESET" teacher="${TEACHER:-runs/minima-3b/03_adapt}" student="${STUDENT:-runs/minima-3b/04_prune}" records="${RECORDS:-runs/minima-3b/02_records_lm}" launch.nnodes="${NNODES:-1}" launch.node_rank="${NODE_RANK:-0}" launch.nproc_per_node="${NPROC:-8}" launch.master_addr="${MASTER_ADDR:-127.0.0.1}" "$@"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# 06_build_instruction_data: the records stage with the minima-3b preset (MiniMA's recipe). Change only the paths (env vars or
-# trailing key=value arguments); multi-node: set NNODES / NODE_RANK / MASTER_ADDR on each node.
+# 06_build_instruction_data: the records stage with the minima-3b preset (MiniMA's recipe); PRESET=tiny runs it at CPU demo
+# scale. Change only the paths (env vars or trailing key=value arguments).
+# Multi-node: set NNODES / NODE_RANK / MASTER_ADDR on each node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MINIMA=${MINIMA:-.venv/bin/minima}
-exec "$MINIMA" records --preset minima-3b inputs="${INPUTS:-/path/to/sharegpt/*.json}" tokenizer="${TOKENIZER:-runs/minima-3b/01_vocab}" format=chat chat_format=minichat out_dir="${OUT:-runs/minima-3b/02_records_chat}" "$@"
+PRESET=${PRESET:-minima-3b}
+exec "$MINIMA" records --preset "$PRESET" inputs="${INPUTS:-/path/to/sharegpt/*.json}" tokenizer="${TOKENIZER:-runs/minima-3b/01_vocab}" format=chat chat_format=minichat out_dir="${OUT:-runs/minima-3b/02_records_chat}" "$@"

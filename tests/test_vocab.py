@@ -15,7 +15,7 @@ from conftest import shared
 from minima.core.config import VocabConfig
 from minima.core.errors import ArtifactError, InputError, MinimaError
 from minima.data.tokenizers import NORMAL, UNUSED, load_proto, load_sp, mismatches
-from minima.data.vocab import CJK
+from minima.data.vocab import CHINESE, CJK
 from minima.stages.vocab import run
 
 MIXED = [
@@ -83,7 +83,7 @@ def test_demo_minima_mode(demo_runs, demo_data_dir):
     assert sp.get_piece_size() % 64 == 0 and m["vocab_size"] == sp.get_piece_size()
     added = _added(d, base.get_piece_size())
     normal = [p for p in added if p.type == NORMAL]
-    assert normal and all(CJK.search(p.piece) for p in normal)
+    assert normal and all(CHINESE.search(p.piece) for p in normal)
     assert len(added) - len(normal) == m["pad_pieces"] < 64 and all(p.type == UNUSED for p in added[len(normal) :])
     # scores below the base's lowest, preserving the extra model's order
     base_low = min(p.score for p in load_proto(demo_data_dir / "tokenizers/base_en.model").pieces if p.type == NORMAL)
@@ -266,13 +266,20 @@ def test_real_chinese_llama_is_49953(real_runs):
     assert added[0].score == 0.0 and all(-1.0 < b.score < a.score for a, b in zip(added, added[1:]))
 
 
-def test_real_minima_49152_and_english_unchanged(real_runs):
+def test_real_minima_49216_and_english_unchanged(real_runs):
+    """MiniMA-3B's published vocab_size is 49216: the presets and `minima plan` assume the same."""
+    from minima.core.presets import get_preset
+    from minima.train.plan import PRESET_SHAPES
+
     d = real_runs["minima"]
     base, sp = load_sp(shared("tokenizers/llama2_tokenizer.model")), load_sp(d / "tokenizer.model")
-    assert sp.get_piece_size() == 49152 and sp.get_piece_size() % 64 == 0
+    assert sp.get_piece_size() == 49216 and sp.get_piece_size() % 64 == 0
+    assert get_preset("minima-3b").prune.vocab_size == 49216
+    assert PRESET_SHAPES["minima-3b"][2] == PRESET_SHAPES["minichat-3b"][2] == 49216
     added = _added(d, 32000)
     normal = [p for p in added if p.type == NORMAL]
-    assert len(normal) == 17139 and all(CJK.search(p.piece) for p in normal)  # 49139 -> padded to 49152
+    assert len(normal) == 17202 and all(CHINESE.search(p.piece) for p in normal)  # 49202 -> padded to 49216
+    assert sum(bool(CJK.search(p.piece)) for p in normal) == 17139  # the rest is CJK punctuation
     alpaca = _alpaca()
     assert sp.encode(alpaca) == base.encode(alpaca)  # all 1000 records, code included
     novel = _novel()
@@ -282,7 +289,7 @@ def test_real_minima_49152_and_english_unchanged(real_runs):
         f"\n[minima] Chinese tokens after/before on 500 novel lines = {ratio:.3f} (manifest zh_ratio {m['zh_ratio']})"
     )
     assert 0.5 < ratio < 0.62 and abs(m["zh_ratio"] - ratio) < 0.02
-    assert m["english_changed_fraction"] == 0.0 and m["pad_pieces"] == 13 and m["new_token_start"] == 32000
+    assert m["english_changed_fraction"] == 0.0 and m["pad_pieces"] == 14 and m["new_token_start"] == 32000
 
 
 @pytest.mark.parametrize("mode", ["chinese-llama", "minima"])

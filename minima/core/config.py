@@ -364,13 +364,28 @@ class TrainConfig(StageConfig):
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 = epochs over the data.")
     epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps = -1.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of the peak (cosine).")
+    lr_schedule: Literal["cosine", "linear", "constant", "wsd"] = Field(
+        "cosine",
+        description="After warmup: cosine or linear decay to min_lr_ratio, constant, or wsd (warmup-stable-decay: "
+        "the peak until the last decay_proportion of steps, then linear to min_lr_ratio). Same under both strategies.",
+    )
+    decay_proportion: float = Field(
+        0.1, gt=0, le=1, description="lr_schedule=wsd: the share of all steps spent decaying at the end."
+    )
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="Final lr as a fraction of the peak (cosine, linear and wsd)."
+    )
     warmup_proportion: float = Field(0.01, ge=0, lt=1, description="Warmup steps as a fraction of all steps.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clip (0 = off).")
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward.")
     eval_steps: int = nohash(0, "Dev loss every N steps (0 = only at the end).", ge=0)
+    eval_per_epoch: bool = nohash(
+        False,
+        "Dev loss also at the end of every epoch (the step where the k-th pass over the train records ends), "
+        "so patience counts epochs (MiniChat's num_patience_epochs).",
+    )
     save_steps: int = nohash(0, "Checkpoint every N steps (0 = only at the end).", ge=0)
     keep_last: int = nohash(2, "Checkpoints kept.", ge=1)
     patience: int = Field(
@@ -386,10 +401,10 @@ class TrainConfig(StageConfig):
         "evaluation_datasets) scored at every dev evaluation (eval_steps and the last step) and logged to "
         "metrics.jsonl/TensorBoard as eval/<task>/<metric>. Empty = off. Chat (judged) tasks are not allowed here.",
     )
-    eval_shots: Optional[int] = nohash(
+    eval_shots: Optional[Union[int, dict[str, int]]] = nohash(
         None,
-        "Few-shot count of eval_tasks (the JAX recipe's evaluation_shots); None = each task's standard count.",
-        ge=0,
+        "Few-shot count of eval_tasks (the JAX recipe's evaluation_shots): one int for every task, or per task "
+        "({mmlu: 5, gsm8k: 8}; a task left out gets its standard count); None = each task's standard count.",
     )
     eval_limit: Optional[int] = nohash(
         100,
@@ -422,6 +437,22 @@ class TrainConfig(StageConfig):
     def _eval_tasks(cls, v):
         # `eval_tasks=mmlu,ceval` on the command line arrives as one string
         return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+    @field_validator("eval_shots")
+    @classmethod
+    def _eval_shots(cls, v):
+        counts = v.values() if isinstance(v, dict) else [] if v is None else [v]
+        if any(n < 0 for n in counts):
+            raise ValueError(f"eval_shots={v} must be >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _eval_shots_tasks(self):
+        if isinstance(self.eval_shots, dict):
+            unknown = sorted(set(self.eval_shots) - set(self.eval_tasks))
+            if unknown:
+                raise ValueError(f"eval_shots names {', '.join(unknown)}, which eval_tasks does not list")
+        return self
 
     @model_validator(mode="after")
     def _strategy_precision(self):

@@ -136,15 +136,22 @@ def minima_3b() -> PipelineConfig:
     """MiniMA: adapt LLaMA-2-7B, prune to 24/24/3072/8192, distil with 0.5 CE + 0.5 soft CE."""
     cfg = PipelineConfig(run_dir="runs/minima-3b")
     cfg.vocab = _with(cfg.vocab, **dict(mode="minima", pad_to_multiple_of=64, embedding_init="normal"))
+    # build_pretraining_data.sh: max_seq_length 4096, num_processors 32. Its --do_lower_case is left off here:
+    # LLaMA's tokenizer is cased, and lowercasing would drop English case; lowercase=true applies it literally.
     lm = dict(format="lm", max_length=4096, shard_size=10000, dev_fraction=0.001, lowercase=False, num_workers=32)
     cfg.records_lm = _with(cfg.records_lm, **lm)
     cfg.records_chat = _with(
-        cfg.records_chat, **dict(format="chat", max_length=4096, dev_fraction=0.01, num_workers=32)
+        cfg.records_chat, **dict(format="chat", max_length=4096, dev_fraction=0.01, num_workers=16)
     )
+    # adapt_llama.sh / distil_minima.sh: cosine, warmup 1%, weight decay 0.1, clip 1.0, seed 776, bf16,
+    # activation checkpointing, one epoch.
     big = dict(
         precision="bf16",
         zero_stage=3,
         micro_batch_size=4,
+        lr_schedule="cosine",
+        seed=776,
+        epochs=1,
         warmup_proportion=0.01,
         betas=(0.9, 0.95),
         weight_decay=0.1,
@@ -153,6 +160,7 @@ def minima_3b() -> PipelineConfig:
         save_steps=1000,
         eval_steps=1000,
     )
+    # 4 x 8 per GPU, on 32 GPUs: a global batch of 1024 sequences of 4096 tokens.
     cfg.adapt = _with(cfg.adapt, **dict(big, lr=3e-5, gradient_accumulation_steps=8))
     cfg.prune = _with(
         cfg.prune,
@@ -165,15 +173,22 @@ def minima_3b() -> PipelineConfig:
             keep_layers=list(range(4, 28)),
             importance="gradient",
             num_samples=1024,
-            max_length=4096,
-            batch_size=1,
+            max_length=512,  # prune_llama.sh: max_length 512, per_device_eval_batch_size 2
+            batch_size=2,
             dtype="bf16",
             vocab_size=49216,
         ),
     )  # dry run without a teacher dir: MiniMA's adapted vocab (32000 + CJK, padded) -> 3.02B
     cfg.distill = _with(
         cfg.distill,
-        **dict(big, lr=3e-4, gradient_accumulation_steps=8, loss={"alpha": 0.5, "kd": "soft_ce", "temperature": 1.0}),
+        # 8 x 8 per GPU, on 16 GPUs: a global batch of 1024 (fits: `minima plan distill` says 38.8 of 80 GiB).
+        **dict(
+            big,
+            lr=3e-4,
+            micro_batch_size=8,
+            gradient_accumulation_steps=8,
+            loss={"alpha": 0.5, "kd": "soft_ce", "temperature": 1.0},
+        ),
     )
     chat = minichat_3b()
     cfg.sft, cfg.records_pref, cfg.dpo = chat.sft, chat.records_pref, chat.dpo
@@ -182,26 +197,37 @@ def minima_3b() -> PipelineConfig:
 
 
 def minichat_3b() -> PipelineConfig:
-    """MiniChat: full-parameter chat tuning of MiniMA-3B with loss on assistant turns, patience 3."""
+    """MiniChat: full-parameter chat tuning of MiniMA-3B with loss on assistant turns, patience 2 epochs."""
     cfg = PipelineConfig(run_dir="runs/minichat-3b")
+    # instruct_minichat.sh: 16 x 2 per GPU on 8 GPUs = a global batch of 256 (fits: `minima plan sft` says
+    # 37 of 80 GiB), lr 2e-5, cosine, warmup 10%, weight decay 0.1, clip 1.0, seed 776, 3 epochs, and
+    # num_patience_epochs 2: a dev evaluation at each epoch end, patience counted in those evaluations.
     cfg.sft = _with(
         cfg.sft,
         **dict(
             precision="bf16",
             zero_stage=3,
-            micro_batch_size=4,
-            gradient_accumulation_steps=4,
+            micro_batch_size=16,
+            gradient_accumulation_steps=2,
             lr=2e-5,
+            lr_schedule="cosine",
+            weight_decay=0.1,
+            grad_clip=1.0,
+            seed=776,
             epochs=3,
             warmup_proportion=0.1,
             max_length=4096,
             loss_on="assistant",
             chat_format="minichat",
-            patience=3,
+            eval_per_epoch=True,
+            patience=2,
             activation_checkpointing=True,
         ),
     )
-    cfg.records_chat = _with(cfg.records_chat, **dict(format="chat", chat_format="minichat", max_length=4096))
+    # build_instruction_data.sh: max_seq_length 4096, num_processors 16 (--do_lower_case left off, as for pretraining)
+    cfg.records_chat = _with(
+        cfg.records_chat, **dict(format="chat", chat_format="minichat", max_length=4096, num_workers=16)
+    )
     # DPO after sft (MiniChat-2's last step). MiniChat-2's model card says only that DPO was used, so these are
     # Zephyr-7B-beta's published settings: beta 0.1, lr 5e-7, 10% warmup, 3 epochs, batch 32 (2 x 2 x 8 GPUs),
     # Adam betas (0.9, 0.999), no weight decay, decay to 0 (linear there, cosine here); max length 1024, prompt 512.

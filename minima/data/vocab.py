@@ -6,7 +6,8 @@ Two procedures (``mode``):
   model that the base lacks, in the extra model's order, at the top of the score range (literally 0
   with ``zero_scores``). The new pieces then win over every LLaMA merge, which also changes English
   segmentation ("$30" -> ``30``); the report measures how much.
-- ``minima`` (MiniMA): append only pieces that contain a CJK ideograph, with scores below the base's
+- ``minima`` (MiniMA): append only Chinese pieces (a CJK ideograph, CJK punctuation or a fullwidth
+  form), with scores below the base's
   lowest score in the extra model's order, so they never win over a base merge and English ids stay
   those of the base; then pad with unused placeholder pieces to a multiple of ``pad_to_multiple_of``.
 
@@ -38,9 +39,12 @@ from minima.data.tokenizers import (
 log = get_logger("minima.data.vocab")
 
 # CJK ideographs in the Basic Multilingual Plane: Extension A, Unified Ideographs, Compatibility.
-# (Supplementary-plane ideographs are rare; LLaMA covers them by byte fallback. On the shared
-# chinese_sp.model this selects the 17139 pieces that give MiniMA's 49139 -> 49152.)
+# (Supplementary-plane ideographs are rare; LLaMA covers them by byte fallback.)
 CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+# What mode=minima appends: pieces with an ideograph, CJK symbols and punctuation (、。「」《》) or a
+# halfwidth/fullwidth form (，：（）). On LLaMA-2 + the shared chinese_sp.model these are 17202 pieces:
+# 49202, padded to 49216, the vocabulary size of the published MiniMA-3B.
+CHINESE = re.compile("[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
 PAD_PIECE = "<minima_pad_{}>"
 
 # Built-in report / self-check samples (used when sample_texts is empty).
@@ -138,7 +142,7 @@ def merge(base, extra, mode: str, pad_to_multiple_of: int = 64, zero_scores: boo
         if p.type != NORMAL:
             res.skipped_non_normal += p.piece not in have
             continue
-        if p.piece in have or (mode == "minima" and not CJK.search(p.piece)):
+        if p.piece in have or (mode == "minima" and not CHINESE.search(p.piece)):
             continue
         have.add(p.piece)
         new.append(p.piece)

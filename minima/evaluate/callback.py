@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from minima.core.errors import ConfigError, InputError
 from minima.core.logs import get_logger
@@ -16,6 +16,27 @@ from minima.evaluate.core import default_data_dir, evaluate_model
 from minima.evaluate.tasks import get_task, task_root
 
 log = get_logger("minima.evaluate")
+
+
+def per_task_shots(tasks, shots):
+    """``(tasks, shots)`` for :func:`evaluate_model`: a ``{task: n}`` shots dict becomes each task's ``shots``.
+
+    A task's own ``shots`` in ``tasks`` wins; a name in ``shots`` that ``tasks`` lacks is an error.
+    """
+    if not isinstance(shots, dict):
+        return tasks, shots
+    specs = {t: {} for t in tasks} if not isinstance(tasks, dict) else {t: dict(s or {}) for t, s in tasks.items()}
+    unknown = sorted(set(shots) - set(specs))
+    if unknown:
+        raise ConfigError(
+            f"eval_shots names {', '.join(unknown)}, which is not among the eval tasks ({', '.join(specs)})",
+            where="eval_shots",
+            fix="add the task to eval_tasks or drop it from eval_shots",
+        )
+    for t, n in shots.items():
+        if specs[t].get("shots") is None:
+            specs[t]["shots"] = n
+    return specs, None
 
 
 class EvalCallback:
@@ -34,7 +55,8 @@ class EvalCallback:
     Args:
         tasks: task names or ``{name: spec}`` as in :func:`evaluate_model` (the JAX instruction-tuning
             recipe's ``evaluation_datasets``).
-        shots: few-shot count (that recipe's ``evaluation_shots``); None = each task's default.
+        shots: few-shot count (that recipe's ``evaluation_shots``): one int for every task, or
+            ``{task: shots}`` (a task left out gets its default); None = each task's default.
         every_n_steps: run on steps divisible by this (0 = on every call).
         tokenizer: the model's tokenizer, or a directory to load it from (default: ``ctx.tokenizer``, or
             ``ctx`` itself when it is a tokenizer).
@@ -44,7 +66,7 @@ class EvalCallback:
     def __init__(
         self,
         tasks,
-        shots: Optional[int] = None,
+        shots: Optional[Union[int, dict[str, int]]] = None,
         every_n_steps: int = 0,
         tokenizer=None,
         data_dir: Optional[str] = None,
@@ -53,7 +75,8 @@ class EvalCallback:
         log_dir: Optional[str] = None,
         prefix: str = "eval",
     ):
-        self.tasks, self.shots, self.every, self.data_dir = tasks, shots, int(every_n_steps), data_dir
+        self.tasks, self.shots = per_task_shots(tasks, shots)
+        self.every, self.data_dir = int(every_n_steps), data_dir
         self.tokenizer, self.limit, self.batch_size, self.log_dir, self.prefix = (
             tokenizer,
             limit,

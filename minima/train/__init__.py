@@ -21,7 +21,7 @@ Pieces:
   metrics.jsonl / TensorBoard / loss plot, MFU, heartbeat).
 - :mod:`~minima.train.strategies`: ``strategy=deepspeed`` (ZeRO 0-3 from ``ds_config``) or
   ``strategy=fsdp`` (torch FSDP2); the backend behind setup / backward / step / save / load / export.
-- :mod:`~minima.train.schedule`: the one lr schedule (warmup, then cosine to ``min_lr_ratio``).
+- :mod:`~minima.train.schedule`: the one lr schedule (warmup, then cosine, linear, constant or wsd).
 - :mod:`~minima.train.checkpoint`: checkpoint directories with a ``COMPLETE`` marker and per-rank
   RNG/data state; resume is automatic from the newest complete one and exact.
 - :mod:`~minima.train.launch` / :mod:`~minima.train.worker`: torchrun, in-process, Slurm or the

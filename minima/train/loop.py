@@ -139,6 +139,25 @@ def total_steps_for(cfg, recipe: Recipe, world_size: int) -> int:
     return max(1, math.ceil(cfg.epochs * n / per_step))
 
 
+def epoch_end_steps(cfg, recipe: Recipe, world_size: int, total: int) -> set[int]:
+    """The optimizer steps where a pass over the train records ends (``ceil(k * n / global batch)``, k = 1, 2, ...)."""
+    if not getattr(cfg, "eval_per_epoch", False):
+        return set()
+    n = recipe.num_train_examples()
+    if not n:
+        raise ConfigError(
+            "eval_per_epoch needs the number of train records, which the records manifest does not give",
+            where="eval_per_epoch",
+            fix="set eval_steps instead",
+        )
+    per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size
+    ends, k = set(), 1
+    while (step := math.ceil(k * n / per_step)) <= total:
+        ends.add(step)
+        k += 1
+    return ends
+
+
 # ------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def evaluate(model, recipe: Recipe, dev_batches: list[dict], ctx: TrainContext) -> dict:
@@ -243,6 +262,7 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
         )
 
     total = total_steps_for(cfg, recipe, ctx.world_size)
+    epoch_ends = epoch_end_steps(cfg, recipe, ctx.world_size, total)
     fpt_params = non_embedding_params(model)
     wrapped = strategy.setup(model, params, cfg, total, ctx)
     del model, params  # the strategy holds them (possibly re-sharded): use wrapped / strategy.module
@@ -356,7 +376,8 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
 
         final = state.step == total
         did_save = False
-        if dev_ds is not None and ((cfg.eval_steps and state.step % cfg.eval_steps == 0) or final):
+        at_eval = (cfg.eval_steps and state.step % cfg.eval_steps == 0) or state.step in epoch_ends
+        if dev_ds is not None and (at_eval or final):
             if dev_batches is None:
                 dev_batches = _dev_batches(recipe, dev_ds, mbs)
             last_eval = evaluate(wrapped, recipe, dev_batches, ctx)

@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from minima.core.errors import InputError
+from minima.core.logs import get_logger
 from minima.evaluate import metrics as M
 from minima.evaluate.tasks.loading import Doc, Schema, TaskData, load_task, parse_rows, task_root
+
+log = get_logger("minima.evaluate")
 
 KINDS = ("multiple_choice", "generate_until", "loglikelihood_rolling", "chat")
 # What a request asks of the model (the runner's LM calls): its args, and what comes back per request.
@@ -83,29 +86,34 @@ class Scored:
 class FewshotSampler:
     """lm-eval's samplers: ``first_n`` in file order, or ``random.Random(seed).sample`` per doc in order.
 
-    When the pool is the eval split itself, n+1 docs are drawn and the doc being asked is removed,
-    exactly as lm-eval does, so the same seed gives the same prompts.
+    When the pool is the eval split itself, the doc being asked is never its own example: ``first_n``
+    skips it, and ``random`` draws n+1 docs and removes it, exactly as lm-eval does, so the same seed
+    gives the same prompts. When the pool holds fewer than n other docs, every one of them is used and
+    ``short`` records the largest shortfall (the task warns once).
     """
 
     def __init__(self, pool: list[Doc], kind: str, seed: int, same_split: bool):
         self.pool, self.kind, self.same_split = pool, kind, same_split
         self.rnd = random.Random(seed)
+        self.short: Optional[tuple[int, int]] = None  # (asked, used) of the worst shortfall
 
     def sample(self, n: int, doc: Doc) -> list[Doc]:
         if n == 0:
             return []
+        others = [x for x in self.pool if x.raw != doc.raw] if self.same_split else self.pool
+        if n > len(others):
+            if self.short is None or len(others) < self.short[1]:
+                self.short = (n, len(others))
+            n = len(others)
+            if n == 0:
+                return []
         if self.kind == "first_n":
-            pool = [x for x in self.pool if x.raw != doc.raw] if self.same_split else self.pool
-            if n > len(pool):
-                raise InputError(f"{n} few-shot examples asked but the pool has {len(pool)}", fix="lower shots")
-            return pool[:n]
-        if n + self.same_split > len(self.pool):
-            raise InputError(f"{n} few-shot examples asked but the pool has {len(self.pool)}", fix="lower shots")
+            return others[:n]
         if not self.same_split:
             return self.rnd.sample(self.pool, n)
-        picked = [x for x in self.rnd.sample(self.pool, n + 1) if x.raw != doc.raw][:n]
+        picked = [x for x in self.rnd.sample(self.pool, min(n + 1, len(self.pool))) if x.raw != doc.raw][:n]
         if len(picked) < n:
-            picked = self.rnd.sample([x for x in self.pool if x.raw != doc.raw], n)
+            picked = self.rnd.sample(others, n)
         return picked
 
 
@@ -190,11 +198,6 @@ class Task:
     ) -> tuple[FewshotSampler, list[Doc]]:
         """The sampler of a subject's shots, and the docs to score."""
         pool = data.fewshot.get(subject) or data.fewshot.get("", [])
-        if settings.shots and not pool:
-            raise InputError(
-                f"{self.name}/{subject}: {settings.shots} shots asked but there is no few-shot pool",
-                fix="add a dev split or set shots=0",
-            )
         same = data.fewshot_split is None
         return FewshotSampler(pool, self.sampler, settings.fewshot_seed, same_split=same), docs
 
@@ -204,14 +207,32 @@ class Task:
 
     def instances(self, data: TaskData, settings: Settings) -> list[Instance]:
         """Every eval doc with its requests, subject by subject."""
-        out = []
+        out, short = [], {}
         for subject, docs in data.eval.items():
             sampler, docs = self.fewshot_sampler(data, subject, docs, settings)
             for doc in docs:
                 ctx = self.build_context(doc, sampler.sample(settings.shots, doc), subject)
                 ctx = [settings.render(c) for c in ctx] if isinstance(ctx, list) else settings.render(ctx)
                 out.append(Instance(subject, doc, self.requests(doc, ctx, settings)))
+            if sampler.short:
+                short[subject] = sampler.short[1]
+        data.fewshot_short = short
+        if short:
+            self.warn_short(data, settings.shots, short)
         return out
+
+    def warn_short(self, data: TaskData, shots: int, short: dict[str, int]) -> None:
+        """One warning for every subject whose few-shot pool held fewer than ``shots`` examples."""
+        where = (
+            f"the {data.fewshot_split} split" if data.fewshot_split else f"the {data.eval_split} split less the item"
+        )
+        names = [f"{self.name}/{s}" if s else self.name for s in short]
+        shown = ", ".join(f"{n} ({k})" for n, k in list(zip(names, short.values()))[:5])
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        log.warning(
+            f"{self.name}: {shots} few-shot examples asked but {where} holds fewer; "
+            f"using all there are (shots used): {shown}{more}"
+        )
 
     def requests(self, doc: Doc, context, settings: Settings) -> list[Request]:
         raise NotImplementedError

@@ -46,14 +46,16 @@ class TaskData:
     fewshot_split: Optional[str]
     files: list[str]
     format: str
+    fewshot_short: dict[str, int] = field(default_factory=dict)  # subject -> shots used, where the pool was short
 
     def info(self) -> dict:
-        """What results.json records about the data."""
+        """What results.json records about the data (and the subjects that got fewer shots than asked)."""
         return {
             "split": self.eval_split,
             "fewshot_split": self.fewshot_split,
             "format": self.format,
             "files": len(self.files),
+            **({"fewshot_short": dict(self.fewshot_short)} if self.fewshot_short else {}),
         }
 
 

@@ -1,13 +1,15 @@
 """``strategy=deepspeed``: DeepSpeed ZeRO 0-3, configured by ``ds_config`` (see :mod:`minima.train.ds_config`).
 
 The optimizer comes from the DeepSpeed config. A ``WarmupCosineLR`` scheduler block (the default)
-runs as minima's :class:`~minima.train.schedule.WarmupCosine` with the block's resolved params, so
-explicit values in it still win; any other scheduler type is DeepSpeed's own.
+runs as minima's :class:`~minima.train.schedule.WarmupCosine` client scheduler with the block's resolved
+params (explicit values in it still win) and the config's ``lr_schedule`` kind, so ``linear``,
+``constant`` and ``wsd`` give FSDP's numbers too; any other scheduler type is DeepSpeed's own.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -68,6 +70,11 @@ class DeepSpeedStrategy(Strategy):
         block = engine_cfg.get("scheduler")
         if isinstance(block, dict) and block.get("type") == "WarmupCosineLR":
             schedule = WarmupCosine.from_ds(block.get("params", {}), where=str(cfg.ds_config))
+            schedule = dataclasses.replace(
+                schedule,
+                kind=getattr(cfg, "lr_schedule", "cosine"),
+                decay_proportion=getattr(cfg, "decay_proportion", 0.1),
+            )
             del engine_cfg["scheduler"]  # DeepSpeed builds the client scheduler over its own optimizer instead
         self._own_schedule = schedule is not None
         self.engine, _, _, _ = deepspeed.initialize(
