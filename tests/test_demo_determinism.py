@@ -34,7 +34,7 @@ def inputs(tmp_path_factory, demo_data_dir, tiny_tokenizer_dir):
 
 def _train_and_score(d, model, rec, name: str, seed: int, demo_data_dir):
     from minima.evaluate.core import evaluate_model
-    from minima.models.loader import load_model
+    from minima.models.loader import load_model_and_tokenizer
     from minima.stages.adapt import run
 
     old = {k: os.environ.get(k) for k in ONE_THREAD}
@@ -56,7 +56,7 @@ def _train_and_score(d, model, rec, name: str, seed: int, demo_data_dir):
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    m, tok = load_model(str(art.path), "auto", "cpu", False)
+    m, tok = load_model_and_tokenizer(str(art.path), dtype="auto", device="cpu")
     tasks = {
         "demo_qa": {"path": str(demo_data_dir / "eval/demo_qa"), "limit": 4},
         "perplexity": {"path": str(demo_data_dir / "heldout"), "limit": 20, "max_length": 32},

@@ -100,9 +100,9 @@ def test_scores_per_language(qa_dir):
 def test_evaluate_model_runs_demo_qa_greedy(tiny_model_dir, demo_data_dir):
     """Through the runner: one reply per item, and the greedy replies are the same on a second call."""
     from minima.evaluate.core import evaluate_model
-    from minima.models.loader import load_model
+    from minima.models.loader import load_model_and_tokenizer
 
-    model, tok = load_model(str(tiny_model_dir), "auto", "cpu", False)
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir), dtype="auto", device="cpu")
     tasks = {"demo_qa": {"path": str(demo_data_dir / "eval/demo_qa"), "limit": 3}}
     a, b = [], []
     ra = evaluate_model(model, tok, tasks, samples=a, max_new_tokens=8)["demo_qa"]

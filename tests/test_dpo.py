@@ -676,9 +676,12 @@ def test_demo_preference_pairs():
     for p in held + train:
         f = by_q[p["prompt"]]
         right, pool = (f.answer_en, f.pool_en) if p["lang"] == "en" else (f.answer_zh, f.pool_zh)
-        assert p["chosen"] == (f.a_en if p["lang"] == "en" else f.a_zh) and p["rejected"] != p["chosen"]
-        wrong = [w for w in pool if w != right and p["rejected"] == p["chosen"].replace(right, w, 1)]
-        assert wrong or right in p["chosen"], p  # the same sentence with a wrong answer from the pool
+        assert p["chosen"] == f.reply(p["lang"]) and p["rejected"] != p["chosen"]
+        # the reply with its answer (at the end) swapped for a wrong one of the fact's pool
+        stem = p["chosen"][: p["chosen"].rfind(right)]
+        tail = p["chosen"][p["chosen"].rfind(right) + len(right) :]
+        assert p["rejected"].startswith(stem) and p["rejected"].endswith(tail)
+        assert p["rejected"][len(stem) : len(p["rejected"]) - len(tail)] in set(pool) - {right}, p
     assert preference_pairs(0, "held_out") == held and preference_pairs(1, "held_out") != held
 
 
