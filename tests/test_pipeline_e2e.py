@@ -45,6 +45,60 @@ def test_every_artifact_exists_and_loads(e2e):
     assert set(ev["models"]) == {"teacher", "pruned", "distilled", "chat"}
 
 
+def test_each_stage_consumed_its_predecessors(e2e):
+    """Every step's manifest names each upstream artifact of the DAG as an input, by its path and with the
+    hash that is that artifact's cache key (so a changed upstream changes every key downstream)."""
+    root, results = e2e
+    manifests = {k: json.loads((Path(r["path"]) / "manifest.json").read_text()) for k, r in results.items()}
+    by_path = {Path(r["path"]).resolve(): k for k, r in results.items()}
+    for step in STEPS:
+        inputs = manifests[step.key]["inputs"]
+        consumed = {}
+        for name, inp in inputs.items():
+            if inp["path"] is None:
+                continue
+            up = by_path.get(Path(inp["path"]).resolve())
+            if up is not None:
+                assert inp["hash"] == manifests[up]["cache_key"], (step.key, name, up)
+                consumed[up] = name
+        assert set(step.needs) <= set(consumed), (step.key, step.needs, inputs)
+
+
+def _dev_perplexity(model_dir: str, records: str) -> float:
+    """Token-weighted perplexity on the records' dev split (held out of every training stage)."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from minima.data.records import RecordDataset, collate
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ds = RecordDataset(records, "dev", shuffle_buffer=0)
+    rows = list(ds)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), 16):
+            b = collate(rows[i : i + 16])
+            logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits[:, :-1].float()
+            labels = b["labels"][:, 1:]
+            keep = labels != -100
+            nll += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+            n += int(keep.sum())
+    assert n > 1000, n
+    return math.exp(nll / n)
+
+
+def test_distilled_beats_pruned_on_held_out_perplexity(e2e):
+    """Distillation recovers what pruning lost: on the dev split of the lm records (never trained on), the
+    distilled student's perplexity is below the pruned student's it starts from."""
+    root, results = e2e
+    rec = results["records_lm"]["path"]
+    ppl = {k: _dev_perplexity(results[k]["path"], rec) for k in ("adapt", "prune", "distill")}
+    print("held-out perplexity:", {k: round(v, 2) for k, v in ppl.items()})
+    assert ppl["distill"] < ppl["prune"]
+
+
 def test_second_run_is_a_full_cache_hit(e2e, monkeypatch):
     import minima.train.launch as launch
     from flows.cli import demo_config
