@@ -14,7 +14,7 @@ from minima.data.formats import (
     stop_token_ids,
 )
 
-FORMATS = ["minichat", "alpaca", "instruction", "mc", "llama2-chat", "chatml"]
+FORMATS = ["minichat", "alpaca", "instruction", "mc", "llama2-chat", "chatml", "tulu"]
 
 CONVS = {
     "single": [
@@ -92,6 +92,8 @@ def test_template_gives_training_ids_and_labels_are_replies(name, tok_name, toke
         assert ids[: len(prompt)] == prompt
         # Labelled tokens decode to exactly the replies, each followed by the end-of-turn token.
         replies = [m["content"] for m in msgs if m["role"] == "assistant"]
+        if name == "tulu":  # open-instruct strips the replies
+            replies = [r.strip() for r in replies]
         runs = _runs(ids, mask)
         assert len(runs) == len(replies), f"{name}/{conv_name}"
         for run, reply in zip(runs, replies):
@@ -138,3 +140,47 @@ def test_stop_tokens(tokenizers):
     plain, chatml = tokenizers["plain"], tokenizers["chatml_tokens"]
     assert stop_token_ids("minichat", plain) == [special_id(plain, EOS)]
     assert stop_token_ids("chatml", chatml) == [chatml.eos_token_id, chatml.convert_tokens_to_ids("<|im_end|>")]
+
+
+def _open_instruct_text(messages, bos="<s>", eos="</s>", add_generation_prompt=False) -> str:
+    """open-instruct's Tulu text of a conversation (its encode_with_messages_format / eval prompt), by hand."""
+    text = bos
+    for m in messages:
+        if m["role"] == "assistant":
+            text += "<|assistant|>\n" + m["content"].strip() + eos + "\n"
+        else:
+            text += f"<|{m['role']}|>\n" + m["content"] + "\n"
+    return text + ("<|assistant|>\n" if add_generation_prompt else "")
+
+
+@pytest.fixture(scope="module")
+def byte_level_tokenizer():
+    """A byte-level BPE tokenizer (no dummy prefix), so rendered text and token pieces align byte for byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    corpus = [m["content"] for conv in CONVS.values() for m in conv] + ["<|user|>\n<|assistant|>\n<|system|>\n"] * 5
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<unk>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_tulu_bytes_and_mask_are_open_instructs(byte_level_tokenizer):
+    tok = byte_level_tokenizer
+    fmt = get_format("tulu")
+    tok.chat_template = chat_template(fmt, tok)
+    for msgs in CONVS.values():
+        assert tok.apply_chat_template(msgs, tokenize=False) == _open_instruct_text(msgs)
+        assert tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True) == _open_instruct_text(
+            msgs[:-1], add_generation_prompt=True
+        )
+        ids, mask = fmt.encode(tok, msgs)
+        assert tok.decode(ids) == _open_instruct_text(msgs)
+        # Trained: each reply and its EOS, nothing else (not the role markers, not the newline after EOS).
+        replies = [m["content"].strip() + "</s>" for m in msgs if m["role"] == "assistant"]
+        assert [tok.decode(r) for r in _runs(ids, mask)] == replies
+    system = CONVS["multi_system_zh"]
+    assert _open_instruct_text(system).startswith("<s><|system|>\nYou are a helpful assistant.\n<|user|>\n法国")
+    assert stop_token_ids("tulu", tok) == [tok.eos_token_id]

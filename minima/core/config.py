@@ -527,7 +527,8 @@ class SftConfig(TrainConfig):
         0.05, ge=0, lt=1, description="train_files: fraction of conversations held out as the dev split."
     )
     chat_format: str = Field(
-        "minichat", description="Chat format from the registry: minichat, alpaca, instruction, mc, llama2-chat, chatml."
+        "minichat",
+        description="Chat format from the registry: minichat, alpaca, instruction, mc, llama2-chat, chatml, tulu.",
     )
     loss_on: Literal["assistant", "all", "last-turn"] = Field(
         "assistant",

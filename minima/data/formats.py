@@ -690,6 +690,34 @@ class ChatMLFormat(MessageFormat):
         return header, user, j.reply(self.end_of_turn) + j.lit("\n")
 
 
+@register("tulu")
+class TuluFormat(MessageFormat):
+    """Tulu 2 / open-instruct: ``<s><|system|>\\n`` s ``\\n<|user|>\\n`` q ``\\n<|assistant|>\\n`` a ``</s>\\n``.
+
+    The bytes of open-instruct's ``encode_with_messages_format`` (BOS from the tokenizer, then each
+    message as ``<|role|>\\n`` text ``\\n``, a reply as text + EOS + ``\\n``); generation starts after
+    ``<|assistant|>\\n`` as its ``create_prompt_with_tulu_chat_format`` does. The role markers are plain
+    text, not added tokens. Replies are stripped, as open-instruct strips them. The reply and its EOS
+    are trained; the newline after the EOS is not (open-instruct labels it too, but generation stops at
+    the EOS, so it is never produced).
+    """
+
+    def header(self, system: str) -> list[Seg]:
+        return [Seg(BOS)] + ([Seg("<|system|>\n"), Seg(system, content=True), Seg("\n")] if system else [])
+
+    def user_segments(self, msg, system, first):
+        return [Seg("<|user|>\n"), Seg(msg["content"], content=True), Seg("\n<|assistant|>\n")]
+
+    def reply_segments(self, reply: str) -> list[Seg]:
+        return super().reply_segments(reply.strip()) + [Seg("\n")]
+
+    def jinja_parts(self, j):
+        reply = "{%- generation -%}" + j.var("(m['content'] | trim)") + j.special(self.end_of_turn)
+        header = j.bos + "{%- if system -%}" + j.lit("<|system|>\n") + j.var("system") + j.lit("\n") + "{%- endif -%}"
+        user = j.lit("<|user|>\n") + j.var("m['content']") + j.lit("\n<|assistant|>\n")
+        return header, user, reply + "{%- endgeneration -%}" + j.lit("\n")
+
+
 class _Jinja:
     """Jinja snippet builders that reproduce piece-by-piece tokenization for one tokenizer.
 
