@@ -813,6 +813,11 @@ class EvaluateConfig(StageConfig):
         le=2,
         description="Chat tasks: sampling temperature of the model's replies (0 = greedy; sampled with seed).",
     )
+    answers_only: bool = Field(
+        False,
+        description="Chat tasks: write the model's answers (chat/<task>/answers/) and make no judge calls; judge "
+        "them later with `minima evaluate judge answers=DIR judge_model=...`.",
+    )
 
     @model_validator(mode="after")
     def _one_model(self):
