@@ -154,7 +154,7 @@ def test_family_sft_then_evaluate_matches_hf(family, tmp_path, chat_records, tin
         assert s["generation"] == _hf_generate(model, tok, f"Question: {q['question']}\nAnswer:", 12, until)
 
 
-def test_t5_chat_over_http_equals_hf_generate(tmp_path, chat_records, tiny_tokenizer_dir):
+def test_t5_chat_over_http_and_in_chat_equals_hf_generate(tmp_path, chat_records, tiny_tokenizer_dir):
     import httpx
 
     from minima.data.formats import get_format
@@ -185,4 +185,7 @@ def test_t5_chat_over_http_equals_hf_generate(tmp_path, chat_records, tiny_token
     finally:
         srv.close()
     assert body["choices"][0]["message"]["content"] == want
+    from minima.infer import chat
+
+    assert chat.generate_reply(str(out), msgs, max_new_tokens=16) == want.strip()  # `minima chat`'s path
     assert body["usage"]["prompt_tokens"] == len(prompt)

@@ -546,7 +546,8 @@ class LM:
         with torch.inference_mode():
             for part in _chunks(mine, self.batch_size):
                 ids, mask = self._left_pad([enc[i] for i in part], self.pad_id, self.device)
-                crit = _Stop(ids.shape[1], len(part) * num_samples)
+                start = 1 if self.seq2seq else ids.shape[1]  # seq2seq output: decoder start, then new tokens
+                crit = _Stop(start, len(part) * num_samples)
                 kw = (
                     dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
                     if do_sample
@@ -567,7 +568,7 @@ class LM:
                 for r, i in enumerate(part):
                     texts = []
                     for s in range(num_samples):
-                        text = tok.decode(gen[r * num_samples + s, ids.shape[1] :], skip_special_tokens=True)
+                        text = tok.decode(gen[r * num_samples + s, start:], skip_special_tokens=True)
                         for stop in stops:
                             if stop in text:
                                 text = text.split(stop)[0]
