@@ -189,3 +189,25 @@ def test_t5_chat_over_http_and_in_chat_equals_hf_generate(tmp_path, chat_records
 
     assert chat.generate_reply(str(out), msgs, max_new_tokens=16) == want.strip()  # `minima chat`'s path
     assert body["usage"]["prompt_tokens"] == len(prompt)
+
+
+def test_t5_letter_mode_reads_the_first_decoder_position_and_perplexity_is_refused(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from minima.core.errors import InputError
+    from minima.evaluate.lm import LM
+    from minima.testing import tiny_family_model
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    model = tiny_family_model("t5", len(tok), seed=0).eval()
+    lm = LM(model, tok, batch_size=2)
+    contexts = ["Question: Which is blue?\nA. sky\nB. grass\nAnswer:", "Pick one.\nAnswer:", "x"]
+    ids = [tok.encode(c, add_special_tokens=False)[-1] for c in (" A", " B")]
+    got = lm.next_token_logprobs(contexts, ids)
+    for c, row in zip(contexts, got):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tok(c)["input_ids"]]), decoder_input_ids=torch.tensor([[0]])).logits
+        want = torch.log_softmax(logits[0, 0].double(), -1)[ids].tolist()
+        assert row == pytest.approx(want, abs=1e-5)
+    with pytest.raises(InputError, match="decoder-only"):
+        lm.rolling_nll(tok("some text to score")["input_ids"])

@@ -184,3 +184,38 @@ def test_tulu_bytes_and_mask_are_open_instructs(byte_level_tokenizer):
     system = CONVS["multi_system_zh"]
     assert _open_instruct_text(system).startswith("<s><|system|>\nYou are a helpful assistant.\n<|user|>\n法国")
     assert stop_token_ids("tulu", tok) == [tok.eos_token_id]
+
+
+def test_records_build_tulu_chat_records(tmp_path, tiny_tokenizer_dir, demo_data_dir):
+    """chat_format=tulu through the records stage: each record is the format's ids and mask."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from minima.core.config import RecordsConfig
+    from minima.data.formats import normalise_conversation
+    from minima.data.records import RecordDataset
+    from minima.stages.records import run as records_run
+
+    src = tmp_path / "chat.json"
+    convs = [CONVS["single"], CONVS["multi_system_zh"]]
+    src.write_text(json.dumps([{"messages": c} for c in convs], ensure_ascii=False), encoding="utf-8")
+    art = records_run(
+        RecordsConfig(
+            inputs=str(src),
+            tokenizer=str(tiny_tokenizer_dir),
+            format="chat",
+            chat_format="tulu",
+            max_length=256,
+            dev_fraction=0.0,
+            out_dir=str(tmp_path / "records"),
+        )
+    )
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    fmt = get_format("tulu")
+    want = sorted(fmt.encode(tok, normalise_conversation({"messages": c})) for c in convs)
+    got = sorted(
+        (ex["input_ids"].tolist(), (ex["labels"] != -100).long().tolist())
+        for ex in RecordDataset(str(art.path), "train", shuffle_buffer=0)
+    )
+    assert got == [(list(i), list(m)) for i, m in want]
