@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import _chat_server as cs
@@ -19,59 +17,16 @@ MT = [
 ]
 
 
-class CountingJudge:
-    """An OpenAI-shaped judge on loopback: grades and verdicts follow the prompt; every request is counted."""
-
-    def __init__(self):
-        self.calls = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.calls += 1
-                prompt = body["messages"][-1]["content"]
-                if "<<Conversation with assistant A>>" in prompt:  # pairwise: always the first answer
-                    text = "[[A]]" if "12 * 12" in prompt else "[[B]]"
-                else:
-                    text = (
-                        "Grade: [[9]]"
-                        if "[Reference answer" in prompt
-                        else "Rating: [[4]]"
-                        if "snow" in prompt
-                        else "?"
-                    )
-                data = json.dumps(
-                    {
-                        "id": "x",
-                        "object": "chat.completion",
-                        "model": body["model"],
-                        "choices": [
-                            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                        ],
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def _judge_reply(prompt: str) -> str:
+    """Grades and verdicts that follow the prompt (pairwise: the answer to 12 * 12 always wins)."""
+    if "<<Conversation with assistant A>>" in prompt:
+        return "[[A]]" if "12 * 12" in prompt else "[[B]]"
+    return "Grade: [[9]]" if "[Reference answer" in prompt else "Rating: [[4]]" if "snow" in prompt else "?"
 
 
 @pytest.fixture
 def judge():
-    j = CountingJudge()
+    j = cs.StubJudge(_judge_reply)
     yield j
     j.close()
 
@@ -84,7 +39,7 @@ def _common(model_dir, qfile, out, *extra) -> list[str]:
         f"tasks.mt_bench.path={qfile}",
         "chat_max_new_tokens=10",
         "chat_temperature=0",
-        "judge_concurrency=2",
+        "judge_concurrency=1",  # one answer decoded at a time: greedy answers that do not depend on batching
         *extra,
     ]
 

@@ -8,7 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+import test_sft
 import torch
+
+# test_sft's fixtures: in-process training on one thread, and MiniChat records of the demo chat data
+_inprocess, chat_records = test_sft._inprocess, test_sft.chat_records
 
 QUESTIONS = [
     {"question": "What color is the sky?", "choices": ["blue", "green", "red"], "gold": 0},
@@ -19,34 +23,6 @@ MATH = [
     {"question": "Tom has 2 apples and gets 3 more. How many?", "answer": "2 + 3 = 5\n#### 5"},
     {"question": "What is 4 times 2?", "answer": "4 * 2 = 8\n#### 8"},
 ]
-
-
-@pytest.fixture(autouse=True)
-def _inprocess(monkeypatch):
-    monkeypatch.setenv("MINIMA_INPROCESS", "1")
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setenv("MINIMA_NUM_THREADS", "1")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def chat_records(tmp_path_factory, tiny_tokenizer_dir, demo_data_dir):
-    from minima.core.config import RecordsConfig
-    from minima.stages.records import run as records_run
-
-    cfg = RecordsConfig(
-        inputs=str(demo_data_dir / "chat" / "demo_chat.json"),
-        tokenizer=str(tiny_tokenizer_dir),
-        format="chat",
-        chat_format="minichat",
-        max_length=128,
-        dev_fraction=0.05,
-        out_dir=str(tmp_path_factory.mktemp("s2s_records") / "records"),
-    )
-    return records_run(cfg).path
 
 
 @pytest.fixture(scope="module")

@@ -203,6 +203,30 @@ def _entry(res: dict, rows: list[dict], mode: str, judge: Optional[str], info: d
     return entry
 
 
+def _chat_eval_config(cfg, task_name: str, model: str, info: dict, out_dir: Path, **kw):
+    """The judge run of one chat task and model; ``cfg`` (an EvaluateConfig or a JudgeAnswersConfig) names
+    the judge, the mode and the baseline, ``info`` the question set, ``kw`` the answering side."""
+    from minima.evaluate.judge import ChatEvalConfig
+
+    base = baseline_file(cfg, task_name) if cfg.chat_mode == "pairwise" else None
+    return ChatEvalConfig(
+        questions=str(info["questions_file"]),
+        question_format=info["format"],
+        categories=info.get("categories") or [],
+        limit=info.get("limit"),
+        model_id=model,
+        mode=cfg.chat_mode,
+        baseline_answers=str(base) if base else None,
+        judge_base_url=cfg.judge_base_url,
+        judge_model=cfg.judge_model,
+        judge_api_key_env=cfg.judge_api_key_env,
+        judge_max_tokens=cfg.judge_max_tokens,
+        concurrency=cfg.judge_concurrency,
+        out_dir=str(out_dir),
+        **kw,
+    )
+
+
 def run_chat_tasks(
     cfg: EvaluateConfig, models: dict[str, str], files: dict[str, Path], work_dir: Path
 ) -> dict[str, dict]:
@@ -211,7 +235,7 @@ def run_chat_tasks(
     With ``cfg.answers_only`` the answers are written and nothing is judged.
     """
     from minima.core.io import read_journal
-    from minima.evaluate.judge import ChatEvalConfig, generate_answers, load_questions, run_chat_eval
+    from minima.evaluate.judge import generate_answers, load_questions, run_chat_eval
     from minima.infer.engine import Engine
 
     out: dict[str, dict] = {}
@@ -252,23 +276,14 @@ def run_chat_tasks(
                     "info": {**info, "kind": "chat", "n": len(questions), "mode": "answers only", "shots": 0},
                 }
                 continue
-            base = baseline_file(cfg, task_name) if cfg.chat_mode == "pairwise" else None
-            ccfg = ChatEvalConfig(
-                questions=str(qfile),
-                question_format=info["format"],
-                categories=info["categories"],
-                limit=info["limit"],
-                model_id=name,
+            ccfg = _chat_eval_config(
+                cfg,
+                task_name,
+                name,
+                info,
+                task_dir,
                 answer_max_tokens=cfg.chat_max_new_tokens,
                 answer_temperature=cfg.chat_temperature,
-                mode=cfg.chat_mode,
-                baseline_answers=str(base) if base else None,
-                judge_base_url=cfg.judge_base_url,
-                judge_model=cfg.judge_model,
-                judge_api_key_env=cfg.judge_api_key_env,
-                judge_max_tokens=cfg.judge_max_tokens,
-                concurrency=cfg.judge_concurrency,
-                out_dir=str(task_dir),
                 seed=cfg.seed,
             )
             resuming = " - resuming" if answers_done else ""
@@ -324,7 +339,7 @@ def judge_answers(cfg: JudgeAnswersConfig, judge_chat=None) -> dict:
     import time
 
     from minima.core.io import read_journal, write_json_atomic
-    from minima.evaluate.judge import ChatEvalConfig, run_chat_eval
+    from minima.evaluate.judge import run_chat_eval
     from minima.evaluate.report import render_report
 
     src = Path(cfg.answers).expanduser()
@@ -354,23 +369,8 @@ def judge_answers(cfg: JudgeAnswersConfig, judge_chat=None) -> dict:
             if info.get("mode") != "answers only":
                 continue
             found += 1
-            base = baseline_file(cfg, task_name) if cfg.chat_mode == "pairwise" else None  # type: ignore[arg-type]
-            task_dir = out_dir / info["dir"]
-            ccfg = ChatEvalConfig(
-                questions=info["questions_file"],
-                question_format=info["format"],
-                categories=info.get("categories") or [],
-                limit=info.get("limit"),
-                model_id=name,
-                answers=str(src / info["answers_file"]),
-                mode=cfg.chat_mode,
-                baseline_answers=str(base) if base else None,
-                judge_base_url=cfg.judge_base_url,
-                judge_model=cfg.judge_model,
-                judge_api_key_env=cfg.judge_api_key_env,
-                judge_max_tokens=cfg.judge_max_tokens,
-                concurrency=cfg.judge_concurrency,
-                out_dir=str(task_dir),
+            ccfg = _chat_eval_config(
+                cfg, task_name, name, info, out_dir / info["dir"], answers=str(src / info["answers_file"])
             )
             log.info(f"{task_name}: judging the answers of {name} with {cfg.judge_model} ({cfg.chat_mode})")
             res = run_chat_eval(ccfg, judge_chat=judge_chat)
