@@ -116,8 +116,8 @@ def validate_chat(cfg: EvaluateConfig, data_dir: Optional[Path]) -> dict[str, Pa
     names = chat_names(cfg.tasks)
     if not names:
         return {}
-    if cfg.answers_only:
-        return {n: question_file(get_task(n), data_dir, _spec(cfg, n).path if _spec(cfg, n) else None) for n in names}  # type: ignore[arg-type]
+    if cfg.answers_only:  # answers are written now and judged later: no judge settings needed
+        return {n: question_file(get_task(n), data_dir, _path(_spec(cfg, n))) for n in names}
     if not cfg.judge_model:
         raise ConfigError(
             f"chat tasks ({', '.join(names)}) need a judge",
@@ -141,7 +141,7 @@ def validate_chat(cfg: EvaluateConfig, data_dir: Optional[Path]) -> dict[str, Pa
                 where=f"tasks.{n}.format",
                 fix=f"one of {', '.join(FORMATS)}",
             )
-        files[n] = question_file(task, data_dir, spec.path if spec else None)
+        files[n] = question_file(task, data_dir, _path(spec))
         questions = load_questions(
             files[n], _format(task, spec), categories=_categories(spec), limit=spec.limit if spec else None
         )
@@ -154,6 +154,10 @@ def validate_chat(cfg: EvaluateConfig, data_dir: Optional[Path]) -> dict[str, Pa
                     fix="set baseline_answers=FILE (FastChat answer JSONL) or a folder with <task>.jsonl",
                 )
     return files
+
+
+def _path(spec) -> Optional[str]:
+    return spec.path if spec is not None else None
 
 
 def _format(task: ChatTask, spec) -> str:
@@ -235,7 +239,7 @@ def run_chat_tasks(
     With ``cfg.answers_only`` the answers are written and nothing is judged.
     """
     from minima.core.io import read_journal
-    from minima.evaluate.judge import generate_answers, load_questions, run_chat_eval
+    from minima.evaluate.judge import _safe, generate_answers, load_questions, run_chat_eval
     from minima.infer.engine import Engine
 
     out: dict[str, dict] = {}
@@ -259,7 +263,7 @@ def run_chat_tasks(
                 "categories": _categories(spec),
                 "limit": spec.limit if spec is not None else None,
                 "dir": str(rel),
-                "answers_file": str(rel / "answers" / f"{_safe_id(name)}.jsonl"),
+                "answers_file": str(rel / "answers" / f"{_safe(name)}.jsonl"),
             }
             if cfg.answers_only:
                 questions = load_questions(qfile, info["format"], categories=info["categories"], limit=info["limit"])
@@ -268,7 +272,7 @@ def run_chat_tasks(
                     questions,
                     _engine_chat(engine, cfg),
                     work_dir / info["answers_file"],
-                    _safe_id(name),
+                    _safe(name),
                     cfg.judge_concurrency,
                 )
                 out[name][task_name] = {
@@ -300,12 +304,6 @@ def run_chat_tasks(
             engine.close()
         del engine
     return out
-
-
-def _safe_id(name: str) -> str:
-    from minima.evaluate.judge import _safe
-
-    return _safe(name)
 
 
 # ------------------------------------------------------------------------------ judge later
@@ -359,7 +357,7 @@ def judge_answers(cfg: JudgeAnswersConfig, judge_chat=None) -> dict:
     t0 = time.time()
     results: dict[str, Any] = {
         "models": {},
-        "meta": {"answers": str(src), "judge": cfg.judge_model, "chat_mode": cfg.chat_mode},
+        "meta": {"answers": str(src), "out_dir": str(out_dir), "judge": cfg.judge_model, "chat_mode": cfg.chat_mode},
     }
     found = 0
     for name, m in before["models"].items():
@@ -398,12 +396,11 @@ def judge_main(argv: Optional[list[str]] = None) -> int:
     if cfg is None:
         return 0
     res = judge_answers(cfg)
-    out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.answers).with_name(Path(cfg.answers).name + ".judged")
     for name, m in res["models"].items():
         for task, r in m["tasks"].items():
             main = "score" if cfg.chat_mode == "single" else "win_rate"
             print(
                 f"{name} {task}: {main} {r[main]}" + (f", lc_win_rate {r['lc_win_rate']}" if "lc_win_rate" in r else "")
             )
-    print(f"evaluate judge: done -> {out}")
+    print(f"evaluate judge: done -> {res['meta']['out_dir']}")
     return 0
