@@ -311,7 +311,9 @@ class JudgeAnswersConfig(Closed):
     """``minima evaluate judge answers=DIR judge_model=NAME [judge_base_url=URL] [key=value ...]``: judge the
     answers an ``answers_only=true`` evaluate run wrote."""
 
-    answers: str = Field(..., description="The evaluate artifact (or its .partial dir) that holds the answers.")
+    answers: str = Field(
+        ..., description="The artifact of an answers_only=true evaluate run (its results.json lists the answer files)."
+    )
     out_dir: Optional[str] = Field(
         None, description="Where judgments, results.json and report.md go (default: <answers>.judged)."
     )
