@@ -100,7 +100,8 @@ def test_template_gives_training_ids_and_labels_are_replies(name, tok_name, toke
             body, end = run[: -len(eot_ids)], run[-len(eot_ids) :]
             assert end == eot_ids
             assert tok.decode(body).strip() == reply.strip()
-            assert body == list(tok(reply, add_special_tokens=False)["input_ids"])
+            if name != "tulu":  # tulu tokenizes the conversation whole: a reply's ids depend on what precedes it
+                assert body == list(tok(reply, add_special_tokens=False)["input_ids"])
         # HF's own assistant mask (from the template's generation blocks) agrees with ours.
         hf = reloaded.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         assert list(hf["assistant_masks"]) == mask, f"{name}/{conv_name}"
@@ -182,6 +183,7 @@ def test_tulu_bytes_and_mask_are_open_instructs(byte_level_tokenizer):
         replies = [m["content"].strip() + "</s>" for m in msgs if m["role"] == "assistant"]
         assert [tok.decode(r) for r in _runs(ids, mask)] == replies
     system = CONVS["multi_system_zh"]
+    assert get_format("tulu").render(system, tokenizer=tok).startswith("<s><|system|>")
     assert _open_instruct_text(system).startswith("<s><|system|>\nYou are a helpful assistant.\n<|user|>\n法国")
     assert stop_token_ids("tulu", tok) == [tok.eos_token_id]
 
@@ -219,3 +221,27 @@ def test_records_build_tulu_chat_records(tmp_path, tiny_tokenizer_dir, demo_data
         for ex in RecordDataset(str(art.path), "train", shuffle_buffer=0)
     )
     assert got == [(list(i), list(m)) for i, m in want]
+
+
+@pytest.mark.parametrize("tok_name", ["plain", "chatml_tokens"])
+def test_tulu_ids_are_open_instructs_whole_text_tokenization(tok_name, tokenizers):
+    """With a SentencePiece tokenizer too: the ids are open-instruct's (its text tokenized at once), and the
+    trained tokens are exactly those its prefix-length rule labels (less the newline after each EOS)."""
+    tok = tokenizers[tok_name]
+    fmt = get_format("tulu")
+    for msgs in CONVS.values():
+        ids, mask = fmt.encode(tok, msgs)
+        assert ids == list(tok(_open_instruct_text(msgs), add_special_tokens=False)["input_ids"])
+        prompt, _ = fmt.encode(tok, msgs[:-1], add_generation_prompt=True)
+        want = tok(_open_instruct_text(msgs[:-1], add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        assert prompt == list(want)
+        # open-instruct: a reply's labels run from len(tokens(text up to it)) to len(tokens(text through it));
+        # here "through it" ends at its EOS (the newline after it is not trained).
+        labels = [0] * len(ids)
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant":
+                before = _open_instruct_text(msgs[:i]) + "<|assistant|>\n"
+                a = len(tok(before, add_special_tokens=False)["input_ids"])
+                b = len(tok(before + m["content"].strip() + "</s>", add_special_tokens=False)["input_ids"])
+                labels[a:b] = [1] * (b - a)
+        assert mask == labels and sum(labels) > 0
