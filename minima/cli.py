@@ -70,6 +70,8 @@ def _cmd_config(argv: list[str]) -> int:
 def _cmd_stage(stage: str, argv: list[str]) -> int:
     if stage == "evaluate" and argv[:1] == ["compare"]:  # `minima evaluate compare A B`
         return int(_resolve("minima.evaluate.report:compare_main")(argv[1:]) or 0)
+    if stage == "evaluate" and argv[:1] == ["judge"]:  # `minima evaluate judge answers=DIR ...`
+        return int(_resolve("minima.evaluate.chat:judge_main")(argv[1:]) or 0)
     args = _stage_parser(f"minima {stage}", stage).parse_intermixed_args(argv)
     cfg = stage_config(stage, args.preset, args.config, args.overrides)
     artifact = _resolve(STAGE_RUNNERS[stage])(cfg, force=args.force)

@@ -8,7 +8,11 @@ every test that talks to it also exercises the bearer-key path; clients read the
 from __future__ import annotations
 
 import atexit
+import json
 import os
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 # MiniChat layout: <s> [system</s>] then "[|User|] q</s>[|Assistant|] a</s>" per exchange.
@@ -60,3 +64,46 @@ def server(model_dir: Path):
         atexit.register(srv.close)
         _STATE["server"] = srv
     return _STATE["server"]
+
+
+class StubJudge:
+    """An OpenAI-shaped ``/v1/chat/completions`` on loopback whose reply is ``reply(last user message)``;
+    ``calls`` counts the requests."""
+
+    def __init__(self, reply: Callable[[str], str]):
+        self.calls = 0
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with lock:  # requests arrive on several server threads at once
+                    outer.calls += 1
+                text = reply(body["messages"][-1]["content"])
+                data = json.dumps(
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "model": body["model"],
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                        ],
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -147,50 +147,11 @@ def test_mt_bench_in_evaluate_stage_resumes_and_reports_parsed_scores(tmp_path, 
     assert art2.metrics[f"{model_dir.name}/mt_bench/pairs"] == 4
 
 
-class _StubJudge:
-    """An OpenAI-shaped /v1/chat/completions on loopback whose grade depends on the prompt (some unreadable)."""
-
-    def __init__(self):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"]
-                text = (
-                    "Matches the reference. Grade: [[9]]"
-                    if "[Reference answer" in prompt
-                    else "Rating: [[4]]"
-                    if "snow" in prompt
-                    else "I cannot grade this."
-                )
-                data = json.dumps(
-                    {
-                        "id": "x",
-                        "object": "chat.completion",
-                        "model": body["model"],
-                        "choices": [
-                            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                        ],
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def _grade(prompt: str) -> str:
+    """The stub judge's grade: from the prompt, some unreadable."""
+    if "[Reference answer" in prompt:
+        return "Matches the reference. Grade: [[9]]"
+    return "Rating: [[4]]" if "snow" in prompt else "I cannot grade this."
 
 
 def test_stage_score_is_the_mean_of_the_parsed_grades(tmp_path, tiny_tokenizer_dir, tmp_path_factory, demo_data_dir):
@@ -198,7 +159,7 @@ def test_stage_score_is_the_mean_of_the_parsed_grades(tmp_path, tiny_tokenizer_d
     from minima.stages.evaluate import run
 
     model_dir = cs.chat_model_dir(tmp_path_factory, tiny_tokenizer_dir)
-    stub = _StubJudge()
+    stub = cs.StubJudge(_grade)
     try:
         qfile = _jsonl(tmp_path / "question.jsonl", MT)
         run(build(EvaluateConfig, overrides=_args(stub, model_dir, qfile, demo_data_dir, tmp_path / "e")))

@@ -234,6 +234,8 @@ def test_pairwise_position_swap_cancels_a_biased_judge(tmp_path):
         ChatEvalConfig(out_dir=str(tmp_path / "biased"), **base), answer_chat=answer, judge_chat=always_a
     )
     assert biased["per_category"]["all"]["inconsistent"] == 4 and biased["win_rate"] == 0.5
+    # All ties (the swap cancels the bias): the LC win rate is the raw one, 50%.
+    assert biased["lc_win_rate"] == pytest.approx(0.5) and "Length-controlled win rate" in biased["report"]
     fair = run_chat_eval(
         ChatEvalConfig(out_dir=str(tmp_path / "fair"), **base), answer_chat=answer, judge_chat=prefers_good
     )

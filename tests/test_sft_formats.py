@@ -14,7 +14,7 @@ from minima.data.formats import (
     stop_token_ids,
 )
 
-FORMATS = ["minichat", "alpaca", "instruction", "mc", "llama2-chat", "chatml"]
+FORMATS = ["minichat", "alpaca", "instruction", "mc", "llama2-chat", "chatml", "tulu"]
 
 CONVS = {
     "single": [
@@ -100,13 +100,16 @@ def test_template_gives_training_ids_and_labels_are_replies(name, tok_name, toke
         assert ids[: len(prompt)] == prompt
         # Labelled tokens decode to exactly the replies, each followed by the end-of-turn token.
         replies = [m["content"] for m in msgs if m["role"] == "assistant"]
+        if name == "tulu":  # open-instruct strips the replies
+            replies = [r.strip() for r in replies]
         runs = _runs(ids, mask)
         assert len(runs) == len(replies), f"{name}/{conv_name}"
         for run, reply in zip(runs, replies):
             body, end = run[: -len(eot_ids)], run[-len(eot_ids) :]
             assert end == eot_ids
             assert tok.decode(body).strip() == reply.strip()
-            assert body == list(tok(reply, add_special_tokens=False)["input_ids"])
+            if name != "tulu":  # tulu tokenizes the conversation whole: a reply's ids depend on what precedes it
+                assert body == list(tok(reply, add_special_tokens=False)["input_ids"])
         # HF's own assistant mask (from the template's generation blocks) agrees with ours.
         hf = reloaded.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         assert list(hf["assistant_masks"]) == mask, f"{name}/{conv_name}"
@@ -146,3 +149,107 @@ def test_stop_tokens(tokenizers):
     plain, chatml = tokenizers["plain"], tokenizers["chatml_tokens"]
     assert stop_token_ids("minichat", plain) == [special_id(plain, EOS)]
     assert stop_token_ids("chatml", chatml) == [chatml.eos_token_id, chatml.convert_tokens_to_ids("<|im_end|>")]
+
+
+def _open_instruct_text(messages, bos="<s>", eos="</s>", add_generation_prompt=False) -> str:
+    """open-instruct's Tulu text of a conversation (its encode_with_messages_format / eval prompt), by hand."""
+    text = bos
+    for m in messages:
+        if m["role"] == "assistant":
+            text += "<|assistant|>\n" + m["content"].strip() + eos + "\n"
+        else:
+            text += f"<|{m['role']}|>\n" + m["content"] + "\n"
+    return text + ("<|assistant|>\n" if add_generation_prompt else "")
+
+
+@pytest.fixture(scope="module")
+def byte_level_tokenizer():
+    """A byte-level BPE tokenizer (no dummy prefix), so rendered text and token pieces align byte for byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    corpus = [m["content"] for conv in CONVS.values() for m in conv] + ["<|user|>\n<|assistant|>\n<|system|>\n"] * 5
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<unk>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_tulu_bytes_and_mask_are_open_instructs(byte_level_tokenizer):
+    tok = byte_level_tokenizer
+    fmt = get_format("tulu")
+    tok.chat_template = chat_template(fmt, tok)
+    for msgs in CONVS.values():
+        assert tok.apply_chat_template(msgs, tokenize=False) == _open_instruct_text(msgs)
+        assert tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True) == _open_instruct_text(
+            msgs[:-1], add_generation_prompt=True
+        )
+        ids, mask = fmt.encode(tok, msgs)
+        assert tok.decode(ids) == _open_instruct_text(msgs)
+        # Trained: each reply and its EOS, nothing else (not the role markers, not the newline after EOS).
+        replies = [m["content"].strip() + "</s>" for m in msgs if m["role"] == "assistant"]
+        assert [tok.decode(r) for r in _runs(ids, mask)] == replies
+    system = CONVS["multi_system_zh"]
+    assert get_format("tulu").render(system, tokenizer=tok).startswith("<s><|system|>")
+    assert _open_instruct_text(system).startswith("<s><|system|>\nYou are a helpful assistant.\n<|user|>\n法国")
+    assert stop_token_ids("tulu", tok) == [tok.eos_token_id]
+
+
+def test_records_build_tulu_chat_records(tmp_path, tiny_tokenizer_dir, demo_data_dir):
+    """chat_format=tulu through the records stage: each record is the format's ids and mask."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from minima.core.config import RecordsConfig
+    from minima.data.formats import normalise_conversation
+    from minima.data.records import RecordDataset
+    from minima.stages.records import run as records_run
+
+    src = tmp_path / "chat.json"
+    convs = [CONVS["single"], CONVS["multi_system_zh"]]
+    src.write_text(json.dumps([{"messages": c} for c in convs], ensure_ascii=False), encoding="utf-8")
+    art = records_run(
+        RecordsConfig(
+            inputs=str(src),
+            tokenizer=str(tiny_tokenizer_dir),
+            format="chat",
+            chat_format="tulu",
+            max_length=256,
+            dev_fraction=0.0,
+            out_dir=str(tmp_path / "records"),
+        )
+    )
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    fmt = get_format("tulu")
+    want = sorted(fmt.encode(tok, normalise_conversation({"messages": c})) for c in convs)
+    got = sorted(
+        (ex["input_ids"].tolist(), (ex["labels"] != -100).long().tolist())
+        for ex in RecordDataset(str(art.path), "train", shuffle_buffer=0)
+    )
+    assert got == [(list(i), list(m)) for i, m in want]
+
+
+@pytest.mark.parametrize("tok_name", ["plain", "chatml_tokens"])
+def test_tulu_ids_are_open_instructs_whole_text_tokenization(tok_name, tokenizers):
+    """With a SentencePiece tokenizer too: the ids are open-instruct's (its text tokenized at once), and the
+    trained tokens are exactly those its prefix-length rule labels (less the newline after each EOS)."""
+    tok = tokenizers[tok_name]
+    fmt = get_format("tulu")
+    for msgs in CONVS.values():
+        ids, mask = fmt.encode(tok, msgs)
+        assert ids == list(tok(_open_instruct_text(msgs), add_special_tokens=False)["input_ids"])
+        prompt, _ = fmt.encode(tok, msgs[:-1], add_generation_prompt=True)
+        want = tok(_open_instruct_text(msgs[:-1], add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        assert prompt == list(want)
+        # open-instruct: a reply's labels run from len(tokens(text up to it)) to len(tokens(text through it));
+        # here "through it" ends at its EOS (the newline after it is not trained).
+        labels = [0] * len(ids)
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant":
+                before = _open_instruct_text(msgs[:i]) + "<|assistant|>\n"
+                a = len(tok(before, add_special_tokens=False)["input_ids"])
+                b = len(tok(before + m["content"].strip() + "</s>", add_special_tokens=False)["input_ids"])
+                labels[a:b] = [1] * (b - a)
+        assert mask == labels and sum(labels) > 0

@@ -570,7 +570,8 @@ class SftConfig(TrainConfig):
         0.05, ge=0, lt=1, description="train_files: fraction of conversations held out as the dev split."
     )
     chat_format: str = Field(
-        "minichat", description="Chat format from the registry: minichat, alpaca, instruction, mc, llama2-chat, chatml."
+        "minichat",
+        description="Chat format from the registry: minichat, alpaca, instruction, mc, llama2-chat, chatml, tulu.",
     )
     loss_on: Literal["assistant", "all", "last-turn"] = Field(
         "assistant",
@@ -862,6 +863,11 @@ class EvaluateConfig(StageConfig):
         ge=0,
         le=2,
         description="Chat tasks: sampling temperature of the model's replies (0 = greedy; sampled with seed).",
+    )
+    answers_only: bool = Field(
+        False,
+        description="Chat tasks: write the model's answers (chat/<task>/answers/) and make no judge calls; judge "
+        "them later with `minima evaluate judge answers=DIR judge_model=...`.",
     )
 
     @model_validator(mode="after")

@@ -750,6 +750,88 @@ class ChatMLFormat(MessageFormat):
         return header, user, j.reply(self.end_of_turn) + j.lit("\n")
 
 
+@register("tulu")
+class TuluFormat(MessageFormat):
+    """Tulu 2 / open-instruct: ``<s><|system|>\\n`` s ``\\n<|user|>\\n`` q ``\\n<|assistant|>\\n`` a ``</s>\\n``.
+
+    The text of open-instruct's ``encode_with_messages_format`` (BOS, then each message as
+    ``<|role|>\\n`` text ``\\n``, a reply as its stripped text + EOS + ``\\n``); generation starts
+    after ``<|assistant|>\\n`` as its ``create_prompt_with_tulu_chat_format`` does. The role markers are
+    plain text, not added tokens.
+
+    Unlike the other formats, the conversation is tokenized whole, as open-instruct tokenizes it, so
+    a SentencePiece tokenizer gives Tulu's ids (no word-start marker on text after a newline); the
+    mask boundaries are the token counts of the text up to each piece, which is how open-instruct
+    finds them. The reply and its EOS are trained; the newline after the EOS is not (open-instruct
+    labels it too, but generation stops at the EOS, so it is never produced). Special-token strings
+    typed inside a message are special tokens here, as they are in open-instruct.
+    """
+
+    def header(self, system: str) -> list[Seg]:
+        return [Seg(BOS)] + ([Seg("<|system|>\n"), Seg(system, content=True), Seg("\n")] if system else [])
+
+    def user_segments(self, msg, system, first):
+        return [Seg("<|user|>\n"), Seg(msg["content"], content=True), Seg("\n<|assistant|>\n")]
+
+    def reply_segments(self, reply: str) -> list[Seg]:
+        return super().reply_segments(reply.strip()) + [Seg("\n")]
+
+    def encode_exchanges(
+        self, tokenizer: Any, messages: list[Message], add_generation_prompt: bool = False
+    ) -> list[tuple[list[int], list[int]]]:
+        spell = {BOS: tokenizer.bos_token, EOS: tokenizer.eos_token}
+        for special in (BOS, EOS):
+            special_id(tokenizer, special)  # a clear error when the tokenizer lacks one
+        groups = self.segments(messages, add_generation_prompt)
+        prefixes, text = [], ""
+        for group in groups:
+            for seg in group:
+                text += spell[seg.piece] if isinstance(seg.piece, Special) else seg.piece
+                prefixes.append(text)
+        counts = [len(ids) for ids in tokenize_texts(tokenizer, prefixes, split_special_tokens=False)]
+        ids = tokenize_texts(tokenizer, [text], split_special_tokens=False)[0]
+        mask = [0] * len(ids)
+        out, k, start, group_start = [], 0, 0, 0
+        for group in groups:
+            for seg in group:
+                end = counts[k]
+                if seg.train:
+                    mask[start:end] = [1] * (end - start)
+                start, k = end, k + 1
+            out.append((ids[group_start:start], mask[group_start:start]))
+            group_start = start
+        return out
+
+    def jinja_template(self) -> str:
+        """The template as plain text concatenation (the conversation is tokenized whole)."""
+        import json
+
+        def lit(t: str) -> str:
+            return "{{ " + json.dumps(t) + " }}"
+
+        return (
+            "{#- minima chat format 'tulu' -#}"
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+            "{%- else -%}{%- set system = '' -%}{%- set turns = messages -%}{%- endif -%}"
+            "{{ bos_token }}{%- if system -%}" + lit("<|system|>\n") + "{{ system }}" + lit("\n") + "{%- endif -%}"
+            "{%- for m in turns -%}"
+            "{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+            "{{ raise_exception('roles must alternate user/assistant after an optional system message') }}"
+            "{%- endif -%}"
+            "{%- if m['role'] == 'user' -%}"
+            + lit("<|user|>\n")
+            + "{{ m['content'] }}"
+            + lit("\n<|assistant|>\n")
+            + "{%- else -%}{%- generation -%}{{ m['content'] | trim }}{{ eos_token }}{%- endgeneration -%}"
+            + lit("\n")
+            + "{%- endif -%}{%- endfor -%}"
+        )
+
+    def jinja_parts(self, j):
+        raise NotImplementedError("the tulu template is whole (jinja_template)")
+
+
 class _Jinja:
     """Jinja snippet builders that reproduce piece-by-piece tokenization for one tokenizer.
 
@@ -889,6 +971,8 @@ def chat_template(fmt: Union[str, ChatFormat], tokenizer: Any) -> str:
     prompt for generation. Roles out of order raise an exception while rendering.
     """
     f = get_format(fmt) if isinstance(fmt, str) else fmt
+    if hasattr(f, "jinja_template"):  # a format tokenized whole has a plain template
+        return f.jinja_template()
     j = _Jinja(tokenizer)
     header, user, assistant = f.jinja_parts(j) if isinstance(f, MessageFormat) else _derive_parts(f, j)
     return (

@@ -8,18 +8,25 @@ failed or interrupted run resumes with the rows already written; the judge addre
 part of the cache key, so a rerun against another address still resumes.
 
 Each task's result in results.json: ``score`` (mean 1-10 grade, single mode) or ``win_rate``
-(pairwise, ties and inconsistent verdicts count half), with ``*_stderr`` over judgments/pairs,
-``unparseable`` (judge replies without a readable grade; left out of the mean), ``per_category`` and
-``info``.
+(pairwise, ties and inconsistent verdicts count half) and ``lc_win_rate`` (AlpacaEval 2's
+length-controlled win rate), with ``*_stderr`` over judgments/pairs, ``unparseable`` (judge replies
+without a readable grade; left out of the mean), ``per_category`` and ``info``.
+
+Generate now, judge later: with ``answers_only=true`` the stage writes the answers and makes no judge
+call (``info.mode`` is ``answers only``); ``minima evaluate judge answers=DIR judge_model=...`` then
+judges the answers of that artifact (:func:`judge_answers`) into its own ``results.json`` and
+``report.md``, with the same entries the one-shot run writes.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from minima.core.config import EvaluateConfig
+from pydantic import Field
+
+from minima.core.config import Closed, EvaluateConfig, command_config
 from minima.core.errors import ConfigError, InputError
 from minima.core.logs import get_logger
 from minima.evaluate import metrics as M
@@ -109,6 +116,8 @@ def validate_chat(cfg: EvaluateConfig, data_dir: Optional[Path]) -> dict[str, Pa
     names = chat_names(cfg.tasks)
     if not names:
         return {}
+    if cfg.answers_only:  # answers are written now and judged later: no judge settings needed
+        return {n: question_file(get_task(n), data_dir, _path(_spec(cfg, n))) for n in names}
     if not cfg.judge_model:
         raise ConfigError(
             f"chat tasks ({', '.join(names)}) need a judge",
@@ -132,7 +141,7 @@ def validate_chat(cfg: EvaluateConfig, data_dir: Optional[Path]) -> dict[str, Pa
                 where=f"tasks.{n}.format",
                 fix=f"one of {', '.join(FORMATS)}",
             )
-        files[n] = question_file(task, data_dir, spec.path if spec else None)
+        files[n] = question_file(task, data_dir, _path(spec))
         questions = load_questions(
             files[n], _format(task, spec), categories=_categories(spec), limit=spec.limit if spec else None
         )
@@ -145,6 +154,10 @@ def validate_chat(cfg: EvaluateConfig, data_dir: Optional[Path]) -> dict[str, Pa
                     fix="set baseline_answers=FILE (FastChat answer JSONL) or a folder with <task>.jsonl",
                 )
     return files
+
+
+def _path(spec) -> Optional[str]:
+    return spec.path if spec is not None else None
 
 
 def _format(task: ChatTask, spec) -> str:
@@ -176,12 +189,57 @@ def _stderr_from(rows: list[dict], mode: str) -> Optional[float]:
     return M.stderr(vals)  # nan (null in results.json) below 2 values
 
 
+def _entry(res: dict, rows: list[dict], mode: str, judge: Optional[str], info: dict) -> dict:
+    """A judged chat task's results.json entry from :func:`run_chat_eval`'s result and judgment rows."""
+    metric, count = ("score", "judged") if mode == "single" else ("win_rate", "pairs")
+    entry: dict[str, Any] = {
+        metric: res[metric],
+        f"{metric}_stderr": _stderr_from(rows, mode),
+        "unparseable": res["unparseable"],
+        count: res[count],
+        "per_category": res["per_category"],
+    }
+    if mode == "pairwise":
+        entry["lc_win_rate"] = res.get("lc_win_rate")
+    entry["info"] = {**info, "kind": "chat", "n": res["questions"], "mode": f"judge {mode}", "judge": judge}
+    if mode == "pairwise":
+        entry["info"]["baseline"] = res.get("baseline")
+    return entry
+
+
+def _chat_eval_config(cfg, task_name: str, model: str, info: dict, out_dir: Path, **kw):
+    """The judge run of one chat task and model; ``cfg`` (an EvaluateConfig or a JudgeAnswersConfig) names
+    the judge, the mode and the baseline, ``info`` the question set, ``kw`` the answering side."""
+    from minima.evaluate.judge import ChatEvalConfig
+
+    base = baseline_file(cfg, task_name) if cfg.chat_mode == "pairwise" else None
+    return ChatEvalConfig(
+        questions=str(info["questions_file"]),
+        question_format=info["format"],
+        categories=info.get("categories") or [],
+        limit=info.get("limit"),
+        model_id=model,
+        mode=cfg.chat_mode,
+        baseline_answers=str(base) if base else None,
+        judge_base_url=cfg.judge_base_url,
+        judge_model=cfg.judge_model,
+        judge_api_key_env=cfg.judge_api_key_env,
+        judge_max_tokens=cfg.judge_max_tokens,
+        concurrency=cfg.judge_concurrency,
+        out_dir=str(out_dir),
+        **kw,
+    )
+
+
 def run_chat_tasks(
     cfg: EvaluateConfig, models: dict[str, str], files: dict[str, Path], work_dir: Path
 ) -> dict[str, dict]:
-    """Answer and judge every chat task for every model into ``work_dir/chat``; ``{model: {task: result}}``."""
+    """Answer and judge every chat task for every model into ``work_dir/chat``; ``{model: {task: result}}``.
+
+    With ``cfg.answers_only`` the answers are written and nothing is judged.
+    """
     from minima.core.io import read_journal
-    from minima.evaluate.judge import ChatEvalConfig, run_chat_eval
+    from minima.evaluate.judge import _safe, generate_answers, load_questions, run_chat_eval
     from minima.infer.engine import Engine
 
     out: dict[str, dict] = {}
@@ -199,53 +257,152 @@ def run_chat_tasks(
                 engine = Engine.from_dir(
                     path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
                 )
-            base = baseline_file(cfg, task_name) if cfg.chat_mode == "pairwise" else None
-            ccfg = ChatEvalConfig(
-                questions=str(qfile),
-                question_format=_format(task, spec),
-                categories=_categories(spec),
-                limit=spec.limit if spec is not None else None,
-                model_id=name,
+            info = {
+                "questions_file": str(qfile),
+                "format": _format(task, spec),
+                "categories": _categories(spec),
+                "limit": spec.limit if spec is not None else None,
+                "dir": str(rel),
+                "answers_file": str(rel / "answers" / f"{_safe(name)}.jsonl"),
+            }
+            if cfg.answers_only:
+                questions = load_questions(qfile, info["format"], categories=info["categories"], limit=info["limit"])
+                log.info(f"{task_name}: {name} answers only (no judge)")
+                generate_answers(
+                    questions,
+                    _engine_chat(engine, cfg),
+                    work_dir / info["answers_file"],
+                    _safe(name),
+                    cfg.judge_concurrency,
+                )
+                out[name][task_name] = {
+                    "answers": len(questions),
+                    "info": {**info, "kind": "chat", "n": len(questions), "mode": "answers only", "shots": 0},
+                }
+                continue
+            ccfg = _chat_eval_config(
+                cfg,
+                task_name,
+                name,
+                info,
+                task_dir,
                 answer_max_tokens=cfg.chat_max_new_tokens,
                 answer_temperature=cfg.chat_temperature,
-                mode=cfg.chat_mode,
-                baseline_answers=str(base) if base else None,
-                judge_base_url=cfg.judge_base_url,
-                judge_model=cfg.judge_model,
-                judge_api_key_env=cfg.judge_api_key_env,
-                judge_max_tokens=cfg.judge_max_tokens,
-                concurrency=cfg.judge_concurrency,
-                out_dir=str(task_dir),
                 seed=cfg.seed,
             )
             resuming = " - resuming" if answers_done else ""
             log.info(f"{task_name}: {name} judged by {cfg.judge_model} ({cfg.chat_mode}){resuming}")
             res = run_chat_eval(ccfg, answer_chat=_engine_chat(engine, cfg))
             rows = read_journal(Path(res["judgments_file"]))
-            metric, count = ("score", "judged") if cfg.chat_mode == "single" else ("win_rate", "pairs")
-            entry: dict[str, Any] = {
-                metric: res[metric],
-                f"{metric}_stderr": _stderr_from(rows, cfg.chat_mode),
-                "unparseable": res["unparseable"],
-                count: res[count],
-                "per_category": res["per_category"],
-            }
-            entry["info"] = {
-                "kind": "chat",
-                "n": res["questions"],
-                "mode": f"judge {cfg.chat_mode}",
-                "shots": 0,
-                "judge": cfg.judge_model,
-                "questions_file": str(qfile),
-                "format": ccfg.question_format,
-                "dir": str(rel),
-                "answers_file": str(Path(res["answers_file"]).relative_to(work_dir)),
-                "judgments_file": str(Path(res["judgments_file"]).relative_to(work_dir)),
-            }
-            if cfg.chat_mode == "pairwise":
-                entry["info"]["baseline"] = res.get("baseline")
-            out[name][task_name] = entry
+            info.update(
+                shots=0,
+                answers_file=str(Path(res["answers_file"]).relative_to(work_dir)),
+                judgments_file=str(Path(res["judgments_file"]).relative_to(work_dir)),
+            )
+            out[name][task_name] = _entry(res, rows, cfg.chat_mode, cfg.judge_model, info)
         if engine is not None:
             engine.close()
         del engine
     return out
+
+
+# ------------------------------------------------------------------------------ judge later
+class JudgeAnswersConfig(Closed):
+    """``minima evaluate judge answers=DIR judge_model=NAME [judge_base_url=URL] [key=value ...]``: judge the
+    answers an ``answers_only=true`` evaluate run wrote."""
+
+    answers: str = Field(
+        ..., description="The artifact of an answers_only=true evaluate run (its results.json lists the answer files)."
+    )
+    out_dir: Optional[str] = Field(
+        None, description="Where judgments, results.json and report.md go (default: <answers>.judged)."
+    )
+    judge_base_url: Optional[str] = Field(
+        None, description="The judge's OpenAI-compatible endpoint (default: env OPENAI_BASE_URL)."
+    )
+    judge_model: Optional[str] = Field(None, description="The judge model id at the endpoint.")
+    judge_api_key_env: str = Field("OPENAI_API_KEY", description="Env var holding the judge endpoint's key.")
+    judge_max_tokens: int = Field(1024, ge=16, description="Judge reply token limit.")
+    judge_concurrency: int = Field(4, ge=1, description="Judge requests in flight at once.")
+    chat_mode: Literal["single", "pairwise"] = Field("single", description="single: 1-10 grades; pairwise: win rate.")
+    baseline_answers: Optional[str] = Field(
+        None, description="pairwise: the baseline's answer JSONL, or a folder with <task>.jsonl per chat task."
+    )
+
+
+def judge_answers(cfg: JudgeAnswersConfig, judge_chat=None) -> dict:
+    """Judge every answers-only chat entry of ``cfg.answers``; writes and returns the results dict.
+
+    ``judge_chat`` replaces the endpoint (tests, custom backends).
+    """
+    import json
+    import time
+
+    from minima.core.io import read_journal, write_json_atomic
+    from minima.evaluate.judge import run_chat_eval
+    from minima.evaluate.report import render_report
+
+    src = Path(cfg.answers).expanduser()
+    results_file = src / "results.json"
+    if not results_file.is_file():
+        raise InputError(
+            f"no results.json in {src}",
+            where="answers",
+            fix="point answers= at the artifact of `minima evaluate ... answers_only=true`",
+        )
+    if not cfg.judge_model and judge_chat is None:
+        raise ConfigError(
+            "judging needs a judge", where="judge_model", fix="set judge_model=NAME and judge_base_url=URL"
+        )
+    before = json.loads(results_file.read_text(encoding="utf-8"))
+    out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else src.with_name(src.name + ".judged")
+    t0 = time.time()
+    results: dict[str, Any] = {
+        "models": {},
+        "meta": {"answers": str(src), "out_dir": str(out_dir), "judge": cfg.judge_model, "chat_mode": cfg.chat_mode},
+    }
+    found = 0
+    for name, m in before["models"].items():
+        tasks = {}
+        for task_name, r in m.get("tasks", {}).items():
+            info = r.get("info", {})
+            if info.get("mode") != "answers only":
+                continue
+            found += 1
+            ccfg = _chat_eval_config(
+                cfg, task_name, name, info, out_dir / info["dir"], answers=str(src / info["answers_file"])
+            )
+            log.info(f"{task_name}: judging the answers of {name} with {cfg.judge_model} ({cfg.chat_mode})")
+            res = run_chat_eval(ccfg, judge_chat=judge_chat)
+            rows = read_journal(Path(res["judgments_file"]))
+            new_info = {k: v for k, v in info.items() if k not in ("kind", "n", "mode")}
+            new_info.update(shots=0, judgments_file=str(Path(res["judgments_file"]).relative_to(out_dir)))
+            tasks[task_name] = _entry(res, rows, cfg.chat_mode, cfg.judge_model, new_info)
+        if tasks:
+            results["models"][name] = {"path": m.get("path", ""), "tasks": tasks}
+    if not found:
+        raise InputError(
+            f"{src} holds no answers-only chat results",
+            where="answers",
+            fix="run `minima evaluate ... tasks=[mt_bench] answers_only=true` first",
+        )
+    results["meta"]["seconds"] = round(time.time() - t0, 2)
+    write_json_atomic(out_dir / "results.json", results)
+    (out_dir / "report.md").write_text(render_report(results), encoding="utf-8")
+    return results
+
+
+def judge_main(argv: Optional[list[str]] = None) -> int:
+    """``minima evaluate judge answers=DIR judge_model=NAME [judge_base_url=URL] [chat_mode=pairwise ...]``."""
+    cfg = command_config(JudgeAnswersConfig, argv, JudgeAnswersConfig.__doc__ or "")
+    if cfg is None:
+        return 0
+    res = judge_answers(cfg)
+    for name, m in res["models"].items():
+        for task, r in m["tasks"].items():
+            main = "score" if cfg.chat_mode == "single" else "win_rate"
+            print(
+                f"{name} {task}: {main} {r[main]}" + (f", lc_win_rate {r['lc_win_rate']}" if "lc_win_rate" in r else "")
+            )
+    print(f"evaluate judge: done -> {res['meta']['out_dir']}")
+    return 0

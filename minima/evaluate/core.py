@@ -79,7 +79,7 @@ def evaluate_model(
     """Evaluate ``model`` on ``tasks`` and return ``{task: scores}``.
 
     Args:
-        model: a causal LM (``*ForCausalLM``); put on its device by the caller.
+        model: a causal LM (``*ForCausalLM``) or an encoder-decoder one (T5); put on its device by the caller.
         tokenizer: its tokenizer.
         tasks: task names, or ``{name: TaskSpec | dict}`` with per-task ``path``/``shots``/``limit``/``mode``/...
         data_dir: benchmark root with one folder per task (default ``../shared/data/eval`` if present).

@@ -633,6 +633,24 @@ def pairwise_outcomes(rows: Iterable[dict]) -> list[dict]:
     return [dict(p, outcome=combine_swap(p.get("model_first"), p.get("model_second"))) for p in pairs.values()]
 
 
+def length_controlled(rows: list[dict], answers: dict[str, list[str]], baseline: dict[str, list[str]]):
+    """AlpacaEval 2's LC win rate over the decided (question, turn) pairs; None with fewer than two."""
+    from minima.evaluate.length_control import length_controlled_win_rate, preference_of
+
+    prefs, lens_model, lens_base = [], [], []
+    for o in pairwise_outcomes(rows):
+        pref = preference_of(o["outcome"])
+        qid, t = str(o["question_id"]), o["turn"] - 1
+        if pref is None or qid not in answers or qid not in baseline:
+            continue
+        prefs.append(pref)
+        lens_model.append(len(answers[qid][t]) if t < len(answers[qid]) else 0)
+        lens_base.append(len(baseline[qid][t]) if t < len(baseline[qid]) else 0)
+    if len(prefs) < 2:
+        return None
+    return length_controlled_win_rate(prefs, lens_model, lens_base)
+
+
 # ------------------------------------------------------------------------------ reports
 def _fmt(x: Optional[float], digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
@@ -722,7 +740,8 @@ def run_chat_eval(
     """Answer, judge and report. The ``*_chat`` arguments replace the configured models (tests, custom backends).
 
     Returns:
-        metrics: ``score`` (single) or ``win_rate`` (pairwise), ``unparseable``, ``per_category``,
+        metrics: ``score`` (single) or ``win_rate`` and ``lc_win_rate`` (pairwise, the length-controlled
+        win rate of AlpacaEval 2, :mod:`minima.evaluate.length_control`), ``unparseable``, ``per_category``,
         ``report`` (markdown) and the file paths.
     """
     out = Path(cfg.out_dir)
@@ -825,6 +844,11 @@ def run_chat_eval(
             cfg.concurrency,
         )
         metrics, table = report_pairwise(rows)
+        lc = length_controlled(rows, answers, baseline)
+        if lc is not None:
+            metrics["lc_win_rate"] = lc["lc_win_rate"]
+            metrics["length_control"] = lc
+            table += f"\n\nLength-controlled win rate (AlpacaEval 2 GLM): {100 * lc['lc_win_rate']:.1f}%"
         title = f"{model_id} vs {baseline_id}: pairwise (both orders) by {judge_id} ({Path(cfg.questions).name})"
         result["baseline"] = baseline_id
     report = f"### {title}\n\n{table}\n"

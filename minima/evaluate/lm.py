@@ -10,7 +10,14 @@ from the left to ``max_length + 1`` tokens), so the same tokens are scored. What
 - groups are sorted by length and batched; with several processes (torchrun) each rank takes every
   ``world_size``-th group and the results are gathered.
 
-Models whose forward takes no KV cache fall back to lm-eval's one-sequence-per-request scheme.
+Models whose forward takes no KV cache fall back to lm-eval's one-sequence-per-request scheme, and
+models without ``position_ids`` (Bloom's ALiBi) take their positions from the attention mask.
+
+Encoder-decoder models (T5, BART) are scored as lm-eval's seq2seq backend scores them: the context
+(with the tokenizer's special tokens) goes to the encoder, which runs once per distinct context, and
+the continuation, encoded on its own with special tokens, is the decoder's target; letter mode reads
+the first decoder position, and generation decodes from the encoder's output through the engine.
+Rolling perplexity needs a decoder-only model.
 """
 
 from __future__ import annotations
@@ -92,7 +99,9 @@ class LM:
         self._prefix_str = tokenizer.decode(self.prefix_token_id) if self.prefix_token_id is not None else None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
         params = inspect.signature(model.forward).parameters
-        self.cache_ok = "past_key_values" in params and not getattr(model.config, "is_encoder_decoder", False)
+        self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.positions_ok = "position_ids" in params
+        self.cache_ok = "past_key_values" in params and not self.seq2seq
         self.keep_ok = "logits_to_keep" in params
         self.sharded = is_sharded(model)
         group = dist_info()[1]
@@ -157,6 +166,8 @@ class LM:
     # ------------------------------------------------------------------ model calls
     def _forward(self, **kw):
         self.forward_calls += 1
+        if not self.positions_ok:
+            kw.pop("position_ids", None)
         return self.model(**kw)
 
     @staticmethod
@@ -175,6 +186,8 @@ class LM:
         self, requests: Sequence[tuple[str, str]], progress: Optional[Callable[[int], None]] = None
     ) -> list[tuple[float, bool]]:
         """``(sum log p(continuation | context), continuation is the greedy decode)`` per request."""
+        if self.seq2seq:
+            return self._loglikelihood_seq2seq(requests, progress)
         cache: dict = {}
         groups: dict[tuple, list[tuple[tuple, int]]] = {}
         L = self.max_length
@@ -292,6 +305,8 @@ class LM:
         valid = cmask.bool()
         if self.split_head:  # the vocab projection only where a continuation token is predicted
             self.forward_calls += 1
+            if not self.positions_ok:
+                kw.pop("position_ids")
             hidden = self.model.base_model(**kw).last_hidden_state[valid]
             logits = self.model.get_output_embeddings()(hidden)
         else:
@@ -325,6 +340,95 @@ class LM:
                 results[i] = (float(lp.gather(1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
         return results.items()
 
+    # ------------------------------------------------------------------ encoder-decoder models
+    def encode_pair_seq2seq(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Encoder and decoder tokens of a request, as lm-eval's seq2seq backend makes them.
+
+        Trailing context spaces move to the continuation; each side is encoded on its own with the
+        tokenizer's special tokens (T5 ends both with ``</s>``) and keeps its last ``max_length`` tokens.
+        """
+        L = self.max_length
+        if context == "":
+            return [self.prefix_token_id], self.tok.encode(continuation)[-L:]
+        n = len(context) - len(context.rstrip())
+        if n:
+            continuation, context = context[-n:] + continuation, context[:-n]
+        return self.tok.encode(context)[-L:], self.tok.encode(continuation)[-L:]
+
+    def _encode(self, ctxs: list[Sequence[int]]):
+        """The encoder's output over the contexts (right-padded), and their attention mask."""
+        ids = torch.full((len(ctxs), max(len(c) for c in ctxs)), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, c in enumerate(ctxs):
+            ids[r, : len(c)] = torch.tensor(list(c), dtype=torch.long)
+            mask[r, : len(c)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        self.forward_calls += 1
+        return self.model.get_encoder()(input_ids=ids, attention_mask=mask), mask
+
+    def _decode_logits(self, enc, enc_mask, index: torch.Tensor, targets: list[Sequence[int]]) -> torch.Tensor:
+        """Decoder logits [rows, longest target, vocab] with row ``r`` reading encoder row ``index[r]``.
+
+        The targets go in as ``labels`` (right-padded with -100), so the model builds its own decoder
+        inputs (start token, then the target shifted right) exactly as in training.
+        """
+        from transformers.modeling_outputs import BaseModelOutput
+
+        labels = torch.full((len(targets), max(len(t) for t in targets)), -100, dtype=torch.long)
+        for r, t in enumerate(targets):
+            labels[r, : len(t)] = torch.tensor(list(t), dtype=torch.long)
+        self.forward_calls += 1
+        out = self.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=enc.last_hidden_state[index]),
+            attention_mask=enc_mask[index],
+            labels=labels.to(self.device),
+            use_cache=False,
+        )
+        return out.logits
+
+    def _loglikelihood_seq2seq(
+        self, requests: Sequence[tuple[str, str]], progress: Optional[Callable[[int], None]] = None
+    ) -> list[tuple[float, bool]]:
+        """:meth:`loglikelihood` of an encoder-decoder model: each distinct context is encoded once."""
+        groups: dict[tuple, list[tuple[tuple, int]]] = {}
+        for i, (ctx, cont) in enumerate(requests):
+            c, k = self.encode_pair_seq2seq(ctx, cont)
+            if not k:
+                raise DataError(
+                    f"continuation {cont!r} encodes to no tokens",
+                    where=f"request {i}",
+                    fix="check the choices of this item (an empty choice cannot be scored)",
+                )
+            groups.setdefault(tuple(c), []).append((tuple(k), i))
+        keys = sorted(groups, key=lambda c: (-len(c), c))
+        mine = [keys[j] for j in self._mine(len(keys))]
+        out: dict[int, tuple[float, bool]] = {}
+        with torch.inference_mode():
+            for batch in _chunks(mine, self.batch_size):
+                enc, enc_mask = self._encode(batch)
+                rows = [(g, k, i) for g, c in enumerate(batch) for k, i in groups[c]]
+                for part in _chunks(rows, self.batch_size * 4):
+                    index = torch.tensor([g for g, _, _ in part], device=self.device)
+                    logits = self._decode_logits(enc, enc_mask, index, [k for _, k, _ in part])
+                    for r, (_, k, i) in enumerate(part):
+                        lp = torch.log_softmax(logits[r, : len(k)].float(), dim=-1)
+                        tgt = torch.tensor(k, device=self.device)
+                        out[i] = (
+                            math.fsum(lp.gather(1, tgt[:, None]).squeeze(1).tolist()),
+                            bool((lp.argmax(-1) == tgt).all()),
+                        )
+                if progress:
+                    progress(len(rows))
+        out = self._gather(out)
+        return [out[i] for i in range(len(requests))]
+
+    def _first_decoder_logprobs(self, contexts: Sequence[Sequence[int]], tid: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of ``tid`` at the first decoder position after each encoded context."""
+        enc, enc_mask = self._encode(list(contexts))
+        index = torch.arange(len(contexts), device=self.device)
+        logits = self._decode_logits(enc, enc_mask, index, [[0]] * len(contexts))
+        return torch.log_softmax(logits[:, 0, :].float(), dim=-1)[:, tid]
+
     # ------------------------------------------------------------------ "Answer: X" letter mode
     def next_token_logprobs(self, contexts: Sequence[str], token_ids: Sequence[int]) -> list[list[float]]:
         """Log-probabilities of ``token_ids`` as the next token after each context (hendrycks MMLU mode)."""
@@ -336,6 +440,11 @@ class LM:
         out = {}
         with torch.inference_mode():
             for part in _chunks(mine, self.batch_size):
+                if self.seq2seq:
+                    lp = self._first_decoder_logprobs([enc[i] for i in part], tid)
+                    for r, i in enumerate(part):
+                        out[i] = lp[r].tolist()
+                    continue
                 ids, mask = self._left_pad([enc[i] for i in part], self.pad_id, self.device)
                 pos = (mask.cumsum(-1) - 1).clamp(min=0)
                 kw = {"logits_to_keep": 1} if self.keep_ok else {}
@@ -370,7 +479,8 @@ class LM:
 
         from minima.infer.engine import Engine, SamplingParams
 
-        keep = max(1, self.max_length - max_new_tokens)  # lm-eval: leave room for the generation
+        # lm-eval: leave room for the generation (a decoder-only model's context holds both)
+        keep = self.max_length if self.seq2seq else max(1, self.max_length - max_new_tokens)
         enc = [self.tok_encode(c)[-keep:] or [self.prefix_token_id] for c in contexts]
         order = sorted(range(len(enc)), key=lambda i: (-len(enc[i]), i))
         mine = [order[j] for j in self._mine(len(order))]
@@ -436,7 +546,8 @@ class LM:
         with torch.inference_mode():
             for part in _chunks(mine, self.batch_size):
                 ids, mask = self._left_pad([enc[i] for i in part], self.pad_id, self.device)
-                crit = _Stop(ids.shape[1], len(part) * num_samples)
+                start = 1 if self.seq2seq else ids.shape[1]  # seq2seq output: decoder start, then new tokens
+                crit = _Stop(start, len(part) * num_samples)
                 kw = (
                     dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
                     if do_sample
@@ -457,7 +568,7 @@ class LM:
                 for r, i in enumerate(part):
                     texts = []
                     for s in range(num_samples):
-                        text = tok.decode(gen[r * num_samples + s, ids.shape[1] :], skip_special_tokens=True)
+                        text = tok.decode(gen[r * num_samples + s, start:], skip_special_tokens=True)
                         for stop in stops:
                             if stop in text:
                                 text = text.split(stop)[0]
@@ -506,6 +617,11 @@ class LM:
         ``window - stride`` tokens of context. The stride is capped at ``window - 1`` so that the first
         token of a window is context, never an unconditioned prediction.
         """
+        if self.seq2seq:
+            raise InputError(
+                "rolling perplexity scores a text token by token after its own prefix: it needs a decoder-only model",
+                fix="evaluate perplexity tasks with a causal LM, or drop them for this encoder-decoder model",
+            )
         window = min(int(window or self.max_length), self.max_length)
         if window < 2:
             raise InputError(f"perplexity window {window} is too small", fix="use max_length >= 2")

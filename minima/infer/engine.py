@@ -24,7 +24,10 @@ text is then cut before the stop strings the way lm-eval's ``generate_until`` cu
 (``text.split(s)[0]`` for each stop string in order). Streamed deltas hold back any tail that may
 still become a stop string, so joined they always equal the final text.
 
-Encoder-decoder (seq2seq) models are refused: they need their own prefill and cross-attention cache.
+Encoder-decoder (seq2seq) models such as T5 run the same loop: the prompt goes to the encoder once
+(its output and mask stay with the batch, row for row), and the decoder starts from the model's
+decoder start token. Their rows all start decoding at the same step, so a running seq2seq batch
+takes no new rows (the next prefill waits until it has finished).
 """
 
 from __future__ import annotations
@@ -259,13 +262,15 @@ class _Batch:
     rows: list = field(default_factory=list)
     cache: Any = None
     mask: Any = None  # [rows, cached length] 1 where a row has a real token
+    encoded: Any = None  # seq2seq: the encoder's output [rows, prompt length, hidden]
+    encoded_mask: Any = None  # seq2seq: its attention mask [rows, prompt length]
 
 
 # -------------------------------------------------------------------------------------- engine
 def load_model_dir(
     path: Union[str, Path], device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
 ) -> tuple[Any, Any]:
-    """A model directory's causal LM (eval mode) and tokenizer, on ``device`` in ``dtype``.
+    """A model directory's LM (causal or encoder-decoder, eval mode) and tokenizer, on ``device`` in ``dtype``.
 
     Args:
         path: Hugging Face model directory.
@@ -280,28 +285,18 @@ def load_model_dir(
         raise InputError(
             f"no model at {p} (config.json missing)", fix="pass model=DIR of a Hugging Face model directory"
         )
-    config = load_config(p, trust_remote_code=trust_remote_code)
-    if getattr(config, "is_encoder_decoder", False):
-        raise _seq2seq_error(str(p))
+    load_config(p, trust_remote_code=trust_remote_code)
     dev = resolve_device(device)
     tok = load_tokenizer(p, trust_remote_code=trust_remote_code)
-    model = load_model(p, dtype=dtype, device=dev, trust_remote_code=trust_remote_code, family="causal")
+    model = load_model(p, dtype=dtype, device=dev, trust_remote_code=trust_remote_code)
     return model, tok
 
 
-def _seq2seq_error(where: str) -> InputError:
-    return InputError(
-        "encoder-decoder (seq2seq) models are not supported by the generation engine",
-        where=where,
-        fix="serve or chat with a decoder-only causal LM (e.g. Llama)",
-    )
-
-
 class Engine:
-    """Batched generation with a KV cache over a causal LM and its tokenizer.
+    """Batched generation with a KV cache over a causal or encoder-decoder LM and its tokenizer.
 
     Args:
-        model: a Hugging Face ``*ForCausalLM`` (put in eval mode).
+        model: a Hugging Face ``*ForCausalLM`` or ``*ForConditionalGeneration`` (put in eval mode).
         tokenizer: its tokenizer.
         max_batch_size: most sequences decoded together (a request's ``n`` choices count each).
         max_queue: most requests waiting to start; beyond it :meth:`submit` raises :class:`QueueFull`
@@ -323,9 +318,8 @@ class Engine:
         chat_format: Optional[str] = None,
         context_length: Optional[int] = None,
     ):
-        if getattr(model.config, "is_encoder_decoder", False):
-            raise _seq2seq_error(type(model).__name__)
         self.model = model.eval()
+        self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
         self.tok = tokenizer
         self.device = next(model.parameters()).device
         self.max_batch_size = max(1, int(max_batch_size))
@@ -335,9 +329,10 @@ class Engine:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
         params = inspect.signature(model.forward).parameters
-        self._with_positions = "position_ids" in params
+        self._with_positions = "position_ids" in params and not self.seq2seq
         self._keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        self._joinable: Optional[bool] = None  # whether running batches accept new rows (known after a prefill)
+        # Whether running batches accept new rows (known after a prefill); seq2seq rows start together.
+        self._joinable: Optional[bool] = False if self.seq2seq else None
         self.chat_format = chat_format
         self._format: Any = None
         self._cond = threading.Condition()
@@ -551,6 +546,7 @@ class Engine:
                     for r in failed.values():
                         r._fail(e)
                     batch.rows, batch.cache, batch.mask = [], None, None
+                    batch.encoded = batch.encoded_mask = None
                 self._running = len({id(s.req) for s in batch.rows})
 
     def _admit(self, batch: _Batch) -> list[Request]:
@@ -573,11 +569,34 @@ class Engine:
 
     def _forward(self, ids, mask, positions, cache):
         self.stats["forward_calls"] += 1
+        if self.seq2seq:
+            return self._forward_decoder(ids, cache)
         kw = dict(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, **self._keep)
         if self._with_positions:
             kw["position_ids"] = positions
         out = self.model(**kw)
         return out.logits[:, -1, :], out.past_key_values
+
+    def _forward_decoder(self, ids, cache):
+        """One decoder step of a seq2seq batch over its stored encoder output."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        batch = self._batch
+        out = self.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=batch.encoded),
+            attention_mask=batch.encoded_mask,
+            decoder_input_ids=ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1, :], out.past_key_values
+
+    def _decoder_start(self) -> int:
+        cfg = self.model.config
+        for v in (getattr(self.model.generation_config, "decoder_start_token_id", None), cfg.decoder_start_token_id):
+            if isinstance(v, int):
+                return v
+        return self.pad_id
 
     def _prefill(self, batch: _Batch, reqs: list[Request]) -> None:
         """Run the new prompts (left-padded), sample their first tokens and add their rows to the batch."""
@@ -591,7 +610,15 @@ class Engine:
             mask[i, width - len(r.prompt) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(ids, mask, positions, None)
+        if self.seq2seq:  # the batch is empty (seq2seq batches take no new rows): it holds these prompts
+            self.stats["forward_calls"] += 1
+            batch.encoded = self.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            batch.encoded_mask = mask
+            start = torch.full((len(reqs), 1), self._decoder_start(), dtype=torch.long, device=self.device)
+            logits, cache = self._forward(start, None, None, None)
+            mask = torch.ones_like(start)
+        else:
+            logits, cache = self._forward(ids, mask, positions, None)
         if self._joinable is None:
             self._joinable = _mergeable(cache)
         rows = []
@@ -603,13 +630,14 @@ class Engine:
                 if r.params.temperature > 0:
                     gen = torch.Generator(device=self.device)
                     gen.manual_seed((seed + k * _SEED_MIX) % (1 << 63))
-                rows.append(
-                    _Seq(r, k, gen, _Choice(self.tok, r.params.stop, r.on_event is not None), len(r.prompt), stop_ids)
-                )
+                pos = 0 if self.seq2seq else len(r.prompt)  # the decoder's own positions for seq2seq
+                rows.append(_Seq(r, k, gen, _Choice(self.tok, r.params.stop, r.on_event is not None), pos, stop_ids))
         if any(r.params.n > 1 for r in reqs):
             expand = torch.tensor([i for i, r in enumerate(reqs) for _ in range(r.params.n)], device=self.device)
             cache.batch_select_indices(expand)
             mask, logits = mask[expand], logits[expand]
+            if self.seq2seq:
+                batch.encoded, batch.encoded_mask = batch.encoded[expand], batch.encoded_mask[expand]
         tokens = self._sample(logits, rows)
         if batch.rows:
             batch.cache, batch.mask = _merge(batch.cache, batch.mask, cache, mask)
@@ -684,11 +712,14 @@ class Engine:
         keep = [i for i in range(len(batch.rows)) if i not in gone]
         if not keep:
             batch.rows, batch.cache, batch.mask = [], None, None
+            batch.encoded = batch.encoded_mask = None
             return
         index = torch.tensor(keep, device=self.device)
         batch.cache.batch_select_indices(index)
         batch.rows = [batch.rows[i] for i in keep]
         batch.mask = batch.mask[index]
+        if self.seq2seq:
+            batch.encoded, batch.encoded_mask = batch.encoded[index], batch.encoded_mask[index]
         if self._joinable:  # columns that are padding in every remaining row need no attention
             first = int(batch.mask.any(0).nonzero()[0])
             if first > 0:
