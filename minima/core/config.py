@@ -246,6 +246,36 @@ class LossConfig(Closed):
         description="Softmax temperature of both teacher and student in the KD term; the term is "
         "multiplied by T^2 so its gradient scale does not shrink like 1/T^2 (Hinton et al.). The CE term uses T=1.",
     )
+    jsd_beta: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="kd=jsd: generalized JSD weight beta (GKD): beta KL(p||m) + (1-beta) KL(q||m), "
+        "m = beta p + (1-beta) q; 0 is forward KL, 1 reverse KL, 0.5 the plain JSD.",
+    )
+    hidden_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the intermediate-state term (Minitron): mean over mapped layers of the per-token "
+        "distance between the student's and the teacher's hidden states, added to the loss. Needs the live teacher.",
+    )
+    hidden_layers: Optional[dict[int, int]] = Field(
+        None,
+        description="Student -> teacher layer map for the hidden term (1-based block outputs, e.g. {1: 2, 2: 4}); "
+        "None maps every student layer i to teacher layer round(i * L_teacher / L_student).",
+    )
+    hidden_kind: Literal["mse", "cosine"] = Field(
+        "mse", description="Hidden-state distance: mse (mean over the width) or cosine (1 - cosine similarity)."
+    )
+    on_policy_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of micro-batches (GKD's lambda) where the student samples continuations of record "
+        "prefixes and the teacher scores them; the KD term then runs on the sampled tokens only.",
+    )
+    on_policy_tokens: int = Field(32, ge=1, description="Tokens the student samples per on-policy continuation.")
+    on_policy_temperature: float = Field(1.0, gt=0, description="Sampling temperature of on-policy continuations.")
 
 
 class LoraConfig(Closed):
