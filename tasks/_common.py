@@ -31,7 +31,7 @@ from minima.core.artifacts import (
 )
 from minima.core.config import PipelineConfig
 from minima.core.errors import MinimaError
-from minima.core.registry import STAGE_RUNNERS, STEP, step_config
+from minima.core.registry import STAGE_RUNNERS, find_step, step_config
 
 TRANSIENT = (ConnectionError, TimeoutError)
 
@@ -106,13 +106,15 @@ def _retry_transient(task, task_run, state) -> bool:
 
 def run_step(pipeline: dict, key: str, upstream: dict[str, Any], force: bool = False) -> dict:
     """Run one pipeline step in this process (the training stages launch their own subprocesses)."""
-    cfg = step_config(PipelineConfig.model_validate(pipeline), key, _upstream_paths(upstream))
-    module, fn = STAGE_RUNNERS[STEP[key].stage].split(":")
+    pcfg = PipelineConfig.model_validate(pipeline)
+    cfg = step_config(pcfg, key, _upstream_paths(upstream))
+    stage = find_step(pcfg, key).stage
+    module, fn = STAGE_RUNNERS[stage].split(":")
     with replacing_stale():
         artifact: Artifact = getattr(importlib.import_module(module), fn)(cfg, force=force)
     return {
         "key": key,
-        "stage": STEP[key].stage,
+        "stage": stage,
         "path": str(artifact.path),
         "cache_key": artifact.cache_key,
         "skipped": artifact.skipped,

@@ -921,6 +921,43 @@ STAGE_CONFIGS: dict[str, type[StageConfig]] = {
 }
 
 
+class CompressRound(Closed):
+    """One round of iterative compression: prune the previous round's student, then distill it."""
+
+    target_params: Optional[float] = Field(
+        None, gt=0, description="Parameter budget of this round's prune (passed to prune as target_params)."
+    )
+    tokens: Optional[float] = Field(
+        None,
+        gt=0,
+        description="Distillation tokens of this round: distill.max_steps = ceil(tokens / (micro_batch_size x "
+        "gradient_accumulation_steps x ranks x records_lm.max_length)). None keeps distill's own max_steps.",
+    )
+    prune: dict[str, Any] = Field(
+        default_factory=dict,
+        description="This round's prune settings over the pipeline's prune config, e.g. an explicit shape "
+        "{num_layers: 4, hidden_size: 96}.",
+    )
+    distill: dict[str, Any] = Field(
+        default_factory=dict, description="This round's distill settings over the pipeline's distill config."
+    )
+
+
+class CompressConfig(Closed):
+    """Iterative compression (Minitron): prune -> distill in rounds, each round its own cached artifacts."""
+
+    rounds: list[CompressRound] = Field(
+        default_factory=list,
+        description="Rounds in order; empty = one prune and one distill as configured. The last round's "
+        "artifacts are the pipeline's prune and distill steps; earlier rounds are steps prune_r<i>, distill_r<i>.",
+    )
+    teacher: Literal["previous", "original"] = Field(
+        "previous",
+        description="Teacher of each round's distill: the model that round pruned (previous) or the adapted "
+        "teacher (original).",
+    )
+
+
 class PipelineConfig(Closed):
     """The whole DAG. Paths between stages are wired by the flow; set only the raw inputs."""
 
@@ -933,6 +970,9 @@ class PipelineConfig(Closed):
     adapt: AdaptConfig = Field(default_factory=AdaptConfig, description="adapt stage")
     prune: PruneConfig = Field(default_factory=PruneConfig, description="prune stage")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="distill stage")
+    compress: CompressConfig = Field(
+        default_factory=CompressConfig, description="iterative prune -> distill rounds (empty: one shot)"
+    )
     sft: SftConfig = Field(default_factory=SftConfig, description="sft stage")
     records_pref: RecordsConfig = Field(
         default_factory=lambda: RecordsConfig(format="preference", max_length=1024),
