@@ -44,11 +44,12 @@ def fake_stages(monkeypatch):
     yield
 
 
+SMALL = {"hidden_size": 64, "num_heads": 2, "num_key_value_heads": 2, "intermediate_size": 128}
 ROUNDS = {
     "compress": {
         "rounds": [
             {"tokens": 4096, "prune": {"num_layers": 3, "hidden_size": 96}},
-            {"tokens": 8192, "prune": {"num_layers": 2, "hidden_size": 64}, "distill": {"lr": 5e-4}},
+            {"tokens": 8192, "prune": dict(SMALL, num_layers=2), "distill": {"lr": 5e-4}},
         ]
     }
 }
@@ -118,3 +119,30 @@ def test_two_round_flow_caches_each_round(tmp_path, fake_stages, prefect_ready):
     CALLS.clear()
     pipeline(config=cfg, from_stage="distill_r1")  # a round reruns with everything after it
     assert CALLS == ["05_distill_r1", "04_prune", "05_distill", "06_sft", "07_evaluate"]
+
+
+def test_plan_sizes_every_round(tmp_path, capsys):
+    """`minima plan pipeline` with rounds: a plan per step; round 2 prunes (and is taught by) round 1's student."""
+    from minima.train.plan import PlanOptions, plan_schedule
+
+    p = _pipeline(tmp_path)
+    plans = dict(plan_schedule(p, PlanOptions(device="cpu", gpus=1), "tiny"))
+    assert list(plans) == ["prune_r1", "distill_r1", "prune", "distill"]
+    rows = {k: dict(v.rows) for k, v in plans.items()}
+    assert (
+        rows["prune"]["teacher params"] == rows["prune_r1"]["pruned params"] == rows["distill_r1"]["params"].split()[0]
+    )
+    assert rows["distill"]["teacher params"] == rows["distill_r1"]["params"].split()[0]
+    assert rows["distill"]["layers / hidden / heads / ffn"].startswith("2 / 64 /")
+    assert any(k.startswith("time for 8.19K tokens") for k in rows["distill"])
+
+    from minima.train.plan import main
+
+    cfg = tmp_path / "rounds.yaml"
+    cfg.write_text(
+        "compress:\n  rounds:\n    - {tokens: 4096, prune: {num_layers: 3, hidden_size: 96}}\n"
+        "    - {tokens: 8192, prune: {num_layers: 2, hidden_size: 64, num_heads: 2, num_key_value_heads: 2}}\n"
+    )
+    assert main(["pipeline", "--preset", "tiny", "--config", str(cfg), "plan.device=cpu", "plan.gpus=1"]) == 0
+    out = capsys.readouterr().out
+    assert "round 1/2: prune_r1" in out and "round 2/2: distill" in out

@@ -169,7 +169,7 @@ def round_config(pipeline: PipelineConfig, step: Step) -> StageConfig:
         return type(base).model_validate(data)
     except Exception as e:
         raise ConfigError(
-            f"compress.rounds[{i}] gives {step.stage} an invalid config: {e}", where=f"compress.rounds[{i}]"
+            f"the round gives {step.stage} an invalid config: {e}", where=f"compress.rounds[{i}]"
         ) from None
 
 
