@@ -246,10 +246,19 @@ def _train_rows(path):
     return [r for r in read_metrics(Path(path) / "metrics.jsonl") if r.get("split") == "train"]
 
 
+def _export_keys(path) -> set[str]:
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for f in Path(path).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as sf:
+            keys |= set(sf.keys())
+    return keys
+
+
 def test_tiny_run_hidden_and_on_policy_under_both_strategies(setup, tmp_path):
     """lambda = 0.5 with jsd and a hidden term: both strategies log the same kd, hidden and on-policy share
     (the share the seeded draws predict), and the export is the plain student without the projection."""
-    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     from minima.stages.distill import run
@@ -262,10 +271,7 @@ def test_tiny_run_hidden_and_on_policy_under_both_strategies(setup, tmp_path):
         cfg = _cfg(setup, strategy=strategy, loss=loss, gradient_accumulation_steps=2, out_dir=str(tmp_path / strategy))
         art = run(cfg)
         rows[strategy] = _train_rows(art.path)
-        keys = set()
-        for f in art.path.glob("*.safetensors"):
-            with safe_open(str(f), "pt") as sf:
-                keys |= set(sf.keys())
+        keys = _export_keys(art.path)
         assert keys and not any("kd_hidden_proj" in k for k in keys)
         ref = AutoModelForCausalLM.from_pretrained(str(setup[2]))
         assert set(ref.state_dict()) >= keys
@@ -286,3 +292,27 @@ def test_tiny_run_hidden_and_on_policy_under_both_strategies(setup, tmp_path):
         else:
             assert 0.0 < r["on_policy"] < 1.0
     assert any(s[0] > 0 for s in shares) and any(s[0] < 2 for s in shares), shares
+
+
+@pytest.mark.slow
+def test_two_ranks_hidden_and_on_policy_fsdp_matches_deepspeed(setup, tmp_path):
+    """Two gloo ranks: FSDP (the projection sharded with the student's root) and DeepSpeed train the same
+    hidden + on-policy losses step by step (the ranks decide on-policy together and generate in lockstep)."""
+    loss = {"alpha": 0.5, "kd": "jsd", "hidden_weight": 0.5, "on_policy_fraction": 0.5, "on_policy_tokens": 8}
+    rows = {}
+    for strategy in ("deepspeed", "fsdp"):
+        cfg = _cfg(
+            setup, strategy=strategy, loss=loss, max_steps=3, micro_batch_size=2, out_dir=str(tmp_path / strategy)
+        )
+        cfg.launch.nproc_per_node = 2
+        cfg.launch.master_port = 29500 + (os.getpid() + len(rows)) % 1000
+        from minima.stages.distill import run
+
+        art = run(cfg)
+        assert art.metrics["world_size"] == 2
+        rows[strategy] = _train_rows(art.path)
+        assert _export_keys(art.path) == _export_keys(setup[2])  # the student's tensors, no projection
+    assert any(r["on_policy"] > 0 for r in rows["fsdp"])
+    for a, b in zip(rows["deepspeed"], rows["fsdp"]):
+        for key in ("loss", "kd", "ce", "hidden", "on_policy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
