@@ -34,7 +34,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("MINIMA_INPROCESS", "1")
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=60, help="distill steps of one round (one shot takes twice as many)")
-    p.add_argument("--hidden-weight", type=float, default=1.0)
+    p.add_argument("--hidden-weight", type=float, nargs="+", default=[1.0], help="one arm per weight")
+    p.add_argument("--hidden-kind", default="mse", choices=["mse", "cosine"])
+    p.add_argument("--skip-rounds", action="store_true", help="the hidden-KD comparison only")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
 
@@ -94,7 +96,11 @@ def main(argv=None) -> int:
     res = {"teacher_ppl": perplexity(teacher, held_blocks)}
     # --- hidden KD: logits only vs logits + hidden states, same tokens
     mid = prune(PruneConfig(teacher=str(d / "teacher"), records=str(rec), out_dir=str(d / "mid"), **calib, **MID)).path
-    for name, loss in (("logits", {"alpha": 0.0}), ("logits+hidden", {"alpha": 0.0, "hidden_weight": a.hidden_weight})):
+    arms = [("logits", {"alpha": 0.0})] + [
+        (f"logits+hidden({a.hidden_kind}, w={w:g})", {"alpha": 0.0, "hidden_weight": w, "hidden_kind": a.hidden_kind})
+        for w in a.hidden_weight
+    ]
+    for name, loss in arms:
         art = distill(
             DistillConfig(
                 teacher=str(d / "teacher"),
@@ -102,7 +108,7 @@ def main(argv=None) -> int:
                 records=str(rec),
                 max_steps=2 * a.steps,
                 loss=loss,
-                out_dir=str(d / f"hid_{name}"),
+                out_dir=str(d / f"hid_{len(res)}"),
                 **train,
             )
         )
@@ -111,6 +117,9 @@ def main(argv=None) -> int:
             rows = [json.loads(x) for x in (art.path / "metrics.jsonl").read_text().splitlines()]
             hid = [r["hidden"] for r in rows if r.get("split") == "train" and "hidden" in r]
             res[f"hidden_kd/{name}"]["hidden_first_last"] = [hid[0], hid[-1]]
+    if a.skip_rounds:
+        print(json.dumps(res, indent=1))
+        return 0
     # --- one shot vs two rounds to the small shape, same total distill tokens
     small = prune(
         PruneConfig(teacher=str(d / "teacher"), records=str(rec), out_dir=str(d / "small"), **calib, **SMALL)

@@ -111,6 +111,8 @@ def test_two_round_flow_caches_each_round(tmp_path, fake_stages, prefect_ready):
     assert read_manifest(run / "07_evaluate")["inputs"]["models.distilled"]["path"] == str(run / "05_distill")
     assert SEEN["04_prune_r1"]["num_layers"] == 3 and SEEN["04_prune"]["num_layers"] == 2
     assert all(r["state"] == "Completed" for r in r1.values())
+    report = (run / "report.md").read_text()
+    assert "## Compression rounds" in report and "\n| 2 |" in report and "\n| 3 |" not in report
 
     CALLS.clear()
     r2 = pipeline(config=cfg)
