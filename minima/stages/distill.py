@@ -7,6 +7,19 @@ else: launch, loop, exact gradient accumulation, checkpoints and resume, step li
 export. The KD and CE terms are logged separately (``kd`` and ``ce`` on the step line). The dev loss
 is the student's hard-label CE (so dev perplexity compares with the teacher and with CE-only runs).
 
+Two additions need the live teacher (the logit cache holds neither hidden states nor scores of the
+student's own samples, so they are refused with ``cache_logits``):
+
+- **hidden states** (Minitron): ``loss.hidden_weight`` times the per-token distance (``hidden_kind``:
+  mse or cosine) between student block outputs and the teacher blocks ``hidden_layers`` maps them to,
+  averaged over the mapped layers. Where the widths differ a learned linear projection per mapped
+  layer (a submodule of the student while training, so it is optimised, sharded and checkpointed with
+  it) maps the student's states to the teacher's width; the export drops it. Logged as ``hidden``.
+- **on-policy batches** (GKD): a share ``on_policy_fraction`` of micro-batches are the student's own
+  continuations of record prefixes (:mod:`minima.train.objectives.onpolicy`), scored by the teacher;
+  only the KD term trains on them (usually ``kd=jsd`` with ``jsd_beta``). The share of label tokens
+  trained on-policy is logged as ``on_policy``.
+
 Two ways to get the teacher's distribution:
 
 - **online** (default): the teacher runs inside the same job, no grad, eval mode, bf16 on GPU (fp32
