@@ -77,6 +77,22 @@ def test_jsd_by_hand_at_the_limits_and_the_middle():
         assert kd_reference(s, t, "jsd", beta=beta).item() == pytest.approx(float(want), rel=1e-12)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_cached_full_vocab_jsd_equals_dense(beta):
+    """Cached top-k targets at k = vocab give the dense generalized JSD (value and gradient) for any beta."""
+    from minima.train.objectives.kd import sparse_loss, top_k_targets
+
+    g = torch.Generator().manual_seed(1)
+    s = (2 * torch.randn(6, 29, generator=g, dtype=torch.float64)).requires_grad_()
+    t = 2 * torch.randn(6, 29, generator=g, dtype=torch.float64)
+    lab = torch.randint(0, 29, (6,), generator=g)
+    _, kd_d = dense_loss(s, lab, t, "jsd", temperature=1.5, beta=beta)
+    _, kd_s = sparse_loss(s, lab, top_k_targets(t, 29, temperature=1.5), "jsd", 1.5, beta=beta)
+    (gd,) = torch.autograd.grad(kd_d.sum(), s)
+    (gs,) = torch.autograd.grad(kd_s.sum(), s)
+    assert torch.allclose(kd_s, kd_d, rtol=1e-6, atol=1e-9) and torch.allclose(gs, gd, rtol=1e-5, atol=1e-8)
+
+
 # ------------------------------------------------------------------------------ a tiny pair
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, demo_data_dir, tiny_tokenizer_dir):
