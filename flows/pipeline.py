@@ -21,7 +21,7 @@ from minima.core.config import PipelineConfig, build
 from minima.core.errors import ConfigError
 from minima.core.presets import get_preset
 from minima.core.registry import default_out_dirs, pipeline_steps, select_steps
-from tasks._common import artifact_current
+from tasks._common import artifact_current, make_task
 from tasks.adapt import adapt_task
 from tasks.distill import distill_scratch_task, distill_task
 from tasks.dpo import dpo_task
@@ -100,7 +100,7 @@ def pipeline(
                     fix=f"run the pipeline without --only-stage, or --from-stage {need}",
                 )
         refresh = step.key in forced or not artifact_current(cfg, step.key, outs)
-        t = TASKS[step.key].with_options(refresh_cache=refresh)
+        t = (TASKS.get(step.key) or make_task(step.key)).with_options(refresh_cache=refresh)  # round steps: own tasks
         futures[step.key] = t.submit(payload, step.key, upstream, step.key in forced)
     results = {k: f.result() for k, f in futures.items()}
     states = {k: f.state.name for k, f in futures.items()}

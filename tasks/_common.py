@@ -32,7 +32,7 @@ from minima.core.artifacts import (
 )
 from minima.core.config import PipelineConfig
 from minima.core.errors import MinimaError
-from minima.core.registry import STAGE_RUNNERS, STEP, step_config
+from minima.core.registry import STAGE_RUNNERS, find_step, step_config
 
 TRANSIENT = (ConnectionError, TimeoutError)
 
@@ -129,8 +129,10 @@ def warm_imports() -> None:
 
 def run_step(pipeline: dict, key: str, upstream: dict[str, Any], force: bool = False) -> dict:
     """Run one pipeline step in this process (the training stages launch their own subprocesses)."""
-    cfg = step_config(PipelineConfig.model_validate(pipeline), key, _upstream_paths(upstream))
-    module, fn = STAGE_RUNNERS[STEP[key].stage].split(":")
+    pcfg = PipelineConfig.model_validate(pipeline)
+    cfg = step_config(pcfg, key, _upstream_paths(upstream))
+    stage = find_step(pcfg, key).stage
+    module, fn = STAGE_RUNNERS[stage].split(":")
     warm_imports()
     with _IMPORT_LOCK:
         importlib.import_module(module)
@@ -138,7 +140,7 @@ def run_step(pipeline: dict, key: str, upstream: dict[str, Any], force: bool = F
         artifact: Artifact = getattr(importlib.import_module(module), fn)(cfg, force=force)
     return {
         "key": key,
-        "stage": STEP[key].stage,
+        "stage": stage,
         "path": str(artifact.path),
         "cache_key": artifact.cache_key,
         "skipped": artifact.skipped,

@@ -259,6 +259,36 @@ class LossConfig(Closed):
         description="Softmax temperature of both teacher and student in the KD term; the term is "
         "multiplied by T^2 so its gradient scale does not shrink like 1/T^2 (Hinton et al.). The CE term uses T=1.",
     )
+    jsd_beta: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="kd=jsd: generalized JSD weight beta (GKD): beta KL(p||m) + (1-beta) KL(q||m), "
+        "m = beta p + (1-beta) q; 0 is forward KL, 1 reverse KL, 0.5 the plain JSD.",
+    )
+    hidden_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the intermediate-state term (Minitron): mean over mapped layers of the per-token "
+        "distance between the student's and the teacher's hidden states, added to the loss. Needs the live teacher.",
+    )
+    hidden_layers: Optional[dict[int, int]] = Field(
+        None,
+        description="Student -> teacher layer map for the hidden term (1-based block outputs, e.g. {1: 2, 2: 4}); "
+        "None maps every student layer i to teacher layer round(i * L_teacher / L_student).",
+    )
+    hidden_kind: Literal["mse", "cosine"] = Field(
+        "mse", description="Hidden-state distance: mse (mean over the width) or cosine (1 - cosine similarity)."
+    )
+    on_policy_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of micro-batches (GKD's lambda) where the student samples continuations of record "
+        "prefixes and the teacher scores them; the KD term then runs on the sampled tokens only.",
+    )
+    on_policy_tokens: int = Field(32, ge=1, description="Tokens the student samples per on-policy continuation.")
+    on_policy_temperature: float = Field(1.0, gt=0, description="Sampling temperature of on-policy continuations.")
 
 
 class LoraConfig(Closed):
@@ -951,6 +981,43 @@ STAGE_CONFIGS: dict[str, type[StageConfig]] = {
 }
 
 
+class CompressRound(Closed):
+    """One round of iterative compression: prune the previous round's student, then distill it."""
+
+    target_params: Optional[float] = Field(
+        None, gt=0, description="Parameter budget of this round's prune (passed to prune as target_params)."
+    )
+    tokens: Optional[float] = Field(
+        None,
+        gt=0,
+        description="Distillation tokens of this round: distill.max_steps = ceil(tokens / (micro_batch_size x "
+        "gradient_accumulation_steps x ranks x records_lm.max_length)). None keeps distill's own max_steps.",
+    )
+    prune: dict[str, Any] = Field(
+        default_factory=dict,
+        description="This round's prune settings over the pipeline's prune config, e.g. an explicit shape "
+        "{num_layers: 4, hidden_size: 96}.",
+    )
+    distill: dict[str, Any] = Field(
+        default_factory=dict, description="This round's distill settings over the pipeline's distill config."
+    )
+
+
+class CompressConfig(Closed):
+    """Iterative compression (Minitron): prune -> distill in rounds, each round its own cached artifacts."""
+
+    rounds: list[CompressRound] = Field(
+        default_factory=list,
+        description="Rounds in order; empty = one prune and one distill as configured. The last round's "
+        "artifacts are the pipeline's prune and distill steps; earlier rounds are steps prune_r<i>, distill_r<i>.",
+    )
+    teacher: Literal["previous", "original"] = Field(
+        "previous",
+        description="Teacher of each round's distill: the model that round pruned (previous) or the adapted "
+        "teacher (original).",
+    )
+
+
 class PipelineConfig(Closed):
     """The whole DAG. Paths between stages are wired by the flow; set only the raw inputs."""
 
@@ -963,6 +1030,9 @@ class PipelineConfig(Closed):
     adapt: AdaptConfig = Field(default_factory=AdaptConfig, description="adapt stage")
     prune: PruneConfig = Field(default_factory=PruneConfig, description="prune stage")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="distill stage")
+    compress: CompressConfig = Field(
+        default_factory=CompressConfig, description="iterative prune -> distill rounds (empty: one shot)"
+    )
     sft: SftConfig = Field(default_factory=SftConfig, description="sft stage")
     records_pref: RecordsConfig = Field(
         default_factory=lambda: RecordsConfig(format="preference", max_length=1024),

@@ -19,16 +19,25 @@ student to its comparison; export exports the dpo model when there is one).
 The scratch arm (``prune_scratch`` -> ``distill_scratch``) is the baseline a pruned student must beat:
 the student's shape with random weights (prune ``init=random``), distilled with the distill config on the
 same records for the same steps. Its steps share the prune and distill configs (``Step.config``).
+
+**Iterative compression.** With ``compress.rounds`` of R > 1 rounds, prune -> distill runs R times:
+round i < R is the steps ``prune_r<i>`` and ``distill_r<i>`` (artifacts ``04_prune_r<i>``,
+``05_distill_r<i>``), and round R is the ordinary ``prune`` and ``distill`` steps, so everything
+downstream is wired as in a one-shot run. Each round prunes the previous round's student; its
+distill teacher is that same model (``compress.teacher=previous``) or the adapted teacher
+(``original``). Each round's configs are the pipeline's prune / distill configs with the round's
+settings over them (``target_params``, ``tokens`` and the ``prune`` / ``distill`` maps).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from minima.core.config import STAGE_CONFIGS, STAGE_NUMBER, PipelineConfig, StageConfig, build
+from minima.core.config import STAGE_CONFIGS, STAGE_NUMBER, PipelineConfig, StageConfig, build, deep_merge
 from minima.core.errors import ConfigError
 
 
@@ -40,6 +49,8 @@ class Step:
     out_name: str  # directory name under run_dir
     switch: Optional[str] = None  # optional steps: the PipelineConfig field (a bool, or a config's ``enabled``)
     after: tuple[str, ...] = ()  # optional upstream steps: inputs too, when they run
+    rename: tuple[tuple[str, str], ...] = ()  # (name the wiring reads, upstream step it is): compression rounds
+    round: int = 0  # 1-based compression round of a prune / distill step; 0 = no rounds
     config: str = ""  # PipelineConfig field holding the step's config; "" = key. A shared config's out_dir is unused.
 
     @property
@@ -116,8 +127,100 @@ def switch_name(switch: str) -> str:
 
 
 def pipeline_steps(pipeline: PipelineConfig) -> tuple[Step, ...]:
-    """The steps this pipeline config runs, in DAG order: ``STEPS`` plus the switched-on optional ones."""
-    return tuple(s for s in ALL_STEPS if switched_on(pipeline, s.switch))
+    """The steps this pipeline config runs, in DAG order: ``STEPS`` plus the switched-on optional ones, with
+    prune -> distill repeated for each compression round (see the module doc)."""
+    base = tuple(s for s in ALL_STEPS if switched_on(pipeline, s.switch))
+    n = len(pipeline.compress.rounds)
+    if n == 0:
+        return base
+    previous = pipeline.compress.teacher == "previous"
+    out: list[Step] = []
+    for s in base:
+        if s.key == "prune":
+            src = "adapt"  # the model this round prunes
+            for r in range(1, n):
+                pk, dk = f"prune_r{r}", f"distill_r{r}"
+                out.append(_round_step(pk, "prune", (src, "records_lm"), f"04_prune_r{r}", (("adapt", src),), r))
+                teacher = src if previous else "adapt"
+                out.append(
+                    _round_step(
+                        dk,
+                        "distill",
+                        (teacher, pk, "records_lm"),
+                        f"05_distill_r{r}",
+                        (("adapt", teacher), ("prune", pk)),
+                        r,
+                    )
+                )
+                src = dk
+            out.append(_round_step("prune", "prune", (src, "records_lm"), s.out_name, (("adapt", src),), n))
+        elif s.key == "distill":
+            teacher = f"distill_r{n - 1}" if previous and n > 1 else "adapt"
+            out.append(
+                _round_step(
+                    "distill", "distill", (teacher, "prune", "records_lm"), s.out_name, (("adapt", teacher),), n
+                )
+            )
+        else:
+            out.append(s)
+    return tuple(out)
+
+
+def _round_step(key: str, stage: str, needs: tuple[str, ...], out_name: str, rename, r: int) -> Step:
+    needs = tuple(dict.fromkeys(needs))  # a round's teacher may also be the model it prunes
+    return Step(key, stage, needs, out_name, rename=tuple((a, b) for a, b in rename if a != b), round=r)
+
+
+def find_step(pipeline: PipelineConfig, key: str) -> Step:
+    """The step ``key`` of this pipeline config (compression round steps included)."""
+    for s in pipeline_steps(pipeline):
+        if s.key == key:
+            return s
+    if key in STEP:
+        return STEP[key]
+    raise ConfigError(f"unknown step '{key}'", fix=f"choose from {', '.join(s.key for s in pipeline_steps(pipeline))}")
+
+
+def tokens_to_steps(tokens: float, cfg, seq_len: int) -> int:
+    """Optimizer steps that train on about ``tokens`` tokens at this config's global batch of ``seq_len`` rows."""
+    launch = getattr(cfg, "launch", None)
+    ranks = (launch.nproc_per_node * launch.nnodes) if launch is not None else 1
+    per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * ranks * seq_len
+    return max(1, math.ceil(tokens / per_step))
+
+
+def round_config(pipeline: PipelineConfig, step: Step) -> StageConfig:
+    """The step's own stage config: the pipeline's, with its compression round's settings over it."""
+    base: StageConfig = getattr(pipeline, step.config_key) if step.key in STEP else getattr(pipeline, step.stage)
+    if not step.round:
+        return base
+    i = step.round - 1
+    rnd = pipeline.compress.rounds[i]
+    data = base.model_dump()
+    if step.key not in STEP:
+        data["out_dir"] = None  # each round writes its own artifact
+    if step.stage == "prune":
+        data = deep_merge(data, rnd.prune)
+        if rnd.target_params is not None:
+            if "target_params" not in type(base).model_fields:
+                raise ConfigError(
+                    "this prune stage takes no target_params",
+                    where=f"compress.rounds[{i}].target_params",
+                    fix=f"give the round's shape: compress.rounds[{i}].prune={{num_layers: ..., hidden_size: ...}}",
+                )
+            data["target_params"] = rnd.target_params
+    else:
+        data = deep_merge(data, rnd.distill)
+        if rnd.tokens is not None:
+            data["max_steps"] = tokens_to_steps(
+                rnd.tokens, type(base).model_validate(data), pipeline.records_lm.max_length
+            )
+    try:
+        return type(base).model_validate(data)
+    except Exception as e:
+        raise ConfigError(
+            f"the round gives {step.stage} an invalid config: {e}", where=f"compress.rounds[{i}]"
+        ) from None
 
 
 def downstream(step_key: str, steps: Sequence[Step] = STEPS) -> list[str]:
@@ -136,10 +239,15 @@ def select_steps(
     """Steps to run and steps to force, among ``steps``. ``from_stage`` forces it and all that
     follows; ``only_stage`` forces just that stage (its inputs must already exist)."""
     active = {s.key for s in steps}
+    rounds = {s.key: s for s in steps if s.key not in STEP}  # compression round steps
 
     def keys(name: str) -> list[str]:
+        if name in rounds:
+            return [name]
         if name in STEP or name in STAGE_TO_STEPS:
             ks = [name] if name in STEP else [k for k in STAGE_TO_STEPS[name] if k in active or STEP[k].switch is None]
+            if name in ("prune", "distill"):
+                ks = [k for k, s in rounds.items() if s.stage == name] + ks  # every round of that stage
             off = [k for k in ks if k not in active]
             if off or not ks:
                 switch = STEP[off[0] if off else STAGE_TO_STEPS[name][0]].switch
@@ -219,14 +327,17 @@ MODEL_LABELS = {
 
 def step_config(pipeline: PipelineConfig, key: str, upstream: dict[str, str]) -> StageConfig:
     """The step's stage config with run_dir, out_dir and upstream inputs filled in (validated)."""
-    step = STEP[key]
-    cfg: StageConfig = getattr(pipeline, step.config_key)
+    step = find_step(pipeline, key)
+    cfg: StageConfig = round_config(pipeline, step)
     active = {s.key for s in pipeline_steps(pipeline)}
     upstream = {k: v for k, v in upstream.items() if k in step.inputs(active)}  # a switched-off step is no input
     missing = [n for n in step.needs if n not in upstream]
     if missing:
         raise ConfigError(f"step {key} needs the artifacts of {', '.join(missing)}", fix="run the earlier stages first")
-    changes = dict(WIRING[key](cfg, upstream))
+    wired = dict(upstream)
+    for name, source in step.rename:  # a compression round reads its source model where the wiring reads adapt
+        wired[name] = upstream[source]
+    changes = dict((WIRING[key] if key in WIRING else WIRING[step.stage])(cfg, wired))
     changes["run_dir"] = pipeline.run_dir
     changes["out_dir"] = step_out_dir(pipeline, key)
     data = cfg.model_dump()
@@ -235,14 +346,19 @@ def step_config(pipeline: PipelineConfig, key: str, upstream: dict[str, str]) ->
 
 
 def step_out_dir(pipeline: PipelineConfig, key: str) -> str:
-    """The step's artifact dir: its config's out_dir, else <run_dir>/<out_name> (always for a shared config)."""
-    step = STEP[key]
-    own = None if step.config else getattr(pipeline, key).out_dir
+    """The step's artifact dir: its config's out_dir, else <run_dir>/<out_name> (always for a shared config
+    and for an earlier compression round)."""
+    step = find_step(pipeline, key)
+    own = None if (step.config or step.key not in STEP) else getattr(pipeline, key).out_dir
     return own or str(Path(pipeline.run_dir) / step.out_name)
 
 
 def default_out_dirs(pipeline: PipelineConfig) -> dict[str, str]:
-    return {s.key: step_out_dir(pipeline, s.key) for s in ALL_STEPS}
+    out = {s.key: step_out_dir(pipeline, s.key) for s in ALL_STEPS}
+    for s in pipeline_steps(pipeline):
+        if s.key not in STEP:
+            out[s.key] = str(Path(pipeline.run_dir) / s.out_name)
+    return out
 
 
 assert all(STAGE_NUMBER[s.stage] for s in ALL_STEPS)

@@ -7,6 +7,19 @@ else: launch, loop, exact gradient accumulation, checkpoints and resume, step li
 export. The KD and CE terms are logged separately (``kd`` and ``ce`` on the step line). The dev loss
 is the student's hard-label CE (so dev perplexity compares with the teacher and with CE-only runs).
 
+Two additions need the live teacher (the logit cache holds neither hidden states nor scores of the
+student's own samples, so they are refused with ``cache_logits``):
+
+- **hidden states** (Minitron): ``loss.hidden_weight`` times the per-token distance (``hidden_kind``:
+  mse or cosine) between student block outputs and the teacher blocks ``hidden_layers`` maps them to,
+  averaged over the mapped layers. Where the widths differ a learned linear projection per mapped
+  layer (a submodule of the student while training, so it is optimised, sharded and checkpointed with
+  it) maps the student's states to the teacher's width; the export drops it. Logged as ``hidden``.
+- **on-policy batches** (GKD): a share ``on_policy_fraction`` of micro-batches are the student's own
+  continuations of record prefixes (:mod:`minima.train.objectives.onpolicy`), scored by the teacher;
+  only the KD term trains on them (usually ``kd=jsd`` with ``jsd_beta``). The share of label tokens
+  trained on-policy is logged as ``on_policy``.
+
 Two ways to get the teacher's distribution:
 
 - **online** (default): the teacher runs inside the same job, no grad, eval mode, bf16 on GPU (fp32
@@ -60,13 +73,25 @@ from minima.models.loader import load_teacher
 from minima.train import LossOut, Recipe, TrainContext
 from minima.train.objectives.kd import (
     IGNORE_INDEX,
+    HiddenProjection,
     SparseTargets,
     dense_loss,
+    hidden_distance,
     sparse_loss,
+    uniform_layer_map,
+)
+from minima.train.objectives.onpolicy import (
+    is_on_policy,
+    on_policy_batch,
+    prefix_length,
+    sample_continuations,
+    sample_seed,
 )
 
 log = get_logger("minima.stages.distill")
 RECIPE = "minima.stages.distill:DistillRecipe"
+#: The attribute of the student that holds the hidden-state projection while training (dropped at export).
+PROJECTION = "kd_hidden_proj"
 
 
 # ------------------------------------------------------------------------------- validation
@@ -91,7 +116,44 @@ def student_dir(cfg: DistillConfig) -> str:
 
 
 def needs_teacher_online(cfg: DistillConfig) -> bool:
-    return cfg.loss.alpha < 1.0 and not cfg.cache_logits
+    return (cfg.loss.alpha < 1.0 or cfg.loss.hidden_weight > 0) and not cfg.cache_logits
+
+
+def hidden_layer_map(cfg: DistillConfig, student_layers: int, teacher_layers: int) -> dict[int, int]:
+    """The student -> teacher block map of the hidden-state term (checked against both depths)."""
+    layer_map = (
+        dict(cfg.loss.hidden_layers) if cfg.loss.hidden_layers else uniform_layer_map(student_layers, teacher_layers)
+    )
+    bad = [(i, j) for i, j in layer_map.items() if not (1 <= i <= student_layers and 1 <= j <= teacher_layers)]
+    if bad or not layer_map:
+        raise ConfigError(
+            f"loss.hidden_layers {layer_map} maps outside the student's 1..{student_layers} "
+            f"or the teacher's 1..{teacher_layers} blocks: {bad}",
+            where="loss.hidden_layers",
+            fix="map 1-based block outputs, e.g. {1: 2, 2: 4}, or leave it unset for the uniform map",
+        )
+    return layer_map
+
+
+def check_loss_options(cfg: DistillConfig) -> None:
+    """Hidden-state KD and on-policy batches need the live teacher (the logit cache holds neither)."""
+    for field, on in (
+        ("hidden_weight", cfg.loss.hidden_weight > 0),
+        ("on_policy_fraction", cfg.loss.on_policy_fraction > 0),
+    ):
+        if on and cfg.cache_logits:
+            raise ConfigError(
+                f"loss.{field} > 0 needs the live teacher, and cache_logits=true trains from cached logits, "
+                "which hold no hidden states and cannot score the student's own samples",
+                where=f"loss.{field}",
+                fix=f"set cache_logits=false (the teacher runs in the job), or loss.{field}=0",
+            )
+    if cfg.loss.on_policy_fraction > 0 and cfg.loss.alpha >= 1.0:
+        raise ConfigError(
+            "loss.on_policy_fraction > 0 with alpha=1: on-policy batches train on the KD term only, whose weight is 0",
+            where="loss.on_policy_fraction",
+            fix="set loss.alpha < 1, or loss.on_policy_fraction=0",
+        )
 
 
 def cache_config(cfg: DistillConfig) -> DistillCacheConfig:
@@ -116,6 +178,7 @@ def cache_config(cfg: DistillConfig) -> DistillCacheConfig:
 
 def validate_inputs(cfg: DistillConfig) -> None:
     """Every check that needs the file system, before any model is loaded or anything is written."""
+    check_loss_options(cfg)
     if (
         cfg.cache_mode == "sampled"
         and cfg.cache_logits
@@ -149,6 +212,13 @@ def validate_inputs(cfg: DistillConfig) -> None:
     check_records_format(cfg.records, "lm", "distill")
     check_same_tokenizer(cfg.records, {"teacher": cfg.teacher, "student": s_dir}, "distill")
     student = _model_config(s_dir, "student", "student")
+    if cfg.loss.hidden_weight > 0:
+        if not cfg.teacher:
+            raise ConfigError(
+                "loss.hidden_weight > 0 needs a teacher", where="teacher", fix="set teacher=<teacher dir>"
+            )
+        teacher = _model_config(cfg.teacher, "teacher", "teacher")
+        hidden_layer_map(cfg, int(student["num_hidden_layers"]), int(teacher["num_hidden_layers"]))
     s_vocab = int(student.get("vocab_size", 0))
     t_vocab: Optional[int] = None
     t_where = "teacher"
@@ -259,6 +329,8 @@ class DistillRecipe(Recipe):
         super().__init__(cfg)
         self.teacher = None
         self.cache_meta: Optional[dict] = None
+        self.layer_map: dict[int, int] = {}
+        self.rank, self.step, self.micro = 0, 0, 0
 
     def tokenizer_source(self) -> Optional[Path]:
         rec = Path(self.cfg.records) / "tokenizer" if self.cfg.records else None
@@ -273,6 +345,7 @@ class DistillRecipe(Recipe):
 
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
+        self.rank = ctx.rank
         if self.cfg.cache_logits and self.cfg.loss.alpha < 1.0:
             if not self.cfg.cache_dir:
                 raise ConfigError(
@@ -294,7 +367,39 @@ class DistillRecipe(Recipe):
         if self.cfg.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
+        if self.cfg.loss.hidden_weight > 0:
+            t = _model_config(self.cfg.teacher, "teacher", "teacher")
+            s_layers, s_width = model.config.num_hidden_layers, model.config.hidden_size
+            self.layer_map = hidden_layer_map(self.cfg, s_layers, int(t["num_hidden_layers"]))
+            if int(t["hidden_size"]) != s_width:
+                # a submodule of the student: trained, sharded and checkpointed with it, removed by export()
+                setattr(model, PROJECTION, HiddenProjection(sorted(self.layer_map), s_width, int(t["hidden_size"])))
         return model
+
+    def export(self, model, out_dir: Path, ctx: TrainContext) -> None:
+        """The student alone: the hidden-state projection is a training aid, not part of the model."""
+        proj = model._modules.pop(PROJECTION, None)
+        try:
+            super().export(model, out_dir, ctx)
+        finally:
+            if proj is not None:
+                model._modules[PROJECTION] = proj
+
+    def begin_step(self, step: int) -> None:
+        self.step, self.micro = step, 0
+
+    def count_tokens(self, batch: dict) -> int:
+        """Label tokens; decides here (before the forward) whether this micro-batch is on-policy."""
+        micro, self.micro = self.micro, self.micro + 1
+        frac = self.cfg.loss.on_policy_fraction
+        if frac > 0 and self.teacher is not None and is_on_policy(self.cfg.seed, self.step, micro, frac):
+            new = self.cfg.loss.on_policy_tokens
+            batch["on_policy"] = (
+                prefix_length(batch["attention_mask"], new),
+                sample_seed(self.cfg.seed, self.step, micro, self.rank),
+            )
+            return int(batch["input_ids"].shape[0]) * new
+        return super().count_tokens(batch)
 
     def extra_flops_per_token(self, seq_len: int) -> float:
         """The online teacher's forward: ``2 N + 4 L d T`` per token (a third of training's 6N + 12LdT)."""
@@ -328,17 +433,37 @@ class DistillRecipe(Recipe):
 
     def compute_loss(self, model, batch: dict, ctx: TrainContext, train: bool) -> LossOut:
         cfg = self.cfg
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+        on_policy = batch.pop("on_policy", None) if train else None
+        if on_policy is not None:  # the student continues the record's prefix; the loss runs on its samples
+            prefix, seed = on_policy
+            seq = sample_continuations(
+                model,
+                batch["input_ids"][:, :prefix],
+                cfg.loss.on_policy_tokens,
+                cfg.loss.on_policy_temperature,
+                seed,
+                self.pad_id,
+            )
+            batch = on_policy_batch(batch, seq, prefix)
+        hidden = train and cfg.loss.hidden_weight > 0
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            use_cache=False,
+            output_hidden_states=hidden,
+        )
+        logits = out.logits
         b, n, v = logits.shape
         labels = shifted_labels(batch["labels"]).reshape(-1)
         flat = logits.reshape(b * n, v)
         num = (labels != IGNORE_INDEX).sum()  # stays on the device: no host sync per micro step
         alpha, kind, T = cfg.loss.alpha, cfg.loss.kd, cfg.loss.temperature
         chunk = self.vocab_chunk(flat.device)
-        if not train or alpha >= 1.0:  # dev loss = hard CE; alpha = 1 is plain LM training
+        if not train or (alpha >= 1.0 and not hidden):  # dev loss = hard CE; alpha = 1 is plain LM training
             ce, _ = dense_loss(flat, labels, None, chunk=chunk)
             ce_sum = ce.sum()
             return LossOut(loss_sum=ce_sum, num_tokens=num, metrics={"ce": ce_sum.detach()} if train else {})
+        t_out = None
         if self.cache_meta is not None:
             targets = SparseTargets(
                 self.cache_meta["mode"],
@@ -348,23 +473,39 @@ class DistillRecipe(Recipe):
                 batch["kd_weights"].reshape(b * n, -1) if "kd_weights" in batch else None,
                 float(self.cache_meta["temperature"]),
             )
-            ce, kd = sparse_loss(flat, labels, targets, kind, T, chunk)
+            ce, kd = sparse_loss(flat, labels, targets, kind, T, chunk, beta=cfg.loss.jsd_beta)
         else:
             with torch.no_grad():
-                t_logits = self.teacher(
-                    input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
-                ).logits
+                t_out = self.teacher(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch.get("attention_mask"),
+                    use_cache=False,
+                    output_hidden_states=hidden,
+                )
+            t_logits = t_out.logits
             if t_logits.shape[-1] != v:
                 raise InputError(
                     f"teacher logits have {t_logits.shape[-1]} columns, student {v}",
                     where="teacher",
                     fix="teacher and student must share the vocabulary",
                 )
-            ce, kd = dense_loss(flat, labels, t_logits.reshape(b * n, v), kind, T, chunk)
+            ce, kd = dense_loss(flat, labels, t_logits.reshape(b * n, v), kind, T, chunk, beta=cfg.loss.jsd_beta)
             del t_logits
         ce_sum, kd_sum = ce.sum(), kd.sum()
-        loss = alpha * ce_sum + (1.0 - alpha) * kd_sum
-        return LossOut(loss_sum=loss, num_tokens=num, metrics={"kd": kd_sum.detach(), "ce": ce_sum.detach()})
+        # on-policy labels are the student's own samples: no hard-label term on them
+        loss = (0.0 if on_policy is not None else alpha) * ce_sum + (1.0 - alpha) * kd_sum
+        metrics = {"kd": kd_sum.detach(), "ce": ce_sum.detach()}
+        if hidden:
+            proj = getattr(getattr(model, "module", model), PROJECTION, None)
+            dist = hidden_distance(out.hidden_states, t_out.hidden_states, self.layer_map, cfg.loss.hidden_kind, proj)
+            h_sum = (dist * (labels != IGNORE_INDEX).to(dist.dtype)).sum()
+            loss = loss + cfg.loss.hidden_weight * h_sum
+            metrics["hidden"] = h_sum.detach()
+        if cfg.loss.on_policy_fraction > 0:  # logged / label tokens: the share of tokens trained on-policy
+            metrics["on_policy"] = (
+                num.detach().to(torch.float32) if on_policy is not None else torch.zeros((), device=flat.device)
+            )
+        return LossOut(loss_sum=loss, num_tokens=num, metrics=metrics)
 
 
 # ------------------------------------------------------------------------------- entry points

@@ -211,6 +211,27 @@ def write_report(run_dir: Path, results: dict[str, dict], timing: Optional[list[
         ]
         if isinstance(prune.get("kept_layers"), list):
             md += [f"Kept layers: {prune['kept_layers']}", ""]
+    rounds = sorted(int(k[len("prune_r") :]) for k in results if k.startswith("prune_r") and k[7:].isdigit())
+    if rounds:  # iterative compression: one row per round (the last round is the prune and distill steps)
+        keys = [(f"prune_r{r}", f"distill_r{r}") for r in rounds] + [("prune", "distill")]
+        rows = []
+        for i, (pk, dk) in enumerate(keys, 1):
+            pm, dm = manifest(pk).get("metrics", {}), manifest(dk).get("metrics", {})
+            rows.append(
+                [
+                    i,
+                    pm.get("params_before", ""),
+                    pm.get("params_after", ""),
+                    dm.get("train_tokens", ""),
+                    dm.get("dev_loss", ""),
+                ]
+            )
+        md += [
+            "## Compression rounds",
+            "",
+            md_table(["round", "params before", "params after", "distill tokens", "dev loss"], rows),
+            "",
+        ]
     curves = []
     for key in ("adapt", "distill", "distill_scratch", "sft", "dpo"):
         p = results.get(key, {}).get("path")

@@ -322,6 +322,7 @@ def train(cfg, recipe: Recipe, ctx: TrainContext, callbacks: list[Any] = (), hea
 
     while state.step < total and not state.stopped_early:
         t0 = time.time()
+        recipe.begin_step(state.step)
         micro = [recipe.collate([stream.next() for _ in range(mbs)]) for _ in range(gas)]
         counts = [int(recipe.count_tokens(b)) for b in micro]
         local_compute_tokens = sum(int(b["input_ids"].numel()) for b in micro)

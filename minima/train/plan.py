@@ -23,6 +23,7 @@ optimizer-step phases; benchmarks/plan.py checks it against measured peaks of re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -439,9 +440,10 @@ def _shapes(preset: Optional[str]):
     return llama_config(getattr(presets, t), v), llama_config(getattr(presets, s), v)
 
 
-def plan_stage(cfg, opts: PlanOptions, preset: Optional[str] = None) -> Plan:
-    """Build the plan for a resolved stage config."""
-    teacher_fallback, student_fallback = _shapes(preset)
+def plan_stage(cfg, opts: PlanOptions, preset: Optional[str] = None, shapes: Optional[tuple] = None) -> Plan:
+    """Build the plan for a resolved stage config (``shapes``: (teacher, student) model configs used where the
+    config names no model dir, instead of the preset's)."""
+    teacher_fallback, student_fallback = shapes or _shapes(preset)
     dev_tflops, dev_gib = DEVICES.get(opts.device, (None, None)) if opts.device in DEVICES else (None, None)
     if dev_tflops is None:
         raise ConfigError(f"unknown device '{opts.device}'", fix=f"plan.device= one of {', '.join(DEVICES)}")
@@ -730,6 +732,59 @@ def check_fits(cfg, opts: Optional[PlanOptions] = None, force: bool = False) -> 
     return plan
 
 
+def pruned_config(config, prune_cfg):
+    """The model config ``prune_cfg``'s explicit shape makes of ``config`` (unchanged where it names none)."""
+    import copy
+
+    out = copy.deepcopy(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layers = len(prune_cfg.keep_layers) if prune_cfg.keep_layers else prune_cfg.num_layers
+    for attr, value in (
+        ("num_hidden_layers", layers),
+        ("num_attention_heads", prune_cfg.num_heads),
+        ("num_key_value_heads", prune_cfg.num_key_value_heads),
+        ("intermediate_size", prune_cfg.intermediate_size),
+        ("hidden_size", prune_cfg.hidden_size),
+    ):
+        if value:
+            setattr(out, attr, value)
+    out.head_dim = head_dim
+    return out
+
+
+def plan_schedule(pipeline, opts: PlanOptions, preset: Optional[str] = None) -> list[tuple[str, Plan]]:
+    """One plan per prune and distill step of the pipeline's compression rounds, in order.
+
+    Each round prunes the previous round's student, whose shape is the round's explicit prune shape applied
+    to the model it prunes (a round given only ``target_params`` keeps that model's shape here: the search
+    picks the shape at run time). A round's distill is sized for its ``tokens``.
+    """
+    from minima.core.registry import pipeline_steps, round_config
+
+    teacher, _ = _shapes(preset)
+    original = source = teacher
+    student = teacher
+    previous = pipeline.compress.teacher == "previous"
+    out = []
+    for step in pipeline_steps(pipeline):
+        if step.stage not in ("prune", "distill"):
+            continue
+        cfg = round_config(pipeline, step)
+        title = f"round {step.round or 1}/{max(len(pipeline.compress.rounds), 1)}: {step.key}"
+        if step.stage == "prune":
+            student = pruned_config(source, cfg)
+            plan = plan_stage(cfg, opts, preset, shapes=(source, student))
+            plan.rows.insert(0, ("pruned params", _fmt_n(count_params(student))))
+        else:
+            rnd = pipeline.compress.rounds[step.round - 1] if step.round else None
+            o = dataclasses.replace(opts, tokens=rnd.tokens if rnd and rnd.tokens else opts.tokens)
+            plan = plan_stage(cfg, o, preset, shapes=(source if previous else original, student))
+            source = student
+        plan.stage = title
+        out.append((step.key, plan))
+    return out
+
+
 def main(argv: list[str]) -> int:
     from minima.core.config import STAGES, key_values
     from minima.core.registry import stage_config
@@ -757,6 +812,23 @@ def main(argv: list[str]) -> int:
         typ = type(getattr(PlanOptions(), k)) if getattr(PlanOptions(), k) is not None else float
         given[k] = v if typ is str else typ(float(v)) if typ is int else float(v)
     stages = ["adapt", "prune", "distill", "sft", "evaluate"] if a.stage == "pipeline" else [a.stage]
+    if a.stage == "pipeline":
+        from minima.core.config import PipelineConfig, build
+        from minima.core.presets import get_preset
+
+        base = get_preset(a.preset).model_dump(mode="json") if a.preset else None
+        try:
+            pipe = build(PipelineConfig, base=base, file=a.config, overrides=stage_over)
+        except ConfigError:  # not a pipeline config (e.g. one stage's file): plan the stages as before
+            pipe = None
+        if pipe is not None and pipe.compress.rounds:  # the whole compression schedule, round by round
+            opts = PlanOptions()
+            for k, v in given.items():
+                setattr(opts, k, v)
+            for _, plan in plan_schedule(pipe, opts, a.preset):
+                print(plan.table())
+                print()
+            return 0
     for s in stages:
         cfg = stage_config(s, a.preset, a.config, stage_over if a.stage != "pipeline" else [])
         launch = getattr(cfg, "launch", None)

@@ -159,6 +159,9 @@ class Recipe:
 
         return collate(batch, self.pad_id)
 
+    def begin_step(self, step: int) -> None:
+        """Called before the micro-batches of optimizer step ``step`` (0-based, the same on every rank) are drawn."""
+
     def count_tokens(self, batch: dict) -> int:
         """Label tokens of a micro-batch, counted BEFORE the forward so the step's normaliser is known.
 

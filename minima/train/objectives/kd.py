@@ -5,7 +5,9 @@ the student distribution ``q = softmax(s / T)``:
 
 - ``forward_kl``: KL(p || q) = sum p (log p - log q). Mode covering; Minitron's choice.
 - ``reverse_kl``: KL(q || p). Mode seeking.
-- ``jsd``: 0.5 KL(p || m) + 0.5 KL(q || m) with m = (p + q) / 2. Bounded by log 2.
+- ``jsd``: the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024) with weight beta:
+  beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q; beta = 0.5 is the plain JSD
+  (bounded by log 2). As in TRL's GKDTrainer, beta = 0 is forward KL and beta = 1 reverse KL.
 - ``soft_ce``: -sum p log q = forward KL + H(p). MiniMA's term; same student gradient as forward_kl,
   but its value never reaches 0 (it bottoms out at the teacher's entropy).
 
@@ -121,8 +123,9 @@ class _DenseLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s, t, labels, kind, T, chunk):
+    def forward(ctx, s, t, labels, kind, T, chunk, beta=0.5):
         n, v = s.shape
+        log_b, log_1mb = math.log(beta) if beta > 0 else -math.inf, math.log1p(-beta) if beta < 1 else -math.inf
         ce_lab = _acc(s.gather(1, labels[:, None]).squeeze(1))
         like = ce_lab
         aux = torch.zeros_like(like)
@@ -145,10 +148,10 @@ class _DenseLoss(torch.autograd.Function):
             for a, b in _chunks(v, chunk):
                 logq = _acc(s[:, a:b]) / T - lse_s[:, None]
                 logp = _acc(t[:, a:b]) / T - lse_t[:, None]
-                logm = torch.logaddexp(logp, logq) - _LOG2
-                kd += 0.5 * (logp.exp() * (logp - logm)).sum(1)
+                logm = torch.logaddexp(logp + log_b, logq + log_1mb)
+                kd += beta * (logp.exp() * (logp - logm)).sum(1)
                 aux += (logq.exp() * (logq - logm)).sum(1)  # KL(q || m), needed by backward
-            kd = (kd + 0.5 * aux) * (T * T)
+            kd = (kd + (1.0 - beta) * aux) * (T * T)
             lse1 = lse_s if s1 is None else s1.lse()
         else:
             tv = _Online(n, like)
@@ -177,13 +180,14 @@ class _DenseLoss(torch.autograd.Function):
             lse1 = lse_s if s1 is None else s1.lse()
         ce = lse1 - ce_lab
         ctx.save_for_backward(s, t, labels, lse1, lse_s, lse_t, kd, aux)
-        ctx.kind, ctx.T, ctx.chunk = kind, T, chunk
+        ctx.kind, ctx.T, ctx.chunk, ctx.beta = kind, T, chunk, beta
         return ce, kd
 
     @staticmethod
     def backward(ctx, g_ce, g_kd):
         s, t, labels, lse1, lse_s, lse_t, kd, aux = ctx.saved_tensors
-        kind, T, chunk = ctx.kind, ctx.T, ctx.chunk
+        kind, T, chunk, beta = ctx.kind, ctx.T, ctx.chunk, ctx.beta
+        log_b, log_1mb = math.log(beta) if beta > 0 else -math.inf, math.log1p(-beta) if beta < 1 else -math.inf
         grad = torch.empty_like(s)
         g_ce = g_ce.to(lse1.dtype) if g_ce is not None else torch.zeros_like(lse1)
         use_kd = t is not None and g_kd is not None
@@ -202,16 +206,27 @@ class _DenseLoss(torch.autograd.Function):
                 du = q - logp.exp()
             elif kind == "reverse_kl":
                 du = q * (logq - logp - kd_raw[:, None])
-            else:
-                logm = torch.logaddexp(logp, logq) - _LOG2
-                du = 0.5 * q * (logq - logm - aux[:, None])
+            else:  # d/dq of the generalized JSD is (1 - beta) (log q - log m)
+                logm = torch.logaddexp(logp + log_b, logq + log_1mb)
+                du = (1.0 - beta) * q * (logq - logm - aux[:, None])
             # softmax of the CE term: q itself at T = 1
             p1 = q if T == 1.0 else torch.exp(sc - lse1[:, None])
             # d(T^2 * L)/ds = T^2 * (dL/du) / T
             grad[:, a:b] = (g_ce[:, None] * p1 + (g_kd * T)[:, None] * du).to(grad.dtype)
         # CE's one-hot part, added once outside the chunk loop (scatter_add keeps duplicates right)
         grad.scatter_add_(1, labels[:, None], (-g_ce[:, None]).to(grad.dtype))
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
+
+
+def _jsd_kind(kind: str, beta: float) -> str:
+    """GKD's end points: jsd at beta 0 is forward KL, at beta 1 reverse KL (TRL's convention)."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd_beta must lie in [0, 1], got {beta}")
+    if kind == "jsd" and beta == 0.0:
+        return "forward_kl"
+    if kind == "jsd" and beta == 1.0:
+        return "reverse_kl"
+    return kind
 
 
 def dense_loss(
@@ -221,6 +236,7 @@ def dense_loss(
     kind: str = "forward_kl",
     temperature: float = 1.0,
     chunk: int = 0,
+    beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row hard CE and KD term against a dense teacher, fused and chunked over the vocab.
 
@@ -231,25 +247,34 @@ def dense_loss(
         kind: one of ``KD_KINDS``.
         temperature: T; the KD term is T^2 * D(p_T, q_T).
         chunk: vocab columns per chunk (0 = the whole vocab at once).
+        beta: the generalized JSD's weight (``jsd`` only).
 
     Returns:
         (ce, kd), each [N] fp32. Sum them with your weights; rows are already masked.
     """
     _check_kind(kind)
+    kind = _jsd_kind(kind, float(beta))
     if teacher_logits is not None:
         if teacher_logits.shape != student_logits.shape:
             raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} != student {tuple(student_logits.shape)}")
         teacher_logits = teacher_logits.detach()
-    ce, kd = _DenseLoss.apply(student_logits, teacher_logits, labels.clamp(min=0), kind, float(temperature), int(chunk))
+    ce, kd = _DenseLoss.apply(
+        student_logits, teacher_logits, labels.clamp(min=0), kind, float(temperature), int(chunk), float(beta)
+    )
     mask = (labels != IGNORE_INDEX).to(ce.dtype)
     return ce * mask, kd * mask
 
 
 def kd_reference(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl", temperature: float = 1.0
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
 ) -> torch.Tensor:
     """The textbook per-row KD term with plain autograd over the whole vocab (tests, small inputs)."""
     _check_kind(kind)
+    kind = _jsd_kind(kind, float(beta))
     T = float(temperature)
     logq = torch.log_softmax(student_logits.double() / T, dim=-1)
     logp = torch.log_softmax(teacher_logits.double() / T, dim=-1)
@@ -261,8 +286,8 @@ def kd_reference(
     elif kind == "reverse_kl":
         out = (q * (logq - logp)).sum(-1)
     else:
-        m = 0.5 * (p + q)
-        out = 0.5 * (p * (logp - m.log())).sum(-1) + 0.5 * (q * (logq - m.log())).sum(-1)
+        m = beta * p + (1 - beta) * q
+        out = beta * (p * (logp - m.log())).sum(-1) + (1 - beta) * (q * (logq - m.log())).sum(-1)
     return out * (T * T)
 
 
@@ -396,7 +421,7 @@ def _ids_mask(ids: torch.Tensor, a: int, b: int) -> torch.Tensor:
     return mask[:, :w]
 
 
-def _bucket_kd(logp: torch.Tensor, logq: torch.Tensor, kind: str) -> torch.Tensor:
+def _bucket_kd(logp: torch.Tensor, logq: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
     """KD between two small discrete distributions given as log-probs [N, B] (-inf allowed)."""
     p, q = logp.exp(), logq.exp()
     # clamp -inf to a finite floor: the value is multiplied by p = 0 (or q = 0) and clamp's gradient
@@ -409,8 +434,8 @@ def _bucket_kd(logp: torch.Tensor, logq: torch.Tensor, kind: str) -> torch.Tenso
         return -(p * lq).sum(1)
     if kind == "reverse_kl":
         return (q * (lq - lp)).sum(1)
-    lm = torch.logaddexp(lp, lq) - _LOG2
-    return 0.5 * (p * (lp - lm)).sum(1) + 0.5 * (q * (lq - lm)).sum(1)
+    lm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+    return beta * (p * (lp - lm)).sum(1) + (1 - beta) * (q * (lq - lm)).sum(1)
 
 
 def sparse_loss(
@@ -421,6 +446,7 @@ def sparse_loss(
     temperature: Optional[float] = None,
     chunk: int = 0,
     renormalize: bool = False,
+    beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row hard CE and KD term against cached sparse targets (see the module doc for the maths).
 
@@ -433,11 +459,13 @@ def sparse_loss(
         chunk: vocab columns per chunk for the student's statistics.
         renormalize: plain top-k (teacher renormalised over its k tokens, no rest bucket). Biased;
             kept to measure that bias, not for training.
+        beta: the generalized JSD's weight (``jsd`` only).
 
     Returns:
         (ce, kd), each [N] fp32, masked.
     """
     _check_kind(kind)
+    kind = _jsd_kind(kind, float(beta))
     T = targets.temperature if temperature is None else float(temperature)
     if abs(T - targets.temperature) > 1e-6:
         raise ValueError(f"targets were cached at temperature {targets.temperature}, loss asks for {T}")
@@ -457,14 +485,81 @@ def sparse_loss(
         if renormalize:
             logp = torch.log_softmax(v, dim=1)
             logq_b = torch.log_softmax(logq, dim=1) if kind in ("reverse_kl", "jsd") else logq
-            kd = _bucket_kd(logp, logq_b, kind)
+            kd = _bucket_kd(logp, logq_b, kind, float(beta))
         else:
             rest = targets.rest.to(logq.dtype).clamp(0.0, 1.0)
             logp_top = v - torch.logsumexp(v, dim=1, keepdim=True) + torch.log1p(-rest.clamp(max=1 - 1e-7))[:, None]
             logp = torch.cat([logp_top, torch.log(rest)[:, None]], dim=1)
             logq_rest = lse_rest - lseT  # lse_rest is already over s / T
             logq_b = torch.cat([logq, logq_rest[:, None]], dim=1)
-            kd = _bucket_kd(logp, logq_b, kind)
+            kd = _bucket_kd(logp, logq_b, kind, float(beta))
     kd = kd * (T * T)
     mask = (labels != IGNORE_INDEX).to(ce.dtype)
     return ce * mask, kd * mask
+
+
+# ----------------------------------------------------------------------------------- hidden states
+HIDDEN_KINDS = ("mse", "cosine")
+
+
+def uniform_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
+    """Student block i (1-based) -> teacher block round(i * L_t / L_s): the last layers always meet."""
+    return {i: max(1, round(i * teacher_layers / student_layers)) for i in range(1, student_layers + 1)}
+
+
+class HiddenProjection(torch.nn.Module):
+    """One learned linear map (student width -> teacher width) per mapped student layer.
+
+    Trained with the student (it is a submodule of the student while training, so the strategy shards,
+    optimises and checkpoints it) and removed before export. Initialised to the identity on the shared
+    leading channels, which is exact for a width-pruned student that kept its first channels.
+    """
+
+    def __init__(self, layers: list[int], student_width: int, teacher_width: int):
+        super().__init__()
+        self.maps = torch.nn.ModuleDict(
+            {str(i): torch.nn.Linear(student_width, teacher_width, bias=False) for i in layers}
+        )
+        for m in self.maps.values():
+            if not m.weight.is_meta:  # meta copies (other ranks of a sharded run) get rank 0's weights
+                torch.nn.init.eye_(m.weight)
+
+    def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        lin = self.maps[str(layer)]
+        return lin(h.to(lin.weight.dtype))
+
+
+def hidden_distance(
+    student_hidden,
+    teacher_hidden,
+    layer_map: dict[int, int],
+    kind: str = "mse",
+    projection: Optional[HiddenProjection] = None,
+) -> torch.Tensor:
+    """Per-position distance between student and teacher hidden states, averaged over the mapped layers.
+
+    Args:
+        student_hidden: HF ``hidden_states`` of the student (entry 0 = embeddings, entry i = block i's output).
+        teacher_hidden: the teacher's, same batch and positions; no gradient flows into it.
+        layer_map: student block -> teacher block (1-based).
+        kind: ``mse`` (mean squared difference over the width) or ``cosine`` (1 - cosine similarity).
+        projection: maps student width to teacher width (None: the widths must be equal).
+
+    Returns:
+        [batch * seq] fp32.
+    """
+    if kind not in HIDDEN_KINDS:
+        raise ValueError(f"unknown hidden-state distance {kind!r}; choose one of {', '.join(HIDDEN_KINDS)}")
+    total = None
+    for i, j in sorted(layer_map.items()):
+        hs = student_hidden[i]
+        if projection is not None:
+            hs = projection(i, hs)
+        hs = hs.float().reshape(-1, hs.shape[-1])
+        ht = teacher_hidden[j].detach().float().reshape(-1, teacher_hidden[j].shape[-1])
+        if kind == "mse":
+            d = (hs - ht).pow(2).mean(-1)
+        else:
+            d = 1.0 - torch.nn.functional.cosine_similarity(hs, ht, dim=-1, eps=1e-8)
+        total = d if total is None else total + d
+    return total / len(layer_map)
