@@ -638,8 +638,38 @@ class DpoConfig(TrainConfig):
 
 
 # -------------------------------------------------------------------------------------- prune
+class PruneSearchConfig(Closed):
+    """Shape search under a parameter budget (used when ``target_params`` is set)."""
+
+    tolerance: float = Field(0.01, gt=0, lt=1, description="Candidates within target_params * (1 +- tolerance).")
+    top_k: int = Field(3, ge=1, description="Candidates (best calibration loss after pruning) that are retrained.")
+    retrain_steps: int = Field(
+        20, ge=0, description="Short distill steps per retrained candidate (0: rank by the loss right after pruning)."
+    )
+    multiple: int = Field(
+        128,
+        ge=1,
+        description="Granularity of hidden and FFN sizes (64/128 suit GPUs); halved until the teacher's size is a "
+        "multiple with at least 4 steps, so tiny teachers search at a finer grain.",
+    )
+    min_ratio: float = Field(
+        0.5, gt=0, le=1, description="No dim below this fraction of the teacher's (ModelOpt: beyond ~50% is hard)."
+    )
+    max_candidates: int = Field(32, ge=1, description="At most this many candidates are scored (spread evenly).")
+    score_samples: int = Field(
+        32, ge=1, description="Calibration sequences held out to score candidates (the rest retrain them)."
+    )
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the retraining steps.")
+    alpha: float = Field(0.0, ge=0, le=1, description="Hard-label CE weight of the retraining loss.")
+    kd: Literal["forward_kl", "reverse_kl", "jsd", "soft_ce"] = Field("forward_kl", description="Retraining KD term.")
+    temperature: float = Field(1.0, gt=0, description="Retraining KD temperature.")
+    keep: Literal["retrained", "pruned"] = Field(
+        "retrained", description="Save the winner after its retraining steps, or its freshly pruned weights."
+    )
+
+
 class PruneConfig(StageConfig):
-    """Structured pruning of a teacher to a target shape."""
+    """Structured pruning of a teacher to a target shape, or a shape search under ``target_params``."""
 
     stage: ClassVar[str] = "prune"
     teacher: Optional[str] = Field(None, description="Teacher HF directory.")
@@ -659,6 +689,12 @@ class PruneConfig(StageConfig):
     layer_importance: Literal["block-influence", "drop_last"] = Field(
         "block-influence", description="How layers are chosen when keep_layers is not given."
     )
+    target_params: Optional[float] = Field(
+        None,
+        gt=0,
+        description="Parameter budget (e.g. 3.0e9): search the shape instead of giving dims (see search.*).",
+    )
+    search: PruneSearchConfig = Field(default_factory=PruneSearchConfig, description="Shape search options.")
     dry_run: bool = nohash(False, "Print the target shape and parameter count without loading weights.")
     dtype: Literal["bf16", "fp16", "fp32"] = Field(
         "fp32", description="Teacher dtype for calibration; the pruned model is saved in it."
@@ -691,6 +727,14 @@ class PruneConfig(StageConfig):
             )
         if self.keep_layers is not None and self.num_layers is not None and len(self.keep_layers) != self.num_layers:
             raise ValueError(f"keep_layers has {len(self.keep_layers)} entries but num_layers={self.num_layers}")
+        if self.target_params is not None:
+            dims = ("num_layers", "num_heads", "num_key_value_heads", "intermediate_size", "hidden_size")
+            given = [k for k in dims if getattr(self, k) is not None] + (["keep_layers"] if self.keep_layers else [])
+            if given:
+                raise ValueError(
+                    f"target_params={self.target_params:g} searches the shape, but {', '.join(given)} "
+                    "also set it; give either the budget or the dims"
+                )
         return self
 
 

@@ -22,6 +22,7 @@ from minima.compress.prune import (
     DTYPES,
     TOKENIZER_FILES,
     Shape,
+    check_family,
     format_params,
     head_dim,
     log,
@@ -106,12 +107,7 @@ def _teacher_config(cfg: PruneConfig):
             fix="point teacher= at an HF model directory",
         )
     c = AutoConfig.from_pretrained(str(p), trust_remote_code=False)
-    if c.model_type != "llama":
-        raise InputError(
-            f"teacher {p} is a {c.model_type!r} model; prune handles LLaMA-architecture models",
-            where=f"{p}/config.json",
-            fix="use a LlamaForCausalLM teacher",
-        )
+    check_family(c, where=f"{p}/config.json")
     return c
 
 
