@@ -3,6 +3,11 @@
 ``minima prune teacher=DIR records=DIR num_layers=... hidden_size=...`` (or ``dry_run=true``, which
 counts the target's parameters on the meta device and loads no weights). The pruning itself lives
 in :mod:`minima.compress.prune`.
+
+``minima prune teacher=DIR records=DIR target_params=3.0e9 search.top_k=3 search.retrain_steps=20``
+searches the shape instead (:mod:`minima.compress.search`); the artifact then also holds
+``search.json`` (every candidate: shape, params, calibration loss before and after retraining) and
+``search.png``. With ``dry_run=true`` it lists the candidates without loading weights.
 """
 
 from __future__ import annotations
@@ -112,6 +117,8 @@ def _teacher_config(cfg: PruneConfig):
 
 
 def _needs_data(cfg: PruneConfig, teacher: Shape, shape: Shape) -> bool:
+    if cfg.target_params is not None:  # candidates are scored by their calibration loss
+        return True
     drops = (
         cfg.keep_layers is None and shape.num_layers < teacher.num_layers and cfg.layer_importance == "block-influence"
     )
@@ -122,6 +129,10 @@ def validate_inputs(cfg: PruneConfig, for_dry_run: bool = False):
     """Everything checkable before loading weights: teacher config, target shape, records. Returns (config, shape)."""
     tc = _teacher_config(cfg)
     shape = resolve_target(tc, cfg)
+    if cfg.target_params is not None:
+        from minima.compress.search import candidate_shapes
+
+        candidate_shapes(tc, cfg.target_params, cfg.search)  # no shape fits: fail before loading anything
     if not for_dry_run:
         if _device(cfg).type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(
@@ -182,6 +193,8 @@ def _device(cfg: PruneConfig) -> torch.device:
 def dry_run(cfg: PruneConfig) -> dict:
     """Print the target shape and parameter counts (meta device, no weights)."""
     tc, shape = validate_inputs(cfg, for_dry_run=True)
+    if cfg.target_params is not None:
+        return _dry_run_search(cfg, tc)
     before, after = count_params(tc), count_params(student_config(tc, shape))
     t = Shape.of(tc)
     src = cfg.teacher or "LLaMA-2-7B shape (presets.LLAMA2_7B)"
@@ -201,6 +214,31 @@ def dry_run(cfg: PruneConfig) -> dict:
         "params_after": after,
         "teacher_shape": asdict(t),
         "target_shape": asdict(shape),
+        "vocab_size": tc.vocab_size,
+    }
+
+
+def _dry_run_search(cfg: PruneConfig, tc) -> dict:
+    """List the search's candidates (exact counts on the meta device, no weights)."""
+    from minima.compress.search import candidate_shapes, format_table
+
+    cands = candidate_shapes(tc, cfg.target_params, cfg.search)
+    before = count_params(tc)
+    src = cfg.teacher or "LLaMA-2-7B shape (presets.LLAMA2_7B)"
+    print(f"teacher  {Shape.of(tc).describe()}, vocab {tc.vocab_size}: {format_params(before)} params  [{src}]")
+    print(
+        f"search   {len(cands)} candidates within {cfg.search.tolerance:.1%} of "
+        f"{format_params(int(cfg.target_params))}; "
+        f"top {cfg.search.top_k} retrained for {cfg.search.retrain_steps} steps"
+    )
+    print(format_table(cands))
+    print("dry run: nothing loaded, nothing written")
+    return {
+        "dry_run": True,
+        "params_before": before,
+        "target_params": cfg.target_params,
+        "teacher_shape": asdict(Shape.of(tc)),
+        "candidates": [c.row() for c in cands],
         "vocab_size": tc.vocab_size,
     }
 
@@ -244,16 +282,31 @@ def _body(cfg: PruneConfig, run: StageRun) -> dict:
             seed=cfg.seed,
         )
         nb = num_calibration_batches(cfg.records, cfg.num_samples, cfg.batch_size)
-    student, report = prune_model(
-        teacher,
-        batches,
-        cfg,
-        importance=cfg.importance,
-        layer_importance=cfg.layer_importance,
-        rescale_norms=cfg.rescale_norms,
-        seed=cfg.seed,
-        num_batches=nb,
-    )
+    search = None
+    if cfg.target_params is not None:
+        from minima.compress.search import search_shape
+
+        search = search_shape(
+            teacher,
+            list(batches),
+            cfg.target_params,
+            cfg.search,
+            importance=cfg.importance,
+            rescale_norms=cfg.rescale_norms,
+            seed=cfg.seed,
+        )
+        student, report = search.student, search.report
+    else:
+        student, report = prune_model(
+            teacher,
+            batches,
+            cfg,
+            importance=cfg.importance,
+            layer_importance=cfg.layer_importance,
+            rescale_norms=cfg.rescale_norms,
+            seed=cfg.seed,
+            num_batches=nb,
+        )
     teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
     del teacher
     out = run.work_dir
@@ -266,6 +319,11 @@ def _body(cfg: PruneConfig, run: StageRun) -> dict:
         GenerationConfig.from_model_config(student.config).save_pretrained(str(out))
     (out / "importance.json").write_text(json.dumps(report.to_json()))
     plot_importance(report, out / "importance.png")
+    if search is not None:
+        from minima.compress.search import plot_search
+
+        (out / "search.json").write_text(json.dumps(search.to_json(), indent=1))
+        plot_search(search.candidates, out / "search.png", cfg.target_params)
     metrics = report.metrics()
     metrics.update(
         device=str(device),
