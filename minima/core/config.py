@@ -79,7 +79,8 @@ class StageConfig(Closed):
 
 # --------------------------------------------------------------------------------------- vocab
 class VocabConfig(StageConfig):
-    """Expand a LLaMA SentencePiece tokenizer with the pieces of another SentencePiece model."""
+    """Expand a tokenizer: a LLaMA SentencePiece one with the pieces of another SentencePiece model, or a
+    byte-level BPE one (Llama-3, Qwen) with tokens and merges learned on a new-language ``corpus``."""
 
     stage: ClassVar[str] = "vocab"
     base_tokenizer: Optional[str] = Field(None, description="LLaMA tokenizer dir or tokenizer.model file.")
@@ -100,6 +101,16 @@ class VocabConfig(StageConfig):
         "AutoTokenizer == SentencePiece self-check; a line is Chinese when CJK is >= 30% of its non-space "
         "characters, English when it has no CJK (mixed lines are only self-checked). Default: built-in samples.",
     )
+    corpus: list[str] = Field(
+        default_factory=list,
+        description="Byte-level BPE base: UTF-8 text files of the new language; new tokens and merges are learned "
+        "on them with the base's normalizer and pre-tokenizer.",
+    )
+    new_tokens: int = Field(1000, ge=1, description="Byte-level BPE base: at most this many tokens are added.")
+    min_frequency: int = Field(2, ge=1, description="Byte-level BPE base: a learned merge needs this many uses.")
+    max_corpus_lines: int = Field(
+        200_000, ge=1, description="Byte-level BPE base: at most this many corpus lines are read (from the start)."
+    )
     zero_scores: bool = Field(
         False,
         description="chinese-llama: give every added piece the literal score 0 (Chinese-LLaMA's tokenizer.model, "
@@ -109,7 +120,7 @@ class VocabConfig(StageConfig):
         "still above every base merge, and AutoTokenizer matches SentencePiece exactly.",
     )
 
-    @field_validator("sample_texts", mode="before")
+    @field_validator("sample_texts", "corpus", mode="before")
     @classmethod
     def _sample_texts(cls, v):
         # CLI overrides of list[str] fields arrive as raw text: accept "[a, b]" and "a,b"
