@@ -117,23 +117,31 @@ def test_search_finds_a_shape_no_worse_than_the_hand_picked_one(trained):
             assert all(c.loss_retrained < c.loss_pruned for c in res.candidates)
 
 
-def test_stage_writes_search_json_and_the_chosen_shape(tmp_path, tiny_model_dir, tiny_tokenizer_dir, demo_data_dir):
-    from transformers import AutoModelForCausalLM
-
+@pytest.fixture(scope="module")
+def records(tmp_path_factory, tiny_tokenizer_dir, demo_data_dir):
+    """Small lm records (the first 300 lines of the demo corpus, 32 tokens each)."""
     from minima.core.config import RecordsConfig
-    from minima.stages.prune import run
     from minima.stages.records import run as build_records
 
-    records = build_records(
-        RecordsConfig(
-            inputs=str(demo_data_dir / "text" / "pretrain_en.txt"),
-            tokenizer=str(tiny_tokenizer_dir),
-            format="lm",
-            max_length=32,
-            dev_fraction=0.05,
-            out_dir=str(tmp_path / "records"),
-        )
-    ).path
+    d = tmp_path_factory.mktemp("search_records")
+    lines = (demo_data_dir / "text" / "pretrain_en.txt").read_text().splitlines()[:300]
+    (d / "text.txt").write_text("\n".join(lines))
+    cfg = RecordsConfig(
+        inputs=str(d / "text.txt"),
+        tokenizer=str(tiny_tokenizer_dir),
+        format="lm",
+        max_length=32,
+        dev_fraction=0.05,
+        out_dir=str(d / "records"),
+    )
+    return build_records(cfg).path
+
+
+def test_stage_writes_search_json_and_the_chosen_shape(tmp_path, tiny_model_dir, records):
+    from transformers import AutoModelForCausalLM
+
+    from minima.stages.prune import run
+
     teacher_cfg = AutoModelForCausalLM.from_pretrained(tiny_model_dir).config
     target = count_params(student_config(teacher_cfg, HAND))
     cfg = PruneConfig(
@@ -161,3 +169,55 @@ def test_stage_writes_search_json_and_the_chosen_shape(tmp_path, tiny_model_dir,
     with pytest.raises(ConfigError, match="no shape within"):  # before any weight is loaded
         run(cfg.model_copy(update={"target_params": target / 20, "out_dir": str(tmp_path / "y")}))
     assert not (tmp_path / "y").exists()
+
+
+def test_retraining_from_a_full_vocab_logit_cache_equals_retraining_against_the_teacher(
+    tmp_path, tiny_model_dir, records
+):
+    """A top-k cache with k = vocab (fp32) holds the teacher's whole distribution, so the search's
+    retraining steps from it must give the same student as running the teacher; the stage uses it."""
+    from transformers import AutoModelForCausalLM
+
+    from minima.core.config import DistillCacheConfig
+    from minima.stages.distill import build_cache
+    from minima.stages.prune import cached_batches, run
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    cache = build_cache(
+        DistillCacheConfig(
+            teacher=str(tiny_model_dir),
+            records=str(records),
+            top_k=teacher.config.vocab_size,
+            dtype="fp32",
+            out_dir=str(tmp_path / "cache"),
+            batch_size=8,
+        )
+    ).path
+    batches = cached_batches(records, cache, 3, 4)
+    assert len(batches) == 3 and batches[0]["kd_ids"].shape[-1] == teacher.config.vocab_size
+    plain = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches]
+    s = PruneSearchConfig(retrain_steps=3, lr=1e-3)
+    target = {"num_layers": 3, "intermediate_size": 192}
+    p0 = prune_model(teacher, plain, target)[0]
+    a = retrain(prune_model(teacher, plain, target)[0], teacher, batches, s)
+    b = retrain(prune_model(teacher, plain, target)[0], teacher, plain, s)
+    moved = 0.0
+    for (name, pa), pb, q in zip(a.named_parameters(), b.parameters(), p0.parameters()):
+        torch.testing.assert_close(pa, pb, atol=2e-5, rtol=1e-4, msg=name)
+        moved = max(moved, float((pa - q).detach().abs().max()))
+    assert moved > 1e-4  # the steps did train
+
+    target = count_params(student_config(teacher.config, HAND))
+    art = run(
+        PruneConfig(
+            teacher=str(tiny_model_dir),
+            records=str(records),
+            out_dir=str(tmp_path / "pruned"),
+            num_samples=16,
+            max_length=32,
+            batch_size=4,
+            target_params=target,
+            search=PruneSearchConfig(top_k=1, retrain_steps=2, score_samples=8, tolerance=0.02, logit_cache=str(cache)),
+        )
+    )
+    assert art.metrics["search_retrain_targets"] == "logit_cache"

@@ -167,9 +167,24 @@ def calibration_loss(model, batches: Sequence[Any]) -> float:
     return total / max(count, 1)
 
 
+def _cached_targets(batch: dict, n: int, device) -> Any:
+    from minima.train.objectives.kd import SparseTargets
+
+    get = lambda k: batch[k].reshape(n, -1).to(device) if k in batch else None
+    rest = batch["kd_rest"].reshape(-1).to(device) if "kd_rest" in batch else torch.zeros(n, device=device)
+    return SparseTargets(
+        batch["kd_mode"], get("kd_ids"), get("kd_values"), rest, get("kd_weights"), float(batch["kd_temperature"])
+    )
+
+
 def retrain(student, teacher, batches: Sequence[Any], search: PruneSearchConfig, seed: int = 0):
-    """``retrain_steps`` AdamW steps of the distill objective (fp32 master copy), cycling over ``batches``."""
-    from minima.train.objectives.kd import dense_loss
+    """``retrain_steps`` AdamW steps of the distill objective (fp32 master copy), cycling over ``batches``.
+
+    A batch holding cached teacher targets (``kd_ids``, ``kd_values``, ... as the logit cache's reader
+    gives them, plus ``kd_mode`` and ``kd_temperature``) is trained against them, as distill does with
+    ``cache_logits=true``; any other batch runs the teacher.
+    """
+    from minima.train.objectives.kd import dense_loss, sparse_loss
 
     if search.retrain_steps == 0 or not batches:
         return student
@@ -179,15 +194,23 @@ def retrain(student, teacher, batches: Sequence[Any], search: PruneSearchConfig,
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(student.parameters(), lr=search.lr, betas=(0.9, 0.95), weight_decay=0.0)
     for step in range(search.retrain_steps):
-        ids, mask = as_batch(batches[step % len(batches)], device)
+        batch = batches[step % len(batches)]
+        ids, mask = as_batch(batch, device)
         logits = student(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
         labels = _labels(ids, mask).flatten()
-        t_logits = None
-        if search.alpha < 1.0:
-            with torch.no_grad():
-                t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-            t_logits = t_logits.reshape(-1, t_logits.shape[-1]).to(logits.dtype)
-        ce, kd = dense_loss(logits.reshape(-1, logits.shape[-1]), labels, t_logits, search.kd, search.temperature)
+        flat = logits.reshape(-1, logits.shape[-1])
+        if isinstance(batch, dict) and "kd_ids" in batch and search.alpha < 1.0:
+            # the cache's row t is the teacher's distribution after position t: drop the last position
+            cut = {k: v[:, :-1] for k, v in batch.items() if k in ("kd_ids", "kd_values", "kd_rest", "kd_weights")}
+            targets = _cached_targets({**batch, **cut}, flat.shape[0], device)
+            ce, kd = sparse_loss(flat, labels, targets, search.kd, search.temperature)
+        else:
+            t_logits = None
+            if search.alpha < 1.0:
+                with torch.no_grad():
+                    t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+                t_logits = t_logits.reshape(-1, t_logits.shape[-1]).to(logits.dtype)
+            ce, kd = dense_loss(flat, labels, t_logits, search.kd, search.temperature)
         n = (labels != -100).sum().clamp_min(1)
         loss = (search.alpha * ce.sum() + (1.0 - search.alpha) * kd.sum()) / n
         loss.backward()
@@ -252,6 +275,7 @@ def search_shape(
     importance: str = "activation",
     rescale_norms: bool = False,
     seed: int = 0,
+    retrain_batches: Optional[Sequence[Any]] = None,
 ) -> SearchResult:
     """Search the best shape within the budget; the teacher is left unchanged.
 
@@ -264,6 +288,8 @@ def search_shape(
         importance: width importance (activation | gradient | magnitude | random).
         rescale_norms: as in ``prune_model``.
         seed: seed of the random importance and of the retraining.
+        retrain_batches: batches for the retraining steps instead of the calibration ones, e.g. with
+            cached teacher targets (see :func:`retrain`).
 
     Returns:
         SearchResult with every candidate's losses, the winner (retrained or freshly pruned, per
@@ -304,7 +330,7 @@ def search_shape(
         for i in top:
             t1 = time.time()
             student, _ = prune(cands[i])
-            student = retrain(student, teacher, rest, search, seed)
+            student = retrain(student, teacher, retrain_batches or rest, search, seed)
             cands[i].loss_retrained = calibration_loss(student, score)
             cands[i].retrain_s = round(time.time() - t1, 3)
             kept[i] = student
@@ -336,6 +362,8 @@ def search_shape(
         search_chosen_loss_retrained=cands[win].loss_retrained,
     )
     seconds = {"calibration": round(calib_s, 3), "score": round(score_s, 3), "retrain": round(retrain_s, 3)}
+    cached = bool(retrain_batches) and isinstance(retrain_batches[0], dict) and "kd_ids" in retrain_batches[0]
+    report.extra["search_retrain_targets"] = "logit_cache" if cached else "teacher"
     result = SearchResult(cands, student, report, target_params, search.keep, seconds)
     log.info("shape search:\n%s", result.table())
     return result

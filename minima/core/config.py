@@ -677,6 +677,11 @@ class PruneSearchConfig(Closed):
     keep: Literal["retrained", "pruned"] = Field(
         "retrained", description="Save the winner after its retraining steps, or its freshly pruned weights."
     )
+    logit_cache: Optional[str] = Field(
+        None,
+        description="A distill logit cache built over the same records and teacher (minima distill-cache): the "
+        "retraining steps then train against its targets instead of running the teacher.",
+    )
 
 
 class PruneConfig(StageConfig):

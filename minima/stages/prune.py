@@ -88,6 +88,37 @@ def calibration_batches(
         ds.close()
 
 
+def cached_batches(records: str | Path, cache_dir: str | Path, num_batches: int, batch_size: int, seed: int = 0):
+    """Up to ``num_batches`` train batches with the logit cache's teacher targets (for search retraining)."""
+    from minima.compress.logit_cache import CachedRecordDataset, collate_targets, read_cache_meta
+    from minima.data.records import collate
+
+    meta = read_cache_meta(cache_dir)
+    ds = CachedRecordDataset(str(records), "train", str(cache_dir), seed=seed, loop=False)
+    out, buf = [], []
+
+    def flush():
+        b = collate(buf, pad_id=ds.pad_id)
+        b.update(
+            collate_targets(buf, b["input_ids"].shape[1]), kd_mode=meta["mode"], kd_temperature=meta["temperature"]
+        )
+        out.append(b)
+        buf.clear()
+
+    try:
+        for sample in ds:
+            buf.append(sample)
+            if len(buf) == batch_size:
+                flush()
+                if len(out) >= num_batches:
+                    break
+        if buf and len(out) < num_batches:
+            flush()
+    finally:
+        ds.close()
+    return out
+
+
 def num_calibration_batches(records: str | Path, num_samples: int, batch_size: int) -> int:
     from minima.data.records import RecordDataset
 
@@ -133,6 +164,17 @@ def validate_inputs(cfg: PruneConfig, for_dry_run: bool = False):
         from minima.compress.search import candidate_shapes
 
         candidate_shapes(tc, cfg.target_params, cfg.search)  # no shape fits: fail before loading anything
+        if cfg.search.logit_cache and not for_dry_run:
+            from minima.compress.logit_cache import read_cache_meta
+
+            meta = read_cache_meta(cfg.search.logit_cache)
+            if abs(float(meta["temperature"]) - cfg.search.temperature) > 1e-9:
+                raise ConfigError(
+                    f"the logit cache was built at temperature {meta['temperature']}, search.temperature is "
+                    f"{cfg.search.temperature}",
+                    where="PruneConfig.search.temperature",
+                    fix=f"set search.temperature={meta['temperature']}",
+                )
     if not for_dry_run:
         if _device(cfg).type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(
@@ -286,6 +328,12 @@ def _body(cfg: PruneConfig, run: StageRun) -> dict:
     if cfg.target_params is not None:
         from minima.compress.search import search_shape
 
+        cached = None
+        if cfg.search.logit_cache and cfg.search.retrain_steps > 0:
+            cached = cached_batches(
+                cfg.records, cfg.search.logit_cache, cfg.search.retrain_steps, cfg.batch_size, cfg.seed
+            )
+
         search = search_shape(
             teacher,
             list(batches),
@@ -294,6 +342,7 @@ def _body(cfg: PruneConfig, run: StageRun) -> dict:
             importance=cfg.importance,
             rescale_norms=cfg.rescale_norms,
             seed=cfg.seed,
+            retrain_batches=cached,
         )
         student, report = search.student, search.report
     else:
