@@ -749,7 +749,8 @@ class PruneConfig(StageConfig):
             if given:
                 raise ValueError(
                     f"target_params={self.target_params:g} searches the shape, but {', '.join(given)} "
-                    "also set it; give either the budget or the dims"
+                    "also set it; give either the budget or the dims (set them to null where a preset gives "
+                    "them, e.g. num_layers=null keep_layers=null)"
                 )
         return self
 
