@@ -143,3 +143,32 @@ def test_an_unsupported_family_is_refused_with_the_supported_list():
         prune_model(model, None, {}, importance="magnitude")
     msg = str(e.value)
     assert "gpt2" in msg and all(f in msg for f in FAMILIES)
+
+
+def test_stage_prunes_a_qwen3_dir_and_refuses_gpt2_before_loading(tmp_path):
+    import transformers as tf
+
+    from minima.core.config import PruneConfig
+    from minima.stages.prune import run
+
+    teacher = family_model("qwen3")
+    teacher.save_pretrained(str(tmp_path / "qwen3"))
+    art = run(
+        PruneConfig(
+            teacher=str(tmp_path / "qwen3"),
+            out_dir=str(tmp_path / "out"),
+            importance="magnitude",
+            keep_layers=[0, 2],
+            num_heads=2,
+            hidden_size=48,
+        )
+    )
+    back = tf.AutoModelForCausalLM.from_pretrained(str(art.path))
+    assert type(back) is tf.Qwen3ForCausalLM and back.config.num_hidden_layers == 2
+    assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
+    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
+        str(tmp_path / "gpt2")
+    )
+    with pytest.raises(InputError, match="prune handles llama, mistral, qwen2, qwen3"):
+        run(PruneConfig(teacher=str(tmp_path / "gpt2"), out_dir=str(tmp_path / "x"), importance="magnitude"))
+    assert not (tmp_path / "x").exists()
