@@ -172,3 +172,18 @@ def test_stage_prunes_a_qwen3_dir_and_refuses_gpt2_before_loading(tmp_path):
     with pytest.raises(InputError, match="prune handles llama, mistral, qwen2, qwen3"):
         run(PruneConfig(teacher=str(tmp_path / "gpt2"), out_dir=str(tmp_path / "x"), importance="magnitude"))
     assert not (tmp_path / "x").exists()
+
+
+def test_magnitude_importance_of_a_qwen2_head_counts_its_biases():
+    from minima.compress.importance import calibrate
+
+    teacher = family_model("qwen2")
+    imp = calibrate(teacher, None, "magnitude", block_influence=False)
+    a, hd = teacher.model.layers[1].self_attn, head_dim(teacher.config)
+    G = teacher.config.num_attention_heads // teacher.config.num_key_value_heads
+    sq = lambda t: float(t.detach().double().pow(2).sum())
+    for h in range(teacher.config.num_attention_heads):
+        q, g = slice(h * hd, (h + 1) * hd), slice((h // G) * hd, (h // G + 1) * hd)
+        kv = sq(a.k_proj.weight[g]) + sq(a.k_proj.bias[g]) + sq(a.v_proj.weight[g]) + sq(a.v_proj.bias[g])
+        ref = sq(a.q_proj.weight[q]) + sq(a.q_proj.bias[q]) + sq(a.o_proj.weight[:, q]) + kv / G
+        assert imp.heads[1, h].item() == pytest.approx(ref, rel=1e-5)
