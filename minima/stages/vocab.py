@@ -295,6 +295,12 @@ def run_bpe(cfg: VocabConfig, base_json: dict, force: bool = False) -> Artifact:
             exp.trained_merges,
             len(texts),
         )
+        resized = {}
+        if cfg.base_model:  # first: with config.json in the dir AutoTokenizer picks the family's class
+            model = load_model(cfg.base_model, dtype="saved", device="cpu", family="causal")
+            resized = resize_model_bpe(
+                model, r.work_dir, base_json, exp, cfg.embedding_init, cfg.seed, cfg.pad_to_multiple_of
+            )
         zh, en, mixed = load_samples(cfg.sample_texts)
         if not cfg.sample_texts:
             zh = zh + texts[-200:]
@@ -353,13 +359,7 @@ def run_bpe(cfg: VocabConfig, base_json: dict, force: bool = False) -> Artifact:
             metrics["zh_ratio"],
             len(untouched),
         )
-        if cfg.base_model:
-            model = load_model(cfg.base_model, dtype="saved", device="cpu", family="causal")
-            metrics.update(
-                resize_model_bpe(
-                    model, r.work_dir, base_json, exp, cfg.embedding_init, cfg.seed, cfg.pad_to_multiple_of
-                )
-            )
+        metrics.update(resized)
         return metrics
 
     return run_stage(cfg, inputs, body, force=force)
