@@ -39,6 +39,7 @@ from minima.compress.prune import (
     head_dim,
     log,
     make_plan,
+    student_config,
 )
 from minima.core.config import PruneSearchConfig
 from minima.core.errors import ConfigError
@@ -140,8 +141,6 @@ def candidate_shapes(config, target_params: float, search: PruneSearchConfig) ->
     if len(found) > search.max_candidates:
         step = (len(found) - 1) / max(1, search.max_candidates - 1)
         found = [found[round(i * step)] for i in range(search.max_candidates)]
-    from minima.compress.prune import student_config
-
     return [Candidate(s, count_params(student_config(config, s))) for _, s in found]
 
 
