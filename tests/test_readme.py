@@ -111,6 +111,12 @@ def test_readme_speed_ratios_come_from_results():
 # README command (whitespace collapsed, without its comment) -> the tests that run it, its stage and options, at
 # tiny scale on bundled data. A command not listed must say beside it why it can't run in CI ("not in CI: ...").
 README_COMMANDS = {
+    "minima evaluate model=M tasks=[alpaca_eval] tasks.alpaca_eval.path=F answers_only=true out_dir=runs/x/ans": (
+        "test_evaluate_answers_only.py::test_answers_only_then_judge_equals_the_one_shot_run"
+    ),
+    "minima evaluate judge answers=runs/x/ans chat_mode=pairwise judge_base_url=URL judge_model=NAME": (
+        "test_evaluate_answers_only.py::test_answers_only_then_judge_equals_the_one_shot_run"
+    ),
     "bash scripts/demo.sh": "test_pipeline_e2e.py::test_every_artifact_exists_and_loads",
     "bash scripts/test.sh": "CI",  # what CI runs: this suite
     "minima vocab base_tokenizer=llama/tokenizer.model extra_sp_model=chinese_sp.model mode=minima "

@@ -1,4 +1,5 @@
-"""Importance scores for structured pruning of a LLaMA model, streamed over calibration batches.
+"""Importance scores for structured pruning of a LLaMA-layout model (LLaMA, Mistral, Qwen2, Qwen3),
+streamed over calibration batches.
 
 Every data-driven score is a running sum kept by forward hooks (one vector per layer), so memory does
 not grow with the number of calibration tokens and no full activation is ever stored.
@@ -16,7 +17,8 @@ Scores (``Importance``; L layers, H heads, N MLP neurons, D hidden channels):
   heads and neurons divided by their L2 norm. The absolute value is taken per sequence, as in Michel
   et al. (2019): taken per batch, opposite signs of different sequences cancel and a trained
   model's batch gradient is close to zero for important and unimportant units alike.
-- ``magnitude``: squared L2 norm of all weights that read or write the unit (no data).
+- ``magnitude``: squared L2 norm of all weights that read or write the unit (no data), q/k/v biases
+  (Qwen2) included with their head.
 - ``random``: uniform noise from the seed (the baseline).
 
 ``block_influence`` (ShortGPT / Minitron) is 1 - cos(layer input, layer output), averaged over tokens;
@@ -248,8 +250,12 @@ def magnitude_importance(model) -> Importance:
         for i, layer in enumerate(_layers(model)):
             a, m = layer.self_attn, layer.mlp
             q, k, v, o = sq(a.q_proj.weight), sq(a.k_proj.weight), sq(a.v_proj.weight), sq(a.o_proj.weight)
-            kv = (k.view(K, hd, D).sum((1, 2)) + v.view(K, hd, D).sum((1, 2))) / G
-            heads[i] = (q.view(H, hd, D).sum((1, 2)) + o.view(D, H, hd).sum((0, 2)) + kv.repeat_interleave(G)).cpu()
+            kv = k.view(K, hd, D).sum((1, 2)) + v.view(K, hd, D).sum((1, 2))
+            qh = q.view(H, hd, D).sum((1, 2))
+            for proj, acc in ((a.q_proj, qh), (a.k_proj, kv), (a.v_proj, kv)):
+                if proj.bias is not None:
+                    acc += sq(proj.bias).view(-1, hd).sum(1)
+            heads[i] = (qh + o.view(D, H, hd).sum((0, 2)) + (kv / G).repeat_interleave(G)).cpu()
             gate, up, down = sq(m.gate_proj.weight), sq(m.up_proj.weight), sq(m.down_proj.weight)
             neurons[i] = (gate.sum(1) + up.sum(1) + down.sum(0)).cpu()
             cols = q.sum(0) + k.sum(0) + v.sum(0) + gate.sum(0) + up.sum(0)  # weights that read channel c
@@ -280,10 +286,10 @@ def calibrate(
     total: Optional[int] = None,
     seed: int = 0,
 ) -> Importance:
-    """Score heads, neurons, hidden channels (and layers) of a LLaMA model.
+    """Score heads, neurons, hidden channels (and layers) of a LLaMA-layout model.
 
     Args:
-        model: a ``LlamaForCausalLM`` (any device/dtype); left unchanged.
+        model: a ``LlamaForCausalLM`` (or Mistral/Qwen2/Qwen3; any device/dtype); left unchanged.
         batches: calibration batches (dicts with ``input_ids`` and optional ``attention_mask``, or
             id tensors); only iterated when the method or ``block_influence`` needs data.
         method: activation | gradient | magnitude | random.

@@ -1,9 +1,11 @@
-"""Structured pruning of a LLaMA teacher to a smaller uniform shape (e.g. 7B -> MiniMA-3B).
+"""Structured pruning of a decoder-only teacher to a smaller uniform shape (e.g. 7B -> MiniMA-3B).
 
-The pruned model is a plain ``LlamaForCausalLM``: whole layers, whole KV groups (with their query
+Families: LLaMA (2 and 3, rope scaling kept), Mistral, Qwen2/Qwen2.5 (q/k/v biases sliced with their
+rows) and Qwen3 (per-head q/k RMSNorms copied unchanged, head_dim independent of hidden/heads). The
+pruned model is the teacher family's plain ``*ForCausalLM``: whole layers, whole KV groups (with their query
 heads), MLP neurons and hidden channels are removed by slicing the teacher's weights; head_dim is
-kept. Which units survive is decided by an importance score (``minima.compress.importance``) computed
-in one streaming pass over calibration records.
+kept, and tied embeddings stay tied. Which units survive is decided by an importance score
+(``minima.compress.importance``) computed in one streaming pass over calibration records.
 
 What is exact (tests/test_prune.py checks each):
 
@@ -50,6 +52,35 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# model_type -> the family's plain causal-LM class; every one has the LLaMA module layout
+# (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, two RMSNorms per layer, model.norm)
+FAMILIES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+def check_family(config, where: str = "teacher") -> str:
+    """The teacher's model_type, when prune supports it.
+
+    Raises:
+        InputError: any other family, with the list of supported ones.
+    """
+    mt = getattr(config, "model_type", None)
+    if mt not in FAMILIES:
+        raise InputError(
+            f"the teacher is a {mt!r} model; prune handles {', '.join(sorted(FAMILIES))}",
+            where=where,
+            fix=f"use a teacher of one of these families ({', '.join(FAMILIES[k] for k in sorted(FAMILIES))})",
+        )
+    return mt
+
+
+def coupled_heads(config) -> bool:
+    """True when the teacher's head_dim is hidden_size / num_heads (so the student keeps that rule)."""
+    return head_dim(config) * config.num_attention_heads == config.hidden_size
 
 
 # ------------------------------------------------------------------------------------------- shapes
@@ -137,7 +168,7 @@ def resolve_target(
             where=f"{where}.num_heads",
             fix=f"set num_heads={out.num_key_value_heads * G} or num_key_value_heads={max(1, out.num_heads // G)}",
         )
-    if out.hidden_size % out.num_heads:
+    if coupled_heads(teacher_config) and out.hidden_size % out.num_heads:
         raise ConfigError(
             f"hidden_size={out.hidden_size} is not divisible by num_heads={out.num_heads} "
             f"({out.hidden_size} / {out.num_heads} = {out.hidden_size / out.num_heads:.2f})",
@@ -168,8 +199,12 @@ def resolve_target(
     return out
 
 
-def student_config(teacher_config, shape: Shape, rescale_norms: bool = False):
-    """The teacher's config with the target dims (head_dim written explicitly, since it is kept)."""
+def student_config(teacher_config, shape: Shape, rescale_norms: bool = False, layers: Optional[list[int]] = None):
+    """The teacher's config with the target dims (head_dim written explicitly, since it is kept).
+
+    ``layers`` (the kept teacher layers) picks the per-layer attention types (sliding vs full) of
+    those layers; without it the first ``num_layers`` entries are kept.
+    """
     cfg = copy.deepcopy(teacher_config)
     hd = head_dim(teacher_config)
     cfg.num_hidden_layers = shape.num_layers
@@ -181,7 +216,10 @@ def student_config(teacher_config, shape: Shape, rescale_norms: bool = False):
     if rescale_norms:
         cfg.rms_norm_eps = teacher_config.rms_norm_eps * teacher_config.hidden_size / shape.hidden_size
     if getattr(cfg, "layer_types", None) is not None:
-        cfg.layer_types = cfg.layer_types[: shape.num_layers]
+        kept = list(layers) if layers is not None else list(range(shape.num_layers))
+        cfg.layer_types = [teacher_config.layer_types[i] for i in kept]
+    if getattr(cfg, "max_window_layers", None) is not None:
+        cfg.max_window_layers = min(cfg.max_window_layers, shape.num_layers)
     return cfg
 
 
@@ -302,6 +340,9 @@ def slice_state_dict(teacher, plan: PrunePlan, rescale_norms: bool = False) -> d
         put(f"{p}.self_attn.k_proj", a.k_proj, kv_rows, hid)
         put(f"{p}.self_attn.v_proj", a.v_proj, kv_rows, hid)
         put(f"{p}.self_attn.o_proj", a.o_proj, hid, q_rows)
+        for qk in ("q_norm", "k_norm"):  # Qwen3: RMSNorm over head_dim, shared by every head
+            if getattr(a, qk, None) is not None:
+                sd[f"{p}.self_attn.{qk}.weight"] = getattr(a, qk).weight.clone()
         put(f"{p}.mlp.gate_proj", m.gate_proj, neu, hid)
         put(f"{p}.mlp.up_proj", m.up_proj, neu, hid)
         put(f"{p}.mlp.down_proj", m.down_proj, hid, neu)
@@ -312,13 +353,14 @@ def slice_state_dict(teacher, plan: PrunePlan, rescale_norms: bool = False) -> d
 
 
 def build_student(teacher, plan: PrunePlan, shape: Shape, rescale_norms: bool = False):
-    """A LlamaForCausalLM of ``shape`` holding the kept teacher weights (no random init, no copy twice)."""
-    from transformers import LlamaForCausalLM
+    """The teacher family's plain causal LM of ``shape`` holding the kept teacher weights (no random init)."""
+    import transformers
 
-    cfg = student_config(teacher.config, shape, rescale_norms)
+    cls = getattr(transformers, FAMILIES[check_family(teacher.config)])
+    cfg = student_config(teacher.config, shape, rescale_norms, plan.layers)
     sd = slice_state_dict(teacher, plan, rescale_norms)
     with torch.device("meta"):
-        student = LlamaForCausalLM(cfg)
+        student = cls(cfg)
     missing, unexpected = student.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         student.tie_weights()
@@ -401,10 +443,10 @@ def prune_model(
     seed: int = 0,
     num_batches: Optional[int] = None,
 ):
-    """Prune a loaded LlamaForCausalLM to ``target``; the teacher is left unchanged.
+    """Prune a loaded causal LM (llama, mistral, qwen2, qwen3) to ``target``; the teacher is left unchanged.
 
     Args:
-        teacher_model: a ``LlamaForCausalLM`` on any device/dtype.
+        teacher_model: a ``LlamaForCausalLM`` (or Mistral/Qwen2/Qwen3) on any device/dtype.
         calib_batches: iterable of dicts with ``input_ids`` [B, T] (and ``attention_mask``), or id tensors;
             may be None when nothing needs data (magnitude/random importance and no block influence).
         target: dims to prune to (``num_layers``, ``num_heads``, ``num_key_value_heads``,
@@ -419,17 +461,12 @@ def prune_model(
     Returns:
         (student, PruneReport): the student on the teacher's device and dtype, in eval mode.
     """
-    if getattr(teacher_model.config, "model_type", None) != "llama":
-        raise InputError(
-            f"the teacher is a {getattr(teacher_model.config, 'model_type', '?')!r} model; "
-            "prune handles LLaMA-architecture models",
-            fix="convert the teacher to LlamaForCausalLM first",
-        )
+    check_family(teacher_model.config)
     t = Shape.of(teacher_model.config)
     if isinstance(target, PruneConfig):
         keep_layers = target.keep_layers if keep_layers is None else keep_layers
     shape = resolve_target(teacher_model.config, target, keep_layers)
-    if shape.hidden_size // shape.num_heads != head_dim(teacher_model.config):
+    if coupled_heads(teacher_model.config) and shape.hidden_size // shape.num_heads != head_dim(teacher_model.config):
         log.warning(
             "hidden_size/num_heads = %d/%d != head_dim %d: config.json sets head_dim explicitly "
             "(HF Llama honours it; some third-party converters assume hidden/heads)",

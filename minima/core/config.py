@@ -79,7 +79,8 @@ class StageConfig(Closed):
 
 # --------------------------------------------------------------------------------------- vocab
 class VocabConfig(StageConfig):
-    """Expand a LLaMA SentencePiece tokenizer with the pieces of another SentencePiece model."""
+    """Expand a tokenizer: a LLaMA SentencePiece one with the pieces of another SentencePiece model, or a
+    byte-level BPE one (Llama-3, Qwen) with tokens and merges learned on a new-language ``corpus``."""
 
     stage: ClassVar[str] = "vocab"
     base_tokenizer: Optional[str] = Field(None, description="LLaMA tokenizer dir or tokenizer.model file.")
@@ -100,6 +101,16 @@ class VocabConfig(StageConfig):
         "AutoTokenizer == SentencePiece self-check; a line is Chinese when CJK is >= 30% of its non-space "
         "characters, English when it has no CJK (mixed lines are only self-checked). Default: built-in samples.",
     )
+    corpus: list[str] = Field(
+        default_factory=list,
+        description="Byte-level BPE base: UTF-8 text files of the new language; new tokens and merges are learned "
+        "on them with the base's normalizer and pre-tokenizer.",
+    )
+    new_tokens: int = Field(1000, ge=1, description="Byte-level BPE base: at most this many tokens are added.")
+    min_frequency: int = Field(2, ge=1, description="Byte-level BPE base: a learned merge needs this many uses.")
+    max_corpus_lines: int = Field(
+        200_000, ge=1, description="Byte-level BPE base: at most this many corpus lines are read (from the start)."
+    )
     zero_scores: bool = Field(
         False,
         description="chinese-llama: give every added piece the literal score 0 (Chinese-LLaMA's tokenizer.model, "
@@ -109,7 +120,7 @@ class VocabConfig(StageConfig):
         "still above every base merge, and AutoTokenizer matches SentencePiece exactly.",
     )
 
-    @field_validator("sample_texts", mode="before")
+    @field_validator("sample_texts", "corpus", mode="before")
     @classmethod
     def _sample_texts(cls, v):
         # CLI overrides of list[str] fields arrive as raw text: accept "[a, b]" and "a,b"
@@ -712,8 +723,43 @@ class DpoConfig(TrainConfig):
 
 
 # -------------------------------------------------------------------------------------- prune
+class PruneSearchConfig(Closed):
+    """Shape search under a parameter budget (used when ``target_params`` is set)."""
+
+    tolerance: float = Field(0.01, gt=0, lt=1, description="Candidates within target_params * (1 +- tolerance).")
+    top_k: int = Field(3, ge=1, description="Candidates (best calibration loss after pruning) that are retrained.")
+    retrain_steps: int = Field(
+        20, ge=0, description="Short distill steps per retrained candidate (0: rank by the loss right after pruning)."
+    )
+    multiple: int = Field(
+        128,
+        ge=1,
+        description="Granularity of hidden and FFN sizes (64/128 suit GPUs); halved until the teacher's size is a "
+        "multiple with at least 4 steps, so tiny teachers search at a finer grain.",
+    )
+    min_ratio: float = Field(
+        0.5, gt=0, le=1, description="No dim below this fraction of the teacher's (ModelOpt: beyond ~50% is hard)."
+    )
+    max_candidates: int = Field(32, ge=1, description="At most this many candidates are scored (spread evenly).")
+    score_samples: int = Field(
+        32, ge=1, description="Calibration sequences held out to score candidates (the rest retrain them)."
+    )
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the retraining steps.")
+    alpha: float = Field(0.0, ge=0, le=1, description="Hard-label CE weight of the retraining loss.")
+    kd: Literal["forward_kl", "reverse_kl", "jsd", "soft_ce"] = Field("forward_kl", description="Retraining KD term.")
+    temperature: float = Field(1.0, gt=0, description="Retraining KD temperature.")
+    keep: Literal["retrained", "pruned"] = Field(
+        "retrained", description="Save the winner after its retraining steps, or its freshly pruned weights."
+    )
+    logit_cache: Optional[str] = Field(
+        None,
+        description="A distill logit cache built over the same records and teacher (minima distill-cache): the "
+        "retraining steps then train against its targets instead of running the teacher.",
+    )
+
+
 class PruneConfig(StageConfig):
-    """Structured pruning of a teacher to a target shape."""
+    """Structured pruning of a teacher to a target shape, or a shape search under ``target_params``."""
 
     stage: ClassVar[str] = "prune"
     teacher: Optional[str] = Field(None, description="Teacher HF directory.")
@@ -738,6 +784,12 @@ class PruneConfig(StageConfig):
     layer_importance: Literal["block-influence", "drop_last"] = Field(
         "block-influence", description="How layers are chosen when keep_layers is not given."
     )
+    target_params: Optional[float] = Field(
+        None,
+        gt=0,
+        description="Parameter budget (e.g. 3.0e9): search the shape instead of giving dims (see search.*).",
+    )
+    search: PruneSearchConfig = Field(default_factory=PruneSearchConfig, description="Shape search options.")
     dry_run: bool = nohash(False, "Print the target shape and parameter count without loading weights.")
     dtype: Literal["bf16", "fp16", "fp32"] = Field(
         "fp32", description="Teacher dtype for calibration; the pruned model is saved in it."
@@ -770,6 +822,15 @@ class PruneConfig(StageConfig):
             )
         if self.keep_layers is not None and self.num_layers is not None and len(self.keep_layers) != self.num_layers:
             raise ValueError(f"keep_layers has {len(self.keep_layers)} entries but num_layers={self.num_layers}")
+        if self.target_params is not None:
+            dims = ("num_layers", "num_heads", "num_key_value_heads", "intermediate_size", "hidden_size")
+            given = [k for k in dims if getattr(self, k) is not None] + (["keep_layers"] if self.keep_layers else [])
+            if given:
+                raise ValueError(
+                    f"target_params={self.target_params:g} searches the shape, but {', '.join(given)} "
+                    "also set it; give either the budget or the dims (set them to null where a preset gives "
+                    "them, e.g. num_layers=null keep_layers=null)"
+                )
         return self
 
 

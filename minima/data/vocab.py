@@ -319,3 +319,211 @@ def resize_model(model, out_dir: Path, base, merged: MergeResult, init: str, see
 
 
 # ------------------------------------------------------------------------------------ the stage
+
+
+# ------------------------------------------------------------------------------ byte-level BPE
+# Llama-3 / Qwen / GPT-2 style tokenizers (tokenizer.json, BPE over a byte alphabet). New tokens are
+# only those whose bytes contain a lead byte of U+3000..U+9FFF (0xE3..0xE9: CJK punctuation, kana and
+# ideographs). A merge can only fire on text holding both of its parts, so by induction no new merge
+# ever fires on text without those bytes: English (any text outside that range) keeps its base ids.
+NEW_LEAD_BYTES = frozenset(range(0xE3, 0xEA))
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The byte-level alphabet (GPT-2's bytes_to_unicode) inverted: character -> byte."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    dec = {chr(c): b for b, c in zip(bs, cs)}
+    if set(dec) != set(alphabet):  # the library's alphabet is the reference
+        raise RuntimeError("byte-level alphabet mismatch with tokenizers.pre_tokenizers.ByteLevel")
+    return dec
+
+
+def token_bytes(token: str, decoder: Optional[dict[str, int]] = None) -> bytes:
+    """The raw bytes a byte-level token stands for."""
+    decoder = decoder or _byte_decoder()
+    return bytes(decoder[c] for c in token)
+
+
+def is_byte_level_bpe(tokenizer_json: dict) -> bool:
+    """True for a tokenizer.json whose model is BPE over the byte-level alphabet (Llama-3, Qwen, GPT-2)."""
+    if (tokenizer_json.get("model") or {}).get("type") != "BPE":
+        return False
+    text = json.dumps(tokenizer_json.get("pre_tokenizer"))
+    return '"ByteLevel"' in text
+
+
+@dataclass
+class BpeExpansion:
+    """An expanded tokenizer.json and what was added."""
+
+    tokenizer_json: dict
+    base_size: int  # the first new id (every base token and special token is below it)
+    added: list[str] = field(default_factory=list)  # new tokens, in id order
+    merges_added: int = 0
+    base_merges: int = 0
+    trained_merges: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.base_size + len(self.added)
+
+
+def _merge_pair(m) -> tuple[str, str]:
+    return tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1))
+
+
+def learn_bpe_tokens(
+    base_json: dict, texts: Sequence[str], new_tokens: int, min_frequency: int = 2, vocab_factor: int = 3
+) -> list[tuple[str, str]]:
+    """Merges learned on ``texts`` with the base's normalizer and pre-tokenizer, in learned order.
+
+    A fresh BPE is trained over the byte alphabet (``tokenizers``' Rust trainer) with room for
+    ``vocab_factor * new_tokens`` merges; :func:`expand_bpe` keeps the ones it can use.
+    """
+    from tokenizers import Tokenizer, pre_tokenizers, trainers
+
+    spec = {k: base_json.get(k) for k in ("normalizer", "pre_tokenizer")}
+    spec.update(
+        version=base_json.get("version", "1.0"),
+        truncation=None,
+        padding=None,
+        added_tokens=[],
+        post_processor=None,
+        decoder=None,
+        model={"type": "BPE", "vocab": {}, "merges": [], "dropout": None, "unk_token": None},
+    )
+    tok = Tokenizer.from_str(json.dumps(spec))
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(alphabet) + vocab_factor * new_tokens,
+        min_frequency=min_frequency,
+        initial_alphabet=alphabet,
+        show_progress=False,
+        special_tokens=[],
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return [_merge_pair(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+
+
+def expand_bpe(base_json: dict, texts: Sequence[str], new_tokens: int, min_frequency: int = 2) -> BpeExpansion:
+    """Append up to ``new_tokens`` tokens and their merges, learned on ``texts``, to a byte-level BPE.
+
+    Base vocab ids, base merges (order and content) and added/special tokens are unchanged (the
+    added tokens are also written into the model vocab at their ids); new ids start after the
+    highest existing id. A learned merge is kept when both parts are tokens (base or
+    kept before it), its result is not a base token, and its bytes hold a CJK lead byte (see
+    ``NEW_LEAD_BYTES``); kept merges go after every base merge, so they never outrank one.
+
+    Raises:
+        InputError: the tokenizer is not a byte-level BPE.
+    """
+    import copy
+
+    if not is_byte_level_bpe(base_json):
+        raise InputError(
+            "the base tokenizer.json is not a byte-level BPE",
+            where="VocabConfig.base_tokenizer",
+            fix="use a Llama-3 / Qwen / GPT-2 style tokenizer.json, or a SentencePiece tokenizer.model",
+        )
+    out = copy.deepcopy(base_json)
+    model = out["model"]
+    vocab: dict[str, int] = model["vocab"]
+    merges = model["merges"]
+    string_merges = bool(merges) and isinstance(merges[0], str)
+    # The tokenizers library renumbers an added token that is not in the model vocab to
+    # model-vocab-size + k when it loads the file; once new ids follow the specials that would move
+    # them. Writing each added token into the model vocab at its own id keeps every id where it is
+    # (no merge forms those strings, and added tokens are matched before the model runs).
+    for t in out.get("added_tokens") or []:
+        if t["content"] not in vocab:
+            vocab[t["content"]] = t["id"]
+    top = max(vocab.values(), default=-1)
+    if len(set(vocab.values())) != top + 1:
+        missing = sorted(set(range(top + 1)) - set(vocab.values()))
+        raise InputError(
+            f"the base tokenizer's ids are not contiguous ({len(missing)} ids missing, e.g. {missing[:5]})",
+            where="VocabConfig.base_tokenizer",
+            fix="use a tokenizer.json whose vocab and added tokens cover 0..N-1",
+        )
+    res = BpeExpansion(out, base_size=top + 1, base_merges=len(merges))
+    learned = learn_bpe_tokens(base_json, texts, new_tokens, min_frequency)
+    res.trained_merges = len(learned)
+    dec = _byte_decoder()
+    have = set(vocab)
+    for a, b in learned:
+        if len(res.added) >= new_tokens:
+            break
+        new = a + b
+        if new in have or a not in have or b not in have:
+            continue
+        if not NEW_LEAD_BYTES.intersection(token_bytes(new, dec)):
+            continue
+        vocab[new] = res.base_size + len(res.added)
+        merges.append(f"{a} {b}" if string_merges else [a, b])
+        res.added.append(new)
+        have.add(new)
+    res.merges_added = len(res.added)
+    return res
+
+
+def bpe_subtoken_ids(base_json: dict, tokens: Sequence[str]) -> list[list[int]]:
+    """The base ids each new token's bytes split into under the base BPE (for mean-of-subtokens)."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(json.dumps(base_json))
+    spec.update(normalizer=None, pre_tokenizer=None, post_processor=None, added_tokens=[])
+    tok = Tokenizer.from_str(json.dumps(spec))
+    return [[t.id for t in tok.model.tokenize(s)] for s in tokens]
+
+
+def resize_model_bpe(model, out_dir: Path, base_json: dict, exp: BpeExpansion, init: str, seed: int, pad_to: int = 1):
+    """Save ``model`` with rows for the new ids (same inits as the SentencePiece path: mean, normal,
+    mean-of-subtokens); rows below ``exp.base_size`` are kept bitwise, spare rows beyond it are reused."""
+    import torch
+
+    emb = model.get_input_embeddings().weight
+    rows_before = emb.shape[0]
+    n_new = len(exp.added)
+    total = max(rows_before, exp.size)
+    total += -total % pad_to
+    emb_in = emb.detach().clone()
+    out_layer = model.get_output_embeddings()
+    tied = out_layer is None or out_layer.weight.data_ptr() == emb.data_ptr()
+    emb_out = None if tied else out_layer.weight.detach().clone()
+    groups = bpe_subtoken_ids(base_json, exp.added) if init == "mean-of-subtokens" else None
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    gen = torch.Generator().manual_seed(seed)
+    n_base = exp.base_size
+    if total != rows_before:
+        model.resize_token_embeddings(total, mean_resizing=False)
+    new = slice(n_base, n_base + n_new)
+    with torch.no_grad():
+        w_in = model.get_input_embeddings().weight
+        w_in[:n_base] = emb_in[:n_base]
+        w_in[new] = _new_rows(emb_in[:n_base], n_new, init, std, groups, gen)
+        if not tied:
+            w_out = model.get_output_embeddings().weight
+            w_out[:n_base] = emb_out[:n_base]
+            w_out[new] = _new_rows(emb_out[:n_base], n_new, init, std, groups, gen)
+    unchanged = torch.equal(model.get_input_embeddings().weight[:n_base], emb_in[:n_base]) and (
+        tied or torch.equal(model.get_output_embeddings().weight[:n_base], emb_out[:n_base])
+    )
+    assert unchanged, "base rows changed during resize"  # a bug, not a user error
+    model.config.vocab_size = total
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return {
+        "model_vocab_size": total,
+        "embedding_init": init,
+        "tied_embeddings": tied,
+        "base_rows_unchanged": unchanged,
+        "model_dtype": str(emb_in.dtype).removeprefix("torch."),
+    }

@@ -4,6 +4,11 @@
 counts the target's parameters on the meta device and loads no weights). ``init=random`` writes the
 target shape with fresh weights instead: the from-scratch baseline a pruned student is compared with.
 The pruning itself lives in :mod:`minima.compress.prune`.
+
+``minima prune teacher=DIR records=DIR target_params=3.0e9 search.top_k=3 search.retrain_steps=20``
+searches the shape instead (:mod:`minima.compress.search`); the artifact then also holds
+``search.json`` (every candidate: shape, params, calibration loss before and after retraining) and
+``search.png``. With ``dry_run=true`` it lists the candidates without loading weights.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from minima.compress.prune import (
     DTYPES,
     TOKENIZER_FILES,
     Shape,
+    check_family,
     format_params,
     head_dim,
     log,
@@ -83,6 +89,37 @@ def calibration_batches(
         ds.close()
 
 
+def cached_batches(records: str | Path, cache_dir: str | Path, num_batches: int, batch_size: int, seed: int = 0):
+    """Up to ``num_batches`` train batches with the logit cache's teacher targets (for search retraining)."""
+    from minima.compress.logit_cache import CachedRecordDataset, collate_targets, read_cache_meta
+    from minima.data.records import collate
+
+    meta = read_cache_meta(cache_dir)
+    ds = CachedRecordDataset(str(records), "train", str(cache_dir), seed=seed, loop=False)
+    out, buf = [], []
+
+    def flush():
+        b = collate(buf, pad_id=ds.pad_id)
+        b.update(
+            collate_targets(buf, b["input_ids"].shape[1]), kd_mode=meta["mode"], kd_temperature=meta["temperature"]
+        )
+        out.append(b)
+        buf.clear()
+
+    try:
+        for sample in ds:
+            buf.append(sample)
+            if len(buf) == batch_size:
+                flush()
+                if len(out) >= num_batches:
+                    break
+        if buf and len(out) < num_batches:
+            flush()
+    finally:
+        ds.close()
+    return out
+
+
 def num_calibration_batches(records: str | Path, num_samples: int, batch_size: int) -> int:
     from minima.data.records import RecordDataset
 
@@ -107,16 +144,13 @@ def _teacher_config(cfg: PruneConfig):
             fix="point teacher= at an HF model directory",
         )
     c = AutoConfig.from_pretrained(str(p), trust_remote_code=False)
-    if c.model_type != "llama":
-        raise InputError(
-            f"teacher {p} is a {c.model_type!r} model; prune handles LLaMA-architecture models",
-            where=f"{p}/config.json",
-            fix="use a LlamaForCausalLM teacher",
-        )
+    check_family(c, where=f"{p}/config.json")
     return c
 
 
 def _needs_data(cfg: PruneConfig, teacher: Shape, shape: Shape) -> bool:
+    if cfg.target_params is not None:  # candidates are scored by their calibration loss
+        return True
     drops = (
         cfg.keep_layers is None and shape.num_layers < teacher.num_layers and cfg.layer_importance == "block-influence"
     )
@@ -127,6 +161,21 @@ def validate_inputs(cfg: PruneConfig, for_dry_run: bool = False):
     """Everything checkable before loading weights: teacher config, target shape, records. Returns (config, shape)."""
     tc = _teacher_config(cfg)
     shape = resolve_target(tc, cfg)
+    if cfg.target_params is not None:
+        from minima.compress.search import candidate_shapes
+
+        candidate_shapes(tc, cfg.target_params, cfg.search)  # no shape fits: fail before loading anything
+        if cfg.search.logit_cache and not for_dry_run:
+            from minima.compress.logit_cache import read_cache_meta
+
+            meta = read_cache_meta(cfg.search.logit_cache)
+            if abs(float(meta["temperature"]) - cfg.search.temperature) > 1e-9:
+                raise ConfigError(
+                    f"the logit cache was built at temperature {meta['temperature']}, search.temperature is "
+                    f"{cfg.search.temperature}",
+                    where="PruneConfig.search.temperature",
+                    fix=f"set search.temperature={meta['temperature']}",
+                )
     if not for_dry_run:
         if _device(cfg).type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(
@@ -187,6 +236,8 @@ def _device(cfg: PruneConfig) -> torch.device:
 def dry_run(cfg: PruneConfig) -> dict:
     """Print the target shape and parameter counts (meta device, no weights)."""
     tc, shape = validate_inputs(cfg, for_dry_run=True)
+    if cfg.target_params is not None:
+        return _dry_run_search(cfg, tc)
     before, after = count_params(tc), count_params(student_config(tc, shape))
     t = Shape.of(tc)
     src = cfg.teacher or "LLaMA-2-7B shape (presets.LLAMA2_7B)"
@@ -206,6 +257,31 @@ def dry_run(cfg: PruneConfig) -> dict:
         "params_after": after,
         "teacher_shape": asdict(t),
         "target_shape": asdict(shape),
+        "vocab_size": tc.vocab_size,
+    }
+
+
+def _dry_run_search(cfg: PruneConfig, tc) -> dict:
+    """List the search's candidates (exact counts on the meta device, no weights)."""
+    from minima.compress.search import candidate_shapes, format_table
+
+    cands = candidate_shapes(tc, cfg.target_params, cfg.search)
+    before = count_params(tc)
+    src = cfg.teacher or "LLaMA-2-7B shape (presets.LLAMA2_7B)"
+    print(f"teacher  {Shape.of(tc).describe()}, vocab {tc.vocab_size}: {format_params(before)} params  [{src}]")
+    print(
+        f"search   {len(cands)} candidates within {cfg.search.tolerance:.1%} of "
+        f"{format_params(int(cfg.target_params))}; "
+        f"top {cfg.search.top_k} retrained for {cfg.search.retrain_steps} steps"
+    )
+    print(format_table(cands))
+    print("dry run: nothing loaded, nothing written")
+    return {
+        "dry_run": True,
+        "params_before": before,
+        "target_params": cfg.target_params,
+        "teacher_shape": asdict(Shape.of(tc)),
+        "candidates": [c.row() for c in cands],
         "vocab_size": tc.vocab_size,
     }
 
@@ -259,22 +335,49 @@ def _body(cfg: PruneConfig, run: StageRun) -> dict:
             seed=cfg.seed,
         )
         nb = num_calibration_batches(cfg.records, cfg.num_samples, cfg.batch_size)
-    student, report = prune_model(
-        teacher,
-        batches,
-        cfg,
-        importance=cfg.importance,
-        layer_importance=cfg.layer_importance,
-        rescale_norms=cfg.rescale_norms,
-        seed=cfg.seed,
-        num_batches=nb,
-    )
+    search = None
+    if cfg.target_params is not None:
+        from minima.compress.search import search_shape
+
+        cached = None
+        if cfg.search.logit_cache and cfg.search.retrain_steps > 0:
+            cached = cached_batches(
+                cfg.records, cfg.search.logit_cache, cfg.search.retrain_steps, cfg.batch_size, cfg.seed
+            )
+
+        search = search_shape(
+            teacher,
+            list(batches),
+            cfg.target_params,
+            cfg.search,
+            importance=cfg.importance,
+            rescale_norms=cfg.rescale_norms,
+            seed=cfg.seed,
+            retrain_batches=cached,
+        )
+        student, report = search.student, search.report
+    else:
+        student, report = prune_model(
+            teacher,
+            batches,
+            cfg,
+            importance=cfg.importance,
+            layer_importance=cfg.layer_importance,
+            rescale_norms=cfg.rescale_norms,
+            seed=cfg.seed,
+            num_batches=nb,
+        )
     teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
     del teacher
     out = run.work_dir
     _save_student(cfg, student, out)
     (out / "importance.json").write_text(json.dumps(report.to_json()))
     plot_importance(report, out / "importance.png")
+    if search is not None:
+        from minima.compress.search import plot_search
+
+        (out / "search.json").write_text(json.dumps(search.to_json(), indent=1))
+        plot_search(search.candidates, out / "search.png", cfg.target_params)
     metrics = report.metrics()
     metrics.update(
         device=str(device),

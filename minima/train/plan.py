@@ -474,6 +474,14 @@ def plan_stage(cfg, opts: PlanOptions, preset: Optional[str] = None, shapes: Opt
         if cfg.importance == "gradient":
             plan.memory["gradients"] = n * (4 if cfg.dtype == "fp32" else 2)
         plan.rows += [("teacher params", _fmt_n(n)), ("calibration tokens", _fmt_n(cfg.num_samples * cfg.max_length))]
+        if getattr(cfg, "target_params", None):  # shape search: one candidate retrained at a time (fp32 + AdamW)
+            biggest = cfg.target_params * (1 + cfg.search.tolerance)
+            if cfg.search.retrain_steps:
+                plan.memory["search: retrained candidate (fp32 weights, grads, AdamW)"] = biggest * 16
+            plan.rows += [
+                ("search budget", f"{_fmt_n(cfg.target_params)} +- {cfg.search.tolerance:.0%}"),
+                ("search retraining", f"top {cfg.search.top_k} x {cfg.search.retrain_steps} steps"),
+            ]
     elif stage == "evaluate":
         config = load_config(cfg.model, student_fallback)
         n = count_params(config)
