@@ -111,6 +111,14 @@ def test_readme_speed_ratios_come_from_results():
 # README command (whitespace collapsed, without its comment) -> the tests that run it, its stage and options, at
 # tiny scale on bundled data. A command not listed must say beside it why it can't run in CI ("not in CI: ...").
 README_COMMANDS = {
+    "minima prune teacher=... records=... target_params=3.0e9 dry_run=true": (
+        "test_prune_search.py::test_dry_run_lists_7b_candidates_at_multiples_of_128"
+    ),
+    "minima prune teacher=... records=... target_params=3.0e9 search.top_k=3 search.retrain_steps=20 "
+    "[search.tolerance=0.01 search.multiple=128 search.min_ratio=0.5 search.logit_cache=runs/x/05_distill_cache]": (
+        "test_prune_search.py::test_stage_writes_search_json_and_the_chosen_shape",
+        "test_prune_search.py::test_retraining_from_a_full_vocab_logit_cache_equals_retraining_against_the_teacher",
+    ),
     "minima evaluate model=M tasks=[alpaca_eval] tasks.alpaca_eval.path=F answers_only=true out_dir=runs/x/ans": (
         "test_evaluate_answers_only.py::test_answers_only_then_judge_equals_the_one_shot_run"
     ),
