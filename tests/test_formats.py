@@ -254,4 +254,6 @@ def test_records_source_shape_choices_follow_the_registry():
     from minima.core.config import Source
     from minima.data.formats import SHAPES
 
-    assert set(typing.get_args(Source.model_fields["shape"].annotation)) == {"auto", *SHAPES}
+    # every detected shape, plus auto (detect) and instruction (mc records read with the choices in the user text)
+    assert "instruction" not in SHAPES
+    assert set(typing.get_args(Source.model_fields["shape"].annotation)) == {"auto", "instruction", *SHAPES}

@@ -345,6 +345,7 @@ def test_mixing_counts_unit():
         ([7, 1000], [0.3, 0.7]),
         ([5, 5], [1, 1]),
         ([13, 29, 31], [0.2, 0.5, 0.3]),
+        ([2036, 2036], [1, 3]),  # equal remainders (678.5, 2035.5): the scarce source gets the extra document
     ]:
         c = weighted_counts(avail, w)
         tot = sum(c)
@@ -353,6 +354,7 @@ def test_mixing_counts_unit():
         assert any(x == a for x, a in zip(c, avail)) or tot >= min(a / (wi / sum(w)) for a, wi in zip(avail, w)) - len(
             w
         )
+    assert weighted_counts([2036, 2036], [1, 3]) == [678, 2036]
     assert plan_counts([SourcePlan("a", 50, "all"), SourcePlan("b", 10, weight=1), SourcePlan("c", 100, weight=1)]) == [
         50,
         10,

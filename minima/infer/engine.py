@@ -201,6 +201,7 @@ class _Choice:
 
     def __init__(self, tok: Any, stop: tuple[str, ...], incremental: bool = True):
         self.tok, self.stop, self.incremental = tok, stop, incremental or bool(stop)
+        self.byte_ids = byte_token_ids(tok) if self.incremental else frozenset()
         self.ids: list[int] = []
         self.text = ""  # text settled so far (cut at the stop strings once one appears)
         self.sent = ""  # what has been handed out as deltas
@@ -216,7 +217,14 @@ class _Choice:
             self.text = cut_at_stop(text, self.stop)
             return self.finish("stop")
         self.text = text
-        safe = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence (byte fallback) is not text yet
+        # A trailing run of byte-fallback tokens may still become another character (its bytes decode
+        # together), and an incomplete UTF-8 sequence is not text yet: neither is handed out.
+        settled = len(self.ids)
+        while settled and self.ids[settled - 1] in self.byte_ids:
+            settled -= 1
+        if settled < len(self.ids):
+            text = self.tok.decode(self.ids[:settled], skip_special_tokens=True)
+        safe = text.rstrip("\ufffd")
         hold = max((k for s in self.stop for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
         return self._flush(safe[: len(safe) - hold])
 
@@ -233,6 +241,21 @@ class _Choice:
             delta, self.sent = upto[len(self.sent) :], upto
             return delta
         return ""
+
+
+def byte_token_ids(tok: Any) -> frozenset[int]:
+    """Ids of the tokenizer's byte-fallback pieces (``<0x00>`` .. ``<0xFF>``), cached on the tokenizer."""
+    ids = getattr(tok, "_minima_byte_ids", None)
+    if ids is None:
+        vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else {}
+        ids = frozenset(
+            i for piece, i in vocab.items() if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+        )
+        try:
+            tok._minima_byte_ids = ids
+        except AttributeError:  # a tokenizer that takes no attributes: computed each time
+            pass
+    return ids
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -52,7 +52,8 @@ def fixed_count(size: Union[int, str], available: int, name: str) -> int:
 def weighted_counts(available: list[int], weights: list[float]) -> list[int]:
     """Counts proportional to ``weights``, as many as possible without exceeding ``available``.
 
-    Largest-remainder rounding: each count is floor or ceil of its exact share.
+    Largest-remainder rounding: each count is floor or ceil of its exact share; on equal remainders the
+    source nearest to using all it has goes first, so the scarcest source is used in full.
     """
     if not available:
         return []
@@ -62,7 +63,7 @@ def weighted_counts(available: list[int], weights: list[float]) -> list[int]:
     exact = [s * group for s in shares]
     counts = [min(math.floor(x + 1e-9), a) for x, a in zip(exact, available)]
     left = group - sum(counts)
-    order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i]), i))
+    order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i]), available[i] - exact[i], i))
     for i in order:
         if left <= 0:
             break
