@@ -33,6 +33,7 @@ takes no new rows (the next prefill waits until it has finished).
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import queue
 import secrets
@@ -251,10 +252,8 @@ def byte_token_ids(tok: Any) -> frozenset[int]:
         ids = frozenset(
             i for piece, i in vocab.items() if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
         )
-        try:
+        with contextlib.suppress(AttributeError):  # a tokenizer that takes no attributes: computed each time
             tok._minima_byte_ids = ids
-        except AttributeError:  # a tokenizer that takes no attributes: computed each time
-            pass
     return ids
 
 
