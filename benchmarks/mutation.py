@@ -1,0 +1,332 @@
+"""Mutation score of the modules where a wrong number is silent (mutmut), written to RESULTS.md.
+
+Each target names a source file, the functions in it that compute numbers (only those are mutated) and
+the fast unit tests that guard them. mutmut runs in a scratch copy of the repository (so this checkout
+is never modified), maps every test to the functions it calls, and runs only those tests against each
+mutant, one mutant at a time (the machine is shared). The section lists the score per target and every
+surviving mutant as a diff; ``EXPLAINED`` gives the reason a known survivor is equivalent or harmless.
+
+Run by hand, never in the suite::
+
+    python benchmarks/mutation.py                 # every target (tens of minutes on 2 cores)
+    python benchmarks/mutation.py --only metrics  # one target
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import machine, write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MUTMUT = Path(sys.executable).with_name("mutmut")
+
+
+@dataclass
+class Target:
+    """A file, the number-computing functions in it (``Class.method`` for methods) and their fast tests."""
+
+    file: str
+    functions: list[str]
+    tests: list[str]
+
+
+TARGETS: dict[str, Target] = {
+    "lm loss": Target(
+        "minima/train/recipe.py",
+        ["causal_lm_loss_sum"],
+        ["tests/test_kd.py::test_chunked_lm_loss_equals_dense_cross_entropy", "tests/test_mutation_kills.py"],
+    ),
+    "kd": Target(
+        "minima/train/objectives/kd.py",
+        [
+            "_acc",
+            "_chunks",
+            "_lse_chunked",
+            "_Online.add",
+            "_Online.lse",
+            "_DenseLoss.forward",
+            "_DenseLoss.backward",
+            "dense_loss",
+            "kd_reference",
+            "top_k_targets",
+            "_LogitStats.forward",
+            "_LogitStats.backward",
+            "_ids_mask",
+            "_bucket_kd",
+            "sparse_loss",
+        ],
+        ["tests/test_kd.py"],
+    ),
+    "dpo": Target(
+        "minima/train/objectives/dpo.py",
+        ["token_logps", "log1mexp", "_smoothed_sigmoid", "preference_losses", "PairLosses.metrics"],
+        [
+            "tests/test_dpo.py::test_losses_equal_a_hand_computation",
+            "tests/test_dpo.py::test_losses_and_rewards_equal_trl",
+            "tests/test_mutation_kills.py",
+        ],
+    ),
+    "packing": Target(
+        "minima/data/packing.py",
+        [
+            "pack",
+            "concat",
+            "collate_packed",
+            "block_diagonal_mask",
+            "model_inputs",
+            "PackedDataset.__iter__",
+            "PackedDataset.state_dict",
+            "PackedDataset.load_state_dict",
+        ],
+        ["tests/test_packing.py", "tests/test_mutation_kills.py"],
+    ),
+    "formats": Target(
+        "minima/data/formats.py",
+        [
+            "ChatFormat.segments",
+            "ChatFormat.encode_exchanges",
+            "ChatFormat.encode_batch",
+            "ChatFormat.encode",
+            "MiniChatFormat.exchange",
+            "MiniChatFormat.generation_prefix",
+            "tokenize_texts",
+            "normalise_conversation",
+            "split_messages",
+            "MessageFormat.segments",
+        ],
+        ["tests/test_formats.py", "tests/test_mutation_kills.py"],
+    ),
+    "records reader": Target(
+        "minima/data/records/reader.py",
+        [
+            "to_sample",
+            "collate",
+            "shuffle_buffer_order",
+            "RecordDataset.state_dict",
+            "RecordDataset.load_state_dict",
+            "RecordDataset.advance",
+            "RecordDataset.epoch_order",
+            "RecordDataset.__iter__",
+            "RecordDataset.samples_per_epoch",
+        ],
+        ["tests/test_records_reader.py", "tests/test_mutation_kills.py"],
+    ),
+    "lora merge": Target(
+        "minima/train/lora.py",
+        ["apply_lora", "lora_state", "export_lora"],
+        ["tests/test_lora.py"],
+    ),
+    "prune slicing": Target(
+        "minima/compress/prune.py",
+        ["_top", "choose_layers", "make_plan", "_idx", "_rows", "slice_state_dict", "student_config"],
+        [
+            "tests/test_prune.py::test_noop_prune_gives_identical_logits",
+            "tests/test_prune.py::test_head_and_neuron_pruning_equal_the_teacher_with_those_units_zeroed",
+            "tests/test_prune.py::test_layer_drop_equals_the_teacher_with_those_layers_skipped",
+            "tests/test_prune.py::test_hidden_channel_pruning_vs_the_masked_teacher",
+            "tests/test_prune.py::test_gqa_teacher_keeps_whole_kv_groups",
+        ],
+    ),
+    "evaluate metrics": Target(
+        "minima/evaluate/metrics.py",
+        [
+            "mean",
+            "stderr",
+            "pooled_stderr",
+            "unweighted_stderr",
+            "argmax",
+            "choice_predictions",
+            "acc_scores",
+            "regex_extract",
+            "exact_match",
+            "f1",
+            "pass_at_k",
+            "token_perplexity",
+            "bits_per_byte",
+        ],
+        [
+            "tests/test_evaluate.py::test_gsm8k_extraction_and_scoring_match_lm_eval",
+            "tests/test_evaluate.py::test_drop_f1_and_em_match_lm_eval",
+            "tests/test_evaluate.py::test_pass_at_k_is_the_unbiased_estimator",
+            "tests/test_evaluate.py::test_stderr_and_group_aggregation_match_lm_eval",
+            "tests/test_mutation_kills.py",
+        ],
+    ),
+}
+
+# Survivors known to be equivalent or harmless: mutant name -> reason. A survivor not listed here is a
+# gap in the tests and is printed as such.
+EXPLAINED: dict[str, str] = {}
+
+STATUS = {
+    1: "killed",
+    3: "killed",
+    0: "survived",
+    5: "no tests",
+    33: "no tests",
+    34: "skipped",
+    36: "timeout",
+    -24: "timeout",
+    24: "timeout",
+    152: "timeout",
+    255: "timeout",
+    None: "not checked",
+}
+
+
+def mangled(module: str, function: str) -> str:
+    """mutmut's name prefix of the mutants of ``function`` (``Class.method`` or a plain function)."""
+    if "." in function:
+        cls, meth = function.split(".")
+        return f"{module}.xǁ{cls}ǁ{meth}__mutmut_"
+    return f"{module}.x_{function}__mutmut_"
+
+
+def scratch_copy(dest: Path) -> None:
+    """The package, the tests and the project files, without caches or build outputs."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "mutants")
+    for d in ("minima", "tests"):
+        shutil.copytree(ROOT / d, dest / d, ignore=ignore)
+    shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
+
+
+def run_target(name: str, t: Target, work: Path, env: dict) -> dict:
+    """Run mutmut over one target in its own scratch copy; return counts and survivor diffs."""
+    d = work / name.replace(" ", "_")
+    scratch_copy(d)
+    module = t.file[:-3].replace("/", ".")
+    lines = [
+        "[mutmut]",
+        "source_paths=minima",
+        f"only_mutate={t.file}",
+        "pytest_add_cli_args_test_selection=",
+        *[f"    {x}" for x in t.tests],
+        "pytest_add_cli_args=",
+        "    -p",
+        "    no:cacheprovider",
+        "process_isolation=forkserver",
+        "use_git_change_detection=false",
+        "",
+    ]
+    (d / "setup.cfg").write_text("\n".join(lines))
+    patterns = [mangled(module, f) + "*" for f in t.functions]
+    t0 = time.time()
+    proc = subprocess.run(
+        [str(MUTMUT), "run", "--max-children", "1", *patterns],
+        cwd=d,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    elapsed = time.time() - t0
+    meta = d / "mutants" / (t.file + ".meta")
+    if not meta.exists():
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        raise RuntimeError(f"mutmut produced no results for {name} (exit {proc.returncode}):\n{tail}")
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    prefixes = tuple(mangled(module, f) for f in t.functions)
+    mine = {k: v for k, v in codes.items() if k.startswith(prefixes)}
+    by_status: dict[str, list[str]] = {}
+    for k, v in sorted(mine.items()):
+        by_status.setdefault(STATUS.get(v, "suspicious"), []).append(k)
+    survivors = by_status.get("survived", []) + by_status.get("no tests", [])
+    diffs = {}
+    for k in survivors:
+        shown = subprocess.run([str(MUTMUT), "show", k], cwd=d, env=env, capture_output=True, text=True)
+        diffs[k] = "\n".join(x for x in shown.stdout.splitlines() if x.startswith(("+", "-")) and x[:3] not in ("+++", "---"))
+    killed = len(by_status.get("killed", [])) + len(by_status.get("timeout", []))
+    total = len(mine)
+    return {
+        "file": t.file,
+        "total": total,
+        "killed": killed,
+        "by_status": {k: len(v) for k, v in by_status.items()},
+        "survivors": diffs,
+        "seconds": elapsed,
+        "tests": t.tests,
+    }
+
+
+def render(results: dict) -> str:
+    rows = [
+        "| target | file | mutants | killed | survived | score | tests given | minutes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        score = r["killed"] / r["total"] if r["total"] else float("nan")
+        surv = len(r["survivors"])
+        rows.append(
+            f"| {name} | `{r['file']}` | {r['total']} | {r['killed']} | {surv} | **{score:.0%}** | "
+            f"{len(r['tests'])} | {r['seconds'] / 60:.1f} |"
+        )
+    out = [
+        "## mutation score (`python benchmarks/mutation.py`)",
+        "",
+        f"mutmut, one mutant at a time, only the functions that compute numbers, each mutant against the tests "
+        f"that call its function (from the per-target list in the script); {machine()}. "
+        "Killed includes timeouts. Goal: >= 85% per target.",
+        "",
+        *rows,
+        "",
+        "### Surviving mutants",
+    ]
+    for name, r in results.items():
+        for k, diff in r["survivors"].items():
+            why = EXPLAINED.get(k.split(".")[-1], "**not explained: a gap in the tests**")
+            out += ["", f"- {name}: `{k.split('.')[-1]}`: {why}", "", "  ```diff", *[f"  {x}" for x in diff.splitlines()], "  ```"]
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", help="target names (default: all)")
+    ap.add_argument("--work", help="scratch directory (default: a temporary one, removed at the end)")
+    ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--no-write", action="store_true", help="print, don't update RESULTS.md")
+    ap.add_argument("--from-json", nargs="*", help="render these saved results (one run per target) instead of running")
+    args = ap.parse_args()
+    if args.from_json:
+        results = {}
+        for f in args.from_json:
+            results.update(json.loads(Path(f).read_text()))
+        results = {n: results[n] for n in TARGETS if n in results}
+        md = render(results)
+        print(md)
+        if not args.no_write:
+            write_section("mutation", md)
+        return
+    names = args.only or list(TARGETS)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MINIMA_SHARED_DATA=str(ROOT.parent / "shared" / "data"))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="minima-mutation-"))
+    results = {}
+    try:
+        for n in names:
+            print(f"[mutation] {n} ...", flush=True)
+            results[n] = run_target(n, TARGETS[n], work, env)
+            r = results[n]
+            print(f"[mutation] {n}: {r['killed']}/{r['total']} killed, {r['by_status']}", flush=True)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    md = render(results)
+    print(md)
+    if not args.no_write:
+        write_section("mutation", md)
+
+
+if __name__ == "__main__":
+    main()
