@@ -244,7 +244,9 @@ def run_target(name: str, t: Target, work: Path, env: dict) -> dict:
     diffs = {}
     for k in survivors:
         shown = subprocess.run([str(MUTMUT), "show", k], cwd=d, env=env, capture_output=True, text=True)
-        diffs[k] = "\n".join(x for x in shown.stdout.splitlines() if x.startswith(("+", "-")) and x[:3] not in ("+++", "---"))
+        diffs[k] = "\n".join(
+            x for x in shown.stdout.splitlines() if x.startswith(("+", "-")) and x[:3] not in ("+++", "---")
+        )
     killed = len(by_status.get("killed", [])) + len(by_status.get("timeout", []))
     total = len(mine)
     return {
@@ -284,7 +286,14 @@ def render(results: dict) -> str:
     for name, r in results.items():
         for k, diff in r["survivors"].items():
             why = EXPLAINED.get(k.split(".")[-1], "**not explained: a gap in the tests**")
-            out += ["", f"- {name}: `{k.split('.')[-1]}`: {why}", "", "  ```diff", *[f"  {x}" for x in diff.splitlines()], "  ```"]
+            out += [
+                "",
+                f"- {name}: `{k.split('.')[-1]}`: {why}",
+                "",
+                "  ```diff",
+                *[f"  {x}" for x in diff.splitlines()],
+                "  ```",
+            ]
     return "\n".join(out)
 
 

@@ -1,13 +1,91 @@
-"""Small hand-computed checks of the number-computing helpers that the mutation benchmark found unguarded."""
+"""Hand-computed checks of the number-computing helpers, at the edges the larger tests don't reach
+(empty inputs, ties, defaults, boundaries): each assertion here fails for some wrong formula."""
 
 from __future__ import annotations
 
 import math
+from itertools import combinations
+
+import numpy as np
+import pytest
 
 from minima.evaluate import metrics
 
 
-def test_metric_helpers_equal_hand_computations():
+def test_means_and_stderrs_equal_hand_computations():
     assert metrics.mean([1.0, 2.0, 6.0]) == 3.0
+    assert math.isnan(metrics.mean([]))
+    assert math.isnan(metrics.stderr([]))
+    assert math.isnan(metrics.stderr([1.0]))
+    # two items: sample std of (0, 2) is sqrt(2), stderr sqrt(2)/sqrt(2) = 1
+    assert metrics.stderr([0.0, 2.0]) == pytest.approx(1.0)
+    xs = [0.0, 1.0, 1.0, 0.0, 1.0]
+    assert metrics.stderr(xs) == pytest.approx(np.std(xs, ddof=1) / math.sqrt(len(xs)))
+    # unweighted: sqrt(0.3^2 + 0.4^2) / 2 = 0.25, nan entries dropped
+    assert metrics.unweighted_stderr([0.3, float("nan"), 0.4]) == pytest.approx(0.25)
+    assert metrics.unweighted_stderr([0.5]) == pytest.approx(0.5)
+    assert math.isnan(metrics.unweighted_stderr([]))
+    assert math.isnan(metrics.unweighted_stderr([float("nan")]))
+    # pooled over subtasks (sizes 2 and 3): var = (1*0.1^2*2 + 2*0.2^2*3) / (5 - 2); stderr sqrt(var / 5)
+    want = math.sqrt((1 * 0.01 * 2 + 2 * 0.04 * 3) / 3 / 5)
+    assert metrics.pooled_stderr([0.1, 0.2], [2, 3]) == pytest.approx(want)
+    assert metrics.pooled_stderr([0.1, float("nan"), 0.2], [2, 7, 3]) == pytest.approx(want)
+    assert math.isnan(metrics.pooled_stderr([], []))
+    assert math.isnan(metrics.pooled_stderr([float("nan")], [4]))
+    assert math.isnan(metrics.pooled_stderr([0.1], [1]))  # n - k = 0: no degrees of freedom
+    # n - k = 1: defined (a boundary of the <= 0 check)
+    assert metrics.pooled_stderr([0.5], [2]) == pytest.approx(math.sqrt(1 * 0.25 * 2 / 1 / 2))
+
+
+def test_argmax_ties_and_choice_predictions():
+    assert metrics.argmax([1.0, 3.0, 3.0, 2.0]) == 1  # first of a tie, like numpy
+    assert metrics.argmax([5.0, 1.0]) == 0
+    assert metrics.argmax([-2.0, -1.0]) == 1
+    assert metrics.argmax([0.0, 0.0]) == 0
+    # raw loglikelihood prefers choice 0, per-character prefers choice 1 (-3/1 < -4/4)
+    assert metrics.choice_predictions([-3.0, -4.0], [1, 4]) == (0, 1)
+    assert metrics.acc_scores(1, 2, 1) == {"acc": 1.0, "acc_norm": 0.0}
+    assert metrics.acc_scores(0, 2, 2) == {"acc": 0.0, "acc_norm": 1.0}
+
+
+def test_regex_extract_and_exact_match_defaults():
+    assert metrics.regex_extract("a 12 b 34", r"(\d+)") == "12"
+    assert metrics.regex_extract("a 12 b 34", r"(\d+)", group_select=-1) == "34"
+    assert metrics.regex_extract(" x ", r"(\d+)") == "[invalid]"
+    assert metrics.regex_extract(None, r"(X*)") == ""  # not a string: searched as the empty string
+    # tuple groups: the first non-empty one; all empty gives the fallback
+    assert metrics.regex_extract("ans: 7", r"(\d+)|ans: (\d+)") == "7"
+    assert metrics.regex_extract("q", r"(x?)(y?)q", fallback="none") == "none"
+    assert metrics.exact_match("Hello!", "hello") == 0.0
+    assert metrics.exact_match("Hello!", "hello", ignore_case=True) == 0.0
+    assert metrics.exact_match("Hello!", "hello", ignore_case=True, ignore_punctuation=True) == 1.0
+    assert metrics.exact_match("a.b", "ab", ignore_punctuation=True) == 1.0
+    assert metrics.exact_match("x1", "x2", regexes_to_ignore=[r"\d"]) == 1.0
+
+
+def test_f1_edges():
+    assert metrics.f1(set(), set()) == 1.0
+    assert metrics.f1({"a"}, set()) == pytest.approx(0.0)  # p = 0, r = 1 by convention: 2*0*1/1
+    assert metrics.f1(set(), {"a"}) == pytest.approx(0.0)
+    assert metrics.f1({"a"}, {"b"}) == 0.0
+    # p = 1/2, r = 1/3 -> 2 * (1/6) / (5/6) = 0.4
+    assert metrics.f1({"a", "b"}, {"a", "c", "d"}) == pytest.approx(0.4)
+
+
+def test_pass_at_k_against_enumeration():
+    def brute(n, c, k):
+        samples = [1] * c + [0] * (n - c)
+        subsets = list(combinations(range(n), k))
+        return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+    for n, c, k in [(5, 0, 1), (5, 1, 1), (5, 2, 3), (5, 3, 2), (4, 1, 3), (4, 1, 4), (3, 3, 3), (6, 2, 4)]:
+        assert metrics.pass_at_k(n, c, k) == pytest.approx(brute(n, c, k)), (n, c, k)
+    assert metrics.pass_at_k(3, 0, 3) == 0.0  # n == k is allowed
+    with pytest.raises(ValueError, match="pass@4 needs at least 4"):
+        metrics.pass_at_k(3, 1, 4)
+
+
+def test_perplexities():
     assert math.isclose(metrics.token_perplexity(2 * math.log(3), 2), 3.0)
     assert math.isclose(metrics.bits_per_byte(math.log(2) * 8, 4), 2.0)
+    assert metrics.summarize([0.0, 2.0]) == {"value": 1.0, "stderr": pytest.approx(1.0)}
