@@ -215,7 +215,7 @@ def run_target(name: str, t: Target, work: Path, env: dict) -> dict:
         "pytest_add_cli_args=",
         "    -p",
         "    no:cacheprovider",
-        "process_isolation=forkserver",
+        "process_isolation=fork",
         "use_git_change_detection=false",
         "",
     ]
