@@ -201,7 +201,13 @@ def scratch_copy(dest: Path) -> None:
     shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
 
 
-def run_target(name: str, t: Target, work: Path, env: dict) -> dict:
+def _spread(names: list[str], n: int) -> list[str]:
+    """``n`` names evenly spaced over the list (deterministic)."""
+    step = len(names) / n
+    return [names[int(i * step)] for i in range(n)]
+
+
+def run_target(name: str, t: Target, work: Path, env: dict, sample: int = 0) -> dict:
     """Run mutmut over one target in its own scratch copy; return counts and survivor diffs."""
     d = work / name.replace(" ", "_")
     scratch_copy(d)
@@ -220,23 +226,38 @@ def run_target(name: str, t: Target, work: Path, env: dict) -> dict:
         "",
     ]
     (d / "setup.cfg").write_text("\n".join(lines))
-    patterns = [mangled(module, f) + "*" for f in t.functions]
+    prefixes = tuple(mangled(module, f) for f in t.functions)
+    meta = d / "mutants" / (t.file + ".meta")
     t0 = time.time()
+    names = [p + "*" for p in prefixes]
+    if sample:
+        # Generate the mutants and the test map only (a pattern that matches no mutant), then run an
+        # evenly spaced sample of each function's mutants.
+        subprocess.run(
+            [str(MUTMUT), "run", "--max-children", "1", "no_such_mutant__mutmut_*"],
+            cwd=d,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if not meta.exists():
+            raise RuntimeError(f"mutmut generated no mutants for {name}")
+        every = sorted(k for k in json.loads(meta.read_text())["exit_code_by_key"] if k.startswith(prefixes))
+        names = _spread(every, sample) if len(every) > sample else every
     proc = subprocess.run(
-        [str(MUTMUT), "run", "--max-children", "1", *patterns],
+        [str(MUTMUT), "run", "--max-children", "1", *names],
         cwd=d,
         env=env,
         capture_output=True,
         text=True,
     )
     elapsed = time.time() - t0
-    meta = d / "mutants" / (t.file + ".meta")
     if not meta.exists():
         tail = (proc.stdout + proc.stderr)[-3000:]
         raise RuntimeError(f"mutmut produced no results for {name} (exit {proc.returncode}):\n{tail}")
     codes = json.loads(meta.read_text())["exit_code_by_key"]
-    prefixes = tuple(mangled(module, f) for f in t.functions)
-    mine = {k: v for k, v in codes.items() if k.startswith(prefixes)}
+    chosen = set(names) if sample else None
+    mine = {k: v for k, v in codes.items() if k.startswith(prefixes) and (chosen is None or k in chosen)}
     by_status: dict[str, list[str]] = {}
     for k, v in sorted(mine.items()):
         by_status.setdefault(STATUS.get(v, "suspicious"), []).append(k)
@@ -256,6 +277,7 @@ def run_target(name: str, t: Target, work: Path, env: dict) -> dict:
         "by_status": {k: len(v) for k, v in by_status.items()},
         "survivors": diffs,
         "seconds": elapsed,
+        "sampled": bool(sample),
         "tests": t.tests,
     }
 
@@ -269,7 +291,8 @@ def render(results: dict) -> str:
         score = r["killed"] / r["total"] if r["total"] else float("nan")
         surv = len(r["survivors"])
         rows.append(
-            f"| {name} | `{r['file']}` | {r['total']} | {r['killed']} | {surv} | **{score:.0%}** | "
+            f"| {name} | `{r['file']}` | {r['total']}{' (sample)' if r.get('sampled') else ''} | {r['killed']} | "
+            f"{surv} | **{score:.0%}** | "
             f"{len(r['tests'])} | {r['seconds'] / 60:.1f} |"
         )
     out = [
@@ -302,6 +325,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="target names (default: all)")
     ap.add_argument("--work", help="scratch directory (default: a temporary one, removed at the end)")
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--sample", type=int, default=0, help="run only this many mutants per target, evenly spread")
     ap.add_argument("--no-write", action="store_true", help="print, don't update RESULTS.md")
     ap.add_argument("--from-json", nargs="*", help="render these saved results (one run per target) instead of running")
     args = ap.parse_args()
@@ -323,7 +347,7 @@ def main() -> None:
     try:
         for n in names:
             print(f"[mutation] {n} ...", flush=True)
-            results[n] = run_target(n, TARGETS[n], work, env)
+            results[n] = run_target(n, TARGETS[n], work, env, args.sample)
             r = results[n]
             print(f"[mutation] {n}: {r['killed']}/{r['total']} killed, {r['by_status']}", flush=True)
     finally:
