@@ -145,6 +145,8 @@ def test_question_formats(tmp_path):
     )
     assert [q["question_id"] for q in limited] == [81]
 
+
+def test_belle_eval_set_loads_with_its_categories():
     real = load_questions(shared("instruction/belle_eval_set.jsonl"))
     assert len(real) == 1000 and sum(q["reference"] is not None for q in real) == 631  # 369 have an empty std_answer
     assert sorted({q["category"] for q in real}) == [
