@@ -89,3 +89,44 @@ def test_perplexities():
     assert math.isclose(metrics.token_perplexity(2 * math.log(3), 2), 3.0)
     assert math.isclose(metrics.bits_per_byte(math.log(2) * 8, 4), 2.0)
     assert metrics.summarize([0.0, 2.0]) == {"value": 1.0, "stderr": pytest.approx(1.0)}
+
+
+# ------------------------------------------------------------------------------ packing
+def test_pack_boundaries_by_hand():
+    import torch
+
+    from minima.data import packing
+
+    def ex(n, start=1):
+        return {"input_ids": list(range(start, start + n)), "labels": list(range(start, start + n))}
+
+    # lengths 2, 2, 2, 2 into 4: exactly two full sequences (the budget restarts at zero after each)
+    packs = list(packing.pack([ex(2), ex(2), ex(2), ex(2)], 4))
+    assert [p["num_docs"] for p in packs] == [2, 2]
+    assert [len(p["input_ids"]) for p in packs] == [4, 4]
+    # an example of exactly max_length fits
+    assert [p["num_docs"] for p in packing.pack([ex(4), ex(1)], 4)] == [1, 1]
+    # int32 inputs still give int64 ids and labels
+    p = packing.concat([{"input_ids": torch.tensor([5, 6], dtype=torch.int32), "labels": torch.tensor([5, 6])}])
+    assert p["input_ids"].dtype == torch.long and p["labels"].tolist() == [-100, 6]
+
+
+def test_model_inputs_carry_the_block_mask_and_state_without_pending_loads():
+    from minima.data import packing
+
+    batch = packing.collate_packed([packing.concat([{"input_ids": [1, 2], "labels": [1, 2]}] * 2)], pad_id=0)
+    kw = packing.model_inputs(batch, "4d")
+    assert kw["attention_mask"].equal(packing.block_diagonal_mask(batch["doc_ids"]))
+    assert kw["position_ids"].tolist() == [[0, 1, 0, 1]] and kw["use_cache"] is False
+    assert "attention_mask" not in packing.model_inputs(batch, "varlen")
+
+    class Inner:
+        def __iter__(self):
+            return iter([{"input_ids": [7, 8], "labels": [7, 8]}])
+
+        def load_state_dict(self, state):
+            self.state = state
+
+    ds = packing.PackedDataset(Inner(), 8)
+    ds.load_state_dict({"inner": {"k": 1}})  # an older state without pending examples
+    assert [p["input_ids"].tolist() for p in ds] == [[7, 8]]
