@@ -215,7 +215,7 @@ def test_family_loss_goes_down_and_export_reloads(family, tmp_path, chat_records
         with torch.no_grad():
             want = ref(**batch).loss.item()
         first = next(r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train")
-        assert first["step"] == 1 and first["loss"] == pytest.approx(want, rel=1e-5)
+        assert first["step"] == 1 and first["loss"] == pytest.approx(want, rel=1e-4)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == {"llama": "llama", "bloom": "bloom", "opt": "opt", "t5": "t5"}[family]
     gen = json.loads((out / "generation_config.json").read_text())
