@@ -130,3 +130,100 @@ def test_model_inputs_carry_the_block_mask_and_state_without_pending_loads():
     ds = packing.PackedDataset(Inner(), 8)
     ds.load_state_dict({"inner": {"k": 1}})  # an older state without pending examples
     assert [p["input_ids"].tolist() for p in ds] == [[7, 8]]
+
+
+# ------------------------------------------------------------------------------ preference losses
+def test_log1mexp_both_branches_and_token_counts():
+    import torch
+
+    from minima.train.objectives import dpo
+
+    x = torch.tensor([-3.0, -0.7, -0.5, -1e-3], dtype=torch.float64)
+    want = torch.tensor([math.log(1 - math.exp(v)) for v in x.tolist()], dtype=torch.float64)
+    assert torch.allclose(dpo.log1mexp(x), want, rtol=1e-12)
+    # near zero in float32: 1 - exp(x) cancels to 0, only the expm1 branch stays finite
+    tiny = dpo.log1mexp(torch.tensor([-1e-8], dtype=torch.float32))
+    assert math.isclose(tiny.item(), math.log(1e-8), rel_tol=1e-3)
+    # 3 rows x 5 positions: counts are per row (the shifted labels that are not -100)
+    logits = torch.zeros(3, 5, 4)
+    labels = torch.tensor([[-100, 1, 2, -100, -100], [-100, -100, -100, -100, 3], [0, 1, 2, 3, 0]])
+    sums, counts = dpo.token_logps(logits, labels)
+    assert counts.tolist() == [2, 1, 4]
+    assert torch.allclose(sums, -torch.tensor([2.0, 1.0, 4.0]) * math.log(4))
+
+
+def test_reference_free_losses_by_hand_with_single_tokens():
+    import torch
+    import torch.nn.functional as F
+
+    from minima.train.objectives import dpo
+
+    pc, pr = torch.tensor([-2.0, -7.5]), torch.tensor([-3.0, -4.0])
+    nc, nr = torch.tensor([1, 3]), torch.tensor([1, 2])
+    ac, ar = pc / torch.tensor([1.0, 3.0]), pr / torch.tensor([1.0, 2.0])
+    beta, gamma = 0.5, 0.4
+    s = dpo.preference_losses("simpo", pc, pr, None, None, nc, nr, beta=beta, gamma=gamma)
+    assert torch.allclose(s.loss, -F.logsigmoid(beta * (ac - ar) - gamma))
+    assert torch.allclose(s.chosen_logps, ac) and torch.allclose(s.rejected_logps, ar)
+    m = s.metrics()
+    assert sorted(m) == sorted(
+        [
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ]
+    )
+    assert torch.allclose(m["logps/rejected"], ar) and m["rewards/accuracies"].tolist() == [1.0, 0.0]
+    nll = torch.tensor([0.3, 0.7])
+    o = dpo.preference_losses("orpo", pc, pr, None, None, nc, nr, beta=beta, chosen_nll=nll)
+    log_odds = (ac - ar) - (torch.log(1 - torch.exp(ac)) - torch.log(1 - torch.exp(ar)))
+    assert torch.allclose(o.loss, nll - beta * F.logsigmoid(log_odds))
+    assert torch.allclose(o.chosen_logps, ac) and torch.allclose(o.rejected_logps, ar)
+    om = o.metrics()
+    assert torch.allclose(om["nll_loss"], nll) and torch.allclose(om["log_odds_chosen"], log_odds)
+    assert torch.allclose(om["log_odds_ratio"], F.logsigmoid(log_odds))
+
+
+# ------------------------------------------------------------------------------ LoRA wrapping
+def test_lora_task_type_and_all_linear_targets():
+    import peft
+    import torch
+
+    from minima.core.config import LoraConfig
+    from minima.testing import tiny_family_model, tiny_llama
+    from minima.train.lora import apply_lora
+
+    small = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2
+    )
+    base = tiny_llama(50, **small)
+    linear = sorted(n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    m = apply_lora(base, LoraConfig(enabled=True, r=2, target_modules=["all-linear"]))
+    assert isinstance(m, peft.PeftModelForCausalLM)
+    wrapped = sorted(
+        n[len("base_model.model.") : -len(".lora_A")] for n, _ in m.named_modules() if n.endswith("lora_A")
+    )
+    assert wrapped == linear  # every Linear but the output head
+    t5 = apply_lora(tiny_family_model("t5", 50), LoraConfig(enabled=True, r=2, target_modules=["q", "v"]))
+    assert isinstance(t5, peft.PeftModelForSeq2SeqLM)
+
+
+def test_lora_export_into_an_existing_dir_writes_safetensors(tmp_path):
+    from minima.core.config import LoraConfig
+    from minima.testing import tiny_llama
+    from minima.train.lora import apply_lora, export_lora
+
+    small = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2
+    )
+    for merge in (True, False):
+        out = tmp_path / f"m{merge}"
+        out.mkdir()  # exporting into a directory that already exists
+        m = apply_lora(tiny_llama(50, **small), LoraConfig(enabled=True, r=2))
+        export_lora(m, out, merge=merge, base_model="/base")
+        names = {p.name for p in out.iterdir()}
+        assert ("model.safetensors" if merge else "adapter_model.safetensors") in names
+        assert not any(n.endswith(".bin") for n in names)
