@@ -227,3 +227,112 @@ def test_lora_export_into_an_existing_dir_writes_safetensors(tmp_path):
         names = {p.name for p in out.iterdir()}
         assert ("model.safetensors" if merge else "adapter_model.safetensors") in names
         assert not any(n.endswith(".bin") for n in names)
+
+
+# ------------------------------------------------------------------------------ prune selection
+def test_top_k_and_layer_choice_by_hand():
+    import torch
+    from transformers import LlamaConfig
+
+    from minima.compress.importance import Importance
+    from minima.compress.prune import Shape, _top, choose_layers, make_plan, student_config
+
+    assert _top(torch.tensor([0.1, 0.9, 0.5, 0.7]), 2) == [1, 3]  # the highest scores, ascending ids
+    assert _top(torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0]), 3) == [0, 1, 2]  # ties keep the lower index
+    assert _top(torch.tensor([0.3, 0.1]), 5) == [0, 1]
+    L, H, N, D = 4, 4, 6, 8
+    imp = Importance(
+        "hand",
+        heads=torch.arange(L * H, dtype=torch.float32).view(L, H),
+        neurons=torch.tensor([[0.0, 5, 1, 4, 2, 3]] * L),
+        hidden_global=torch.tensor([8.0, 1, 7, 2, 6, 3, 5, 4]),
+        block_influence=torch.tensor([0.1, 0.9, 0.5, 0.7]),
+    )
+    assert choose_layers(imp, 2, L) == [1, 3]
+    assert choose_layers(imp, 2, L, layer_importance="drop_last") == [0, 1]
+    assert choose_layers(imp, 2, L, keep_layers=[0, 2]) == [0, 2]
+    with pytest.raises(ValueError, match="calibration"):
+        choose_layers(Importance("m", imp.heads, imp.neurons, imp.hidden_global), 2, L)
+    tc = LlamaConfig(
+        vocab_size=10,
+        hidden_size=D,
+        intermediate_size=N,
+        num_hidden_layers=L,
+        num_attention_heads=H,
+        num_key_value_heads=2,
+    )
+    plan = make_plan(imp, tc, Shape(2, 2, 1, 3, 4))  # default: block influence picks the layers
+    assert plan.layers == [1, 3]
+    assert plan.kv_groups == [[1], [1]] and plan.heads == [[2, 3], [2, 3]]
+    assert plan.neurons == [[1, 3, 5], [1, 3, 5]] and plan.hidden == [0, 2, 4, 6]
+    tc.layer_types = ["full_attention"] * L
+    assert student_config(tc, Shape(2, 2, 1, 3, 4)).layer_types == ["full_attention"] * 2
+
+
+# ------------------------------------------------------------------------------ records reader state
+@pytest.fixture(scope="module")
+def small_records(tmp_path_factory):
+    from minima.data.records.tfrecord_io import ShardWriter
+
+    d = tmp_path_factory.mktemp("records")
+    with ShardWriter(d / "train", 4) as w:
+        for i in range(10):
+            w.write({"indices": np.arange(i, i + 2 + i % 3)})
+    (d / "dev").mkdir()
+    return d
+
+
+def test_reader_state_edges(small_records):
+    import torch
+
+    from minima.core.errors import ConfigError
+    from minima.data.records import RecordDataset, collate
+
+    batch = collate(
+        [
+            {k: torch.tensor([5, 6, 7]) for k in ("input_ids", "labels", "attention_mask")},
+            {k: torch.tensor([5]) for k in ("input_ids", "labels", "attention_mask")},
+        ]
+    )
+    assert batch["input_ids"][1].tolist() == [5, 0, 0]  # default pad id 0
+    assert batch["labels"][1].tolist() == [5, -100, -100] and batch["attention_mask"][1].tolist() == [5, 0, 0]
+    # an empty split reads nothing
+    assert list(RecordDataset(str(small_records), split="dev", loop=False)) == []
+    # advance: exactly at an epoch end stays (epoch, per); without looping the offset just grows
+    looping = RecordDataset(str(small_records), loop=True, shuffle_buffer=0)
+    looping.advance(0, 0, 20)
+    assert (looping.epoch, looping.offset) == (1, 10)
+    looping.advance(0, 4, 13)
+    assert (looping.epoch, looping.offset) == (1, 7)
+    once = RecordDataset(str(small_records), loop=False, shuffle_buffer=0)
+    once.advance(0, 4, 13)
+    assert (once.epoch, once.offset) == (0, 17)
+    # a state from another shuffle buffer or another record count is refused
+    state = RecordDataset(str(small_records), shuffle_buffer=4).state_dict()
+    assert state["shuffle_buffer"] == 4 and state["num_records"] == 10
+    with pytest.raises(ConfigError, match="shuffle_buffer=4"):
+        RecordDataset(str(small_records), shuffle_buffer=0).load_state_dict(state)
+    with pytest.raises(ConfigError, match="num_records=11"):
+        RecordDataset(str(small_records), shuffle_buffer=4).load_state_dict(dict(state, num_records=11))
+
+
+# ------------------------------------------------------------------------------ chat record shapes
+def test_record_shapes_keep_system_and_input_and_name_errors():
+    from minima.data.formats import Seg, get_format, normalise_conversation
+
+    a = normalise_conversation({"system": "S", "instruction": "I", "input": "X", "output": "O"})
+    assert a == [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "I\nX", "input": "X"},
+        {"role": "assistant", "content": "O"},
+    ]
+    with pytest.raises(ValueError, match="^an Alpaca record needs 'instruction' and 'output' keys$"):
+        normalise_conversation({"instruction": "I"}, "alpaca")
+    with pytest.raises(ValueError, match="^an mc record must be an object with 'question', 'choices' and 'gold'$"):
+        normalise_conversation(["q"], "mc")
+    # the generation prompt of a first exchange carries the system prompt (llama2-chat puts it in [INST])
+    groups = get_format("llama2-chat").segments(
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], add_generation_prompt=True
+    )
+    pieces = [s.piece for g in groups for s in g if isinstance(s, Seg)]
+    assert "<<SYS>>\n" in pieces and "S" in pieces and pieces[-1] == "[/INST]"
