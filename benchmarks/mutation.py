@@ -66,7 +66,7 @@ TARGETS: dict[str, Target] = {
             "_bucket_kd",
             "sparse_loss",
         ],
-        ["tests/test_kd.py"],
+        ["tests/test_kd.py", "tests/test_mutation_kills.py"],
     ),
     "dpo": Target(
         "minima/train/objectives/dpo.py",
@@ -125,7 +125,7 @@ TARGETS: dict[str, Target] = {
     "lora merge": Target(
         "minima/train/lora.py",
         ["apply_lora", "lora_state", "export_lora"],
-        ["tests/test_lora.py"],
+        ["tests/test_lora.py", "tests/test_mutation_kills.py"],
     ),
     "prune slicing": Target(
         "minima/compress/prune.py",
@@ -136,6 +136,7 @@ TARGETS: dict[str, Target] = {
             "tests/test_prune.py::test_layer_drop_equals_the_teacher_with_those_layers_skipped",
             "tests/test_prune.py::test_hidden_channel_pruning_vs_the_masked_teacher",
             "tests/test_prune.py::test_gqa_teacher_keeps_whole_kv_groups",
+            "tests/test_mutation_kills.py",
         ],
     ),
     "evaluate metrics": Target(
@@ -178,6 +179,26 @@ EXPLAINED: dict[str, str] = {
         "equivalent: the padding positions' position_ids are overwritten by arange right after, "
         "so the fill value is never read"
     ),
+    "x__chunks__mutmut_5": "equivalent: chunk=1 then reads the whole vocab at once; chunking never changes the value",
+    "x__lse_chunked__mutmut_8": (
+        "equivalent: the fp32 start values are promoted to the logits' dtype by the first chunk's maximum"
+    ),
+    "x_sparse_loss__mutmut_83": "equivalent: log_softmax without dim picks dim=1 for the 2-D bucket tensor",
+    "x_preference_losses__mutmut_15": (
+        "equivalent: the integer count divides a float tensor, which gives the same float quotient"
+    ),
+    "x_apply_lora__mutmut_1": "harmless: the flag is read only for 4-bit (QLoRA) models, which need a GPU",
+    "x_apply_lora__mutmut_12": "not testable here: the QLoRA branch needs a GPU and bitsandbytes",
+    "x_apply_lora__mutmut_15": "not testable here: the QLoRA branch needs a GPU and bitsandbytes",
+    "x_apply_lora__mutmut_18": "not testable here: the QLoRA branch needs a GPU and bitsandbytes",
+    "x_export_lora__mutmut_19": "equivalent: safe_serialization=True is transformers' default",
+    "x_export_lora__mutmut_25": "equivalent: safe_serialization=True is peft's default",
+    "x_export_lora__mutmut_42": "harmless: only the JSON indentation of adapter_config.json",
+    "x_shuffle_buffer_order__mutmut_2": (
+        "equivalent: a buffer of one slot (or a stream of one) emits the stream in order either way"
+    ),
+    "x_tokenize_texts__mutmut_10": "equivalent: every fast tokenizer has backend_tokenizer",
+    "x__top__mutmut_7": "equivalent here: torch's CPU sort keeps ties in order for these sizes even when not asked to",
     "x_mean__mutmut_7": _NAN,
     "x_stderr__mutmut_6": _NAN,
     "x_pooled_stderr__mutmut_16": _NAN,

@@ -336,3 +336,13 @@ def test_record_shapes_keep_system_and_input_and_name_errors():
     )
     pieces = [s.piece for g in groups for s in g if isinstance(s, Seg)]
     assert "<<SYS>>\n" in pieces and "S" in pieces and pieces[-1] == "[/INST]"
+
+
+# ------------------------------------------------------------------------------ kd inputs
+def test_dense_kd_shape_mismatch_names_both_shapes():
+    import torch
+
+    from minima.train.objectives.kd import dense_loss
+
+    with pytest.raises(ValueError, match=r"^teacher logits \(2, 4\) != student \(2, 5\)$"):
+        dense_loss(torch.zeros(2, 5), torch.tensor([1, 2]), torch.zeros(2, 4))
