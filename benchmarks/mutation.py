@@ -199,6 +199,12 @@ EXPLAINED: dict[str, str] = {
     ),
     "x_tokenize_texts__mutmut_10": "equivalent: every fast tokenizer has backend_tokenizer",
     "x__top__mutmut_7": "equivalent here: torch's CPU sort keeps ties in order for these sizes even when not asked to",
+    "x_f1__mutmut_15": "equivalent: when p or r is 0 (and not both), 2pr/(p+r) is 0 as well",
+    "x_pass_at_k__mutmut_3": (
+        "equivalent: the early return is a shortcut; when n - c < k the product has the factor 1 - k/k = 0"
+    ),
+    "x_make_plan__mutmut_1": "equivalent: choose_layers treats every value but 'drop_last' as block influence",
+    "x_make_plan__mutmut_2": "equivalent: choose_layers treats every value but 'drop_last' as block influence",
     "x_mean__mutmut_7": _NAN,
     "x_stderr__mutmut_6": _NAN,
     "x_pooled_stderr__mutmut_16": _NAN,

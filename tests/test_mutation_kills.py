@@ -57,6 +57,7 @@ def test_regex_extract_and_exact_match_defaults():
     assert metrics.regex_extract("ans: 7", r"(\d+)|ans: (\d+)") == "7"
     assert metrics.regex_extract("q", r"(x?)(y?)q", fallback="none") == "none"
     assert metrics.exact_match("Hello!", "hello") == 0.0
+    assert metrics.exact_match("A", "a") == 0.0  # case counts unless asked otherwise
     assert metrics.exact_match("Hello!", "hello", ignore_case=True) == 0.0
     assert metrics.exact_match("Hello!", "hello", ignore_case=True, ignore_punctuation=True) == 1.0
     assert metrics.exact_match("a.b", "ab", ignore_punctuation=True) == 1.0
