@@ -194,6 +194,16 @@ EXPLAINED: dict[str, str] = {
     "x_export_lora__mutmut_19": "equivalent: safe_serialization=True is transformers' default",
     "x_export_lora__mutmut_25": "equivalent: safe_serialization=True is peft's default",
     "x_export_lora__mutmut_42": "harmless: only the JSON indentation of adapter_config.json",
+    "x_export_lora__mutmut_21": "equivalent: transformers 5 writes safetensors whatever safe_serialization says",
+    "x_export_lora__mutmut_13": (
+        "equivalent for the callers: they pass a complete state dict (gathered from ZeRO-3 shards), which "
+        "loads strictly too"
+    ),
+    "x_apply_lora__mutmut_27": "equivalent: peft lower-cases the 'all-linear' shorthand before comparing",
+    "x_sparse_loss__mutmut_51": (
+        "equivalent: the weights are fp32 and the log-probs they multiply are fp32 (or fp64 in gradcheck, where "
+        "the product is promoted)"
+    ),
     "x_shuffle_buffer_order__mutmut_2": (
         "equivalent: a buffer of one slot (or a stream of one) emits the stream in order either way"
     ),
@@ -326,15 +336,18 @@ def run_target(name: str, t: Target, work: Path, env: dict, sample: int = 0) -> 
 
 def render(results: dict) -> str:
     rows = [
-        "| target | file | mutants | killed | survived | score | tests given | minutes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| target | file | mutants | killed | survived | score | score without the named equivalents "
+        "| tests given | minutes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         score = r["killed"] / r["total"] if r["total"] else float("nan")
         surv = len(r["survivors"])
+        named = sum(k.split(".")[-1] in EXPLAINED for k in r["survivors"])
+        adjusted = r["killed"] / (r["total"] - named) if r["total"] > named else float("nan")
         rows.append(
             f"| {name} | `{r['file']}` | {r['total']}{' (sample)' if r.get('sampled') else ''} | {r['killed']} | "
-            f"{surv} | **{score:.0%}** | "
+            f"{surv} | **{score:.0%}** | {adjusted:.0%} | "
             f"{len(r['tests'])} | {r['seconds'] / 60:.1f} |"
         )
     out = [

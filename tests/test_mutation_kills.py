@@ -347,3 +347,18 @@ def test_dense_kd_shape_mismatch_names_both_shapes():
 
     with pytest.raises(ValueError, match=r"^teacher logits \(2, 4\) != student \(2, 5\)$"):
         dense_loss(torch.zeros(2, 5), torch.tensor([1, 2]), torch.zeros(2, 4))
+
+
+def test_tokenize_texts_adds_no_special_tokens_on_the_slow_path():
+    from minima.data.formats import tokenize_texts
+
+    class Slow:
+        """A tokenizer without a Rust backend: BOS (1) unless add_special_tokens=False."""
+
+        is_fast = False
+
+        def __call__(self, texts, add_special_tokens=True, split_special_tokens=False):
+            return {"input_ids": [[1] * add_special_tokens + [len(t)] for t in texts]}
+
+    assert tokenize_texts(Slow(), ["ab", "cde"]) == [[2], [3]]
+    assert tokenize_texts(Slow(), []) == []
