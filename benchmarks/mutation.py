@@ -355,7 +355,10 @@ def render(results: dict) -> str:
         "",
         f"mutmut, one mutant at a time, only the functions that compute numbers, each mutant against the tests "
         f"that call its function (from the per-target list in the script); {machine()}. "
-        "Killed includes timeouts. Goal: >= 85% per target.",
+        "Killed includes timeouts. Goal: >= 85% per target. A target marked (sample) ran an evenly spread "
+        "sample of its mutants (`--sample 30`, to fit a shared 2-core machine), so its score is an estimate "
+        "(one binomial standard error is about 7 points at 30 mutants); a full run is `--sample 0`. The last "
+        "score column leaves out the survivors named below as equivalent or not testable on CPU.",
         "",
         *rows,
         "",
