@@ -169,12 +169,18 @@ TARGETS: dict[str, Target] = {
 # Survivors known to be equivalent or harmless: mutant name -> reason. A survivor not listed here is a
 # gap in the tests and is printed as such.
 _NAN = "equivalent: float() parses 'nan' case-insensitively"
+_CPU = "equivalent on CPU, the default device (a GPU run would fail at once on mixed devices)"
 EXPLAINED: dict[str, str] = {
     "x_causal_lm_loss_sum__mutmut_21": "equivalent: cross_entropy's default ignore_index is -100, the value dropped",
     "x_block_diagonal_mask__mutmut_23": (
         "equivalent on CPU (the default device); on a GPU the mask would be built on the host and the "
         "masked_fill with a device mask fails at once (the GPU tests catch it)"
     ),
+    "x_block_diagonal_mask__mutmut_10": _CPU,
+    "x_block_diagonal_mask__mutmut_14": _CPU,
+    "x_block_diagonal_mask__mutmut_29": _CPU,
+    "x_collate_packed__mutmut_6": "equivalent: torch.full with an integer fill value makes int64 already",
+    "x_collate_packed__mutmut_9": "equivalent: torch.full with an integer fill value makes int64 already",
     "x_collate_packed__mutmut_18": (
         "equivalent: the padding positions' position_ids are overwritten by arange right after, "
         "so the fill value is never read"

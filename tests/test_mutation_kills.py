@@ -362,3 +362,39 @@ def test_tokenize_texts_adds_no_special_tokens_on_the_slow_path():
 
     assert tokenize_texts(Slow(), ["ab", "cde"]) == [[2], [3]]
     assert tokenize_texts(Slow(), []) == []
+
+
+def test_packed_dataset_boundaries_transform_dtypes_and_errors():
+    import torch
+
+    from minima.data import packing
+
+    def ex(n, start=10):
+        return {"input_ids": list(range(start, start + n)), "labels": list(range(start, start + n))}
+
+    def lengths(ds):
+        return [p["num_docs"] for p in ds], [len(p["input_ids"]) for p in ds]
+
+    assert lengths(packing.PackedDataset([ex(2), ex(2), ex(2), ex(2)], 4)) == ([2, 2], [4, 4])
+    assert lengths(packing.PackedDataset([ex(3), ex(1), ex(2), ex(2), ex(1)], 4)) == ([2, 2, 1], [4, 4, 1])
+    assert lengths(packing.PackedDataset([ex(1), ex(1), ex(1), ex(1), ex(1)], 4)) == ([4, 1], [4, 1])
+    assert lengths(packing.PackedDataset([ex(6), ex(1)], 4)) == ([1, 1], [4, 1])  # cut to max_length
+
+    def plus_one(e):
+        return {k: [x + 1 for x in v] for k, v in e.items()}
+
+    first = next(iter(packing.PackedDataset([ex(2)], 4, transform=plus_one)))
+    assert first["input_ids"].tolist() == [11, 12]
+    p = packing.concat([{"input_ids": [1, 2], "labels": torch.tensor([1, 2], dtype=torch.int32)}])
+    assert p["labels"].dtype == torch.long
+    batch = packing.collate_packed([packing.concat([ex(1), ex(2)]), packing.concat([ex(1)])], pad_id=0)
+    assert batch["doc_ids"].tolist() == [[0, 1, 1], [0, -1, -1]]  # padding is document -1
+    assert batch["position_ids"].tolist() == [[0, 0, 1], [0, 0, 1]]
+    assert "attention_mask" in packing.model_inputs(batch)  # the block mask is the default
+    bf16 = packing.model_inputs(batch, "4d", torch.bfloat16)["attention_mask"]
+    assert bf16.dtype == torch.bfloat16 and bf16[0, 0, 1, 0] == torch.finfo(torch.bfloat16).min
+    assert packing.block_diagonal_mask(batch["doc_ids"]).dtype == torch.float32
+    with pytest.raises(ValueError, match="unknown packing mask mode 'x'"):
+        packing.model_inputs(batch, "x")
+    with pytest.raises(ValueError, match="example of 5 tokens does not fit max_length=4"):
+        list(packing.pack([ex(5)], 4))
