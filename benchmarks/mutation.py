@@ -213,6 +213,11 @@ EXPLAINED: dict[str, str] = {
     "x_shuffle_buffer_order__mutmut_2": (
         "equivalent: a buffer of one slot (or a stream of one) emits the stream in order either way"
     ),
+    "x_shuffle_buffer_order__mutmut_3": ("equivalent: a buffer of one slot emits the stream in order either way"),
+    "x_shuffle_buffer_order__mutmut_5": "equivalent: a stream of one record comes out as itself either way",
+    "xǁRecordDatasetǁadvance__mutmut_6": (
+        "equivalent: at exactly one epoch, divmod gives (1, 0), which the epoch-end rule turns back into (0, per)"
+    ),
     "x_tokenize_texts__mutmut_10": "equivalent: every fast tokenizer has backend_tokenizer",
     "x__top__mutmut_7": "equivalent here: torch's CPU sort keeps ties in order for these sizes even when not asked to",
     "x_f1__mutmut_15": "equivalent: when p or r is 0 (and not both), 2pr/(p+r) is 0 as well",

@@ -296,6 +296,7 @@ def test_reader_state_edges(small_records):
         ]
     )
     assert batch["input_ids"][1].tolist() == [5, 0, 0]  # default pad id 0
+    assert all(v.dtype == torch.long for v in batch.values())
     assert batch["labels"][1].tolist() == [5, -100, -100] and batch["attention_mask"][1].tolist() == [5, 0, 0]
     # an empty split reads nothing
     assert list(RecordDataset(str(small_records), split="dev", loop=False)) == []
@@ -398,3 +399,63 @@ def test_packed_dataset_boundaries_transform_dtypes_and_errors():
         packing.model_inputs(batch, "x")
     with pytest.raises(ValueError, match="example of 5 tokens does not fit max_length=4"):
         list(packing.pack([ex(5)], 4))
+
+
+def _reference_order(files_sizes: list[int], seed: int, epoch: int, rank: int, world: int, buffer: int) -> list[int]:
+    """The documented read order, written out: seeded file permutation, rank stride, then a streaming
+    shuffle buffer (fill it, emit a random slot per new record and put the record there, then emit the
+    rest in a random permutation)."""
+    starts = np.cumsum([0] + files_sizes)
+    shuffle = buffer > 1
+    perm = np.random.default_rng([seed, epoch]).permutation(len(files_sizes)) if shuffle else range(len(files_sizes))
+    stream = [i for f in perm for i in range(starts[f], starts[f + 1])][rank::world]
+    if not shuffle or len(stream) <= 1:
+        return stream
+    rng = np.random.default_rng([seed, epoch, rank, 1])
+    b = min(buffer, len(stream))
+    slots = stream[:b]
+    picks = rng.integers(0, b, size=len(stream) - b)
+    out = []
+    for j, x in zip(picks, stream[b:]):
+        out.append(slots[j])
+        slots[j] = x
+    return out + [slots[i] for i in rng.permutation(b)]
+
+
+def test_read_order_equals_the_written_out_reference(small_records):
+    import torch
+
+    from minima.core.errors import ConfigError
+    from minima.data.records import RecordDataset
+    from minima.data.records.reader import shuffle_buffer_order, to_sample
+
+    sizes = [4, 4, 2]  # small_records: 10 records, 4 per shard
+    for seed, epoch, rank, world, buffer in [(0, 0, 0, 1, 4), (3, 1, 1, 2, 3), (5, 2, 0, 1, 2), (1, 0, 0, 1, 1)]:
+        ds = RecordDataset(str(small_records), seed=seed, rank=rank, world_size=world, shuffle_buffer=buffer)
+        want = _reference_order(sizes, seed, epoch, rank, world, buffer)
+        assert ds.epoch_order(epoch).tolist() == want, (seed, epoch, rank, world, buffer)
+        assert ds.epoch_order(epoch).tolist() == want  # the cached order is the same
+        assert ds.epoch_order(epoch).dtype == np.int64
+    one = RecordDataset(str(small_records), seed=0, shuffle_buffer=1)
+    assert one.epoch_order(3).tolist() == list(range(10))  # a buffer of one slot keeps the order
+    s = shuffle_buffer_order(np.arange(6, dtype=np.int32), 2, np.random.default_rng(0))
+    assert s.dtype == np.int32 and sorted(s.tolist()) == list(range(6))
+    # two records fill the buffer and come out in the generator's permutation ([1, 0] for seed 3)
+    assert shuffle_buffer_order(np.array([7, 8]), 4, np.random.default_rng(3)).tolist() == [8, 7]
+    # to_sample: all-zero mask keeps attention on every token; other record kinds pass through
+    x = to_sample({"indices": np.array([4, 5, 6]), "mask": np.array([0, 0, 0])})
+    assert x["attention_mask"].tolist() == [1, 1, 1] and x["labels"].tolist() == [-100, -100, -100]
+    pref = to_sample({"chosen": np.array([1, 2])})
+    assert list(pref) == ["chosen"] and torch.equal(pref["chosen"], torch.tensor([1, 2]))
+    # advance adds whole epochs to the starting epoch; the state names the rank; errors say how to fix
+    looping = RecordDataset(str(small_records), loop=True, shuffle_buffer=0)
+    looping.advance(2, 4, 13)
+    assert (looping.epoch, looping.offset) == (3, 7)
+    assert looping.state_dict()["rank"] == 0
+    with pytest.raises(ConfigError) as e:
+        RecordDataset(str(small_records), seed=9).load_state_dict(looping.state_dict())
+    assert e.value.fix == "resume with the same records, seed, shuffle_buffer and world size as the interrupted run"
+    with pytest.raises(ValueError, match="^collate got an empty batch$"):
+        from minima.data.records import collate
+
+        collate([])
