@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -345,6 +346,31 @@ def run_target(name: str, t: Target, work: Path, env: dict, sample: int = 0) -> 
     }
 
 
+_QUOTED = re.compile(r"""(f?"[^"]*"|f?'[^']*')""")
+_MESSAGE_LINE = re.compile(r"""^\s*(raise \w+\(|(fix|where)=)""")
+
+
+def message_only(diff: str) -> bool:
+    """True for a mutant that changes only the text inside the quotes of an error message or its fix hint:
+    one removed and one added line, the removed line a ``raise X(...)`` or a ``fix=``/``where=`` argument,
+    and the two lines equal once every quoted string is blanked out."""
+    minus = [x[1:] for x in diff.splitlines() if x.startswith("-")]
+    plus = [x[1:] for x in diff.splitlines() if x.startswith("+")]
+    if len(minus) != 1 or len(plus) != 1 or not _MESSAGE_LINE.match(minus[0]):
+        return False
+    return _QUOTED.sub('""', minus[0]) == _QUOTED.sub('""', plus[0])
+
+
+def reason(key: str, diff: str) -> str | None:
+    """Why a survivor is equivalent or harmless, or None when it is a gap in the tests."""
+    name = key.split(".")[-1]
+    if name in EXPLAINED:
+        return EXPLAINED[name]
+    if message_only(diff):
+        return "harmless: changes only the wording of an error message or its fix hint (no number, no behaviour)"
+    return None
+
+
 def render(results: dict) -> str:
     rows = [
         "| target | file | mutants | killed | survived | score | score without the named equivalents "
@@ -354,7 +380,7 @@ def render(results: dict) -> str:
     for name, r in results.items():
         score = r["killed"] / r["total"] if r["total"] else float("nan")
         surv = len(r["survivors"])
-        named = sum(k.split(".")[-1] in EXPLAINED for k in r["survivors"])
+        named = sum(reason(k, d) is not None for k, d in r["survivors"].items())
         adjusted = r["killed"] / (r["total"] - named) if r["total"] > named else float("nan")
         rows.append(
             f"| {name} | `{r['file']}` | {r['total']}{' (sample)' if r.get('sampled') else ''} | {r['killed']} | "
@@ -377,7 +403,7 @@ def render(results: dict) -> str:
     ]
     for name, r in results.items():
         for k, diff in r["survivors"].items():
-            why = EXPLAINED.get(k.split(".")[-1], "**not explained: a gap in the tests**")
+            why = reason(k, diff) or "**not explained: a gap in the tests**"
             out += [
                 "",
                 f"- {name}: `{k.split('.')[-1]}`: {why}",
