@@ -359,10 +359,27 @@ def test_tokenize_texts_adds_no_special_tokens_on_the_slow_path():
         is_fast = False
 
         def __call__(self, texts, add_special_tokens=True, split_special_tokens=False):
+            self.split = split_special_tokens
             return {"input_ids": [[1] * add_special_tokens + [len(t)] for t in texts]}
 
-    assert tokenize_texts(Slow(), ["ab", "cde"]) == [[2], [3]]
-    assert tokenize_texts(Slow(), []) == []
+    slow = Slow()
+    assert tokenize_texts(slow, ["ab", "cde"]) == [[2], [3]] and slow.split is True
+    assert tokenize_texts(slow, ["ab"], split_special_tokens=False) == [[2]] and slow.split is False
+    assert tokenize_texts(slow, []) == []
+
+
+def test_tokenize_texts_leaves_the_fast_tokenizer_as_it_was(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from minima.data.formats import tokenize_texts
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    eos = tok.eos_token
+    split = tokenize_texts(tok, [f"a{eos}"])[0]
+    assert tok.eos_token_id not in split  # special-token text in content is plain text
+    assert tokenize_texts(tok, [f"a{eos}"], split_special_tokens=False)[0][-1] == tok.eos_token_id
+    # afterwards the tokenizer itself still reads the special token as one token
+    assert tok(f"a{eos}", add_special_tokens=False)["input_ids"][-1] == tok.eos_token_id
 
 
 def test_packed_dataset_boundaries_transform_dtypes_and_errors():
