@@ -476,3 +476,36 @@ def test_read_order_equals_the_written_out_reference(small_records):
         from minima.data.records import collate
 
         collate([])
+
+
+def test_sharegpt_and_minichat_shapes_by_hand(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from minima.data.formats import get_format, normalise_conversation
+
+    sg = {"system": "S", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+    assert normalise_conversation(sg) == [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A"},
+    ]
+    assert normalise_conversation(dict(sg, system=""))[0] == {"role": "user", "content": "Q"}
+    for bad in ([{"User": "Q"}], [{"Assistant": "A"}], ["Q"]):
+        with pytest.raises(ValueError, match="^turn 0 must have 'User' and 'Assistant' keys$"):
+            normalise_conversation(bad, "minichat")
+    for bad in ([{"from": "human"}], [{"value": "Q"}]):
+        with pytest.raises(ValueError, match="^message 0 must have 'from' and 'value' keys$"):
+            normalise_conversation({"conversations": bad}, "sharegpt")
+    # special-token text typed by a user stays plain text in the generation prompt too
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    fmt = get_format("minichat")
+    msgs = [{"role": "user", "content": f"say {tok.eos_token} now"}]
+    ids, _ = fmt.encode(tok, msgs, add_generation_prompt=True)
+    eos_count = ids.count(tok.eos_token_id)
+    assert eos_count == 1  # only the one that ends the user turn
+    batch = fmt.encode_batch(tok, [msgs + [{"role": "assistant", "content": "ok"}]] * 2)
+    single = fmt.encode(tok, msgs + [{"role": "assistant", "content": "ok"}])
+    # per conversation a list of (ids, mask) groups (header, then one per exchange); joined, they are encode's
+    for groups in batch:
+        assert [i for g in groups for i in g[0]] == list(single[0])
+        assert [m for g in groups for m in g[1]] == list(single[1])
