@@ -180,6 +180,10 @@ EXPLAINED: dict[str, str] = {
     "x_block_diagonal_mask__mutmut_10": _CPU,
     "x_block_diagonal_mask__mutmut_14": _CPU,
     "x_block_diagonal_mask__mutmut_29": _CPU,
+    "x_collate__mutmut_13": "equivalent: torch.full with an integer fill value makes int64 already",
+    "x_collate__mutmut_16": "equivalent: torch.full with an integer fill value makes int64 already",
+    "x_collate__mutmut_22": "equivalent: torch.full with an integer fill value makes int64 already",
+    "x_collate__mutmut_25": "equivalent: torch.full with an integer fill value makes int64 already",
     "x_collate_packed__mutmut_6": "equivalent: torch.full with an integer fill value makes int64 already",
     "x_collate_packed__mutmut_9": "equivalent: torch.full with an integer fill value makes int64 already",
     "x_collate_packed__mutmut_18": (
