@@ -224,6 +224,17 @@ EXPLAINED: dict[str, str] = {
         "equivalent: at exactly one epoch, divmod gives (1, 0), which the epoch-end rule turns back into (0, per)"
     ),
     "x__top__mutmut_7": "equivalent here: torch's CPU sort keeps ties in order for these sizes even when not asked to",
+    **{
+        f"x_token_logps__mutmut_{i}": "equivalent: on these 2-D tensors (1-D for unsqueeze) dim +1 is dim -1"
+        for i in (31, 39, 42, 44, 54, 58, 60, 66, 70, 74)
+    },
+    "x_log1mexp__mutmut_7": "equivalent: at x = -log 2 exactly both branches give log(1/2)",
+    "x_log1mexp__mutmut_9": (
+        "equivalent within float64 rounding: between -1.69 and -0.69 both formulas are accurate (1 - e^x >= 0.5)"
+    ),
+    "x_preference_losses__mutmut_11": (
+        "equivalent: the integer count divides a float tensor, which gives the same float quotient"
+    ),
     "x_f1__mutmut_15": "equivalent: when p or r is 0 (and not both), 2pr/(p+r) is 0 as well",
     "x_pass_at_k__mutmut_3": (
         "equivalent: the early return is a shortcut; when n - c < k the product has the factor 1 - k/k = 0"

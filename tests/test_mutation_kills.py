@@ -509,3 +509,40 @@ def test_sharegpt_and_minichat_shapes_by_hand(tiny_tokenizer_dir):
     for groups in batch:
         assert [i for g in groups for i in g[0]] == list(single[0])
         assert [m for g in groups for m in g[1]] == list(single[1])
+
+
+def test_preference_defaults_metrics_and_errors():
+    import torch
+    import torch.nn.functional as F
+
+    from minima.train.objectives import dpo
+
+    pc, pr, rc = torch.tensor([-2.0, -3.0]), torch.tensor([-3.0, -2.5]), torch.tensor([-2.5, -3.0])
+    rr = torch.tensor([-3.0, -3.0])
+    n = torch.tensor([2, 2])
+    out = dpo.preference_losses("sigmoid", pc, pr, rc, rr, n, n)  # beta defaults to 0.1
+    d = (pc - rc) - (pr - rr)
+    assert torch.allclose(out.loss, -F.logsigmoid(0.1 * d))
+    m = out.metrics()
+    assert torch.equal(m["logps/chosen"], pc) and torch.equal(m["logps/rejected"], pr)
+    c, r = 0.1 * (pc - rc), 0.1 * (pr - rr)
+    assert torch.allclose(m["rewards/margins"], c - r)
+    assert m["rewards/accuracies"].tolist() == [1.0, 0.0]
+    tie = dpo.PairLosses(torch.zeros(3), torch.tensor([1.0, 1.0, 0.0]), torch.tensor([1.0, 0.0, 1.0]), pc, pr)
+    assert tie.metrics()["rewards/accuracies"].tolist() == [0.5, 1.0, 0.0]
+    simpo = dpo.preference_losses("simpo", pc, pr, None, None, n, n, beta=2.0)  # gamma defaults to 0.5
+    assert torch.allclose(simpo.loss, -F.logsigmoid(2.0 * (pc / 2 - pr / 2) - 0.5))
+    with pytest.raises(ValueError, match="needs the reference log-probs"):
+        dpo.preference_losses("ipo", pc, pr, rc, None, n, n)
+    with pytest.raises(ValueError, match="needs the reference log-probs"):
+        dpo.preference_losses("sigmoid", pc, pr, None, rr, n, n)
+    with pytest.raises(ValueError, match="unknown preference loss 'x'"):
+        dpo.preference_losses("x", pc, pr, rc, rr, n, n)
+    with pytest.raises(ValueError, match="needs chosen_nll"):
+        dpo.preference_losses("orpo", pc, pr, None, None, n, n)
+    # token_logps over every token without an attention mask counts every position
+    logits = torch.zeros(1, 4, 3)
+    ids = torch.tensor([[0, 1, 2, 1]])
+    s, k, s_all, k_all = dpo.token_logps(logits, torch.tensor([[-100, -100, 2, 1]]), ids)
+    assert k.tolist() == [2] and k_all.tolist() == [3]
+    assert torch.allclose(s_all, torch.tensor([-3 * math.log(3)]))
