@@ -223,6 +223,12 @@ EXPLAINED: dict[str, str] = {
     "xǁRecordDatasetǁadvance__mutmut_6": (
         "equivalent: at exactly one epoch, divmod gives (1, 0), which the epoch-end rule turns back into (0, per)"
     ),
+    "x_shuffle_buffer_order__mutmut_17": "equivalent: integers(b) is integers(0, b)",
+    "x_shuffle_buffer_order__mutmut_38": "equivalent: the values are cast to the stream's dtype when assigned to out",
+    "x_shuffle_buffer_order__mutmut_40": "equivalent: the values are cast to the stream's dtype when assigned to out",
+    "xǁRecordDatasetǁepoch_order__mutmut_27": "equivalent: the empty stream is cast to int64 right after",
+    "xǁRecordDatasetǁepoch_order__mutmut_29": "equivalent: the empty stream is cast to int64 right after",
+    "xǁRecordDatasetǁepoch_order__mutmut_41": "equivalent in value: without the cache the same order is recomputed",
     "x__top__mutmut_7": "equivalent here: torch's CPU sort keeps ties in order for these sizes even when not asked to",
     **{
         f"x_token_logps__mutmut_{i}": "equivalent: on these 2-D tensors (1-D for unsqueeze) dim +1 is dim -1"
