@@ -403,6 +403,9 @@ def reason(key: str, diff: str) -> str | None:
     if name in EXPLAINED:
         return EXPLAINED[name]
     removed = " ".join(x[1:] for x in diff.splitlines() if x.startswith("-"))
+    added = " ".join(x[1:] for x in diff.splitlines() if x.startswith("+"))
+    if "_text(" in removed and _QUOTED.sub('""', removed) == _QUOTED.sub('""', added).replace("None", '""'):
+        return "harmless: changes only the field name that _text quotes in its error message"
     for prefix, line, why in EXPLAINED_LINES:
         if name.startswith(prefix) and line in removed:
             return why
