@@ -141,18 +141,38 @@ def test_resumable_partial_is_kept_only_for_same_key(tmp_path):
 
 
 def test_manifest_is_valid_json_with_required_fields(tmp_path):
-    a = run_stage(VocabConfig(out_dir=str(tmp_path / "o")), {"x": None}, _body("z"))
+    import hashlib
+    import subprocess
+    from datetime import datetime
+    from pathlib import Path
+
+    import minima
+
+    src = tmp_path / "in.txt"
+    src.write_text("input bytes")
+    cfg = VocabConfig(out_dir=str(tmp_path / "o"), seed=3)
+    t0 = time.time()
+    a = run_stage(cfg, {"x": None, "src": str(src)}, _body("zz"))
+    t1 = time.time()
     m = json.loads((a.path / "manifest.json").read_text())
-    for k in (
-        "stage",
-        "config",
-        "config_hash",
-        "cache_key",
-        "inputs",
-        "created",
-        "minima_version",
-        "git_commit",
-        "wall_time_s",
-        "metrics",
-    ):
-        assert k in m
+    assert m["stage"] == "vocab" and m["metrics"]["n"] == 2
+    assert m["config"] == json.loads(cfg.model_dump_json()) and m["config"]["seed"] == 3
+    # the hashes, recomputed by hand from the canonical JSON of the documented fields
+    canon = lambda o: json.dumps(o, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    sha = lambda t: hashlib.sha256(t.encode()).hexdigest()
+    # out_dir, run_dir, wait and verify change where and how a stage runs, not what it builds
+    view = {k: v for k, v in m["config"].items() if k not in ("out_dir", "run_dir", "wait", "verify")}
+    assert m["config_hash"] == config_hash(cfg) == sha(canon({"stage": "vocab", "config": view}))
+    src_hash = hashlib.sha256(b"input bytes").hexdigest()
+    assert m["inputs"] == {"x": {"path": None, "hash": None}, "src": {"path": str(src), "hash": src_hash}}
+    assert m["cache_key"] == sha(canon({"config": m["config_hash"], "inputs": {"src": src_hash, "x": None}}))
+    created = datetime.strptime(m["created"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    assert t0 - 1 <= created <= t1 + 1
+    assert 0 <= m["wall_time_s"] <= t1 - t0 + 0.01
+    assert m["minima_version"] == minima.__version__
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(minima.__file__).parent
+    )
+    assert m["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert set(m["files"]) >= {"out.txt", "config.yaml"}
+    assert m["files"]["out.txt"]["size"] == 2

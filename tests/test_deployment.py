@@ -101,4 +101,8 @@ def test_deploy_worker_and_trigger_by_name(prefect_server, tmp_path):
         "--watch",
         timeout=300,
     )
-    assert "Completed" in out, out[-3000:] + (tmp_path / "worker.log").read_text()[-3000:]
+    log = (tmp_path / "worker.log").read_text()
+    assert "Completed" in out, out[-3000:] + log[-3000:]
+    # The run used the parameters given by name: the minima-3b preset's target shape and its parameter
+    # count (3.02B, checked by hand arithmetic in test_prune.py), printed by the flow run the worker started.
+    assert "layers 24, heads 24 (kv 24), hidden 3072, ffn 8192" in log and "3.02B params" in log, log[-3000:]

@@ -197,6 +197,7 @@ def test_model_without_tokenizer_is_a_clear_error(tmp_path, tiny_model_dir):
 
 
 # ------------------------------------------------------------------------------ scorers vs lm-eval
+GOLD_NUMBERS = ["72", "1234.5", "-5", "13", "0", "1000", "5", "42", "7", "3500", "-2", "0.5"]
 GENERATIONS = [
     "Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips.\n#### 72",
     "The total is $1,234.50 dollars.\n#### $1,234.50",
@@ -223,7 +224,8 @@ def test_gsm8k_extraction_and_scoring_match_lm_eval():
     cfg = yaml.safe_load(cfg_text)
     filters = {f["name"]: f["filter"][0] for f in cfg["filter_list"]}
     metric = cfg["metric_list"][0]
-    golds = [json.loads(line) for line in shared("eval/gsm8k/test.jsonl").read_text().splitlines()[: len(GENERATIONS)]]
+    # gsm8k-style gold answers (worked solution, then "#### number"): the test needs no data files
+    golds = [{"answer": f"She computes <<{v}={v}>>{v} in total.\n#### {v}"} for v in GOLD_NUMBERS]
     for gen, gold in zip(GENERATIONS, golds):
         mine = gsm8k_extract(gen)
         for name, f in filters.items():

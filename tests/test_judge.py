@@ -18,6 +18,7 @@ from minima.evaluate.judge import (
     parse_verdict,
     report_pairwise,
     run_chat_eval,
+    single_prompt,
 )
 
 MT = [
@@ -144,6 +145,8 @@ def test_question_formats(tmp_path):
     )
     assert [q["question_id"] for q in limited] == [81]
 
+
+def test_belle_eval_set_loads_with_its_categories():
     real = load_questions(shared("instruction/belle_eval_set.jsonl"))
     assert len(real) == 1000 and sum(q["reference"] is not None for q in real) == 631  # 369 have an empty std_answer
     assert sorted({q["category"] for q in real}) == [
@@ -257,6 +260,25 @@ def test_pairwise_position_swap_cancels_a_biased_judge(tmp_path):
         )
 
 
+_HF: dict = {}
+
+
+def _hf_greedy(model_dir: Path, messages: list[dict], max_new_tokens: int) -> str:
+    """Greedy continuation by transformers' own generate, cut at EOS, special tokens dropped."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if "model" not in _HF:
+        _HF["tok"] = AutoTokenizer.from_pretrained(str(model_dir))
+        _HF["model"] = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tok, model = _HF["tok"], _HF["model"]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    x = torch.tensor([list(ids)])
+    with torch.no_grad():
+        out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id)
+    return tok.decode(out[0, x.shape[1] :], skip_special_tokens=True)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_tokenizer_dir):
     model_dir = cs.chat_model_dir(tmp_path_factory, tiny_tokenizer_dir)
@@ -282,15 +304,26 @@ def test_judge_flow_against_minima_serve(tmp_path, served):
     )
     rows = [json.loads(line) for line in Path(res["judgments_file"]).read_text().splitlines()]
     assert len(rows) == 4 and all(r["judgment"] for r in rows)
-    for r in rows:
-        assert r["score"] == parse_score(r["judgment"]) and r["status"] == (
-            "ok" if r["score"] is not None else "unparseable"
-        )
-    assert res["unparseable"] == sum(r["score"] is None for r in rows)
-    assert "| **all** | 2 |" in (tmp_path / "single" / "report.md").read_text()
     answers = Path(res["answers_file"])
     first = [json.loads(line) for line in answers.read_text().splitlines()]
     assert all(len(a["choices"][0]["turns"]) == 2 and a["model_id"] == model_dir.name for a in first)
+    # The answers and the judgments over HTTP are HF greedy generations of the same model on the same
+    # prompts (the chat template applied by the tokenizer, not by minima).
+    replies = {str(a["question_id"]): a["choices"][0]["turns"] for a in first}
+    by_id = {str(q["question_id"]): dict(q, category=q["category"]) for q in MT}
+    for qid, turns in replies.items():
+        history = []
+        for i, user in enumerate(by_id[qid]["turns"]):
+            history.append({"role": "user", "content": user})
+            assert turns[i] == _hf_greedy(model_dir, history, 12), (qid, i)
+            history.append({"role": "assistant", "content": turns[i]})
+    for r in rows:
+        q = by_id[str(r["question_id"])]
+        want = _hf_greedy(model_dir, single_prompt(q, replies[str(r["question_id"])], r["turn"] - 1), 16)
+        assert r["judgment"] == want, r["key"]
+    scored = [r["score"] for r in rows if r["score"] is not None]
+    assert res["unparseable"] == 4 - len(scored) and res["unparseable"] == sum(r["status"] != "ok" for r in rows)
+    assert "| **all** | 2 |" in (tmp_path / "single" / "report.md").read_text()
 
     pair = run_chat_eval(
         ChatEvalConfig(

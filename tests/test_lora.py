@@ -110,9 +110,22 @@ def test_missing_target_lists_linear_modules():
     [("bloom", ["query_key_value", "dense"]), ("opt", ["q_proj", "v_proj", "fc1"]), ("t5", ["q", "v", "wi"])],
 )
 def test_other_families_wrap(family, targets):
-    model = apply_lora(tiny_family_model(family, 100), LoraConfig(enabled=True, r=2, target_modules=targets))
+    base = tiny_family_model(family, 100)
+    total = sum(p.numel() for p in base.parameters())
+    # By hand: each targeted Linear gets A (r x in) and B (out x r); nothing else trains.
+    r = 2
+    hand = sum(
+        r * (m.in_features + m.out_features)
+        for name, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets
+    )
+    n_targets = sum(1 for name, _ in base.named_modules() if name.split(".")[-1] in targets)
+    assert hand > 0 and n_targets >= 2
+    model = apply_lora(base, LoraConfig(enabled=True, r=r, target_modules=targets))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert 0 < n_trainable < sum(p.numel() for p in model.parameters()) // 4
+    assert n_trainable == hand
+    assert model.get_nb_trainable_parameters() == (hand, total + hand)
+    assert sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A")) == n_targets
 
 
 def test_qlora_without_gpu_is_a_clear_error():

@@ -486,10 +486,23 @@ def test_concurrent_builds_in_threads_do_not_share_settings(tmp_path, demo_data_
         )
         return run(cfg)
 
-    for _ in range(2):
+    def data_bytes(art) -> dict:
+        return {
+            p.relative_to(art.path).as_posix(): p.read_bytes()
+            for p in sorted(art.path.rglob("*"))
+            if p.suffix in (".tfrecord", ".index")
+        }
+
+    serial = {
+        "lm": data_bytes(build("lm", demo_data_dir / "text/pretrain_en.txt", "lm_serial")),
+        "chat": data_bytes(build("chat", demo_data_dir / "chat/demo_chat.json", "chat_serial")),
+    }
+    assert serial["lm"] and serial["chat"] and serial["lm"] != serial["chat"]
+    for i in range(2):
         with ThreadPoolExecutor(2) as ex:
-            lm = ex.submit(build, "lm", demo_data_dir / "text/pretrain_en.txt", "lm")
-            chat = ex.submit(build, "chat", demo_data_dir / "chat/demo_chat.json", "chat")
+            lm = ex.submit(build, "lm", demo_data_dir / "text/pretrain_en.txt", f"lm{i}")
+            chat = ex.submit(build, "chat", demo_data_dir / "chat/demo_chat.json", f"chat{i}")
             a, b = lm.result(), chat.result()
         assert a.manifest["metrics"]["format"] == "lm" and b.manifest["metrics"]["format"] == "chat"
-        assert a.manifest["metrics"]["num_records"]["train"] > 0 and b.manifest["metrics"]["num_records"]["train"] > 0
+        # byte for byte what each build writes alone
+        assert data_bytes(a) == serial["lm"] and data_bytes(b) == serial["chat"]

@@ -101,7 +101,25 @@ def test_streaming_reassembles_to_the_non_streamed_text(client, model_dir):
     assert "".join(parts) == full.choices[0].text
 
 
-def test_sampling_parameters(client, model_dir):
+def _hand_sample(hf, ids: list[int], max_new: int, temperature: float, seed: int) -> list[int]:
+    """Full forward per step, ``multinomial(softmax(logits / T))`` from a generator seeded ``seed``; stops at EOS."""
+    import torch
+
+    tok, model = hf
+    gen = torch.Generator().manual_seed(seed)
+    ids, new = list(ids), []
+    with torch.no_grad():
+        for _ in range(max_new):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            t = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)[0])
+            if t == tok.eos_token_id:
+                break
+            new.append(t)
+            ids.append(t)
+    return new
+
+
+def test_sampling_parameters(client, model_dir, hf):
     kw = dict(model=_name(model_dir), messages=Q, max_tokens=16)
     greedy = client.chat.completions.create(temperature=0, **kw).choices[0].message.content
     a = client.chat.completions.create(temperature=1.0, seed=7, n=3, **kw)
@@ -116,6 +134,19 @@ def test_sampling_parameters(client, model_dir):
     assert (
         client.chat.completions.create(temperature=1.0, top_p=1e-6, seed=3, **kw).choices[0].message.content == greedy
     )
+
+    # Temperature reaches the sampler: each sample equals multinomial(softmax(logits / T)) drawn by hand
+    # with a generator seeded the same way, and the same seed at another temperature gives another text.
+    tok, model = hf
+    prompt_ids = tok(tok.apply_chat_template(Q, add_generation_prompt=True, tokenize=False), add_special_tokens=False)[
+        "input_ids"
+    ]
+    by_t = {}
+    for t in (0.5, 2.0):
+        got = client.chat.completions.create(temperature=t, seed=11, **dict(kw, max_tokens=8))
+        by_t[t] = got.choices[0].message.content
+        assert by_t[t] == tok.decode(_hand_sample(hf, prompt_ids, 8, t, 11), skip_special_tokens=True), t
+    assert by_t[0.5] != by_t[2.0]
 
     long = client.chat.completions.create(temperature=0, **dict(kw, max_tokens=40)).choices[0].message.content
     stop = long[len(long) // 2 : len(long) // 2 + 3]

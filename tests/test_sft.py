@@ -192,12 +192,30 @@ def test_family_loss_goes_down_and_export_reloads(family, tmp_path, chat_records
     from minima.stages import sft
 
     model = _save_family(family, tmp_path / f"base_{family}", tiny_tokenizer_dir)
-    art = sft.run(_cfg(tmp_path, model, chat_records))
+    cfg = _cfg(tmp_path, model, chat_records)
+    art = sft.run(cfg)
     out = art.path
     s2s = family == "t5"
     before, after = _dev_loss(model, chat_records, s2s), _dev_loss(out, chat_records, s2s)
     print(f"{family}: dev loss {before:.3f} -> {after:.3f}")
     assert after < before - 0.3
+    if not s2s:
+        # Step 1's loss is transformers' own loss of the base model on the first micro batch the reader
+        # yields (rank 0 of 1, the run's seed): the engine trained on those tokens with that objective.
+        from transformers import AutoModelForCausalLM
+
+        from minima.data.records import RecordDataset
+        from minima.data.records.reader import collate
+        from minima.train.metrics import read_metrics
+
+        ds = RecordDataset(str(chat_records), split="train", rank=0, world_size=1, seed=cfg.seed, loop=True)
+        it = iter(ds)
+        batch = collate([next(it) for _ in range(cfg.micro_batch_size)], pad_id=ds.pad_id)
+        ref = AutoModelForCausalLM.from_pretrained(str(model)).eval()
+        with torch.no_grad():
+            want = ref(**batch).loss.item()
+        first = next(r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train")
+        assert first["step"] == 1 and first["loss"] == pytest.approx(want, rel=1e-4)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == {"llama": "llama", "bloom": "bloom", "opt": "opt", "t5": "t5"}[family]
     gen = json.loads((out / "generation_config.json").read_text())
@@ -438,6 +456,19 @@ def test_fsdp_two_ranks_and_two_nodes_with_kill_and_resume(tmp_path, chat_record
     metrics = json.loads((one / "manifest.json").read_text())["metrics"]
     assert metrics["world_size"] == 2 and metrics["strategy"] == "fsdp"
     assert _dev_loss(one, chat_records) < _dev_loss(base, chat_records) - 0.1
+    # The same 2-rank job under DeepSpeed ZeRO-2 (same records per rank, same seed): the same losses and
+    # weights, so FSDP's sharded step is the replicated one.
+    ds_cfg = _cfg(tmp_path, base, chat_records, out_dir=str(tmp_path / "ds"), **dict(kw, strategy="deepspeed"))
+    ds_cfg.launch.nproc_per_node = 2
+    ds_cfg.launch.master_port = free_port_pair()
+    _finish(_start_sft(tmp_path, ds_cfg, "ds"))
+    ds_rows = [r for r in read_metrics(tmp_path / "ds" / "metrics.jsonl") if r["split"] == "train"]
+    fsdp_rows = [r for r in read_metrics(one / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in ds_rows] == [r["step"] for r in fsdp_rows] == list(range(1, 9))
+    for a, b in zip(fsdp_rows, ds_rows):
+        assert a["lr"] == b["lr"] and abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
+    wf, wd = load_file(str(one / "model.safetensors")), load_file(str(tmp_path / "ds" / "model.safetensors"))
+    assert wf.keys() == wd.keys() and max(float((wf[k] - wd[k]).abs().max()) for k in wf) < 1e-4
 
     out = tmp_path / "nodes"
 

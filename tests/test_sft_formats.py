@@ -68,8 +68,12 @@ def _runs(ids, mask):
     return runs + ([cur] if cur else [])
 
 
-def test_all_formats_registered():
-    assert set(FORMATS) <= set(available_formats())
+def test_all_formats_registered(tokenizers):
+    # Exactly these: a format added to the registry but not here would escape the template tests below.
+    assert sorted(available_formats()) == sorted(FORMATS)
+    # The names resolve to distinct formats whose Jinja templates differ.
+    templates = {name: chat_template(get_format(name), tokenizers["plain"]) for name in FORMATS}
+    assert len(set(templates.values())) == len(FORMATS)
 
 
 @pytest.mark.parametrize("tok_name", ["plain", "chatml_tokens"])

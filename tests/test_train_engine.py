@@ -150,6 +150,15 @@ def test_export_loads_and_metrics_written(run_mb8):
     train = [r for r in read_metrics(work / "metrics.jsonl") if r["split"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 7))
     assert train[-1]["loss"] < train[0]["loss"]
+    # TensorBoard holds the same scalars as metrics.jsonl, step by step (stored as float32)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(work / "tensorboard"), size_guidance={"scalars": 0})
+    tb.Reload()
+    for key in ("loss", "lr", "grad_norm"):
+        got = [(e.step, e.value) for e in tb.Scalars(f"train/{key}")]
+        assert [s for s, _ in got] == [r["step"] for r in train], key
+        assert [v for _, v in got] == pytest.approx([r[key] for r in train], rel=1e-6, abs=1e-12), key
     assert res["steps"] == 6 and res["zero_stage"] == 2
     # keep_last=2 with a checkpoint only at the end: exactly one complete checkpoint
     ckpts = sorted(p.name for p in (work / "checkpoints").glob("step_*"))
