@@ -47,6 +47,7 @@ def main(argv=None) -> int:
         default="4,112,4,4,224",
         help="the first round's shape: layers,hidden,heads,kv_heads,ffn",
     )
+    p.add_argument("--seed", type=int, default=None, help="seed of every prune and distill (default: the demo's)")
     p.add_argument("--reuse-distill", action="store_true", help="take 05_distill as the logits-only/one-shot arm")
     a = p.parse_args(argv)
 
@@ -63,6 +64,8 @@ def main(argv=None) -> int:
     teacher, hand = rd / "03_adapt", rd / "04_prune"
     prune_cfg = {k: v for k, v in _config(hand).items() if k not in ("out_dir", "run_dir")}
     distill_cfg = {k: v for k, v in _config(rd / "05_distill").items() if k not in ("out_dir", "run_dir", "model")}
+    if a.seed is not None:
+        prune_cfg["seed"] = distill_cfg["seed"] = a.seed
     steps = distill_cfg["max_steps"]
     res: dict = {
         "distill": {k: distill_cfg[k] for k in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "lr")}
