@@ -33,6 +33,15 @@ def _config(art: Path) -> dict:
     return json.loads((art / "manifest.json").read_text())["config"]
 
 
+ARMS = {
+    "logits": "hand-picked 04_prune shape, logits only (= 05_distill)",
+    "search_distill": "searched shape, logits only",
+    "hidden_0.1": "hand-picked, logits + hidden mse w=0.1",
+    "hidden_1": "hand-picked, logits + hidden mse w=1.0",
+    "rounds": "two rounds (mid shape, then hand-picked shape)",
+}
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("MINIMA_INPROCESS", "1")
     p = argparse.ArgumentParser()
@@ -42,15 +51,23 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--retrain-steps", type=int, default=20)
     p.add_argument("--hidden-weight", type=float, nargs="+", default=[0.1, 1.0])
-    p.add_argument(
-        "--mid",
-        default="4,112,4,4,224",
-        help="the first round's shape: layers,hidden,heads,kv_heads,ffn",
-    )
-    p.add_argument("--seed", type=int, default=None, help="seed of every prune and distill (default: the demo's)")
-    p.add_argument("--reuse-distill", action="store_true", help="take 05_distill as the logits-only/one-shot arm")
+    p.add_argument("--mid", default="4,112,4,4,224", help="the first round's shape: layers,hidden,heads,kv_heads,ffn")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every prune and distill, one run each")
+    p.add_argument("--write", action="store_true", help="write the section compress_demo of benchmarks/RESULTS.md")
     a = p.parse_args(argv)
+    runs = {seed: run_one(a, seed, a.out.resolve() / f"seed{seed}") for seed in a.seeds}
+    (a.out / "results.json").write_text(json.dumps(runs, indent=1))
+    md = markdown(runs, a)
+    print(md)
+    if a.write:
+        from benchmarks.results import write_section
 
+        write_section("compress_demo", md)
+    return 0
+
+
+def run_one(a, seed: int, out: Path) -> dict:
+    """Every arm for one seed: the distilled students' dev loss and the evaluation of every model."""
     from transformers import AutoConfig
 
     from minima.core.config import DistillConfig, EvaluateConfig, PruneConfig
@@ -59,13 +76,12 @@ def main(argv=None) -> int:
     from minima.stages.evaluate import run as evaluate
     from minima.stages.prune import run as prune
 
-    rd, out = a.run_dir.resolve(), a.out.resolve()
+    rd = a.run_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
     teacher, hand = rd / "03_adapt", rd / "04_prune"
     prune_cfg = {k: v for k, v in _config(hand).items() if k not in ("out_dir", "run_dir")}
     distill_cfg = {k: v for k, v in _config(rd / "05_distill").items() if k not in ("out_dir", "run_dir", "model")}
-    if a.seed is not None:
-        prune_cfg["seed"] = distill_cfg["seed"] = a.seed
+    prune_cfg["seed"] = distill_cfg["seed"] = seed
     steps = distill_cfg["max_steps"]
     res: dict = {
         "distill": {k: distill_cfg[k] for k in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "lr")}
@@ -79,43 +95,36 @@ def main(argv=None) -> int:
         return {"path": str(art.path), "dev_loss": m["dev_loss"], "train_tokens": m["train_tokens"]}
 
     def run_prune(src: Path, name: str, **over) -> Path:
-        return prune(
-            PruneConfig.model_validate({**prune_cfg, "teacher": str(src), "out_dir": str(out / name), **over})
-        ).path
+        cfg = {**prune_cfg, "teacher": str(src), "out_dir": str(out / name), **over}
+        return prune(PruneConfig.model_validate(cfg)).path
 
     students: dict[str, str] = {"teacher": str(teacher), "hand-picked pruned": str(hand)}
-    if a.reuse_distill:
-        m = json.loads((rd / "05_distill/train_result.json").read_text())
-        res["logits"] = {"path": str(rd / "05_distill"), "dev_loss": m["dev_loss"], "train_tokens": m["train_tokens"]}
     if "search" in a.arms:
         target = count_params(AutoConfig.from_pretrained(str(hand)))
         search = {**prune_cfg["search"], "top_k": a.top_k, "retrain_steps": a.retrain_steps}
         art = run_prune(teacher, "search_prune", target_params=target, search=search, **dict.fromkeys(PRUNE_DIMS))
         res["search"] = {"target_params": target, **json.loads((art / "search.json").read_text())}
         res["search_distill"] = run_distill(art, "search_distill")
-        students["searched pruned"] = str(art)
-    if ("hidden" in a.arms or "rounds" in a.arms) and "logits" not in res:
-        res["logits"] = run_distill(hand, "logits")
+        students["searched pruned (+retrain)"] = str(art)
+    res["logits"] = run_distill(hand, "logits")
     if "hidden" in a.arms:
         for w in a.hidden_weight:
             res[f"hidden_{w:g}"] = run_distill(hand, f"hidden_{w:g}", hidden_weight=w, hidden_kind="mse")
     if "rounds" in a.arms:
         layers, hidden, heads, kv, ffn = (int(x) for x in a.mid.split(","))
-        mid = dict(
-            num_layers=layers, hidden_size=hidden, num_heads=heads, num_key_value_heads=kv, intermediate_size=ffn
-        )
-        r1 = run_prune(teacher, "rounds_prune1", **mid)
-        res["rounds_mid"] = {**mid, "params": count_params(AutoConfig.from_pretrained(str(r1)))}
+        mid = dict(num_layers=layers, hidden_size=hidden, num_heads=heads, num_key_value_heads=kv)
+        r1 = run_prune(teacher, "rounds_prune1", intermediate_size=ffn, **mid)
+        res["rounds_mid"] = {
+            **mid,
+            "intermediate_size": ffn,
+            "params": count_params(AutoConfig.from_pretrained(str(r1))),
+        }
         d1 = run_distill(r1, "rounds_distill1", max_steps=steps // 2)
         r2 = run_prune(Path(d1["path"]), "rounds_prune2", **{k: prune_cfg[k] for k in PRUNE_DIMS})
         d2 = run_distill(r2, "rounds_distill2", max_steps=steps - steps // 2)
-        res["rounds"] = {**d2, "train_tokens": d1["train_tokens"] + d2["train_tokens"], "round1": d1}
-    for key in ("logits", "search_distill", "rounds"):
-        if key in res:
-            students[key] = res[key]["path"]
-    for w in a.hidden_weight:
-        if f"hidden_{w:g}" in res:
-            students[f"hidden_{w:g}"] = res[f"hidden_{w:g}"]["path"]
+        res["rounds"] = {**d2, "train_tokens": d1["train_tokens"] + d2["train_tokens"]}
+        res["rounds_r1"] = d1
+    students.update({k: res[k]["path"] for k in (*ARMS, "rounds_r1") if k in res})
     ev = evaluate(
         EvaluateConfig(
             models=students,
@@ -131,37 +140,69 @@ def main(argv=None) -> int:
         n: {"held_ppl": s["tasks"]["perplexity"]["token_perplexity"], "demo_qa": s["tasks"]["demo_qa"]["exact_match"]}
         for n, s in scores.items()
     }
-    (out / "results.json").write_text(json.dumps(res, indent=1))
-    print_tables(res)
-    return 0
+    return res
 
 
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def print_tables(res: dict) -> None:
-    """Markdown tables of the search candidates and of every distilled student."""
-    ev = res["eval"]
-    if "search" in res:
-        s = res["search"]
-        print(f"search: target_params={s['target_params']}, chosen {s['chosen']}")
-        print("| chosen | layers | heads | kv | hidden | ffn | params | loss pruned | loss retrained |")
-        print("|---|---|---|---|---|---|---|---|---|")
+def markdown(runs: dict, a) -> str:
+    """The search table of the first seed and, per model, dev loss / held-out perplexity / demo_qa per seed."""
+    from benchmarks.results import machine
+
+    first = runs[next(iter(runs))]
+    d = first["distill"]
+    lines = [
+        f"## compression on the demo (`python benchmarks/compress_demo.py RUN_DIR --seeds {' '.join(map(str, runs))}`)",
+        "",
+        f"{machine()}. Teacher `03_adapt`, records `02_records_lm`; every distill uses `05_distill`'s config "
+        f"(micro batch {d['micro_batch_size']} x 128 tokens, {d['max_steps']} steps, lr {d['lr']}, forward KL, "
+        "alpha 0), so every distilled student saw the same tokens. Held-out token perplexity on `data/heldout` "
+        "(max_length 128); demo_qa exact match (68 items, 3 shots, stderr about 4-5 points).",
+        "",
+    ]
+    if "search" in first:
+        s = first["search"]
+        lines += [
+            f"**Search** (`target_params={s['target_params']}`, the hand-picked student's count; "
+            f"`search.top_k={a.top_k} search.retrain_steps={a.retrain_steps}`, other keys as `04_prune`). "
+            "Loss = calibration loss (forward KL to the teacher) after pruning and after the short retraining:",
+            "",
+            "| chosen | layers | heads | kv | hidden | ffn | params | loss pruned | loss retrained |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for c in s["candidates"]:
             before, after = (_fmt(c.get(k)) for k in ("loss_pruned", "loss_retrained"))
-            print(
+            lines.append(
                 f"| {'*' if c.get('chosen') else ''} | {c['num_layers']} | {c['num_heads']} "
                 f"| {c['num_key_value_heads']} | {c['hidden_size']} | {c['intermediate_size']} | {c['params']} "
                 f"| {before} | {after} |"
             )
-    print("\n| model | distill tokens | dev loss | held-out ppl | demo_qa EM |")
-    print("|---|---|---|---|---|")
-    for name, e in ev.items():
-        r = res.get(name, {})
-        tok = r.get("train_tokens", "")
-        dev = f"{r['dev_loss']:.4f}" if "dev_loss" in r else ""
-        print(f"| {name} | {tok} | {dev} | {e['held_ppl']:.3f} | {100 * e['demo_qa']:.1f} |")
+        lines.append("")
+    if "rounds_mid" in first:
+        m = first["rounds_mid"]
+        lines += [
+            f"**Rounds**: round 1 prunes the teacher to {m['num_layers']} layers / hidden {m['hidden_size']} / "
+            f"{m['num_heads']} heads / ffn {m['intermediate_size']} ({m['params']} params) and distills "
+            f"{d['max_steps'] // 2} steps; round 2 prunes that student to the hand-picked shape and distills the "
+            "remaining steps. One shot = the `logits` row.",
+            "",
+        ]
+    seeds = list(runs)
+    head = " | ".join(f"seed {s}: dev CE / ppl / QA" for s in seeds)
+    lines += [f"| model | distill tokens | {head} |", "|---|---|" + "---|" * len(seeds)]
+    names = list(first["eval"])
+    for name in names:
+        r = first.get(name, {})
+        cells = []
+        for s in seeds:
+            rr, e = runs[s].get(name, {}), runs[s]["eval"].get(name)
+            dev = f"{rr['dev_loss']:.4f}" if "dev_loss" in rr else "-"
+            cells.append("-" if e is None else f"{dev} / {e['held_ppl']:.3f} / {100 * e['demo_qa']:.1f}")
+        label = ARMS.get(name, "after round 1 (half the tokens)" if name == "rounds_r1" else name)
+        lines.append(f"| {label} | {r.get('train_tokens', '')} | {' | '.join(cells)} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
