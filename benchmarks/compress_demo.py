@@ -54,9 +54,13 @@ def main(argv=None) -> int:
     p.add_argument("--mid", default="4,112,4,4,224", help="the first round's shape: layers,hidden,heads,kv_heads,ffn")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every prune and distill, one run each")
     p.add_argument("--write", action="store_true", help="write the section compress_demo of benchmarks/RESULTS.md")
+    p.add_argument("--tables-only", action="store_true", help="print (and --write) the tables of OUT/results.json")
     a = p.parse_args(argv)
-    runs = {seed: run_one(a, seed, a.out.resolve() / f"seed{seed}") for seed in a.seeds}
-    (a.out / "results.json").write_text(json.dumps(runs, indent=1))
+    if a.tables_only:
+        runs = {int(k): v for k, v in json.loads((a.out / "results.json").read_text()).items()}
+    else:
+        runs = {seed: run_one(a, seed, a.out.resolve() / f"seed{seed}") for seed in a.seeds}
+        (a.out / "results.json").write_text(json.dumps(runs, indent=1))
     md = markdown(runs, a)
     print(md)
     if a.write:
@@ -179,7 +183,14 @@ def markdown(runs: dict, a) -> str:
                 f"| {c['num_key_value_heads']} | {c['hidden_size']} | {c['intermediate_size']} | {c['params']} "
                 f"| {before} | {after} |"
             )
-        lines.append("")
+        ch = s["chosen"]
+        lines += [
+            "",
+            f"Winner: {ch['num_layers']} layers / {ch['num_heads']} heads / hidden {ch['hidden_size']} / ffn "
+            f"{ch['intermediate_size']} ({ch['params']} params), saved after its retraining (`search.keep=retrained`: "
+            "the `searched pruned (+retrain)` row); the retraining steps are not counted in the distill tokens.",
+            "",
+        ]
     if "rounds_mid" in first:
         m = first["rounds_mid"]
         lines += [
@@ -191,7 +202,10 @@ def markdown(runs: dict, a) -> str:
         ]
     seeds = list(runs)
     head = " | ".join(f"seed {s}: dev CE / ppl / QA" for s in seeds)
-    lines += [f"| model | distill tokens | {head} |", "|---|---|" + "---|" * len(seeds)]
+    lines += [
+        f"| model | distill tokens | {head} | mean ppl | mean QA |",
+        "|---|---|" + "---|" * (len(seeds) + 2),
+    ]
     names = list(first["eval"])
     for name in names:
         r = first.get(name, {})
@@ -200,8 +214,11 @@ def markdown(runs: dict, a) -> str:
             rr, e = runs[s].get(name, {}), runs[s]["eval"].get(name)
             dev = f"{rr['dev_loss']:.4f}" if "dev_loss" in rr else "-"
             cells.append("-" if e is None else f"{dev} / {e['held_ppl']:.3f} / {100 * e['demo_qa']:.1f}")
+        evs = [runs[s]["eval"][name] for s in seeds if name in runs[s]["eval"]]
+        ppl = sum(e["held_ppl"] for e in evs) / len(evs)
+        qa = 100 * sum(e["demo_qa"] for e in evs) / len(evs)
         label = ARMS.get(name, "after round 1 (half the tokens)" if name == "rounds_r1" else name)
-        lines.append(f"| {label} | {r.get('train_tokens', '')} | {' | '.join(cells)} |")
+        lines.append(f"| {label} | {r.get('train_tokens', '')} | {' | '.join(cells)} | {ppl:.3f} | {qa:.1f} |")
     return "\n".join(lines)
 
 
