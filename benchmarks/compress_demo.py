@@ -169,9 +169,10 @@ def markdown(runs: dict, a) -> str:
     if "search" in first:
         s = first["search"]
         lines += [
-            f"**Search** (`target_params={s['target_params']}`, the hand-picked student's count; "
-            f"`search.top_k={a.top_k} search.retrain_steps={a.retrain_steps}`, other keys as `04_prune`). "
-            "Loss = calibration loss (forward KL to the teacher) after pruning and after the short retraining:",
+            f"**Search** (seed {next(iter(runs))}; `target_params={int(s['target_params'])}`, the hand-picked "
+            f"student's count; `search.top_k={a.top_k} search.retrain_steps={a.retrain_steps}`, other keys as "
+            "`04_prune`). Loss = next-token cross entropy on the held-out calibration sequences, right after "
+            "pruning and after the short retraining (forward-KL distill steps against the teacher):",
             "",
             "| chosen | layers | heads | kv | hidden | ffn | params | loss pruned | loss retrained |",
             "|---|---|---|---|---|---|---|---|---|",
