@@ -40,7 +40,7 @@ def tiny_llama(vocab_size: int = 1000, seed: int = 0, **shape):
 
 
 def tiny_family_model(family: str, vocab_size: int = 1000, seed: int = 0):
-    """Tiny random models of other families: llama, bloom, opt, t5."""
+    """Tiny random models of other families: llama, bloom, opt, t5 (dropout off, so runs compare exactly)."""
     import torch
     import transformers as tf
 
@@ -59,6 +59,7 @@ def tiny_family_model(family: str, vocab_size: int = 1000, seed: int = 0):
                 ffn_dim=128,
                 max_position_embeddings=512,
                 word_embed_proj_dim=64,
+                dropout=0.0,  # no dropout: a training step's loss equals the model's eval loss on that batch
             )
         )
     if family == "t5":
@@ -73,6 +74,7 @@ def tiny_family_model(family: str, vocab_size: int = 1000, seed: int = 0):
                 decoder_start_token_id=0,
                 pad_token_id=0,
                 eos_token_id=1,
+                dropout_rate=0.0,
             )
         )
     raise ValueError(f"unknown family {family!r}")
