@@ -546,3 +546,42 @@ def test_preference_defaults_metrics_and_errors():
     s, k, s_all, k_all = dpo.token_logps(logits, torch.tensor([[-100, -100, 2, 1]]), ids)
     assert k.tolist() == [2] and k_all.tolist() == [3]
     assert torch.allclose(s_all, torch.tensor([-3 * math.log(3)]))
+
+
+# ------------------------------------------------------------------------------ formats: malformed records
+# Each malformed record gets the exact one-line error that names the offending field or turn (a caller then adds
+# the file and line); the expected text is written out here, not taken from the code.
+MALFORMED = [
+    ({"User": "hi"}, "minichat", "a MiniChat conversation must be a list of {'User', 'Assistant'} turns"),
+    ([{"User": "hi"}], "minichat", "turn 0 must have 'User' and 'Assistant' keys"),
+    (
+        [{"User": "a", "Assistant": "b"}, {"User": 5, "Assistant": "c"}],
+        "minichat",
+        "turn 1 'User' must be a string, got int",
+    ),
+    ([{"User": "a", "Assistant": None}], "minichat", "turn 0 'Assistant' must be a string, got NoneType"),
+    ({"conversations": "x"}, "sharegpt", "'conversations' must be a list of {'from', 'value'} messages"),
+    ({"conversations": [{"from": "human"}]}, "sharegpt", "message 0 must have 'from' and 'value' keys"),
+    ({"conversations": [{"from": "alien", "value": "x"}]}, "sharegpt", "message 0 has unknown speaker from='alien'"),
+    ({"conversations": [{"from": "human", "value": 3}]}, "sharegpt", "message 0 'value' must be a string, got int"),
+    ({"instruction": "x"}, "alpaca", "an Alpaca record needs 'instruction' and 'output' keys"),
+    ({"output": "x"}, "alpaca", "an Alpaca record needs 'instruction' and 'output' keys"),
+    (["instruction", "output"], "alpaca", "an Alpaca record needs 'instruction' and 'output' keys"),
+    ({"instruction": 1, "output": "y"}, "alpaca", "'instruction' must be a string, got int"),
+    ({"instruction": "x", "input": 2, "output": "y"}, "alpaca", "'input' must be a string, got int"),
+    ({"instruction": "x", "output": ["y"]}, "alpaca", "'output' must be a string, got list"),
+    ({"messages": "x"}, "messages", "'messages' must be a list of {'role', 'content'} messages"),
+    ({"messages": [{"role": "user"}]}, "messages", "message 0 must have 'role' and 'content' keys"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages", "message 0 has unknown role 'robot'"),
+    ({"messages": [{"role": "user", "content": 1.5}]}, "messages", "message 0 'content' must be a string, got float"),
+    (["q"], "mc", "an mc record must be an object with 'question', 'choices' and 'gold'"),
+]
+
+
+@pytest.mark.parametrize("record,shape,message", MALFORMED)
+def test_malformed_records_name_the_field(record, shape, message):
+    from minima.data.formats import normalise_conversation
+
+    with pytest.raises(ValueError) as e:
+        normalise_conversation(record, shape)
+    assert str(e.value) == message
