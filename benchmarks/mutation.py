@@ -106,7 +106,7 @@ TARGETS: dict[str, Target] = {
             "split_messages",
             "MessageFormat.segments",
         ],
-        ["tests/test_formats.py", "tests/test_mutation_kills.py"],
+        ["tests/test_formats.py", "tests/test_sft_formats.py", "tests/test_mutation_kills.py"],
     ),
     "records reader": Target(
         "minima/data/records/reader.py",

@@ -549,6 +549,7 @@ def test_preference_defaults_metrics_and_errors():
 
 
 # ------------------------------------------------------------------------------ formats: malformed records
+SHAPES_FOR_ERRORS = ("minichat", "sharegpt", "alpaca", "messages", "mc")
 # Each malformed record gets the exact one-line error that names the offending field or turn (a caller then adds
 # the file and line); the expected text is written out here, not taken from the code.
 MALFORMED = [
@@ -575,6 +576,9 @@ MALFORMED = [
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages", "message 0 has unknown role 'robot'"),
     ({"messages": [{"role": "user", "content": 1.5}]}, "messages", "message 0 'content' must be a string, got float"),
     (["q"], "mc", "an mc record must be an object with 'question', 'choices' and 'gold'"),
+    ({"messages": [{"content": "x"}]}, "messages", "message 0 must have 'role' and 'content' keys"),
+    (["not", "a", "record"], "sharegpt", "'conversations' must be a list of {'from', 'value'} messages"),
+    ({"messages": []}, "nope", "unknown source shape 'nope'; expected one of " + ", ".join(SHAPES_FOR_ERRORS)),
 ]
 
 
@@ -585,3 +589,37 @@ def test_malformed_records_name_the_field(record, shape, message):
     with pytest.raises(ValueError) as e:
         normalise_conversation(record, shape)
     assert str(e.value) == message
+
+
+def test_shapes_for_errors_are_the_registry_shapes():
+    from minima.data.formats import SHAPES
+
+    assert tuple(SHAPES) == SHAPES_FOR_ERRORS
+
+
+def test_bare_message_list_and_mc_record_normalise_by_hand():
+    from minima.data.formats import normalise_conversation
+
+    bare = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert normalise_conversation(bare, "messages") == bare
+    mc = normalise_conversation({"question": "Which is red?", "choices": ["sky", "apple"], "gold": 1}, "mc")
+    assert [m["role"] for m in mc] == ["user", "assistant"]
+    assert mc[0]["content"] == "Which is red?" and mc[0]["choices"] == ["sky", "apple"]
+
+
+@pytest.mark.parametrize(
+    "messages,error",
+    [
+        ([{"role": "system", "content": "s"}], "the conversation has no user/assistant turns"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+            "message 1 should be an assistant turn, got role 'user'",
+        ),
+    ],
+)
+def test_turn_order_errors_are_exact(messages, error):
+    from minima.data.formats import get_format
+
+    with pytest.raises(ValueError) as e:
+        get_format("minichat").segments(messages)
+    assert str(e.value) == error

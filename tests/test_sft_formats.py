@@ -36,6 +36,14 @@ CONVS = {
     "mc_choices": normalise_conversation(
         {"question": "What color is the sky?", "choices": ["red", "blue", "green"], "gold": 1}
     ),
+    # a system prompt and two exchanges whose user turns carry an input and choices (first-turn-only parts)
+    "multi_system_input_choices": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Add the numbers.", "input": "2 and 3"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "Which one is red?", "choices": ["sky", "apple", "grass"]},
+        {"role": "assistant", "content": "apple"},
+    ],
     "winogrande_options": [
         {
             "role": "user",
