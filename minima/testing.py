@@ -110,6 +110,26 @@ def save_tiny_model(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 
     return out
 
 
+def lm_records_from_lines(out_dir: str | Path, text: str | Path, tokenizer_dir: str | Path, lines: int) -> Path:
+    """LM records (seq 32, 10% dev) of the first ``lines`` lines of ``text``: a small corpus for distill tests."""
+    from minima.core.config import RecordsConfig
+    from minima.stages.records import run as build_records
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    head = out / "text.txt"
+    head.write_text("\n".join(Path(text).read_text().splitlines()[:lines]) + "\n")
+    cfg = RecordsConfig(
+        inputs=str(head),
+        tokenizer=str(tokenizer_dir),
+        format="lm",
+        max_length=32,
+        dev_fraction=0.1,
+        out_dir=str(out / "records"),
+    )
+    return build_records(cfg).path
+
+
 def lm_blocks(ids, seq_len: int):
     """Cut a 1-D token stream into a [N, seq_len] LongTensor (the ragged tail is dropped)."""
     import torch

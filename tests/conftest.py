@@ -75,3 +75,19 @@ def prefect_ready():
 
     assert _warm() == 1
     return True
+
+
+@pytest.fixture(scope="module")
+def one_thread_inprocess():
+    """Training runs in this process on one thread (far faster on a shared 2-core box); restored afterwards."""
+    import torch
+
+    env = {"MINIMA_INPROCESS": "1", "MINIMA_NUM_THREADS": "1"}
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield
+    torch.set_num_threads(n)
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -12,25 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from minima.core.config import DistillConfig, RecordsConfig
+from minima.core.config import DistillConfig
 from minima.core.errors import ConfigError
 from minima.train.objectives.kd import dense_loss, kd_reference
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
 STUDENT = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3)
-ENV = {"MINIMA_INPROCESS": "1", "MINIMA_NUM_THREADS": "1"}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    old = {k: os.environ.get(k) for k in ENV}
-    os.environ.update(ENV)
+def _one_thread(one_thread_inprocess):
     yield
-    torch.set_num_threads(n)
-    for k, v in old.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 # ------------------------------------------------------------------------------ generalized JSD
@@ -97,22 +89,10 @@ def test_cached_full_vocab_jsd_equals_dense(beta):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, demo_data_dir, tiny_tokenizer_dir):
     """Tiny lm records (seq 32), a 4-layer teacher (width 64) and a 2-layer student (width 48) of its vocab."""
-    from minima.stages.records import run as build_records
-    from minima.testing import save_tiny_model
+    from minima.testing import lm_records_from_lines, save_tiny_model
 
     d = tmp_path_factory.mktemp("distill_rich")
-    lines = (demo_data_dir / "text" / "pretrain_en.txt").read_text().splitlines()[:200]
-    (d / "text.txt").write_text("\n".join(lines) + "\n")
-    rec = build_records(
-        RecordsConfig(
-            inputs=str(d / "text.txt"),
-            tokenizer=str(tiny_tokenizer_dir),
-            format="lm",
-            max_length=32,
-            dev_fraction=0.1,
-            out_dir=str(d / "records"),
-        )
-    ).path
+    rec = lm_records_from_lines(d, demo_data_dir / "text" / "pretrain_en.txt", tiny_tokenizer_dir, 200)
     teacher = save_tiny_model(d / "teacher", tiny_tokenizer_dir, seed=0, **SHAPE)
     student = save_tiny_model(d / "student", tiny_tokenizer_dir, seed=1, **STUDENT)
     return d, teacher, student, rec

@@ -27,7 +27,7 @@ from minima.train.metrics import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 STUDENT = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3)
-ENV = {"MINIMA_INPROCESS": "1", "MINIMA_NUM_THREADS": "1"}
+ENV = {"MINIMA_INPROCESS": "1", "MINIMA_NUM_THREADS": "1"}  # the killed run's process too
 STEPS, KILL_AFTER = 6, 4
 COMMON = dict(max_steps=STEPS, save_steps=2, keep_last=2, micro_batch_size=4, log_steps=1)
 
@@ -40,36 +40,18 @@ stage.run(getattr(C, sys.argv[1]).model_validate(json.loads(open(sys.argv[2]).re
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    old = {k: os.environ.get(k) for k in ENV}
-    os.environ.update(ENV)
+def _one_thread(one_thread_inprocess):
     yield
-    torch.set_num_threads(n)
-    for k, v in old.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, demo_data_dir, tiny_tokenizer_dir) -> dict[str, Path]:
     """lm records (seq 32), chat records (seq 128), a teacher, a smaller student, and where the logit cache goes."""
     from minima.stages.records import run as build_records
-    from minima.testing import save_tiny_model
+    from minima.testing import lm_records_from_lines, save_tiny_model
 
     d = tmp_path_factory.mktemp("resume")
-    lines = (demo_data_dir / "text" / "pretrain_en.txt").read_text().splitlines()[:200]
-    (d / "text.txt").write_text("\n".join(lines) + "\n")
-    lm = build_records(
-        RecordsConfig(
-            inputs=str(d / "text.txt"),
-            tokenizer=str(tiny_tokenizer_dir),
-            format="lm",
-            max_length=32,
-            dev_fraction=0.1,
-            out_dir=str(d / "lm"),
-        )
-    ).path
+    lm = lm_records_from_lines(d / "lm_src", demo_data_dir / "text" / "pretrain_en.txt", tiny_tokenizer_dir, 200)
     chat = build_records(
         RecordsConfig(
             inputs=str(demo_data_dir / "chat" / "demo_chat.json"),
