@@ -144,3 +144,73 @@ def test_packed_training_inputs_have_no_dense_mask(attn):
     batch = collate_packed(list(pack(_docs(), max_length=24)), pad_id=0)
     kw = model_inputs(batch, mask_mode(model))
     assert "attention_mask" not in kw and kw["position_ids"].shape == batch["input_ids"].shape
+
+
+def test_varlen_lengths_equal_transformers_flash_kwargs():
+    """The collated cumulative lengths are what transformers would derive from the flattened position ids."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    batch = collate_packed(list(pack(_docs(9, seed=4), max_length=24)), pad_id=0)
+    assert batch["input_ids"].shape[0] >= 3
+    (cu_q, cu_k), (max_q, _) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+    assert batch["cu_seq_lens"].dtype == torch.int32
+    assert torch.equal(batch["cu_seq_lens"], cu_q) and torch.equal(cu_q, cu_k)
+    assert batch["max_length"] == int(max_q) and isinstance(batch["max_length"], int)
+    # every document and every row's padding is one segment
+    docs_and_pads = sum(int(d.unique().numel()) for d in batch["doc_ids"])
+    assert len(batch["cu_seq_lens"]) - 1 == docs_and_pads
+
+
+def _reference_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    """flash_attn_varlen_func's contract in plain torch: causal attention inside each [cu[i], cu[i+1]) of the
+    flattened batch. Fails when the lengths are missing or must be read from the device (a tensor max)."""
+    cu, longest = kw.get("cu_seq_lens_q"), kw.get("max_length_q")
+    assert cu is not None and isinstance(longest, int), "packed flash attention without precomputed lengths"
+    B, H, L, D = query.shape
+    rep = H // key.shape[1]
+    q = query.transpose(1, 2).reshape(B * L, H, D)
+    k = key.repeat_interleave(rep, dim=1).transpose(1, 2).reshape(B * L, H, D)
+    v = value.repeat_interleave(rep, dim=1).transpose(1, 2).reshape(B * L, H, D)
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    assert max(b - a for a, b in zip(bounds[:-1], bounds[1:])) == longest
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        seg = torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scaling
+        )
+        out[a:b] = seg.transpose(0, 1)
+    return out.reshape(B, L, H, D), None
+
+
+def test_flash_packing_passes_lengths_and_keeps_documents_apart():
+    """Under a flash-attention implementation packed SFT hands transformers the documents' lengths: a varlen
+    kernel (here flash's contract in plain torch) then gives each document its own unpacked logits, for a
+    micro batch of several rows."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    from minima.data.packing import mask_mode
+
+    name = "flash_reference_varlen"
+    AttentionInterface.register(name, _reference_varlen_attention)
+    AttentionMaskInterface.register(name, flash_attention_mask)
+    model = tiny_llama(200, seed=1, **SMALL)
+    docs = _docs(9, seed=4)
+    packed = list(pack(docs, max_length=24))
+    batch = collate_packed(packed, pad_id=0)
+    with torch.no_grad():
+        ref = [model(input_ids=d["input_ids"][None]).logits[0] for d in docs]
+        model.config._attn_implementation = name
+        assert mask_mode(model) == "flash"
+        kw = model_inputs(batch, mask_mode(model))
+        assert "attention_mask" not in kw
+        logits = model(**kw).logits
+    k = 0
+    for row, p in enumerate(packed):
+        start = 0
+        for _ in range(p["num_docs"]):
+            n = len(docs[k]["input_ids"])
+            torch.testing.assert_close(logits[row, start : start + n], ref[k], atol=1e-5, rtol=1e-4)
+            start += n
+            k += 1
+    assert k == len(docs) and len(packed) >= 3

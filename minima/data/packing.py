@@ -3,9 +3,13 @@
 Each packed sequence carries per-document ``position_ids`` (restarting at 0 for every conversation)
 and a document id per token. Attention is made block-diagonal in one of two ways:
 
-- ``mask="varlen"`` (what training uses): no attention mask, only ``position_ids``; transformers then
-  finds the document boundaries itself (flash-attention's varlen kernel on GPU, a block mask for
-  SDPA and eager), and no dense ``L x L`` mask is built here;
+- ``mask="varlen"`` (what training uses with SDPA and eager): no attention mask, only
+  ``position_ids``; transformers finds the document boundaries itself and builds the block mask;
+- ``mask="flash"`` (flash-attention 2/3): ``position_ids`` plus the documents' cumulative lengths
+  over the flattened batch and the longest document, computed on the host by :func:`collate_packed`.
+  transformers then runs flash-attention's varlen kernel over the whole micro batch with no device
+  read per layer; from ``position_ids`` alone it only does so for a micro batch of one row, and runs
+  plain causal flash-attention across documents otherwise;
 - ``mask="4d"``: an explicit additive ``(B, 1, L, L)`` mask, causal inside each document and -inf
   across documents (a reference for tests).
 
@@ -102,7 +106,22 @@ def collate_packed(batch: list[dict], pad_id: int) -> dict:
             out[k][i, :n] = torch.as_tensor(b[k])
         # Padding positions count up so transformers' varlen detection sees one more document.
         out["position_ids"][i, n:] = torch.arange(L - n)
+    out["cu_seq_lens"], out["max_length"] = varlen_lengths(out["position_ids"])
     return out
+
+
+def varlen_lengths(position_ids):
+    """Cumulative document lengths over the flattened ``[B, L]`` batch (int32) and the longest document.
+
+    Every document, and every row's padding, starts at position 0, so the starts are where the
+    flattened position ids are 0. Computed on the host while collating: the GPU never waits on it.
+    """
+    import torch
+
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().reshape(-1)
+    cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 def block_diagonal_mask(doc_ids, dtype=None):
@@ -128,19 +147,26 @@ def model_inputs(batch: dict, mode: str = "4d", dtype=None) -> dict:
     kw = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     if mode == "4d":
         kw["attention_mask"] = block_diagonal_mask(batch["doc_ids"], dtype)
+    elif mode == "flash":
+        cu, longest = batch.get("cu_seq_lens"), batch.get("max_length")
+        if cu is None or longest is None:
+            cu, longest = varlen_lengths(batch["position_ids"].cpu())
+        cu = cu.to(batch["input_ids"].device, non_blocking=True)
+        kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(longest), max_length_k=int(longest))
     elif mode != "varlen":
         raise ValueError(f"unknown packing mask mode {mode!r}")
     return kw
 
 
 def mask_mode(model) -> str:
-    """``varlen`` for every attention implementation: no dense (B, 1, L, L) mask is built here.
+    """``flash`` for flash-attention implementations, else ``varlen``: no dense (B, 1, L, L) mask either way.
 
-    From ``position_ids`` alone transformers runs flash-attention's varlen kernel, and gives SDPA and
-    eager the block-diagonal mask they need (tests/test_packing.py checks the logits for both); a dense
-    float mask handed to SDPA would also keep it off its fastest kernels.
+    Flash-attention gets the documents' lengths precomputed (see the module doc); SDPA and eager get
+    ``position_ids`` and transformers builds their block-diagonal mask (tests/test_packing.py checks the
+    logits of every mode); a dense float mask handed to SDPA would also keep it off its fastest kernels.
     """
-    return "varlen"
+    impl = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
+    return "flash" if "flash" in impl else "varlen"  # transformers' own test (is_flash_attention_requested)
 
 
 class PackedDataset(torch.utils.data.IterableDataset):
