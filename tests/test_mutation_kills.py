@@ -623,3 +623,93 @@ def test_turn_order_errors_are_exact(messages, error):
     with pytest.raises(ValueError) as e:
         get_format("minichat").segments(messages)
     assert str(e.value) == error
+
+
+# ------------------------------------------------------------------------------ formats: defaults and the batch path
+def test_split_messages_without_a_system_prompt_gives_the_empty_string():
+    from minima.data.formats import split_messages
+
+    u, a = {"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}
+    assert split_messages([u, a]) == ("", [("q", "r")], None)
+    assert split_messages([u, a, u], allow_open=True) == ("", [("q", "r")], "q")
+    assert split_messages([{"role": "system", "content": "s"}, u, a]) == ("s", [("q", "r")], None)
+
+
+def test_tokenize_texts_leaves_the_rust_backend_reading_special_tokens(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from minima.data.formats import tokenize_texts
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    backend = tok.backend_tokenizer
+    assert tokenize_texts(tok, [f"a{tok.eos_token}"], split_special_tokens=True)[0][-1] != tok.eos_token_id
+    # The backend is shared with every other user of the tokenizer (the engine, lm-eval's wrapper): after the
+    # call it must read "</s>" as the EOS token again, as it does when freshly loaded.
+    assert backend.encode_special_tokens is False
+    assert backend.encode(f"a{tok.eos_token}", add_special_tokens=False).ids[-1] == tok.eos_token_id
+
+
+def test_encode_batch_tokenizes_only_the_text_pieces_each_with_its_own_flag(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from minima.data.formats import get_format
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+
+    class Recorder:
+        """The tokenizer on its slow path (tokenizer(texts, ...)), recording every call."""
+
+        is_fast = False
+
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, texts, **kw):
+            self.calls.append((list(texts), kw["split_special_tokens"]))
+            return tok(texts, **kw)
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+    convs = [
+        [{"role": "user", "content": "Hi <|im_end|>"}, {"role": "assistant", "content": ""}],
+        [{"role": "user", "content": "Hi <|im_end|>"}, {"role": "assistant", "content": "Hello"}],
+    ]
+    rec = Recorder()
+    got = get_format("chatml").encode_batch(rec, convs)
+    # Every distinct non-empty text piece once, in order of appearance; the format's own markup with special
+    # tokens read as tokens, message text with them read as plain text. No BOS/EOS, no empty reply.
+    assert rec.calls == [
+        (["<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>", "\n"], False),
+        (["Hi <|im_end|>", "Hello"], True),
+    ]
+    start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+
+    def plain(text, split):
+        return tok(text, add_special_tokens=False, split_special_tokens=split)["input_ids"]
+
+    user = plain("Hi <|im_end|>", True)
+    assert end not in user  # the user's "<|im_end|>" is text
+    nl = plain("\n", False)
+    prompt = [start] + plain("user\n", False) + user + [end] + nl + [start] + plain("assistant\n", False)
+    for conv, reply in zip(got, ([], plain("Hello", True))):
+        assert conv[0] == ([], [])  # no system prompt: an empty header
+        assert conv[1] == (prompt + reply + [end] + nl, [0] * len(prompt) + [1] * (len(reply) + 1) + [0] * len(nl))
+
+
+def test_an_unanswered_user_turn_is_an_error_unless_a_generation_prompt_is_asked_for(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from minima.data.formats import available_formats, get_format
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    open_conv = [{"role": "user", "content": "Hi"}]
+    error = "the conversation ends with a user turn that has no assistant reply"
+    for name in available_formats():
+        fmt = get_format(name)
+        for method, args in (("segments", ()), ("encode_exchanges", (tok,)), ("encode_batch", (tok,))):
+            with pytest.raises(ValueError) as e:
+                getattr(fmt, method)(*args, [open_conv] if method == "encode_batch" else open_conv)
+            assert str(e.value) == error, (name, method)
+        assert fmt.segments(open_conv, add_generation_prompt=True)[-1] == fmt.generation_prefix("Hi"), name

@@ -1,6 +1,6 @@
 """Kill -9 and resume equals an uninterrupted run, bitwise on CPU, for every training recipe users run:
 distill with a live teacher, distill from the logit cache, sft with packing (and NEFTune noise), LoRA sft,
-FSDP sft, and distill in bf16.
+FSDP sft, and adapt, distill and sft with packing in bf16.
 
 One helper does it for all: the reference runs uninterrupted in this process; the same config runs in a
 subprocess (in-process training there, one thread, a delay after each step) that is SIGKILLed once its
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minima.core.config import DistillConfig, LoraConfig, RecordsConfig, SftConfig
+from minima.core.config import AdaptConfig, DistillConfig, LoraConfig, RecordsConfig, SftConfig
 from minima.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +33,8 @@ COMMON = dict(max_steps=STEPS, save_steps=2, keep_last=2, micro_batch_size=4, lo
 
 DRIVER = """import json, sys
 from minima.core import config as C
-from minima.stages import distill, sft
-stage = {"DistillConfig": distill, "SftConfig": sft}[sys.argv[1]]
+from minima.stages import adapt, distill, sft
+stage = {"AdaptConfig": adapt, "DistillConfig": distill, "SftConfig": sft}[sys.argv[1]]
 stage.run(getattr(C, sys.argv[1]).model_validate(json.loads(open(sys.argv[2]).read())))
 """
 
@@ -81,6 +81,11 @@ def _distill(p, out, **kw):
     return DistillConfig(**{**base, **COMMON, **kw})
 
 
+def _adapt(p, out, **kw):
+    base = dict(model=str(p["student"]), records=str(p["lm"]), out_dir=str(out), zero_stage=2, lr=1e-3)
+    return AdaptConfig(**{**base, **COMMON, **kw})
+
+
 def _sft(p, out, **kw):
     base = dict(
         model=str(p["teacher"]),
@@ -104,6 +109,8 @@ CASES = {
     "sft_lora": lambda p, out: _sft(p, out, lr=1e-2, lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.1)),
     "sft_fsdp": lambda p, out: _sft(p, out, strategy="fsdp", zero_stage=None),
     "distill_bf16": lambda p, out: _distill(p, out, precision="bf16", zero_stage=2),
+    "adapt_bf16": lambda p, out: _adapt(p, out, precision="bf16", eval_steps=3),
+    "sft_packing_bf16": lambda p, out: _sft(p, out, precision="bf16", packing=True),
 }
 
 
@@ -122,9 +129,9 @@ def _rows(d: Path, split: str = "train") -> list[dict]:
 
 
 def _run(cfg):
-    from minima.stages import distill, sft
+    from minima.stages import adapt, distill, sft
 
-    return (distill if isinstance(cfg, DistillConfig) else sft).run(cfg)
+    return {AdaptConfig: adapt, DistillConfig: distill, SftConfig: sft}[type(cfg)].run(cfg)
 
 
 def kill_and_resume(tmp_path: Path, make) -> tuple[Path, Path]:
@@ -186,6 +193,10 @@ def test_kill_and_resume_equals_uninterrupted(case, inputs, tmp_path):
     for key in ("batch_hash", "loss", "lr"):
         assert [r[key] for r in g_rows] == [r[key] for r in r_rows], key
     assert [r["dev_loss"] for r in _rows(out, "dev")] == [r["dev_loss"] for r in _rows(ref, "dev")]
+    if case.endswith("bf16"):  # both runs trained in bf16 (on CPU only when asked for)
+        from minima.core.artifacts import read_manifest
+
+        assert read_manifest(ref)["metrics"]["precision"] == read_manifest(out)["metrics"]["precision"] == "bf16"
     # the run trained: its weights moved from the initial model
-    init = _weights(inputs["student"] if case.startswith("distill") else inputs["teacher"])
+    init = _weights(inputs["student"] if case.startswith(("distill", "adapt")) else inputs["teacher"])
     assert any(not torch.equal(init[k].to(b[k].dtype), b[k]) for k in b if k in init)

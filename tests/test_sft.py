@@ -199,23 +199,40 @@ def test_family_loss_goes_down_and_export_reloads(family, tmp_path, chat_records
     before, after = _dev_loss(model, chat_records, s2s), _dev_loss(out, chat_records, s2s)
     print(f"{family}: dev loss {before:.3f} -> {after:.3f}")
     assert after < before - 0.3
-    if not s2s:
-        # Step 1's loss is transformers' own loss of the base model on the first micro batch the reader
-        # yields (rank 0 of 1, the run's seed): the engine trained on those tokens with that objective.
-        from transformers import AutoModelForCausalLM
+    # Step 1's loss is transformers' own loss of the base model on the first micro batch the reader yields
+    # (rank 0 of 1, the run's seed): the engine trained on those tokens with that objective.
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-        from minima.data.records import RecordDataset
-        from minima.data.records.reader import collate
-        from minima.train.metrics import read_metrics
+    from minima.data.records import RecordDataset
+    from minima.data.records.reader import collate
+    from minima.train.metrics import read_metrics
 
-        ds = RecordDataset(str(chat_records), split="train", rank=0, world_size=1, seed=cfg.seed, loop=True)
-        it = iter(ds)
+    ds = RecordDataset(str(chat_records), split="train", rank=0, world_size=1, seed=cfg.seed, loop=True)
+    it = iter(ds)
+    if s2s:
+        # One encoder/decoder pair per reply: the conversation before it -> the reply's labelled tokens,
+        # right-padded (encoder by its attention mask, decoder labels by -100).
+        pairs = []
+        while len(pairs) < cfg.micro_batch_size:
+            ex = next(it)
+            on = (ex["labels"] != -100).tolist() + [False]
+            for s in [i for i in range(1, len(on)) if on[i] and not on[i - 1]]:
+                pairs.append((ex["input_ids"][:s], ex["input_ids"][s : on.index(False, s)]))
+        pairs = pairs[: cfg.micro_batch_size]
+        n, m = max(len(x) for x, _ in pairs), max(len(y) for _, y in pairs)
+        batch = {
+            "input_ids": torch.tensor([x.tolist() + [ds.pad_id] * (n - len(x)) for x, _ in pairs]),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x, _ in pairs]),
+            "labels": torch.tensor([y.tolist() + [-100] * (m - len(y)) for _, y in pairs]),
+        }
+        ref = AutoModelForSeq2SeqLM.from_pretrained(str(model)).eval()
+    else:
         batch = collate([next(it) for _ in range(cfg.micro_batch_size)], pad_id=ds.pad_id)
         ref = AutoModelForCausalLM.from_pretrained(str(model)).eval()
-        with torch.no_grad():
-            want = ref(**batch).loss.item()
-        first = next(r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train")
-        assert first["step"] == 1 and first["loss"] == pytest.approx(want, rel=1e-4)
+    with torch.no_grad():
+        want = ref(**batch).loss.item()
+    first = next(r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train")
+    assert first["step"] == 1 and first["loss"] == pytest.approx(want, rel=1e-4)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == {"llama": "llama", "bloom": "bloom", "opt": "opt", "t5": "t5"}[family]
     gen = json.loads((out / "generation_config.json").read_text())
