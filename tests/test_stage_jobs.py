@@ -209,3 +209,64 @@ def test_cache_job_on_two_ranks_equals_one_process(tmp_path, tiny_model_dir, rec
     writers = {json.loads(p.read_text())["rank"] for p in two.glob("*/*/done.json")}
     assert writers == {0, 1}
     assert {json.loads(p.read_text())["rank"] for p in one.glob("*/*/done.json")} == {0}
+
+
+def test_no_nested_launch_inside_a_job(monkeypatch, tmp_path):
+    """Inside torchrun (a job's rank), inside a Slurm allocation for a one-process stage, or with one local
+    process, the stage runs in this process: stage_job returns None and starts nothing."""
+    from minima.train import launch
+
+    monkeypatch.setattr(launch, "run_node", lambda *a, **k: pytest.fail("a job was launched"))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(k, raising=False)
+    slurm = EvaluateConfig(model="m", out_dir=str(tmp_path / "e"), launch={"launcher": "slurm", "nnodes": 2})
+    assert launch.stage_job(EvaluateConfig(model="m", out_dir=str(tmp_path / "e")), "x:y") is None  # local, 1 rank
+    with monkeypatch.context() as m:  # one rank of a torchrun job (the job's own worker, or the user's torchrun)
+        m.setenv("RANK", "1"), m.setenv("WORLD_SIZE", "2"), m.setenv("LOCAL_RANK", "1"), m.setenv("MASTER_ADDR", "h")
+        assert launch.stage_job(slurm, "x:y") is None
+        assert launch.runs_here(slurm)
+    with monkeypatch.context() as m:  # a node of a Slurm allocation with one GPU: evaluate runs here
+        m.setenv("SLURM_JOB_ID", "7"), m.setenv("SLURM_NNODES", "1"), m.setenv("SLURM_GPUS_ON_NODE", "1")
+        assert launch.stage_job(slurm, "x:y") is None
+        m.setenv("SLURM_GPUS_ON_NODE", "8")  # prune is one process on whatever node it is called
+        prune = PruneConfig(teacher="t", out_dir=str(tmp_path / "p"), launch={"launcher": "slurm", "nnodes": 2})
+        assert launch.stage_job(prune, "x:y", ranks=1) is None
+    assert not launch.runs_here(slurm) and not launch.runs_here(prune, ranks=1)  # a login node: sbatch
+
+
+def test_distill_builds_its_cache_as_a_job_of_its_launch_block(monkeypatch, tmp_path, tiny_model_dir, records):
+    """distill cache_logits=true hands the cache to stage_job with the distill config's launch block (the
+    launcher does not build it); the launch block leaves the cache's key unchanged."""
+    from minima.core.artifacts import cache_key
+    from minima.core.config import DistillConfig
+    from minima.stages import distill
+    from minima.train import launch
+
+    class Launched(Exception):
+        pass
+
+    seen = []
+
+    def fake_job(cfg, entry, force=False, ranks=None, inputs=None):
+        seen.append((cfg, entry, ranks, inputs))
+        raise Launched
+
+    monkeypatch.setattr(launch, "stage_job", fake_job)
+    _no_model_loads(monkeypatch)
+    cfg = DistillConfig(
+        teacher=str(tiny_model_dir),
+        student=str(tiny_model_dir),
+        records=str(records),
+        cache_logits=True,
+        loss={"alpha": 0.5},
+        cache_dir=str(tmp_path / "cache"),
+        launch={"launcher": "slurm", "nnodes": 2, "gpus_per_node": 4},
+    )
+    with pytest.raises(Launched):
+        distill.run(cfg)
+    ((ccfg, entry, ranks, inputs),) = seen
+    assert entry == "minima.stages.distill:build_cache" and ranks is None
+    assert isinstance(ccfg, DistillCacheConfig) and ccfg.launch == cfg.launch
+    assert inputs == {"teacher": str(tiny_model_dir), "records": str(records)}
+    plain = ccfg.model_copy(update={"launch": DistillCacheConfig().launch})
+    assert cache_key(ccfg, {}) == cache_key(plain, {})
