@@ -270,3 +270,14 @@ def test_distill_builds_its_cache_as_a_job_of_its_launch_block(monkeypatch, tmp_
     assert inputs == {"teacher": str(tiny_model_dir), "records": str(records)}
     plain = ccfg.model_copy(update={"launch": DistillCacheConfig().launch})
     assert cache_key(ccfg, {}) == cache_key(plain, {})
+
+
+def test_plan_sizes_prune_and_evaluate_for_the_job_gpu(capsys):
+    """`minima plan prune|evaluate launch.launcher=slurm launch.gpu=A100-40G` plans against the nodes' GPU."""
+    from minima.cli import main
+
+    for stage in ("prune", "evaluate"):
+        assert main(["plan", stage, "--preset", "minima-3b", "launch.launcher=slurm", "launch.gpu=A100-40G"]) == 0
+        assert "of 40 GiB" in capsys.readouterr().out, stage
+        assert main(["plan", stage, "--preset", "minima-3b", "launch.launcher=slurm", "launch.gpu=H200"]) == 0
+        assert "of 141 GiB" in capsys.readouterr().out, stage
