@@ -280,6 +280,11 @@ README_COMMANDS = {
         "test_slurm.py::test_fake_slurm_job_runs_and_streams_log",
         "test_plan.py::test_plan_cli_uses_the_launch_block_for_slurm_jobs",
     ),
+    "minima evaluate model=runs/minima-3b/06_sft tasks=[mmlu,ceval,cmmlu] launch.launcher=slurm launch.nnodes=2 "
+    "launch.gpus_per_node=8 launch.partition=gpu": (
+        "test_stage_jobs.py::test_evaluate_job_on_two_ranks_equals_one_process",
+        "test_stage_jobs.py::test_prune_job_under_fake_slurm_equals_in_process_prune",
+    ),
 }
 
 

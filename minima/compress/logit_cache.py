@@ -229,7 +229,7 @@ def write_cache(ccfg: DistillCacheConfig, out: Path, rank: int = 0, world: int =
                     gen = torch.Generator(device=rows.device).manual_seed(ccfg.seed * 1_000_003 + start + b0 + i)
                     w.put(b0 + i, sampled_targets(rows, k, ccfg.temperature, ccfg.proposal_power, gen))
             _flush(w, pending)
-            w.close({"records": n, "positions": int(w.offsets[-1])})
+            w.close({"records": n, "positions": int(w.offsets[-1]), "rank": rank})
             start += n
     rank_barrier(world)  # every rank's shards are written
     if rank != 0:

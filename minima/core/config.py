@@ -333,7 +333,7 @@ AttnImpl = Optional[Literal["sdpa", "flash_attention_2", "eager"]]
 
 
 class LaunchConfig(Closed):
-    """How the training subprocess is started."""
+    """How a stage's job is started (the training stages, prune, evaluate and the logit cache)."""
 
     launcher: Literal["local", "slurm", "ssh"] = nohash(
         "local", "local: torchrun here; slurm: sbatch; ssh: deepspeed launcher + hostfile."
@@ -591,6 +591,13 @@ class DistillCacheConfig(StageConfig):
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Teacher precision on GPU (CPU runs fp32).")
     device: str = nohash("auto", "cuda, cpu or auto.")
     attn_implementation: AttnImpl = attn_field()
+    launch: LaunchConfig = Field(
+        default_factory=LaunchConfig,
+        json_schema_extra={"hash": False},
+        description="Where the cache build runs, with a training stage's launch keys: local runs it here "
+        "(a torchrun job when nproc_per_node > 1); slurm or ssh send it to every GPU of the nodes. Each rank "
+        "takes its share of the shards.",
+    )
 
     def resolved_out_dir(self) -> Path:
         if self.out_dir:
@@ -796,6 +803,12 @@ class PruneConfig(StageConfig):
     )
     device: str = nohash("auto", "cuda, cpu or auto.")
     attn_implementation: AttnImpl = attn_field()
+    launch: LaunchConfig = Field(
+        default_factory=LaunchConfig,
+        json_schema_extra={"hash": False},
+        description="Where the pruning runs, with a training stage's launch keys: local runs it here; slurm or "
+        "ssh send it to one GPU of one node as a one-process job, whatever nnodes and gpus_per_node say.",
+    )
     rescale_norms: bool = Field(
         False,
         description="Scale RMSNorm weights by sqrt(D/D') and rms_norm_eps by D/D' so that hidden-channel "
@@ -899,6 +912,13 @@ class EvaluateConfig(StageConfig):
     )
     device: str = nohash("auto", "cuda, cuda:N, cpu or auto.")
     attn_implementation: AttnImpl = attn_field()
+    launch: LaunchConfig = Field(
+        default_factory=LaunchConfig,
+        json_schema_extra={"hash": False},
+        description="Where the evaluation runs, with a training stage's launch keys: local runs it here (a "
+        "torchrun job when nproc_per_node > 1); slurm or ssh send it to every GPU of the nodes. The items are "
+        "split across ranks.",
+    )
     data_dir: Optional[str] = Field(
         None, description="Benchmark data root, one folder per task (default ../shared/data/eval when present)."
     )

@@ -173,6 +173,7 @@ def cache_config(cfg: DistillConfig) -> DistillCacheConfig:
         precision=cfg.precision,
         device=cfg.cache_device,
         attn_implementation=cfg.attn_implementation,
+        launch=cfg.launch,
     )
 
 
@@ -276,7 +277,14 @@ def check_cache_matches(meta: dict, cfg: DistillConfig) -> None:
 
 
 def build_cache(ccfg: DistillCacheConfig, force: bool = False) -> Artifact:
-    """The logit cache artifact (skipped when one with the same teacher, records and settings exists)."""
+    """The logit cache artifact (skipped when one with the same teacher, records and settings exists).
+
+    A launch block with several ranks, or ``launch.launcher=slurm|ssh``, builds it as a job
+    (:func:`minima.train.launch.stage_job`): each rank takes its share of the shards, and this process
+    only validates and waits. Under torchrun every rank builds its share here.
+    """
+    from minima.train.launch import stage_job
+
     if not ccfg.teacher or not ccfg.records:
         raise ConfigError(
             "distill-cache needs teacher and records",
@@ -300,6 +308,9 @@ def build_cache(ccfg: DistillCacheConfig, force: bool = False) -> Artifact:
             fix="build the records with the teacher's tokenizer",
         )
     inputs = {"teacher": ccfg.teacher, "records": ccfg.records}
+    art = stage_job(ccfg, "minima.stages.distill:build_cache", force, inputs=inputs)
+    if art is not None:
+        return art
     rank, world = cache_ranks()
     if rank == 0:
 
@@ -308,7 +319,8 @@ def build_cache(ccfg: DistillCacheConfig, force: bool = False) -> Artifact:
             return write_cache(ccfg, Path(run.work_dir), rank, world)
 
         art = run_stage(ccfg, inputs, body, force=force, resumable=True)
-        rank_barrier(world)  # published
+        if not art.skipped:  # the other ranks saw the same cached artifact and wait at no barrier
+            rank_barrier(world)  # published
         return art
     # Other ranks (torchrun): the same cache decision as rank 0, then their shards into its work dir.
     out = ccfg.resolved_out_dir()
@@ -516,7 +528,7 @@ def run(cfg: DistillConfig, force: bool = False) -> Artifact:
     validate_inputs(cfg)
     if cfg.cache_logits and cfg.loss.alpha < 1.0:
         ccfg = cache_config(cfg)
-        cache = build_cache(ccfg)  # under torchrun every rank builds its share of the shards
+        cache = build_cache(ccfg)  # a job on the launch block's ranks (under torchrun: each rank's share here)
         data = cfg.model_dump()
         data["cache_dir"] = str(cache.path)
         cfg = DistillConfig.model_validate(data)

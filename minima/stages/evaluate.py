@@ -3,7 +3,8 @@
 ``run(cfg)`` loads each model of ``cfg.model`` / ``cfg.models``, evaluates the tasks with
 :func:`evaluate_model`, and publishes an artifact with ``results.json`` (per task, subject and
 category, with stderr), ``samples.jsonl`` (one line per item and model) and ``report.md``.
-Under ``torchrun`` with several processes the requests are split across ranks.
+Under ``torchrun`` with several processes the requests are split across ranks; ``launch.nproc_per_node``
+(or ``launch.launcher=slurm|ssh``) starts such a job (:func:`minima.train.launch.stage_job`).
 
 LLM-judged chat tasks (``mt_bench``, ``belle_eval``, ``zbench``, ``vicuna_bench``, ``alpaca_eval``) run
 after the benchmarks through :mod:`minima.evaluate.chat`: answers and judgments go to
@@ -51,8 +52,11 @@ def model_dirs(cfg: EvaluateConfig) -> dict[str, str]:
     raise ConfigError("no model to evaluate", where="EvaluateConfig.model", fix="set model=DIR (or models.NAME=DIR)")
 
 
-def validate_inputs(cfg: EvaluateConfig) -> tuple[dict[str, str], Optional[Path]]:
-    """Check model dirs, tokenizers, task names and data paths before loading anything."""
+def validate_inputs(cfg: EvaluateConfig, here: bool = True) -> tuple[dict[str, str], Optional[Path]]:
+    """Check model dirs, tokenizers, task names and data paths before loading anything.
+
+    ``here=False`` (the job runs on other machines) skips the check of this machine's code sandbox.
+    """
     models = model_dirs(cfg)
     for name, d in models.items():
         p = Path(d)
@@ -86,7 +90,7 @@ def validate_inputs(cfg: EvaluateConfig) -> tuple[dict[str, str], Optional[Path]
         if t.kind not in ("loglikelihood_rolling", "chat"):
             task_root(t, data_dir, spec.path if spec else None)
     validate_chat(cfg, data_dir)
-    if "humaneval" in names:
+    if "humaneval" in names and here:
         require_isolation(cfg.allow_unsafe_code)  # refuse before any model loads where code cannot be isolated
     return models, data_dir
 
@@ -204,10 +208,18 @@ def run(cfg: EvaluateConfig, force: bool = False) -> Artifact:
 
 
 def _run(cfg: EvaluateConfig, force: bool) -> Artifact:
-    models, data_dir = validate_inputs(cfg)
+    from minima.train.launch import runs_here, stage_job
+
+    chat = bool(chat_names(cfg.tasks))
+    ranks = 1 if chat else None  # chat tasks are answered and judged in one process
+    models, data_dir = validate_inputs(cfg, here=runs_here(cfg, ranks))
     inputs = task_inputs(cfg, models, data_dir)
-    rank, world = _init_distributed()
     chat_files = validate_chat(cfg, data_dir)
+    # A launch block with several ranks, or Slurm / ssh: the job's ranks score their shares there.
+    art = stage_job(cfg, "minima.stages.evaluate:run", force, ranks=ranks, inputs=inputs)
+    if art is not None:
+        return art
+    rank, world = _init_distributed()
     if world == 1:
 
         def body(run: StageRun):

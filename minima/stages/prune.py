@@ -157,8 +157,11 @@ def _needs_data(cfg: PruneConfig, teacher: Shape, shape: Shape) -> bool:
     return cfg.init == "pruned" and (cfg.importance in ("activation", "gradient") or drops)
 
 
-def validate_inputs(cfg: PruneConfig, for_dry_run: bool = False):
-    """Everything checkable before loading weights: teacher config, target shape, records. Returns (config, shape)."""
+def validate_inputs(cfg: PruneConfig, for_dry_run: bool = False, check_device: bool = True):
+    """Everything checkable before loading weights: teacher config, target shape, records. Returns (config, shape).
+
+    ``check_device=False`` skips the check that this machine has the asked-for device (the job runs elsewhere).
+    """
     tc = _teacher_config(cfg)
     shape = resolve_target(tc, cfg)
     if cfg.target_params is not None:
@@ -177,7 +180,8 @@ def validate_inputs(cfg: PruneConfig, for_dry_run: bool = False):
                     fix=f"set search.temperature={meta['temperature']}",
                 )
     if not for_dry_run:
-        if _device(cfg).type == "cuda" and not torch.cuda.is_available():
+        device = _device(cfg)  # a malformed device string is an error wherever the job runs
+        if check_device and device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(
                 f"device={cfg.device} but no CUDA device is visible",
                 where="PruneConfig.device",
@@ -427,8 +431,18 @@ def _random_body(cfg: PruneConfig, run: StageRun) -> dict:
 
 
 def run(cfg: PruneConfig, force: bool = False) -> Artifact:
-    """Stage entry point: validate, then prune into an artifact (or print the plan when dry_run)."""
+    """Stage entry point: validate, then prune into an artifact (or print the plan when dry_run).
+
+    With ``launch.launcher=slurm`` or ``ssh`` the pruning runs as a one-process job on one GPU of a node
+    (:func:`minima.train.launch.stage_job`); this process only validates and waits.
+    """
+    from minima.train.launch import runs_here, stage_job
+
     if cfg.dry_run:
         return Artifact(cfg.resolved_out_dir(), {"stage": "prune", "metrics": dry_run(cfg)})
-    validate_inputs(cfg)
-    return run_stage(cfg, {"teacher": cfg.teacher, "records": cfg.records}, lambda r: _body(cfg, r), force=force)
+    validate_inputs(cfg, check_device=runs_here(cfg, ranks=1))
+    inputs = {"teacher": cfg.teacher, "records": cfg.records}
+    art = stage_job(cfg, "minima.stages.prune:run", force, ranks=1, inputs=inputs)
+    if art is not None:
+        return art
+    return run_stage(cfg, inputs, lambda r: _body(cfg, r), force=force)

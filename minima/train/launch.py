@@ -11,6 +11,10 @@ Where the topology comes from, first match wins:
 
 Node 0 owns the artifact (``run_stage``); other nodes only run their ranks into the same directory
 (a shared file system, as the checkpoints of either strategy need anyway).
+
+Stages that are not trained (prune, evaluate, the logit cache) go through :func:`stage_job`: the same
+launchers start ``python -m minima.train.worker`` with a spec that names the stage's ``entry``, and the
+job itself publishes the artifact.
 """
 
 from __future__ import annotations
@@ -193,7 +197,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_spec(cfg, recipe: str, work_dir: Path, out_dir: Path, callbacks: list[str]) -> dict:
+def make_spec(
+    cfg, recipe: Optional[str], work_dir: Path, out_dir: Path, callbacks: list[str], extra: Optional[dict] = None
+) -> dict:
+    """What every rank's worker runs: the config, and the recipe to train (or ``extra``'s stage ``entry``)."""
     cls = type(cfg)
     return {
         "config_class": f"{cls.__module__}:{cls.__qualname__}",
@@ -202,6 +209,7 @@ def make_spec(cfg, recipe: str, work_dir: Path, out_dir: Path, callbacks: list[s
         "work_dir": str(work_dir),
         "out_dir": str(out_dir),
         "callbacks": list(callbacks),
+        **(extra or {}),
     }
 
 
@@ -231,7 +239,7 @@ def _child_env(plan: Optional[Plan] = None) -> dict:
     return env
 
 
-def _raise_rank_error(work_dir: Path, rc: int, missing_ok: bool = False) -> None:
+def _raise_rank_error(work_dir: Path, rc: int, missing_ok: bool = False, what: str = "training") -> None:
     from minima.core import errors as E
     from minima.train.worker import ERRORS
 
@@ -245,7 +253,7 @@ def _raise_rank_error(work_dir: Path, rc: int, missing_ok: bool = False) -> None
     if missing_ok:
         return
     raise TrainingError(
-        f"training exited with code {rc}",
+        f"{what} exited with code {rc}",
         fix="read the traceback above; a rerun resumes from the last complete checkpoint",
     )
 
@@ -281,18 +289,23 @@ def _run_inprocess(spec: dict) -> dict:
 
 def run_node(
     cfg,
-    recipe: str,
+    recipe: Optional[str],
     work_dir: Path,
     out_dir: Path,
     callbacks: list[str],
     plan: Optional[Plan] = None,
     spec_path: Optional[Path] = None,
+    extra: Optional[dict] = None,
 ) -> Optional[dict]:
-    """Start this node's ranks and wait. Returns the metrics on the node hosting rank 0, else None."""
+    """Start this node's ranks and wait. Returns the metrics on the node hosting rank 0, else None.
+
+    ``extra`` goes into the spec: a stage job's ``entry`` (see :func:`stage_job`) instead of a recipe.
+    """
     from minima.train.worker import ERRORS, RESULT, run_spec
 
     plan = plan or plan_launch(cfg)
-    spec = make_spec(cfg, recipe, work_dir, out_dir, callbacks)
+    spec = make_spec(cfg, recipe, work_dir, out_dir, callbacks, extra)
+    what = f"the {cfg.stage} job" if recipe is None else "training"
     if plan.is_leader:  # leftovers of a failed attempt must not be mistaken for this one's
         shutil.rmtree(work_dir / ERRORS, ignore_errors=True)
         (work_dir / RESULT).unlink(missing_ok=True)
@@ -340,7 +353,7 @@ def run_node(
                 )
                 rc = 0
             except TrainingError:
-                _raise_rank_error(work_dir, 1, missing_ok=True)
+                _raise_rank_error(work_dir, 1, missing_ok=True, what=what)
                 raise
         else:
             from minima.train.worker import die_with_parent
@@ -349,13 +362,11 @@ def run_node(
     finally:
         del store
     if rc != 0:
-        _raise_rank_error(work_dir, rc)
+        _raise_rank_error(work_dir, rc, what=what)
     if plan.is_leader:
         res = work_dir / RESULT
         if not res.is_file():
-            raise TrainingError(
-                "training finished without writing its result", where=str(res), fix="read the log above"
-            )
+            raise TrainingError(f"{what} finished without writing its result", where=str(res), fix="read the log above")
         return json.loads(res.read_text())
     return None
 
@@ -442,3 +453,87 @@ def train_stage(
     run_node(cfg, recipe, work, out_dir, list(callbacks), plan=plan)
     manifest = read_manifest(out_dir) if is_complete(out_dir) else {"stage": cfg.stage, "cache_key": key, "metrics": {}}
     return Artifact(out_dir, manifest)
+
+
+# ------------------------------------------------------------------------------ stages that are not trained
+#: Suffix of the directory beside a stage's out_dir that holds its job's spec, rank errors and Slurm log.
+JOB_SUFFIX = ".job"
+
+
+def _job_config(cfg, ranks: Optional[int]):
+    """``cfg`` with its launch block cut to ``ranks`` processes on one node (a stage of fixed size)."""
+    if ranks is None:
+        return cfg
+    lc = cfg.launch.model_copy(update={"nnodes": 1, "node_rank": 0, "nproc_per_node": ranks, "gpus_per_node": ranks})
+    return cfg.model_copy(update={"launch": lc})
+
+
+def runs_here(cfg, ranks: Optional[int] = None, env: Mapping[str, str] = os.environ) -> bool:
+    """True when the stage's ranks run on this machine (checks of this machine's devices apply), False when
+    ``launch.launcher`` sends them to Slurm's nodes or the hostfile's hosts."""
+    if in_torchrun(env):
+        return True
+    return plan_launch(_job_config(cfg, ranks), env).launcher not in REMOTE_LAUNCHERS
+
+
+def _cached_artifact(cfg, out_dir: Path, inputs: Mapping[str, Optional[str]]):
+    """The complete, intact artifact with this config's cache key at ``out_dir``, else None (the job decides)."""
+    from minima.core.artifacts import Artifact, cache_key, hash_input, is_complete, read_manifest, verify_files
+
+    if not is_complete(out_dir):
+        return None
+    manifest = read_manifest(out_dir)
+    key = cache_key(cfg, {k: hash_input(v) for k, v in inputs.items()})
+    if manifest.get("cache_key") != key or verify_files(out_dir, manifest, getattr(cfg, "verify", "auto")):
+        return None
+    return Artifact(out_dir, manifest, skipped=True)
+
+
+def stage_job(
+    cfg,
+    entry: str,
+    force: bool = False,
+    ranks: Optional[int] = None,
+    inputs: Optional[Mapping[str, Optional[str]]] = None,
+):
+    """Run a stage that is not trained (prune, evaluate, the logit cache) as a job, like training runs.
+
+    Returns None when this process should run the stage itself: it is already one rank of the job
+    (torchrun's environment, which a Slurm job's torchrun sets too), the job is one process here
+    (``launcher=local`` with one rank on one node), or a one-process stage is called inside a Slurm
+    allocation (this node is the job's node). Otherwise starts ``entry(cfg, force=force)`` on every rank
+    with training's machinery (torchrun here, an sbatch job, or the deepspeed launcher over ssh), waits,
+    re-raises a rank's MinimaError with its message and fix, and returns the artifact the job published.
+    The job's spec, rank errors and Slurm script and log live in ``<out_dir>.job`` (removed on success).
+
+    Args:
+        cfg: the stage config; its ``launch`` block says where the ranks run.
+        entry: ``"module:function"`` of the stage's run; inside the job it calls this again and gets None.
+        force: passed on to ``entry``.
+        ranks: a stage of fixed size (prune: 1) runs that many ranks on one node, whatever ``nnodes`` and
+            ``gpus_per_node`` say for training; None: every rank of the launch block.
+        inputs: name -> path as the stage hashes them: a matching complete artifact is reused without a job.
+    """
+    from minima.core.artifacts import _REPLACE_STALE, Artifact, read_manifest
+
+    env = os.environ
+    if in_torchrun(env):
+        return None
+    cfg = _job_config(cfg, ranks)
+    plan = plan_launch(cfg, env)
+    if plan.source == "slurm" and ranks is not None:
+        return None
+    if plan.launcher == "inprocess" or (plan.launcher == "torchrun" and plan.nproc_per_node * plan.nnodes == 1):
+        return None
+    out_dir = cfg.resolved_out_dir()
+    if inputs is not None and not force:
+        cached = _cached_artifact(cfg, out_dir, inputs)
+        if cached is not None:
+            return cached
+    job_dir = out_dir.with_name(out_dir.name + JOB_SUFFIX)
+    extra = {"entry": entry, "force": bool(force), "replace_stale": bool(_REPLACE_STALE.get())}
+    result = run_node(cfg, None, job_dir, out_dir, [], plan=plan, extra=extra)
+    if not plan.is_leader:
+        return Artifact.load(out_dir)
+    shutil.rmtree(job_dir, ignore_errors=True)
+    return Artifact(out_dir, read_manifest(out_dir), skipped=bool((result or {}).get("skipped")))

@@ -1,8 +1,10 @@
 """The per-rank entry point: ``python -m minima.train.worker SPEC.json`` (started by torchrun).
 
 The spec (written by ``launch.py``) names the config class and its values, the recipe, the work and
-output dirs and the callbacks. A MinimaError in any rank is written to ``<work_dir>/errors/`` so the
-launcher can re-raise it with its message and fix; rank 0 writes the result to ``train_result.json``.
+output dirs and the callbacks; or, for a stage that is not trained (prune, evaluate, the logit cache),
+an ``entry`` (``"module:function"``) that every rank calls with the config. A MinimaError in any rank
+is written to ``<work_dir>/errors/`` so the launcher can re-raise it with its message and fix; rank 0
+writes the result to ``train_result.json``.
 """
 
 from __future__ import annotations
@@ -60,18 +62,20 @@ def init_distributed(timeout_s: int, strategy: str = "deepspeed") -> None:
 
 
 def run_spec(spec: dict) -> dict:
-    """Run one rank of the training described by ``spec``; returns the metrics."""
+    """Run one rank of the job described by ``spec`` (a training recipe, or a stage's ``entry``); returns its result."""
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if os.environ.get("MINIMA_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["MINIMA_NUM_THREADS"]))
+    cfg = import_obj(spec["config_class"]).model_validate(spec["config"])
+    if spec.get("entry"):
+        return _run_entry(spec, cfg)
     from minima.core.errors import MinimaError, TrainingError
     from minima.train import guard, loop
     from minima.train.recipe import TrainContext
 
-    cfg = import_obj(spec["config_class"]).model_validate(spec["config"])
     _quiet_logs(cfg.strategy)
     work_dir, out_dir = Path(spec["work_dir"]), Path(spec["out_dir"])
     rank = int(os.environ.get("RANK", "0"))
@@ -117,6 +121,37 @@ def run_spec(spec: dict) -> dict:
         raise
     if rank == 0:
         (work_dir / RESULT).write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def _run_entry(spec: dict, cfg) -> dict:
+    """One rank of a stage job: join the process group, then ``entry(cfg, force=...)`` as a torchrun rank would.
+
+    The stage sees torchrun's environment, so it runs its share here instead of launching again. Rank 0
+    writes ``{"path", "skipped"}`` of the artifact for the launcher.
+    """
+    import contextlib
+
+    import torch
+
+    from minima.core.errors import MinimaError
+
+    work_dir = Path(spec["work_dir"])
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        init_distributed(cfg.launch.collective_timeout_s, "torch")
+        from minima.core.artifacts import replacing_stale
+
+        with replacing_stale() if spec.get("replace_stale") else contextlib.nullcontext():
+            art = import_obj(spec["entry"])(cfg, force=bool(spec.get("force")))
+    except MinimaError as e:
+        _write_error(work_dir, rank, e)
+        raise
+    result = {"path": str(art.path), "skipped": bool(art.skipped)}
+    if rank == 0:
+        (work_dir / RESULT).write_text(json.dumps(result))
     return result
 
 
