@@ -518,3 +518,30 @@ def test_a_disk_estimate_over_the_free_space_stops_before_launch(model_dir, tmp_
     with pytest.raises(DiskFullError, match="needs about"):
         train_inprocess(cfg)
     assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [0, 7, 64])
+def test_lm_loss_and_gradient_equal_fp32_cross_entropy(dtype, chunk):
+    """The vocab-chunked LM loss: sum, count and logit gradient equal fp32 cross_entropy on shifted labels,
+    masked positions included, for chunks that divide the vocab, do not, or span it."""
+    from minima.train import causal_lm_loss_sum
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 200
+    logits = (torch.randn(3, 17, vocab, generator=g) * 4).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, vocab, (3, 17), generator=g)
+    labels[0, :5] = -100
+    labels[2, 9:] = -100
+    loss, n = causal_lm_loss_sum(logits, labels, chunk=chunk)
+    (grad,) = torch.autograd.grad(loss * 0.5, logits)
+    ref_logits = logits.detach().float().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(
+        ref_logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    (ref_grad,) = torch.autograd.grad(ref * 0.5, ref_logits)
+    assert int(n) == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-4)
+    tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=4e-3)
+    torch.testing.assert_close(grad.float(), ref_grad, **tol)
+    assert grad.dtype == dtype and not grad[:, -1].any()  # the last position predicts nothing

@@ -30,6 +30,7 @@ from minima.core.logs import get_logger
 from minima.data.formats import chat_template, get_format, stop_token_ids
 from minima.train.recipe import (
     IGNORE_INDEX,
+    LM_LOSS_CHUNK,
     LossOut,
     Recipe,
     TrainContext,
@@ -245,11 +246,11 @@ class SftRecipe(Recipe):
                 labels=batch["labels"],
                 use_cache=False,
             )
-            labels = batch["labels"].reshape(-1)
-            loss_sum = torch.nn.functional.cross_entropy(
-                out.logits.reshape(-1, out.logits.shape[-1]).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            return LossOut(loss_sum=loss_sum, num_tokens=(labels != IGNORE_INDEX).sum())
+            from minima.train.objectives.kd import dense_loss
+
+            labels = batch["labels"].reshape(-1)  # decoder labels are aligned with the logits: no shift
+            ce, _ = dense_loss(out.logits.reshape(-1, out.logits.shape[-1]), labels, None, chunk=LM_LOSS_CHUNK)
+            return LossOut(loss_sum=ce.sum(), num_tokens=(labels != IGNORE_INDEX).sum())
         if "position_ids" in batch:
             from minima.data.packing import mask_mode, model_inputs
 

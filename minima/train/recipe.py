@@ -57,18 +57,19 @@ def causal_lm_loss_sum(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross entropy over labels != -100, and the number of such tokens (a tensor).
 
-    The labels are shifted instead of the logits, so the logits are not copied; the count stays on the
-    device (reading it would stall the host on every micro step). ``chunk`` is kept for callers; the
-    vocab-chunked kernel is not used here because sft trained measurably worse with it
-    (tests/test_sft_quality.py), so the fp32 cross entropy runs over the whole vocab.
+    The logits are read in vocab chunks (:func:`minima.train.objectives.kd.dense_loss`): no fp32 copy of
+    the [batch x seq x vocab] logits, no log-softmax of that size, and one gradient buffer in the logits'
+    dtype; loss and gradient equal fp32 ``cross_entropy``'s. The labels are shifted instead of the logits,
+    so the logits are not copied either. The count stays on the device: reading it would stall the host
+    on every micro step.
     """
+    from minima.train.objectives.kd import dense_loss
+
     shifted = torch.full_like(labels, IGNORE_INDEX)
     shifted[..., :-1] = labels[..., 1:]
     flat = shifted.reshape(-1)
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, (flat != IGNORE_INDEX).sum()
+    ce, _ = dense_loss(logits.reshape(-1, logits.shape[-1]), flat, None, chunk=chunk)
+    return ce.sum(), (flat != IGNORE_INDEX).sum()
 
 
 class Recipe:
