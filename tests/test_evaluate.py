@@ -789,18 +789,21 @@ def test_perplexity_builds_one_row_of_logits_at_a_time(model, tok):
     assert shapes and all(len(s) == 2 and s[0] <= 48 for s in shapes), shapes
 
 
-def test_sharded_models_run_every_request_and_generate_in_sync(model, tok, monkeypatch):
-    """Under ZeRO-3 / FSDP every forward is collective: the requests are not split over ranks and generation
-    passes synced_gpus (a rank that finishes first keeps stepping); a replicated model splits the requests."""
+def test_sharded_models_split_requests_in_lock_step_and_generate_in_sync(model, tok, monkeypatch):
+    """Under ZeRO-3 / FSDP every forward is collective: the requests are split over the ranks, which then call
+    the model in lock step, and generation passes synced_gpus (a rank that finishes first keeps stepping).
+    Without distributed=True every rank runs every request. (The 2-rank runs: test_evaluate_sharded.py.)"""
     from minima.evaluate import lm as lm_mod
 
     monkeypatch.setattr(lm_mod, "dist_info", lambda: (1, 2))
     replicated = lm_mod.LM(model, tok, batch_size=2, distributed=True)
-    assert (replicated.rank, replicated.world, replicated.synced_gpus) == (1, 2, False)
+    assert (replicated.rank, replicated.world, replicated.synced_gpus, replicated.lockstep) == (1, 2, False, False)
     p = next(model.parameters())
     monkeypatch.setattr(p, "ds_id", 0, raising=False)  # what a ZeRO-3 partitioned parameter carries
     sharded = lm_mod.LM(model, tok, batch_size=2, distributed=True)
-    assert (sharded.rank, sharded.world, sharded.synced_gpus) == (0, 1, True)
+    assert (sharded.rank, sharded.world, sharded.synced_gpus, sharded.lockstep) == (1, 2, True, True)
+    alone = lm_mod.LM(model, tok, batch_size=2)
+    assert (alone.rank, alone.world, alone.synced_gpus, alone.lockstep) == (0, 1, True, False)
     seen = {}
     real = model.generate
 
@@ -810,7 +813,7 @@ def test_sharded_models_run_every_request_and_generate_in_sync(model, tok, monke
         return real(**kw)
 
     monkeypatch.setattr(model, "generate", spy)
-    out = sharded.generate_until(["The sky is", "Grass is"], until=["\n"], max_new_tokens=3)
+    out = alone.generate_until(["The sky is", "Grass is"], until=["\n"], max_new_tokens=3)
     assert len(out) == 2 and seen.get("synced_gpus") is True
     monkeypatch.delattr(p, "ds_id")
 
