@@ -186,10 +186,22 @@ def has_meta_params(model: torch.nn.Module) -> bool:
 
 
 def _to_empty(model: torch.nn.Module, device: torch.device) -> None:
-    """Give meta parameters empty storage on ``device``; buffers (computed: rotary frequencies) keep their values."""
-    if has_meta_params(model):
-        buffers = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
-        model.to_empty(device=device)
+    """Give meta parameters empty storage on ``device``; the other parameters (a recipe's additions, real on
+    every rank) and the buffers (computed: rotary frequencies) keep their values."""
+    from torch.distributed.tensor import DTensor
+
+    if not has_meta_params(model):
+        return
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    keep = {n: local(p).detach().clone() for n, p in model.named_parameters() if not p.is_meta}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, value in keep.items():
+            local(model.get_parameter(name)).copy_(value.to(device))
         for name, value in buffers.items():
             owner, _, attr = name.rpartition(".")
             mod = model.get_submodule(owner) if owner else model
