@@ -115,7 +115,7 @@ class LM:
         self.rank, self.world = dist_info() if distributed else (0, 1)
         self.synced_gpus = self.sharded and group > 1
         self.lockstep = self.sharded and self.world > 1  # every forward is a collective over the ranks
-        self.forward_calls = 0  # model calls (generation: generate calls), padding calls included
+        self.forward_calls = 0  # model forwards (synced generation: generate calls), padding calls included
         self.pad_calls = 0  # throwaway calls that keep a sharded model's ranks in step
         self.split_head = self.cache_ok and self._probe_split_head()
 
