@@ -143,6 +143,13 @@ class FSDPStrategy(Strategy):
             if sources is not None:
                 _broadcast_real_params(model, ctx.device)  # parameters a recipe added after loading: rank 0's
             elif ctx.rank == 0:
+                if has_meta_params(model):
+                    left = next(n for n, p in model.named_parameters() if p.is_meta)
+                    raise TrainingError(
+                        f"rank 0 has parameters on the meta device that no checkpoint tensor backs (first: {left})",
+                        fix="a recipe that changes the parameters after loading must load with "
+                        "load_pretrained(..., rank0_copy=True)",
+                    )
                 full_state = dict(model.state_dict())
                 model = meta_copy(model)
             elif not has_meta_params(model):
