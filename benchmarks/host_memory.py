@@ -7,8 +7,10 @@ not the rank's) every 2 ms and reports the peak above its level before the load.
 
 - ``zero3``: DeepSpeed ZeRO-3 (``deepspeed.zero.Init`` under ``HfDeepSpeedConfig``), load only;
 - ``full``: the same load with ZeRO-2 (every rank builds the whole fp32 model: the reference);
-- ``fsdp``: FSDP2 (rank 0 loads, the others build on meta, then ``FSDPStrategy.setup`` shards and
-  broadcasts).
+- ``fsdp``: FSDP2 (every rank builds on meta; ``FSDPStrategy.setup`` shards, and each rank reads only
+  its own shard from the memory-mapped safetensors file);
+- ``fsdp_rank0``: FSDP2's fallback for checkpoints it cannot slice (rank 0 loads, the others build on
+  meta, then ``setup`` shards and broadcasts rank 0's weights).
 
 Usage: ``python benchmarks/host_memory.py [--params 300]`` (millions of parameters; writes the
 ``host_memory`` section of RESULTS.md).
@@ -29,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ARMS = ("zero3", "full", "fsdp")
+ARMS = ("zero3", "full", "fsdp", "fsdp_rank0")
 
 
 def shape_for(millions: int) -> dict:
@@ -116,14 +118,14 @@ def child(model_dir: str, arm: str, out: str) -> None:
     from minima.train.worker import init_distributed
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    strategy = "fsdp" if arm == "fsdp" else "deepspeed"
+    strategy = "fsdp" if arm.startswith("fsdp") else "deepspeed"
     init_distributed(600, strategy)
     ctx = TrainContext(rank, world, rank, torch.device("cpu"), torch.float32, Path(out).parent, Path(out).parent, 0)
 
     def load(path: str):
         cfg = SyntheticConfig(model=path, strategy=strategy, zero_stage=3 if arm == "zero3" else 2, precision="fp32")
-        model = load_pretrained(path, cfg, ctx, dtype=torch.float32)
-        if arm == "fsdp":
+        model = load_pretrained(path, cfg, ctx, dtype=torch.float32, rank0_copy=arm == "fsdp_rank0")
+        if strategy == "fsdp":
             from minima.train.strategies.fsdp import FSDPStrategy
 
             strategy_obj = FSDPStrategy()
@@ -185,7 +187,8 @@ def main() -> None:
     label = {
         "zero3": "DeepSpeed ZeRO-3, zero.Init (load)",
         "full": "full fp32 copy per rank (ZeRO-2 load, reference)",
-        "fsdp": "FSDP2: rank 0 loads, others meta, shard + broadcast",
+        "fsdp": "FSDP2: all meta, shard, each rank reads its shard from the files",
+        "fsdp_rank0": "FSDP2 fallback: rank 0 loads, others meta, shard + broadcast",
     }
     table = "\n".join(
         f"| {label[arm]} | {g['rank']} | {g['delta'] / 2**20:,.0f} | **{g['delta'] / full:.2f}x** |" for arm, g in rows
@@ -199,8 +202,9 @@ Machine: {machine()}. A {n / 1e6:.0f}M-parameter Llama saved in bf16, trained in
 (+ the strategy's setup for FSDP). Peak private memory (`RssAnon`, sampled every 2 ms) of each rank above
 its level before the load; the mapped checkpoint file's pages are shared page cache and not counted.
 With W ranks per node a ZeRO-3 rank holds 1/W of the model plus the largest module being gathered (here
-the two 32000 x 1024 embedding tables); FSDP's rank 0 holds the loaded model until its shards are sent,
-the other ranks only their shard.
+the two 32000 x 1024 embedding tables); under FSDP every rank reads only its own rows of each tensor from
+the safetensors file, so no rank holds more than its shard; in FSDP's fallback (`.bin` checkpoints, models
+changed after loading) rank 0 holds the loaded model until its shards are sent.
 
 | arm | rank | peak MiB above baseline | x fp32 model size |
 |---|---|---|---|

@@ -789,18 +789,21 @@ def test_perplexity_builds_one_row_of_logits_at_a_time(model, tok):
     assert shapes and all(len(s) == 2 and s[0] <= 48 for s in shapes), shapes
 
 
-def test_sharded_models_run_every_request_and_generate_in_sync(model, tok, monkeypatch):
-    """Under ZeRO-3 / FSDP every forward is collective: the requests are not split over ranks and generation
-    passes synced_gpus (a rank that finishes first keeps stepping); a replicated model splits the requests."""
+def test_sharded_models_split_requests_in_lock_step_and_generate_in_sync(model, tok, monkeypatch):
+    """Under ZeRO-3 / FSDP every forward is collective: the requests are split over the ranks, which then call
+    the model in lock step, and generation passes synced_gpus (a rank that finishes first keeps stepping).
+    Without distributed=True every rank runs every request. (The 2-rank runs: test_evaluate_sharded.py.)"""
     from minima.evaluate import lm as lm_mod
 
     monkeypatch.setattr(lm_mod, "dist_info", lambda: (1, 2))
     replicated = lm_mod.LM(model, tok, batch_size=2, distributed=True)
-    assert (replicated.rank, replicated.world, replicated.synced_gpus) == (1, 2, False)
+    assert (replicated.rank, replicated.world, replicated.synced_gpus, replicated.lockstep) == (1, 2, False, False)
     p = next(model.parameters())
     monkeypatch.setattr(p, "ds_id", 0, raising=False)  # what a ZeRO-3 partitioned parameter carries
     sharded = lm_mod.LM(model, tok, batch_size=2, distributed=True)
-    assert (sharded.rank, sharded.world, sharded.synced_gpus) == (0, 1, True)
+    assert (sharded.rank, sharded.world, sharded.synced_gpus, sharded.lockstep) == (1, 2, True, True)
+    alone = lm_mod.LM(model, tok, batch_size=2)
+    assert (alone.rank, alone.world, alone.synced_gpus, alone.lockstep) == (0, 1, True, False)
     seen = {}
     real = model.generate
 
@@ -810,9 +813,45 @@ def test_sharded_models_run_every_request_and_generate_in_sync(model, tok, monke
         return real(**kw)
 
     monkeypatch.setattr(model, "generate", spy)
-    out = sharded.generate_until(["The sky is", "Grass is"], until=["\n"], max_new_tokens=3)
+    out = alone.generate_until(["The sky is", "Grass is"], until=["\n"], max_new_tokens=3)
     assert len(out) == 2 and seen.get("synced_gpus") is True
     monkeypatch.delattr(p, "ds_id")
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_padding_calls_leave_the_results_unchanged(family, model, tok):
+    """A rank that other ranks outpace at a step pads every call kind it lacks and runs extra steps of padding
+    only; its own results stay those of an unpadded run (one process, the agreement faked)."""
+    from minima.evaluate.lm import LM
+    from minima.testing import tiny_family_model
+
+    net = model if family == "llama" else tiny_family_model("t5", len(tok), seed=0).eval()
+    shot = "Question: what colour is the sky?\nAnswer: blue\n\nQuestion: what colour is grass?\nAnswer: green\n\n"
+    reqs = [(shot + f"Question: q{i}?\nAnswer:", c) for i in range(3) for c in (" yes", " no way")]
+    reqs += [("The sky is", " blue"), ("Grass", " is green")]
+    ctxs = ["The sky is", "Grass is", shot, "One"]
+    texts = [list(range(5, 45)), list(range(7, 19))]
+
+    def run(lm):
+        out = [lm.loglikelihood(reqs), lm.next_token_logprobs(ctxs, [5, 6, 7])]
+        if family == "llama":
+            out.append(lm.rolling_nll_many(texts, window=16, stride=8))
+        return out
+
+    ref = run(LM(net, tok, batch_size=2))
+    padded = LM(net, tok, batch_size=2)
+    padded.lockstep, expected = True, []
+
+    def agree(plans, n, kinds):  # the other ranks: every kind at least once per step, and one step more
+        needs = [[max(x, 1) for x in p] for p in plans] + [[1] * kinds]
+        expected.append(sum(a - b for need, p in zip(needs, plans) for a, b in zip(need, p)) + kinds)
+        return needs
+
+    padded._agree = agree
+    got = run(padded)
+    assert padded.pad_calls == sum(expected) and padded.pad_calls > 3
+    for a, b in zip(ref, got):
+        assert a == b
 
 
 def test_training_callback_splits_requests_over_ranks(monkeypatch):

@@ -112,3 +112,47 @@ def test_eval_tasks_checked_before_training(inputs, tmp_path, demo_data_dir):
         )
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
     assert AdaptConfig(eval_tasks="demo_mc, ceval").eval_tasks == ["demo_mc", "ceval"]  # CLI eval_tasks=a,b
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_log_the_one_process_scores(inputs, demo_data_dir, tmp_path):
+    """adapt with strategy=fsdp on 2 ranks (torchrun, gloo): the eval callback scores the sharded model with the
+    requests split over the ranks in lock step; the logged scores equal one process evaluating the export."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minima.evaluate import evaluate_model
+    from minima.stages.adapt import run
+
+    d, model, rec = inputs
+    eval_dir = demo_data_dir / "eval"
+    cfg = AdaptConfig(
+        model=str(model),
+        records=str(rec),
+        out_dir=str(tmp_path / "adapt"),
+        strategy="fsdp",
+        precision="fp32",
+        micro_batch_size=2,
+        max_steps=3,
+        eval_steps=3,
+        lr=5e-3,
+        eval_tasks=["demo_mc"],
+        eval_shots=0,
+        eval_limit=11,
+        eval_data_dir=str(eval_dir),
+        launch={"nproc_per_node": 2},
+    )
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        art = run(cfg)
+    finally:
+        os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.__setitem__("OMP_NUM_THREADS", old)
+    assert art.metrics["world_size"] == 2 and art.metrics["strategy"] == "fsdp"
+    dev = [r for r in read_metrics(art.path / "metrics.jsonl") if r["split"] == "dev"]
+    assert [r["step"] for r in dev] == [3]
+    net = AutoModelForCausalLM.from_pretrained(str(art.path), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(art.path))
+    ref = evaluate_model(net, tok, ["demo_mc"], data_dir=eval_dir, shots=0, limit=11)["demo_mc"]
+    assert ref["info"]["n"] == 11
+    assert dev[-1]["eval/demo_mc/acc"] == ref["acc"] and dev[-1]["eval/demo_mc/acc_norm"] == ref["acc_norm"]

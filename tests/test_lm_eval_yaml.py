@@ -162,7 +162,7 @@ def run_minima(model, tok, tasks: dict, data_dir=None, max_length=None):
     from minima.evaluate.lm import LM
 
     seen = {"loglikelihood": {}, "generate_until": [], "rolling": []}
-    orig_ll, orig_gen, orig_roll = LM.loglikelihood, LM.generate_until, LM.rolling_nll
+    orig_ll, orig_gen, orig_roll = LM.loglikelihood, LM.generate_until, LM.rolling_nll_many
 
     def ll(self, requests, **kw):
         res = orig_ll(self, requests, **kw)
@@ -175,15 +175,15 @@ def run_minima(model, tok, tasks: dict, data_dir=None, max_length=None):
         seen["generate_until"].append((list(contexts), list(until), res))
         return res
 
-    def roll(self, tokens, **kw):
-        res = orig_roll(self, tokens, **kw)
-        seen["rolling"].append(res)
+    def roll(self, docs, **kw):
+        res = orig_roll(self, docs, **kw)
+        seen["rolling"].extend(res)
         return res
 
     mp = pytest.MonkeyPatch()
     mp.setattr(LM, "loglikelihood", ll)
     mp.setattr(LM, "generate_until", gen)
-    mp.setattr(LM, "rolling_nll", roll)
+    mp.setattr(LM, "rolling_nll_many", roll)
     try:
         scores = evaluate_model(
             model, tok, tasks, data_dir=data_dir, batch_size=8, max_new_tokens=8, max_length=max_length

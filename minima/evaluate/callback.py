@@ -48,9 +48,10 @@ class EvalCallback:
     multiples of ``every_n_steps`` return ``{}``. With ``log_dir`` the scores are
     also written to TensorBoard here, on rank 0.
 
-    Every rank must call ``on_eval``. A replicated model (DeepSpeed ZeRO 0-2) splits the requests over
-    the ranks and gathers the scores; a sharded one (ZeRO-3, FSDP: every forward is collective) runs all
-    requests on every rank, generating with ``synced_gpus`` (see :class:`minima.evaluate.lm.LM`).
+    Every rank must call ``on_eval``: the requests are split over the ranks and the scores gathered. A
+    replicated model (DeepSpeed ZeRO 0-2) scores its share independently; a sharded one (ZeRO-3, FSDP: every
+    forward is collective) scores its share with the ranks calling the model in lock step, generating with
+    ``synced_gpus`` (see :class:`minima.evaluate.lm.LM`).
 
     Args:
         tasks: task names or ``{name: spec}`` as in :func:`evaluate_model` (the JAX instruction-tuning

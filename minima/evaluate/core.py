@@ -206,10 +206,16 @@ def _generate_until(lm: LM, task: Task, args: list[tuple], settings: Settings) -
 
 
 def _loglikelihood_rolling(lm: LM, task: Task, args: list[tuple], settings: Settings) -> list:
-    out = []
-    for text, window, stride in args:
+    """Each text's (summed NLL, token count); the windows of all texts with one window size go in one call."""
+    out: list = [None] * len(args)
+    groups: dict[tuple, list[tuple[int, list[int]]]] = {}
+    for k, (text, window, stride) in enumerate(args):
         toks = lm.tok_encode(text)
-        out.append(None if len(toks) < 2 else lm.rolling_nll(toks, window=window, stride=stride))
+        if len(toks) >= 2:
+            groups.setdefault((window, stride), []).append((k, toks))
+    for (window, stride), docs in groups.items():
+        for (k, _), res in zip(docs, lm.rolling_nll_many([t for _, t in docs], window=window, stride=stride)):
+            out[k] = res
     return out
 
 

@@ -10,6 +10,12 @@ from the left to ``max_length + 1`` tokens), so the same tokens are scored. What
 - groups are sorted by length and batched; with several processes (torchrun) each rank takes every
   ``world_size``-th group and the results are gathered.
 
+A model sharded over the ranks (ZeRO-3, FSDP2) splits the requests too, but each of its forwards is a
+collective (the ranks gather each layer's weights together), so the ranks run in lock step: one
+``all_reduce(MAX)`` per request type agrees on the number of batches and, per batch, on how many calls
+of each kind (shared-prefix forward, context forward, continuation forward, vocab projections) it makes;
+a rank with fewer runs throwaway one-token calls of the same kinds (``pad_calls``).
+
 Models whose forward takes no KV cache fall back to lm-eval's one-sequence-per-request scheme, and
 models without ``position_ids`` (Bloom's ALiBi) take their positions from the attention mask.
 
@@ -82,8 +88,9 @@ class LM:
         batch_size: contexts per forward pass (each with all its continuations).
         max_length: context window; default from the model config like lm-eval.
         distributed: split requests across ``torch.distributed`` ranks and gather the results. A model
-            sharded over the ranks (ZeRO-3, FSDP) runs every request on every rank instead, since its
-            forwards are collective, and generates with ``synced_gpus`` so no rank stops before the others.
+            sharded over the ranks (ZeRO-3, FSDP) splits them too, its ranks calling the model in lock step
+            (padding calls where a rank has less to do), and generates with ``synced_gpus`` so no rank stops
+            before the others. Without it every rank runs every request.
     """
 
     def __init__(
@@ -105,9 +112,11 @@ class LM:
         self.keep_ok = "logits_to_keep" in params
         self.sharded = is_sharded(model)
         group = dist_info()[1]
-        self.rank, self.world = dist_info() if distributed and not self.sharded else (0, 1)
+        self.rank, self.world = dist_info() if distributed else (0, 1)
         self.synced_gpus = self.sharded and group > 1
-        self.forward_calls = 0
+        self.lockstep = self.sharded and self.world > 1  # every forward is a collective over the ranks
+        self.forward_calls = 0  # model forwards (synced generation: generate calls), padding calls included
+        self.pad_calls = 0  # throwaway calls that keep a sharded model's ranks in step
         self.split_head = self.cache_ok and self._probe_split_head()
 
     def _probe_split_head(self) -> bool:
@@ -152,6 +161,92 @@ class LM:
     # ------------------------------------------------------------------ distributed helpers
     def _mine(self, n: int) -> list[int]:
         return list(range(self.rank, n, self.world))
+
+    def _steps(self, n: int) -> int:
+        """Batches of the rank with the most of ``n`` items (rank 0): how many steps every rank runs."""
+        return math.ceil(math.ceil(n / self.world) / self.batch_size)
+
+    def _agree(self, plans: list[list[int]], n: int, kinds: int) -> list[list[int]]:
+        """Collective: per step, the most calls of each kind any rank makes (one ``all_reduce(MAX)``).
+
+        Args:
+            plans: per own batch, its number of calls of each of ``kinds`` kinds.
+            n: items of the request type (the same on every rank), which bounds the steps.
+            kinds: call kinds per step.
+        """
+        dist = torch.distributed
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = torch.zeros((self._steps(n) + 1, kinds), dtype=torch.long)
+        t[0, 0] = len(plans)
+        for s, p in enumerate(plans):
+            t[s + 1] = torch.tensor(p, dtype=torch.long)
+        t = t.to(device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = t.cpu()
+        return t[1 : int(t[0, 0]) + 1].tolist()
+
+    def _pad_call(self, kind: str) -> None:
+        """A throwaway call of ``kind`` on one token, which keeps this rank's collectives in step.
+
+        Kinds: ``model`` (a full forward), ``base`` (the model without its head), ``head`` (the vocab
+        projection), ``encoder`` / ``decoder`` (an encoder-decoder model's halves), ``generate``.
+        """
+        self.pad_calls += 1
+        self.forward_calls += kind != "head"  # a real continuation counts its base and head as one forward
+        ids = torch.tensor([[self.prefix_token_id or 0]], device=self.device)
+        if kind == "model":
+            self.model(input_ids=ids, use_cache=False)
+        elif kind == "base":
+            self.model.base_model(input_ids=ids)
+        elif kind == "head":
+            head = self.model.get_output_embeddings()
+            w = head.weight
+            width = getattr(w, "ds_shape", w.shape)[-1]  # a ZeRO-3 weight's own tensor is an empty partition
+            head(torch.zeros((1, width), dtype=w.dtype, device=self.device))
+        elif kind == "encoder":
+            self.model.get_encoder()(input_ids=ids)
+        elif kind == "decoder":
+            from transformers.modeling_outputs import BaseModelOutput
+
+            width = (
+                self.model.config.d_model if hasattr(self.model.config, "d_model") else self.model.config.hidden_size
+            )
+            enc = torch.zeros((1, 1, width), dtype=self.model.dtype, device=self.device)
+            self.model(encoder_outputs=BaseModelOutput(last_hidden_state=enc), labels=ids, use_cache=False)
+        elif kind == "generate":
+            self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=1,
+                do_sample=False,
+                pad_token_id=self.pad_id,
+                synced_gpus=True,
+            )
+        else:
+            raise ValueError(f"unknown call kind {kind!r}")
+
+    def _pad_step(self, need: Sequence[int], kinds: Sequence[str], done: Sequence[int] = ()) -> None:
+        """Run the calls of ``need`` (per kind, in order) that this rank's batch did not (``done``)."""
+        for k, (n, kind) in enumerate(zip(need, kinds)):
+            for _ in range(n - (done[k] if k < len(done) else 0)):
+                self._pad_call(kind)
+
+    def _run_steps(self, batches: list, n: int, run, plan, kinds: Sequence[str]) -> None:
+        """``run(batch, need)`` each batch; a sharded model's ranks run the same steps and calls in lock step.
+
+        ``plan(batch)`` counts a batch's calls per kind; ``need`` is, per kind, the most any rank makes at
+        this step (None when the ranks are independent). Steps past this rank's batches only pad.
+        """
+        if not self.lockstep:
+            for b in batches:
+                run(b, None)
+            return
+        needs = self._agree([plan(b) for b in batches], n, len(kinds))
+        for s, need in enumerate(needs):
+            if s < len(batches):
+                run(batches[s], need)
+            else:
+                self._pad_step(need, kinds)
 
     def _gather(self, local: dict) -> dict:
         if self.world == 1:
@@ -208,14 +303,22 @@ class LM:
             groups.setdefault(tuple(c), []).append((tuple(k), i))
         keys = self._order(groups)
         mine = [keys[j] for j in self._mine(len(keys))]
+        batches = [[(c, groups[c]) for c in b] for b in _chunks(mine, self.batch_size)]
         out: dict[int, tuple[float, bool]] = {}
+
+        def run(batch, need):
+            out.update(self._score_cached(batch, need) if self.cache_ok else self._score_plain(batch, need))
+            if progress:
+                progress(sum(len(conts) for _, conts in batch))
+
+        if self.cache_ok:
+            plan, kinds = self._plan_cached, ("model", "model", "model")
+            if self.split_head:
+                kinds = ("model", "model", "base", "head")
+        else:
+            plan, kinds = self._plan_plain, ("model",)
         with torch.inference_mode():
-            for batch in _chunks(mine, self.batch_size):
-                scorer = self._score_cached if self.cache_ok else self._score_plain
-                for idx, res in scorer([(c, groups[c]) for c in batch]):
-                    out[idx] = res
-                if progress:
-                    progress(sum(len(groups[c]) for c in batch))
+            self._run_steps(batches, len(keys), run, plan, kinds)
         out = self._gather(out)
         return [out[i] for i in range(len(requests))]
 
@@ -236,21 +339,40 @@ class LM:
         shared.sort(key=lambda b: (-size(b[0]), b[0]))
         return [c for b in shared for c in b] + single
 
-    def _run_contexts(self, ctxs: list[list[int]]):
-        """Forward the contexts (left-padded) and return (last-position logits, cache, attention mask).
-
-        When all contexts start with the same tokens, that prefix runs once and its cache is copied
-        to every row; the rest of each context follows it after left padding (masked) with explicit
-        positions, so every row still ends in the last column.
-        """
-        kw = {"logits_to_keep": 1} if self.keep_ok else {}
+    def _shared_prefix(self, ctxs: Sequence[Sequence[int]]) -> int:
+        """Length of the first tokens all contexts share (0 if under ``MIN_SHARED``), leaving each one token."""
         p = 0
         if len(ctxs) > 1:
             shortest = min(len(c) for c in ctxs) - 1  # leave each row one token to produce its logits
             first = ctxs[0]
             while p < shortest and all(c[p] == first[p] for c in ctxs):
                 p += 1
-        if p < self.MIN_SHARED:
+        return p if p >= self.MIN_SHARED else 0
+
+    def _plan_cached(self, batch) -> list[int]:
+        """Calls of :meth:`_score_cached` on ``batch``: shared-prefix forward, context forward, continuation
+        forward (with a split head: its base model and its vocab projection)."""
+        cont = int(any(len(k) > 1 for _, conts in batch for k, _ in conts))
+        prefix = int(self._shared_prefix([c for c, _ in batch]) > 0)
+        return [prefix, 1, cont] + ([cont] if self.split_head else [])
+
+    def _plan_plain(self, batch) -> list[int]:
+        """Forwards of :meth:`_score_plain` on ``batch``."""
+        return [math.ceil(sum(len(conts) for _, conts in batch) / self.batch_size)]
+
+    def _run_contexts(self, ctxs: list[list[int]], pad_prefix: bool = False):
+        """Forward the contexts (left-padded) and return (last-position logits, cache, attention mask).
+
+        When all contexts start with the same tokens, that prefix runs once and its cache is copied
+        to every row; the rest of each context follows it after left padding (masked) with explicit
+        positions, so every row still ends in the last column. ``pad_prefix``: when they share none,
+        a throwaway call stands in for the prefix forward (other ranks run one at this step).
+        """
+        kw = {"logits_to_keep": 1} if self.keep_ok else {}
+        p = self._shared_prefix(ctxs)
+        if not p and pad_prefix:
+            self._pad_call("model")
+        if not p:
             ids, mask = self._left_pad(ctxs, self.pad_id, self.device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             out = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
@@ -266,10 +388,14 @@ class LM:
         )
         return out.logits[:, -1, :], out.past_key_values, mask
 
-    def _score_cached(self, batch: list[tuple[tuple, list[tuple[tuple, int]]]]):
-        """Run each context once, then all continuations of the batch on copies of its KV cache."""
+    def _score_cached(self, batch: list[tuple[tuple, list[tuple[tuple, int]]]], need: Optional[list[int]] = None):
+        """Run each context once, then all continuations of the batch on copies of its KV cache.
+
+        ``need``: the calls per kind (:meth:`_plan_cached`) every rank makes at this step; the ones this
+        batch lacks are padded.
+        """
         ctxs = [list(c) for c, _ in batch]
-        last, cache, mask = self._run_contexts(ctxs)
+        last, cache, mask = self._run_contexts(ctxs, pad_prefix=bool(need and need[0]))
         first = torch.log_softmax(last.float(), dim=-1)
         rows = []  # (group index, continuation, request index)
         for g, (_, conts) in enumerate(batch):
@@ -279,13 +405,15 @@ class LM:
         rest: dict[int, tuple[float, bool]] = {}
         if long_rows:
             rest = self._continue(cache, mask, [len(c) for c in ctxs], long_rows)
+        elif need and need[2]:
+            self._pad_step(need[2:], ("base", "head") if self.split_head else ("model",))
         best = first.argmax(-1).tolist()
         lp_first = first[torch.tensor([g for g, _, _ in rows]), torch.tensor([k[0] for _, k, _ in rows])].tolist()
         for (g, k, i), lp0 in zip(rows, lp_first):
             greedy0 = best[g] == k[0]
             lp, greedy = rest.get(i, (0.0, True))
             results[i] = (lp0 + lp, bool(greedy0 and greedy))
-        return results.items()
+        return results
 
     def _continue(self, cache, ctx_mask, ctx_lens, rows) -> dict[int, tuple[float, bool]]:
         """Score continuation tokens 2.. of each row after its context's cached keys/values."""
@@ -323,10 +451,12 @@ class LM:
             at += m
         return res
 
-    def _score_plain(self, batch):
+    def _score_plain(self, batch, need: Optional[list[int]] = None):
         """lm-eval's scheme: one right-padded sequence per request, for models without a KV cache API."""
         rows = [(c, k, i) for c, conts in batch for k, i in conts]
         results = {}
+        if need:
+            self._pad_step(need, ("model",), self._plan_plain(batch))
         for part in _chunks(rows, self.batch_size):
             seqs = [list(c + k)[:-1] for c, k, _ in part]
             n = max(len(s) for s in seqs)
@@ -338,7 +468,7 @@ class LM:
                 lp = torch.log_softmax(logits[r, len(c) - 1 : len(c) - 1 + len(k)].float(), dim=-1)
                 tgt = torch.tensor(k, device=self.device)
                 results[i] = (float(lp.gather(1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
-        return results.items()
+        return results
 
     # ------------------------------------------------------------------ encoder-decoder models
     def encode_pair_seq2seq(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -403,22 +533,31 @@ class LM:
         keys = sorted(groups, key=lambda c: (-len(c), c))
         mine = [keys[j] for j in self._mine(len(keys))]
         out: dict[int, tuple[float, bool]] = {}
+        per_call = self.batch_size * 4  # continuations per decoder call
+
+        def plan(batch):
+            return [1, math.ceil(sum(len(groups[c]) for c in batch) / per_call)]
+
+        def run(batch, need):
+            enc, enc_mask = self._encode(batch)
+            rows = [(g, k, i) for g, c in enumerate(batch) for k, i in groups[c]]
+            for part in _chunks(rows, per_call):
+                index = torch.tensor([g for g, _, _ in part], device=self.device)
+                logits = self._decode_logits(enc, enc_mask, index, [k for _, k, _ in part])
+                for r, (_, k, i) in enumerate(part):
+                    lp = torch.log_softmax(logits[r, : len(k)].float(), dim=-1)
+                    tgt = torch.tensor(k, device=self.device)
+                    out[i] = (
+                        math.fsum(lp.gather(1, tgt[:, None]).squeeze(1).tolist()),
+                        bool((lp.argmax(-1) == tgt).all()),
+                    )
+            if need:  # the decoder calls other ranks make at this step beyond this batch's
+                self._pad_step(need, ("encoder", "decoder"), plan(batch))
+            if progress:
+                progress(len(rows))
+
         with torch.inference_mode():
-            for batch in _chunks(mine, self.batch_size):
-                enc, enc_mask = self._encode(batch)
-                rows = [(g, k, i) for g, c in enumerate(batch) for k, i in groups[c]]
-                for part in _chunks(rows, self.batch_size * 4):
-                    index = torch.tensor([g for g, _, _ in part], device=self.device)
-                    logits = self._decode_logits(enc, enc_mask, index, [k for _, k, _ in part])
-                    for r, (_, k, i) in enumerate(part):
-                        lp = torch.log_softmax(logits[r, : len(k)].float(), dim=-1)
-                        tgt = torch.tensor(k, device=self.device)
-                        out[i] = (
-                            math.fsum(lp.gather(1, tgt[:, None]).squeeze(1).tolist()),
-                            bool((lp.argmax(-1) == tgt).all()),
-                        )
-                if progress:
-                    progress(len(rows))
+            self._run_steps(list(_chunks(mine, self.batch_size)), len(keys), run, plan, ("encoder", "decoder"))
         out = self._gather(out)
         return [out[i] for i in range(len(requests))]
 
@@ -438,13 +577,12 @@ class LM:
         mine = [order[j] for j in self._mine(len(order))]
         tid = torch.tensor(list(token_ids), device=self.device)
         out = {}
-        with torch.inference_mode():
-            for part in _chunks(mine, self.batch_size):
-                if self.seq2seq:
-                    lp = self._first_decoder_logprobs([enc[i] for i in part], tid)
-                    for r, i in enumerate(part):
-                        out[i] = lp[r].tolist()
-                    continue
+        kinds = ("encoder", "decoder") if self.seq2seq else ("model",)
+
+        def run(part, need):
+            if self.seq2seq:
+                lp = self._first_decoder_logprobs([enc[i] for i in part], tid)
+            else:
                 ids, mask = self._left_pad([enc[i] for i in part], self.pad_id, self.device)
                 pos = (mask.cumsum(-1) - 1).clamp(min=0)
                 kw = {"logits_to_keep": 1} if self.keep_ok else {}
@@ -452,8 +590,11 @@ class LM:
                     input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kw
                 ).logits
                 lp = torch.log_softmax(logits[:, -1, :].float(), dim=-1)[:, tid]
-                for r, i in enumerate(part):
-                    out[i] = lp[r].tolist()
+            for r, i in enumerate(part):
+                out[i] = lp[r].tolist()
+
+        with torch.inference_mode():
+            self._run_steps(list(_chunks(mine, self.batch_size)), len(order), run, lambda b: [1] * len(kinds), kinds)
         out = self._gather(out)
         return [out[i] for i in range(len(contexts))]
 
@@ -486,7 +627,7 @@ class LM:
         mine = [order[j] for j in self._mine(len(order))]
         if self.synced_gpus:
             out = self._generate_synced(
-                enc, mine, until, max_new_tokens, do_sample, temperature, num_samples, seed, progress
+                enc, mine, len(order), until, max_new_tokens, do_sample, temperature, num_samples, seed, progress
             )
             out = self._gather(out)
             return [out[i] for i in range(len(contexts))]
@@ -520,10 +661,14 @@ class LM:
         return [out[i] for i in range(len(contexts))]
 
     def _generate_synced(
-        self, enc, mine, until, max_new_tokens, do_sample, temperature, num_samples, seed, progress
+        self, enc, mine, n, until, max_new_tokens, do_sample, temperature, num_samples, seed, progress
     ) -> dict[int, list[str]]:
-        """HF ``generate`` with ``synced_gpus``, for a model sharded over the ranks (ZeRO-3): every rank
-        keeps stepping until all are done, which the engine's independent batches cannot promise."""
+        """HF ``generate`` with ``synced_gpus``, for a model sharded over the ranks (ZeRO-3, FSDP): every rank
+        keeps stepping until all are done, which the engine's independent batches cannot promise.
+
+        With the requests split (``distributed``), every rank makes as many ``generate`` calls as the rank
+        with the most batches; the extra ones decode one token from one token and are thrown away.
+        """
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         tok = self.tok
@@ -543,47 +688,55 @@ class LM:
         out: dict[int, list[str]] = {}
         if do_sample:
             torch.manual_seed(seed)
+
+        def run(part, need):
+            ids, mask = self._left_pad([enc[i] for i in part], self.pad_id, self.device)
+            start = 1 if self.seq2seq else ids.shape[1]  # seq2seq output: decoder start, then new tokens
+            crit = _Stop(start, len(part) * num_samples)
+            kw = (
+                dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+                if do_sample
+                else dict(do_sample=False)
+            )
+            if self.synced_gpus:  # ranks stop at different steps; each keeps stepping until all are done
+                kw["synced_gpus"] = True
+            gen = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_samples,
+                stopping_criteria=StoppingCriteriaList([crit]),
+                pad_token_id=self.pad_id,
+                **kw,
+            )
+            self.forward_calls += 1
+            for r, i in enumerate(part):
+                texts = []
+                for s in range(num_samples):
+                    text = tok.decode(gen[r * num_samples + s, start:], skip_special_tokens=True)
+                    for stop in stops:
+                        if stop in text:
+                            text = text.split(stop)[0]
+                    texts.append(text)
+                out[i] = texts
+            if progress:
+                progress(len(part))
+
         with torch.inference_mode():
-            for part in _chunks(mine, self.batch_size):
-                ids, mask = self._left_pad([enc[i] for i in part], self.pad_id, self.device)
-                start = 1 if self.seq2seq else ids.shape[1]  # seq2seq output: decoder start, then new tokens
-                crit = _Stop(start, len(part) * num_samples)
-                kw = (
-                    dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
-                    if do_sample
-                    else dict(do_sample=False)
-                )
-                if self.synced_gpus:  # ranks stop at different steps; each keeps stepping until all are done
-                    kw["synced_gpus"] = True
-                gen = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=max_new_tokens,
-                    num_return_sequences=num_samples,
-                    stopping_criteria=StoppingCriteriaList([crit]),
-                    pad_token_id=self.pad_id,
-                    **kw,
-                )
-                self.forward_calls += 1
-                for r, i in enumerate(part):
-                    texts = []
-                    for s in range(num_samples):
-                        text = tok.decode(gen[r * num_samples + s, start:], skip_special_tokens=True)
-                        for stop in stops:
-                            if stop in text:
-                                text = text.split(stop)[0]
-                        texts.append(text)
-                    out[i] = texts
-                if progress:
-                    progress(len(part))
+            self._run_steps(list(_chunks(mine, self.batch_size)), n, run, lambda b: [1], ("generate",))
         return out
 
     # ------------------------------------------------------------------ perplexity
-    def _window_nll(self, ids: torch.Tensor, part: list[tuple[int, int, int]], t: torch.Tensor) -> list[float]:
+    def _window_nll(self, ids: torch.Tensor, part: list[tuple], toks: list[torch.Tensor], need=None) -> list[float]:
         """Summed NLL of each window's scored tokens, one row of logits at a time, in vocab chunks.
 
         No [batch, window, vocab] fp32 log-softmax (65 GB at 32 x 4096 x 49216): with a split head only
         one row's logits exist at once, and the loss reads them ``SCORE_CHUNK`` columns at a time.
+
+        Args:
+            ids: the windows' tokens, right-padded. part: per row ``(doc, begin, end, first scored)``.
+            toks: every document's tokens. need: the calls per kind every rank makes at this step
+                (:meth:`_plan_windows`); this rank pads the vocab projections its batch lacks.
         """
         from minima.train.objectives.kd import dense_loss
 
@@ -601,11 +754,33 @@ class LM:
                 return logits[r, a:z]
 
         out = []
-        for r, (b, e, s) in enumerate(part):
-            tgt = t[s:e].to(ids.device)
+        for r, (d, b, e, s) in enumerate(part):
+            tgt = toks[d][s:e].to(ids.device)
             ce, _ = dense_loss(row_logits(r, s - b - 1, e - b - 1), tgt, None, chunk=SCORE_CHUNK)
             out.append(float(ce.double().sum()))
+        if need:
+            self._pad_step(need, self._window_kinds(), self._plan_windows(part))
         return out
+
+    def _plan_windows(self, part) -> list[int]:
+        """Calls of :meth:`_window_nll` on ``part``: one forward (with a split head: and a projection per row)."""
+        return [1, len(part)] if self.split_head else [1]
+
+    def _window_kinds(self) -> tuple[str, ...]:
+        return ("base", "head") if self.split_head else ("model",)
+
+    def _spans(self, n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+        """``(begin, end, first scored position)`` of the windows over ``n`` tokens."""
+        spans = []
+        prev_end, begin = 0, 0
+        while True:
+            end = min(begin + window, n)
+            spans.append((begin, end, max(prev_end, begin + 1)))
+            prev_end = end
+            if end >= n:
+                break
+            begin += stride
+        return spans
 
     def rolling_nll(
         self, tokens: Sequence[int], window: Optional[int] = None, stride: Optional[int] = None
@@ -616,6 +791,15 @@ class LM:
         Face perplexity recipe); ``stride`` is how far it advances, so every scored token sees at least
         ``window - stride`` tokens of context. The stride is capped at ``window - 1`` so that the first
         token of a window is context, never an unconditioned prediction.
+        """
+        return self.rolling_nll_many([tokens], window=window, stride=stride)[0]
+
+    def rolling_nll_many(
+        self, docs: Sequence[Sequence[int]], window: Optional[int] = None, stride: Optional[int] = None
+    ) -> list[tuple[float, int]]:
+        """:meth:`rolling_nll` of each document; the windows of all of them are batched (and split over ranks).
+
+        A document's windows are summed in order, so its result does not depend on how they were batched.
         """
         if self.seq2seq:
             raise InputError(
@@ -629,30 +813,26 @@ class LM:
         if stride > window:
             raise InputError(f"stride {stride} is larger than the window {window}", fix="use stride <= max_length")
         stride = min(stride, window - 1)
-        n = len(tokens)
-        spans = []  # (begin, end, first scored position)
-        prev_end, begin = 0, 0
-        while True:
-            end = min(begin + window, n)
-            spans.append((begin, end, max(prev_end, begin + 1)))
-            prev_end = end
-            if end >= n:
-                break
-            begin += stride
-        mine = [spans[j] for j in self._mine(len(spans))]
-        t = torch.tensor(list(tokens), dtype=torch.long)
-        total, count = 0.0, 0
+        toks = [torch.tensor(list(t), dtype=torch.long) for t in docs]
+        wins = [(d, *sp) for d, t in enumerate(toks) for sp in self._spans(len(t), window, stride)]
+        order = sorted(range(len(wins)), key=lambda w: (-(wins[w][2] - wins[w][1]), w))  # longest first
+        mine = [order[j] for j in self._mine(len(order))]
+        nll: dict[int, float] = {}
+
+        def run(ws, need):
+            part = [wins[w] for w in ws]
+            ids = torch.full((len(part), max(e - b for _, b, e, _ in part)), self.pad_id, dtype=torch.long)
+            for r, (d, b, e, _) in enumerate(part):
+                ids[r, : e - b] = toks[d][b:e]
+            nll.update(zip(ws, self._window_nll(ids.to(self.device), part, toks, need)))
+
         with torch.inference_mode():
-            for part in _chunks(mine, self.batch_size):
-                w = max(e - b for b, e, _ in part)
-                ids = torch.full((len(part), w), self.pad_id, dtype=torch.long)
-                for r, (b, e, _) in enumerate(part):
-                    ids[r, : e - b] = t[b:e]
-                for r, nll in enumerate(self._window_nll(ids.to(self.device), part, t)):
-                    total += nll
-                    count += part[r][1] - part[r][2]
-        if self.world > 1:
-            parts: list = [None] * self.world
-            torch.distributed.all_gather_object(parts, (total, count))
-            total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
-        return total, count
+            self._run_steps(
+                list(_chunks(mine, self.batch_size)), len(wins), run, self._plan_windows, self._window_kinds()
+            )
+        nll = self._gather(nll)
+        out = [(0.0, 0) for _ in docs]
+        for w, (d, _, e, s) in enumerate(wins):  # in window order within each document
+            total, count = out[d]
+            out[d] = (total + nll[w], count + e - s)
+        return out

@@ -157,6 +157,8 @@ class SftRecipe(Recipe):
         self.seq2seq = bool(AutoConfig.from_pretrained(str(self.cfg.model)).is_encoder_decoder)
 
     def build_model(self, ctx: TrainContext) -> torch.nn.Module:
+        from transformers import AutoConfig
+
         from minima.train.lora import apply_lora, check_qlora, quantization_config
         from minima.train.model_init import full_shape, load_pretrained
         from minima.train.neftune import attach_neftune
@@ -166,8 +168,11 @@ class SftRecipe(Recipe):
         kw: dict[str, Any] = {"dtype": torch.float32}
         if cfg.lora.enabled and cfg.lora.qlora:
             kw.update(quantization_config=quantization_config(), device_map={"": ctx.local_rank}, dtype=torch.bfloat16)
-        model = load_pretrained(cfg.model, cfg, ctx, "seq2seq" if self.seq2seq else "causal", **kw)
         n_tok = len(self.tokenizer)
+        vocab = getattr(AutoConfig.from_pretrained(str(cfg.model)).get_text_config(), "vocab_size", None)
+        # LoRA and resized embeddings change the parameters after loading: FSDP then sends rank 0's to the others
+        kw["rank0_copy"] = cfg.lora.enabled or vocab is None or n_tok > vocab
+        model = load_pretrained(cfg.model, cfg, ctx, "seq2seq" if self.seq2seq else "causal", **kw)
         if n_tok > full_shape(model.get_input_embeddings().weight)[0]:
             # Only the format's own tokens (e.g. ChatML's <|im_start|>) get here; run() checks that.
             model.resize_token_embeddings(n_tok, mean_resizing=True)

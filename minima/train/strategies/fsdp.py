@@ -21,7 +21,13 @@ import torch
 
 from minima.core.errors import ConfigError, TrainingError
 from minima.core.logs import get_logger
-from minima.train.model_init import block_classes, has_meta_params, materialize_from_rank0
+from minima.train.model_init import (
+    block_classes,
+    has_meta_params,
+    materialize_from_files,
+    materialize_from_rank0,
+    source_of,
+)
 from minima.train.schedule import WarmupCosine, sync_lr
 from minima.train.strategies.base import DTYPES, Strategy
 
@@ -73,6 +79,16 @@ def fill_skeleton(model: torch.nn.Module, state: dict, ties: list[list[str]]) ->
     return model
 
 
+def _broadcast_real_params(model: torch.nn.Module, device: torch.device) -> None:
+    """Collective: rank 0's values of the parameters that are not on the meta device (a recipe's additions)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.is_meta:
+                t = p.data.to(device)
+                torch.distributed.broadcast(t, src=0)
+                p.data.copy_(t)
+
+
 class FSDPStrategy(Strategy):
     """FSDP2 data parallelism; gradients are reduce-scattered (averaged) after every micro-batch's backward."""
 
@@ -116,12 +132,24 @@ class FSDPStrategy(Strategy):
         self._precision = self.precision(cfg, ctx)
         self._ties = tied_groups(model)
         self._skeleton = meta_copy(model) if ctx.rank == 0 else None
-        # More than one rank: only rank 0 holds the weights (the others built the model on the meta device,
-        # minima.train.model_init). It keeps them on the host and shards a meta copy, so no device ever
-        # holds the whole model; materialize_from_rank0 then sends each rank its shard.
-        full_state = None
+        # More than one rank. Either every rank built the model on the meta device with each parameter
+        # tagged with its checkpoint tensor (minima.train.model_init.load_pretrained): after sharding each
+        # rank reads its own rows from the files, and no rank ever holds the whole model. Or only rank 0
+        # holds the weights: it keeps them on the host and shards a meta copy, so no device ever holds the
+        # whole model, and materialize_from_rank0 then sends each rank its shard.
+        full_state, sources = None, None
         if ctx.world_size > 1:
-            if ctx.rank == 0:
+            sources = self._file_sources(model, ctx)
+            if sources is not None:
+                _broadcast_real_params(model, ctx.device)  # parameters a recipe added after loading: rank 0's
+            elif ctx.rank == 0:
+                if has_meta_params(model):
+                    left = next(n for n, p in model.named_parameters() if p.is_meta)
+                    raise TrainingError(
+                        f"rank 0 has parameters on the meta device that no checkpoint tensor backs (first: {left})",
+                        fix="a recipe that changes the parameters after loading must load with "
+                        "load_pretrained(..., rank0_copy=True)",
+                    )
                 full_state = dict(model.state_dict())
                 model = meta_copy(model)
             elif not has_meta_params(model):
@@ -139,7 +167,9 @@ class FSDPStrategy(Strategy):
         for m in units:
             fully_shard(m, **kw)
         fully_shard(model, **kw)
-        if ctx.world_size > 1:
+        if sources is not None:
+            materialize_from_files(model, sources, ctx.device)
+        elif ctx.world_size > 1:
             materialize_from_rank0(model, full_state, ctx.device)
             del full_state
         self.model = model
@@ -151,6 +181,21 @@ class FSDPStrategy(Strategy):
         self.scheduler = WarmupCosine.from_config(cfg, total_steps).build(self.optimizer)
         model.train()
         return model
+
+    @staticmethod
+    def _file_sources(model: torch.nn.Module, ctx) -> Optional[dict[str, tuple[str, str]]]:
+        """Collective: ``{name: (file, key)}`` of the meta parameters when every rank can read its shards
+        from the checkpoint files (each meta parameter names its tensor, on every rank), else None."""
+        sources, ok = {}, True
+        for name, p in model.named_parameters():
+            if p.is_meta:
+                src = source_of(p)
+                ok = ok and src is not None
+                if src is not None:
+                    sources[name] = src
+        flag = torch.tensor([int(ok and bool(sources))], device=ctx.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return sources if int(flag) else None
 
     def backward(self, loss):
         loss.backward()
