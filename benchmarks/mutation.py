@@ -170,6 +170,10 @@ TARGETS: dict[str, Target] = {
 # Survivors known to be equivalent or harmless: mutant name -> reason. A survivor not listed here is a
 # gap in the tests and is printed as such.
 _NAN = "equivalent: float() parses 'nan' case-insensitively"
+_TF5_SAFE = (
+    "equivalent: transformers 5 save_pretrained has no safe_serialization argument (it always writes "
+    "safetensors; the keyword is swallowed by **kwargs)"
+)
 _CPU = "equivalent on CPU, the default device (a GPU run would fail at once on mixed devices)"
 EXPLAINED: dict[str, str] = {
     "x_causal_lm_loss_sum__mutmut_21": "equivalent: cross_entropy's default ignore_index is -100, the value dropped",
@@ -198,18 +202,15 @@ EXPLAINED: dict[str, str] = {
     "x_preference_losses__mutmut_15": (
         "equivalent: the integer count divides a float tensor, which gives the same float quotient"
     ),
-    "x_apply_lora__mutmut_1": "harmless: the flag is read only for 4-bit (QLoRA) models, which need a GPU",
-    "x_apply_lora__mutmut_12": "not testable here: the QLoRA branch needs a GPU and bitsandbytes",
-    "x_apply_lora__mutmut_15": "not testable here: the QLoRA branch needs a GPU and bitsandbytes",
-    "x_apply_lora__mutmut_18": "not testable here: the QLoRA branch needs a GPU and bitsandbytes",
-    "x_export_lora__mutmut_19": "equivalent: safe_serialization=True is transformers' default",
-    "x_export_lora__mutmut_25": "equivalent: safe_serialization=True is peft's default",
-    "x_export_lora__mutmut_42": "harmless: only the JSON indentation of adapter_config.json",
-    "x_export_lora__mutmut_21": "equivalent: transformers 5 writes safetensors whatever safe_serialization says",
-    "x_export_lora__mutmut_13": (
-        "equivalent for the callers: they pass a complete state dict (gathered from ZeRO-3 shards), which "
-        "loads strictly too"
+    "x_apply_lora__mutmut_8": (
+        "equivalent: the default is read only for a model without the 4-bit flag, and None is as false as False"
     ),
+    "x_apply_lora__mutmut_46": "equivalent: bias='none' is peft's default",
+    "x_export_lora__mutmut_11": "equivalent: torch's load_state_dict only tests `if strict`, and None is false",
+    "x_export_lora__mutmut_17": _TF5_SAFE,
+    "x_export_lora__mutmut_19": _TF5_SAFE,
+    "x_export_lora__mutmut_21": _TF5_SAFE,
+    "x_export_lora__mutmut_25": "equivalent: safe_serialization=True is peft's default",
     "x_apply_lora__mutmut_27": "equivalent: peft lower-cases the 'all-linear' shorthand before comparing",
     "x_sparse_loss__mutmut_51": (
         "equivalent: the weights are fp32 and the log-probs they multiply are fp32 (or fp64 in gradcheck, where "
