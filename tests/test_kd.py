@@ -401,3 +401,22 @@ def test_sparse_backward_on_bf16_logits():
             grads.append(x.grad.float())
     torch.testing.assert_close(grads[0], grads[2], atol=0.02, rtol=0.05)
     torch.testing.assert_close(grads[1], grads[3], atol=0.02, rtol=0.05)
+
+
+def test_jsd_end_points_are_forward_and_reverse_kl():
+    """TRL's convention: jsd at beta 0 is forward KL, at beta 1 reverse KL; value and gradient, dense and sparse."""
+    s, t = _logits(3, 10, seed=43), _logits(3, 10, seed=44)
+    labels = torch.tensor([0, 4, 9])
+    for beta, same in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
+        x = s.clone().requires_grad_(True)
+        ref = kd_reference(x, t, same, 2.0)
+        (g_ref,) = torch.autograd.grad(ref.sum(), x)
+        for loss in (
+            lambda x, beta=beta: dense_loss(x, labels, t, "jsd", 2.0, 4, beta)[1],
+            lambda x, beta=beta: sparse_loss(x, labels, top_k_targets(t, 10, 2.0), "jsd", 2.0, 4, beta=beta)[1],
+        ):
+            x = s.clone().requires_grad_(True)
+            kd = loss(x)
+            (g,) = torch.autograd.grad(kd.sum(), x)
+            torch.testing.assert_close(kd, ref.detach(), atol=1e-10, rtol=0)
+            torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=0)
