@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import machine, write_section
+from results import RESULTS, machine, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 MUTMUT = Path(sys.executable).with_name("mutmut")
@@ -167,9 +167,37 @@ TARGETS: dict[str, Target] = {
     ),
 }
 
+# A line under the table for targets whose scoring needs a word of explanation.
+NOTES: dict[str, str] = {
+    "lora merge": (
+        "the QLoRA branch of `apply_lora` is scored on CPU: it reads only transformers' `is_loaded_in_4bit` flag, "
+        "so a bf16 model carrying that flag stands in for a 4-bit one, and tests/test_lora.py compares the wrapped "
+        "model (dtypes, trainable set, gradient checkpointing) with peft's own `prepare_model_for_kbit_training` + "
+        "`get_peft_model`. Real 4-bit weights (bitsandbytes, CUDA) are not exercised here."
+    ),
+}
+
 # Survivors known to be equivalent or harmless: mutant name -> reason. A survivor not listed here is a
 # gap in the tests and is printed as such.
 _NAN = "equivalent: float() parses 'nan' case-insensitively"
+_TF5_SAFE = (
+    "equivalent: transformers 5 save_pretrained has no safe_serialization argument (it always writes "
+    "safetensors; the keyword is swallowed by **kwargs)"
+)
+_CHUNK = "equivalent in value: chunking only bounds memory; tests/test_kd.py checks every chunk size gives the same"
+_DIM1 = "equivalent: on these 2-D tensors dim +1 is dim -1 (and no dim picks dim 1)"
+_CAST = "equivalent: assigning into a slice of grad casts to grad's dtype anyway"
+_SAME_DTYPE = "equivalent: the incoming gradient already has the dtype of the output, which is the one cast to"
+_NEVER_NONE = "equivalent: autograd materialises zero gradients for outputs that were not used, so it is never None"
+_BETA_EDGE = (
+    "equivalent: the infinite value is read only by the jsd branch, and jsd reaches the Function only with "
+    "0 < beta < 1 (_jsd_kind turns beta 0 and 1 into forward and reverse KL)"
+)
+_S1_AT_T1 = "equivalent in value: at T = 1 the extra running logsumexp equals the one at T (one more pass)"
+_BOOL_MASK = "equivalent: multiplying by the bool mask gives the same values as by its float copy"
+_REST_NAN = (
+    "equivalent: g_rest is non-finite only where lse_rest is -inf (k = vocab), and the next line zeroes it there"
+)
 _CPU = "equivalent on CPU, the default device (a GPU run would fail at once on mixed devices)"
 EXPLAINED: dict[str, str] = {
     "x_causal_lm_loss_sum__mutmut_21": "equivalent: cross_entropy's default ignore_index is -100, the value dropped",
@@ -190,31 +218,19 @@ EXPLAINED: dict[str, str] = {
         "equivalent: the padding positions' position_ids are overwritten by arange right after, "
         "so the fill value is never read"
     ),
-    "x__chunks__mutmut_5": "equivalent: chunk=1 then reads the whole vocab at once; chunking never changes the value",
-    "x__lse_chunked__mutmut_8": (
-        "equivalent: the fp32 start values are promoted to the logits' dtype by the first chunk's maximum"
-    ),
-    "x_sparse_loss__mutmut_83": "equivalent: log_softmax without dim picks dim=1 for the 2-D bucket tensor",
     "x_preference_losses__mutmut_15": (
         "equivalent: the integer count divides a float tensor, which gives the same float quotient"
     ),
-    "x_apply_lora__mutmut_1": "harmless: the flag is read only for 4-bit (QLoRA) models, which need a GPU",
-    "x_apply_lora__mutmut_12": "not testable here: the QLoRA branch needs a GPU and bitsandbytes",
-    "x_apply_lora__mutmut_15": "not testable here: the QLoRA branch needs a GPU and bitsandbytes",
-    "x_apply_lora__mutmut_18": "not testable here: the QLoRA branch needs a GPU and bitsandbytes",
-    "x_export_lora__mutmut_19": "equivalent: safe_serialization=True is transformers' default",
+    "x_apply_lora__mutmut_8": (
+        "equivalent: the default is read only for a model without the 4-bit flag, and None is as false as False"
+    ),
+    "x_apply_lora__mutmut_46": "equivalent: bias='none' is peft's default",
+    "x_export_lora__mutmut_11": "equivalent: torch's load_state_dict only tests `if strict`, and None is false",
+    "x_export_lora__mutmut_17": _TF5_SAFE,
+    "x_export_lora__mutmut_19": _TF5_SAFE,
+    "x_export_lora__mutmut_21": _TF5_SAFE,
     "x_export_lora__mutmut_25": "equivalent: safe_serialization=True is peft's default",
-    "x_export_lora__mutmut_42": "harmless: only the JSON indentation of adapter_config.json",
-    "x_export_lora__mutmut_21": "equivalent: transformers 5 writes safetensors whatever safe_serialization says",
-    "x_export_lora__mutmut_13": (
-        "equivalent for the callers: they pass a complete state dict (gathered from ZeRO-3 shards), which "
-        "loads strictly too"
-    ),
     "x_apply_lora__mutmut_27": "equivalent: peft lower-cases the 'all-linear' shorthand before comparing",
-    "x_sparse_loss__mutmut_51": (
-        "equivalent: the weights are fp32 and the log-probs they multiply are fp32 (or fp64 in gradcheck, where "
-        "the product is promoted)"
-    ),
     "x_shuffle_buffer_order__mutmut_2": (
         "equivalent: a buffer of one slot (or a stream of one) emits the stream in order either way"
     ),
@@ -229,7 +245,6 @@ EXPLAINED: dict[str, str] = {
     "xǁRecordDatasetǁepoch_order__mutmut_27": "equivalent: the empty stream is cast to int64 right after",
     "xǁRecordDatasetǁepoch_order__mutmut_29": "equivalent: the empty stream is cast to int64 right after",
     "xǁRecordDatasetǁepoch_order__mutmut_41": "equivalent in value: without the cache the same order is recomputed",
-    "x__top__mutmut_7": "equivalent here: torch's CPU sort keeps ties in order for these sizes even when not asked to",
     **{
         f"x_token_logps__mutmut_{i}": "equivalent: on these 2-D tensors (1-D for unsqueeze) dim +1 is dim -1"
         for i in (31, 39, 42, 44, 54, 58, 60, 66, 70, 74)
@@ -245,6 +260,84 @@ EXPLAINED: dict[str, str] = {
     "x_pass_at_k__mutmut_3": (
         "equivalent: the early return is a shortcut; when n - c < k the product has the factor 1 - k/k = 0"
     ),
+    # kd
+    "x__chunks__mutmut_3": _CHUNK,
+    "x__chunks__mutmut_5": _CHUNK,
+    "x_dense_loss__mutmut_4": _CHUNK,
+    "x_sparse_loss__mutmut_3": _CHUNK,
+    "x_top_k_targets__mutmut_2": _CHUNK,
+    "x__bucket_kd__mutmut_1": "equivalent: every caller passes beta",
+    "xǁ_DenseLossǁforward__mutmut_1": "equivalent: dense_loss always passes beta",
+    "x__ids_mask__mutmut_15": "equivalent: an id at local column w is sent to the spare column w either way",
+    "x__ids_mask__mutmut_24": _CPU,
+    "x__ids_mask__mutmut_28": _CPU,
+    "x__ids_mask__mutmut_31": "equivalent: the mask is cut to its first w columns; a second spare column is never read",
+    "x__lse_chunked__mutmut_4": (
+        "equivalent: the fp32 start values are promoted to the logits' dtype by the first chunk's maximum"
+    ),
+    "x__lse_chunked__mutmut_8": (
+        "equivalent: the fp32 start values are promoted to the logits' dtype by the first chunk's maximum"
+    ),
+    "x__lse_chunked__mutmut_13": "equivalent: a two-element slice has the same dtype as a one-element one",
+    "x__lse_chunked__mutmut_14": "equivalent: a two-element slice has the same dtype as a one-element one",
+    "x__lse_chunked__mutmut_5": _CPU,
+    "x__lse_chunked__mutmut_9": _CPU,
+    "x_dense_loss__mutmut_40": _BOOL_MASK,
+    "x_sparse_loss__mutmut_161": _BOOL_MASK,
+    **{f"x_kd_reference__mutmut_{i}": _DIM1 for i in (20, 28, 38, 47, 56, 70, 78)},
+    "x_sparse_loss__mutmut_88": _DIM1,
+    "x_sparse_loss__mutmut_90": _DIM1,
+    "x_top_k_targets__mutmut_13": _DIM1,
+    "x_sparse_loss__mutmut_20": "equivalent: only a temperature exactly 1e-6 from the cache's differs",
+    "x_sparse_loss__mutmut_58": (
+        "equivalent: the product with the fp32 (fp64 in gradcheck) log-probs promotes to the same dtype and values"
+    ),
+    "x_sparse_loss__mutmut_60": (
+        "equivalent: the difference with the fp32 (fp64 in gradcheck) log-probs promotes to the same dtype and values"
+    ),
+    "x_sparse_loss__mutmut_129": (
+        "harmless: differs only for a stored rest mass of exactly 1 (the teacher's k tokens hold no mass), where "
+        "the k tokens get probability 0 instead of 1e-7 times their softmax"
+    ),
+    "x_sparse_loss__mutmut_130": (
+        "harmless: differs only for a stored rest mass of exactly 1 (the teacher's k tokens hold no mass), where "
+        "the k tokens get probability 0 instead of 1e-7 times their softmax"
+    ),
+    "x_top_k_targets__mutmut_46": (
+        "equivalent: lse_top - lse_all is <= 0 up to rounding, and a rounding-positive value gives a negative "
+        "rest that the final clamp(min=0) turns into 0, as clamp(max=0) would"
+    ),
+    **{f"xǁ_DenseLossǁ{f}__mutmut_{i}": _BETA_EDGE for f in ("forward", "backward") for i in (9, 16)},
+    "xǁ_DenseLossǁbackward__mutmut_21": _NEVER_NONE,
+    "xǁ_DenseLossǁbackward__mutmut_24": _NEVER_NONE,
+    "xǁ_LogitStatsǁbackward__mutmut_6": _NEVER_NONE,
+    "xǁ_LogitStatsǁbackward__mutmut_11": _NEVER_NONE,
+    "xǁ_LogitStatsǁbackward__mutmut_16": _NEVER_NONE,
+    "xǁ_DenseLossǁbackward__mutmut_22": _SAME_DTYPE,
+    "xǁ_DenseLossǁbackward__mutmut_30": _SAME_DTYPE,
+    "xǁ_LogitStatsǁbackward__mutmut_9": _SAME_DTYPE,
+    "xǁ_LogitStatsǁbackward__mutmut_14": _SAME_DTYPE,
+    "xǁ_LogitStatsǁbackward__mutmut_27": _SAME_DTYPE,
+    "xǁ_DenseLossǁbackward__mutmut_43": _CAST,
+    "xǁ_DenseLossǁbackward__mutmut_92": _CAST,
+    "xǁ_LogitStatsǁbackward__mutmut_102": _CAST,
+    "xǁ_DenseLossǁbackward__mutmut_85": "equivalent in value: at T = 1 it recomputes the softmax q it already has",
+    "xǁ_DenseLossǁforward__mutmut_38": _S1_AT_T1,
+    "xǁ_DenseLossǁforward__mutmut_43": _S1_AT_T1 + "; without a teacher the extra one is never filled or read",
+    "xǁ_LogitStatsǁforward__mutmut_25": _S1_AT_T1,
+    **{f"xǁ_LogitStatsǁbackward__mutmut_{i}": _REST_NAN for i in (20, 21, 22, 24, 25, 26, 28, 29, 30)},
+    "xǁ_LogitStatsǁbackward__mutmut_58": (
+        "equivalent: at T = 1 the Function returns one tensor as both lse1 and lseT, and autograd hands its whole "
+        "gradient to the later output (g_lse1 arrives as zeros), so the sign of the g_lse1 term is never seen"
+    ),
+    # prune slicing
+    "x__idx__mutmut_2": "equivalent: torch.tensor of Python ints is int64 already (the index lists are never empty)",
+    "x__idx__mutmut_5": "equivalent: torch.tensor of Python ints is int64 already (the index lists are never empty)",
+    "x__idx__mutmut_3": _CPU,
+    "x__idx__mutmut_6": _CPU,
+    "x__top__mutmut_1": "equivalent: at k = n the sorted path returns every index in order too",
+    "x_choose_layers__mutmut_1": "equivalent: choose_layers treats every value but 'drop_last' as block influence",
+    "x_choose_layers__mutmut_2": "equivalent: choose_layers treats every value but 'drop_last' as block influence",
     "x_make_plan__mutmut_1": "equivalent: choose_layers treats every value but 'drop_last' as block influence",
     "x_make_plan__mutmut_2": "equivalent: choose_layers treats every value but 'drop_last' as block influence",
     "x_mean__mutmut_7": _NAN,
@@ -414,13 +507,45 @@ def reason(key: str, diff: str) -> str | None:
     return None
 
 
-def render(results: dict) -> str:
+def previous_parts(section: str) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """The table row and the survivor entries of each target in an earlier mutation section."""
+    rows: dict[str, str] = {}
+    survivors: dict[str, list[str]] = {}
+    head, _, tail = section.partition("### Surviving mutants")
+    for line in head.splitlines():
+        name = line.strip().strip("|").split("|")[0].strip()
+        if line.startswith("| ") and name in TARGETS:
+            rows[name] = line
+    for entry in re.split(r"\n(?=- )", tail.strip()):
+        m = re.match(r"- (.+?): `", entry)
+        if m and m.group(1) in TARGETS:
+            survivors.setdefault(m.group(1), []).append(entry.strip())
+    return rows, survivors
+
+
+def current_section() -> str:
+    """The mutation section now in RESULTS.md ('' when there is none)."""
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    m = re.search(r"<!-- BEGIN mutation -->(.*?)<!-- END mutation -->", text, re.S)
+    return m.group(1) if m else ""
+
+
+def render(results: dict, previous: str = "") -> str:
+    """The section for ``results``; targets that were not run keep their row and survivors from ``previous``."""
+    old_rows, old_survivors = previous_parts(previous)
     rows = [
         "| target | file | mutants | killed | survived | score | score without the named equivalents "
         "| tests given | minutes |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in results.items():
+    entries: list[str] = []
+    for name in TARGETS:
+        if name not in results:
+            if name in old_rows:
+                rows.append(old_rows[name])
+                entries += old_survivors.get(name, [])
+            continue
+        r = results[name]
         score = r["killed"] / r["total"] if r["total"] else float("nan")
         surv = len(r["survivors"])
         named = sum(reason(k, d) is not None for k, d in r["survivors"].items())
@@ -430,6 +555,10 @@ def render(results: dict) -> str:
             f"{surv} | **{score:.0%}** | {adjusted:.0%} | "
             f"{len(r['tests'])} | {r['seconds'] / 60:.1f} |"
         )
+        for k, diff in r["survivors"].items():
+            why = reason(k, diff) or "**not explained: a gap in the tests**"
+            lines = [f"- {name}: `{k.split('.')[-1]}`: {why}", "", "  ```diff"]
+            entries.append("\n".join([*lines, *[f"  {x}" for x in diff.splitlines()], "  ```"]))
     out = [
         "## mutation score (`python benchmarks/mutation.py`)",
         "",
@@ -438,23 +567,17 @@ def render(results: dict) -> str:
         "Killed includes timeouts. Goal: >= 85% per target. A target marked (sample) ran an evenly spread "
         "sample of its mutants (`--sample 30`, to fit a shared 2-core machine), so its score is an estimate "
         "(one binomial standard error is about 7 points at 30 mutants); a full run is `--sample 0`. The last "
-        "score column leaves out the survivors named below as equivalent or not testable on CPU.",
+        "score column leaves out the survivors named below as equivalent or not testable on CPU. "
+        "`--only` reruns some targets and keeps the other targets' rows and survivors from the previous section.",
         "",
         *rows,
         "",
+        *[f"- {n}: {NOTES[n]}" for n in TARGETS if n in NOTES and (n in results or n in old_rows)],
+        "",
         "### Surviving mutants",
     ]
-    for name, r in results.items():
-        for k, diff in r["survivors"].items():
-            why = reason(k, diff) or "**not explained: a gap in the tests**"
-            out += [
-                "",
-                f"- {name}: `{k.split('.')[-1]}`: {why}",
-                "",
-                "  ```diff",
-                *[f"  {x}" for x in diff.splitlines()],
-                "  ```",
-            ]
+    for e in entries:
+        out += ["", e]
     return "\n".join(out)
 
 
@@ -472,7 +595,7 @@ def main() -> None:
         for f in args.from_json:
             results.update(json.loads(Path(f).read_text()))
         results = {n: results[n] for n in TARGETS if n in results}
-        md = render(results)
+        md = render(results, current_section())
         print(md)
         if not args.no_write:
             write_section("mutation", md)
@@ -493,7 +616,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    md = render(results)
+    md = render(results, current_section())
     print(md)
     if not args.no_write:
         write_section("mutation", md)

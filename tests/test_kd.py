@@ -287,3 +287,136 @@ def test_chunked_lm_loss_equals_dense_cross_entropy(dtype):
     torch.testing.assert_close(loss.float(), ref, **tol)
     assert grad.dtype == dtype  # one gradient buffer in the logits' dtype, no fp32 copy of the logits
     torch.testing.assert_close(grad.float(), ref_grad.to(dtype).float(), **tol)
+
+
+def test_defaults_are_forward_kl_at_temperature_one_on_label_zero():
+    """Called with only the required arguments, every entry point is forward KL at T = 1, and label 0 is a
+    real label (only -100 is masked)."""
+    s, t = _logits(4, 9, seed=30), _logits(4, 9, seed=31)
+    labels = torch.tensor([0, 0, 3, -100])
+    ref_kd = kd_reference(s, t, "forward_kl", 1.0)
+    torch.testing.assert_close(kd_reference(s, t), ref_kd, rtol=0, atol=0)
+    ce_ref = F.cross_entropy(s, labels, reduction="none")
+    mask = (labels != -100).double()
+    ce, kd = dense_loss(s, labels, t)
+    torch.testing.assert_close(ce, ce_ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(kd, ref_kd * mask, atol=1e-12, rtol=0)
+    ce, kd = sparse_loss(s, labels, top_k_targets(t, 9))
+    torch.testing.assert_close(ce, ce_ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(kd, ref_kd * mask, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("T,chunk", [(1.0, 0), (2.0, 0), (0.5, 4), (3.0, 7)])
+def test_top_k_rest_mass_by_hand(T, chunk):
+    t = _logits(5, 23, seed=32)
+    tg = top_k_targets(t, 6, T, chunk)
+    p = torch.softmax(t / T, dim=1)
+    top = p.topk(6, dim=1)
+    assert tg.mode == "top_k" and tg.temperature == T
+    assert torch.equal(tg.ids, top.indices)
+    torch.testing.assert_close(tg.rest, 1 - top.values.sum(1), atol=1e-12, rtol=0)
+    # values are the logits shifted so that the largest is 0
+    torch.testing.assert_close(tg.values, t.gather(1, tg.ids) - t.max(1, keepdim=True).values, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_jsd_beta_reaches_dense_and_sparse(kind):
+    s, t = _logits(4, 11, seed=33), _logits(4, 11, seed=34)
+    labels = torch.tensor([1, 2, 3, 4])
+    for beta in (0.3, 0.8):
+        ref = kd_reference(s, t, kind, 1.5, beta)
+        if kind == "jsd":  # the generalized JSD at this beta, written out
+            logp, logq = torch.log_softmax(t / 1.5, 1), torch.log_softmax(s / 1.5, 1)
+            m = beta * logp.exp() + (1 - beta) * logq.exp()
+            hand = beta * (logp.exp() * (logp - m.log())).sum(1) + (1 - beta) * (logq.exp() * (logq - m.log())).sum(1)
+            torch.testing.assert_close(ref, hand * 1.5**2, atol=1e-12, rtol=0)
+        _, kd = dense_loss(s, labels, t, kind, 1.5, 4, beta)
+        torch.testing.assert_close(kd, ref, atol=1e-10, rtol=0)
+        _, kd = sparse_loss(s, labels, top_k_targets(t, 11, 1.5), kind, 1.5, 4, beta=beta)
+        torch.testing.assert_close(kd, ref, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_plain_top_k_by_hand(kind):
+    """renormalize=True: the teacher renormalised over its k tokens; the student's log-probs at those tokens
+    as they are for forward KL / soft CE, renormalised over them for reverse KL and JSD."""
+    s, t, T, beta = _logits(3, 17, seed=35), _logits(3, 17, seed=36), 2.0, 0.3
+    tg = top_k_targets(t, 5, T)
+    logp = torch.log_softmax(t.gather(1, tg.ids) / T, 1)
+    logq = torch.log_softmax(s / T, 1).gather(1, tg.ids)
+    if kind in ("reverse_kl", "jsd"):
+        logq = torch.log_softmax(logq, 1)
+    p, q = logp.exp(), logq.exp()
+    hand = {
+        "forward_kl": (p * (logp - logq)).sum(1),
+        "soft_ce": -(p * logq).sum(1),
+        "reverse_kl": (q * (logq - logp)).sum(1),
+        "jsd": beta * (p * (logp - (beta * p + (1 - beta) * q).log())).sum(1)
+        + (1 - beta) * (q * (logq - (beta * p + (1 - beta) * q).log())).sum(1),
+    }[kind] * T**2
+    _, kd = sparse_loss(s, torch.zeros(3, dtype=torch.long), tg, kind, T, renormalize=True, beta=beta)
+    torch.testing.assert_close(kd, hand, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "soft_ce"])
+def test_sampled_targets_by_hand(kind):
+    """Sampled targets: sum_i w_i f(x_i) with f = log p - log q (forward KL) or -log q (soft CE), times T^2."""
+    s, t, T = _logits(4, 19, seed=37), _logits(4, 19, seed=38), 1.5
+    smp = sampled_targets(t, 7, T, 0.5, torch.Generator().manual_seed(1))
+    logq = torch.log_softmax(s / T, 1).gather(1, smp.ids)
+    hand = -(smp.weights * logq).sum(1) if kind == "soft_ce" else (smp.weights * (smp.values - logq)).sum(1)
+    _, kd = sparse_loss(s, torch.zeros(4, dtype=torch.long), smp, kind, T)
+    torch.testing.assert_close(kd, hand * T**2, atol=1e-12, rtol=0)
+
+
+def test_rest_mass_outside_zero_one_is_clamped():
+    """A stored rest mass a little outside [0, 1] (a lossy cache) counts as 0 or 1 exactly; fp16 storage of it
+    is read in the loss's precision."""
+    s, t = _logits(2, 12, seed=39), _logits(2, 12, seed=40)
+    labels = torch.zeros(2, dtype=torch.long)
+    tg = top_k_targets(t, 3)
+    for stored, exact in ((-1e-3, 0.0), (1.0 + 1e-3, 1.0)):
+        off = SparseTargets("top_k", tg.ids, tg.values, torch.full((2,), stored), None, 1.0)
+        at = SparseTargets("top_k", tg.ids, tg.values, torch.full((2,), exact), None, 1.0)
+        for kind in KD_KINDS:
+            got, want = sparse_loss(s, labels, off, kind)[1], sparse_loss(s, labels, at, kind)[1]
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+    half = SparseTargets("top_k", tg.ids, tg.values, tg.rest.half(), None, 1.0)
+    full = SparseTargets("top_k", tg.ids, tg.values, tg.rest.half().double(), None, 1.0)
+    torch.testing.assert_close(sparse_loss(s, labels, half)[1], sparse_loss(s, labels, full)[1], atol=1e-14, rtol=0)
+
+
+def test_sparse_backward_on_bf16_logits():
+    """bf16 student logits: the gradient comes back in bf16 and equals the fp32 gradient within bf16 rounding."""
+    s, t = _logits(4, 30, seed=41, dtype=torch.float32), _logits(4, 30, seed=42, dtype=torch.float32)
+    labels = torch.tensor([0, 7, -100, 29])
+    grads = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for tg in (top_k_targets(t, 5, 2.0), sampled_targets(t, 6, 2.0, 1.0, torch.Generator().manual_seed(2))):
+            x = s.clone().to(dtype).requires_grad_(True)
+            ce, kd = sparse_loss(x, labels, tg, "forward_kl", 2.0, 8)
+            (ce.sum() + kd.sum()).backward()
+            assert x.grad.dtype == dtype
+            grads.append(x.grad.float())
+    torch.testing.assert_close(grads[0], grads[2], atol=0.02, rtol=0.05)
+    torch.testing.assert_close(grads[1], grads[3], atol=0.02, rtol=0.05)
+
+
+def test_jsd_end_points_are_forward_and_reverse_kl():
+    """TRL's convention: jsd at beta 0 is forward KL, at beta 1 reverse KL; value and gradient, dense and sparse."""
+    s, t = _logits(3, 10, seed=43), _logits(3, 10, seed=44)
+    labels = torch.tensor([0, 4, 9])
+    for beta, same in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
+        x = s.clone().requires_grad_(True)
+        ref = kd_reference(x, t, same, 2.0)
+        (g_ref,) = torch.autograd.grad(ref.sum(), x)
+        for loss in (
+            lambda x, beta=beta: dense_loss(x, labels, t, "jsd", 2.0, 4, beta)[1],
+            lambda x, beta=beta: sparse_loss(x, labels, top_k_targets(t, 10, 2.0), "jsd", 2.0, 4, beta=beta)[1],
+        ):
+            x = s.clone().requires_grad_(True)
+            kd = loss(x)
+            (g,) = torch.autograd.grad(kd.sum(), x)
+            torch.testing.assert_close(kd, ref.detach(), atol=1e-10, rtol=0)
+            torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=0)

@@ -270,6 +270,65 @@ def test_top_k_and_layer_choice_by_hand():
     assert student_config(tc, Shape(2, 2, 1, 3, 4)).layer_types == ["full_attention"] * 2
 
 
+def test_plan_edges_by_hand():
+    import torch
+    from transformers import LlamaConfig, Qwen2Config
+
+    from minima.compress.importance import Importance
+    from minima.compress.prune import Shape, _top, choose_layers, make_plan, student_config
+
+    # 100 scores with ties: torch's unstable sort reorders ties at this size; the lower index must win
+    ties = torch.zeros(100)
+    ties[::3] = 1.0
+    assert _top(ties, 50) == sorted(list(range(0, 100, 3)) + [i for i in range(100) if i % 3][:16])
+    L, H, N, D = 4, 4, 6, 8
+    per_layer = torch.zeros(L, D)
+    per_layer[0] = torch.tensor([0.0, 0, 0, 0, 9, 9, 9, 9])  # only layer 0 likes channels 4..7
+    imp = Importance(
+        "hand",
+        heads=torch.arange(L * H, dtype=torch.float32).view(L, H),
+        neurons=torch.tensor([[0.0, 5, 1, 4, 2, 3]] * L),
+        hidden_global=torch.tensor([8.0, 1, 7, 2, 6, 3, 5, 4]),
+        hidden_layers=per_layer,
+        block_influence=torch.tensor([0.1, 0.9, 0.5, 0.7]),
+    )
+    no_bi = Importance("m", imp.heads, imp.neurons, imp.hidden_global)
+    assert choose_layers(no_bi, L, L) == list(range(L))  # keeping every layer needs no block influence
+    tc = LlamaConfig(
+        vocab_size=10,
+        hidden_size=D,
+        intermediate_size=N,
+        num_hidden_layers=L,
+        num_attention_heads=H,
+        num_key_value_heads=2,
+    )
+    shape = Shape(2, 2, 1, 3, 4)
+    plan = make_plan(imp, tc, shape)  # block influence keeps layers 1 and 3, which do not count layer 0's channels
+    assert plan.layers == [1, 3] and plan.hidden == [0, 2, 4, 6]
+    plan = make_plan(imp, tc, shape, layer_importance="drop_last")  # layers 0 and 1: layer 0's channels count
+    assert plan.layers == [0, 1] and plan.hidden == [4, 5, 6, 7]
+    # the student config: eps kept unless asked to rescale, per-layer types of the kept layers, window clipped
+    assert student_config(tc, shape).rms_norm_eps == tc.rms_norm_eps
+    assert student_config(tc, shape, rescale_norms=True).rms_norm_eps == tc.rms_norm_eps * D / 4
+    sc = student_config(tc, shape)
+    assert sc.rope_parameters == tc.rope_parameters and sc.rope_parameters is not tc.rope_parameters
+    qc = Qwen2Config(
+        vocab_size=10,
+        hidden_size=D,
+        intermediate_size=N,
+        num_hidden_layers=L,
+        num_attention_heads=H,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        max_window_layers=3,
+    )
+    assert qc.layer_types == ["full_attention"] * 3 + ["sliding_attention"]
+    qs = student_config(qc, shape, layers=[1, 3])
+    assert qs.layer_types == ["full_attention", "sliding_attention"] and qs.max_window_layers == 2
+    assert student_config(qc, shape).layer_types == ["full_attention"] * 2
+    assert qc.max_window_layers == 3 and qc.num_hidden_layers == L  # the teacher's config is left as it was
+
+
 # ------------------------------------------------------------------------------ records reader state
 @pytest.fixture(scope="module")
 def small_records(tmp_path_factory):
