@@ -46,7 +46,11 @@ TARGETS: dict[str, Target] = {
     "lm loss": Target(
         "minima/train/recipe.py",
         ["causal_lm_loss_sum"],
-        ["tests/test_kd.py::test_chunked_lm_loss_equals_dense_cross_entropy", "tests/test_mutation_kills.py"],
+        [
+            "tests/test_kd.py::test_chunked_lm_loss_equals_dense_cross_entropy",
+            "tests/test_train_engine.py::test_lm_loss_and_gradient_equal_fp32_cross_entropy",
+            "tests/test_mutation_kills.py",
+        ],
     ),
     "kd": Target(
         "minima/train/objectives/kd.py",
@@ -84,6 +88,7 @@ TARGETS: dict[str, Target] = {
             "pack",
             "concat",
             "collate_packed",
+            "varlen_lengths",
             "block_diagonal_mask",
             "model_inputs",
             "PackedDataset.__iter__",
