@@ -205,7 +205,15 @@ _REST_NAN = (
 )
 _CPU = "equivalent on CPU, the default device (a GPU run would fail at once on mixed devices)"
 EXPLAINED: dict[str, str] = {
-    "x_causal_lm_loss_sum__mutmut_21": "equivalent: cross_entropy's default ignore_index is -100, the value dropped",
+    "x_causal_lm_loss_sum__mutmut_20": "equivalent: dense_loss's teacher_logits defaults to None, the value dropped",
+    "x_causal_lm_loss_sum__mutmut_21": (
+        "equivalent in value: without chunk=chunk dense_loss reads the whole vocab at once (chunk 0): the same loss "
+        "and gradient, only larger fp32 temporaries"
+    ),
+    "x_model_inputs__mutmut_31": _CPU,
+    "x_model_inputs__mutmut_33": _CPU,
+    "x_model_inputs__mutmut_34": "equivalent in value: a blocking host-to-device copy of the lengths (speed only)",
+    "x_model_inputs__mutmut_39": "equivalent in value: a blocking host-to-device copy of the lengths (speed only)",
     "x_block_diagonal_mask__mutmut_23": (
         "equivalent on CPU (the default device); on a GPU the mask would be built on the host and the "
         "masked_fill with a device mask fails at once (the GPU tests catch it)"

@@ -166,6 +166,8 @@ def _reference_varlen_attention(module, query, key, value, attention_mask, scali
     flattened batch. Fails when the lengths are missing or must be read from the device (a tensor max)."""
     cu, longest = kw.get("cu_seq_lens_q"), kw.get("max_length_q")
     assert cu is not None and isinstance(longest, int), "packed flash attention without precomputed lengths"
+    # transformers takes the varlen path only when all four are given (self-attention: k equals q)
+    assert torch.equal(kw.get("cu_seq_lens_k"), cu) and kw.get("max_length_k") == longest
     B, H, L, D = query.shape
     rep = H // key.shape[1]
     q = query.transpose(1, 2).reshape(B * L, H, D)

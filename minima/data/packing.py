@@ -147,12 +147,9 @@ def model_inputs(batch: dict, mode: str = "4d", dtype=None) -> dict:
     kw = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     if mode == "4d":
         kw["attention_mask"] = block_diagonal_mask(batch["doc_ids"], dtype)
-    elif mode == "flash":
-        cu, longest = batch.get("cu_seq_lens"), batch.get("max_length")
-        if cu is None or longest is None:
-            cu, longest = varlen_lengths(batch["position_ids"].cpu())
-        cu = cu.to(batch["input_ids"].device, non_blocking=True)
-        kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(longest), max_length_k=int(longest))
+    elif mode == "flash":  # the lengths collate_packed computed on the host
+        cu, longest = batch["cu_seq_lens"].to(batch["input_ids"].device, non_blocking=True), batch["max_length"]
+        kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     elif mode != "varlen":
         raise ValueError(f"unknown packing mask mode {mode!r}")
     return kw
