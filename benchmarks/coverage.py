@@ -83,6 +83,9 @@ def main() -> None:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     minutes = (time.time() - t0) / 60
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    failed = [ln for ln in proc.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+    if failed:  # coverage is still reported, but name what did not pass
+        print("\n".join(failed), file=sys.stderr)
     if not out.exists():
         raise SystemExit(
             f"no coverage report (pytest exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}"
