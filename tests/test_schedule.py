@@ -69,6 +69,11 @@ def test_both_strategies_run_the_hand_computed_lrs(model_dir, tmp_path, strategy
     rows = train_rows(d)
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert [r["lr"] for r in rows] == pytest.approx([3e-3 * r for r in HAND_8[kind]], rel=1e-12, abs=1e-15)
+    if strategy == "deepspeed":  # the saved DeepSpeed config says which schedule its WarmupCosineLR block ran as
+        import json
+
+        runs_as = json.loads((d / "ds_config.resolved.json").read_text())["scheduler"]["runs_as"]
+        assert runs_as["lr_schedule"] == kind and runs_as.get("decay_proportion") == (0.25 if kind == "wsd" else None)
 
 
 def test_eval_per_epoch_evaluates_at_each_epoch_end(model_dir, tmp_path):  # noqa: F811

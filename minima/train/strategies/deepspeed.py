@@ -59,7 +59,7 @@ class DeepSpeedStrategy(Strategy):
         )
         self.rank = ctx.rank
         if ctx.rank == 0:
-            save_resolved(self.ds_cfg, ctx.work_dir / "ds_config.resolved.json")
+            save_resolved(_as_run(self.ds_cfg, cfg), ctx.work_dir / "ds_config.resolved.json")
         self.stage = zero_stage(self.ds_cfg)
         if self.stage == 3 and ctx.rank == 0:
             from minima.train.strategies.fsdp import meta_copy, tied_groups
@@ -156,3 +156,17 @@ class DeepSpeedStrategy(Strategy):
 
     def summary(self) -> dict:
         return {"strategy": self.name, "zero_stage": self.stage, "precision": precision_of(self.ds_cfg)}
+
+
+def _as_run(ds_cfg: dict, cfg) -> dict:
+    """The resolved config as it runs: a ``WarmupCosineLR`` block is minima's schedule of ``lr_schedule``
+    (cosine, linear, constant or wsd) with the block's warmup, length and floor, which the saved copy says."""
+    block = ds_cfg.get("scheduler")
+    if not (isinstance(block, dict) and block.get("type") == "WarmupCosineLR"):
+        return ds_cfg
+    out = copy.deepcopy(ds_cfg)
+    kind = getattr(cfg, "lr_schedule", "cosine")
+    out["scheduler"]["runs_as"] = {"lr_schedule": kind, "by": "minima.train.schedule"}
+    if kind == "wsd":
+        out["scheduler"]["runs_as"]["decay_proportion"] = getattr(cfg, "decay_proportion", 0.1)
+    return out
