@@ -41,6 +41,19 @@ def _docs(n=5, vocab=200, seed=0):
     return out
 
 
+def _assert_documents_match(logits, packed, docs, ref):
+    """Walk the packed rows and compare each document's slice with its own forward pass."""
+    k = 0
+    for row, p in enumerate(packed):
+        start = 0
+        for _ in range(p["num_docs"]):
+            n = len(docs[k]["input_ids"])
+            torch.testing.assert_close(logits[row, start : start + n], ref[k], atol=1e-5, rtol=1e-4)
+            start += n
+            k += 1
+    assert k == len(docs)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("mode", ["4d", "varlen"])
 def test_packed_logits_equal_unpacked(attn, mode):
@@ -55,16 +68,7 @@ def test_packed_logits_equal_unpacked(attn, mode):
     with torch.no_grad():
         logits = model(**model_inputs(batch, mode)).logits
         ref = [model(input_ids=d["input_ids"][None]).logits[0] for d in docs]
-    # Walk the packed rows and compare each document's slice with its own forward pass.
-    k = 0
-    for row, p in enumerate(packed):
-        start = 0
-        for _ in range(p["num_docs"]):
-            n = len(docs[k]["input_ids"])
-            torch.testing.assert_close(logits[row, start : start + n], ref[k], atol=1e-5, rtol=1e-4)
-            start += n
-            k += 1
-    assert k == len(docs)
+    _assert_documents_match(logits, packed, docs, ref)
 
     # The summed loss is the same too (the first label of a packed document is never predicted
     # from the previous document).
@@ -207,12 +211,5 @@ def test_flash_packing_passes_lengths_and_keeps_documents_apart():
         kw = model_inputs(batch, mask_mode(model))
         assert "attention_mask" not in kw
         logits = model(**kw).logits
-    k = 0
-    for row, p in enumerate(packed):
-        start = 0
-        for _ in range(p["num_docs"]):
-            n = len(docs[k]["input_ids"])
-            torch.testing.assert_close(logits[row, start : start + n], ref[k], atol=1e-5, rtol=1e-4)
-            start += n
-            k += 1
-    assert k == len(docs) and len(packed) >= 3
+    assert len(packed) >= 3
+    _assert_documents_match(logits, packed, docs, ref)
