@@ -40,7 +40,7 @@ log = get_logger("minima.train")
 
 
 @dataclass
-class Plan:
+class Topology:
     """Resolved topology of this invocation."""
 
     launcher: str  # torchrun | deepspeed | sbatch | inprocess | external
@@ -84,13 +84,13 @@ def in_torchrun(env: Mapping[str, str] = os.environ) -> bool:
     return "TORCHELASTIC_RUN_ID" in env or all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
 
 
-def plan_launch(cfg, env: Mapping[str, str] = os.environ) -> Plan:
+def plan_launch(cfg, env: Mapping[str, str] = os.environ) -> Topology:
     """Where this invocation's ranks come from (see the module docstring)."""
     lc = cfg.launch
     if in_torchrun(env):
         world = int(env.get("WORLD_SIZE", "1"))
         local_world = int(env.get("LOCAL_WORLD_SIZE", world))
-        return Plan(
+        return Topology(
             "external",
             local_world,
             max(1, world // max(local_world, 1)),
@@ -103,7 +103,7 @@ def plan_launch(cfg, env: Mapping[str, str] = os.environ) -> Plan:
         nproc = int(
             env.get("SLURM_GPUS_ON_NODE") or (lc.gpus_per_node if lc.launcher == "slurm" else lc.nproc_per_node)
         )
-        return Plan(
+        return Topology(
             "torchrun",
             nproc,
             int(env["SLURM_NNODES"]),
@@ -114,7 +114,7 @@ def plan_launch(cfg, env: Mapping[str, str] = os.environ) -> Plan:
         )
     if lc.launcher == "slurm":
         # Outside an allocation: render an sbatch script and submit it (minima.train.slurm).
-        return Plan("sbatch", lc.gpus_per_node, lc.nnodes, 0, lc.master_addr, lc.master_port or 0, "config")
+        return Topology("sbatch", lc.gpus_per_node, lc.nnodes, 0, lc.master_addr, lc.master_port or 0, "config")
     if lc.launcher == "ssh":
         if not lc.hostfile or not Path(lc.hostfile).is_file():
             raise ConfigError(
@@ -123,9 +123,9 @@ def plan_launch(cfg, env: Mapping[str, str] = os.environ) -> Plan:
                 fix="write 'host slots=N' lines to a file and set launch.hostfile",
             )
         port = lc.master_port or DEFAULT_PORT
-        return Plan("deepspeed", lc.gpus_per_node, lc.nnodes, 0, lc.master_addr, port, "config")
+        return Topology("deepspeed", lc.gpus_per_node, lc.nnodes, 0, lc.master_addr, port, "config")
     inproc = os.environ.get("MINIMA_INPROCESS") == "1" and lc.nproc_per_node == 1 and lc.nnodes == 1
-    return Plan(
+    return Topology(
         "inprocess" if inproc else "torchrun",
         lc.nproc_per_node,
         lc.nnodes,
@@ -147,7 +147,7 @@ def _hostfile_is_local(hostfile: str) -> bool:
     return bool(hosts) and all(h in me for h in hosts)
 
 
-def build_command(plan: Plan, spec_path: Path, hostfile: Optional[str] = None) -> list[str]:
+def build_command(plan: Topology, spec_path: Path, hostfile: Optional[str] = None) -> list[str]:
     """The exact command that starts this node's ranks."""
     if plan.launcher == "deepspeed":
         # The runner's ssh reachability check needs sshd even when the hostfile names only this machine.
@@ -219,7 +219,7 @@ REMOTE_LAUNCHERS = ("sbatch", "deepspeed")
 LAUNCHER_ONLY_ENV = ("DS_ACCELERATOR",)
 
 
-def _child_env(plan: Optional[Plan] = None) -> dict:
+def _child_env(plan: Optional[Topology] = None) -> dict:
     """The environment of the launcher subprocess.
 
     Local ranks on a machine without CUDA get ``DS_ACCELERATOR=cpu``. Ranks on other machines (Slurm,
@@ -293,7 +293,7 @@ def run_node(
     work_dir: Path,
     out_dir: Path,
     callbacks: list[str],
-    plan: Optional[Plan] = None,
+    plan: Optional[Topology] = None,
     spec_path: Optional[Path] = None,
     extra: Optional[dict] = None,
 ) -> Optional[dict]:
@@ -377,7 +377,7 @@ def launch_training(cfg, recipe: str, run, callbacks: list[str] = ()) -> dict:
     return result or {}
 
 
-def _check_plan(cfg, force: bool, launch_plan: Optional[Plan] = None) -> None:
+def _check_plan(cfg, force: bool, launch_plan: Optional[Topology] = None) -> None:
     """Stop before launch when `minima plan` says the job will not fit (``--force`` overrides).
 
     A job sent to Slurm or ssh is planned for its nodes (``launch.gpu`` x ``gpus_per_node`` x
