@@ -44,7 +44,7 @@ import numpy as np
 from minima.core.config import RecordsConfig, Source
 from minima.core.errors import ConfigError, InputError
 from minima.core.logs import get_logger, progress
-from minima.data.records.inputs import Doc, SourceReader, resolve_files
+from minima.data.records.inputs import SourceItem, SourceReader, resolve_files
 from minima.data.records.loaders import Loader, source_loader
 from minima.data.records.mixing import SourcePlan, choose, dev_count, plan_counts
 from minima.data.records.tfrecord_io import ShardWriter
@@ -116,7 +116,7 @@ def special_ids(tok: Any, cfg: RecordsConfig) -> dict[str, Optional[int]]:
 @dataclass
 class SourceDocs:
     source: Source
-    docs: list[Doc]
+    docs: list[SourceItem]
     files: int = 0
     records: int = 0
     empty: int = 0
@@ -167,7 +167,7 @@ def read_sources(cfg: RecordsConfig, sources: list[Source], skipped: Optional[li
             on_skip if skipped is not None else None,
             loader=_loader_of(cfg, s),
         )
-        docs: list[Doc] = []
+        docs: list[SourceItem] = []
         for path in resolve_files(s.path):
             docs.extend(reader.read(path))
         st = reader.stats
@@ -447,7 +447,7 @@ class SplitStats:
 def write_split(
     cfg: RecordsConfig,
     name: str,
-    docs: list[tuple[int, Doc]],
+    docs: list[tuple[int, SourceItem]],
     out_dir: Path,
     ids: dict,
     tokenizing: Tokenizing,
@@ -596,7 +596,7 @@ def build_records(cfg: RecordsConfig, out_dir: str | os.PathLike, mapper: Option
                 )
     plans = [SourcePlan(sd.source.name, len(sd.docs), sd.source.size, sd.source.weight) for sd in read]
     counts = plan_counts(plans)
-    mixed: list[tuple[int, Doc]] = []
+    mixed: list[tuple[int, SourceItem]] = []
     for i, (sd, k) in enumerate(zip(read, counts)):
         sd.chosen = choose(len(sd.docs), k, cfg.seed, sd.source.name)
         mixed.extend((i, sd.docs[j]) for j in sd.chosen)

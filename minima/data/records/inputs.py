@@ -33,7 +33,7 @@ SUFFIXES = tuple(io.KINDS)  # .txt .jsonl .json .csv .parquet
 
 
 @dataclass
-class Doc:
+class SourceItem:
     """One document (lm: a string) or conversation (chat: normalised messages) and its origin."""
 
     payload: Any
@@ -112,15 +112,15 @@ class SourceReader:
         self.stats.skipped += 1
         self.on_skip(where, reason)
 
-    def _emit(self, payload: Any, where: str) -> Iterator[Doc]:
+    def _emit(self, payload: Any, where: str) -> Iterator[SourceItem]:
         self.stats.records += 1
         if self.fmt == "lm" and not payload.strip():
             self.stats.empty += 1
             return
-        yield Doc(payload, where)
+        yield SourceItem(payload, where)
 
-    def _from_record(self, rec: Any, where: str, first: bool) -> Iterator[Doc]:
-        """A parsed record -> a Doc (validating the text field or the conversation shape)."""
+    def _from_record(self, rec: Any, where: str, first: bool) -> Iterator[SourceItem]:
+        """A parsed record -> a SourceItem (validating the text field or the conversation shape)."""
         if self.fmt == "preference":
             yield from self._preference(rec, where, first)
             return
@@ -184,8 +184,8 @@ class SourceReader:
             return
         yield from self._emit(text, where)
 
-    def _preference(self, rec: Any, where: str, first: bool) -> Iterator[Doc]:
-        """A preference record -> a Doc holding a :class:`~minima.data.preference.Pair`; the shape is the file's
+    def _preference(self, rec: Any, where: str, first: bool) -> Iterator[SourceItem]:
+        """A preference record -> a SourceItem holding a :class:`~minima.data.preference.Pair`; the shape is the file's
         first record's."""
         from minima.data.preference import detect_shape, normalise_pair
 
@@ -204,7 +204,7 @@ class SourceReader:
         yield from self._emit(pair, where)
 
     # ------------------------------------------------------------------------------- readers
-    def read(self, path: Path) -> Iterator[Doc]:
+    def read(self, path: Path) -> Iterator[SourceItem]:
         """Documents of one file, in file order."""
         self.stats.files += 1
         suffix = _suffix(path)
@@ -227,7 +227,7 @@ class SourceReader:
         """``on_error`` of the core readers: a bad line is skipped under on_error=skip, else an error."""
         self._bad(where, reason, f"{fix}, or set on_error=skip")
 
-    def _read_txt(self, path: Path) -> Iterator[Doc]:
+    def _read_txt(self, path: Path) -> Iterator[SourceItem]:
         if self.txt_document == "file":
             try:
                 text = io.read_text(path)
@@ -239,7 +239,7 @@ class SourceReader:
         for n, line in io.read_text_lines(path, self._skip_or_raise):
             yield from self._emit(line, f"{path}:{n}")
 
-    def _read_json(self, path: Path) -> Iterator[Doc]:
+    def _read_json(self, path: Path) -> Iterator[SourceItem]:
         if _suffix(path) == ".jsonl" or io.is_json_lines(path):
             for i, (n, rec) in enumerate(io.iter_jsonl(path, self._skip_or_raise)):
                 yield from self._from_record(rec, f"{path}:{n}", i == 0)
@@ -247,7 +247,7 @@ class SourceReader:
         for i, line, rec in io.iter_json_array(path):
             yield from self._from_record(rec, f"{path}:{line} (record {i - 1})", i == 1)
 
-    def _read_table(self, path: Path, kind: str) -> Iterator[Doc]:
+    def _read_table(self, path: Path, kind: str) -> Iterator[SourceItem]:
         if kind == "csv":
             header = self.loader.csv_header if self.loader is not None else True
             rows = ((f"{path}:{n}", row) for n, row in io.iter_csv(path, header, on_error=self._skip_or_raise))
