@@ -98,6 +98,19 @@ def test_evaluate_job_on_two_ranks_equals_one_process(tmp_path, tiny_model_dir, 
         np.testing.assert_allclose(a["loglikelihoods"], b["loglikelihoods"], rtol=0, atol=1e-5)
     assert main([*argv, "launch.nproc_per_node=2"]) == 0  # cached: no job is started
     assert "cached, skipped" in capsys.readouterr().out
+    # A pipeline rerun after a config change replaces the stale artifact on several ranks as in one process.
+    from minima.core.artifacts import read_manifest, replacing_stale
+    from minima.core.config import LaunchConfig
+
+    fewer = {**tasks, "demo_mc": {**tasks["demo_mc"], "limit": 8}}
+    cfg = EvaluateConfig(
+        model=str(tiny_model_dir), batch_size=4, tasks=fewer, out_dir=str(two), launch=LaunchConfig(nproc_per_node=2)
+    )
+    old_key = read_manifest(two)["cache_key"]
+    with replacing_stale():
+        art = run(cfg)
+    assert not art.skipped and read_manifest(two)["cache_key"] != old_key
+    assert len([s for s in _samples(two) if s["task"] == "demo_mc"]) == 8
 
 
 def test_a_bad_input_in_the_job_comes_back_as_the_same_error(tmp_path, tiny_model_dir, demo_data_dir):
@@ -186,7 +199,8 @@ def test_prune_sbatch_script_is_one_node_one_gpu(tmp_path, tiny_model_dir, recor
     )
     with pytest.raises(TrainingError, match="sbatch failed"):
         run(cfg)
-    text = (tmp_path / "p.job" / "scripts" / "slurm" / "prune.sbatch").read_text()
+    (script,) = (tmp_path / "p.job").glob("*/scripts/slurm/prune.sbatch")  # one dir per invocation
+    text = script.read_text()
     assert "#SBATCH --nodes=1\n" in text and "#SBATCH --gpus-per-node=1\n" in text
     assert "--nnodes 1 --nproc_per_node 1" in text and "minima.train.worker" in text
     assert "DS_ACCELERATOR=" not in text and "unset DS_ACCELERATOR" in text
@@ -281,3 +295,38 @@ def test_plan_sizes_prune_and_evaluate_for_the_job_gpu(capsys):
         assert "of 40 GiB" in capsys.readouterr().out, stage
         assert main(["plan", stage, "--preset", "minima-3b", "launch.launcher=slurm", "launch.gpu=H200"]) == 0
         assert "of 141 GiB" in capsys.readouterr().out, stage
+
+
+def test_fixed_size_stage_runs_once_in_a_larger_world(tmp_path, monkeypatch):
+    """prune (one process) started on every node of an allocation, or on every rank of a torchrun world: the
+    first task runs it, the others wait for its artifact (with this config's cache key) instead of pruning too."""
+    from minima.core.artifacts import run_stage
+    from minima.core.errors import TrainingError
+    from minima.train.launch import stage_job
+
+    teacher = tmp_path / "teacher.txt"
+    teacher.write_text("weights")
+    inputs = {"teacher": str(teacher)}
+    cfg = PruneConfig(teacher=str(teacher), out_dir=str(tmp_path / "p"), launch={"collective_timeout_s": 1})
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "TORCHELASTIC_RUN_ID", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    assert stage_job(cfg, "minima.stages.prune:run", ranks=1, inputs=inputs) is None  # task 0 runs it
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    with pytest.raises(TrainingError, match="waited 1s for the prune artifact"):
+        stage_job(cfg, "minima.stages.prune:run", ranks=1, inputs=inputs)
+    run_stage(cfg, inputs, lambda run: (run.work_dir / "w.txt").write_text("pruned") and None)
+    art = stage_job(cfg, "minima.stages.prune:run", ranks=1, inputs=inputs)
+    assert art.skipped and (art.path / "w.txt").read_text() == "pruned"
+    for k in ("SLURM_JOB_ID", "SLURM_NNODES", "SLURM_NODEID", "SLURM_PROCID"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert stage_job(cfg, "minima.stages.prune:run", ranks=1, inputs=inputs).path == art.path  # rank 1 waits
+    monkeypatch.setenv("RANK", "0")
+    assert stage_job(cfg, "minima.stages.prune:run", ranks=1, inputs=inputs) is None  # rank 0 runs it

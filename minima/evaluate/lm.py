@@ -117,7 +117,12 @@ class LM:
         self.lockstep = self.sharded and self.world > 1  # every forward is a collective over the ranks
         self.forward_calls = 0  # model forwards (synced generation: generate calls), padding calls included
         self.pad_calls = 0  # throwaway calls that keep a sharded model's ranks in step
-        self.split_head = self.cache_ok and self._probe_split_head()
+        split = self.cache_ok and self._probe_split_head()
+        if self.synced_gpus and torch.distributed.is_initialized():  # one call path for all ranks: agree
+            flag = torch.tensor([1 if split else 0], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            split = bool(flag.item())
+        self.split_head = split
 
     def _probe_split_head(self) -> bool:
         """Whether ``lm_head(base_model(x))`` is the model's logits (no soft-capping or scaling after the head).

@@ -59,12 +59,11 @@ from minima.compress.logit_cache import (
     _split_files,
     cache_ranks,
     collate_targets,
-    rank_barrier,
     read_cache_meta,
     shifted_labels,
     write_cache,
 )
-from minima.core.artifacts import Artifact, cache_key, hash_input, is_complete, read_manifest, run_stage
+from minima.core.artifacts import Artifact, run_stage
 from minima.core.config import DistillCacheConfig, DistillConfig, build
 from minima.core.errors import ConfigError, InputError
 from minima.core.logs import get_logger
@@ -312,25 +311,21 @@ def build_cache(ccfg: DistillCacheConfig, force: bool = False) -> Artifact:
     if art is not None:
         return art
     rank, world = cache_ranks()
-    if rank == 0:
+    if world == 1:
+        return run_stage(
+            ccfg, inputs, lambda run: write_cache(ccfg, Path(run.work_dir), 0, 1), force=force, resumable=True
+        )
+    # torchrun: rank 0 decides as one process would; every rank writes its shards into rank 0's work dir.
+    from minima.train.launch import run_stage_ranks
 
-        def body(run):
-            rank_barrier(world)  # the work dir exists: the other ranks may start writing their shards
-            return write_cache(ccfg, Path(run.work_dir), rank, world)
-
-        art = run_stage(ccfg, inputs, body, force=force, resumable=True)
-        if not art.skipped:  # the other ranks saw the same cached artifact and wait at no barrier
-            rank_barrier(world)  # published
-        return art
-    # Other ranks (torchrun): the same cache decision as rank 0, then their shards into its work dir.
-    out = ccfg.resolved_out_dir()
-    key = cache_key(ccfg, {k: hash_input(v) for k, v in inputs.items()})
-    if not force and is_complete(out) and read_manifest(out).get("cache_key") == key:
-        return Artifact(out, read_manifest(out), skipped=True)
-    rank_barrier(world)
-    write_cache(ccfg, out.with_name(out.name + ".partial"), rank, world)
-    rank_barrier(world)
-    return Artifact(out, read_manifest(out))
+    return run_stage_ranks(
+        ccfg,
+        inputs,
+        lambda work_dir: write_cache(ccfg, work_dir, rank, world),
+        lambda work_dir, metrics: metrics,
+        force=force,
+        resumable=True,
+    )
 
 
 # ------------------------------------------------------------------------------- the recipe

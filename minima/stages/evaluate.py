@@ -23,14 +23,10 @@ from typing import Any, Optional
 from minima.core.artifacts import (
     Artifact,
     StageRun,
-    cache_key,
-    hash_input,
-    is_complete,
-    read_manifest,
     run_stage,
 )
 from minima.core.config import EvaluateConfig
-from minima.core.errors import ArtifactError, ConfigError, InputError
+from minima.core.errors import ConfigError, InputError
 from minima.core.logs import get_logger
 from minima.evaluate.chat import chat_names, run_chat_tasks, validate_chat
 from minima.evaluate.core import default_data_dir, evaluate_model, task_names
@@ -219,7 +215,8 @@ def _run(cfg: EvaluateConfig, force: bool) -> Artifact:
     art = stage_job(cfg, "minima.stages.evaluate:run", force, ranks=ranks, inputs=inputs)
     if art is not None:
         return art
-    rank, world = _init_distributed()
+    # Chat tasks are answered and judged in one process (stage_job left them to rank 0 alone).
+    _, world = (0, 1) if chat else _init_distributed()
     if world == 1:
 
         def body(run: StageRun):
@@ -237,40 +234,17 @@ def _run(cfg: EvaluateConfig, force: bool) -> Artifact:
 
         # A judge run is slow: keep <out_dir>.partial (the answers/judgments JSONL) for the next attempt.
         return run_stage(cfg, inputs, body, force=force, resumable=bool(chat_files))
-    if chat_files:
-        raise ConfigError(
-            f"chat tasks ({', '.join(chat_files)}) are judged in one process, not under torchrun",
-            where="tasks",
-            fix="run them in a separate `minima evaluate` without torchrun",
-        )
 
-    # Several ranks: all of them score their share; rank 0 alone writes the artifact.
-    import torch
+    # Several ranks: rank 0 decides as one process would; every rank scores its share; rank 0 writes.
+    from minima.train.launch import run_stage_ranks
 
-    out_dir = cfg.resolved_out_dir()
-    state = [None]  # rank 0 decides (skip / run / an error) before any collective work
-    if rank == 0:
-        key = cache_key(cfg, {k: hash_input(v) for k, v in inputs.items()})
-        if is_complete(out_dir):
-            same = read_manifest(out_dir).get("cache_key") == key
-            state[0] = (
-                "skip" if same and not force else ("run" if force else f"{out_dir} already holds a different artifact")
-            )
-        elif out_dir.exists() and any(out_dir.iterdir()) and not force:
-            state[0] = f"{out_dir} exists, is not empty and is not a minima artifact"
-        else:
-            state[0] = "run"
-    torch.distributed.broadcast_object_list(state, src=0)
-    if state[0] == "skip":
-        return Artifact(out_dir, read_manifest(out_dir), skipped=True)
-    if state[0] != "run":
-        raise ArtifactError(state[0], fix="pass --force to replace it, or choose another out_dir")
-    results, samples = _evaluate_all(cfg, models, data_dir, distributed=True)
-    art = None
-    if rank == 0:
-        art = run_stage(cfg, inputs, lambda run: _write_outputs(run.work_dir, results, samples), force=force)
-    torch.distributed.barrier()
-    return art or Artifact.load(out_dir)
+    def work(_work_dir: Path):
+        return _evaluate_all(cfg, models, data_dir, distributed=True)
+
+    def finish(work_dir: Path, scored) -> dict:
+        return _write_outputs(work_dir, *scored)
+
+    return run_stage_ranks(cfg, inputs, work, finish, force=force)
 
 
 # ------------------------------------------------------------------------------ training callback

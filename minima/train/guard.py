@@ -27,8 +27,19 @@ def _store(host: str, port: int, is_master: bool, timeout_s: float):
     return dist.TCPStore(host, port, is_master=is_master, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
 
 
-def node_join(master_addr: str, master_port: int, nnodes: int, node_rank: int, nproc_per_node: int, timeout_s: float):
+def node_join(
+    master_addr: str,
+    master_port: int,
+    nnodes: int,
+    node_rank: int,
+    nproc_per_node: int,
+    timeout_s: float,
+    job: str = "",
+):
     """Check in this node and wait until all ``nnodes`` have; raise naming the missing ones.
+
+    ``job`` names the launch (stage and what it runs): two launches on one port back to back (a cache job,
+    then training) never take each other's check-ins.
 
     Returns the store (node 0 must keep it alive while the others read from it).
     """
@@ -49,9 +60,10 @@ def node_join(master_addr: str, master_port: int, nnodes: int, node_rank: int, n
                     "and that node_rank 0 is running",
                 ) from None
             time.sleep(0.5)
-    store.set(f"node/{node_rank}", socket.gethostname())
+    key = f"{job}/node/" if job else "node/"
+    store.set(f"{key}{node_rank}", socket.gethostname())
     while True:
-        have = [r for r in range(nnodes) if store.check([f"node/{r}"])]
+        have = [r for r in range(nnodes) if store.check([f"{key}{r}"])]
         if len(have) == nnodes:
             break
         if time.time() > deadline:

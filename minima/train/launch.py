@@ -19,6 +19,7 @@ job itself publishes the artifact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -27,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,7 +256,9 @@ def _raise_rank_error(work_dir: Path, rc: int, missing_ok: bool = False, what: s
         return
     raise TrainingError(
         f"{what} exited with code {rc}",
-        fix="read the traceback above; a rerun resumes from the last complete checkpoint",
+        fix="read the traceback above; a rerun resumes from the last complete checkpoint"
+        if what == "training"
+        else "read the traceback above, then rerun the stage",
     )
 
 
@@ -338,6 +342,7 @@ def run_node(
             plan.node_rank,
             plan.nproc_per_node,
             cfg.launch.join_timeout_s,
+            job=f"{cfg.stage}:{recipe or (extra or {}).get('entry', '')}",
         )
     try:
         if plan.launcher == "sbatch":
@@ -518,11 +523,15 @@ def stage_job(
 
     env = os.environ
     if in_torchrun(env):
+        # A stage of fixed size started under a larger torchrun world runs on rank 0; the rest wait for it.
+        if ranks is not None and int(env.get("WORLD_SIZE", "1")) > ranks and int(env.get("RANK", "0")) != 0:
+            return await_artifact(cfg, inputs)
         return None
     cfg = _job_config(cfg, ranks)
     plan = plan_launch(cfg, env)
     if plan.source == "slurm" and ranks is not None:
-        return None
+        # Inside an allocation (srun starts this on every node): the first task runs it, the others wait.
+        return None if int(env.get("SLURM_PROCID", "0")) == 0 else await_artifact(cfg, inputs)
     if plan.launcher == "inprocess" or (plan.launcher == "torchrun" and plan.nproc_per_node * plan.nnodes == 1):
         return None
     out_dir = cfg.resolved_out_dir()
@@ -530,10 +539,102 @@ def stage_job(
         cached = _cached_artifact(cfg, out_dir, inputs)
         if cached is not None:
             return cached
-    job_dir = out_dir.with_name(out_dir.name + JOB_SUFFIX)
+    # One job dir per invocation: a second run waiting on the same out_dir never touches this one's files.
+    job_dir = out_dir.with_name(out_dir.name + JOB_SUFFIX) / f"{socket.gethostname()}-{os.getpid()}"
     extra = {"entry": entry, "force": bool(force), "replace_stale": bool(_REPLACE_STALE.get())}
     result = run_node(cfg, None, job_dir, out_dir, [], plan=plan, extra=extra)
     if not plan.is_leader:
-        return Artifact.load(out_dir)
+        return published(cfg, out_dir)
     shutil.rmtree(job_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        job_dir.parent.rmdir()  # only when no other invocation's dir is left in it
     return Artifact(out_dir, read_manifest(out_dir), skipped=bool((result or {}).get("skipped")))
+
+
+def published(cfg, out_dir: Path):
+    """The artifact node 0 published, as another node sees it: a shared file system may show the directory a
+    moment late, so a missing manifest gives an artifact with the stage only (as a training node's does)."""
+    from minima.core.artifacts import Artifact, is_complete, read_manifest
+
+    if is_complete(out_dir):
+        return Artifact(out_dir, read_manifest(out_dir))
+    return Artifact(out_dir, {"stage": cfg.stage, "metrics": {}})
+
+
+def await_artifact(cfg, inputs: Optional[Mapping[str, Optional[str]]], poll_s: float = 2.0):
+    """Wait (``launch.collective_timeout_s`` at most) until another rank or node publishes this stage's
+    artifact with this config's cache key, and return it."""
+    from minima.core.artifacts import Artifact, cache_key, hash_input, is_complete, read_manifest
+
+    out_dir = cfg.resolved_out_dir()
+    key = cache_key(cfg, {k: hash_input(v) for k, v in (inputs or {}).items()}) if inputs is not None else None
+    timeout = cfg.launch.collective_timeout_s
+    deadline = time.time() + timeout
+    while True:
+        if is_complete(out_dir):
+            manifest = read_manifest(out_dir)
+            if key is None or manifest.get("cache_key") == key:
+                return Artifact(out_dir, manifest, skipped=True)
+        if time.time() > deadline:
+            raise TrainingError(
+                f"waited {timeout}s for the {cfg.stage} artifact that rank 0 runs alone",
+                where=str(out_dir),
+                fix="read rank 0's (the first node's) log for its error; raise launch.collective_timeout_s "
+                "if it was only slow",
+            )
+        time.sleep(poll_s)
+
+
+def run_stage_ranks(cfg, inputs: Mapping[str, Optional[str]], work, finish, *, force: bool = False, **kw):
+    """``run_stage`` for a stage every rank of a torchrun world works on (evaluate, the logit cache).
+
+    Rank 0 decides under the out_dir's lock exactly as one process would (reuse, rebuild a damaged or a
+    stale artifact, wait for another run, or an error) and tells the others: on "run" every rank calls
+    ``work(work_dir)`` (collectives allowed), rank 0's ``finish(work_dir, its result)`` returns the metrics
+    and the artifact is published; on "skip" every rank returns the artifact; an error is raised on every
+    rank with rank 0's message. ``kw`` goes to ``run_stage`` (``resumable``, ``disk_estimate``).
+    """
+    import torch.distributed as dist
+
+    from minima.core import errors as E
+    from minima.core.artifacts import Artifact, read_manifest, run_stage
+
+    out_dir = cfg.resolved_out_dir()
+    if dist.get_rank() == 0:
+        told = []
+
+        def tell(msg) -> None:
+            if not told:
+                dist.broadcast_object_list([msg], src=0)
+                told.append(msg)
+
+        def body(run):
+            tell(("run", str(run.work_dir)))
+            return finish(Path(run.work_dir), work(Path(run.work_dir)))
+
+        try:
+            art = run_stage(cfg, inputs, body, force=force, **kw)
+        except MinimaError as e:
+            tell(("error", (type(e).__name__, e.what, e.where, e.fix)))
+            raise
+        except BaseException as e:
+            tell(("error", ("TrainingError", f"rank 0: {type(e).__name__}: {e}", None, "read rank 0's log")))
+            raise
+        if told[0][0] == "run":
+            dist.barrier()  # published: the others may read it
+        else:
+            tell(("skip", None))
+        return art
+    msg = [None]
+    dist.broadcast_object_list(msg, src=0)
+    kind, value = msg[0]
+    if kind == "error":
+        name, what, where, fix = value
+        cls = getattr(E, name, None)
+        cls = cls if isinstance(cls, type) and issubclass(cls, MinimaError) else TrainingError
+        raise cls(what, where=where, fix=fix)
+    if kind == "skip":
+        return Artifact(out_dir, read_manifest(out_dir), skipped=True)
+    work(Path(value))
+    dist.barrier()
+    return published(cfg, out_dir)
