@@ -52,6 +52,7 @@ branch = True
 source = minima
 parallel = True
 patch = subprocess
+sigterm = True
 relative_files = False
 
 [paths]

@@ -91,3 +91,16 @@ def one_thread_inprocess():
     torch.set_num_threads(n)
     for k, v in old.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_shared_server():
+    """Stop the shared ``minima serve`` subprocess when the session ends (before the session's reports, so
+    a coverage run counts the server's lines), not at interpreter exit."""
+    yield
+    import sys
+
+    helper = sys.modules.get("_chat_server")
+    srv = helper._STATE.pop("server", None) if helper is not None else None
+    if srv is not None:
+        srv.close()
