@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _distill_pair import distill_cfg, first_batch, one_process_ctx
 
 from minima.core.config import DistillConfig, RecordsConfig
 from minima.core.errors import ConfigError, DataError, InputError
@@ -35,38 +36,6 @@ def setup(tmp_path_factory, demo_data_dir, tiny_tokenizer_dir):
     return d, teacher, student, rec
 
 
-def _cfg(setup, **kw) -> DistillConfig:
-    d, teacher, student, rec = setup
-    base = dict(
-        teacher=str(teacher),
-        student=str(student),
-        records=str(rec),
-        precision="fp32",
-        zero_stage=0,
-        micro_batch_size=4,
-        max_steps=4,
-        lr=1e-3,
-        log_steps=1,
-    )
-    base.update(kw)
-    return DistillConfig.model_validate(base)
-
-
-def _ctx():
-    from minima.train import TrainContext
-
-    return TrainContext(0, 1, 0, torch.device("cpu"), torch.float32, Path("."), Path("."), 0)
-
-
-def _batch(setup, n=3):
-    from minima.data.records import RecordDataset, collate
-
-    ds = RecordDataset(str(setup[3]), "train", shuffle_buffer=0)
-    batch = collate([ds.read(i) for i in range(n)])
-    batch["labels"][0, :10] = -100  # a masked prefix, as chat records have
-    return batch
-
-
 # ------------------------------------------------------------------------------ loss vs reference
 @pytest.mark.parametrize(
     "kind,alpha,T,chunk",
@@ -79,13 +48,13 @@ def test_recipe_loss_equals_textbook_reference(setup, kind, alpha, T, chunk):
     from minima.stages.distill import DistillRecipe
     from minima.train.objectives.kd import kd_reference
 
-    cfg = _cfg(setup, loss={"alpha": alpha, "kd": kind, "temperature": T}, vocab_chunk=chunk)
+    cfg = distill_cfg(setup, loss={"alpha": alpha, "kd": kind, "temperature": T}, vocab_chunk=chunk)
     teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher).eval()
     student = AutoModelForCausalLM.from_pretrained(cfg.student)
     recipe = DistillRecipe(cfg)
     recipe.teacher = teacher
-    batch = _batch(setup)
-    out = recipe.compute_loss(student, batch, _ctx(), train=True)
+    batch = first_batch(setup)
+    out = recipe.compute_loss(student, batch, one_process_ctx(), train=True)
     g_recipe = torch.autograd.grad(out.loss_sum, list(student.parameters()))
 
     logits = student(input_ids=batch["input_ids"]).logits[:, :-1]
@@ -105,7 +74,7 @@ def test_recipe_loss_equals_textbook_reference(setup, kind, alpha, T, chunk):
     for a, b in zip(g_recipe, g_ref):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     # the dev loss is the hard CE (comparable with the teacher and CE-only runs)
-    dev = recipe.compute_loss(student, batch, _ctx(), train=False)
+    dev = recipe.compute_loss(student, batch, one_process_ctx(), train=False)
     assert dev.loss_sum.item() == pytest.approx(ce.item(), rel=1e-5)
 
 
@@ -114,11 +83,11 @@ def test_student_equal_to_teacher_has_zero_kd(setup):
 
     from minima.stages.distill import DistillRecipe
 
-    cfg = _cfg(setup, student=str(setup[1]), loss={"alpha": 0.0, "kd": "forward_kl"})
+    cfg = distill_cfg(setup, student=str(setup[1]), loss={"alpha": 0.0, "kd": "forward_kl"})
     recipe = DistillRecipe(cfg)
     recipe.teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher).eval()
     student = AutoModelForCausalLM.from_pretrained(cfg.teacher)
-    out = recipe.compute_loss(student, _batch(setup), _ctx(), train=True)
+    out = recipe.compute_loss(student, first_batch(setup), one_process_ctx(), train=True)
     assert abs(out.metrics["kd"].item()) < 1e-5 and out.metrics["ce"].item() > 1.0
 
 
@@ -131,7 +100,7 @@ def test_vocab_mismatch_is_an_error_before_any_work(setup, tmp_path):
     tiny_llama(1064, 0, **SHAPE).save_pretrained(str(other))
     out = tmp_path / "out"
     with pytest.raises(InputError) as e:
-        run(_cfg(setup, teacher=str(other), out_dir=str(out)))
+        run(distill_cfg(setup, teacher=str(other), out_dir=str(out)))
     msg = str(e.value)
     assert "1064" in msg and "vocab_size" in msg and "teacher" in msg
     assert not out.exists() and not Path(str(out) + ".partial").exists()
@@ -142,7 +111,7 @@ def test_bad_configs_rejected(setup, tmp_path):
 
     with pytest.raises(ConfigError, match="sampled"):
         run(
-            _cfg(
+            distill_cfg(
                 setup,
                 cache_logits=True,
                 cache_mode="sampled",
@@ -151,9 +120,9 @@ def test_bad_configs_rejected(setup, tmp_path):
             )
         )
     with pytest.raises(ConfigError, match="teacher"):
-        run(_cfg(setup, teacher=None, out_dir=str(tmp_path / "b")))
+        run(distill_cfg(setup, teacher=None, out_dir=str(tmp_path / "b")))
     with pytest.raises(InputError, match="config.json"):
-        run(_cfg(setup, student=str(tmp_path), out_dir=str(tmp_path / "c")))
+        run(distill_cfg(setup, student=str(tmp_path), out_dir=str(tmp_path / "c")))
     assert not any((tmp_path / x).exists() for x in "abc")
 
 
@@ -216,16 +185,18 @@ def test_cached_loss_at_full_vocab_equals_online(setup, full_cache):
     vocab = meta["vocab_size"]
     assert meta["stored_k"] == vocab and full_cache.metrics["cached_records"] > 0
     kw = dict(loss={"alpha": 0.3, "kd": "jsd"}, vocab_chunk=200)
-    online = DistillRecipe(_cfg(setup, **kw))
+    online = DistillRecipe(distill_cfg(setup, **kw))
     online.teacher = AutoModelForCausalLM.from_pretrained(str(setup[1])).eval()
-    cached = DistillRecipe(_cfg(setup, cache_logits=True, cache_top_k=100000, cache_dir=str(full_cache.path), **kw))
-    cached.setup(_ctx())
+    cached = DistillRecipe(
+        distill_cfg(setup, cache_logits=True, cache_top_k=100000, cache_dir=str(full_cache.path), **kw)
+    )
+    cached.setup(one_process_ctx())
     assert cached.teacher is None  # training from the cache needs no teacher in memory
     ds = CachedRecordDataset(str(setup[3]), "train", str(full_cache.path), shuffle_buffer=0)
     samples = [ds.read(i) for i in (5, 0, 17)]  # any order: looked up by global record id
     student = AutoModelForCausalLM.from_pretrained(str(setup[2]))
-    a = online.compute_loss(student, online.collate(samples), _ctx(), train=True)
-    b = cached.compute_loss(student, cached.collate(samples), _ctx(), train=True)
+    a = online.compute_loss(student, online.collate(samples), one_process_ctx(), train=True)
+    b = cached.compute_loss(student, cached.collate(samples), one_process_ctx(), train=True)
     # stated tolerance: 1e-5 relative (fp32 storage; the (k+1)-bucket loss is exact at k = vocab)
     assert b.loss_sum.item() == pytest.approx(a.loss_sum.item(), rel=1e-5)
     assert b.metrics["kd"].item() == pytest.approx(a.metrics["kd"].item(), rel=1e-5)
@@ -239,14 +210,14 @@ def test_cache_detects_other_records_and_settings(setup, full_cache, tmp_path):
 
     with pytest.raises(ConfigError, match="temperature"):
         DistillRecipe(
-            _cfg(
+            distill_cfg(
                 setup,
                 cache_logits=True,
                 cache_top_k=100000,
                 cache_dir=str(full_cache.path),
                 loss={"alpha": 0.5, "temperature": 2.0},
             )
-        ).setup(_ctx())
+        ).setup(one_process_ctx())
     # a cache whose fingerprints do not match the records: the lookup fails loudly, naming the shard
     import shutil
 
@@ -285,10 +256,10 @@ def test_sampled_cache_estimates_the_online_kd(setup, tmp_path):
     )
     assert (art.path / "train" / "part-00000" / "weights.npy").is_file()
     kw = dict(loss={"alpha": 0.0, "kd": "forward_kl"})
-    online = DistillRecipe(_cfg(setup, **kw))
+    online = DistillRecipe(distill_cfg(setup, **kw))
     online.teacher = AutoModelForCausalLM.from_pretrained(str(teacher)).eval()
     cached = DistillRecipe(
-        _cfg(
+        distill_cfg(
             setup,
             cache_logits=True,
             cache_mode="sampled",
@@ -298,12 +269,12 @@ def test_sampled_cache_estimates_the_online_kd(setup, tmp_path):
             **kw,
         )
     )
-    cached.setup(_ctx())
+    cached.setup(one_process_ctx())
     ds = CachedRecordDataset(str(rec), "train", str(art.path), shuffle_buffer=0)
     samples = [ds.read(i) for i in range(8)]
     model = AutoModelForCausalLM.from_pretrained(str(student))
-    a = online.compute_loss(model, online.collate(samples), _ctx(), train=True).metrics["kd"].item()
-    b = cached.compute_loss(model, cached.collate(samples), _ctx(), train=True).metrics["kd"].item()
+    a = online.compute_loss(model, online.collate(samples), one_process_ctx(), train=True).metrics["kd"].item()
+    b = cached.compute_loss(model, cached.collate(samples), one_process_ctx(), train=True).metrics["kd"].item()
     assert b == pytest.approx(a, rel=0.05)
     with pytest.raises(InputError, match="no train"):
         build_cache(DistillCacheConfig(teacher=str(teacher), records=str(tmp_path), out_dir=str(tmp_path / "x")))
@@ -356,7 +327,7 @@ def test_teacher_zero3_matches_replicated(setup, tmp_path):
 
     kd = {}
     for z in (False, True):
-        art = run(_cfg(setup, teacher_zero3=z, max_steps=1, out_dir=str(tmp_path / f"z{int(z)}")))
+        art = run(distill_cfg(setup, teacher_zero3=z, max_steps=1, out_dir=str(tmp_path / f"z{int(z)}")))
         kd[z] = [r for r in read_metrics(art.path / "metrics.jsonl") if r.get("split") == "train"][0]["kd"]
     assert kd[True] == pytest.approx(kd[False], rel=1e-5)
 
@@ -386,7 +357,7 @@ def test_fsdp_matches_deepspeed(setup, tmp_path):
     rows, dev = {}, {}
     for strategy in ("deepspeed", "fsdp"):
         # MiniMA's alpha 0.5: the tiny teacher is random, so the falling CE comes from the hard-label term.
-        cfg = _cfg(
+        cfg = distill_cfg(
             setup,
             strategy=strategy,
             loss={"alpha": 0.5},
@@ -411,7 +382,7 @@ def test_fsdp_matches_deepspeed(setup, tmp_path):
     assert after < before - 0.1
     # The DeepSpeed-sharded teacher cannot sit beside an FSDP student: refused before any work.
     with pytest.raises(ConfigError, match="teacher_zero3"):
-        validate_inputs(_cfg(setup, strategy="fsdp", teacher_zero3=True))
+        validate_inputs(distill_cfg(setup, strategy="fsdp", teacher_zero3=True))
 
 
 # ------------------------------------------------------------------------------ the quality bar
@@ -604,7 +575,7 @@ def test_mfu_counts_the_online_teacher(setup):
     from minima.stages.distill import DistillRecipe
     from minima.train.metrics import non_embedding_params
 
-    cfg = _cfg(setup)
+    cfg = distill_cfg(setup)
     recipe = DistillRecipe(cfg)
     assert recipe.extra_flops_per_token(64) == 0.0  # no teacher loaded (e.g. from the logit cache)
     recipe.teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher).eval()

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _distill_pair import distill_cfg, first_batch, one_process_ctx
 
-from minima.core.config import DistillConfig
 from minima.core.errors import ConfigError
 from minima.train.objectives.kd import dense_loss, kd_reference
 
@@ -98,38 +98,6 @@ def setup(tmp_path_factory, demo_data_dir, tiny_tokenizer_dir):
     return d, teacher, student, rec
 
 
-def _cfg(setup, **kw) -> DistillConfig:
-    d, teacher, student, rec = setup
-    base = dict(
-        teacher=str(teacher),
-        student=str(student),
-        records=str(rec),
-        precision="fp32",
-        zero_stage=0,
-        micro_batch_size=4,
-        max_steps=4,
-        lr=1e-3,
-        log_steps=1,
-    )
-    base.update(kw)
-    return DistillConfig.model_validate(base)
-
-
-def _ctx():
-    from minima.train import TrainContext
-
-    return TrainContext(0, 1, 0, torch.device("cpu"), torch.float32, Path("."), Path("."), 0)
-
-
-def _batch(setup, n=3):
-    from minima.data.records import RecordDataset, collate
-
-    ds = RecordDataset(str(setup[3]), "train", shuffle_buffer=0)
-    batch = collate([ds.read(i) for i in range(n)])
-    batch["labels"][0, :10] = -100
-    return batch
-
-
 def _recipe(cfg):
     from transformers import AutoModelForCausalLM
 
@@ -145,11 +113,11 @@ def _recipe(cfg):
 def test_hidden_term_zero_for_a_student_equal_to_the_teacher(setup, kind):
     from minima.stages.distill import PROJECTION
 
-    cfg = _cfg(setup, student=str(setup[1]), loss={"alpha": 0.0, "hidden_weight": 1.0, "hidden_kind": kind})
+    cfg = distill_cfg(setup, student=str(setup[1]), loss={"alpha": 0.0, "hidden_weight": 1.0, "hidden_kind": kind})
     recipe = _recipe(cfg)
-    student = recipe.build_model(_ctx())
+    student = recipe.build_model(one_process_ctx())
     assert recipe.layer_map == {1: 1, 2: 2, 3: 3, 4: 4}
-    out = recipe.compute_loss(student, _batch(setup), _ctx(), train=True)
+    out = recipe.compute_loss(student, first_batch(setup), one_process_ctx(), train=True)
     assert not hasattr(student, PROJECTION)
     assert abs(out.metrics["hidden"].item()) < 1e-6 and abs(out.metrics["kd"].item()) < 1e-5
 
@@ -162,7 +130,7 @@ def test_hidden_term_equals_a_hand_computation(setup):
     from minima.stages.distill import PROJECTION
 
     w = 0.7
-    cfg = _cfg(setup, loss={"alpha": 0.5, "hidden_weight": w})
+    cfg = distill_cfg(setup, loss={"alpha": 0.5, "hidden_weight": w})
     recipe = _recipe(cfg)
     student = AutoModelForCausalLM.from_pretrained(cfg.student)
     recipe.layer_map = {1: 2, 2: 4}
@@ -174,8 +142,8 @@ def test_hidden_term_equals_a_hand_computation(setup):
         for m in proj.maps.values():
             m.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
     setattr(student, PROJECTION, proj)
-    batch = _batch(setup)
-    out = recipe.compute_loss(student, batch, _ctx(), train=True)
+    batch = first_batch(setup)
+    out = recipe.compute_loss(student, batch, one_process_ctx(), train=True)
 
     with torch.no_grad():
         hs = student(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states
@@ -200,9 +168,9 @@ def test_cached_logits_refuse_hidden_and_on_policy(setup):
 
     for loss in ({"hidden_weight": 1.0}, {"on_policy_fraction": 0.5}):
         with pytest.raises(ConfigError, match="live teacher"):
-            validate_inputs(_cfg(setup, cache_logits=True, loss=loss))
+            validate_inputs(distill_cfg(setup, cache_logits=True, loss=loss))
     with pytest.raises(ConfigError, match="hidden_layers"):
-        validate_inputs(_cfg(setup, loss={"hidden_weight": 1.0, "hidden_layers": {1: 5}}))
+        validate_inputs(distill_cfg(setup, loss={"hidden_weight": 1.0, "hidden_layers": {1: 5}}))
 
 
 # ------------------------------------------------------------------------------ on-policy
@@ -213,21 +181,21 @@ def test_on_policy_sampling_is_reproducible(setup):
     from minima.train.objectives.onpolicy import sample_continuations
 
     student = AutoModelForCausalLM.from_pretrained(str(setup[2]))
-    prefix = _batch(setup)["input_ids"][:, :8]
+    prefix = first_batch(setup)["input_ids"][:, :8]
     a = sample_continuations(student, prefix, 12, 1.0, seed=5)
     b = sample_continuations(student, prefix, 12, 1.0, seed=5)
     c = sample_continuations(student, prefix, 12, 1.0, seed=6)
     assert a.shape == (3, 20) and torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(a[:, :8], prefix)
 
-    cfg = _cfg(setup, loss={"alpha": 0.5, "kd": "jsd", "on_policy_fraction": 1.0, "on_policy_tokens": 12})
+    cfg = distill_cfg(setup, loss={"alpha": 0.5, "kd": "jsd", "on_policy_fraction": 1.0, "on_policy_tokens": 12})
     losses = []
     for _ in range(2):
         recipe = _recipe(cfg)
         recipe.begin_step(0)
-        batch = _batch(setup)
+        batch = first_batch(setup)
         n = recipe.count_tokens(batch)
-        out = recipe.compute_loss(student, batch, _ctx(), train=True)
+        out = recipe.compute_loss(student, batch, one_process_ctx(), train=True)
         assert n == int(out.num_tokens) == 3 * 12
         assert out.metrics["on_policy"].item() == n and out.loss_sum.item() == pytest.approx(
             0.5 * out.metrics["kd"].item()
@@ -264,7 +232,9 @@ def test_tiny_run_hidden_and_on_policy_under_both_strategies(setup, tmp_path):
     loss["on_policy_tokens"] = 8
     rows = {}
     for strategy in ("deepspeed", "fsdp"):
-        cfg = _cfg(setup, strategy=strategy, loss=loss, gradient_accumulation_steps=2, out_dir=str(tmp_path / strategy))
+        cfg = distill_cfg(
+            setup, strategy=strategy, loss=loss, gradient_accumulation_steps=2, out_dir=str(tmp_path / strategy)
+        )
         art = run(cfg)
         rows[strategy] = _train_rows(art.path)
         keys = _export_keys(art.path)
@@ -297,7 +267,7 @@ def test_two_ranks_hidden_and_on_policy_fsdp_matches_deepspeed(setup, tmp_path):
     loss = {"alpha": 0.5, "kd": "jsd", "hidden_weight": 0.5, "on_policy_fraction": 0.5, "on_policy_tokens": 8}
     rows = {}
     for strategy in ("deepspeed", "fsdp"):
-        cfg = _cfg(
+        cfg = distill_cfg(
             setup, strategy=strategy, loss=loss, max_steps=3, micro_batch_size=2, out_dir=str(tmp_path / strategy)
         )
         cfg.launch.nproc_per_node = 2
