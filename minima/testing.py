@@ -110,24 +110,29 @@ def save_tiny_model(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 
     return out
 
 
-def lm_records_from_lines(out_dir: str | Path, text: str | Path, tokenizer_dir: str | Path, lines: int) -> Path:
-    """LM records (seq 32, 10% dev) of the first ``lines`` lines of ``text``: a small corpus for distill tests."""
+def lm_records(out_dir: str | Path, inputs: str | Path, tokenizer_dir: str | Path, dev_fraction: float = 0.05) -> Path:
+    """LM records (seq 32) of ``inputs`` (a file or a glob) in ``<out_dir>/records``, with a dev split."""
     from minima.core.config import RecordsConfig
     from minima.stages.records import run as build_records
 
+    cfg = RecordsConfig(
+        inputs=str(inputs),
+        tokenizer=str(tokenizer_dir),
+        format="lm",
+        max_length=32,
+        dev_fraction=dev_fraction,
+        out_dir=str(Path(out_dir) / "records"),
+    )
+    return build_records(cfg).path
+
+
+def lm_records_from_lines(out_dir: str | Path, text: str | Path, tokenizer_dir: str | Path, lines: int) -> Path:
+    """LM records (seq 32, 10% dev) of the first ``lines`` lines of ``text``: a small corpus for distill tests."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     head = out / "text.txt"
     head.write_text("\n".join(Path(text).read_text().splitlines()[:lines]) + "\n")
-    cfg = RecordsConfig(
-        inputs=str(head),
-        tokenizer=str(tokenizer_dir),
-        format="lm",
-        max_length=32,
-        dev_fraction=0.1,
-        out_dir=str(out / "records"),
-    )
-    return build_records(cfg).path
+    return lm_records(out, head, tokenizer_dir, dev_fraction=0.1)
 
 
 def lm_blocks(ids, seq_len: int):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minima.core.config import AdaptConfig, RecordsConfig
+from minima.core.config import AdaptConfig
 from minima.core.errors import (
     ArtifactError,
     ConfigError,
@@ -31,20 +31,10 @@ ONE_THREAD = {"MINIMA_INPROCESS": "1", "MINIMA_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, demo_data_dir, tiny_tokenizer_dir):
     """Tiny lm records (seq 32) from the demo corpus and a tiny Llama (hidden 64, 2 layers) for its tokenizer."""
-    from minima.stages.records import run as build_records
-    from minima.testing import save_tiny_model
+    from minima.testing import lm_records, save_tiny_model
 
     d = tmp_path_factory.mktemp("adapt")
-    rec = build_records(
-        RecordsConfig(
-            inputs=str(demo_data_dir / "text" / "pretrain_en.txt"),
-            tokenizer=str(tiny_tokenizer_dir),
-            format="lm",
-            max_length=32,
-            dev_fraction=0.05,
-            out_dir=str(d / "records"),
-        )
-    ).path
+    rec = lm_records(d, demo_data_dir / "text" / "pretrain_en.txt", tiny_tokenizer_dir)
     model = save_tiny_model(d / "model", tiny_tokenizer_dir, seed=0, **SHAPE)
     return d, model, rec
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from minima.core.config import AdaptConfig, RecordsConfig
+from minima.core.config import AdaptConfig
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 ONE_THREAD = {"MINIMA_INPROCESS": "1", "MINIMA_NUM_THREADS": "1"}
@@ -15,20 +15,10 @@ ONE_THREAD = {"MINIMA_INPROCESS": "1", "MINIMA_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, demo_data_dir, tiny_tokenizer_dir):
-    from minima.stages.records import run as build_records
-    from minima.testing import save_tiny_model
+    from minima.testing import lm_records, save_tiny_model
 
     d = tmp_path_factory.mktemp("determinism")
-    rec = build_records(
-        RecordsConfig(
-            inputs=str(demo_data_dir / "text" / "*.txt"),
-            tokenizer=str(tiny_tokenizer_dir),
-            format="lm",
-            max_length=32,
-            dev_fraction=0.05,
-            out_dir=str(d / "records"),
-        )
-    ).path
+    rec = lm_records(d, demo_data_dir / "text" / "*.txt", tiny_tokenizer_dir)
     return d, save_tiny_model(d / "model", tiny_tokenizer_dir, seed=0, **SHAPE), rec
 
 
