@@ -505,11 +505,13 @@ def stage_job(
 
     Returns None when this process should run the stage itself: it is already one rank of the job
     (torchrun's environment, which a Slurm job's torchrun sets too), the job is one process here
-    (``launcher=local`` with one rank on one node), or a one-process stage is called inside a Slurm
-    allocation (this node is the job's node). Otherwise starts ``entry(cfg, force=force)`` on every rank
-    with training's machinery (torchrun here, an sbatch job, or the deepspeed launcher over ssh), waits,
+    (``launcher=local`` with one rank on one node), or a one-process stage (``ranks``) is called on the
+    first task of a Slurm allocation or on rank 0 of a torchrun world; the other tasks and ranks wait for
+    that artifact and return it. Otherwise starts ``entry(cfg, force=force)`` on every rank with
+    training's machinery (torchrun here, an sbatch job, or the deepspeed launcher over ssh), waits,
     re-raises a rank's MinimaError with its message and fix, and returns the artifact the job published.
-    The job's spec, rank errors and Slurm script and log live in ``<out_dir>.job`` (removed on success).
+    The job's spec, rank errors and Slurm script and log live in ``<out_dir>.job/<host>-<pid>`` (removed
+    on success).
 
     Args:
         cfg: the stage config; its ``launch`` block says where the ranks run.
